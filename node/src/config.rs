@@ -1,0 +1,171 @@
+//! Node configuration: every limit and timing the node uses, with units last
+//! in the names, loaded from an optional TOML file and the command line, and
+//! validated at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::raft::RaftTuning;
+use crate::storage::EngineOptions;
+
+/// Settings read from `--config FILE`. Every field is optional; absent fields
+/// take the defaults below.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    pub heartbeat_interval_ms: u64,
+    pub snapshot_logs_since_last: u64,
+    pub snapshot_logs_to_keep: u64,
+    pub write_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+    pub dedup_window_s: u64,
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
+    pub inflight_requests_max: usize,
+    pub dead_node_timeout_s: u64,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            election_timeout_ms_min: 800,
+            election_timeout_ms_max: 1_600,
+            heartbeat_interval_ms: 150,
+            snapshot_logs_since_last: 20_000,
+            snapshot_logs_to_keep: 5_000,
+            write_timeout_ms: 10_000,
+            read_timeout_ms: 5_000,
+            dedup_window_s: 600,
+            block_cache_bytes: 128 << 20,
+            write_buffer_bytes: 32 << 20,
+            inflight_requests_max: 10_000,
+            dead_node_timeout_s: 60,
+        }
+    }
+}
+
+/// The validated configuration of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Addresses of other nodes to form or join a cluster with.
+    pub join: Vec<String>,
+    pub file: FileConfig,
+}
+
+impl NodeConfig {
+    /// Reads the TOML file at `path`.
+    pub fn load_file(path: &Path) -> Result<FileConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Checks every value, returning a message that names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        let f = &self.file;
+        if self.node_id == 0 {
+            return Err("--node-id must be at least 1".into());
+        }
+        if self.listen.port() == 0 {
+            return Err("--listen needs an explicit port".into());
+        }
+        if f.heartbeat_interval_ms == 0 || f.heartbeat_interval_ms * 3 > f.election_timeout_ms_min {
+            return Err(format!(
+                "heartbeat_interval_ms ({}) must be positive and at most a third of election_timeout_ms_min ({})",
+                f.heartbeat_interval_ms, f.election_timeout_ms_min
+            ));
+        }
+        if f.election_timeout_ms_min >= f.election_timeout_ms_max {
+            return Err("election_timeout_ms_min must be below election_timeout_ms_max".into());
+        }
+        if f.snapshot_logs_since_last < 10 {
+            return Err("snapshot_logs_since_last must be at least 10".into());
+        }
+        if f.write_timeout_ms < 100 || f.read_timeout_ms < 100 {
+            return Err("write_timeout_ms and read_timeout_ms must be at least 100".into());
+        }
+        if f.dedup_window_s < 10 {
+            return Err("dedup_window_s must be at least 10 so retries stay deduplicated".into());
+        }
+        if f.block_cache_bytes < (1 << 20) || f.write_buffer_bytes < (1 << 20) {
+            return Err("block_cache_bytes and write_buffer_bytes must be at least 1 MiB".into());
+        }
+        if f.inflight_requests_max == 0 {
+            return Err("inflight_requests_max must be positive".into());
+        }
+        for j in &self.join {
+            if j.parse::<SocketAddr>().is_err() && !j.contains(':') {
+                return Err(format!("--join address {j:?} is not HOST:PORT"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Raft settings.
+    pub fn raft_tuning(&self) -> RaftTuning {
+        let f = &self.file;
+        RaftTuning {
+            election_timeout_ms_min: f.election_timeout_ms_min,
+            election_timeout_ms_max: f.election_timeout_ms_max,
+            heartbeat_interval_ms: f.heartbeat_interval_ms,
+            snapshot_logs_since_last: f.snapshot_logs_since_last,
+            snapshot_logs_to_keep: f.snapshot_logs_to_keep,
+            write_timeout: Duration::from_millis(f.write_timeout_ms),
+            read_timeout: Duration::from_millis(f.read_timeout_ms),
+            dedup_window: Duration::from_secs(f.dedup_window_s),
+        }
+    }
+
+    /// Storage engine settings.
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            block_cache_bytes: self.file.block_cache_bytes,
+            write_buffer_bytes: self.file.write_buffer_bytes,
+        }
+    }
+
+    /// The address peers and clients reach this node at.
+    pub fn advertise_addr(&self) -> String {
+        self.listen.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> NodeConfig {
+        NodeConfig {
+            node_id: 1,
+            listen: "127.0.0.1:7001".parse().unwrap(),
+            data_dir: "/tmp/x".into(),
+            join: vec![],
+            file: FileConfig::default(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        assert!(cfg().validate().is_ok());
+        let mut c = cfg();
+        c.node_id = 0;
+        assert!(c.validate().unwrap_err().contains("node-id"));
+        let mut c = cfg();
+        c.file.heartbeat_interval_ms = 1_000;
+        assert!(c.validate().unwrap_err().contains("heartbeat"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(toml::from_str::<FileConfig>("election_timeout_ms_min = 500").is_ok());
+        assert!(toml::from_str::<FileConfig>("electon_timeout = 5").is_err());
+    }
+}

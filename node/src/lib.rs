@@ -1,0 +1,12 @@
+//! The lmskv storage node.
+//!
+//! A node keeps one RocksDB ([`storage`]), replicates each range through its
+//! own Raft group ([`raft`]) and serves the `Kv`, `Admin` and `Raft` gRPC
+//! services ([`server`]). [`node::Node`] ties them together and forms or
+//! joins a cluster; `main.rs` is the `lmskv-node` binary.
+
+pub mod config;
+pub mod node;
+pub mod raft;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,105 @@
+//! `lmskv-node`: runs one lmskv storage node until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use lmskv_node::config::{FileConfig, NodeConfig};
+use lmskv_node::node::Node;
+use tokio::sync::watch;
+
+/// Runs one lmskv storage node.
+///
+/// Nodes that name each other in --join form a new cluster; a node started
+/// later with --join joins the running cluster; a node restarted with the same
+/// --data-dir resumes with its identity and data.
+#[derive(Debug, Parser)]
+#[command(name = "lmskv-node", version, about, long_about = None)]
+struct Args {
+    /// This node's id, unique in the cluster and at least 1.
+    #[arg(long)]
+    node_id: u64,
+    /// Address to serve clients and peers on (HOST:PORT).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Directory for this node's data; created when missing.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Other nodes to form a cluster with or join (HOST:PORT,...).
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<String>,
+    /// TOML file with tuning settings (timeouts, limits, caches).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LMSKV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lmskv-node: cannot start runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(args)) {
+        eprintln!("lmskv-node: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(p) => NodeConfig::load_file(p).map_err(anyhow::Error::msg)?,
+        None => FileConfig::default(),
+    };
+    let cfg = NodeConfig {
+        node_id: args.node_id,
+        listen: args.listen,
+        data_dir: args.data_dir,
+        join: args.join.into_iter().filter(|s| !s.is_empty()).collect(),
+        file,
+    };
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let node = Node::open(cfg.clone()).await?;
+    tracing::info!(node_id = cfg.node_id, listen = %cfg.listen, data_dir = %cfg.data_dir.display(), "node started");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut server = tokio::spawn(lmskv_node::server::serve(node.clone(), listener, stop_rx.clone()));
+    let boot = tokio::spawn(node.clone().bootstrap(stop_rx.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, stopping"),
+        _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
+        r = &mut server => {
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::anyhow!("server task: {e}")),
+            };
+        }
+    }
+    let _ = stop_tx.send(true);
+    boot.abort();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    node.shutdown().await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

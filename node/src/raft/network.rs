@@ -1,0 +1,306 @@
+//! Outgoing Raft transport: one HTTP/2 channel per peer node, shared by every
+//! range, with the range id in every message.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use lmskv_proto::limits::GRPC_MESSAGE_BYTES_MAX;
+use lmskv_proto::v1::raft_client::RaftClient;
+use lmskv_proto::v1::{RaftMessage, SnapshotChunk};
+use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::RaftNetworkV2;
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, Endpoint};
+
+use super::codec::{decode, encode};
+use super::state_machine::SnapshotFile;
+use super::TypeConfig;
+use crate::storage::SNAPSHOT_CHUNK_BYTES;
+
+/// Snapshot chunks buffered between the file reader and the gRPC stream.
+const SNAPSHOT_STREAM_CHUNKS_MAX: usize = 4;
+
+/// The node's connections to its peers: one lazily connected HTTP/2 channel
+/// per peer address, multiplexing the traffic of every range.
+#[derive(Debug)]
+pub struct PeerPool {
+    local_id: u64,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl PeerPool {
+    /// An empty pool for the node `local_id`.
+    pub fn new(local_id: u64) -> Arc<Self> {
+        Arc::new(PeerPool {
+            local_id,
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The channel to `addr` (`HOST:PORT`), created on first use.
+    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut map = self.channels.lock().expect("peer pool lock");
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad peer address {addr}: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let ch = ep.connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// This node's id.
+    pub fn local_id(&self) -> u64 {
+        self.local_id
+    }
+}
+
+/// Creates per-peer Raft clients for one range.
+#[derive(Debug, Clone)]
+pub struct NetworkFactory {
+    pub(crate) pool: Arc<PeerPool>,
+    pub(crate) range_id: u64,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &openraft::impls::BasicNode) -> PeerClient {
+        PeerClient {
+            channel: self.pool.channel(&node.addr),
+            range_id: self.range_id,
+            from: self.pool.local_id(),
+            target,
+        }
+    }
+}
+
+/// Sends one range's Raft messages to one peer.
+pub struct PeerClient {
+    channel: Result<Channel, String>,
+    range_id: u64,
+    from: u64,
+    target: u64,
+}
+
+fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
+    Unreachable::from_string(e)
+}
+
+impl PeerClient {
+    fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
+        match &self.channel {
+            Ok(c) => Ok(RaftClient::new(c.clone())
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)),
+            Err(e) => Err(RPCError::Unreachable(unreachable(e))),
+        }
+    }
+
+    fn message(&self, payload: Vec<u8>) -> RaftMessage {
+        RaftMessage {
+            range_id: self.range_id,
+            from_node: self.from,
+            to_node: self.target,
+            crc32: crc32fast::hash(&payload),
+            payload: Bytes::from(payload),
+        }
+    }
+
+    async fn call<Req, Resp, F, Fut>(
+        &mut self,
+        req: &Req,
+        option: &RPCOption,
+        f: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(RaftClient<Channel>, RaftMessage) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
+    {
+        let client = self.client()?;
+        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let msg = self.message(payload);
+        let resp = match tokio::time::timeout(option.hard_ttl(), f(client, msg)).await {
+            Err(_) => {
+                return Err(RPCError::Network(NetworkError::from_string(format!(
+                    "raft rpc to node {} timed out after {:?}",
+                    self.target,
+                    option.hard_ttl()
+                ))))
+            }
+            Ok(Err(status)) => return Err(status_to_rpc_error(status)),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        if crc32fast::hash(&resp.payload) != resp.crc32 {
+            return Err(RPCError::Network(NetworkError::from_string(
+                "raft response checksum mismatch",
+            )));
+        }
+        decode("raft response", &resp.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+fn status_to_rpc_error(status: tonic::Status) -> RPCError<TypeConfig> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::NotFound => RPCError::Unreachable(unreachable(format!(
+            "{:?}: {}",
+            status.code(),
+            status.message()
+        ))),
+        _ => RPCError::Network(NetworkError::from_string(format!(
+            "{:?}: {}",
+            status.code(),
+            status.message()
+        ))),
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, m| async move { c.append_entries(m).await })
+            .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, m| async move { c.vote(m).await })
+            .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, m| async move { c.pre_vote(m).await })
+            .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: openraft::raft::TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<openraft::raft::TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&req, &option, |mut c, m| async move { c.transfer_leader(m).await })
+            .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self
+            .client()
+            .map_err(|e| StreamingError::Unreachable(unreachable(e)))?;
+        let header = encode(&(vote, snapshot.meta.clone()))
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(SNAPSHOT_STREAM_CHUNKS_MAX);
+        let (range_id, from, to) = (self.range_id, self.from, self.target);
+        let path = snapshot.snapshot.path.clone();
+        let reader = tokio::spawn(async move {
+            let mut file = tokio::fs::File::open(&path).await?;
+            let mut offset = 0u64;
+            let mut header = Some(Bytes::from(header));
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = file.read(&mut buf[filled..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                let done = filled < SNAPSHOT_CHUNK_BYTES;
+                let chunk = SnapshotChunk {
+                    range_id,
+                    from_node: from,
+                    to_node: to,
+                    header: header.take().unwrap_or_default(),
+                    offset,
+                    crc32: crc32fast::hash(&buf),
+                    data: Bytes::from(buf),
+                    done,
+                };
+                offset += filled as u64;
+                if tx.send(chunk).await.is_err() || done {
+                    return Ok::<u64, std::io::Error>(offset);
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let call = async {
+            tokio::time::timeout(option.hard_ttl().max(Duration::from_secs(600)), client.install_snapshot(stream)).await
+        };
+        let resp = tokio::select! {
+            closed = cancel => {
+                reader.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+            r = call => r,
+        };
+        let sent = reader.await;
+        let resp = match resp {
+            Err(_) => {
+                return Err(StreamingError::Network(NetworkError::from_string(
+                    "snapshot transfer timed out",
+                )))
+            }
+            Ok(Err(status)) => {
+                return Err(StreamingError::Network(NetworkError::from_string(format!(
+                    "snapshot transfer failed: {:?}: {}",
+                    status.code(),
+                    status.message()
+                ))))
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        match sent {
+            Ok(Ok(bytes)) => tracing::info!(range_id, to, bytes, "sent snapshot"),
+            Ok(Err(e)) => {
+                return Err(StreamingError::Network(NetworkError::from_string(format!(
+                    "reading snapshot file: {e}"
+                ))))
+            }
+            Err(e) => {
+                return Err(StreamingError::Network(NetworkError::from_string(format!(
+                    "snapshot reader task: {e}"
+                ))))
+            }
+        }
+        if crc32fast::hash(&resp.payload) != resp.crc32 {
+            return Err(StreamingError::Network(NetworkError::from_string(
+                "snapshot response checksum mismatch",
+            )));
+        }
+        decode("snapshot response", &resp.payload)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+    }
+}

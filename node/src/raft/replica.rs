@@ -1,0 +1,551 @@
+//! [`RangeReplica`]: this node's replica of one range — its Raft group, how
+//! commands are proposed, how reads are made consistent, and the handlers of
+//! incoming Raft messages.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use lmskv_proto::error::{Error, LeaderHint};
+use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
+use openraft::impls::BasicNode;
+use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
+
+use super::codec::{decode, encode};
+use super::command::{Command, CommandResponse, Op};
+use super::log_store::LogStore;
+use super::network::{NetworkFactory, PeerPool};
+use super::state_machine::{SnapshotFile, StateMachine};
+use super::TypeConfig;
+use crate::storage::Engine;
+
+type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// Raft timing and log retention, from the node config.
+#[derive(Debug, Clone)]
+pub struct RaftTuning {
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    pub heartbeat_interval_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log after a snapshot, for followers that lag a little.
+    pub snapshot_logs_to_keep: u64,
+    /// Longest a write waits for commit and apply.
+    pub write_timeout: Duration,
+    /// Longest a read waits for its consistency check.
+    pub read_timeout: Duration,
+    /// How long the outcome of a request id is remembered for retries.
+    pub dedup_window: Duration,
+}
+
+/// How a read must be made consistent before it is served locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadLevel {
+    /// Linearizable: only the leader, after a lease check (ReadIndex if the lease is unsure).
+    Strong,
+    /// Within `max_ms` of the leader. Served by the leader under its lease.
+    BoundedStaleness { max_ms: u64 },
+    /// Once this replica applied at least `min_applied`.
+    Session { min_applied: u64 },
+    /// This replica's applied state as it is.
+    Local,
+}
+
+/// A snapshot of a replica's Raft state, for status reports.
+#[derive(Debug, Clone)]
+pub struct ReplicaStatus {
+    pub range_id: u64,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: u64,
+    pub role: &'static str,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub nodes: BTreeMap<u64, String>,
+    pub fault: Option<String>,
+}
+
+/// This node's replica of one range.
+pub struct RangeReplica {
+    range_id: u64,
+    node_id: u64,
+    raft: Raft,
+    engine: Arc<Engine>,
+    tuning: RaftTuning,
+    snapshot_dir: PathBuf,
+    fault: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for RangeReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangeReplica")
+            .field("range_id", &self.range_id)
+            .field("node_id", &self.node_id)
+            .finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn hint_of(f: &ForwardToLeader<TypeConfig>) -> Option<LeaderHint> {
+    f.leader_id.map(|id| LeaderHint {
+        node_id: id,
+        address: f.leader_node.as_ref().map(|n| n.addr.clone()).unwrap_or_default(),
+    })
+}
+
+impl RangeReplica {
+    /// Opens (creating if new) this node's replica of `range_id` covering `span`.
+    pub async fn open(
+        engine: Arc<Engine>,
+        pool: Arc<PeerPool>,
+        range_id: u64,
+        span: (Bytes, Bytes),
+        data_dir: &std::path::Path,
+        tuning: RaftTuning,
+    ) -> Result<Arc<Self>, Error> {
+        let node_id = pool.local_id();
+        let config = Config {
+            cluster_name: "lmskv".into(),
+            election_timeout_min: tuning.election_timeout_ms_min,
+            election_timeout_max: tuning.election_timeout_ms_max,
+            heartbeat_interval: tuning.heartbeat_interval_ms,
+            install_snapshot_timeout: 60_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: tuning.snapshot_logs_to_keep,
+            max_payload_entries: 1_000,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::invalid_argument("raft config", e.to_string()))?;
+
+        let snapshot_dir = data_dir.join("snapshots").join(format!("range-{range_id}"));
+        let sm = StateMachine::open(
+            engine.clone(),
+            range_id,
+            span,
+            snapshot_dir.clone(),
+            tuning.dedup_window,
+        )
+        .map_err(|e| Error::Corruption {
+            reason: format!("range {range_id} state machine: {e}"),
+        })?;
+        let log = LogStore::new(engine.clone(), range_id);
+        let net = NetworkFactory { pool, range_id };
+        let raft = Raft::new(node_id, Arc::new(config), net, log, sm)
+            .await
+            .map_err(|e| Error::Corruption {
+                reason: format!("range {range_id} failed to start: {e}"),
+            })?;
+        Ok(Arc::new(RangeReplica {
+            range_id,
+            node_id,
+            raft,
+            engine,
+            tuning,
+            snapshot_dir,
+            fault: Mutex::new(None),
+        }))
+    }
+
+    /// The range's id.
+    pub fn range_id(&self) -> u64 {
+        self.range_id
+    }
+
+    /// The storage engine the replica's data lives in.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Whether the range's Raft group has been initialized (locally known).
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Forms the range's first membership from `members` (node id → address).
+    /// Succeeds without change when the group is already initialized.
+    pub async fn initialize(&self, members: BTreeMap<u64, String>) -> Result<(), Error> {
+        let nodes: BTreeMap<u64, BasicNode> = members
+            .into_iter()
+            .map(|(id, addr)| (id, BasicNode { addr }))
+            .collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(e)) => {
+                tracing::info!(range_id = self.range_id, reason = %e, "range already initialized");
+                Ok(())
+            }
+            Err(RaftError::Fatal(f)) => Err(self.fatal(f)),
+        }
+    }
+
+    /// Adds a node as a voter: first as a learner that catches up, then by a
+    /// joint membership change. Only the leader can do it.
+    pub async fn add_voter(&self, node_id: u64, addr: String) -> Result<(), Error> {
+        let status = self.status();
+        if status.voters.contains(&node_id) && status.nodes.get(&node_id) == Some(&addr) {
+            return Ok(());
+        }
+        self.raft
+            .add_learner(node_id, BasicNode { addr }, true)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        let voters: BTreeSet<u64> = status.voters.iter().copied().chain([node_id]).collect();
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(())
+    }
+
+    fn fatal(&self, f: impl std::fmt::Display) -> Error {
+        let reason = format!("range {} stopped: {f}", self.range_id);
+        let mut fault = self.fault.lock().expect("fault lock");
+        if fault.is_none() {
+            tracing::error!(range_id = self.range_id, %reason, "range refuses to serve");
+            *fault = Some(reason.clone());
+        }
+        if reason.contains("checksum") || reason.contains("orrupt") {
+            Error::Corruption { reason }
+        } else {
+            Error::unavailable(reason)
+        }
+    }
+
+    /// Marks the range as refusing to serve because of `err` (e.g. corrupt data found on read).
+    pub fn refuse(&self, err: &crate::storage::StorageError) -> Error {
+        self.fatal(err)
+    }
+
+    fn check_fault(&self) -> Result<(), Error> {
+        if let Some(reason) = self.fault.lock().expect("fault lock").clone() {
+            return Err(Error::Corruption { reason });
+        }
+        if let Err(f) = &self.raft.metrics().borrow().running_state {
+            return Err(self.fatal(f));
+        }
+        Ok(())
+    }
+
+    fn write_error(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Error {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
+                range_id: self.range_id,
+                leader: hint_of(&f),
+            },
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => Error::Unavailable {
+                reason: format!(
+                    "leader changed before the write committed; outcome unknown, retry with the same request id ({})",
+                    hint_of(&f).map(|h| format!("leader is node {}", h.node_id)).unwrap_or_default()
+                ),
+            },
+            RaftError::APIError(other) => Error::internal(other.to_string()),
+            RaftError::Fatal(f) => self.fatal(f),
+        }
+    }
+
+    /// Proposes a write, waits until it is committed and applied on this
+    /// leader (and, with `all`, replicated to every voter), and returns its log
+    /// index and outcome.
+    pub async fn propose(
+        &self,
+        request_id: Bytes,
+        op: Op,
+        all: bool,
+    ) -> Result<(u64, CommandResponse), Error> {
+        self.check_fault()?;
+        let cmd = Command {
+            request_id,
+            proposed_at_ms: now_ms(),
+            op,
+        };
+        let resp = tokio::time::timeout(self.tuning.write_timeout, self.raft.client_write(cmd))
+            .await
+            .map_err(|_| Error::Timeout {
+                reason: format!(
+                    "write not committed within {:?}; outcome unknown, retry with the same request id",
+                    self.tuning.write_timeout
+                ),
+            })?
+            .map_err(|e| self.write_error(e))?;
+        let index = resp.log_id.index();
+        if all {
+            self.wait_all_voters(index).await?;
+        }
+        Ok((index, resp.data))
+    }
+
+    async fn wait_all_voters(&self, index: u64) -> Result<(), Error> {
+        let mut rx = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + self.tuning.write_timeout;
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+                let done = match &m.replication {
+                    Some(rep) => voters.iter().all(|v| {
+                        rep.get(v)
+                            .and_then(|l| l.as_ref())
+                            .is_some_and(|l| l.index() >= index)
+                    }),
+                    None => false,
+                };
+                if done {
+                    return Ok(());
+                }
+                if m.state != ServerState::Leader {
+                    return Err(Error::unavailable(
+                        "leadership lost before every voter acknowledged; the write is committed",
+                    ));
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::unavailable("range shut down")),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        reason: "the write is committed but not every voter acknowledged it in time"
+                            .into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Makes a local read consistent at `level` and returns the applied index
+    /// the read will observe (at least).
+    pub async fn read_barrier(&self, level: ReadLevel) -> Result<u64, Error> {
+        self.check_fault()?;
+        match level {
+            ReadLevel::Local => Ok(self.applied_index()),
+            ReadLevel::Session { min_applied } => {
+                if self.applied_index() >= min_applied {
+                    return Ok(self.applied_index());
+                }
+                self.raft
+                    .wait(Some(self.tuning.read_timeout))
+                    .applied_index_at_least(Some(min_applied), "session read")
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        reason: format!(
+                            "replica did not reach the session's index {min_applied} in time"
+                        ),
+                    })?;
+                Ok(self.applied_index())
+            }
+            ReadLevel::Strong | ReadLevel::BoundedStaleness { .. } => {
+                let fut = async {
+                    match self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+                        Ok(r) => Ok(r),
+                        Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))
+                        }
+                        // The lease is not certain: confirm leadership with a quorum round.
+                        Err(_) => self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await,
+                    }
+                };
+                let r = tokio::time::timeout(self.tuning.read_timeout, fut)
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        reason: "leadership not confirmed in time".into(),
+                    })?;
+                match r {
+                    Ok(read_log_id) => Ok(read_log_id.index().max(self.applied_index())),
+                    Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                        Err(Error::NotLeader {
+                            range_id: self.range_id,
+                            leader: hint_of(&f),
+                        })
+                    }
+                    Err(RaftError::APIError(e)) => Err(Error::unavailable(e.to_string())),
+                    Err(RaftError::Fatal(f)) => Err(self.fatal(f)),
+                }
+            }
+        }
+    }
+
+    fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .as_ref()
+            .map(|l| l.index())
+            .unwrap_or(0)
+    }
+
+    /// The current leader as a routing hint.
+    pub fn leader_hint(&self) -> Option<LeaderHint> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let address = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
+        Some(LeaderHint { node_id: id, address })
+    }
+
+    /// The replica's Raft state now.
+    pub fn status(&self) -> ReplicaStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        ReplicaStatus {
+            range_id: self.range_id,
+            leader_id: m.current_leader,
+            term: m.current_term,
+            commit_index: m.committed.as_ref().map(|l| l.index()).unwrap_or(0),
+            applied_index: m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            snapshot_index: m.snapshot.as_ref().map(|l| l.index()).unwrap_or(0),
+            role,
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            nodes: membership
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect(),
+            fault: self
+                .fault
+                .lock()
+                .expect("fault lock")
+                .clone()
+                .or_else(|| m.running_state.as_ref().err().map(|e| e.to_string())),
+        }
+    }
+
+    /// Asks this replica (it must be the leader) to hand leadership to `to`.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), Error> {
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|f| self.fatal(f))
+    }
+
+    /// Stops the replica's Raft group.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(range_id = self.range_id, error = %e, "raft shutdown");
+        }
+    }
+
+    // ---- incoming Raft messages (payloads encoded by the peer's `network`) ----
+
+    /// Handles an AppendEntries payload; returns the encoded response.
+    pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let req = decode("append entries", payload).map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        let resp = self.raft.append_entries(req).await.map_err(|e| self.fatal(e))?;
+        encode(&resp).map_err(|e| Error::internal(e.to_string()))
+    }
+
+    /// Handles a Vote payload.
+    pub async fn handle_vote(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let req = decode("vote", payload).map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        let resp = self.raft.vote(req).await.map_err(|e| self.fatal(e))?;
+        encode(&resp).map_err(|e| Error::internal(e.to_string()))
+    }
+
+    /// Handles a PreVote payload.
+    pub async fn handle_pre_vote(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let req = decode("pre-vote", payload).map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        let resp = self.raft.pre_vote(req).await.map_err(|e| self.fatal(e))?;
+        encode(&resp).map_err(|e| Error::internal(e.to_string()))
+    }
+
+    /// Handles a TransferLeader payload.
+    pub async fn handle_transfer_leader(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let req = decode("transfer leader", payload)
+            .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        let resp = self
+            .raft
+            .handle_transfer_leader(req)
+            .await
+            .map_err(|e| self.fatal(e))?;
+        encode(&resp).map_err(|e| Error::internal(e.to_string()))
+    }
+
+    /// A fresh path in this range's snapshot directory to receive a snapshot into.
+    pub fn incoming_snapshot_path(&self) -> PathBuf {
+        self.snapshot_dir
+            .join(format!("recv-{}.tmp", rand::random::<u64>()))
+    }
+
+    /// Installs a snapshot received into `path`; `header` is the sender's
+    /// encoded vote and snapshot metadata. Returns the encoded response.
+    pub async fn handle_snapshot(&self, header: &[u8], path: PathBuf) -> Result<Vec<u8>, Error> {
+        let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) = decode("snapshot header", header)
+            .map_err(|e| Error::invalid_argument("header", e.to_string()))?;
+        let snapshot = SnapshotOf::<TypeConfig, SnapshotFile> {
+            meta,
+            snapshot: SnapshotFile { path },
+        };
+        let resp = self
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| self.fatal(e))?;
+        encode(&resp).map_err(|e| Error::internal(e.to_string()))
+    }
+}
+
+/// The ranges this node hosts, by id.
+#[derive(Debug, Default)]
+pub struct ReplicaMap {
+    inner: RwLock<HashMap<u64, Arc<RangeReplica>>>,
+}
+
+impl ReplicaMap {
+    /// The replica of `range_id`, or `RangeNotFound`.
+    pub fn get(&self, range_id: u64) -> Result<Arc<RangeReplica>, Error> {
+        self.inner
+            .read()
+            .expect("replica map lock")
+            .get(&range_id)
+            .cloned()
+            .ok_or(Error::RangeNotFound { range_id })
+    }
+
+    /// Adds a replica.
+    pub fn insert(&self, r: Arc<RangeReplica>) {
+        self.inner
+            .write()
+            .expect("replica map lock")
+            .insert(r.range_id(), r);
+    }
+
+    /// Every replica, ordered by range id.
+    pub fn all(&self) -> Vec<Arc<RangeReplica>> {
+        let mut v: Vec<_> = self
+            .inner
+            .read()
+            .expect("replica map lock")
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|r| r.range_id());
+        v
+    }
+}

@@ -1,0 +1,160 @@
+//! Incoming Raft transport: the gRPC `Raft` service, which routes each message
+//! to the replica of the range it names.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lmskv_proto::error::Error;
+use lmskv_proto::v1::raft_server::Raft;
+use lmskv_proto::v1::{RaftMessage, SnapshotChunk};
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::replica::{RangeReplica, ReplicaMap};
+
+/// Serves Raft messages for every range hosted by this node.
+#[derive(Debug, Clone)]
+pub struct RaftService {
+    node_id: u64,
+    replicas: Arc<ReplicaMap>,
+}
+
+impl RaftService {
+    /// A service for `replicas` of node `node_id`.
+    pub fn new(node_id: u64, replicas: Arc<ReplicaMap>) -> Self {
+        RaftService { node_id, replicas }
+    }
+
+    fn route(&self, msg: &RaftMessage) -> Result<Arc<RangeReplica>, Status> {
+        if msg.to_node != self.node_id {
+            return Err(Error::invalid_argument(
+                "to_node",
+                format!("message for node {} reached node {}", msg.to_node, self.node_id),
+            )
+            .into());
+        }
+        if crc32fast::hash(&msg.payload) != msg.crc32 {
+            return Err(Error::invalid_argument("payload", "checksum mismatch").into());
+        }
+        Ok(self.replicas.get(msg.range_id)?)
+    }
+
+    fn reply(&self, msg: &RaftMessage, payload: Vec<u8>) -> Response<RaftMessage> {
+        Response::new(RaftMessage {
+            range_id: msg.range_id,
+            from_node: self.node_id,
+            to_node: msg.from_node,
+            crc32: crc32fast::hash(&payload),
+            payload: Bytes::from(payload),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = req.into_inner();
+        let r = self.route(&msg)?;
+        let out = r.handle_append(&msg.payload).await?;
+        Ok(self.reply(&msg, out))
+    }
+
+    async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = req.into_inner();
+        let r = self.route(&msg)?;
+        let out = r.handle_vote(&msg.payload).await?;
+        Ok(self.reply(&msg, out))
+    }
+
+    async fn pre_vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = req.into_inner();
+        let r = self.route(&msg)?;
+        let out = r.handle_pre_vote(&msg.payload).await?;
+        Ok(self.reply(&msg, out))
+    }
+
+    async fn transfer_leader(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = req.into_inner();
+        let r = self.route(&msg)?;
+        let out = r.handle_transfer_leader(&msg.payload).await?;
+        Ok(self.reply(&msg, out))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let mut stream = req.into_inner();
+        let first = match stream.next().await {
+            Some(c) => c?,
+            None => return Err(Error::invalid_argument("stream", "empty snapshot stream").into()),
+        };
+        if first.to_node != self.node_id {
+            return Err(Error::invalid_argument("to_node", "snapshot for another node").into());
+        }
+        let replica = self.replicas.get(first.range_id)?;
+        let header = first.header.clone();
+        if header.is_empty() {
+            return Err(Error::invalid_argument("header", "first chunk carries no header").into());
+        }
+        let path = replica.incoming_snapshot_path();
+        let received = receive_chunks(first, &mut stream, &path).await;
+        let bytes = match received {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(e.into());
+            }
+        };
+        tracing::info!(range_id = replica.range_id(), bytes, "received snapshot");
+        let result = replica.handle_snapshot(&header, path.clone()).await;
+        // On success the state machine moved the file; on failure drop it.
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        let payload = result?;
+        Ok(Response::new(RaftMessage {
+            range_id: replica.range_id(),
+            from_node: self.node_id,
+            to_node: 0,
+            crc32: crc32fast::hash(&payload),
+            payload: Bytes::from(payload),
+        }))
+    }
+}
+
+/// Writes the chunks of one snapshot stream to `path`, checking order and checksums.
+async fn receive_chunks(
+    first: SnapshotChunk,
+    stream: &mut Streaming<SnapshotChunk>,
+    path: &std::path::Path,
+) -> Result<u64, Error> {
+    let io = |e: std::io::Error| Error::internal(format!("writing snapshot: {e}"));
+    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    let mut offset = 0u64;
+    let mut chunk = first;
+    loop {
+        if chunk.offset != offset {
+            return Err(Error::invalid_argument(
+                "offset",
+                format!("expected chunk at {offset}, got {}", chunk.offset),
+            ));
+        }
+        if crc32fast::hash(&chunk.data) != chunk.crc32 {
+            return Err(Error::invalid_argument("data", "snapshot chunk checksum mismatch"));
+        }
+        file.write_all(&chunk.data).await.map_err(io)?;
+        offset += chunk.data.len() as u64;
+        if chunk.done {
+            break;
+        }
+        chunk = match stream.next().await {
+            Some(Ok(c)) => c,
+            Some(Err(s)) => return Err(Error::unavailable(format!("snapshot stream: {}", s.message()))),
+            None => return Err(Error::unavailable("snapshot stream ended before its last chunk")),
+        };
+    }
+    file.sync_all().await.map_err(io)?;
+    Ok(offset)
+}

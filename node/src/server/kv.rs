@@ -1,0 +1,440 @@
+//! The `Kv` service: validates each request against the named limits, routes
+//! it to the range replica that owns its keys, and proposes writes or serves
+//! reads at the requested consistency level.
+//!
+//! Every check happens before anything is proposed, so a rejected request
+//! writes nothing.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lmskv_proto::error::Error;
+use lmskv_proto::keys::{validate_scan_bound, validate_user_key};
+use lmskv_proto::limits::{
+    BATCH_BYTES_MAX, BATCH_CONDITIONS_MAX, BATCH_OPS_MAX, REQUEST_ID_BYTES_MAX, SCAN_BYTES_MAX,
+    SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX, VALUE_BYTES_MAX,
+};
+use lmskv_proto::v1::kv_server::Kv;
+use lmskv_proto::v1::{
+    self, batch_op, compare, BatchRequest, BatchResponse, CompareAndSwapRequest, CompareAndSwapResponse,
+    Consistency, DeleteRequest, DeleteResponse, Durability, GetRequest, GetResponse, KeyValue, PutRequest,
+    PutResponse, ReadOptions, RequestHeader, ResponseHeader, ScanRequest, ScanResponse, WriteOptions,
+};
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+use crate::raft::command::{CommandResponse, Condition, Expect, KvRecord, Op, WriteOp};
+use crate::raft::{RangeReplica, ReadLevel};
+
+/// Serves key-value requests.
+#[derive(Debug, Clone)]
+pub struct KvService {
+    node: Arc<Node>,
+    inflight: Arc<Semaphore>,
+}
+
+/// Delay suggested to clients turned away because too many requests are in flight.
+const OVERLOADED_RETRY_AFTER_MS: u64 = 50;
+
+impl KvService {
+    /// A service for `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        let max = node.cfg.file.inflight_requests_max;
+        KvService {
+            node,
+            inflight: Arc::new(Semaphore::new(max)),
+        }
+    }
+
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        self.inflight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded {
+                retry_after_ms: OVERLOADED_RETRY_AFTER_MS,
+            })
+    }
+
+    /// Finds the replica for a request touching `keys` and checks the client's view of it.
+    fn route(&self, header: &Option<RequestHeader>, keys: &[&[u8]]) -> Result<Arc<RangeReplica>, Error> {
+        let h = header.clone().unwrap_or_default();
+        let replica = match keys.first() {
+            Some(k) if h.range_id == 0 => self.node.replica_for_key(k)?,
+            _ => self.node.replica(h.range_id)?,
+        };
+        let desc = self.node.descriptor(&replica);
+        if let (Some(want), Some(have)) = (&h.epoch, &desc.epoch) {
+            if want.version != have.version {
+                return Err(Error::EpochMismatch {
+                    range_id: replica.range_id(),
+                    current: vec![desc],
+                });
+            }
+        }
+        for k in keys {
+            let in_range = desc.start_key.as_ref() <= *k
+                && (desc.end_key.is_empty() || *k < desc.end_key.as_ref());
+            if !in_range {
+                return Err(Error::KeyNotInRange {
+                    range_id: replica.range_id(),
+                    current: Some(desc),
+                });
+            }
+        }
+        Ok(replica)
+    }
+
+    fn header(&self, r: &RangeReplica, applied_index: u64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            range_id: r.range_id(),
+            node_id: self.node.node_id(),
+            applied_index,
+            leader_id: r.leader_hint().map(|h| h.node_id).unwrap_or(0),
+        })
+    }
+}
+
+fn check_request_id(w: &Option<WriteOptions>) -> Result<(Bytes, bool), Error> {
+    let w = w.clone().unwrap_or_default();
+    if w.request_id.len() > REQUEST_ID_BYTES_MAX {
+        return Err(Error::invalid_argument(
+            "write.request_id",
+            format!("request id is {} bytes, the limit is {REQUEST_ID_BYTES_MAX}", w.request_id.len()),
+        ));
+    }
+    let all = match Durability::try_from(w.durability) {
+        Ok(Durability::Majority) => false,
+        Ok(Durability::All) => true,
+        Err(_) => return Err(Error::invalid_argument("write.durability", "unknown durability")),
+    };
+    Ok((w.request_id, all))
+}
+
+fn check_value(field: &str, v: &[u8]) -> Result<(), Error> {
+    if v.len() > VALUE_BYTES_MAX {
+        return Err(Error::invalid_argument(
+            field,
+            format!("value is {} bytes, the limit is {VALUE_BYTES_MAX}", v.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn read_level(r: &Option<ReadOptions>) -> Result<ReadLevel, Error> {
+    let r = r.clone().unwrap_or_default();
+    Ok(match Consistency::try_from(r.consistency) {
+        Ok(Consistency::Strong) => ReadLevel::Strong,
+        Ok(Consistency::BoundedStaleness) => {
+            if r.max_staleness_ms == 0 {
+                return Err(Error::invalid_argument(
+                    "read.max_staleness_ms",
+                    "bounded staleness needs a positive bound",
+                ));
+            }
+            ReadLevel::BoundedStaleness {
+                max_ms: r.max_staleness_ms,
+            }
+        }
+        Ok(Consistency::Session) => ReadLevel::Session {
+            min_applied: r.min_applied_index,
+        },
+        Ok(Consistency::ConsistentPrefix) | Ok(Consistency::Eventual) => ReadLevel::Local,
+        Err(_) => return Err(Error::invalid_argument("read.consistency", "unknown consistency level")),
+    })
+}
+
+fn condition(c: &v1::Compare, field: &str) -> Result<Condition, Error> {
+    validate_user_key(&format!("{field}.key"), &c.key)?;
+    let expect = match &c.target {
+        Some(compare::Target::Value(v)) => {
+            check_value(&format!("{field}.value"), v)?;
+            Expect::Value(v.clone())
+        }
+        Some(compare::Target::Version(v)) => Expect::Version(*v),
+        None => return Err(Error::invalid_argument(field, "a compare needs a value or a version")),
+    };
+    Ok(Condition {
+        key: c.key.clone(),
+        expect,
+    })
+}
+
+fn kv(r: KvRecord) -> KeyValue {
+    KeyValue {
+        key: r.key,
+        value: r.value,
+        version: r.version,
+    }
+}
+
+fn unexpected(resp: CommandResponse) -> Status {
+    Error::internal(format!("unexpected apply result {resp:?}")).into()
+}
+
+/// A scan page token: direction byte, then the key to resume from
+/// (forward: inclusive start; reverse: exclusive end).
+fn decode_page_token(token: &[u8], reverse: bool) -> Result<Option<&[u8]>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let dir = if reverse { 2 } else { 1 };
+    if token[0] != dir || token.len() < 2 {
+        return Err(Error::invalid_argument(
+            "page_token",
+            "not a token from a scan in this direction",
+        ));
+    }
+    Ok(Some(&token[1..]))
+}
+
+fn encode_page_token(resume: &[u8], reverse: bool) -> Bytes {
+    let mut t = Vec::with_capacity(resume.len() + 1);
+    t.push(if reverse { 2 } else { 1 });
+    t.extend_from_slice(resume);
+    Bytes::from(t)
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let _permit = self.admit()?;
+        let req = req.into_inner();
+        validate_user_key("key", &req.key)?;
+        let level = read_level(&req.read)?;
+        let r = self.route(&req.header, &[&req.key])?;
+        let applied = r.read_barrier(level).await?;
+        let found = r.engine().get(&req.key).map_err(|e| r.refuse(&e))?;
+        Ok(Response::new(GetResponse {
+            header: self.header(&r, applied),
+            kv: found.map(|v| KeyValue {
+                key: req.key.clone(),
+                value: v.value,
+                version: v.version,
+            }),
+        }))
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let _permit = self.admit()?;
+        let req = req.into_inner();
+        validate_user_key("key", &req.key)?;
+        check_value("value", &req.value)?;
+        let (request_id, all) = check_request_id(&req.write)?;
+        let r = self.route(&req.header, &[&req.key])?;
+        let op = Op::Put {
+            key: req.key,
+            value: req.value,
+        };
+        let (index, resp) = r.propose(request_id, op, all).await?;
+        match resp {
+            CommandResponse::Put { version } => Ok(Response::new(PutResponse {
+                header: self.header(&r, index),
+                version,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let _permit = self.admit()?;
+        let req = req.into_inner();
+        validate_user_key("key", &req.key)?;
+        let (request_id, all) = check_request_id(&req.write)?;
+        let r = self.route(&req.header, &[&req.key])?;
+        let (index, resp) = r.propose(request_id, Op::Delete { key: req.key }, all).await?;
+        match resp {
+            CommandResponse::Delete { deleted } => Ok(Response::new(DeleteResponse {
+                header: self.header(&r, index),
+                deleted,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let _permit = self.admit()?;
+        let req = req.into_inner();
+        validate_scan_bound("start_key", &req.start_key)?;
+        validate_scan_bound("end_key", &req.end_key)?;
+        if !req.end_key.is_empty() && req.start_key >= req.end_key {
+            return Err(Error::invalid_argument("end_key", "must be greater than start_key").into());
+        }
+        let limit = match req.limit {
+            0 => SCAN_LIMIT_DEFAULT,
+            n if n > SCAN_LIMIT_MAX => {
+                return Err(Error::invalid_argument(
+                    "limit",
+                    format!("{n} exceeds the scan limit {SCAN_LIMIT_MAX}"),
+                )
+                .into())
+            }
+            n => n,
+        } as usize;
+        let level = read_level(&req.read)?;
+        // User scans never see the system key space (keys starting with 0x00).
+        let mut start: Vec<u8> = if req.start_key.is_empty() {
+            vec![0x01]
+        } else {
+            req.start_key.to_vec()
+        };
+        let mut end: Vec<u8> = req.end_key.to_vec();
+        if let Some(resume) = decode_page_token(&req.page_token, req.reverse)? {
+            let in_bounds = resume >= start.as_slice() && (end.is_empty() || resume <= end.as_slice());
+            if !in_bounds {
+                return Err(Error::invalid_argument("page_token", "token lies outside the scan bounds").into());
+            }
+            if req.reverse {
+                end = resume.to_vec();
+            } else {
+                start = resume.to_vec();
+            }
+        }
+        let r = self.route(&req.header, &[])?;
+        let applied = r.read_barrier(level).await?;
+        let (items, more) = if !end.is_empty() && start >= end {
+            (Vec::new(), false)
+        } else {
+            r.engine()
+                .scan(&start, &end, limit, req.reverse, SCAN_BYTES_MAX)
+                .map_err(|e| r.refuse(&e))?
+        };
+        let next_page_token = match (more, items.last()) {
+            (true, Some(last)) => {
+                if req.reverse {
+                    encode_page_token(&last.key, true)
+                } else {
+                    let mut next = last.key.to_vec();
+                    next.push(0);
+                    encode_page_token(&next, false)
+                }
+            }
+            _ => Bytes::new(),
+        };
+        let kvs = items
+            .into_iter()
+            .map(|i| KeyValue {
+                key: i.key,
+                value: if req.keys_only { Bytes::new() } else { i.value.value },
+                version: i.value.version,
+            })
+            .collect();
+        Ok(Response::new(ScanResponse {
+            header: self.header(&r, applied),
+            kvs,
+            next_page_token,
+        }))
+    }
+
+    async fn compare_and_swap(
+        &self,
+        req: Request<CompareAndSwapRequest>,
+    ) -> Result<Response<CompareAndSwapResponse>, Status> {
+        let _permit = self.admit()?;
+        let req = req.into_inner();
+        let Some(cmp) = &req.compare else {
+            return Err(Error::invalid_argument("compare", "missing").into());
+        };
+        let cond = condition(cmp, "compare")?;
+        if !req.delete {
+            check_value("new_value", &req.new_value)?;
+        }
+        let (request_id, all) = check_request_id(&req.write)?;
+        let r = self.route(&req.header, &[&cond.key])?;
+        let op = Op::CompareAndSwap {
+            compare: cond,
+            new_value: (!req.delete).then(|| req.new_value.clone()),
+        };
+        let (index, resp) = r.propose(request_id, op, all).await?;
+        match resp {
+            CommandResponse::CompareAndSwap { succeeded, current } => Ok(Response::new(CompareAndSwapResponse {
+                header: self.header(&r, index),
+                succeeded,
+                current: current.map(kv),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn batch(&self, req: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
+        let _permit = self.admit()?;
+        let req = req.into_inner();
+        if req.ops.is_empty() {
+            return Err(Error::invalid_argument("ops", "a batch needs at least one operation").into());
+        }
+        if req.ops.len() > BATCH_OPS_MAX {
+            return Err(Error::invalid_argument(
+                "ops",
+                format!("{} operations exceed the batch limit {BATCH_OPS_MAX}", req.ops.len()),
+            )
+            .into());
+        }
+        if req.conditions.len() > BATCH_CONDITIONS_MAX {
+            return Err(Error::invalid_argument(
+                "conditions",
+                format!(
+                    "{} conditions exceed the limit {BATCH_CONDITIONS_MAX}",
+                    req.conditions.len()
+                ),
+            )
+            .into());
+        }
+        let mut total = 0usize;
+        let mut ops = Vec::with_capacity(req.ops.len());
+        for (i, op) in req.ops.iter().enumerate() {
+            match &op.op {
+                Some(batch_op::Op::Put(p)) => {
+                    validate_user_key(&format!("ops[{i}].key"), &p.key)?;
+                    check_value(&format!("ops[{i}].value"), &p.value)?;
+                    total += p.key.len() + p.value.len();
+                    ops.push(WriteOp::Put {
+                        key: p.key.clone(),
+                        value: p.value.clone(),
+                    });
+                }
+                Some(batch_op::Op::Delete(k)) => {
+                    validate_user_key(&format!("ops[{i}].key"), k)?;
+                    total += k.len();
+                    ops.push(WriteOp::Delete { key: k.clone() });
+                }
+                None => return Err(Error::invalid_argument(format!("ops[{i}]"), "empty operation").into()),
+            }
+        }
+        if total > BATCH_BYTES_MAX {
+            return Err(Error::invalid_argument(
+                "ops",
+                format!("batch is {total} bytes, the limit is {BATCH_BYTES_MAX}"),
+            )
+            .into());
+        }
+        let conditions = req
+            .conditions
+            .iter()
+            .enumerate()
+            .map(|(i, c)| condition(c, &format!("conditions[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (request_id, all) = check_request_id(&req.write)?;
+        let keys: Vec<&[u8]> = ops
+            .iter()
+            .map(|o| match o {
+                WriteOp::Put { key, .. } | WriteOp::Delete { key } => key.as_ref(),
+            })
+            .chain(conditions.iter().map(|c| c.key.as_ref()))
+            .collect();
+        let r = self.route(&req.header, &keys)?;
+        let (index, resp) = r.propose(request_id, Op::Batch { conditions, ops }, all).await?;
+        match resp {
+            CommandResponse::Batch {
+                succeeded,
+                current,
+                version,
+            } => Ok(Response::new(BatchResponse {
+                header: self.header(&r, index),
+                succeeded,
+                current: current.into_iter().map(kv).collect(),
+                version,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+}

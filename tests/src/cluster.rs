@@ -1,0 +1,363 @@
+//! [`TestCluster`]: a cluster of real `lmskv-node` processes on 127.0.0.1,
+//! with free ports, a temporary data dir, and process-level faults (kill -9,
+//! SIGTERM, SIGSTOP/SIGCONT, restart). Everything is cleaned up on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use lmskv_client::Client;
+use lmskv_proto::v1::admin_client::AdminClient;
+use lmskv_proto::v1::kv_client::KvClient;
+use lmskv_proto::v1::{StatusRequest, StatusResponse};
+use rustix::process::{kill_process, Pid, Signal};
+use tonic::transport::Channel;
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Seconds since the first harness call, for phase logs.
+pub fn elapsed_s() -> f64 {
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+/// How a test cluster is started.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Extra TOML for every node's `--config` file.
+    pub config: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            nodes: 3,
+            config: String::new(),
+        }
+    }
+}
+
+/// One node process of a [`TestCluster`].
+#[derive(Debug)]
+pub struct NodeProc {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running cluster of node processes.
+#[derive(Debug)]
+pub struct TestCluster {
+    dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+    node_bin: PathBuf,
+    config_path: PathBuf,
+}
+
+/// The directory the workspace's binaries are built into, next to the test binary.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("target dir")
+}
+
+/// Path of a workspace binary (`lmskv-node`, `lmskv`), overridable with `LMSKV_BIN_DIR`.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os("LMSKV_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(bin_dir);
+    dir.join(name)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl TestCluster {
+    /// Starts `opts.nodes` nodes that form a new cluster, and waits for a leader.
+    pub async fn start(opts: ClusterOptions) -> anyhow::Result<TestCluster> {
+        elapsed_s();
+        let node_bin = binary("lmskv-node");
+        if !node_bin.exists() {
+            bail!(
+                "{} not found: build the workspace binaries first (cargo build --workspace --bins)",
+                node_bin.display()
+            );
+        }
+        let dir = tempfile::Builder::new().prefix("lmskv-test-").tempdir()?;
+        let config_path = dir.path().join("node.toml");
+        // Short timeouts keep tests quick; tests may override any of them.
+        let mut config = String::from(
+            "election_timeout_ms_min = 600\nelection_timeout_ms_max = 1200\nheartbeat_interval_ms = 100\n",
+        );
+        for line in opts.config.lines() {
+            let key = line.split('=').next().unwrap_or("").trim();
+            if !key.is_empty() {
+                config = config
+                    .lines()
+                    .filter(|l| l.split('=').next().unwrap_or("").trim() != key)
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+            }
+            config.push_str(line);
+            config.push('\n');
+        }
+        std::fs::write(&config_path, config)?;
+        let mut nodes = Vec::new();
+        let mut used = Vec::new();
+        for i in 1..=opts.nodes as u64 {
+            let mut port = free_port()?;
+            while used.contains(&port) {
+                port = free_port()?;
+            }
+            used.push(port);
+            nodes.push(NodeProc {
+                id: i,
+                addr: format!("127.0.0.1:{port}"),
+                data_dir: dir.path().join(format!("node-{i}")),
+                log_path: dir.path().join(format!("node-{i}.log")),
+                child: None,
+            });
+        }
+        let mut c = TestCluster {
+            dir,
+            nodes,
+            node_bin,
+            config_path,
+        };
+        for i in 1..=opts.nodes as u64 {
+            c.spawn(i)?;
+        }
+        c.wait_leader(Duration::from_secs(30)).await?;
+        Ok(c)
+    }
+
+    /// The temporary directory holding data dirs and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn node(&self, id: u64) -> &NodeProc {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut NodeProc {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// Every node's address.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// The address of node `id`.
+    pub fn addr(&self, id: u64) -> String {
+        self.node(id).addr.clone()
+    }
+
+    /// Starts (or restarts) node `id` with its data dir.
+    pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let join = self.endpoints().join(",");
+        let bin = self.node_bin.clone();
+        let cfg = self.config_path.clone();
+        let n = self.node_mut(id);
+        if n.child.is_some() {
+            bail!("node {id} is already running");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log_path)?;
+        let child = Command::new(&bin)
+            .arg("--node-id")
+            .arg(id.to_string())
+            .arg("--listen")
+            .arg(&n.addr)
+            .arg("--data-dir")
+            .arg(&n.data_dir)
+            .arg("--join")
+            .arg(&join)
+            .arg("--config")
+            .arg(&cfg)
+            .env("LMSKV_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        n.child = Some(child);
+        Ok(())
+    }
+
+    fn signal(&self, id: u64, sig: Signal) -> anyhow::Result<()> {
+        let child = self.node(id).child.as_ref().context("node not running")?;
+        let pid = Pid::from_raw(child.id() as i32).context("bad pid")?;
+        kill_process(pid, sig)?;
+        Ok(())
+    }
+
+    /// `kill -9` node `id` and reap it.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let n = self.node_mut(id);
+        if let Some(mut c) = n.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Stops node `id` with SIGTERM and waits for it to exit (kills it after 15 s).
+    pub fn stop(&mut self, id: u64) -> anyhow::Result<Option<i32>> {
+        let _ = self.signal(id, Signal::TERM);
+        let n = self.node_mut(id);
+        let Some(mut c) = n.child.take() else {
+            return Ok(None);
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st.code());
+            }
+            if Instant::now() >= deadline {
+                c.kill()?;
+                c.wait()?;
+                bail!("node {id} did not stop within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pauses node `id` (SIGSTOP).
+    pub fn pause(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, Signal::STOP)
+    }
+
+    /// Resumes node `id` (SIGCONT).
+    pub fn resume(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, Signal::CONT)
+    }
+
+    /// Whether node `id`'s process has exited; returns its exit code if so.
+    pub fn exited(&mut self, id: u64) -> anyhow::Result<Option<Option<i32>>> {
+        let n = self.node_mut(id);
+        match n.child.as_mut() {
+            None => Ok(Some(None)),
+            Some(c) => match c.try_wait()? {
+                Some(st) => {
+                    n.child = None;
+                    Ok(Some(st.code()))
+                }
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// A client configured with every node as a seed.
+    pub fn client(&self) -> Client {
+        Client::builder()
+            .endpoints(self.endpoints())
+            .deadline(Duration::from_secs(20))
+            .build()
+            .expect("client")
+    }
+
+    /// A raw gRPC `Kv` client bound to node `id` (no routing, no retries).
+    pub fn kv(&self, id: u64) -> KvClient<Channel> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id)))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_millis(500))
+            .connect_lazy();
+        KvClient::new(ch)
+    }
+
+    /// Node `id`'s status report.
+    pub async fn status(&self, id: u64) -> anyhow::Result<StatusResponse> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id)))?
+            .connect_timeout(Duration::from_millis(500))
+            .connect_lazy();
+        let mut c = AdminClient::new(ch);
+        let r = tokio::time::timeout(Duration::from_secs(3), c.status(StatusRequest {}))
+            .await
+            .context("status timed out")??;
+        Ok(r.into_inner())
+    }
+
+    /// Waits until a running node reports itself leader of range 1, and returns its id.
+    pub async fn wait_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let running: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect();
+        crate::wait_for("a leader", timeout, || {
+            let running = running.clone();
+            async move {
+                for id in running {
+                    if let Ok(s) = self.status(id).await {
+                        if s.ranges.iter().any(|r| r.local_role == "leader") {
+                            return Some(id);
+                        }
+                    }
+                }
+                None
+            }
+        })
+        .await
+    }
+
+    /// Waits until node `id` has applied at least `index` on range 1.
+    pub async fn wait_applied(&self, id: u64, index: u64, timeout: Duration) -> anyhow::Result<()> {
+        crate::wait_for(&format!("node {id} to apply index {index}"), timeout, || async move {
+            match self.status(id).await {
+                Ok(s) if s.ranges.first().is_some_and(|r| r.applied_index >= index) => Some(()),
+                _ => None,
+            }
+        })
+        .await
+    }
+
+    /// The last lines of every node's log, for failure reports.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log_path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            out.push_str(&format!("---- node {} ({}) ----\n", n.id, n.log_path.display()));
+            for l in &all[from..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tails(40));
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                // SIGCONT first: a paused process cannot be reaped until it runs.
+                if let Some(pid) = Pid::from_raw(c.id() as i32) {
+                    let _ = kill_process(pid, Signal::CONT);
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Test support for lmskv: a harness that runs real `lmskv-node` processes on
+//! loopback ports, and helpers the integration suites share.
+//!
+//! The suites live in `tests/tests/*.rs`, one binary each.
+
+pub mod cluster;
+
+pub use cluster::{ClusterOptions, TestCluster};
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout`
+/// with `what` in the message. Tests wait for conditions, never for fixed times.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Logs a test phase to stderr, so a failing test shows how far it got.
+#[macro_export]
+macro_rules! phase {
+    ($($arg:tt)*) => {
+        eprintln!("[{:>8.3}s] {}", $crate::cluster::elapsed_s(), format!($($arg)*))
+    };
+}

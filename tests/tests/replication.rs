@@ -1,0 +1,252 @@
+//! Replication and durability of a 3-node cluster of real processes:
+//! every write reaches every replica, survives the loss of the leader and a
+//! full restart, and a follower that fell behind a compacted log catches up
+//! by snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lmskv_client::ReadConsistency;
+use lmskv_proto::v1::{Consistency, GetRequest, ReadOptions};
+use lmskv_tests::{phase, ClusterOptions, TestCluster};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(180);
+
+async fn local_get(c: &TestCluster, node: u64, key: &[u8]) -> anyhow::Result<Option<(Bytes, u64)>> {
+    let resp = c
+        .kv(node)
+        .get(GetRequest {
+            header: None,
+            key: Bytes::copy_from_slice(key),
+            read: Some(ReadOptions {
+                consistency: Consistency::ConsistentPrefix as i32,
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    Ok(resp.kv.map(|kv| (kv.value, kv.version)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_on_the_leader_are_readable_on_every_node() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 3 nodes");
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+
+        phase!("write 200 keys through the leader");
+        let mut last = 0;
+        for i in 0..200u32 {
+            let w = client
+                .put(format!("key/{i:04}"), format!("value-{i}"))
+                .await
+                .unwrap();
+            assert!(w.index > last, "indexes grow");
+            last = w.index;
+        }
+
+        phase!("every node applies index {last} and serves the same data locally");
+        for node in 1..=3 {
+            c.wait_applied(node, last, Duration::from_secs(20)).await.unwrap();
+            for i in 0..200u32 {
+                let got = local_get(&c, node, format!("key/{i:04}").as_bytes())
+                    .await
+                    .unwrap()
+                    .map(|(v, _)| v);
+                assert_eq!(got, Some(Bytes::from(format!("value-{i}"))), "node {node} key {i}");
+            }
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_leader_loses_no_acknowledged_write() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 3 nodes");
+        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let old_leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        let client = c.client();
+
+        phase!("8 writers run; leader is node {old_leader}");
+        let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first_ack_after_kill: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let kill_time: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let mut writers = Vec::new();
+        for w in 0..8 {
+            let (client, acked, stop) = (client.clone(), acked.clone(), stop.clone());
+            let (first, killed) = (first_ack_after_kill.clone(), kill_time.clone());
+            writers.push(tokio::spawn(async move {
+                let mut seq = 0u64;
+                let mut failed = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("w{w}/{seq:06}");
+                    let value = format!("v{w}-{seq}");
+                    match client.put(key.clone(), value.clone()).await {
+                        Ok(_) => {
+                            acked.lock().unwrap().insert(key, value);
+                            if killed.lock().unwrap().is_some() {
+                                first.lock().unwrap().get_or_insert_with(Instant::now);
+                            }
+                        }
+                        Err(_) => failed += 1,
+                    }
+                    seq += 1;
+                }
+                failed
+            }));
+        }
+        lmskv_tests::wait_for("300 acknowledged writes", Duration::from_secs(30), || {
+            let n = acked.lock().unwrap().len();
+            async move { (n >= 300).then_some(()) }
+        })
+        .await
+        .unwrap();
+
+        phase!("kill -9 the leader (node {old_leader})");
+        *kill_time.lock().unwrap() = Some(Instant::now());
+        c.kill(old_leader).unwrap();
+        let before_kill = acked.lock().unwrap().len();
+
+        lmskv_tests::wait_for("writes to resume", Duration::from_secs(30), || {
+            let n = acked.lock().unwrap().len();
+            async move { (n >= before_kill + 300).then_some(()) }
+        })
+        .await
+        .unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut failed = 0;
+        for w in writers {
+            failed += w.await.unwrap();
+        }
+        let new_leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        assert_ne!(new_leader, old_leader, "a new leader was elected");
+        let failover = first_ack_after_kill.lock().unwrap().unwrap() - kill_time.lock().unwrap().unwrap();
+        phase!(
+            "new leader node {new_leader}; first write acknowledged {:?} after the kill; {failed} calls failed",
+            failover
+        );
+
+        phase!("every acknowledged write is readable (STRONG)");
+        let acked = acked.lock().unwrap().clone();
+        for (k, v) in &acked {
+            let got = client.get(k.clone(), ReadConsistency::Strong).await.unwrap();
+            assert_eq!(got.map(|kv| kv.value), Some(Bytes::from(v.clone())), "key {k}");
+        }
+
+        phase!("restart the old leader; it catches up");
+        c.spawn(old_leader).unwrap();
+        let last = client.put("after-restart", "x").await.unwrap().index;
+        c.wait_applied(old_leader, last, Duration::from_secs(30)).await.unwrap();
+        for (k, v) in acked.iter().take(200) {
+            let got = local_get(&c, old_leader, k.as_bytes()).await.unwrap().map(|(v, _)| v);
+            assert_eq!(got, Some(Bytes::from(v.clone())), "key {k} on the old leader");
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_restart_keeps_all_acknowledged_data() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 3 nodes and write 300 keys");
+        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+        let mut expected = BTreeMap::new();
+        for i in 0..300u32 {
+            let w = client.put(format!("r/{i:04}"), format!("v{i}")).await.unwrap();
+            expected.insert(format!("r/{i:04}"), (format!("v{i}"), w.version));
+        }
+        client.delete("r/0000").await.unwrap();
+        expected.remove("r/0000");
+
+        phase!("kill -9 all three nodes, then start them again");
+        for id in 1..=3 {
+            c.kill(id).unwrap();
+        }
+        for id in 1..=3 {
+            c.spawn(id).unwrap();
+        }
+        c.wait_leader(Duration::from_secs(30)).await.unwrap();
+        let client = c.client();
+
+        phase!("every acknowledged write is there, with its version");
+        for (k, (v, version)) in &expected {
+            let got = client.get(k.clone(), ReadConsistency::Strong).await.unwrap().unwrap();
+            assert_eq!(got.value, Bytes::from(v.clone()), "key {k}");
+            assert_eq!(got.version, *version, "version of {k}");
+        }
+        assert!(client.get("r/0000", ReadConsistency::Strong).await.unwrap().is_none());
+
+        phase!("stop all three cleanly (SIGTERM) and restart once more");
+        for id in 1..=3 {
+            assert_eq!(c.stop(id).unwrap(), Some(0), "node {id} exits 0 on SIGTERM");
+        }
+        for id in 1..=3 {
+            c.spawn(id).unwrap();
+        }
+        c.wait_leader(Duration::from_secs(30)).await.unwrap();
+        let all = c
+            .client()
+            .scan_all(&lmskv_client::ScanOptions::default(), 10_000)
+            .await
+            .unwrap();
+        assert_eq!(all.len(), expected.len());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_follower_catches_up_by_snapshot() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 3 nodes that compact their logs every 100 entries");
+        let mut c = TestCluster::start(ClusterOptions {
+            nodes: 3,
+            config: "snapshot_logs_since_last = 100\nsnapshot_logs_to_keep = 20\n".into(),
+        })
+        .await
+        .unwrap();
+        let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        let client = c.client();
+        client.put("before", "stop").await.unwrap();
+
+        phase!("stop follower {follower}, then write 1000 keys");
+        c.stop(follower).unwrap();
+        let mut last = 0;
+        for i in 0..1000u32 {
+            last = client
+                .put(format!("s/{i:05}"), vec![b'x'; 200 + (i % 7) as usize])
+                .await
+                .unwrap()
+                .index;
+        }
+        let leader_status = c.status(leader).await.unwrap();
+        let r = &leader_status.ranges[0];
+        assert!(r.snapshot_index > 0, "the leader compacted its log: {r:?}");
+
+        phase!("restart follower {follower}; it must install a snapshot");
+        c.spawn(follower).unwrap();
+        c.wait_applied(follower, last, Duration::from_secs(60)).await.unwrap();
+        let st = c.status(follower).await.unwrap();
+        assert!(
+            st.ranges[0].snapshot_index > 0,
+            "follower caught up through a snapshot: {:?}",
+            st.ranges[0]
+        );
+        for i in (0..1000u32).step_by(37) {
+            let got = local_get(&c, follower, format!("s/{i:05}").as_bytes()).await.unwrap();
+            assert_eq!(got.map(|(v, _)| v.len()), Some(200 + (i % 7) as usize), "key {i}");
+        }
+        assert!(local_get(&c, follower, b"before").await.unwrap().is_some());
+    })
+    .await
+    .expect("test timed out");
+}
