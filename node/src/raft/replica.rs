@@ -12,6 +12,7 @@ use lmskv_proto::error::{Error, LeaderHint};
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::impls::BasicNode;
+use openraft::async_runtime::WatchReceiver;
 use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
 
 use super::codec::{decode, encode};
@@ -235,7 +236,7 @@ impl RangeReplica {
         if let Some(reason) = self.fault.lock().expect("fault lock").clone() {
             return Err(Error::Corruption { reason });
         }
-        if let Err(f) = &self.raft.metrics().borrow().running_state {
+        if let Err(f) = &self.raft.metrics().borrow_watched().running_state {
             return Err(self.fatal(f));
         }
         Ok(())
@@ -296,9 +297,13 @@ impl RangeReplica {
             {
                 let m = rx.borrow_and_update();
                 let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+                let applied = m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0);
                 let done = match &m.replication {
                     Some(rep) => voters.iter().all(|v| {
-                        rep.get(v)
+                        // The leader's own log is flushed before it applies.
+                        (*v == self.node_id && applied >= index)
+                            || rep
+                                .get(v)
                             .and_then(|l| l.as_ref())
                             .is_some_and(|l| l.index() >= index)
                     }),
@@ -381,7 +386,7 @@ impl RangeReplica {
     fn applied_index(&self) -> u64 {
         self.raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .last_applied
             .as_ref()
             .map(|l| l.index())
@@ -390,7 +395,7 @@ impl RangeReplica {
 
     /// The current leader as a routing hint.
     pub fn leader_hint(&self) -> Option<LeaderHint> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let id = m.current_leader?;
         let address = m
             .membership_config
@@ -403,7 +408,7 @@ impl RangeReplica {
 
     /// The replica's Raft state now.
     pub fn status(&self) -> ReplicaStatus {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let role = match m.state {
             ServerState::Leader => "leader",
@@ -416,7 +421,7 @@ impl RangeReplica {
             range_id: self.range_id,
             leader_id: m.current_leader,
             term: m.current_term,
-            commit_index: m.committed.as_ref().map(|l| l.index()).unwrap_or(0),
+            commit_index: m.local_committed.as_ref().map(|l| l.index()).unwrap_or(0),
             applied_index: m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0),
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.as_ref().map(|l| l.index()).unwrap_or(0),

@@ -401,10 +401,3 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }))
     }
 }
-
-impl StateMachine {
-    /// The directory where this range keeps snapshot files.
-    pub fn snapshot_dir(&self) -> &Path {
-        &self.snapshot_dir
-    }
-}
