@@ -74,7 +74,7 @@ async fn check_node_never_serves_corrupt_data(c: &mut TestCluster, node: u64, ke
     (correct, refused)
 }
 
-async fn run(target_ext: &str) {
+async fn run(target_ext: &str, hard_kill: bool) {
     phase!("start 3 nodes and write 2000 keys");
     let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
     let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
@@ -86,8 +86,12 @@ async fn run(target_ext: &str) {
     }
     c.wait_applied(victim, last, Duration::from_secs(20)).await.unwrap();
 
-    phase!("stop node {victim} cleanly and flip bytes in its *.{target_ext} files");
-    assert_eq!(c.stop(victim).unwrap(), Some(0));
+    phase!("stop node {victim} (kill -9: {hard_kill}) and flip bytes in its *.{target_ext} files");
+    if hard_kill {
+        c.kill(victim).unwrap();
+    } else {
+        assert_eq!(c.stop(victim).unwrap(), Some(0));
+    }
     let db = c.nodes[(victim - 1) as usize].data_dir.join("db");
     let files = files_with_ext(&db, target_ext);
     assert!(!files.is_empty(), "node {victim} has {target_ext} files in {}", db.display());
@@ -98,18 +102,17 @@ async fn run(target_ext: &str) {
 
     phase!("restart node {victim}");
     c.spawn(victim).unwrap();
-    let started = lmskv_tests::wait_for("node to answer or exit", Duration::from_secs(20), || {
-        let r = c.exited(victim).map(|e| e.is_some()).unwrap_or(true);
-        let st = c.status(victim);
-        async move {
-            if r {
-                return Some(false);
-            }
-            st.await.ok().map(|_| true)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let started = loop {
+        if c.exited(victim).unwrap().is_some() {
+            break false;
         }
-    })
-    .await
-    .unwrap();
+        if c.status(victim).await.is_ok() {
+            break true;
+        }
+        assert!(std::time::Instant::now() < deadline, "node neither answered nor exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     if started {
         let (correct, refused) = check_node_never_serves_corrupt_data(&mut c, victim, 2000).await;
         phase!("node {victim} served {correct} correct values and refused {refused} reads; none was wrong");
@@ -120,7 +123,8 @@ async fn run(target_ext: &str) {
             "a node that refuses to start says why; log tail:\n{}",
             &log[log.len().saturating_sub(2000)..]
         );
-        phase!("node {victim} refused to start with a clear error");
+        let last = log.lines().last().unwrap_or_default().to_string();
+        phase!("node {victim} refused to start with a clear error: {last}");
     }
 
     phase!("the cluster still serves every key from the healthy replicas");
@@ -136,5 +140,14 @@ async fn run(target_ext: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flipped_bytes_in_data_files_are_never_served() {
-    tokio::time::timeout(TEST_TIMEOUT, run("sst")).await.expect("test timed out");
+    tokio::time::timeout(TEST_TIMEOUT, run("sst", false))
+        .await
+        .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flipped_bytes_in_the_write_ahead_log_are_never_served() {
+    tokio::time::timeout(TEST_TIMEOUT, run("log", true))
+        .await
+        .expect("test timed out");
 }
