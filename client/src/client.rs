@@ -43,7 +43,9 @@ impl ReadConsistency {
         use v1::Consistency as C;
         let (c, max, min) = match self {
             ReadConsistency::Strong => (C::Strong, 0, 0),
-            ReadConsistency::BoundedStaleness(d) => (C::BoundedStaleness, d.as_millis().max(1) as u64, 0),
+            ReadConsistency::BoundedStaleness(d) => {
+                (C::BoundedStaleness, d.as_millis().max(1) as u64, 0)
+            }
             ReadConsistency::Session(t) => (C::Session, 0, t),
             ReadConsistency::ConsistentPrefix => (C::ConsistentPrefix, 0, 0),
             ReadConsistency::Eventual => (C::Eventual, 0, 0),
@@ -206,14 +208,18 @@ impl ClientBuilder {
             return Err(ClientError::Config("no endpoints given".into()));
         }
         if endpoints.len() > ENDPOINTS_MAX {
-            return Err(ClientError::Config(format!("more than {ENDPOINTS_MAX} endpoints")));
+            return Err(ClientError::Config(format!(
+                "more than {ENDPOINTS_MAX} endpoints"
+            )));
         }
         for e in &endpoints {
             Endpoint::from_shared(format!("http://{e}"))
                 .map_err(|err| ClientError::Config(format!("bad endpoint {e:?}: {err}")))?;
         }
         if self.retry.attempts_max == 0 {
-            return Err(ClientError::Config("attempts_max must be at least 1".into()));
+            return Err(ClientError::Config(
+                "attempts_max must be at least 1".into(),
+            ));
         }
         Ok(Client {
             inner: Arc::new(Inner {
@@ -253,7 +259,9 @@ fn new_request_id() -> Bytes {
 
 fn check_key(field: &str, key: &[u8]) -> Result<(), ClientError> {
     validate_user_key(field, key).map_err(|e| match e {
-        ServerError::InvalidArgument { field, reason } => ClientError::InvalidArgument { field, reason },
+        ServerError::InvalidArgument { field, reason } => {
+            ClientError::InvalidArgument { field, reason }
+        }
         other => ClientError::Server(other),
     })
 }
@@ -414,16 +422,21 @@ impl Client {
             key,
             read: Some(consistency.to_proto()),
         };
-        let resp = self.call(|mut c| {
-            let req = req.clone();
-            async move { c.get(req).await }
-        })
-        .await?;
+        let resp = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.get(req).await }
+            })
+            .await?;
         Ok(resp.kv.map(Into::into))
     }
 
     /// Sets a key (majority durability, a fresh request id).
-    pub async fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<WriteResult, ClientError> {
+    pub async fn put(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<WriteResult, ClientError> {
         self.put_with(key, value, &WriteOptions::default()).await
     }
 
@@ -444,11 +457,12 @@ impl Client {
             value,
             write: Some(write_opts(opts)),
         };
-        let resp = self.call(|mut c| {
-            let req = req.clone();
-            async move { c.put(req).await }
-        })
-        .await?;
+        let resp = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.put(req).await }
+            })
+            .await?;
         Ok(WriteResult {
             version: resp.version,
             index: resp.header.map(|h| h.applied_index).unwrap_or(resp.version),
@@ -457,11 +471,17 @@ impl Client {
 
     /// Deletes a key; returns whether it existed.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
-        self.delete_with(key, &WriteOptions::default()).await.map(|(d, _)| d)
+        self.delete_with(key, &WriteOptions::default())
+            .await
+            .map(|(d, _)| d)
     }
 
     /// Deletes a key with explicit options; returns whether it existed and the write's index.
-    pub async fn delete_with(&self, key: impl Into<Bytes>, opts: &WriteOptions) -> Result<(bool, u64), ClientError> {
+    pub async fn delete_with(
+        &self,
+        key: impl Into<Bytes>,
+        opts: &WriteOptions,
+    ) -> Result<(bool, u64), ClientError> {
         let key = key.into();
         check_key("key", &key)?;
         let req = v1::DeleteRequest {
@@ -469,12 +489,16 @@ impl Client {
             key,
             write: Some(write_opts(opts)),
         };
-        let resp = self.call(|mut c| {
-            let req = req.clone();
-            async move { c.delete(req).await }
-        })
-        .await?;
-        Ok((resp.deleted, resp.header.map(|h| h.applied_index).unwrap_or(0)))
+        let resp = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.delete(req).await }
+            })
+            .await?;
+        Ok((
+            resp.deleted,
+            resp.header.map(|h| h.applied_index).unwrap_or(0),
+        ))
     }
 
     /// Sets `key` to `new_value` (or deletes it when `None`) if `compare` holds.
@@ -497,11 +521,12 @@ impl Client {
             new_value: new_value.unwrap_or_default(),
             write: Some(write_opts(opts)),
         };
-        let resp = self.call(|mut c| {
-            let req = req.clone();
-            async move { c.compare_and_swap(req).await }
-        })
-        .await?;
+        let resp = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.compare_and_swap(req).await }
+            })
+            .await?;
         Ok(CasOutcome {
             succeeded: resp.succeeded,
             current: resp.current.map(Into::into),
@@ -543,15 +568,19 @@ impl Client {
             .collect::<Result<_, ClientError>>()?;
         let req = v1::BatchRequest {
             header: None,
-            conditions: conditions.into_iter().map(|(k, c)| compare_proto(k, c)).collect(),
+            conditions: conditions
+                .into_iter()
+                .map(|(k, c)| compare_proto(k, c))
+                .collect(),
             ops,
             write: Some(write_opts(opts)),
         };
-        let resp = self.call(|mut c| {
-            let req = req.clone();
-            async move { c.batch(req).await }
-        })
-        .await?;
+        let resp = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.batch(req).await }
+            })
+            .await?;
         Ok(BatchOutcome {
             succeeded: resp.succeeded,
             current: resp.current.into_iter().map(Into::into).collect(),
@@ -571,11 +600,12 @@ impl Client {
             read: Some(opts.consistency.to_proto()),
             keys_only: opts.keys_only,
         };
-        let resp = self.call(|mut c| {
-            let req = req.clone();
-            async move { c.scan(req).await }
-        })
-        .await?;
+        let resp = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.scan(req).await }
+            })
+            .await?;
         Ok(ScanPage {
             kvs: resp.kvs.into_iter().map(Into::into).collect(),
             next_page_token: (!resp.next_page_token.is_empty()).then_some(resp.next_page_token),
@@ -583,7 +613,11 @@ impl Client {
     }
 
     /// Reads up to `max` pairs of a scan, following pages.
-    pub async fn scan_all(&self, opts: &ScanOptions, max: usize) -> Result<Vec<KeyValue>, ClientError> {
+    pub async fn scan_all(
+        &self,
+        opts: &ScanOptions,
+        max: usize,
+    ) -> Result<Vec<KeyValue>, ClientError> {
         let mut out = Vec::new();
         let mut o = opts.clone();
         loop {

@@ -49,11 +49,11 @@ impl ClientError {
 
     /// Whether the outcome of a write is unknown (it may have been applied).
     pub fn is_outcome_unknown(&self) -> bool {
-        match self {
-            ClientError::DeadlineExceeded { .. } => true,
-            ClientError::Server(ServerError::Timeout { .. }) => true,
-            ClientError::Server(ServerError::Unavailable { .. }) => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            ClientError::DeadlineExceeded { .. }
+                | ClientError::Server(ServerError::Timeout { .. })
+                | ClientError::Server(ServerError::Unavailable { .. })
+        )
     }
 }

@@ -24,8 +24,8 @@ mod error;
 mod retry;
 
 pub use client::{
-    BatchOp, BatchOutcome, CasOutcome, Client, ClientBuilder, Compare, Durability, KeyValue, ReadConsistency,
-    ScanOptions, ScanPage, WriteOptions, WriteResult,
+    BatchOp, BatchOutcome, CasOutcome, Client, ClientBuilder, Compare, Durability, KeyValue,
+    ReadConsistency, ScanOptions, ScanPage, WriteOptions, WriteResult,
 };
 pub use error::ClientError;
 pub use lmskv_proto::error::{Error as ServerError, LeaderHint};

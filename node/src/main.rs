@@ -49,7 +49,10 @@ fn main() {
     } else {
         builder.init();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lmskv-node: cannot start runtime: {e}");
@@ -82,7 +85,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(node_id = cfg.node_id, listen = %cfg.listen, data_dir = %cfg.data_dir.display(), "node started");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut server = tokio::spawn(lmskv_node::server::serve(node.clone(), listener, stop_rx.clone()));
+    let mut server = tokio::spawn(lmskv_node::server::serve(
+        node.clone(),
+        listener,
+        stop_rx.clone(),
+    ));
     let boot = tokio::spawn(node.clone().bootstrap(stop_rx.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use lmskv_proto::error::Error;
 use lmskv_proto::v1::admin_client::AdminClient;
-use lmskv_proto::v1::{IdentifyRequest, JoinRequest, RangeDescriptor, RangeEpoch, Replica, ReplicaRole};
+use lmskv_proto::v1::{
+    IdentifyRequest, JoinRequest, RangeDescriptor, RangeEpoch, Replica, ReplicaRole,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -41,7 +43,9 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("node_id", &self.cfg.node_id).finish()
+        f.debug_struct("Node")
+            .field("node_id", &self.cfg.node_id)
+            .finish()
     }
 }
 
@@ -119,8 +123,11 @@ impl Node {
 
     /// The replica of `range_id`; 0 means "whichever holds the keys".
     pub fn replica(&self, range_id: u64) -> Result<Arc<RangeReplica>, Error> {
-        self.replicas
-            .get(if range_id == 0 { FIRST_RANGE_ID } else { range_id })
+        self.replicas.get(if range_id == 0 {
+            FIRST_RANGE_ID
+        } else {
+            range_id
+        })
     }
 
     /// The descriptor of a replica's range as clients see it.
@@ -184,7 +191,7 @@ impl Node {
                 Ok(true) => return,
                 Ok(false) => {}
                 Err(e) => {
-                    if attempt % 20 == 0 {
+                    if attempt.is_multiple_of(20) {
                         tracing::info!(reason = %e, "waiting to form or join a cluster");
                     }
                 }
@@ -198,7 +205,11 @@ impl Node {
     }
 
     /// One bootstrap attempt; `Ok(true)` when this node is now part of a cluster.
-    async fn bootstrap_round(&self, replica: &RangeReplica, peers: &[String]) -> Result<bool, String> {
+    async fn bootstrap_round(
+        &self,
+        replica: &RangeReplica,
+        peers: &[String],
+    ) -> Result<bool, String> {
         let mut ids = BTreeMap::from([(self.cfg.node_id, self.cfg.advertise_addr())]);
         let mut missing = Vec::new();
         for addr in peers {

@@ -70,7 +70,9 @@ pub enum Error {
 
 fn leader_suffix(leader: &Option<LeaderHint>) -> String {
     match leader {
-        Some(h) if !h.address.is_empty() => format!(", leader is node {} at {}", h.node_id, h.address),
+        Some(h) if !h.address.is_empty() => {
+            format!(", leader is node {} at {}", h.node_id, h.address)
+        }
         Some(h) => format!(", leader is node {}", h.node_id),
         None => ", leader unknown".to_string(),
     }
@@ -192,7 +194,7 @@ impl Error {
         match code {
             ErrorKind::NotLeader => Error::NotLeader {
                 range_id: e.range_id,
-                leader: (e.leader_id != 0).then(|| LeaderHint {
+                leader: (e.leader_id != 0).then_some(LeaderHint {
                     node_id: e.leader_id,
                     address: e.leader_addr,
                 }),
@@ -220,7 +222,11 @@ impl Error {
             ErrorKind::CasFailed => Error::CasFailed { current: e.current },
             ErrorKind::Corruption => Error::Corruption { reason: e.reason },
             ErrorKind::Internal | ErrorKind::Unspecified => Error::Internal {
-                reason: if e.reason.is_empty() { e.message } else { e.reason },
+                reason: if e.reason.is_empty() {
+                    e.message
+                } else {
+                    e.reason
+                },
             },
         }
     }
@@ -248,7 +254,9 @@ impl Error {
                 reason,
             },
             tonic::Code::DeadlineExceeded => Error::Timeout { reason },
-            tonic::Code::ResourceExhausted => Error::Overloaded { retry_after_ms: 100 },
+            tonic::Code::ResourceExhausted => Error::Overloaded {
+                retry_after_ms: 100,
+            },
             tonic::Code::DataLoss => Error::Corruption { reason },
             tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
                 Error::Unavailable {
@@ -314,7 +322,9 @@ mod tests {
                 version: 4,
             }),
         });
-        round_trip(Error::Corruption { reason: "crc".into() });
+        round_trip(Error::Corruption {
+            reason: "crc".into(),
+        });
         round_trip(Error::internal("boom"));
     }
 

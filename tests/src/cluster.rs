@@ -318,12 +318,16 @@ impl TestCluster {
 
     /// Waits until node `id` has applied at least `index` on range 1.
     pub async fn wait_applied(&self, id: u64, index: u64, timeout: Duration) -> anyhow::Result<()> {
-        crate::wait_for(&format!("node {id} to apply index {index}"), timeout, || async move {
-            match self.status(id).await {
-                Ok(s) if s.ranges.first().is_some_and(|r| r.applied_index >= index) => Some(()),
-                _ => None,
-            }
-        })
+        crate::wait_for(
+            &format!("node {id} to apply index {index}"),
+            timeout,
+            || async move {
+                match self.status(id).await {
+                    Ok(s) if s.ranges.first().is_some_and(|r| r.applied_index >= index) => Some(()),
+                    _ => None,
+                }
+            },
+        )
         .await
     }
 
@@ -334,7 +338,11 @@ impl TestCluster {
             let text = std::fs::read_to_string(&n.log_path).unwrap_or_default();
             let all: Vec<&str> = text.lines().collect();
             let from = all.len().saturating_sub(lines);
-            out.push_str(&format!("---- node {} ({}) ----\n", n.id, n.log_path.display()));
+            out.push_str(&format!(
+                "---- node {} ({}) ----\n",
+                n.id,
+                n.log_path.display()
+            ));
             for l in &all[from..] {
                 out.push_str(l);
                 out.push('\n');

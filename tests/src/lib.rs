@@ -9,7 +9,11 @@ pub use cluster::{ClusterOptions, TestCluster};
 
 /// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout`
 /// with `what` in the message. Tests wait for conditions, never for fixed times.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> anyhow::Result<T>
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

@@ -43,7 +43,11 @@ fn value_of(i: u32) -> Bytes {
     Bytes::from(format!("value-{i:05}-{}", "z".repeat(64)))
 }
 
-async fn check_node_never_serves_corrupt_data(c: &mut TestCluster, node: u64, keys: u32) -> (u32, u32) {
+async fn check_node_never_serves_corrupt_data(
+    c: &mut TestCluster,
+    node: u64,
+    keys: u32,
+) -> (u32, u32) {
     let (mut correct, mut refused) = (0, 0);
     for i in 0..keys {
         if c.exited(node).unwrap().is_some() {
@@ -63,7 +67,11 @@ async fn check_node_never_serves_corrupt_data(c: &mut TestCluster, node: u64, ke
         match r {
             Ok(resp) => {
                 if let Some(kv) = resp.into_inner().kv {
-                    assert_eq!(kv.value, value_of(i), "node {node} returned a wrong value for key {i}");
+                    assert_eq!(
+                        kv.value,
+                        value_of(i),
+                        "node {node} returned a wrong value for key {i}"
+                    );
                     correct += 1;
                 }
                 // A missing key is an older prefix, not corruption: the node may be catching up.
@@ -82,9 +90,15 @@ async fn run(target_ext: &str, hard_kill: bool) {
     let client = c.client();
     let mut last = 0;
     for i in 0..2000u32 {
-        last = client.put(format!("c/{i:05}"), value_of(i)).await.unwrap().index;
+        last = client
+            .put(format!("c/{i:05}"), value_of(i))
+            .await
+            .unwrap()
+            .index;
     }
-    c.wait_applied(victim, last, Duration::from_secs(20)).await.unwrap();
+    c.wait_applied(victim, last, Duration::from_secs(20))
+        .await
+        .unwrap();
 
     phase!("stop node {victim} (kill -9: {hard_kill}) and flip bytes in its *.{target_ext} files");
     if hard_kill {
@@ -94,7 +108,11 @@ async fn run(target_ext: &str, hard_kill: bool) {
     }
     let db = c.nodes[(victim - 1) as usize].data_dir.join("db");
     let files = files_with_ext(&db, target_ext);
-    assert!(!files.is_empty(), "node {victim} has {target_ext} files in {}", db.display());
+    assert!(
+        !files.is_empty(),
+        "node {victim} has {target_ext} files in {}",
+        db.display()
+    );
     for f in &files {
         flip_byte(f, 0.37);
         flip_byte(f, 0.71);
@@ -110,7 +128,10 @@ async fn run(target_ext: &str, hard_kill: bool) {
         if c.status(victim).await.is_ok() {
             break true;
         }
-        assert!(std::time::Instant::now() < deadline, "node neither answered nor exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node neither answered nor exited"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     if started {

@@ -50,13 +50,19 @@ async fn writes_on_the_leader_are_readable_on_every_node() {
 
         phase!("every node applies index {last} and serves the same data locally");
         for node in 1..=3 {
-            c.wait_applied(node, last, Duration::from_secs(20)).await.unwrap();
+            c.wait_applied(node, last, Duration::from_secs(20))
+                .await
+                .unwrap();
             for i in 0..200u32 {
                 let got = local_get(&c, node, format!("key/{i:04}").as_bytes())
                     .await
                     .unwrap()
                     .map(|(v, _)| v);
-                assert_eq!(got, Some(Bytes::from(format!("value-{i}"))), "node {node} key {i}");
+                assert_eq!(
+                    got,
+                    Some(Bytes::from(format!("value-{i}"))),
+                    "node {node} key {i}"
+                );
             }
         }
     })
@@ -160,7 +166,10 @@ async fn a_full_restart_keeps_all_acknowledged_data() {
         let client = c.client();
         let mut expected = BTreeMap::new();
         for i in 0..300u32 {
-            let w = client.put(format!("r/{i:04}"), format!("v{i}")).await.unwrap();
+            let w = client
+                .put(format!("r/{i:04}"), format!("v{i}"))
+                .await
+                .unwrap();
             expected.insert(format!("r/{i:04}"), (format!("v{i}"), w.version));
         }
         client.delete("r/0000").await.unwrap();
@@ -178,11 +187,19 @@ async fn a_full_restart_keeps_all_acknowledged_data() {
 
         phase!("every acknowledged write is there, with its version");
         for (k, (v, version)) in &expected {
-            let got = client.get(k.clone(), ReadConsistency::Strong).await.unwrap().unwrap();
+            let got = client
+                .get(k.clone(), ReadConsistency::Strong)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(got.value, Bytes::from(v.clone()), "key {k}");
             assert_eq!(got.version, *version, "version of {k}");
         }
-        assert!(client.get("r/0000", ReadConsistency::Strong).await.unwrap().is_none());
+        assert!(client
+            .get("r/0000", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .is_none());
 
         phase!("stop all three cleanly (SIGTERM) and restart once more");
         for id in 1..=3 {
@@ -234,7 +251,9 @@ async fn a_lagging_follower_catches_up_by_snapshot() {
 
         phase!("restart follower {follower}; it must install a snapshot");
         c.spawn(follower).unwrap();
-        c.wait_applied(follower, last, Duration::from_secs(60)).await.unwrap();
+        c.wait_applied(follower, last, Duration::from_secs(60))
+            .await
+            .unwrap();
         let st = c.status(follower).await.unwrap();
         assert!(
             st.ranges[0].snapshot_index > 0,
@@ -242,8 +261,14 @@ async fn a_lagging_follower_catches_up_by_snapshot() {
             st.ranges[0]
         );
         for i in (0..1000u32).step_by(37) {
-            let got = local_get(&c, follower, format!("s/{i:05}").as_bytes()).await.unwrap();
-            assert_eq!(got.map(|(v, _)| v.len()), Some(200 + (i % 7) as usize), "key {i}");
+            let got = local_get(&c, follower, format!("s/{i:05}").as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(
+                got.map(|(v, _)| v.len()),
+                Some(200 + (i % 7) as usize),
+                "key {i}"
+            );
         }
         assert!(local_get(&c, follower, b"before").await.unwrap().is_some());
     })

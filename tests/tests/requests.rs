@@ -8,10 +8,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use lmskv_client::{BatchOp, Compare, ReadConsistency, ScanOptions, WriteOptions};
 use lmskv_proto::error::Error;
-use lmskv_proto::limits::{BATCH_OPS_MAX, KEY_BYTES_MAX, REQUEST_ID_BYTES_MAX, SCAN_LIMIT_MAX, VALUE_BYTES_MAX};
+use lmskv_proto::limits::{
+    BATCH_OPS_MAX, KEY_BYTES_MAX, REQUEST_ID_BYTES_MAX, SCAN_LIMIT_MAX, VALUE_BYTES_MAX,
+};
 use lmskv_proto::v1::{
-    batch_op, BatchOp as PBatchOp, BatchRequest, Compare as PCompare, CompareAndSwapRequest, DeleteRequest,
-    GetRequest, KeyValue, PutRequest, ScanRequest, WriteOptions as PWriteOptions,
+    batch_op, BatchOp as PBatchOp, BatchRequest, Compare as PCompare, CompareAndSwapRequest,
+    DeleteRequest, GetRequest, KeyValue, PutRequest, ScanRequest, WriteOptions as PWriteOptions,
 };
 use lmskv_tests::{phase, ClusterOptions, TestCluster};
 
@@ -46,14 +48,23 @@ async fn bad_input_is_refused_and_changes_nothing() {
         let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
         let client = c.client();
         client.put("seed", "1").await.unwrap();
-        let before = client.scan_all(&ScanOptions::default(), 1000).await.unwrap();
+        let before = client
+            .scan_all(&ScanOptions::default(), 1000)
+            .await
+            .unwrap();
         let mut kv = c.kv(leader);
 
         phase!("oversize and malformed single-key writes");
         expect_invalid("empty key", kv.put(put(Bytes::new(), "v")).await);
-        expect_invalid("oversize key", kv.put(put(vec![b'k'; KEY_BYTES_MAX + 1], "v")).await);
+        expect_invalid(
+            "oversize key",
+            kv.put(put(vec![b'k'; KEY_BYTES_MAX + 1], "v")).await,
+        );
         expect_invalid("reserved prefix", kv.put(put(&b"\x00meta"[..], "v")).await);
-        expect_invalid("oversize value", kv.put(put("big", vec![0u8; VALUE_BYTES_MAX + 1])).await);
+        expect_invalid(
+            "oversize value",
+            kv.put(put("big", vec![0u8; VALUE_BYTES_MAX + 1])).await,
+        );
         let mut p = put("rid", "v");
         p.write = Some(PWriteOptions {
             request_id: vec![1u8; REQUEST_ID_BYTES_MAX + 1].into(),
@@ -159,9 +170,16 @@ async fn bad_input_is_refused_and_changes_nothing() {
         );
 
         phase!("the store is unchanged");
-        let after = client.scan_all(&ScanOptions::default(), 1000).await.unwrap();
+        let after = client
+            .scan_all(&ScanOptions::default(), 1000)
+            .await
+            .unwrap();
         assert_eq!(before, after);
-        assert!(client.get("good", ReadConsistency::Strong).await.unwrap().is_none());
+        assert!(client
+            .get("good", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .is_none());
     })
     .await
     .expect("test timed out");
@@ -182,26 +200,50 @@ async fn a_retried_write_is_applied_once() {
         let first = client.put_with("counter", "first", &opts).await.unwrap();
         let second = client.put("counter", "second").await.unwrap();
         let retry = client.put_with("counter", "first", &opts).await.unwrap();
-        assert_eq!(retry.version, first.version, "the retry reports the original outcome");
-        let now = client.get("counter", ReadConsistency::Strong).await.unwrap().unwrap();
-        assert_eq!(now.value, Bytes::from_static(b"second"), "the retry did not apply again");
+        assert_eq!(
+            retry.version, first.version,
+            "the retry reports the original outcome"
+        );
+        let now = client
+            .get("counter", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            now.value,
+            Bytes::from_static(b"second"),
+            "the retry did not apply again"
+        );
         assert_eq!(now.version, second.version);
 
         phase!("a retried compare-and-swap increments once");
         client.put("n", "0").await.unwrap();
-        let cur = client.get("n", ReadConsistency::Strong).await.unwrap().unwrap();
+        let cur = client
+            .get("n", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
         let cas_opts = WriteOptions {
             request_id: Some(Bytes::from_static(b"cas-1")),
             ..Default::default()
         };
         for _ in 0..3 {
             let out = client
-                .compare_and_swap("n", Compare::Version(cur.version), Some(Bytes::from_static(b"1")), &cas_opts)
+                .compare_and_swap(
+                    "n",
+                    Compare::Version(cur.version),
+                    Some(Bytes::from_static(b"1")),
+                    &cas_opts,
+                )
                 .await
                 .unwrap();
             assert!(out.succeeded, "every retry reports the first outcome");
         }
-        let n = client.get("n", ReadConsistency::Strong).await.unwrap().unwrap();
+        let n = client
+            .get("n", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(n.value, Bytes::from_static(b"1"));
     })
     .await
@@ -226,7 +268,12 @@ async fn a_follower_answers_writes_with_the_leader() {
             }
             other => panic!("expected NotLeader with a hint, got {other:?}"),
         }
-        assert!(c.client().get("k", ReadConsistency::Strong).await.unwrap().is_none());
+        assert!(c
+            .client()
+            .get("k", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .is_none());
     })
     .await
     .expect("test timed out");
@@ -241,12 +288,22 @@ async fn cas_batches_and_scans_keep_their_promises() {
 
         phase!("compare-and-swap on version and value");
         let created = client
-            .compare_and_swap("acct/a", Compare::Version(0), Some(Bytes::from_static(b"100")), &none)
+            .compare_and_swap(
+                "acct/a",
+                Compare::Version(0),
+                Some(Bytes::from_static(b"100")),
+                &none,
+            )
             .await
             .unwrap();
         assert!(created.succeeded);
         let again = client
-            .compare_and_swap("acct/a", Compare::Version(0), Some(Bytes::from_static(b"999")), &none)
+            .compare_and_swap(
+                "acct/a",
+                Compare::Version(0),
+                Some(Bytes::from_static(b"999")),
+                &none,
+            )
             .await
             .unwrap();
         assert!(!again.succeeded, "create-if-absent fails when present");
@@ -264,8 +321,16 @@ async fn cas_batches_and_scans_keep_their_promises() {
 
         phase!("an atomic transfer with conditions");
         client.put("acct/b", "0").await.unwrap();
-        let a = client.get("acct/a", ReadConsistency::Strong).await.unwrap().unwrap();
-        let b = client.get("acct/b", ReadConsistency::Strong).await.unwrap().unwrap();
+        let a = client
+            .get("acct/a", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        let b = client
+            .get("acct/b", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
         let ok = client
             .batch(
                 vec![
@@ -293,9 +358,20 @@ async fn cas_batches_and_scans_keep_their_promises() {
             .await
             .unwrap();
         assert!(!stale.succeeded, "a stale condition fails the whole batch");
-        let a2 = client.get("acct/a", ReadConsistency::Strong).await.unwrap().unwrap();
-        let b2 = client.get("acct/b", ReadConsistency::Strong).await.unwrap().unwrap();
-        assert_eq!((a2.value.as_ref(), b2.value.as_ref()), (&b"80"[..], &b"10"[..]));
+        let a2 = client
+            .get("acct/a", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        let b2 = client
+            .get("acct/b", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (a2.value.as_ref(), b2.value.as_ref()),
+            (&b"80"[..], &b"10"[..])
+        );
         assert_eq!(a2.version, b2.version, "one batch, one version");
 
         phase!("scans page through every key exactly once, both directions");
@@ -318,7 +394,9 @@ async fn cas_batches_and_scans_keep_their_promises() {
                 None => break,
             }
         }
-        let want: Vec<Bytes> = (0..250u32).map(|i| Bytes::from(format!("p/{i:04}"))).collect();
+        let want: Vec<Bytes> = (0..250u32)
+            .map(|i| Bytes::from(format!("p/{i:04}")))
+            .collect();
         assert_eq!(seen, want);
         let rev = client
             .scan_all(
@@ -335,7 +413,10 @@ async fn cas_batches_and_scans_keep_their_promises() {
             .unwrap();
         let mut want_rev = want.clone();
         want_rev.reverse();
-        assert_eq!(rev.into_iter().map(|kv| kv.key).collect::<Vec<_>>(), want_rev);
+        assert_eq!(
+            rev.into_iter().map(|kv| kv.key).collect::<Vec<_>>(),
+            want_rev
+        );
 
         phase!("a page token cannot escape its scan's bounds");
         let mut kv = c.kv(c.wait_leader(Duration::from_secs(5)).await.unwrap());

@@ -104,6 +104,31 @@ impl Condition {
     }
 }
 
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = |k: &Bytes| lmskv_proto::keys::escape(&k[..k.len().min(32)]);
+        match &self.op {
+            Op::Put { key: k, value } => write!(f, "put {} ({} bytes)", key(k), value.len()),
+            Op::Delete { key: k } => write!(f, "delete {}", key(k)),
+            Op::CompareAndSwap { compare, .. } => write!(f, "cas {}", key(&compare.key)),
+            Op::Batch { conditions, ops } => {
+                write!(
+                    f,
+                    "batch of {} ops, {} conditions",
+                    ops.len(),
+                    conditions.len()
+                )
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for CommandResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,25 +145,5 @@ mod tests {
         assert!(!c(Expect::Version(4)).holds(Some((b"v", 3))));
         assert!(c(Expect::Value(Bytes::from_static(b"v"))).holds(Some((b"v", 3))));
         assert!(!c(Expect::Value(Bytes::from_static(b"v"))).holds(None));
-    }
-}
-
-impl std::fmt::Display for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let key = |k: &Bytes| lmskv_proto::keys::escape(&k[..k.len().min(32)]);
-        match &self.op {
-            Op::Put { key: k, value } => write!(f, "put {} ({} bytes)", key(k), value.len()),
-            Op::Delete { key: k } => write!(f, "delete {}", key(k)),
-            Op::CompareAndSwap { compare, .. } => write!(f, "cas {}", key(&compare.key)),
-            Op::Batch { conditions, ops } => {
-                write!(f, "batch of {} ops, {} conditions", ops.len(), conditions.len())
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for CommandResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
     }
 }

@@ -34,7 +34,10 @@ impl LogStore {
         LogStore { engine, range_id }
     }
 
-    fn state<T: serde::de::DeserializeOwned>(&self, field: RaftStateField) -> io::Result<Option<T>> {
+    fn state<T: serde::de::DeserializeOwned>(
+        &self,
+        field: RaftStateField,
+    ) -> io::Result<Option<T>> {
         match self.engine.raft_state(self.range_id, field)? {
             Some(b) => Ok(Some(decode("raft state", &b)?)),
             None => Ok(None),
@@ -92,7 +95,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let e: EntryOf<TypeConfig> = decode("raft log entry", &payload)?;
                 Some(e.log_id())
             }
-            None => purged.clone(),
+            None => purged,
         };
         Ok(LogState {
             last_purged_log_id: purged,
@@ -111,7 +114,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
         // Durability is not required: it only speeds up recovery.
         self.engine.put_raft_state(
             self.range_id,
@@ -123,10 +129,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
-        Ok(self.state::<Option<LogIdOf<TypeConfig>>>(RaftStateField::Committed)?.flatten())
+        Ok(self
+            .state::<Option<LogIdOf<TypeConfig>>>(RaftStateField::Committed)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -142,7 +154,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
+    async fn truncate_after(
+        &mut self,
+        last_log_id: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
         self.engine.log_truncate_from(self.range_id, from)?;
         Ok(())

@@ -16,7 +16,7 @@ mod state_machine;
 mod store_suite;
 
 pub use network::PeerPool;
-pub use replica::{RangeReplica, RaftTuning, ReadLevel, ReplicaMap, ReplicaStatus};
+pub use replica::{RaftTuning, RangeReplica, ReadLevel, ReplicaMap, ReplicaStatus};
 pub use service::RaftService;
 
 openraft::declare_raft_types!(

@@ -13,7 +13,9 @@ use lmskv_proto::v1::{RaftMessage, SnapshotChunk};
 use openraft::alias::{SnapshotOf, VoteOf};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::RaftNetworkV2;
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint};
@@ -156,11 +158,9 @@ impl PeerClient {
 
 fn status_to_rpc_error(status: tonic::Status) -> RPCError<TypeConfig> {
     match status.code() {
-        tonic::Code::Unavailable | tonic::Code::NotFound => RPCError::Unreachable(unreachable(format!(
-            "{:?}: {}",
-            status.code(),
-            status.message()
-        ))),
+        tonic::Code::Unavailable | tonic::Code::NotFound => RPCError::Unreachable(unreachable(
+            format!("{:?}: {}", status.code(), status.message()),
+        )),
         _ => RPCError::Network(NetworkError::from_string(format!(
             "{:?}: {}",
             status.code(),
@@ -177,8 +177,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, m| async move { c.append_entries(m).await })
-            .await
+        self.call(&rpc, &option, |mut c, m| async move {
+            c.append_entries(m).await
+        })
+        .await
     }
 
     async fn vote(
@@ -204,8 +206,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         req: openraft::raft::TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<openraft::raft::TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&req, &option, |mut c, m| async move { c.transfer_leader(m).await })
-            .await
+        self.call(&req, &option, |mut c, m| async move {
+            c.transfer_leader(m).await
+        })
+        .await
     }
 
     async fn full_snapshot(
@@ -257,7 +261,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let call = async {
-            tokio::time::timeout(option.hard_ttl().max(Duration::from_secs(600)), client.install_snapshot(stream)).await
+            tokio::time::timeout(
+                option.hard_ttl().max(Duration::from_secs(600)),
+                client.install_snapshot(stream),
+            )
+            .await
         };
         let resp = tokio::select! {
             closed = cancel => {

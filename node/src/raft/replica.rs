@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use lmskv_proto::error::{Error, LeaderHint};
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::impls::BasicNode;
-use openraft::async_runtime::WatchReceiver;
 use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
 
 use super::codec::{decode, encode};
@@ -103,7 +103,11 @@ fn now_ms() -> u64 {
 fn hint_of(f: &ForwardToLeader<TypeConfig>) -> Option<LeaderHint> {
     f.leader_id.map(|id| LeaderHint {
         node_id: id,
-        address: f.leader_node.as_ref().map(|n| n.addr.clone()).unwrap_or_default(),
+        address: f
+            .leader_node
+            .as_ref()
+            .map(|n| n.addr.clone())
+            .unwrap_or_default(),
     })
 }
 
@@ -304,8 +308,8 @@ impl RangeReplica {
                         (*v == self.node_id && applied >= index)
                             || rep
                                 .get(v)
-                            .and_then(|l| l.as_ref())
-                            .is_some_and(|l| l.index() >= index)
+                                .and_then(|l| l.as_ref())
+                                .is_some_and(|l| l.index() >= index)
                     }),
                     None => false,
                 };
@@ -323,8 +327,9 @@ impl RangeReplica {
                 Ok(Err(_)) => return Err(Error::unavailable("range shut down")),
                 Err(_) => {
                     return Err(Error::Timeout {
-                        reason: "the write is committed but not every voter acknowledged it in time"
-                            .into(),
+                        reason:
+                            "the write is committed but not every voter acknowledged it in time"
+                                .into(),
                     })
                 }
             }
@@ -356,9 +361,9 @@ impl RangeReplica {
                 let fut = async {
                     match self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
                         Ok(r) => Ok(r),
-                        Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
-                            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))
-                        }
+                        Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(
+                            RaftError::APIError(LinearizableReadError::ForwardToLeader(f)),
+                        ),
                         // The lease is not certain: confirm leadership with a quorum round.
                         Err(_) => self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await,
                     }
@@ -403,7 +408,10 @@ impl RangeReplica {
             .get_node(&id)
             .map(|n| n.addr.clone())
             .unwrap_or_default();
-        Some(LeaderHint { node_id: id, address })
+        Some(LeaderHint {
+            node_id: id,
+            address,
+        })
     }
 
     /// The replica's Raft state now.
@@ -461,21 +469,28 @@ impl RangeReplica {
 
     /// Handles an AppendEntries payload; returns the encoded response.
     pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
-        let req = decode("append entries", payload).map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
-        let resp = self.raft.append_entries(req).await.map_err(|e| self.fatal(e))?;
+        let req = decode("append entries", payload)
+            .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        let resp = self
+            .raft
+            .append_entries(req)
+            .await
+            .map_err(|e| self.fatal(e))?;
         encode(&resp).map_err(|e| Error::internal(e.to_string()))
     }
 
     /// Handles a Vote payload.
     pub async fn handle_vote(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
-        let req = decode("vote", payload).map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        let req = decode("vote", payload)
+            .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
         let resp = self.raft.vote(req).await.map_err(|e| self.fatal(e))?;
         encode(&resp).map_err(|e| Error::internal(e.to_string()))
     }
 
     /// Handles a PreVote payload.
     pub async fn handle_pre_vote(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
-        let req = decode("pre-vote", payload).map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        let req = decode("pre-vote", payload)
+            .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
         let resp = self.raft.pre_vote(req).await.map_err(|e| self.fatal(e))?;
         encode(&resp).map_err(|e| Error::internal(e.to_string()))
     }
@@ -501,8 +516,9 @@ impl RangeReplica {
     /// Installs a snapshot received into `path`; `header` is the sender's
     /// encoded vote and snapshot metadata. Returns the encoded response.
     pub async fn handle_snapshot(&self, header: &[u8], path: PathBuf) -> Result<Vec<u8>, Error> {
-        let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) = decode("snapshot header", header)
-            .map_err(|e| Error::invalid_argument("header", e.to_string()))?;
+        let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
+            decode("snapshot header", header)
+                .map_err(|e| Error::invalid_argument("header", e.to_string()))?;
         let snapshot = SnapshotOf::<TypeConfig, SnapshotFile> {
             meta,
             snapshot: SnapshotFile { path },

@@ -30,7 +30,10 @@ impl RaftService {
         if msg.to_node != self.node_id {
             return Err(Error::invalid_argument(
                 "to_node",
-                format!("message for node {} reached node {}", msg.to_node, self.node_id),
+                format!(
+                    "message for node {} reached node {}",
+                    msg.to_node, self.node_id
+                ),
             )
             .into());
         }
@@ -53,7 +56,10 @@ impl RaftService {
 
 #[tonic::async_trait]
 impl Raft for RaftService {
-    async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
         let r = self.route(&msg)?;
         let out = r.handle_append(&msg.payload).await?;
@@ -74,7 +80,10 @@ impl Raft for RaftService {
         Ok(self.reply(&msg, out))
     }
 
-    async fn transfer_leader(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn transfer_leader(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
         let r = self.route(&msg)?;
         let out = r.handle_transfer_leader(&msg.payload).await?;
@@ -142,7 +151,10 @@ async fn receive_chunks(
             ));
         }
         if crc32fast::hash(&chunk.data) != chunk.crc32 {
-            return Err(Error::invalid_argument("data", "snapshot chunk checksum mismatch"));
+            return Err(Error::invalid_argument(
+                "data",
+                "snapshot chunk checksum mismatch",
+            ));
         }
         file.write_all(&chunk.data).await.map_err(io)?;
         offset += chunk.data.len() as u64;
@@ -151,8 +163,17 @@ async fn receive_chunks(
         }
         chunk = match stream.next().await {
             Some(Ok(c)) => c,
-            Some(Err(s)) => return Err(Error::unavailable(format!("snapshot stream: {}", s.message()))),
-            None => return Err(Error::unavailable("snapshot stream ended before its last chunk")),
+            Some(Err(s)) => {
+                return Err(Error::unavailable(format!(
+                    "snapshot stream: {}",
+                    s.message()
+                )))
+            }
+            None => {
+                return Err(Error::unavailable(
+                    "snapshot stream ended before its last chunk",
+                ))
+            }
         };
     }
     file.sync_all().await.map_err(io)?;

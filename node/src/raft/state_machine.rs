@@ -33,6 +33,9 @@ pub struct SnapshotFile {
     pub path: PathBuf,
 }
 
+/// The range's current snapshot: its metadata and file.
+type CurrentSnapshot = (SnapshotMetaOf<TypeConfig>, PathBuf);
+
 type AppliedState = (Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>);
 
 /// The state machine of one range.
@@ -44,7 +47,7 @@ pub struct StateMachine {
     span: (Bytes, Bytes),
     snapshot_dir: PathBuf,
     dedup_window: Duration,
-    current_snapshot: Arc<Mutex<Option<(SnapshotMetaOf<TypeConfig>, PathBuf)>>>,
+    current_snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -113,9 +116,12 @@ impl StateMachine {
             let Ok(raw) = std::fs::read(meta_path(&p)) else {
                 continue;
             };
-            let meta: SnapshotMetaOf<TypeConfig> = match crate::storage::value::unframe("snapshot meta", &raw)
-                .map_err(io::Error::from)
-                .and_then(|b| decode("snapshot meta", b))
+            let meta: SnapshotMetaOf<TypeConfig> = match crate::storage::value::unframe(
+                "snapshot meta",
+                &raw,
+            )
+            .map_err(io::Error::from)
+            .and_then(|b| decode("snapshot meta", b))
             {
                 Ok(m) => m,
                 Err(e) => {
@@ -123,7 +129,10 @@ impl StateMachine {
                     continue;
                 }
             };
-            if best.as_ref().is_none_or(|(b, _)| meta.last_log_id > b.last_log_id) {
+            if best
+                .as_ref()
+                .is_none_or(|(b, _)| meta.last_log_id > b.last_log_id)
+            {
                 best = Some((meta, p));
             }
         }
@@ -131,7 +140,10 @@ impl StateMachine {
     }
 
     fn applied(&self) -> io::Result<AppliedState> {
-        match self.engine.range_state(self.range_id, RangeStateField::Applied)? {
+        match self
+            .engine
+            .range_state(self.range_id, RangeStateField::Applied)?
+        {
             Some(b) => decode("applied state", &b),
             None => Ok((None, Default::default())),
         }
@@ -164,7 +176,7 @@ impl StateMachine {
     }
 
     fn import(&self, meta: &SnapshotMetaOf<TypeConfig>, path: &Path) -> io::Result<()> {
-        let applied: AppliedState = (meta.last_log_id.clone(), meta.last_membership.clone());
+        let applied: AppliedState = (meta.last_log_id, meta.last_membership.clone());
         self.engine.import_snapshot(
             self.range_id,
             &self.span.0,
@@ -275,9 +287,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let tmp = this
                 .snapshot_dir
                 .join(format!("build-{}.tmp", rand::random::<u64>()));
-            let export = this
-                .engine
-                .export_snapshot(this.range_id, &this.span.0, &this.span.1, &tmp)?;
+            let export =
+                this.engine
+                    .export_snapshot(this.range_id, &this.span.0, &this.span.1, &tmp)?;
             let (last_log_id, last_membership): AppliedState = match &export.applied {
                 Some(b) => decode("applied state", b)?,
                 None => (None, Default::default()),
@@ -327,7 +339,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let resp = match &entry.payload {
                 EntryPayload::Blank => CommandResponse::None,
                 EntryPayload::Membership(m) => {
-                    membership = StoredMembershipOf::<TypeConfig>::new(Some(entry.log_id()), m.clone());
+                    membership =
+                        StoredMembershipOf::<TypeConfig>::new(Some(entry.log_id()), m.clone());
                     CommandResponse::None
                 }
                 EntryPayload::Normal(cmd) => {
@@ -393,11 +406,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>, io::Error> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>, io::Error> {
         let cur = self.current_snapshot.lock().expect("snapshot lock").clone();
-        Ok(cur.map(|(meta, path)| SnapshotOf::<TypeConfig, SnapshotFile> {
-            meta,
-            snapshot: SnapshotFile { path },
-        }))
+        Ok(
+            cur.map(|(meta, path)| SnapshotOf::<TypeConfig, SnapshotFile> {
+                meta,
+                snapshot: SnapshotFile { path },
+            }),
+        )
     }
 }

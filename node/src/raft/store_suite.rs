@@ -16,7 +16,9 @@ use crate::storage::{Engine, EngineOptions};
 struct RocksBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for RocksBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = EngineOptions {
             block_cache_bytes: 4 << 20,
@@ -38,5 +40,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_storage_suite_passes() {
-    Suite::test_all(RocksBuilder).await.expect("openraft storage suite");
+    Suite::test_all(RocksBuilder)
+        .await
+        .expect("openraft storage suite");
 }

@@ -7,8 +7,8 @@ use lmskv_proto::error::Error;
 use lmskv_proto::v1::admin_client::AdminClient;
 use lmskv_proto::v1::admin_server::Admin;
 use lmskv_proto::v1::{
-    IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse, NodeInfo, RangeStatus, StatusRequest,
-    StatusResponse,
+    IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse, NodeInfo, RangeStatus,
+    StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -43,7 +43,10 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let node = &self.node;
         let mut ranges = Vec::new();
         let mut members = std::collections::BTreeMap::new();
@@ -67,7 +70,9 @@ impl Admin for AdminService {
             });
         }
         let me = node.node_id();
-        members.entry(me).or_insert_with(|| node.cfg.advertise_addr());
+        members
+            .entry(me)
+            .or_insert_with(|| node.cfg.advertise_addr());
         let probes = members.iter().map(|(id, addr)| async move {
             let up = *id == me || self.probe(addr).await;
             NodeInfo {
@@ -86,7 +91,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn identify(&self, _req: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
+    async fn identify(
+        &self,
+        _req: Request<IdentifyRequest>,
+    ) -> Result<Response<IdentifyResponse>, Status> {
         let initialized = match self.node.replicas.get(FIRST_RANGE_ID) {
             Ok(r) => r.is_initialized().await,
             Err(_) => false,

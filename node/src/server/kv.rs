@@ -16,9 +16,10 @@ use lmskv_proto::limits::{
 };
 use lmskv_proto::v1::kv_server::Kv;
 use lmskv_proto::v1::{
-    self, batch_op, compare, BatchRequest, BatchResponse, CompareAndSwapRequest, CompareAndSwapResponse,
-    Consistency, DeleteRequest, DeleteResponse, Durability, GetRequest, GetResponse, KeyValue, PutRequest,
-    PutResponse, ReadOptions, RequestHeader, ResponseHeader, ScanRequest, ScanResponse, WriteOptions,
+    self, batch_op, compare, BatchRequest, BatchResponse, CompareAndSwapRequest,
+    CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse, Durability, GetRequest,
+    GetResponse, KeyValue, PutRequest, PutResponse, ReadOptions, RequestHeader, ResponseHeader,
+    ScanRequest, ScanResponse, WriteOptions,
 };
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
@@ -57,8 +58,12 @@ impl KvService {
     }
 
     /// Finds the replica for a request touching `keys` and checks the client's view of it.
-    fn route(&self, header: &Option<RequestHeader>, keys: &[&[u8]]) -> Result<Arc<RangeReplica>, Error> {
-        let h = header.clone().unwrap_or_default();
+    fn route(
+        &self,
+        header: &Option<RequestHeader>,
+        keys: &[&[u8]],
+    ) -> Result<Arc<RangeReplica>, Error> {
+        let h = header.unwrap_or_default();
         let replica = match keys.first() {
             Some(k) if h.range_id == 0 => self.node.replica_for_key(k)?,
             _ => self.node.replica(h.range_id)?,
@@ -100,13 +105,21 @@ fn check_request_id(w: &Option<WriteOptions>) -> Result<(Bytes, bool), Error> {
     if w.request_id.len() > REQUEST_ID_BYTES_MAX {
         return Err(Error::invalid_argument(
             "write.request_id",
-            format!("request id is {} bytes, the limit is {REQUEST_ID_BYTES_MAX}", w.request_id.len()),
+            format!(
+                "request id is {} bytes, the limit is {REQUEST_ID_BYTES_MAX}",
+                w.request_id.len()
+            ),
         ));
     }
     let all = match Durability::try_from(w.durability) {
         Ok(Durability::Majority) => false,
         Ok(Durability::All) => true,
-        Err(_) => return Err(Error::invalid_argument("write.durability", "unknown durability")),
+        Err(_) => {
+            return Err(Error::invalid_argument(
+                "write.durability",
+                "unknown durability",
+            ))
+        }
     };
     Ok((w.request_id, all))
 }
@@ -122,7 +135,7 @@ fn check_value(field: &str, v: &[u8]) -> Result<(), Error> {
 }
 
 fn read_level(r: &Option<ReadOptions>) -> Result<ReadLevel, Error> {
-    let r = r.clone().unwrap_or_default();
+    let r = r.unwrap_or_default();
     Ok(match Consistency::try_from(r.consistency) {
         Ok(Consistency::Strong) => ReadLevel::Strong,
         Ok(Consistency::BoundedStaleness) => {
@@ -140,7 +153,12 @@ fn read_level(r: &Option<ReadOptions>) -> Result<ReadLevel, Error> {
             min_applied: r.min_applied_index,
         },
         Ok(Consistency::ConsistentPrefix) | Ok(Consistency::Eventual) => ReadLevel::Local,
-        Err(_) => return Err(Error::invalid_argument("read.consistency", "unknown consistency level")),
+        Err(_) => {
+            return Err(Error::invalid_argument(
+                "read.consistency",
+                "unknown consistency level",
+            ))
+        }
     })
 }
 
@@ -152,7 +170,12 @@ fn condition(c: &v1::Compare, field: &str) -> Result<Condition, Error> {
             Expect::Value(v.clone())
         }
         Some(compare::Target::Version(v)) => Expect::Version(*v),
-        None => return Err(Error::invalid_argument(field, "a compare needs a value or a version")),
+        None => {
+            return Err(Error::invalid_argument(
+                field,
+                "a compare needs a value or a version",
+            ))
+        }
     };
     Ok(Condition {
         key: c.key.clone(),
@@ -236,13 +259,18 @@ impl Kv for KvService {
         }
     }
 
-    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
         let _permit = self.admit()?;
         let req = req.into_inner();
         validate_user_key("key", &req.key)?;
         let (request_id, all) = check_request_id(&req.write)?;
         let r = self.route(&req.header, &[&req.key])?;
-        let (index, resp) = r.propose(request_id, Op::Delete { key: req.key }, all).await?;
+        let (index, resp) = r
+            .propose(request_id, Op::Delete { key: req.key }, all)
+            .await?;
         match resp {
             CommandResponse::Delete { deleted } => Ok(Response::new(DeleteResponse {
                 header: self.header(&r, index),
@@ -258,7 +286,9 @@ impl Kv for KvService {
         validate_scan_bound("start_key", &req.start_key)?;
         validate_scan_bound("end_key", &req.end_key)?;
         if !req.end_key.is_empty() && req.start_key >= req.end_key {
-            return Err(Error::invalid_argument("end_key", "must be greater than start_key").into());
+            return Err(
+                Error::invalid_argument("end_key", "must be greater than start_key").into(),
+            );
         }
         let limit = match req.limit {
             0 => SCAN_LIMIT_DEFAULT,
@@ -280,9 +310,14 @@ impl Kv for KvService {
         };
         let mut end: Vec<u8> = req.end_key.to_vec();
         if let Some(resume) = decode_page_token(&req.page_token, req.reverse)? {
-            let in_bounds = resume >= start.as_slice() && (end.is_empty() || resume <= end.as_slice());
+            let in_bounds =
+                resume >= start.as_slice() && (end.is_empty() || resume <= end.as_slice());
             if !in_bounds {
-                return Err(Error::invalid_argument("page_token", "token lies outside the scan bounds").into());
+                return Err(Error::invalid_argument(
+                    "page_token",
+                    "token lies outside the scan bounds",
+                )
+                .into());
             }
             if req.reverse {
                 end = resume.to_vec();
@@ -315,7 +350,11 @@ impl Kv for KvService {
             .into_iter()
             .map(|i| KeyValue {
                 key: i.key,
-                value: if req.keys_only { Bytes::new() } else { i.value.value },
+                value: if req.keys_only {
+                    Bytes::new()
+                } else {
+                    i.value.value
+                },
                 version: i.value.version,
             })
             .collect();
@@ -347,11 +386,13 @@ impl Kv for KvService {
         };
         let (index, resp) = r.propose(request_id, op, all).await?;
         match resp {
-            CommandResponse::CompareAndSwap { succeeded, current } => Ok(Response::new(CompareAndSwapResponse {
-                header: self.header(&r, index),
-                succeeded,
-                current: current.map(kv),
-            })),
+            CommandResponse::CompareAndSwap { succeeded, current } => {
+                Ok(Response::new(CompareAndSwapResponse {
+                    header: self.header(&r, index),
+                    succeeded,
+                    current: current.map(kv),
+                }))
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -360,12 +401,17 @@ impl Kv for KvService {
         let _permit = self.admit()?;
         let req = req.into_inner();
         if req.ops.is_empty() {
-            return Err(Error::invalid_argument("ops", "a batch needs at least one operation").into());
+            return Err(
+                Error::invalid_argument("ops", "a batch needs at least one operation").into(),
+            );
         }
         if req.ops.len() > BATCH_OPS_MAX {
             return Err(Error::invalid_argument(
                 "ops",
-                format!("{} operations exceed the batch limit {BATCH_OPS_MAX}", req.ops.len()),
+                format!(
+                    "{} operations exceed the batch limit {BATCH_OPS_MAX}",
+                    req.ops.len()
+                ),
             )
             .into());
         }
@@ -397,7 +443,11 @@ impl Kv for KvService {
                     total += k.len();
                     ops.push(WriteOp::Delete { key: k.clone() });
                 }
-                None => return Err(Error::invalid_argument(format!("ops[{i}]"), "empty operation").into()),
+                None => {
+                    return Err(
+                        Error::invalid_argument(format!("ops[{i}]"), "empty operation").into(),
+                    )
+                }
             }
         }
         if total > BATCH_BYTES_MAX {
@@ -422,7 +472,9 @@ impl Kv for KvService {
             .chain(conditions.iter().map(|c| c.key.as_ref()))
             .collect();
         let r = self.route(&req.header, &keys)?;
-        let (index, resp) = r.propose(request_id, Op::Batch { conditions, ops }, all).await?;
+        let (index, resp) = r
+            .propose(request_id, Op::Batch { conditions, ops }, all)
+            .await?;
         match resp {
             CommandResponse::Batch {
                 succeeded,

@@ -100,7 +100,9 @@ impl Engine {
 
     fn cf(&self, name: &str) -> &ColumnFamily {
         // All families are opened in `open`; a missing one is a programming error.
-        self.db.cf_handle(name).expect("column family opened at start")
+        self.db
+            .cf_handle(name)
+            .expect("column family opened at start")
     }
 
     fn sync_opts() -> WriteOptions {
@@ -118,7 +120,8 @@ impl Engine {
     /// does not replay the WAL.
     pub fn flush(&self) -> Result<(), StorageError> {
         let cfs: Vec<&ColumnFamily> = keys::ALL_CFS.iter().map(|n| self.cf(n)).collect();
-        self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
+        self.db
+            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
         Ok(())
     }
 
@@ -126,7 +129,10 @@ impl Engine {
 
     /// The node identity record, if this data dir has one.
     pub fn node_identity(&self) -> Result<Option<Vec<u8>>, StorageError> {
-        match self.db.get_cf(self.cf(keys::CF_RAFT_STATE), keys::NODE_IDENTITY_KEY)? {
+        match self
+            .db
+            .get_cf(self.cf(keys::CF_RAFT_STATE), keys::NODE_IDENTITY_KEY)?
+        {
             Some(raw) => Ok(Some(value::unframe("node identity", &raw)?.to_vec())),
             None => Ok(None),
         }
@@ -148,11 +154,19 @@ impl Engine {
 
     /// Writes log entries `(index, payload)` of a range, readable at once but
     /// not yet durable: follow with [`Engine::sync_then`].
-    pub fn log_append(&self, range_id: u64, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
+    pub fn log_append(
+        &self,
+        range_id: u64,
+        entries: &[(u64, Vec<u8>)],
+    ) -> Result<(), StorageError> {
         let cf = self.cf(keys::CF_RAFT_LOG);
         let mut b = WriteBatch::default();
         for (index, payload) in entries {
-            b.put_cf(cf, keys::raft_log_key(range_id, *index), value::frame(payload));
+            b.put_cf(
+                cf,
+                keys::raft_log_key(range_id, *index),
+                value::frame(payload),
+            );
         }
         self.db.write(b)?;
         Ok(())
@@ -188,8 +202,9 @@ impl Engine {
             if expect.is_some_and(|e| e != index) {
                 break;
             }
-            let payload = value::unframe("raft log entry", &v)
-                .map_err(|e| StorageError::Corruption(format!("range {range_id} log index {index}: {e}")))?;
+            let payload = value::unframe("raft log entry", &v).map_err(|e| {
+                StorageError::Corruption(format!("range {range_id} log index {index}: {e}"))
+            })?;
             out.push((index, payload.to_vec()));
             expect = Some(index + 1);
         }
@@ -258,10 +273,10 @@ impl Engine {
         range_id: u64,
         field: RaftStateField,
     ) -> Result<Option<Vec<u8>>, StorageError> {
-        match self
-            .db
-            .get_cf(self.cf(keys::CF_RAFT_STATE), keys::raft_state_key(range_id, field))?
-        {
+        match self.db.get_cf(
+            self.cf(keys::CF_RAFT_STATE),
+            keys::raft_state_key(range_id, field),
+        )? {
             Some(raw) => Ok(Some(value::unframe("raft state", &raw)?.to_vec())),
             None => Ok(None),
         }
@@ -297,10 +312,10 @@ impl Engine {
         range_id: u64,
         field: RangeStateField,
     ) -> Result<Option<Vec<u8>>, StorageError> {
-        match self
-            .db
-            .get_cf(self.cf(keys::CF_RANGE_STATE), keys::range_state_key(range_id, field))?
-        {
+        match self.db.get_cf(
+            self.cf(keys::CF_RANGE_STATE),
+            keys::range_state_key(range_id, field),
+        )? {
             Some(raw) => Ok(Some(value::unframe("range state", &raw)?.to_vec())),
             None => Ok(None),
         }
@@ -354,11 +369,15 @@ impl Engine {
     }
 
     /// The dedup record stored for a client request id, if any.
-    pub fn dedup_get(&self, range_id: u64, request_id: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        match self
-            .db
-            .get_cf(self.cf(keys::CF_RANGE_STATE), keys::dedup_key(range_id, request_id))?
-        {
+    pub fn dedup_get(
+        &self,
+        range_id: u64,
+        request_id: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.db.get_cf(
+            self.cf(keys::CF_RANGE_STATE),
+            keys::dedup_key(range_id, request_id),
+        )? {
             Some(raw) => Ok(Some(value::unframe("dedup record", &raw)?.to_vec())),
             None => Ok(None),
         }
@@ -580,7 +599,8 @@ impl ApplyBatch<'_> {
             if self.dedup.contains_key(request_id) {
                 continue;
             }
-            self.batch.delete_cf(cf, keys::dedup_key(self.range_id, request_id));
+            self.batch
+                .delete_cf(cf, keys::dedup_key(self.range_id, request_id));
             self.batch.delete_cf(cf, &k);
             n += 1;
         }
@@ -617,7 +637,8 @@ mod tests {
     #[test]
     fn log_entries_round_trip_per_range() {
         let (_d, e) = engine();
-        e.log_append(1, &[(1, b"a".to_vec()), (2, b"b".to_vec())]).unwrap();
+        e.log_append(1, &[(1, b"a".to_vec()), (2, b"b".to_vec())])
+            .unwrap();
         e.log_append(2, &[(1, b"x".to_vec())]).unwrap();
         assert_eq!(e.log_entries(1, 1, 10).unwrap().len(), 2);
         assert_eq!(e.log_last(1).unwrap().unwrap().0, 2);
@@ -638,7 +659,10 @@ mod tests {
         assert!(e.get(b"k").unwrap().is_none(), "not visible before commit");
         b.set_applied(b"applied");
         b.commit().unwrap();
-        assert_eq!(e.get(b"k").unwrap().unwrap().value, Bytes::from_static(b"v"));
+        assert_eq!(
+            e.get(b"k").unwrap().unwrap().value,
+            Bytes::from_static(b"v")
+        );
         assert_eq!(
             e.range_state(1, RangeStateField::Applied).unwrap().unwrap(),
             b"applied"
@@ -664,7 +688,11 @@ mod tests {
         let (dir, e) = engine();
         let mut b = e.apply_batch(1);
         for i in 0..100u32 {
-            b.put(format!("k{i:03}").as_bytes(), i as u64 + 1, Bytes::from(vec![7u8; 100]));
+            b.put(
+                format!("k{i:03}").as_bytes(),
+                i as u64 + 1,
+                Bytes::from(vec![7u8; 100]),
+            );
         }
         b.dedup_put(b"req", 1000, b"rec".to_vec());
         b.set_applied(b"state-1");
@@ -684,7 +712,9 @@ mod tests {
         assert_eq!(e2.get(b"k042").unwrap().unwrap().version, 43);
         assert_eq!(e2.dedup_get(1, b"req").unwrap().unwrap(), b"rec");
         assert_eq!(
-            e2.range_state(1, RangeStateField::Applied).unwrap().unwrap(),
+            e2.range_state(1, RangeStateField::Applied)
+                .unwrap()
+                .unwrap(),
             b"state-2"
         );
         assert!(e2.pending_snapshot_install(1).unwrap().is_none());

@@ -63,7 +63,12 @@ impl SnapshotWriter {
         })
     }
 
-    pub(super) fn record(&mut self, kind: RecordKind, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+    pub(super) fn record(
+        &mut self,
+        kind: RecordKind,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), StorageError> {
         let mut head = [0u8; 9];
         head[0] = kind as u8;
         head[1..5].copy_from_slice(&(key.len() as u32).to_be_bytes());
@@ -93,6 +98,9 @@ impl SnapshotWriter {
     }
 }
 
+/// One record read back: its kind, key and value.
+pub(super) type Record = (RecordKind, Vec<u8>, Vec<u8>);
+
 pub(super) struct SnapshotReader {
     input: BufReader<File>,
     records: u64,
@@ -121,7 +129,7 @@ impl SnapshotReader {
     }
 
     /// The next record, or `None` after the trailer. Every record's checksum is verified.
-    pub(super) fn next_record(&mut self) -> Result<Option<(RecordKind, Vec<u8>, Vec<u8>)>, StorageError> {
+    pub(super) fn next_record(&mut self) -> Result<Option<Record>, StorageError> {
         if self.done {
             return Ok(None);
         }
@@ -179,7 +187,10 @@ impl SnapshotReader {
         h.update(&key);
         h.update(&value);
         if h.finalize() != u32::from_be_bytes(crc) {
-            return Err(corrupt(format!("record {} checksum mismatch", self.records)));
+            return Err(corrupt(format!(
+                "record {} checksum mismatch",
+                self.records
+            )));
         }
         self.records += 1;
         Ok(Some((kind_v, key, value)))
@@ -215,7 +226,9 @@ mod tests {
             bad[pos] ^= 0x01;
             std::fs::write(&path, &bad).unwrap();
             assert!(
-                SnapshotReader::open(&path).and_then(|r| r.verify()).is_err(),
+                SnapshotReader::open(&path)
+                    .and_then(|r| r.verify())
+                    .is_err(),
                 "flip at {pos} undetected"
             );
         }

@@ -70,12 +70,16 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
 /// record in the error.
 pub fn unframe<'a>(what: &str, raw: &'a [u8]) -> Result<&'a [u8], StorageError> {
     if raw.len() < 4 {
-        return Err(StorageError::Corruption(format!("{what}: record too short")));
+        return Err(StorageError::Corruption(format!(
+            "{what}: record too short"
+        )));
     }
     let crc = u32::from_be_bytes(raw[..4].try_into().expect("4 bytes"));
     let payload = &raw[4..];
     if crc32fast::hash(payload) != crc {
-        return Err(StorageError::Corruption(format!("{what}: checksum mismatch")));
+        return Err(StorageError::Corruption(format!(
+            "{what}: checksum mismatch"
+        )));
     }
     Ok(payload)
 }
