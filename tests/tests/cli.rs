@@ -57,8 +57,14 @@ async fn cli_json_shapes_and_exit_codes() {
         let version = put["version"].as_u64().unwrap();
         assert_eq!(put["key"], "k1");
         let got = json(&lmskv(&c, &["kv", "get", "k1"]));
-        assert_eq!(got, serde_json::json!({"key": "k1", "value": "v1", "version": version}));
-        json(&lmskv(&c, &["kv", "put", "k2", "v2", "--durability", "all"]));
+        assert_eq!(
+            got,
+            serde_json::json!({"key": "k1", "value": "v1", "version": version})
+        );
+        json(&lmskv(
+            &c,
+            &["kv", "put", "k2", "v2", "--durability", "all"],
+        ));
         json(&lmskv(&c, &["kv", "put", "bin\\x01\\xff", "x"]));
         let scan = json(&lmskv(&c, &["kv", "scan", "--prefix", "k"]));
         let keys: Vec<&str> = scan
@@ -69,7 +75,10 @@ async fn cli_json_shapes_and_exit_codes() {
             .collect();
         assert_eq!(keys, ["k1", "k2"]);
         let all = json(&lmskv(&c, &["kv", "scan"]));
-        assert_eq!(all[0]["key"], "bin\\x01\\xff", "non-printable bytes are escaped");
+        assert_eq!(
+            all[0]["key"], "bin\\x01\\xff",
+            "non-printable bytes are escaped"
+        );
         let del = json(&lmskv(&c, &["kv", "del", "k1"]));
         assert_eq!(del["deleted"], true);
 
