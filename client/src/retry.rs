@@ -20,10 +20,10 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            attempts_max: 30,
+            attempts_max: 60,
             deadline: Duration::from_secs(15),
             backoff_base: Duration::from_millis(20),
-            backoff_max: Duration::from_secs(1),
+            backoff_max: Duration::from_millis(300),
         }
     }
 }
