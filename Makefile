@@ -42,14 +42,12 @@ fmt-check:
 lint: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit-test: setup
-	$(CARGO) test --workspace --exclude lmskv-tests
-
+# One `cargo test` over the whole workspace, so it reuses the build above.
 # Cluster tests start real processes; one test at a time keeps 2-core machines honest.
-integration-test: build
-	$(CARGO) test -p lmskv-tests -- --test-threads=1
+unit-test integration-test: build
+	$(CARGO) test --workspace -- --test-threads=1
 
-test: setup fmt-check lint build unit-test integration-test
+test: setup fmt-check lint build integration-test
 	@echo "make test: all checks passed"
 
 clean:

@@ -20,6 +20,8 @@ use crate::storage::Engine;
 
 /// The id of the range that holds the whole key space until ranges are split.
 pub const FIRST_RANGE_ID: u64 = 1;
+/// The epoch version of a range that has never been split or merged.
+pub const INITIAL_RANGE_VERSION: u64 = 1;
 
 /// How often a node that is not yet part of a cluster retries forming or joining one.
 const BOOTSTRAP_RETRY_INTERVAL: Duration = Duration::from_millis(300);
@@ -151,7 +153,7 @@ impl Node {
             end_key: Bytes::new(),
             epoch: Some(RangeEpoch {
                 conf_ver: (st.voters.len() + st.learners.len()) as u64,
-                version: 1,
+                version: INITIAL_RANGE_VERSION,
             }),
             replicas,
         }

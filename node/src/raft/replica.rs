@@ -81,6 +81,7 @@ pub struct RangeReplica {
     engine: Arc<Engine>,
     tuning: RaftTuning,
     snapshot_dir: PathBuf,
+    span: (Bytes, Bytes),
     fault: Mutex<Option<String>>,
 }
 
@@ -132,6 +133,9 @@ impl RangeReplica {
             max_in_snapshot_log_to_keep: tuning.snapshot_logs_to_keep,
             max_payload_entries: 1_000,
             enable_pre_vote: Some(true),
+            // Replicate entries as soon as they are written, in parallel with the
+            // leader's own fsync, rather than after it.
+            broadcast_submitted_on_append: Some(true),
             ..Default::default()
         }
         .validate()
@@ -141,7 +145,7 @@ impl RangeReplica {
         let sm = StateMachine::open(
             engine.clone(),
             range_id,
-            span,
+            span.clone(),
             snapshot_dir.clone(),
             tuning.dedup_window,
         )
@@ -162,6 +166,7 @@ impl RangeReplica {
             engine,
             tuning,
             snapshot_dir,
+            span,
             fault: Mutex::new(None),
         }))
     }
@@ -169,6 +174,20 @@ impl RangeReplica {
     /// The range's id.
     pub fn range_id(&self) -> u64 {
         self.range_id
+    }
+
+    /// The key span `[start, end)` of the range (an empty end is unbounded).
+    pub fn span(&self) -> (&[u8], &[u8]) {
+        (&self.span.0, &self.span.1)
+    }
+
+    /// The current leader's id, 0 when unknown. Cheap: no metrics copy.
+    pub fn leader_id(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .current_leader
+            .unwrap_or(0)
     }
 
     /// The storage engine the replica's data lives in.
@@ -400,7 +419,8 @@ impl RangeReplica {
 
     /// The current leader as a routing hint.
     pub fn leader_hint(&self) -> Option<LeaderHint> {
-        let m = self.raft.metrics().borrow_watched().clone();
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
         let id = m.current_leader?;
         let address = m
             .membership_config

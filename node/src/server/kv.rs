@@ -24,7 +24,7 @@ use lmskv_proto::v1::{
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
-use crate::node::Node;
+use crate::node::{Node, INITIAL_RANGE_VERSION};
 use crate::raft::command::{CommandResponse, Condition, Expect, KvRecord, Op, WriteOp};
 use crate::raft::{RangeReplica, ReadLevel};
 
@@ -68,22 +68,22 @@ impl KvService {
             Some(k) if h.range_id == 0 => self.node.replica_for_key(k)?,
             _ => self.node.replica(h.range_id)?,
         };
-        let desc = self.node.descriptor(&replica);
-        if let (Some(want), Some(have)) = (&h.epoch, &desc.epoch) {
-            if want.version != have.version {
+        // The hot path reads no metrics: the descriptor is built only for errors.
+        if let Some(want) = &h.epoch {
+            if want.version != INITIAL_RANGE_VERSION {
                 return Err(Error::EpochMismatch {
                     range_id: replica.range_id(),
-                    current: vec![desc],
+                    current: vec![self.node.descriptor(&replica)],
                 });
             }
         }
+        let (start, end) = replica.span();
         for k in keys {
-            let in_range = desc.start_key.as_ref() <= *k
-                && (desc.end_key.is_empty() || *k < desc.end_key.as_ref());
+            let in_range = start <= *k && (end.is_empty() || *k < end);
             if !in_range {
                 return Err(Error::KeyNotInRange {
                     range_id: replica.range_id(),
-                    current: Some(desc),
+                    current: Some(self.node.descriptor(&replica)),
                 });
             }
         }
@@ -95,7 +95,7 @@ impl KvService {
             range_id: r.range_id(),
             node_id: self.node.node_id(),
             applied_index,
-            leader_id: r.leader_hint().map(|h| h.node_id).unwrap_or(0),
+            leader_id: r.leader_id(),
         })
     }
 }
