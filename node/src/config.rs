@@ -33,9 +33,9 @@ pub struct FileConfig {
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            election_timeout_ms_min: 800,
-            election_timeout_ms_max: 1_600,
-            heartbeat_interval_ms: 150,
+            election_timeout_ms_min: 500,
+            election_timeout_ms_max: 1_000,
+            heartbeat_interval_ms: 100,
             snapshot_logs_since_last: 20_000,
             snapshot_logs_to_keep: 5_000,
             write_timeout_ms: 10_000,

@@ -98,7 +98,7 @@ impl TestCluster {
         let config_path = dir.path().join("node.toml");
         // Short timeouts keep tests quick; tests may override any of them.
         let mut config = String::from(
-            "election_timeout_ms_min = 600\nelection_timeout_ms_max = 1200\nheartbeat_interval_ms = 100\n",
+            "election_timeout_ms_min = 500\nelection_timeout_ms_max = 1000\nheartbeat_interval_ms = 100\n",
         );
         for line in opts.config.lines() {
             let key = line.split('=').next().unwrap_or("").trim();

@@ -93,10 +93,12 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let key = format!("w{w}/{seq:06}");
                     let value = format!("v{w}-{seq}");
+                    let started_after_kill = killed.lock().unwrap().is_some();
                     match client.put(key.clone(), value.clone()).await {
                         Ok(_) => {
                             acked.lock().unwrap().insert(key, value);
-                            if killed.lock().unwrap().is_some() {
+                            // Failover ends with the first write both sent and acknowledged after the kill.
+                            if started_after_kill {
                                 first.lock().unwrap().get_or_insert_with(Instant::now);
                             }
                         }
