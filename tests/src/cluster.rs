@@ -165,6 +165,25 @@ impl TestCluster {
         self.node(id).addr.clone()
     }
 
+    /// Adds a new node that joins the running cluster through `--join`; returns its id.
+    pub fn add_node(&mut self) -> anyhow::Result<u64> {
+        let id = self.nodes.len() as u64 + 1;
+        let used: Vec<String> = self.endpoints();
+        let mut port = free_port()?;
+        while used.contains(&format!("127.0.0.1:{port}")) {
+            port = free_port()?;
+        }
+        self.nodes.push(NodeProc {
+            id,
+            addr: format!("127.0.0.1:{port}"),
+            data_dir: self.dir.path().join(format!("node-{id}")),
+            log_path: self.dir.path().join(format!("node-{id}.log")),
+            child: None,
+        });
+        self.spawn(id)?;
+        Ok(id)
+    }
+
     /// Starts (or restarts) node `id` with its data dir.
     pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
         let join = self.endpoints().join(",");

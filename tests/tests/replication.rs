@@ -277,3 +277,53 @@ async fn a_lagging_follower_catches_up_by_snapshot() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_node_joins_the_running_cluster() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 3 nodes and write 100 keys");
+        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+        for i in 0..100u32 {
+            client
+                .put(format!("j/{i:03}"), format!("v{i}"))
+                .await
+                .unwrap();
+        }
+
+        phase!("start node 4 with --join; it becomes a voter");
+        let id = c.add_node().unwrap();
+        let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        lmskv_tests::wait_for("node 4 to be a voter", Duration::from_secs(30), || async {
+            let st = c.status(leader).await.ok()?;
+            let voters: Vec<u64> = st.ranges[0]
+                .descriptor
+                .as_ref()?
+                .replicas
+                .iter()
+                .filter(|r| r.role == lmskv_proto::v1::ReplicaRole::Voter as i32)
+                .map(|r| r.node_id)
+                .collect();
+            (voters == vec![1, 2, 3, id]).then_some(())
+        })
+        .await
+        .unwrap();
+
+        phase!("node 4 has every key and takes new writes");
+        let last = client.put("after-join", "yes").await.unwrap().index;
+        c.wait_applied(id, last, Duration::from_secs(30))
+            .await
+            .unwrap();
+        for i in 0..100u32 {
+            let got = local_get(&c, id, format!("j/{i:03}").as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(got.map(|(v, _)| v), Some(Bytes::from(format!("v{i}"))));
+        }
+        let st = c.status(id).await.unwrap();
+        assert_eq!(st.nodes.len(), 4);
+        assert!(st.nodes.iter().all(|n| n.state == "up"));
+    })
+    .await
+    .expect("test timed out");
+}
