@@ -118,3 +118,61 @@ async fn a_session_read_on_a_follower_sees_the_sessions_write() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_serves_bounded_staleness_reads_only_while_it_can_prove_the_bound() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        let client = c.client();
+        client.put("b", "v1").await.unwrap();
+        let bounded = |max_ms| GetRequest {
+            header: None,
+            key: "b".into(),
+            read: Some(ReadOptions {
+                consistency: Consistency::BoundedStaleness as i32,
+                max_staleness_ms: max_ms,
+                min_applied_index: 0,
+            }),
+        };
+
+        phase!("a healthy follower serves bounded reads");
+        let v = lmskv_tests::wait_for(
+            "a bounded read on the follower",
+            Duration::from_secs(5),
+            || {
+                let mut kv = c.kv(follower);
+                let req = bounded(300);
+                async move { kv.get(req).await.ok() }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(v.into_inner().kv.unwrap().value, Bytes::from_static(b"v1"));
+
+        phase!("pause follower {follower}, write v2, resume it and read at once");
+        c.pause(follower).unwrap();
+        client.put("b", "v2").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        c.resume(follower).unwrap();
+        match c.kv(follower).get(bounded(150)).await {
+            Ok(r) => assert_eq!(
+                r.into_inner().kv.unwrap().value,
+                Bytes::from_static(b"v2"),
+                "a bounded read returned a value older than its bound"
+            ),
+            Err(s) => assert!(Error::from_status(&s).is_retryable()),
+        }
+
+        phase!("pause the leader; after the bound, followers refuse bounded reads");
+        c.pause(leader).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = c.kv(follower).get(bounded(200)).await;
+        let err = r.expect_err("a follower cut off from its leader served a bounded read");
+        assert!(Error::from_status(&err).is_retryable(), "{err:?}");
+        c.resume(leader).unwrap();
+    })
+    .await
+    .expect("test timed out");
+}

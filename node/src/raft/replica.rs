@@ -13,6 +13,7 @@ use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::impls::BasicNode;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
 
 use super::codec::{decode, encode};
@@ -83,6 +84,10 @@ pub struct RangeReplica {
     snapshot_dir: PathBuf,
     span: (Bytes, Bytes),
     fault: Mutex<Option<String>>,
+    /// When this replica last accepted AppendEntries from a leader, and that
+    /// leader's commit index then: a follower's proof of freshness for
+    /// bounded-staleness reads.
+    leader_contact: Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 impl std::fmt::Debug for RangeReplica {
@@ -168,6 +173,7 @@ impl RangeReplica {
             snapshot_dir,
             span,
             fault: Mutex::new(None),
+            leader_contact: Mutex::new(None),
         }))
     }
 
@@ -376,6 +382,9 @@ impl RangeReplica {
                     })?;
                 Ok(self.applied_index())
             }
+            ReadLevel::BoundedStaleness { max_ms } if !self.is_leader() => {
+                self.bounded_read(max_ms).await
+            }
             ReadLevel::Strong | ReadLevel::BoundedStaleness { .. } => {
                 let fut = async {
                     match self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
@@ -405,6 +414,40 @@ impl RangeReplica {
                 }
             }
         }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    /// A follower serves a bounded-staleness read only if it heard from the
+    /// leader within `max_ms` and has applied what the leader had committed then.
+    async fn bounded_read(&self, max_ms: u64) -> Result<u64, Error> {
+        let bound = Duration::from_millis(max_ms);
+        let refuse = || Error::Unavailable {
+            reason: format!(
+                "range {} replica on node {} cannot prove it is within {max_ms} ms of the leader",
+                self.range_id, self.node_id
+            ),
+        };
+        let Some((at, commit)) = *self.leader_contact.lock().expect("contact lock") else {
+            return Err(refuse());
+        };
+        if at.elapsed() > bound {
+            return Err(refuse());
+        }
+        if self.applied_index() < commit {
+            let wait = bound.saturating_sub(at.elapsed());
+            self.raft
+                .wait(Some(wait))
+                .applied_index_at_least(Some(commit), "bounded staleness read")
+                .await
+                .map_err(|_| refuse())?;
+            if at.elapsed() > bound {
+                return Err(refuse());
+            }
+        }
+        Ok(self.applied_index())
     }
 
     fn applied_index(&self) -> u64 {
@@ -489,13 +532,21 @@ impl RangeReplica {
 
     /// Handles an AppendEntries payload; returns the encoded response.
     pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
-        let req = decode("append entries", payload)
+        let req: AppendEntriesRequest<TypeConfig> = decode("append entries", payload)
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        let received = std::time::Instant::now();
+        let leader_commit = req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0);
         let resp = self
             .raft
             .append_entries(req)
             .await
             .map_err(|e| self.fatal(e))?;
+        if matches!(
+            resp,
+            AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)
+        ) {
+            *self.leader_contact.lock().expect("contact lock") = Some((received, leader_commit));
+        }
         encode(&resp).map_err(|e| Error::internal(e.to_string()))
     }
 
