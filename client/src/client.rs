@@ -1,10 +1,19 @@
-//! [`Client`]: leader discovery, retries and the typed key-value API.
+//! [`Client`]: leader discovery, read routing by consistency level, retries,
+//! the read cache and the typed key-value API.
+//!
+//! Writes and STRONG reads go to the leader, following `NotLeader` hints.
+//! Reads at the other levels may be served by any replica: they go to the
+//! seed endpoints in rotation ([`ReplicaSelector`]), each try bounded by the
+//! replica attempt timeout, and fall back to the leader. EVENTUAL and
+//! BOUNDED_STALENESS reads are answered from the [`ReadCache`] when an entry
+//! is fresh enough for them.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant as StdInstant;
 
 use bytes::Bytes;
 use lmskv_proto::error::Error as ServerError;
@@ -17,10 +26,16 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::ClientError;
+use crate::read_cache::{fresh_at, CacheStats, CachedRead, ReadCache, ReadCacheConfig};
+use crate::replica_selector::{ReplicaSelector, REPLICA_TRIES_MAX};
 use crate::retry::RetryPolicy;
+use crate::session_token::SessionToken;
 
 /// Endpoints a client may be configured with at most.
 pub const ENDPOINTS_MAX: usize = 64;
+/// How long one try of a read on one replica may take by default before the
+/// read moves on to another replica.
+pub const REPLICA_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
 
 /// Read consistency level, chosen per read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,7 +45,8 @@ pub enum ReadConsistency {
     Strong,
     /// At most this far behind the leader.
     BoundedStaleness(Duration),
-    /// Sees at least the state at this session token (a write's `index`).
+    /// Sees at least the state at this session token (a write's `index`, or
+    /// [`SessionToken::read_consistency`]).
     Session(u64),
     /// Some replica's applied state: a prefix of the log, possibly old.
     ConsistentPrefix,
@@ -38,7 +54,23 @@ pub enum ReadConsistency {
     Eventual,
 }
 
+/// Where a request may be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// To the leader, following `NotLeader` hints.
+    Leader,
+    /// To any replica first, then the leader.
+    AnyReplica,
+}
+
 impl ReadConsistency {
+    fn route(self) -> Route {
+        match self {
+            ReadConsistency::Strong => Route::Leader,
+            _ => Route::AnyReplica,
+        }
+    }
+
     fn to_proto(self) -> v1::ReadOptions {
         use v1::Consistency as C;
         let (c, max, min) = match self {
@@ -106,6 +138,61 @@ pub struct WriteResult {
     pub index: u64,
 }
 
+impl WriteResult {
+    /// The session token of this write: a SESSION read at it sees the write.
+    pub fn session_token(&self) -> SessionToken {
+        SessionToken::from_index(self.index)
+    }
+}
+
+/// The node that served a read, as its response header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServedBy {
+    /// The serving node.
+    pub node_id: u64,
+    /// The range the key belongs to.
+    pub range_id: u64,
+    /// The serving replica's applied index when it answered.
+    pub applied_index: u64,
+    /// The range's leader as the serving node knew it (0: unknown).
+    pub leader_id: u64,
+}
+
+impl ServedBy {
+    /// The session token of this read: a later SESSION read at it sees at
+    /// least the state this read saw.
+    pub fn session_token(&self) -> SessionToken {
+        SessionToken::for_range(self.range_id, self.applied_index)
+    }
+}
+
+impl From<&v1::ResponseHeader> for ServedBy {
+    fn from(h: &v1::ResponseHeader) -> Self {
+        ServedBy {
+            node_id: h.node_id,
+            range_id: h.range_id,
+            applied_index: h.applied_index,
+            leader_id: h.leader_id,
+        }
+    }
+}
+
+/// A read of one key with where it was served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GetOutcome {
+    /// The key's state; `None` when it does not exist.
+    pub kv: Option<KeyValue>,
+    /// The node that answered; `None` when the read cache answered.
+    pub served_by: Option<ServedBy>,
+}
+
+impl GetOutcome {
+    /// Whether the client's read cache answered, without a network call.
+    pub fn from_cache(&self) -> bool {
+        self.served_by.is_none()
+    }
+}
+
 /// A condition for [`Client::compare_and_swap`] and [`Client::batch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compare {
@@ -124,6 +211,13 @@ pub struct CasOutcome {
     pub index: u64,
 }
 
+impl CasOutcome {
+    /// The session token of this call: a SESSION read at it sees its outcome.
+    pub fn session_token(&self) -> SessionToken {
+        SessionToken::from_index(self.index)
+    }
+}
+
 /// One write inside an atomic batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOp {
@@ -139,6 +233,13 @@ pub struct BatchOutcome {
     /// On failure, the current state of the condition keys that exist.
     pub current: Vec<KeyValue>,
     pub index: u64,
+}
+
+impl BatchOutcome {
+    /// The session token of this batch: a SESSION read at it sees its outcome.
+    pub fn session_token(&self) -> SessionToken {
+        SessionToken::from_index(self.index)
+    }
 }
 
 /// What a scan covers.
@@ -166,10 +267,23 @@ pub struct ScanPage {
 }
 
 /// Builds a [`Client`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClientBuilder {
     endpoints: Vec<String>,
     retry: RetryPolicy,
+    read_cache: Option<ReadCacheConfig>,
+    replica_attempt_timeout: Duration,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            endpoints: Vec::new(),
+            retry: RetryPolicy::default(),
+            read_cache: Some(ReadCacheConfig::default()),
+            replica_attempt_timeout: REPLICA_ATTEMPT_TIMEOUT_DEFAULT,
+        }
+    }
 }
 
 impl ClientBuilder {
@@ -192,6 +306,31 @@ impl ClientBuilder {
     /// The overall deadline of each call, retries included.
     pub fn deadline(mut self, d: Duration) -> Self {
         self.retry.deadline = d;
+        self
+    }
+
+    /// Bounds the read cache: at most `entries_max` entries and `bytes_max`
+    /// bytes, each usable by EVENTUAL reads for `ttl` after it was stored. The
+    /// cache is on by default (see [`ReadCacheConfig::default`]).
+    pub fn read_cache(mut self, entries_max: u64, bytes_max: u64, ttl: Duration) -> Self {
+        self.read_cache = Some(ReadCacheConfig {
+            entries_max,
+            bytes_max,
+            ttl,
+        });
+        self
+    }
+
+    /// Turns the read cache off: every read goes to a node.
+    pub fn without_read_cache(mut self) -> Self {
+        self.read_cache = None;
+        self
+    }
+
+    /// How long a read that any replica may serve waits for one replica
+    /// before it tries another (and finally the leader).
+    pub fn replica_attempt_timeout(mut self, d: Duration) -> Self {
+        self.replica_attempt_timeout = d;
         self
     }
 
@@ -221,19 +360,32 @@ impl ClientBuilder {
                 "attempts_max must be at least 1".into(),
             ));
         }
+        if self.replica_attempt_timeout.is_zero() {
+            return Err(ClientError::Config(
+                "replica_attempt_timeout must be positive".into(),
+            ));
+        }
+        if let Some(cfg) = &self.read_cache {
+            cfg.validate().map_err(ClientError::Config)?;
+        }
         Ok(Client {
             inner: Arc::new(Inner {
+                replicas: ReplicaSelector::new(endpoints.clone()),
                 endpoints,
                 retry: self.retry,
+                replica_attempt_timeout: self.replica_attempt_timeout,
                 channels: Mutex::new(HashMap::new()),
                 leader: Mutex::new(None),
                 next: AtomicUsize::new(0),
+                cache: self.read_cache.as_ref().map(ReadCache::new),
+                session: Mutex::new(SessionToken::new()),
             }),
         })
     }
 }
 
-/// An lmskv client. Cheap to clone; clones share connections and the leader cache.
+/// An lmskv client. Cheap to clone; clones share connections, the leader,
+/// the read cache and the session token.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -243,12 +395,44 @@ pub struct Client {
 struct Inner {
     endpoints: Vec<String>,
     retry: RetryPolicy,
+    /// Longest one try of a read on one replica may take.
+    replica_attempt_timeout: Duration,
     /// One HTTP/2 channel per node address, including leaders learnt from hints.
     channels: Mutex<HashMap<String, Channel>>,
     /// The address believed to be the leader.
     leader: Mutex<Option<String>>,
     next: AtomicUsize,
+    /// Where reads that any replica may serve go.
+    replicas: ReplicaSelector,
+    /// `None` when the read cache is off.
+    cache: Option<ReadCache>,
+    /// What this client has seen: grows with every response.
+    session: Mutex<SessionToken>,
 }
+
+/// A response that says where it was served.
+trait Served {
+    fn header(&self) -> Option<&v1::ResponseHeader>;
+}
+
+macro_rules! served {
+    ($($t:ty),*) => {
+        $(impl Served for $t {
+            fn header(&self) -> Option<&v1::ResponseHeader> {
+                self.header.as_ref()
+            }
+        })*
+    };
+}
+
+served!(
+    v1::GetResponse,
+    v1::PutResponse,
+    v1::DeleteResponse,
+    v1::ScanResponse,
+    v1::CompareAndSwapResponse,
+    v1::BatchResponse
+);
 
 /// Addresses learnt from hints kept at most, beyond the seed endpoints.
 const CHANNELS_MAX: usize = 256;
@@ -284,6 +468,25 @@ fn write_opts(o: &WriteOptions) -> v1::WriteOptions {
             Durability::All => v1::Durability::All,
         } as i32,
     }
+}
+
+/// The state an acknowledged write left its key in, for the read cache.
+/// The write was applied after `started`, and its state was the latest then.
+/// The state is as of the key's version when it has one: a retry answered
+/// from the dedup table carries the log index of the retry, not of the write.
+/// When the caller chose the request id, the call may be the retry of a write
+/// applied long ago and overwritten since, so the key is only forgotten.
+fn written_state(
+    kv: Option<KeyValue>,
+    index: u64,
+    opts: &WriteOptions,
+    started: StdInstant,
+) -> Option<CachedRead> {
+    if index == 0 || opts.request_id.is_some() {
+        return None;
+    }
+    let as_of = kv.as_ref().map_or(index, |kv| kv.version.min(index));
+    Some(CachedRead::new(kv, as_of, Some(started)))
 }
 
 fn compare_proto(key: Bytes, c: Compare) -> v1::Compare {
@@ -343,44 +546,136 @@ impl Client {
         self.inner.next.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Runs `f` against the leader, following hints and retrying retryable
-    /// errors with backoff until the deadline.
-    async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, ClientError>
+    fn kv_client(&self, target: &str) -> Result<KvClient<Channel>, ClientError> {
+        Ok(KvClient::new(self.channel(target)?)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+    }
+
+    /// Sends one try to `target`, giving up at `until`.
+    async fn send<T, Fut>(target: &str, until: Instant, fut: Fut) -> Result<T, ServerError>
     where
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout_at(until, fut).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(ServerError::from_status(&status)),
+            Err(_) => Err(ServerError::Timeout {
+                reason: format!("no answer from {target} in time"),
+            }),
+        }
+    }
+
+    fn follow_hint(&self, err: &ServerError, target: &str) -> bool {
+        match err {
+            ServerError::NotLeader {
+                leader: Some(h), ..
+            } if !h.address.is_empty() && h.address != target => {
+                *self.inner.leader.lock().expect("leader lock") = Some(h.address.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds a response's applied index to the client's session token.
+    fn observe(&self, header: Option<&v1::ResponseHeader>) {
+        if let Some(h) = header {
+            self.inner
+                .session
+                .lock()
+                .expect("session lock")
+                .observe(h.range_id, h.applied_index);
+        }
+    }
+
+    /// Runs `f` where `route` allows, retrying retryable errors with backoff
+    /// until the attempts or the deadline run out.
+    ///
+    /// [`Route::AnyReplica`] first tries up to [`REPLICA_TRIES_MAX`] replicas
+    /// in rotation, each for at most the replica attempt timeout and without
+    /// backoff (each try goes to another node), then continues as
+    /// [`Route::Leader`] does: to the leader, following hints.
+    async fn call<T, F, Fut>(&self, route: Route, mut f: F) -> Result<T, ClientError>
+    where
+        T: Served,
         F: FnMut(KvClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let policy = &self.inner.retry;
         let start = Instant::now();
         let deadline = start + policy.deadline;
+        let deadline_exceeded = |attempts, err| ClientError::DeadlineExceeded {
+            deadline_ms: policy.deadline.as_millis() as u64,
+            attempts,
+            last: Box::new(ClientError::Server(err)),
+        };
+        // A read may give up on one node early; a write waits for its answer.
+        let until = |now: Instant| match route {
+            Route::AnyReplica => deadline.min(now + self.inner.replica_attempt_timeout),
+            Route::Leader => deadline,
+        };
         let mut attempts = 0u32;
+        if route == Route::AnyReplica {
+            let mut last = None;
+            for target in self.inner.replicas.order(REPLICA_TRIES_MAX) {
+                let now = Instant::now();
+                if attempts >= policy.attempts_max || now >= deadline {
+                    break;
+                }
+                attempts += 1;
+                let client = self.kv_client(&target)?;
+                match Self::send(&target, until(now), f(client)).await {
+                    Ok(resp) => {
+                        self.inner.replicas.clear(&target);
+                        self.observe(resp.header());
+                        return Ok(resp);
+                    }
+                    // A replica that refuses its corrupt copy of the range
+                    // is no reason to fail a read another replica can serve.
+                    Err(e) if e.is_retryable() || matches!(e, ServerError::Corruption { .. }) => {
+                        self.follow_hint(&e, &target);
+                        self.inner.replicas.suspect(&target);
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(ClientError::Server(e)),
+                }
+            }
+            if let Some(e) = last {
+                if attempts >= policy.attempts_max || Instant::now() >= deadline {
+                    return Err(deadline_exceeded(attempts, e));
+                }
+            }
+        }
         let mut backoffs = 0u32;
         loop {
             attempts += 1;
             let target = self.pick_target();
-            let client = KvClient::new(self.channel(&target)?)
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-            let err = match tokio::time::timeout_at(deadline, f(client)).await {
-                Ok(Ok(resp)) => {
-                    let mut l = self.inner.leader.lock().expect("leader lock");
-                    if l.is_none() {
-                        *l = Some(target);
+            let client = self.kv_client(&target)?;
+            let err = match Self::send(&target, until(Instant::now()), f(client)).await {
+                Ok(resp) => {
+                    // Any replica answers a read at a weak level: only a
+                    // node that says it leads is taken for the leader.
+                    let leads = match route {
+                        Route::Leader => true,
+                        Route::AnyReplica => resp
+                            .header()
+                            .is_some_and(|h| h.node_id != 0 && h.node_id == h.leader_id),
+                    };
+                    if leads {
+                        let mut l = self.inner.leader.lock().expect("leader lock");
+                        if l.is_none() {
+                            *l = Some(target);
+                        }
                     }
-                    return Ok(resp.into_inner());
+                    self.observe(resp.header());
+                    return Ok(resp);
                 }
-                Ok(Err(status)) => ServerError::from_status(&status),
-                Err(_) => ServerError::Timeout {
-                    reason: format!("no answer from {target} before the deadline"),
-                },
+                Err(e) => e,
             };
             let mut sleep = None;
             match &err {
-                ServerError::NotLeader {
-                    leader: Some(h), ..
-                } if !h.address.is_empty() && h.address != target => {
-                    *self.inner.leader.lock().expect("leader lock") = Some(h.address.clone());
-                }
+                e if self.follow_hint(e, &target) => {}
                 ServerError::Overloaded { retry_after_ms } => {
                     sleep = Some(Duration::from_millis((*retry_after_ms).clamp(1, 5_000)));
                 }
@@ -397,11 +692,7 @@ impl Client {
                 None => now >= deadline,
             };
             if attempts >= policy.attempts_max || out_of_time {
-                return Err(ClientError::DeadlineExceeded {
-                    deadline_ms: policy.deadline.as_millis() as u64,
-                    attempts,
-                    last: Box::new(ClientError::Server(err)),
-                });
+                return Err(deadline_exceeded(attempts, err));
             }
             if let Some(s) = sleep {
                 tokio::time::sleep(s).await;
@@ -409,26 +700,95 @@ impl Client {
         }
     }
 
+    /// What this client has seen so far (its writes and reads), per range.
+    /// A SESSION read at this token sees every write this client made.
+    pub fn session_token(&self) -> SessionToken {
+        self.inner.session.lock().expect("session lock").clone()
+    }
+
+    /// The read cache's counters and size; all zero when the cache is off.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner
+            .cache
+            .as_ref()
+            .map(ReadCache::stats)
+            .unwrap_or_default()
+    }
+
+    /// Forgets `keys` in the read cache before a write to them is sent.
+    fn invalidate(&self, keys: &[Bytes]) {
+        if let Some(c) = &self.inner.cache {
+            for k in keys {
+                c.invalidate(k);
+            }
+        }
+    }
+
+    /// After a write to `key` was answered: records the state it left, or
+    /// forgets the key when the outcome is unknown or not known exactly.
+    fn after_write(&self, key: Bytes, state: Option<CachedRead>) {
+        if let Some(c) = &self.inner.cache {
+            match state {
+                Some(st) => c.store_written(key, st),
+                None => c.invalidate(&key),
+            }
+        }
+    }
+
     /// Reads a key; `None` when it does not exist.
+    ///
+    /// STRONG reads go to the leader; the other levels may be served by any
+    /// replica, and EVENTUAL and BOUNDED_STALENESS reads by the read cache.
     pub async fn get(
         &self,
         key: impl Into<Bytes>,
         consistency: ReadConsistency,
     ) -> Result<Option<KeyValue>, ClientError> {
+        self.get_detailed(key, consistency).await.map(|o| o.kv)
+    }
+
+    /// Reads a key like [`Client::get`] and says who served it: a node (its
+    /// id, applied index and leader) or the read cache.
+    pub async fn get_detailed(
+        &self,
+        key: impl Into<Bytes>,
+        consistency: ReadConsistency,
+    ) -> Result<GetOutcome, ClientError> {
         let key = key.into();
         check_key("key", &key)?;
+        let cache = self.inner.cache.as_ref();
+        if let Some(kv) = cache.and_then(|c| c.lookup(&key, consistency)) {
+            return Ok(GetOutcome {
+                kv,
+                served_by: None,
+            });
+        }
+        let fence = cache.map(|c| c.fence(&key));
+        let started = StdInstant::now();
         let req = v1::GetRequest {
             header: None,
-            key,
+            key: key.clone(),
             read: Some(consistency.to_proto()),
         };
         let resp = self
-            .call(|mut c| {
+            .call(consistency.route(), |mut c| {
                 let req = req.clone();
                 async move { c.get(req).await }
             })
             .await?;
-        Ok(resp.kv.map(Into::into))
+        let kv: Option<KeyValue> = resp.kv.map(Into::into);
+        if let (Some(c), Some(fence), Some(h)) = (cache, fence, &resp.header) {
+            let fresh = fresh_at(consistency, started);
+            c.fill(
+                key,
+                fence,
+                CachedRead::new(kv.clone(), h.applied_index, fresh),
+            );
+        }
+        Ok(GetOutcome {
+            kv,
+            served_by: resp.header.as_ref().map(ServedBy::from),
+        })
     }
 
     /// Sets a key (majority durability, a fresh request id).
@@ -453,19 +813,39 @@ impl Client {
         // One request id for every retry of this call: applied at most once.
         let req = v1::PutRequest {
             header: None,
-            key,
-            value,
+            key: key.clone(),
+            value: value.clone(),
             write: Some(write_opts(opts)),
         };
+        self.invalidate(std::slice::from_ref(&key));
+        let started = StdInstant::now();
         let resp = self
-            .call(|mut c| {
+            .call(Route::Leader, |mut c| {
                 let req = req.clone();
                 async move { c.put(req).await }
             })
-            .await?;
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                self.after_write(key, None);
+                return Err(e);
+            }
+        };
+        let index = resp
+            .header
+            .as_ref()
+            .map(|h| h.applied_index)
+            .unwrap_or(resp.version);
+        let state = Some(KeyValue {
+            key: key.clone(),
+            value,
+            version: resp.version,
+        });
+        self.after_write(key, written_state(state, index, opts, started));
         Ok(WriteResult {
             version: resp.version,
-            index: resp.header.map(|h| h.applied_index).unwrap_or(resp.version),
+            index,
         })
     }
 
@@ -486,19 +866,27 @@ impl Client {
         check_key("key", &key)?;
         let req = v1::DeleteRequest {
             header: None,
-            key,
+            key: key.clone(),
             write: Some(write_opts(opts)),
         };
+        self.invalidate(std::slice::from_ref(&key));
+        let started = StdInstant::now();
         let resp = self
-            .call(|mut c| {
+            .call(Route::Leader, |mut c| {
                 let req = req.clone();
                 async move { c.delete(req).await }
             })
-            .await?;
-        Ok((
-            resp.deleted,
-            resp.header.map(|h| h.applied_index).unwrap_or(0),
-        ))
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                self.after_write(key, None);
+                return Err(e);
+            }
+        };
+        let index = resp.header.map(|h| h.applied_index).unwrap_or(0);
+        self.after_write(key, written_state(None, index, opts, started));
+        Ok((resp.deleted, index))
     }
 
     /// Sets `key` to `new_value` (or deletes it when `None`) if `compare` holds.
@@ -516,21 +904,34 @@ impl Client {
         }
         let req = v1::CompareAndSwapRequest {
             header: None,
-            compare: Some(compare_proto(key, compare)),
+            compare: Some(compare_proto(key.clone(), compare)),
             delete: new_value.is_none(),
             new_value: new_value.unwrap_or_default(),
             write: Some(write_opts(opts)),
         };
+        self.invalidate(std::slice::from_ref(&key));
+        let started = StdInstant::now();
         let resp = self
-            .call(|mut c| {
+            .call(Route::Leader, |mut c| {
                 let req = req.clone();
                 async move { c.compare_and_swap(req).await }
             })
-            .await?;
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                self.after_write(key, None);
+                return Err(e);
+            }
+        };
+        let index = resp.header.map(|h| h.applied_index).unwrap_or(0);
+        let current: Option<KeyValue> = resp.current.map(Into::into);
+        // Either way the response holds the key's state as of the call.
+        self.after_write(key, written_state(current.clone(), index, opts, started));
         Ok(CasOutcome {
             succeeded: resp.succeeded,
-            current: resp.current.map(Into::into),
-            index: resp.header.map(|h| h.applied_index).unwrap_or(0),
+            current,
+            index,
         })
     }
 
@@ -544,6 +945,7 @@ impl Client {
         for (k, _) in &conditions {
             check_key("conditions.key", k)?;
         }
+        let mut written = Vec::with_capacity(ops.len());
         let ops: Vec<v1::BatchOp> = ops
             .into_iter()
             .map(|o| {
@@ -552,6 +954,7 @@ impl Client {
                         BatchOp::Put(k, v) => {
                             check_key("ops.key", &k)?;
                             check_value("ops.value", &v)?;
+                            written.push(k.clone());
                             batch_op::Op::Put(v1::KeyValue {
                                 key: k,
                                 value: v,
@@ -560,6 +963,7 @@ impl Client {
                         }
                         BatchOp::Delete(k) => {
                             check_key("ops.key", &k)?;
+                            written.push(k.clone());
                             batch_op::Op::Delete(k)
                         }
                     }),
@@ -575,12 +979,17 @@ impl Client {
             ops,
             write: Some(write_opts(opts)),
         };
+        self.invalidate(&written);
         let resp = self
-            .call(|mut c| {
+            .call(Route::Leader, |mut c| {
                 let req = req.clone();
                 async move { c.batch(req).await }
             })
-            .await?;
+            .await;
+        // The batch's keys are forgotten again whatever the outcome: a read
+        // sent while the batch was in flight must not cache older state.
+        self.invalidate(&written);
+        let resp = resp?;
         Ok(BatchOutcome {
             succeeded: resp.succeeded,
             current: resp.current.into_iter().map(Into::into).collect(),
@@ -601,7 +1010,7 @@ impl Client {
             keys_only: opts.keys_only,
         };
         let resp = self
-            .call(|mut c| {
+            .call(opts.consistency.route(), |mut c| {
                 let req = req.clone();
                 async move { c.scan(req).await }
             })
@@ -684,5 +1093,89 @@ impl Client {
             return Ok(s);
         }
         Err(last_err.unwrap_or_else(|| ClientError::Config("no endpoints".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builder() -> ClientBuilder {
+        Client::builder().endpoints(["127.0.0.1:1", "127.0.0.1:2"])
+    }
+
+    #[test]
+    fn only_strong_reads_are_routed_to_the_leader() {
+        assert_eq!(ReadConsistency::Strong.route(), Route::Leader);
+        for level in [
+            ReadConsistency::BoundedStaleness(Duration::from_millis(5)),
+            ReadConsistency::Session(3),
+            ReadConsistency::ConsistentPrefix,
+            ReadConsistency::Eventual,
+        ] {
+            assert_eq!(level.route(), Route::AnyReplica, "{level:?}");
+        }
+    }
+
+    #[test]
+    fn the_read_cache_is_on_by_default_and_can_be_turned_off() {
+        let on = builder().build().unwrap();
+        assert!(on.inner.cache.is_some());
+        assert_eq!(on.cache_stats(), CacheStats::default());
+        let off = builder().without_read_cache().build().unwrap();
+        assert!(off.inner.cache.is_none());
+        assert_eq!(off.cache_stats(), CacheStats::default());
+    }
+
+    #[test]
+    fn bad_cache_and_timeout_settings_are_refused() {
+        let bad = [
+            builder().read_cache(0, 1 << 20, Duration::from_secs(1)),
+            builder().read_cache(10, 0, Duration::from_secs(1)),
+            builder().read_cache(10, 1 << 20, Duration::ZERO),
+            builder().read_cache(10, 1 << 20, Duration::from_secs(100_000)),
+            builder().replica_attempt_timeout(Duration::ZERO),
+        ];
+        for b in bad {
+            assert!(matches!(b.build(), Err(ClientError::Config(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_eventual_read_makes_no_call() {
+        // The endpoints are unreachable: only the cache can answer.
+        let c = builder().build().unwrap();
+        let cache = c.inner.cache.as_ref().unwrap();
+        let key = Bytes::from_static(b"k");
+        let kv = KeyValue {
+            key: key.clone(),
+            value: Bytes::from_static(b"v"),
+            version: 4,
+        };
+        cache.fill(
+            key.clone(),
+            cache.fence(&key),
+            CachedRead::new(Some(kv.clone()), 4, None),
+        );
+        let got = c
+            .get_detailed(key.clone(), ReadConsistency::Eventual)
+            .await
+            .unwrap();
+        assert!(got.from_cache());
+        assert_eq!(got.kv, Some(kv));
+        assert_eq!(c.cache_stats().hits, 1);
+    }
+
+    #[test]
+    fn write_results_carry_their_session_token() {
+        let w = WriteResult {
+            version: 7,
+            index: 42,
+        };
+        assert_eq!(w.session_token().to_string(), "42");
+        assert_eq!(
+            w.session_token().read_consistency(),
+            ReadConsistency::Session(42)
+        );
     }
 }

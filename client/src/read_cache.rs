@@ -1,0 +1,578 @@
+//! [`ReadCache`]: the client's bounded read cache (LRU + TTL, on `moka`).
+//!
+//! Reads at any level fill it; only the levels that allow stale data read
+//! from it: EVENTUAL takes any entry younger than the TTL, and
+//! BOUNDED_STALENESS(max) takes an entry only when its value is *proven*
+//! current at most `max` ago (`fresh_at`, set by STRONG and bounded reads and
+//! by the client's own acknowledged writes; a value read from some replica's
+//! local state proves nothing and is good for EVENTUAL only).
+//!
+//! The client's own writes invalidate a key before they are sent and store
+//! the acknowledged state afterwards. A per-key fence stops a read that was
+//! in flight across such an invalidation from putting the older state back.
+//! Every change of an entry goes through moka's per-key compute lock, so a
+//! fill and an invalidation of one key are serialised.
+//!
+//! Both the entry count and the bytes are bounded: each entry is charged at
+//! least `bytes_max / entries_max` of the byte capacity, so neither bound can
+//! be exceeded (beyond what moka holds until its next maintenance step).
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lmskv_proto::limits::{KEY_BYTES_MAX, VALUE_BYTES_MAX};
+use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
+
+use crate::client::{KeyValue, ReadConsistency};
+
+/// Entries the read cache holds by default.
+pub const READ_CACHE_ENTRIES_MAX_DEFAULT: u64 = 10_000;
+/// Bytes (keys, values and bookkeeping) the read cache holds by default.
+pub const READ_CACHE_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
+/// How long a cached read stays usable by default.
+pub const READ_CACHE_TTL_DEFAULT: Duration = Duration::from_secs(5);
+/// The longest TTL a read cache accepts.
+pub const READ_CACHE_TTL_MAX: Duration = Duration::from_secs(3_600);
+/// Bookkeeping charged per entry on top of its key and value bytes.
+const ENTRY_OVERHEAD_BYTES: u64 = 96;
+/// The largest charge of one entry: the largest key and value plus bookkeeping.
+const ENTRY_BYTES_MAX: u64 = KEY_BYTES_MAX as u64 + VALUE_BYTES_MAX as u64 + ENTRY_OVERHEAD_BYTES;
+/// Fence slots; keys share a slot by hash, so a write to one key may, rarely,
+/// stop a concurrent fill of another, which only costs a later miss.
+const FENCE_SLOTS: usize = 4_096;
+
+/// The bounds of a client's read cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadCacheConfig {
+    /// Entries held at most.
+    pub entries_max: u64,
+    /// Bytes of keys, values and per-entry bookkeeping held at most.
+    pub bytes_max: u64,
+    /// How long after it was stored an entry may serve an EVENTUAL read.
+    pub ttl: Duration,
+}
+
+impl Default for ReadCacheConfig {
+    fn default() -> Self {
+        ReadCacheConfig {
+            entries_max: READ_CACHE_ENTRIES_MAX_DEFAULT,
+            bytes_max: READ_CACHE_BYTES_MAX_DEFAULT,
+            ttl: READ_CACHE_TTL_DEFAULT,
+        }
+    }
+}
+
+impl ReadCacheConfig {
+    /// Checks the bounds; the client refuses to build with bad ones.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.entries_max == 0 || self.bytes_max == 0 {
+            return Err("read cache entries_max and bytes_max must be positive".into());
+        }
+        if self.ttl.is_zero() || self.ttl > READ_CACHE_TTL_MAX {
+            return Err(format!(
+                "read cache ttl must be positive and at most {READ_CACHE_TTL_MAX:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The smallest charge of one entry, and the weighted capacity, such that
+    /// a full cache holds at most `entries_max` entries and `bytes_max` bytes.
+    fn charge_min_and_capacity(&self) -> (u64, u64) {
+        let per_entry = self.bytes_max.div_ceil(self.entries_max);
+        if per_entry > ENTRY_BYTES_MAX {
+            // The byte bound can never bind before the entry bound does.
+            (ENTRY_BYTES_MAX, ENTRY_BYTES_MAX * self.entries_max)
+        } else {
+            (per_entry, self.bytes_max)
+        }
+    }
+}
+
+/// Read cache counters, from [`crate::Client::cache_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    /// Reads served from the cache.
+    pub hits: u64,
+    /// Reads whose level allowed the cache but found no usable entry.
+    pub misses: u64,
+    /// Entries held now.
+    pub entries: u64,
+    /// Key, value and bookkeeping bytes held now.
+    pub bytes: u64,
+}
+
+/// One cached read: the key's state (absent or a value with its version) as
+/// of a replica's applied index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CachedRead {
+    /// `None`: the key did not exist.
+    pub kv: Option<KeyValue>,
+    /// The applied index the state was read at (at least).
+    pub as_of: u64,
+    /// A lower bound of some instant at which this state was the latest one
+    /// (`None`: nothing is known). A BOUNDED_STALENESS(max) read may use the
+    /// entry while this is at most `max` ago.
+    pub fresh_at: Option<Instant>,
+    /// When the entry was stored.
+    pub stored_at: Instant,
+}
+
+impl CachedRead {
+    /// The cached state of a read, stored now.
+    pub fn new(kv: Option<KeyValue>, as_of: u64, fresh_at: Option<Instant>) -> Self {
+        CachedRead {
+            kv,
+            as_of,
+            fresh_at,
+            stored_at: Instant::now(),
+        }
+    }
+
+    fn version(&self) -> Option<u64> {
+        self.kv.as_ref().map(|kv| kv.version)
+    }
+
+    fn bytes(key: &Bytes, e: &CachedRead) -> u64 {
+        key.len() as u64
+            + e.kv.as_ref().map_or(0, |kv| kv.value.len() as u64)
+            + ENTRY_OVERHEAD_BYTES
+    }
+}
+
+/// A lower bound of an instant at which the state returned by a read at
+/// `level`, sent at `started`, was the latest, if the level proves one: a
+/// STRONG read is linearized after it was sent, and a bounded read returns
+/// state at most `max` older than the moment it was served.
+pub(crate) fn fresh_at(level: ReadConsistency, started: Instant) -> Option<Instant> {
+    match level {
+        ReadConsistency::Strong => Some(started),
+        ReadConsistency::BoundedStaleness(max) => started.checked_sub(max),
+        _ => None,
+    }
+}
+
+/// A snapshot of a key's fence, taken before a read is sent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fence {
+    slot: usize,
+    value: u64,
+}
+
+/// The client's read cache.
+pub(crate) struct ReadCache {
+    cache: Cache<Bytes, Arc<CachedRead>>,
+    fences: Box<[AtomicU64]>,
+    fence_hasher: RandomState,
+    ttl: Duration,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl fmt::Debug for ReadCache {
+    /// Counters only: printing a client must not dump cached values.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadCache")
+            .field("ttl", &self.ttl)
+            .field("hits", &self.hits)
+            .field("misses", &self.misses)
+            .field("entries", &self.cache.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadCache {
+    /// A cache with the given (validated) bounds.
+    pub fn new(cfg: &ReadCacheConfig) -> Self {
+        debug_assert!(cfg.validate().is_ok());
+        let (charge_min, capacity) = cfg.charge_min_and_capacity();
+        let cache = Cache::builder()
+            .max_capacity(capacity)
+            .weigher(move |k: &Bytes, v: &Arc<CachedRead>| {
+                let charge = CachedRead::bytes(k, v).max(charge_min);
+                u32::try_from(charge).unwrap_or(u32::MAX)
+            })
+            .time_to_live(cfg.ttl)
+            .eviction_policy(EvictionPolicy::lru())
+            .build();
+        ReadCache {
+            cache,
+            fences: (0..FENCE_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            fence_hasher: RandomState::new(),
+            ttl: cfg.ttl,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    fn slot(&self, key: &[u8]) -> usize {
+        (self.fence_hasher.hash_one(key) % self.fences.len() as u64) as usize
+    }
+
+    /// The cached state of `key` if `level` may be served from the cache and
+    /// a usable entry exists: `Some(None)` means "cached as absent". Counts a
+    /// hit or a miss for the levels that may use the cache.
+    pub fn lookup(&self, key: &Bytes, level: ReadConsistency) -> Option<Option<KeyValue>> {
+        let usable = |e: &CachedRead| match level {
+            ReadConsistency::Eventual => e.stored_at.elapsed() < self.ttl,
+            ReadConsistency::BoundedStaleness(max) => {
+                e.fresh_at.is_some_and(|t| t.elapsed() <= max)
+            }
+            _ => false,
+        };
+        if !matches!(
+            level,
+            ReadConsistency::Eventual | ReadConsistency::BoundedStaleness(_)
+        ) {
+            return None;
+        }
+        match self.cache.get(key) {
+            Some(e) if usable(&e) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(e.kv.clone())
+            }
+            _ => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Snapshots `key`'s fence before its read is sent.
+    pub fn fence(&self, key: &[u8]) -> Fence {
+        let slot = self.slot(key);
+        Fence {
+            slot,
+            value: self.fences[slot].load(Ordering::Acquire),
+        }
+    }
+
+    /// Stores a read's result unless one of the client's writes touched the
+    /// key since `fence` was taken, or the cache already holds newer state.
+    pub fn fill(&self, key: Bytes, fence: Fence, read: CachedRead) {
+        let fences = &self.fences;
+        self.cache.entry(key).and_compute_with(|existing| {
+            if fences[fence.slot].load(Ordering::Acquire) != fence.value {
+                return Op::Nop;
+            }
+            store_op(existing.map(|e| e.into_value()), read)
+        });
+    }
+
+    /// Forgets `key`, and stops fills of reads already in flight.
+    pub fn invalidate(&self, key: &Bytes) {
+        let slot = self.slot(key);
+        let fences = &self.fences;
+        self.cache.entry(key.clone()).and_compute_with(|_| {
+            fences[slot].fetch_add(1, Ordering::AcqRel);
+            Op::Remove
+        });
+    }
+
+    /// Records the state the client's own acknowledged write left `key` in
+    /// (replacing older state), and stops fills of reads already in flight.
+    pub fn store_written(&self, key: Bytes, state: CachedRead) {
+        let slot = self.slot(&key);
+        let fences = &self.fences;
+        self.cache.entry(key).and_compute_with(|existing| {
+            fences[slot].fetch_add(1, Ordering::AcqRel);
+            store_op(existing.map(|e| e.into_value()), state)
+        });
+    }
+
+    /// Hit and miss counters, and what the cache holds now.
+    pub fn stats(&self) -> CacheStats {
+        self.cache.run_pending_tasks();
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            entries: self.cache.entry_count(),
+            bytes: self
+                .cache
+                .iter()
+                .map(|(k, v)| CachedRead::bytes(&k, &v))
+                .sum(),
+        }
+    }
+}
+
+/// Replaces `existing` by `new` unless `existing` is newer state. When both
+/// hold the same version of the key, the value is known current at the later
+/// of their `fresh_at` times.
+fn store_op(existing: Option<Arc<CachedRead>>, mut new: CachedRead) -> Op<Arc<CachedRead>> {
+    if let Some(old) = existing {
+        let older_version = matches!(
+            (old.version(), new.version()),
+            (Some(o), Some(n)) if o > n
+        );
+        if old.as_of > new.as_of || older_version {
+            return Op::Nop;
+        }
+        if old.version() == new.version() {
+            new.fresh_at = new.fresh_at.max(old.fresh_at);
+        }
+    }
+    Op::Put(Arc::new(new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &'static str, value: &'static str, version: u64) -> Option<KeyValue> {
+        Some(KeyValue {
+            key: Bytes::from_static(key.as_bytes()),
+            value: Bytes::from_static(value.as_bytes()),
+            version,
+        })
+    }
+
+    fn cache(entries_max: u64, bytes_max: u64, ttl: Duration) -> ReadCache {
+        let cfg = ReadCacheConfig {
+            entries_max,
+            bytes_max,
+            ttl,
+        };
+        cfg.validate().unwrap();
+        ReadCache::new(&cfg)
+    }
+
+    fn fill(c: &ReadCache, key: &'static str, read: CachedRead) {
+        let k = Bytes::from_static(key.as_bytes());
+        let f = c.fence(&k);
+        c.fill(k, f, read);
+    }
+
+    fn key() -> Bytes {
+        Bytes::from_static(b"k")
+    }
+
+    #[test]
+    fn only_eventual_and_bounded_levels_read_the_cache() {
+        let c = cache(100, 1 << 20, Duration::from_secs(60));
+        fill(
+            &c,
+            "k",
+            CachedRead::new(kv("k", "v", 3), 5, Some(Instant::now())),
+        );
+        for level in [
+            ReadConsistency::Strong,
+            ReadConsistency::Session(1),
+            ReadConsistency::ConsistentPrefix,
+        ] {
+            assert_eq!(c.lookup(&key(), level), None, "{level:?}");
+        }
+        assert_eq!(
+            c.lookup(&key(), ReadConsistency::Eventual),
+            Some(kv("k", "v", 3))
+        );
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.entries), (1, 0, 1));
+        assert_eq!(s.bytes, 1 + 1 + ENTRY_OVERHEAD_BYTES);
+    }
+
+    #[test]
+    fn absent_keys_are_cached_too() {
+        let c = cache(100, 1 << 20, Duration::from_secs(60));
+        fill(&c, "k", CachedRead::new(None, 5, None));
+        assert_eq!(c.lookup(&key(), ReadConsistency::Eventual), Some(None));
+        assert_eq!(
+            c.lookup(&Bytes::from_static(b"other"), ReadConsistency::Eventual),
+            None
+        );
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses), (1, 1));
+    }
+
+    #[test]
+    fn bounded_reads_need_a_proven_recent_value() {
+        let c = cache(100, 1 << 20, Duration::from_secs(60));
+        let bound = ReadConsistency::BoundedStaleness(Duration::from_secs(10));
+        fill(&c, "k", CachedRead::new(kv("k", "v", 3), 5, None));
+        assert_eq!(
+            c.lookup(&key(), bound),
+            None,
+            "a local read proves no freshness"
+        );
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(30));
+        fill(&c, "k", CachedRead::new(kv("k", "v", 3), 6, long_ago));
+        assert_eq!(c.lookup(&key(), bound), None, "proven current too long ago");
+        fill(
+            &c,
+            "k",
+            CachedRead::new(kv("k", "v", 3), 7, Some(Instant::now())),
+        );
+        assert_eq!(c.lookup(&key(), bound), Some(kv("k", "v", 3)));
+        // A later local read of the same version keeps the proof.
+        fill(&c, "k", CachedRead::new(kv("k", "v", 3), 8, None));
+        assert_eq!(c.lookup(&key(), bound), Some(kv("k", "v", 3)));
+        // A newer version without proof drops it.
+        fill(&c, "k", CachedRead::new(kv("k", "w", 9), 9, None));
+        assert_eq!(c.lookup(&key(), bound), None);
+        assert_eq!(
+            c.lookup(&key(), ReadConsistency::Eventual),
+            Some(kv("k", "w", 9))
+        );
+    }
+
+    #[test]
+    fn fresh_at_follows_the_level() {
+        let now = Instant::now();
+        assert_eq!(fresh_at(ReadConsistency::Strong, now), Some(now));
+        assert_eq!(
+            fresh_at(
+                ReadConsistency::BoundedStaleness(Duration::from_millis(5)),
+                now
+            ),
+            now.checked_sub(Duration::from_millis(5))
+        );
+        for level in [
+            ReadConsistency::Session(3),
+            ReadConsistency::ConsistentPrefix,
+            ReadConsistency::Eventual,
+        ] {
+            assert_eq!(fresh_at(level, now), None);
+        }
+    }
+
+    #[test]
+    fn entries_expire_after_the_ttl() {
+        let ttl = Duration::from_millis(100);
+        let c = cache(100, 1 << 20, ttl);
+        fill(
+            &c,
+            "k",
+            CachedRead::new(kv("k", "v", 3), 5, Some(Instant::now())),
+        );
+        assert!(c.lookup(&key(), ReadConsistency::Eventual).is_some());
+        // Time itself is what is tested here.
+        std::thread::sleep(ttl + Duration::from_millis(50));
+        assert_eq!(c.lookup(&key(), ReadConsistency::Eventual), None);
+        assert_eq!(
+            c.lookup(
+                &key(),
+                ReadConsistency::BoundedStaleness(Duration::from_secs(60))
+            ),
+            None,
+            "the TTL bounds bounded-staleness hits too"
+        );
+        assert_eq!(c.stats().entries, 0);
+    }
+
+    #[test]
+    fn the_entry_count_is_bounded() {
+        let c = cache(10, 1 << 30, Duration::from_secs(60));
+        for i in 0..100u64 {
+            let k = Bytes::from(format!("k{i}"));
+            let f = c.fence(&k);
+            c.fill(k.clone(), f, CachedRead::new(None, i + 1, None));
+        }
+        let s = c.stats();
+        assert!(s.entries <= 10, "{s:?}");
+        assert!(s.entries > 0, "{s:?}");
+    }
+
+    #[test]
+    fn the_bytes_are_bounded() {
+        let bytes_max = 64 * 1024;
+        let c = cache(1_000, bytes_max, Duration::from_secs(60));
+        let value = Bytes::from(vec![7u8; 10 * 1024]);
+        for i in 0..50u64 {
+            let k = Bytes::from(format!("k{i}"));
+            let f = c.fence(&k);
+            let state = Some(KeyValue {
+                key: k.clone(),
+                value: value.clone(),
+                version: i + 1,
+            });
+            c.fill(k, f, CachedRead::new(state, i + 1, None));
+        }
+        let s = c.stats();
+        assert!(s.bytes <= bytes_max, "{s:?}");
+        assert!(s.entries >= 1 && s.entries <= 6, "{s:?}");
+    }
+
+    #[test]
+    fn charges_respect_both_bounds() {
+        let cfg = ReadCacheConfig {
+            entries_max: 10,
+            bytes_max: 1_000,
+            ttl: Duration::from_secs(1),
+        };
+        assert_eq!(cfg.charge_min_and_capacity(), (100, 1_000));
+        let cfg = ReadCacheConfig {
+            entries_max: 2,
+            bytes_max: u64::MAX,
+            ttl: Duration::from_secs(1),
+        };
+        assert_eq!(
+            cfg.charge_min_and_capacity(),
+            (ENTRY_BYTES_MAX, 2 * ENTRY_BYTES_MAX)
+        );
+        let bad = ReadCacheConfig {
+            ttl: Duration::ZERO,
+            ..ReadCacheConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = ReadCacheConfig {
+            entries_max: 0,
+            ..ReadCacheConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn invalidation_removes_the_key_and_stops_fills_in_flight() {
+        let c = cache(100, 1 << 20, Duration::from_secs(60));
+        fill(&c, "k", CachedRead::new(kv("k", "v1", 3), 5, None));
+        let in_flight = c.fence(&key());
+        c.invalidate(&key());
+        assert_eq!(c.lookup(&key(), ReadConsistency::Eventual), None);
+        c.fill(key(), in_flight, CachedRead::new(kv("k", "v1", 3), 6, None));
+        assert_eq!(
+            c.lookup(&key(), ReadConsistency::Eventual),
+            None,
+            "a read sent before the write must not refill the key"
+        );
+        // A read sent after the invalidation fills again.
+        fill(&c, "k", CachedRead::new(kv("k", "v2", 7), 7, None));
+        assert_eq!(
+            c.lookup(&key(), ReadConsistency::Eventual),
+            Some(kv("k", "v2", 7))
+        );
+        // Invalidating another key leaves this one.
+        c.invalidate(&Bytes::from_static(b"other"));
+        assert!(c.lookup(&key(), ReadConsistency::Eventual).is_some());
+    }
+
+    #[test]
+    fn own_writes_replace_older_state_and_older_reads_never_replace_newer() {
+        let c = cache(100, 1 << 20, Duration::from_secs(60));
+        let in_flight = c.fence(&key());
+        c.store_written(
+            key(),
+            CachedRead::new(kv("k", "v2", 10), 10, Some(Instant::now())),
+        );
+        c.fill(key(), in_flight, CachedRead::new(kv("k", "v1", 4), 8, None));
+        assert_eq!(
+            c.lookup(&key(), ReadConsistency::Eventual),
+            Some(kv("k", "v2", 10))
+        );
+        // A lagging replica's read, sent after the write, is older state.
+        fill(&c, "k", CachedRead::new(kv("k", "v1", 4), 9, None));
+        assert_eq!(
+            c.lookup(&key(), ReadConsistency::Eventual),
+            Some(kv("k", "v2", 10))
+        );
+        // An acknowledged delete is cached as absent.
+        c.store_written(key(), CachedRead::new(None, 11, None));
+        assert_eq!(c.lookup(&key(), ReadConsistency::Eventual), Some(None));
+    }
+}
