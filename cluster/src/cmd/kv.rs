@@ -129,9 +129,9 @@ pub fn parse_consistency(s: &str) -> Result<ReadConsistency, String> {
         ("bounded", None) => Err("bounded needs a staleness bound, e.g. bounded:500ms".into()),
         ("session", Some(t)) => t
             .trim()
-            .parse::<u64>()
-            .map(ReadConsistency::Session)
-            .map_err(|_| format!("session token {t:?} is not a number (use a put's session_token)")),
+            .parse::<lmskv_client::SessionToken>()
+            .map(|tok| tok.read_consistency())
+            .map_err(|e| format!("bad session token {t:?}: {e} (use a put's session_token)")),
         ("session", None) => Err("session needs a token, e.g. session:42 (a put's session_token)".into()),
         ("strong" | "prefix" | "consistent-prefix" | "eventual", Some(_)) => {
             Err(format!("level {level:?} takes no parameter"))
