@@ -560,7 +560,7 @@ fn render_ready(view: &ReadyView) -> String {
     }
     let endpoints = view.endpoints.join(",");
     format!(
-        "lmskv local cluster is up: {} node(s), node {} leads the meta range.\n\n{}\n\
+        "lmskv local cluster is up: {} node(s), node {} leads range 1.\n\n{}\n\
          Endpoints: {endpoints}\n\n\
          Try:\n  lmskv --endpoints {endpoints} kv put hello world\n  \
          lmskv --endpoints {endpoints} kv get hello\n  \
