@@ -4,7 +4,7 @@
 //! The launcher checks everything it can before starting anything (node
 //! count, free ports, the node binary), starts node `i` on
 //! `127.0.0.1:(base_port + i - 1)` with its data in `DIR/node-i` and its output
-//! appended to `DIR/node-i.log`, waits (bounded) until the meta range has a
+//! appended to `DIR/node-i.log`, waits (bounded) until range 1 has a
 //! leader and every node is up, and prints how to reach the cluster.
 //!
 //! Each node has a supervisor task that owns its process. A node that exits

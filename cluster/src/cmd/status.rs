@@ -1,5 +1,5 @@
 //! `lmskv status`: the cluster's nodes and ranges as the leader of the first
-//! range (the meta range) sees them.
+//! range (range 1) sees them.
 //!
 //! The node report ([`StatusResponse`]) is turned into a [`StatusView`], whose
 //! JSON shape is stable; the table form adds the key span of each range.
