@@ -356,12 +356,25 @@ async fn followers_serve_reads_at_the_weaker_levels() {
             ReadConsistency::Session(w.index),
             ReadConsistency::ConsistentPrefix,
         ] {
-            let r = tokio::time::timeout(
-                Duration::from_secs(10),
-                client.get_detailed("spread/k", level),
-            )
-            .await;
-            results.push((level, r));
+            // On a loaded machine one replica attempt may time out; the read
+            // must still succeed on a follower within a few tries.
+            let mut r = None;
+            for _ in 0..3 {
+                let got = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    client.get_detailed("spread/k", level),
+                )
+                .await;
+                let done = matches!(got, Ok(Ok(_)));
+                if let Ok(Err(e)) = &got {
+                    phase!("{level:?} read failed once: {e}");
+                }
+                r = Some(got);
+                if done {
+                    break;
+                }
+            }
+            results.push((level, r.expect("at least one try")));
         }
         c.resume(leader).unwrap();
         for (level, r) in results {
