@@ -52,3 +52,14 @@ test: setup fmt-check lint build integration-test
 
 clean:
 	$(CARGO) clean
+
+# Chaos runs: workloads against a real cluster under kill and pause faults,
+# checked for linearizability and lost writes; the report lands in bench/.
+.PHONY: chaos chaos-short
+chaos: build
+	@mkdir -p bench
+	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 5 --duration 1800s --report bench/chaos-report.json
+
+chaos-short: build
+	@mkdir -p bench
+	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 3 --duration 30s --report bench/chaos-report.json

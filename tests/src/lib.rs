@@ -3,6 +3,7 @@
 //!
 //! The suites live in `tests/tests/*.rs`, one binary each.
 
+pub mod chaos;
 pub mod checker;
 pub mod cluster;
 

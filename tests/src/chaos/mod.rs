@@ -1,0 +1,268 @@
+//! A chaos run against a real multi-process cluster: workloads record what
+//! clients observe while a nemesis kills and pauses nodes, then the checkers
+//! judge the histories.
+//!
+//! [`run`] is the library entry that the `lmskv-chaos` binary and the short
+//! in-test run share. A run has three phases: start a [`TestCluster`], run the
+//! workloads concurrently with the nemesis loop until the duration is up, then
+//! heal every node, read the final state and check it. Every fault and every
+//! workload choice comes from the run's seed, so a failing run prints the seed
+//! that reproduces its schedule.
+
+mod failover;
+mod nemesis;
+mod register;
+mod report;
+mod set;
+mod stats;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{phase, ClusterOptions, TestCluster};
+
+pub use failover::FailoverTracker;
+pub use report::{ChaosReport, FailoverStats, Linearizable, NemesisCounts};
+pub use stats::OpStats;
+
+/// Longest run the options accept.
+pub const DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
+/// Most nodes a chaos cluster may have.
+pub const NODES_MAX: usize = 7;
+/// How long the run waits for a leader after the cluster is healed.
+pub const HEAL_LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the workload tasks may take to finish their last operation once
+/// told to stop (longer than the client's 20 s call deadline).
+pub const WORKLOAD_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on any single client call, on top of the client's own deadline.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// A kind of fault the nemesis can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Nemesis {
+    /// `kill -9` a node, then restart it after 1–3 s.
+    Kill,
+    /// SIGSTOP a node for 1–3 s, then SIGCONT it.
+    Pause,
+}
+
+impl Nemesis {
+    /// Every nemesis this build supports.
+    pub const SUPPORTED: [Nemesis; 2] = [Nemesis::Kill, Nemesis::Pause];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Nemesis::Kill => "kill",
+            Nemesis::Pause => "pause",
+        }
+    }
+}
+
+impl fmt::Display for Nemesis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses a comma-separated nemesis list; `all` means every supported one.
+/// Names of faults that are planned but not built yet are refused with the
+/// list of supported ones.
+pub fn parse_nemeses(s: &str) -> anyhow::Result<Vec<Nemesis>> {
+    let supported = Nemesis::SUPPORTED.map(Nemesis::name).join(", ");
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "all" => out.extend(Nemesis::SUPPORTED),
+            "kill" => out.push(Nemesis::Kill),
+            "pause" => out.push(Nemesis::Pause),
+            other => bail!("nemesis `{other}` is not supported; supported: {supported} (or `all`)"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    if out.is_empty() {
+        bail!("no nemesis given; supported: {supported} (or `all`)");
+    }
+    Ok(out)
+}
+
+/// A workload the run drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Workload {
+    /// STRONG reads, writes and compare-and-swaps on a few keys, checked for
+    /// linearizability.
+    Register,
+    /// Unique adds under the `set/` prefix, checked for lost and phantom
+    /// elements against a final scan.
+    Set,
+}
+
+/// Parses a comma-separated workload list (`register`, `set`).
+pub fn parse_workloads(s: &str) -> anyhow::Result<Vec<Workload>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "register" => out.push(Workload::Register),
+            "set" => out.push(Workload::Set),
+            other => bail!("workload `{other}` is not supported; supported: register, set"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    if out.is_empty() {
+        bail!("no workload given; supported: register, set");
+    }
+    Ok(out)
+}
+
+/// Parses a duration such as `60s`, `30m`, `1h` or `500ms` (a bare number is
+/// seconds).
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("bad duration `{s}`: expected e.g. 60s, 30m, 500ms"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => bail!("bad duration unit `{other}` in `{s}`: use ms, s, m or h"),
+    };
+    Ok(d)
+}
+
+/// What a chaos run does.
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    /// Cluster size (3 or 5 in practice).
+    pub nodes: usize,
+    /// How long workloads and nemesis run, before healing and checking.
+    pub duration: Duration,
+    /// Faults the nemesis may pick from.
+    pub nemeses: Vec<Nemesis>,
+    /// Workloads to run concurrently.
+    pub workloads: Vec<Workload>,
+    /// Seed for every random choice of the run.
+    pub seed: u64,
+}
+
+impl ChaosOptions {
+    /// Checks the options are within limits.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.nodes < 3 || self.nodes > NODES_MAX {
+            bail!(
+                "--nodes must be between 3 and {NODES_MAX} (got {}): a fault needs a majority left",
+                self.nodes
+            );
+        }
+        if self.duration.is_zero() || self.duration > DURATION_MAX {
+            bail!("--duration must be between 1 ms and {DURATION_MAX:?}");
+        }
+        if self.nemeses.is_empty() || self.workloads.is_empty() {
+            bail!("at least one nemesis and one workload are needed");
+        }
+        Ok(())
+    }
+}
+
+/// Runs a chaos test as `opts` says and returns its report. An `Err` means the
+/// run itself could not be carried out (the cluster did not start or never
+/// healed); correctness failures are in the report.
+pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
+    opts.validate()?;
+    let started = Instant::now();
+    phase!(
+        "chaos: {} nodes, {:?}, nemesis {:?}, workloads {:?}, seed {}",
+        opts.nodes,
+        opts.duration,
+        opts.nemeses,
+        opts.workloads,
+        opts.seed
+    );
+    let mut cluster = TestCluster::start(ClusterOptions {
+        nodes: opts.nodes,
+        ..ClusterOptions::default()
+    })
+    .await?;
+
+    phase!("start workloads and nemesis");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(OpStats::default());
+    let failover = Arc::new(FailoverTracker::default());
+    let register = opts.workloads.contains(&Workload::Register).then(|| {
+        register::start(
+            &cluster,
+            opts.seed,
+            stop.clone(),
+            stats.clone(),
+            failover.clone(),
+        )
+    });
+    let set = opts.workloads.contains(&Workload::Set).then(|| {
+        set::start(
+            &cluster,
+            opts.seed,
+            stop.clone(),
+            stats.clone(),
+            failover.clone(),
+        )
+    });
+
+    let counts = nemesis::run(
+        &mut cluster,
+        &opts.nemeses,
+        opts.seed,
+        opts.duration,
+        &failover,
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+
+    phase!("stop workloads; every node is healed");
+    let leader = cluster
+        .wait_leader(HEAL_LEADER_TIMEOUT)
+        .await
+        .context("no leader after healing the cluster")?;
+    phase!("leader after healing: node {leader}");
+
+    let linearizable = match register {
+        Some(r) => r.finish().await,
+        None => Linearizable::NotRun,
+    };
+    let set_result = match set {
+        Some(s) => Some(s.finish(&cluster).await?),
+        None => None,
+    };
+
+    let ops = stats.snapshot();
+    let report = ChaosReport {
+        ops_ok: ops.ok,
+        ops_failed: ops.failed,
+        ops_unknown: ops.unknown,
+        lost_writes: set_result.as_ref().map(|s| s.lost),
+        phantom_writes: set_result.as_ref().map(|s| s.phantom),
+        set_acknowledged: set_result.as_ref().map(|s| s.acknowledged),
+        linearizable,
+        bank_ok: None,
+        failover_ms: FailoverStats::from_samples(&failover.samples()),
+        seed: opts.seed,
+        nemesis: counts,
+        duration_s: started.elapsed().as_secs_f64(),
+        nodes: opts.nodes,
+    };
+    phase!("chaos run done: {}", report.verdict_line());
+    Ok(report)
+}
+
+/// Awaits `fut` for at most [`OP_TIMEOUT`]; `None` if it took longer.
+pub(crate) async fn bounded<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    tokio::time::timeout(OP_TIMEOUT, fut).await.ok()
+}

@@ -1,0 +1,207 @@
+//! [`ChaosReport`]: the outcome of a chaos run, printed as a summary and
+//! written as JSON.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+/// The linearizability verdict of the register workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Linearizable {
+    /// The history was proven linearizable.
+    Yes,
+    /// The history is not linearizable; the explanation says where.
+    No(String),
+    /// The checker ran out of budget, or the history could not be gathered.
+    Unknown(String),
+    /// The register workload was not part of the run.
+    NotRun,
+}
+
+impl Serialize for Linearizable {
+    /// `true`, `false`, `"unknown"`, or `null` when not run.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Linearizable::Yes => s.serialize_bool(true),
+            Linearizable::No(_) => s.serialize_bool(false),
+            Linearizable::Unknown(_) => s.serialize_str("unknown"),
+            Linearizable::NotRun => s.serialize_none(),
+        }
+    }
+}
+
+/// Failover times, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FailoverStats {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile (nearest rank).
+    pub p99: u64,
+    /// Longest.
+    pub max: u64,
+    /// How many failovers were measured.
+    pub samples: usize,
+}
+
+impl FailoverStats {
+    /// Percentiles of `samples`; `None` when there are none.
+    pub fn from_samples(samples: &[Duration]) -> Option<FailoverStats> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut ms: Vec<u64> = samples.iter().map(|d| d.as_millis() as u64).collect();
+        ms.sort_unstable();
+        let rank = |p: f64| {
+            let i = ((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len());
+            ms[i - 1]
+        };
+        Some(FailoverStats {
+            p50: rank(0.50),
+            p99: rank(0.99),
+            max: ms[ms.len() - 1],
+            samples: ms.len(),
+        })
+    }
+}
+
+/// How many faults of each kind the nemesis injected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct NemesisCounts {
+    /// Nodes killed with SIGKILL and restarted.
+    pub kill: u64,
+    /// Nodes paused with SIGSTOP and resumed.
+    pub pause: u64,
+    /// Faults whose target was the leader of range 1.
+    pub leader_faults: u64,
+    /// Fault or heal steps that returned an error (logged as they happened).
+    pub errors: u64,
+}
+
+/// The outcome of a chaos run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChaosReport {
+    /// Operations the store answered.
+    pub ops_ok: u64,
+    /// Operations that definitely had no effect.
+    pub ops_failed: u64,
+    /// Writes whose outcome is unknown.
+    pub ops_unknown: u64,
+    /// Acknowledged set adds missing from the final read; `None` without the
+    /// set workload.
+    pub lost_writes: Option<usize>,
+    /// Elements in the final read that nobody added.
+    pub phantom_writes: Option<usize>,
+    /// Acknowledged set adds.
+    pub set_acknowledged: Option<usize>,
+    /// The register workload's verdict.
+    pub linearizable: Linearizable,
+    /// The bank workload's verdict; there is no bank workload yet.
+    pub bank_ok: Option<bool>,
+    /// Failover times after leader faults; `None` if none was measured.
+    pub failover_ms: Option<FailoverStats>,
+    /// The seed that reproduces the run's schedule.
+    pub seed: u64,
+    /// Faults injected.
+    pub nemesis: NemesisCounts,
+    /// Wall-clock length of the whole run, set-up and checks included.
+    pub duration_s: f64,
+    /// Cluster size.
+    pub nodes: usize,
+}
+
+impl ChaosReport {
+    /// Whether the run passed: the register history is linearizable (or the
+    /// register workload did not run) and the set lost nothing and gained
+    /// nothing.
+    pub fn passed(&self) -> bool {
+        let lin_ok = matches!(self.linearizable, Linearizable::Yes | Linearizable::NotRun);
+        lin_ok && self.lost_writes.unwrap_or(0) == 0 && self.phantom_writes.unwrap_or(0) == 0
+    }
+
+    /// One line: PASS or FAIL and why.
+    pub fn verdict_line(&self) -> String {
+        if self.passed() {
+            return format!("PASS (seed {})", self.seed);
+        }
+        let mut why = Vec::new();
+        match &self.linearizable {
+            Linearizable::No(e) => why.push(format!("not linearizable: {e}")),
+            Linearizable::Unknown(e) => why.push(format!("linearizability unknown: {e}")),
+            Linearizable::Yes | Linearizable::NotRun => {}
+        }
+        if let Some(n) = self.lost_writes.filter(|&n| n > 0) {
+            why.push(format!("{n} lost write(s)"));
+        }
+        if let Some(n) = self.phantom_writes.filter(|&n| n > 0) {
+            why.push(format!("{n} phantom element(s)"));
+        }
+        format!("FAIL: {}; rerun with --seed {}", why.join("; "), self.seed)
+    }
+}
+
+impl fmt::Display for ChaosReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let opt = |v: Option<usize>| v.map_or("n/a".to_string(), |n| n.to_string());
+        writeln!(
+            f,
+            "chaos run: {} nodes, {:.1} s, seed {}",
+            self.nodes, self.duration_s, self.seed
+        )?;
+        writeln!(
+            f,
+            "  ops:          {} ok, {} failed, {} unknown",
+            self.ops_ok, self.ops_failed, self.ops_unknown
+        )?;
+        writeln!(
+            f,
+            "  nemesis:      {} kill, {} pause ({} on the leader, {} errors)",
+            self.nemesis.kill, self.nemesis.pause, self.nemesis.leader_faults, self.nemesis.errors
+        )?;
+        match &self.failover_ms {
+            Some(s) => writeln!(
+                f,
+                "  failover:     p50 {} ms, p99 {} ms, max {} ms ({} measured)",
+                s.p50, s.p99, s.max, s.samples
+            )?,
+            None => writeln!(f, "  failover:     none measured")?,
+        }
+        let lin = match &self.linearizable {
+            Linearizable::Yes => "yes".to_string(),
+            Linearizable::No(e) => format!("NO: {e}"),
+            Linearizable::Unknown(e) => format!("unknown: {e}"),
+            Linearizable::NotRun => "n/a (register workload not run)".to_string(),
+        };
+        writeln!(f, "  linearizable: {lin}")?;
+        writeln!(
+            f,
+            "  set:          {} acknowledged, {} lost, {} phantom",
+            opt(self.set_acknowledged),
+            opt(self.lost_writes),
+            opt(self.phantom_writes)
+        )?;
+        write!(f, "  verdict:      {}", self.verdict_line())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let s = FailoverStats::from_samples(&samples).unwrap();
+        assert_eq!((s.p50, s.p99, s.max, s.samples), (50, 99, 100, 100));
+        assert!(FailoverStats::from_samples(&[]).is_none());
+    }
+
+    #[test]
+    fn linearizable_serializes_as_bool_string_or_null() {
+        let j = |l: Linearizable| serde_json::to_string(&l).unwrap();
+        assert_eq!(j(Linearizable::Yes), "true");
+        assert_eq!(j(Linearizable::No(String::new())), "false");
+        assert_eq!(j(Linearizable::Unknown(String::new())), "\"unknown\"");
+        assert_eq!(j(Linearizable::NotRun), "null");
+    }
+}
