@@ -144,12 +144,14 @@ async fn a_follower_serves_bounded_staleness_reads_only_while_it_can_prove_the_b
             || {
                 let mut kv = c.kv(follower);
                 let req = bounded(300);
-                async move { kv.get(req).await.ok() }
+                // Within the bound the follower may still miss v1 (acknowledged
+                // less than 300 ms ago); it must catch up and keep serving.
+                async move { kv.get(req).await.ok()?.into_inner().kv }
             },
         )
         .await
         .unwrap();
-        assert_eq!(v.into_inner().kv.unwrap().value, Bytes::from_static(b"v1"));
+        assert_eq!(v.value, Bytes::from_static(b"v1"));
 
         phase!("pause follower {follower}, write v2, resume it and read at once");
         c.pause(follower).unwrap();
