@@ -726,6 +726,26 @@ impl Client {
 
     /// After a write to `key` was answered: records the state it left, or
     /// forgets the key when the outcome is unknown or not known exactly.
+    /// Sends a write of one key to the leader, keeping the read cache honest:
+    /// the key is forgotten before sending and again if the write fails.
+    /// Returns the response and when the write was sent.
+    async fn write_key<T, F, Fut>(&self, key: &Bytes, f: F) -> Result<(T, StdInstant), ClientError>
+    where
+        T: Served,
+        F: FnMut(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.invalidate(std::slice::from_ref(key));
+        let started = StdInstant::now();
+        match self.call(Route::Leader, f).await {
+            Ok(r) => Ok((r, started)),
+            Err(e) => {
+                self.after_write(key.clone(), None);
+                Err(e)
+            }
+        }
+    }
+
     fn after_write(&self, key: Bytes, state: Option<CachedRead>) {
         if let Some(c) = &self.inner.cache {
             match state {
@@ -817,21 +837,12 @@ impl Client {
             value: value.clone(),
             write: Some(write_opts(opts)),
         };
-        self.invalidate(std::slice::from_ref(&key));
-        let started = StdInstant::now();
-        let resp = self
-            .call(Route::Leader, |mut c| {
+        let (resp, started) = self
+            .write_key(&key, |mut c| {
                 let req = req.clone();
                 async move { c.put(req).await }
             })
-            .await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                self.after_write(key, None);
-                return Err(e);
-            }
-        };
+            .await?;
         let index = resp
             .header
             .as_ref()
@@ -869,21 +880,12 @@ impl Client {
             key: key.clone(),
             write: Some(write_opts(opts)),
         };
-        self.invalidate(std::slice::from_ref(&key));
-        let started = StdInstant::now();
-        let resp = self
-            .call(Route::Leader, |mut c| {
+        let (resp, started) = self
+            .write_key(&key, |mut c| {
                 let req = req.clone();
                 async move { c.delete(req).await }
             })
-            .await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                self.after_write(key, None);
-                return Err(e);
-            }
-        };
+            .await?;
         let index = resp.header.map(|h| h.applied_index).unwrap_or(0);
         self.after_write(key, written_state(None, index, opts, started));
         Ok((resp.deleted, index))
@@ -909,21 +911,12 @@ impl Client {
             new_value: new_value.unwrap_or_default(),
             write: Some(write_opts(opts)),
         };
-        self.invalidate(std::slice::from_ref(&key));
-        let started = StdInstant::now();
-        let resp = self
-            .call(Route::Leader, |mut c| {
+        let (resp, started) = self
+            .write_key(&key, |mut c| {
                 let req = req.clone();
                 async move { c.compare_and_swap(req).await }
             })
-            .await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                self.after_write(key, None);
-                return Err(e);
-            }
-        };
+            .await?;
         let index = resp.header.map(|h| h.applied_index).unwrap_or(0);
         let current: Option<KeyValue> = resp.current.map(Into::into);
         // Either way the response holds the key's state as of the call.
