@@ -2,6 +2,8 @@
 //! and restarted mid-run; the recorded history of STRONG reads, writes and
 //! compare-and-swaps must be linearizable.
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,20 +29,15 @@ async fn strong_reads_writes_and_cas_stay_linearizable_across_a_leader_crash() {
         for client_id in 0..CLIENTS {
             let (client, rec, stop) = (c.client(), recorder.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let mut rng = seed.wrapping_add(client_id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                let mut next = move || {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng
-                };
+                // One seeded stream per client: a run replays from its seed.
+                let mut rng = StdRng::seed_from_u64(seed ^ client_id);
                 let mut n = 0u64;
                 let mut last_seen: Option<Bytes> = None;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let key = Bytes::from(format!("reg/{}", next() % KEYS));
+                    let key = Bytes::from(format!("reg/{}", rng.gen::<u64>() % KEYS));
                     let value = Bytes::from(format!("c{client_id}-{n}"));
-                    match next() % 10 {
+                    match rng.gen::<u64>() % 10 {
                         0..=4 => {
                             let inv = rec.invoke(client_id, key.clone(), Op::Read).unwrap();
                             match client.get(key, ReadConsistency::Strong).await {

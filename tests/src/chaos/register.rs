@@ -6,6 +6,8 @@
 //! each key's history stays short however long the run is, and the checker's
 //! per-key search stays within budget.
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,15 +59,8 @@ pub fn start(
                 ops.clone(),
             );
             tokio::spawn(async move {
-                let mut rng = seed
-                    .wrapping_add(client_id.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-                    .max(1);
-                let mut next = move || {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng
-                };
+                // One seeded stream per client: a run replays from its seed.
+                let mut rng = StdRng::seed_from_u64(seed ^ client_id);
                 let mut n = 0u64;
                 let mut last_seen: Option<Bytes> = None;
                 let mut last_epoch = 0;
@@ -79,9 +74,9 @@ pub fn start(
                         last_seen = None;
                         last_epoch = epoch;
                     }
-                    let key = Bytes::from(format!("reg/{epoch}/{}", next() % KEYS));
+                    let key = Bytes::from(format!("reg/{epoch}/{}", rng.gen::<u64>() % KEYS));
                     let value = Bytes::from(format!("c{client_id}-{n}"));
-                    let op = match next() % 10 {
+                    let op = match rng.gen::<u64>() % 10 {
                         0..=4 => Op::Read,
                         5..=7 => Op::Write(value.clone()),
                         _ => Op::Cas {
