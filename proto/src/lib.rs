@@ -7,6 +7,7 @@
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod range;
 
 /// Generated protobuf types and gRPC services of package `lmskv.v1`.
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]
