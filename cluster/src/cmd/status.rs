@@ -170,16 +170,19 @@ mod tests {
             node_id: 1,
             address: "127.0.0.1:7001".into(),
             initialized: true,
+            cluster: None,
             nodes: vec![
                 NodeInfo {
                     node_id: 2,
                     address: "127.0.0.1:7002".into(),
                     state: "down".into(),
+                    ..Default::default()
                 },
                 NodeInfo {
                     node_id: 1,
                     address: "127.0.0.1:7001".into(),
                     state: "up".into(),
+                    ..Default::default()
                 },
             ],
             ranges: vec![RangeStatus {
