@@ -29,9 +29,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let sm = StateMachine::open(
             engine,
             7,
-            (Bytes::new(), Bytes::new()),
             dir.path().join("snapshots"),
             Duration::from_secs(60),
+            Arc::new(|_| {}),
         )
         .expect("open state machine");
         Ok((dir, log, sm))
