@@ -290,6 +290,15 @@ impl TestCluster {
             .expect("client")
     }
 
+    /// Ids of the nodes whose processes run (started and not killed or stopped).
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
     /// A raw gRPC `Kv` client bound to node `id` (no routing, no retries).
     pub fn kv(&self, id: u64) -> KvClient<Channel> {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id)))

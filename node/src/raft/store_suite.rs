@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::StorageError;
 

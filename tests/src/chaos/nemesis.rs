@@ -101,8 +101,7 @@ async fn leader_of(cluster: &TestCluster) -> Option<u64> {
         let mut best: Option<(u64, u64)> = None;
         for n in &cluster.nodes {
             if let Ok(s) = cluster.status(n.id).await {
-                if let Some(r) =
-                    crate::cluster::user_range(&s).filter(|r| r.local_role == "leader")
+                if let Some(r) = crate::cluster::user_range(&s).filter(|r| r.local_role == "leader")
                 {
                     if best.is_none_or(|(term, _)| r.term > term) {
                         best = Some((r.term, n.id));
