@@ -229,6 +229,11 @@ impl Node {
                             if n.replicas.get(left).map(|l| l.leader_id() == n.node_id()).unwrap_or(false) {
                                 r.campaign().await;
                             }
+                            // The left range's current snapshot still covers
+                            // the old span; new members need one of the new.
+                            if let Ok(l) = n.replicas.get(left) {
+                                l.trigger_snapshot().await;
+                            }
                         }
                         Err(e) => tracing::warn!(left, right, error = %e, "cannot open split range"),
                     }

@@ -33,7 +33,12 @@ use crate::node::Node;
 const OPS_INFLIGHT_MAX: usize = 4;
 /// How long one node-to-node placement call may take (a learner catching up
 /// by snapshot is part of a replica change).
-const PLACEMENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+const PLACEMENT_CALL_TIMEOUT: Duration = Duration::from_secs(40);
+/// Longest one replica change may run before its slot is freed for others
+/// (it is planned again in a later round if still needed).
+const OP_TIMEOUT: Duration = Duration::from_secs(45);
+/// Addresses one call to a range's leader tries.
+const LEADER_TARGETS_MAX: usize = 8;
 /// A node heard from within this is shown as "up".
 const NODE_UP_WITHIN: Duration = Duration::from_secs(5);
 
@@ -437,7 +442,9 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         start_op(node, op);
     }
     let rf = node.cfg.file.replication_factor;
-    let (candidates, live): (Vec<u64>, HashSet<u64>) = {
+    // A voter is bad only when known to be dead or draining; a node not yet
+    // registered (its first heartbeat is on the way) is not bad.
+    let (candidates, live, bad): (Vec<u64>, HashSet<u64>, HashSet<u64>) = {
         let st = pd.state.lock().expect("pd lock");
         let live: HashSet<u64> = records
             .values()
@@ -449,7 +456,17 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             .filter(|r| r.state == NodeState::Up && live.contains(&r.node_id))
             .map(|r| r.node_id)
             .collect();
-        (cands, live)
+        let mut bad = HashSet::new();
+        for d in &descs {
+            for v in &d.voters {
+                let dead = !pd.is_live(&st, *v);
+                let draining = records.get(v).is_some_and(|r| r.state != NodeState::Up);
+                if dead || draining {
+                    bad.insert(*v);
+                }
+            }
+        }
+        (cands, live, bad)
     };
     let mut load: HashMap<u64, usize> = candidates.iter().map(|c| (*c, 0)).collect();
     for d in &descs {
@@ -466,9 +483,10 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             .voters
             .iter()
             .copied()
-            .filter(|v| candidates.contains(v))
+            .filter(|v| !bad.contains(v))
             .collect();
-        let want = rf.min(candidates.len().max(1));
+        let usable: HashSet<u64> = candidates.iter().chain(&keep).copied().collect();
+        let want = rf.min(usable.len().max(1));
         let mut voters = keep.clone();
         let reason;
         if keep.len() < want {
@@ -690,10 +708,11 @@ fn start_op(node: &Arc<Node>, op: PendingOp) -> bool {
     tokio::spawn(async move {
         let range_id = op.range_id;
         tracing::info!(range_id, voters = ?op.voters, reason = %op.reason, "replica change");
-        let r = run_op(&node, &op).await;
+        let r = tokio::time::timeout(OP_TIMEOUT, run_op(&node, &op)).await;
         match r {
-            Ok(()) => tracing::info!(range_id, voters = ?op.voters, "replica change done"),
-            Err(e) => tracing::warn!(range_id, error = %e, "replica change failed; will retry"),
+            Ok(Ok(())) => tracing::info!(range_id, voters = ?op.voters, "replica change done"),
+            Ok(Err(e)) => tracing::warn!(range_id, error = %e, "replica change failed; will retry"),
+            Err(_) => tracing::warn!(range_id, "replica change timed out; will retry"),
         }
         node.pd
             .inflight
@@ -785,7 +804,7 @@ where
     while let Some(addr) = targets.first().cloned() {
         targets.remove(0);
         tried += 1;
-        if tried > 8 {
+        if tried > LEADER_TARGETS_MAX {
             break;
         }
         let c = admin(node, &addr).await?;

@@ -290,6 +290,15 @@ impl TestCluster {
             .expect("client")
     }
 
+    /// The OS process id of node `id`, when it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .and_then(|n| n.child.as_ref())
+            .map(|c| c.id())
+    }
+
     /// Ids of the nodes whose processes run (started and not killed or stopped).
     pub fn running(&self) -> Vec<u64> {
         self.nodes

@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 use crate::cluster::TestCluster;
 
 /// Attempts of one routed call before it fails the test.
-const ROUTED_ATTEMPTS_MAX: usize = 100;
+const ROUTED_ATTEMPTS_MAX: usize = 300;
 /// Pause between attempts.
 const ROUTED_RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Longest one gRPC call may take.
@@ -194,6 +194,16 @@ impl TestCluster {
     /// each through its leader at the epoch it was located with, so a range
     /// that split meanwhile refuses the page and is located again.
     pub async fn routed_scan_keys(&self, start: &[u8], end: &[u8]) -> anyhow::Result<Vec<Bytes>> {
+        Ok(self
+            .routed_scan(start, end)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    /// Every key in `[start, end)` with its version, as [`Self::routed_scan_keys`].
+    pub async fn routed_scan(&self, start: &[u8], end: &[u8]) -> anyhow::Result<Vec<(Bytes, u64)>> {
         let mut out = Vec::new();
         let mut cur = Bytes::copy_from_slice(start);
         let end = Bytes::copy_from_slice(end);
@@ -237,7 +247,7 @@ impl TestCluster {
                 tokio::time::sleep(ROUTED_RETRY_PAUSE).await;
                 continue;
             };
-            out.extend(resp.kvs.into_iter().map(|kv| kv.key));
+            out.extend(resp.kvs.into_iter().map(|kv| (kv.key, kv.version)));
             if !resp.next_page_token.is_empty() {
                 cur = Bytes::copy_from_slice(&resp.next_page_token[1..]);
                 continue;

@@ -63,13 +63,39 @@ fn key(i: u32) -> Vec<u8> {
     format!("{table}{i:06}").into_bytes()
 }
 
+/// Every written key is there with the version its write returned (read
+/// range by range through each range's leader).
+/// The placement driver's last log lines from every node, for failure reports.
+fn pd_log(c: &TestCluster) -> String {
+    let mut out = String::new();
+    for id in 1..=8u64 {
+        let p = c.dir().join(format!("node-{id}.log"));
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("lmskv_node::pd"))
+            .collect();
+        for l in lines.iter().rev().take(25).rev() {
+            out.push_str(&format!("node {id}: {l}\n"));
+        }
+    }
+    out
+}
+
 async fn check_all_keys(c: &TestCluster, written: &HashMap<Vec<u8>, u64>) {
+    let found: HashMap<Vec<u8>, u64> = c
+        .routed_scan(b"\x01", b"")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k.to_vec(), v))
+        .collect();
     for (k, version) in written {
-        let got = c.routed_get(k).await.unwrap();
-        let got_version = got.map(|(_, v)| v);
         assert_eq!(
-            got_version,
-            Some(*version),
+            found.get(k),
+            Some(version),
             "key {:?} lost or changed",
             String::from_utf8_lossy(k)
         );
@@ -87,17 +113,17 @@ async fn ranges_split_spread_rebalance_repair_and_drain() {
         .await
         .unwrap();
 
-        phase!("write 800 keys of 1 KiB across the key space");
+        phase!("write 400 keys of 1 KiB across the key space");
         let mut written: HashMap<Vec<u8>, u64> = HashMap::new();
         // Random bytes: sizes are measured on disk, after compression.
         let value: Vec<u8> = (0..1024).map(|_| rand::random::<u8>()).collect();
-        for i in 0..800u32 {
+        for i in 0..400u32 {
             let v = c.routed_put(&key(i), &value).await.unwrap();
             written.insert(key(i), v);
         }
 
         phase!("split by hand at 24 keys");
-        for i in (0..800u32).step_by(33).take(24) {
+        for i in (0..400u32).step_by(16).take(24) {
             let k = key(i);
             if let Err(e) = c.split_at(&k).await {
                 // A range may already start there after an automatic split.
@@ -105,23 +131,29 @@ async fn ranges_split_spread_rebalance_repair_and_drain() {
             }
         }
 
-        phase!("write 3 MiB more so ranges split by size (limit 64 KiB)");
-        for i in 800..3800u32 {
+        phase!("write 1 MiB more so ranges split by size (limit 64 KiB)");
+        for i in 400..1400u32 {
             let value: Vec<u8> = (0..1024).map(|_| rand::random::<u8>()).collect();
             let v = c.routed_put(&key(i), &value).await.unwrap();
             written.insert(key(i), v);
         }
         let all: BTreeSet<u64> = (1..=5).collect();
+        let seen = std::sync::Mutex::new(String::new());
         let ranges = wait_for(
-            "at least 32 ranges, each with 3 voters on distinct nodes (bound: 120 s)",
-            Duration::from_secs(120),
+            "at least 32 ranges, each with 3 voters on distinct nodes (bound: 180 s)",
+            Duration::from_secs(180),
             || async {
                 let r = c.range_list().await.ok()?;
+                *seen.lock().unwrap() = format!(
+                    "{} ranges, voters {:?}",
+                    r.len(),
+                    r.iter().map(voters).collect::<Vec<_>>()
+                );
                 (r.len() >= 32 && fully_replicated_on(&r, &all)).then_some(r)
             },
         )
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}; last seen: {}", seen.lock().unwrap()));
         phase!("{} ranges; replicas per node {:?}", ranges.len(), replica_counts(&ranges));
 
         phase!("every key is readable with its version");
@@ -149,6 +181,7 @@ async fn ranges_split_spread_rebalance_repair_and_drain() {
                 let mean = counts.values().sum::<usize>() as f64 / 6.0;
                 let max = *counts.values().max()?;
                 let leaders = r.iter().filter(|x| x.leader_id == six).count();
+                *seen.lock().unwrap() = format!("replicas {counts:?}, leaders on node 6: {leaders}");
                 let ok = counts.get(&six).copied().unwrap_or(0) as f64 >= mean * 0.8 - 1.0
                     && (max as f64) <= mean * 1.2 + 1.0
                     && leaders > 0;
@@ -156,7 +189,7 @@ async fn ranges_split_spread_rebalance_repair_and_drain() {
             },
         )
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}; last seen: {}\n{}", seen.lock().unwrap(), pd_log(&c)));
         let ranges = c.range_list().await.unwrap();
         phase!("balanced: replicas per node {:?}", replica_counts(&ranges));
 
@@ -279,6 +312,7 @@ async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
         phase!("kill -9 meta leader node {meta_leader}");
         c.kill(meta_leader).unwrap();
         let alive: BTreeSet<u64> = (1..=5).filter(|i| *i != meta_leader).collect();
+        let seen = std::sync::Mutex::new(String::new());
 
         wait_for(
             "placement resumes: every range has 3 voters on the live nodes, nodes 4 and 5 hold replicas (bound: 180 s)",
@@ -286,6 +320,10 @@ async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
             || async {
                 let r = c.range_list().await.ok()?;
                 let counts = replica_counts(&r);
+                *seen.lock().unwrap() = format!(
+                    "replicas {counts:?}, voters {:?}",
+                    r.iter().map(voters).collect::<Vec<_>>()
+                );
                 (fully_replicated_on(&r, &alive)
                     && counts.get(&4).copied().unwrap_or(0) >= 3
                     && counts.get(&5).copied().unwrap_or(0) >= 3)
@@ -293,7 +331,7 @@ async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
             },
         )
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}; last seen: {}\n{}", seen.lock().unwrap(), pd_log(&c)));
         for i in 0..200u32 {
             assert!(c.routed_get(&key(i)).await.unwrap().is_some(), "key {i}");
         }

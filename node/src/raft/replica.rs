@@ -28,6 +28,11 @@ use crate::storage::Engine;
 
 type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
+/// Longest a replica change waits for its new members to catch up.
+const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A learner this close to the leader's last log index counts as caught up.
+const LEARNER_LAG_OK: u64 = 16;
+
 /// Raft timing and log retention, from the node config.
 #[derive(Debug, Clone)]
 pub struct RaftTuning {
@@ -329,12 +334,56 @@ impl RangeReplica {
             return Err(Error::invalid_argument("voters", "a range needs a voter"));
         }
         let status = self.status();
+        let mut added = Vec::new();
         for (id, addr) in &voters {
             if !status.voters.contains(id) && !status.learners.contains(id) {
                 self.raft
-                    .add_learner(*id, BasicNode { addr: addr.clone() }, true)
+                    .add_learner(*id, BasicNode { addr: addr.clone() }, false)
                     .await
                     .map_err(|e| self.write_error(e))?;
+            }
+            if !status.voters.contains(id) {
+                added.push(*id);
+            }
+        }
+        // New members must have caught up (by snapshot and log) before they vote.
+        let deadline = tokio::time::Instant::now() + LEARNER_CATCH_UP_TIMEOUT;
+        let mut rx = self.raft.metrics();
+        loop {
+            let done = {
+                let m = rx.borrow_and_update();
+                let last = m.last_log_index;
+                m.replication.as_ref().is_some_and(|rep| {
+                    added.iter().all(|id| {
+                        rep.get(id)
+                            .and_then(|l| l.as_ref())
+                            .map(|l| l.index())
+                            .is_some_and(|i| {
+                                Some(i) >= last.map(|l| l.saturating_sub(LEARNER_LAG_OK))
+                            })
+                    })
+                })
+            };
+            if done {
+                break;
+            }
+            if !self.is_leader() {
+                return Err(Error::NotLeader {
+                    range_id: self.range_id,
+                    leader: self.leader_hint(),
+                });
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::unavailable("range shut down")),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        reason: format!(
+                            "new replicas {added:?} of range {} did not catch up in {LEARNER_CATCH_UP_TIMEOUT:?}",
+                            self.range_id
+                        ),
+                    })
+                }
             }
         }
         let want: BTreeSet<u64> = voters.keys().copied().collect();
@@ -701,6 +750,14 @@ impl RangeReplica {
     pub async fn campaign(&self) {
         if let Err(e) = self.raft.trigger().elect(false).await {
             tracing::debug!(range_id = self.range_id, error = %e, "campaign");
+        }
+    }
+
+    /// Builds a fresh snapshot (after a split, so that the snapshot sent to
+    /// new members covers the range's current span).
+    pub async fn trigger_snapshot(&self) {
+        if let Err(e) = self.raft.trigger().snapshot().await {
+            tracing::debug!(range_id = self.range_id, error = %e, "snapshot trigger");
         }
     }
 

@@ -92,6 +92,9 @@ pub struct StateMachine {
     dedup_window: Duration,
     current_snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
     on_split: SplitHook,
+    /// Expiry time up to which dedup records are known deleted (memory
+    /// only): expiry scans start here instead of walking tombstones.
+    expired_through: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -125,6 +128,7 @@ impl StateMachine {
             dedup_window,
             current_snapshot: Arc::new(Mutex::new(None)),
             on_split,
+            expired_through: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         // Remove partial files of builds or transfers that did not finish.
         for entry in std::fs::read_dir(&sm.snapshot_dir)? {
@@ -440,24 +444,24 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let tmp = this
                 .snapshot_dir
                 .join(format!("build-{}.tmp", rand::random::<u64>()));
-            // The span is read under the engine snapshot's consistency: the
-            // applied state in the file says which span the data is for.
-            let span = this.meta.read().expect("meta lock").clone();
-            let export =
-                this.engine
-                    .export_snapshot(this.range_id, &span.start, &span.end, &tmp)?;
+            // The span comes from the applied state in the same engine
+            // snapshot as the data, so a concurrent split cannot skew them.
+            let fallback = this.meta.read().expect("meta lock").clone();
+            let export = this.engine.export_snapshot(
+                this.range_id,
+                |applied| {
+                    let desc = match applied {
+                        Some(b) => decode::<AppliedState>("applied state", b)?.desc,
+                        None => fallback,
+                    };
+                    Ok((desc.start.to_vec(), desc.end.to_vec()))
+                },
+                &tmp,
+            )?;
             let applied: AppliedState = match &export.applied {
                 Some(b) => decode("applied state", b)?,
                 None => AppliedState::default(),
             };
-            if applied.desc.start != span.start || applied.desc.end != span.end {
-                // A split applied between reading the span and the engine
-                // snapshot; the next build will see a stable span.
-                let _ = std::fs::remove_file(&tmp);
-                return Err(io::Error::other(
-                    "range split while building a snapshot; retry",
-                ));
-            }
             let meta = SnapshotMetaOf::<TypeConfig> {
                 last_log_id: applied.last_applied,
                 last_membership: applied.membership,
@@ -565,7 +569,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         if last_time_ms > 0 {
-            batch.dedup_expire(last_time_ms, DEDUP_EXPIRE_PER_APPLY_MAX)?;
+            let from = self
+                .expired_through
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let (_, next) = batch.dedup_expire(last_time_ms, from, DEDUP_EXPIRE_PER_APPLY_MAX)?;
+            self.expired_through
+                .store(next, std::sync::atomic::Ordering::Relaxed);
         }
         batch.set_applied(&encode(&AppliedState {
             last_applied,
@@ -596,6 +605,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if snapshot.path != final_path {
             std::fs::rename(&snapshot.path, &final_path)?;
         }
+        self.expired_through
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         // Record the snapshot first: an interrupted import resumes from it.
         self.keep_snapshot(meta, &final_path)?;
         let this = self.clone();

@@ -398,11 +398,13 @@ impl Engine {
 
     /// Writes a consistent snapshot of a range (its data span and dedup table,
     /// plus its applied state) to the file at `path`.
+    ///
+    /// `span_of` gives the data span from the applied state read in the same
+    /// RocksDB snapshot, so the span and the data always agree.
     pub fn export_snapshot(
         &self,
         range_id: u64,
-        start: &[u8],
-        end: &[u8],
+        span_of: impl FnOnce(Option<&[u8]>) -> Result<(Vec<u8>, Vec<u8>), StorageError>,
         path: &Path,
     ) -> Result<SnapshotExport, StorageError> {
         let snap = self.db.snapshot();
@@ -413,6 +415,8 @@ impl Engine {
             Some(raw) => Some(value::unframe("range state", &raw)?.to_vec()),
             None => None,
         };
+        let (start, end) = span_of(applied.as_deref())?;
+        let (start, end) = (&start[..], &end[..]);
         let mut w = snapshot::SnapshotWriter::create(path)?;
         if let Some(a) = &applied {
             w.record(snapshot::RecordKind::Applied, b"", a)?;
@@ -737,13 +741,25 @@ impl ApplyBatch<'_> {
 
     /// Deletes up to `max` dedup records that expired before `now_ms`. The time
     /// comes from the log entry, so every replica deletes the same records.
-    pub fn dedup_expire(&mut self, now_ms: u64, max: usize) -> Result<usize, StorageError> {
+    ///
+    /// `from_ms` is where the previous call stopped: the scan starts there,
+    /// so it never walks the tombstones of records it already deleted.
+    /// Returns how many were deleted and where the next call may start.
+    pub fn dedup_expire(
+        &mut self,
+        now_ms: u64,
+        from_ms: u64,
+        max: usize,
+    ) -> Result<(usize, u64), StorageError> {
         let cf = self.engine.cf(keys::CF_RANGE_STATE);
         let (xs, xe) = keys::dedup_expiry_span(self.range_id);
+        let mut lower = xs;
+        lower.extend_from_slice(&from_ms.to_be_bytes());
         let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(xs);
+        ro.set_iterate_lower_bound(lower);
         ro.set_iterate_upper_bound(xe);
         let mut n = 0;
+        let mut next_from = from_ms;
         for item in self.engine.db.iterator_cf_opt(cf, ro, IteratorMode::Start) {
             if n >= max {
                 break;
@@ -755,6 +771,7 @@ impl ApplyBatch<'_> {
             if ts >= now_ms {
                 break;
             }
+            next_from = ts;
             if self.dedup.contains_key(request_id) {
                 continue;
             }
@@ -763,7 +780,7 @@ impl ApplyBatch<'_> {
             self.batch.delete_cf(cf, &k);
             n += 1;
         }
-        Ok(n)
+        Ok((n, next_from))
     }
 
     /// Whether this node has state for `range_id` (applied state or tombstone).
@@ -900,7 +917,7 @@ mod tests {
         b.dedup_put(b"r2", 200, b"two".to_vec());
         b.commit().unwrap();
         let mut b = e.apply_batch(1);
-        assert_eq!(b.dedup_expire(150, 10).unwrap(), 1);
+        assert_eq!(b.dedup_expire(150, 0, 10).unwrap(), (1, 100));
         b.commit().unwrap();
         assert!(e.dedup_get(1, b"r1").unwrap().is_none());
         assert_eq!(e.dedup_get(1, b"r2").unwrap().unwrap(), b"two");
@@ -921,7 +938,9 @@ mod tests {
         b.set_applied(b"state-1");
         b.commit().unwrap();
         let path = dir.path().join("snap");
-        let exp = e.export_snapshot(1, b"", b"", &path).unwrap();
+        let exp = e
+            .export_snapshot(1, |_| Ok((Vec::new(), Vec::new())), &path)
+            .unwrap();
         assert_eq!(exp.applied.as_deref(), Some(&b"state-1"[..]));
         // The applied state, 100 values, one dedup record and its expiry index entry.
         assert_eq!(exp.records, 103);

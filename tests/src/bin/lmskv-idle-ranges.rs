@@ -1,0 +1,154 @@
+//! `lmskv-idle-ranges`: measures what idle ranges cost. It starts a 3-node
+//! cluster of real node processes, splits the user key space into N ranges,
+//! waits until they are idle (hibernating), and reads each node's CPU time and
+//! resident memory from /proc over a measurement window.
+//!
+//! `lmskv-idle-ranges --ranges 1,100,1000 --window 30s [--json FILE]`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use lmskv_tests::{ClusterOptions, TestCluster};
+use serde::Serialize;
+
+/// Idle-range cost measurement for lmskv.
+#[derive(Debug, Parser)]
+#[command(name = "lmskv-idle-ranges")]
+struct Args {
+    /// Range counts to measure, comma-separated (each on a fresh cluster).
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    ranges: Vec<usize>,
+    /// How long to measure CPU once the ranges are idle, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = lmskv_tests::chaos::parse_duration)]
+    window: Duration,
+    /// How long to let ranges go idle before measuring.
+    #[arg(long, default_value = "20s", value_parser = lmskv_tests::chaos::parse_duration)]
+    settle: Duration,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    ranges: usize,
+    /// CPU used by all three nodes together, in percent of one core.
+    cpu_percent_of_one_core: f64,
+    /// Resident memory of all three nodes together.
+    rss_bytes_total: u64,
+    /// Resident memory per range replica beyond the 1-range baseline (0 for the baseline).
+    rss_bytes_per_replica_over_baseline: f64,
+    split_seconds: f64,
+}
+
+/// CPU ticks (user + system) and resident bytes of a process.
+fn proc_stat(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start at ')'.
+    let rest = stat.rsplit_once(')').context("bad stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f[11].parse()?;
+    let stime: u64 = f[12].parse()?;
+    let rss_pages: u64 = f[21].parse()?;
+    Ok((utime + stime, rss_pages * 4096))
+}
+
+fn ticks_per_second() -> f64 {
+    // The kernel's USER_HZ; 100 on every Linux this runs on.
+    100.0
+}
+
+async fn measure(n: usize, args: &Args) -> anyhow::Result<Row> {
+    let c = TestCluster::start(ClusterOptions {
+        nodes: 3,
+        config: "placement_interval_ms = 200\n".into(),
+    })
+    .await?;
+    let started = Instant::now();
+    for i in 1..n {
+        let key = format!("r/{i:06}");
+        c.split_at(key.as_bytes()).await?;
+        if i % 100 == 0 {
+            eprintln!(
+                "  {i}/{n} ranges after {:.0}s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let split_seconds = started.elapsed().as_secs_f64();
+    let listed = c.range_list().await?.len();
+    eprintln!(
+        "{n} ranges requested, {listed} listed (incl. the meta range); settling {:?}",
+        args.settle
+    );
+    tokio::time::sleep(args.settle).await;
+    let pids: Vec<u32> = c.running().iter().filter_map(|id| c.pid(*id)).collect();
+    let before: Vec<(u64, u64)> = pids
+        .iter()
+        .map(|p| proc_stat(*p))
+        .collect::<Result<_, _>>()?;
+    tokio::time::sleep(args.window).await;
+    let after: Vec<(u64, u64)> = pids
+        .iter()
+        .map(|p| proc_stat(*p))
+        .collect::<Result<_, _>>()?;
+    let ticks: u64 = before.iter().zip(&after).map(|(b, a)| a.0 - b.0).sum();
+    let cpu = ticks as f64 / ticks_per_second() / args.window.as_secs_f64() * 100.0;
+    let rss: u64 = after.iter().map(|a| a.1).sum();
+    Ok(Row {
+        ranges: n,
+        cpu_percent_of_one_core: cpu,
+        rss_bytes_total: rss,
+        rss_bytes_per_replica_over_baseline: 0.0,
+        split_seconds,
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut rows: Vec<Row> = Vec::new();
+    for n in args.ranges.clone() {
+        match rt.block_on(measure(n.max(1), &args)) {
+            Ok(r) => rows.push(r),
+            Err(e) => {
+                eprintln!("lmskv-idle-ranges: {n} ranges: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let Some(base) = rows
+        .iter()
+        .find(|r| r.ranges == 1)
+        .map(|r| r.rss_bytes_total)
+    {
+        for r in rows.iter_mut().filter(|r| r.ranges > 1) {
+            r.rss_bytes_per_replica_over_baseline =
+                (r.rss_bytes_total as f64 - base as f64) / (3.0 * (r.ranges - 1) as f64);
+        }
+    }
+    println!("ranges  cpu%(1 core, 3 nodes)  rss total   rss/replica over 1-range  split time");
+    for r in &rows {
+        println!(
+            "{:>6}  {:>21.2}  {:>7.1} MiB  {:>21.1} KiB  {:>8.1}s",
+            r.ranges,
+            r.cpu_percent_of_one_core,
+            r.rss_bytes_total as f64 / (1 << 20) as f64,
+            r.rss_bytes_per_replica_over_baseline / 1024.0,
+            r.split_seconds
+        );
+    }
+    if let Some(p) = &args.json {
+        if let Err(e) = std::fs::write(p, serde_json::to_vec_pretty(&rows).expect("json")) {
+            eprintln!("lmskv-idle-ranges: cannot write {}: {e}", p.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
