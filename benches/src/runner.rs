@@ -355,3 +355,90 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunReport> {
             .map(|c| c as f64 / ops_ok as f64),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RunConfig {
+        RunConfig {
+            target: TargetKind::Lmskv,
+            endpoints: vec!["127.0.0.1:7001".into()],
+            workload: WorkloadKind::A,
+            records: 1000,
+            threads: 4,
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            value_size: 256,
+            field_count: 10,
+            field_length: 100,
+            consistency: Consistency::Strong,
+            load: true,
+            server_pids: None,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_setting_named() {
+        assert!(cfg().validate().is_ok());
+        let bad = [
+            RunConfig {
+                threads: 0,
+                ..cfg()
+            },
+            RunConfig {
+                threads: THREADS_MAX + 1,
+                ..cfg()
+            },
+            RunConfig {
+                duration: Duration::ZERO,
+                ..cfg()
+            },
+            RunConfig {
+                records: 0,
+                ..cfg()
+            },
+            RunConfig {
+                endpoints: vec![],
+                ..cfg()
+            },
+            RunConfig {
+                field_length: 0,
+                ..cfg()
+            },
+            RunConfig {
+                workload: WorkloadKind::Put,
+                value_size: VALUE_BYTES_MAX + 1,
+                ..cfg()
+            },
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+        assert_eq!(cfg().value_bytes(), 1000);
+        assert_eq!(
+            RunConfig {
+                workload: WorkloadKind::Get,
+                ..cfg()
+            }
+            .value_bytes(),
+            256
+        );
+    }
+
+    #[test]
+    fn consistency_levels_parse() {
+        assert_eq!(Consistency::parse("strong"), Ok(Consistency::Strong));
+        assert_eq!(
+            Consistency::parse("bounded:500ms"),
+            Ok(Consistency::Bounded(Duration::from_millis(500)))
+        );
+        assert_eq!(Consistency::parse("session"), Ok(Consistency::Session));
+        assert!(Consistency::parse("linearizable").is_err());
+        assert_eq!(
+            Consistency::parse(&Consistency::Bounded(Duration::from_millis(500)).name()),
+            Ok(Consistency::Bounded(Duration::from_millis(500)))
+        );
+    }
+}

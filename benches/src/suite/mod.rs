@@ -193,6 +193,16 @@ impl SuiteConfig {
     }
 }
 
+/// A run that did not produce a result.
+#[derive(Debug, Clone)]
+pub struct RunFailure {
+    pub target: TargetKind,
+    pub workload: WorkloadKind,
+    pub clients: usize,
+    pub pair: usize,
+    pub error: String,
+}
+
 /// One finished run and where its JSON is.
 #[derive(Debug, Clone)]
 pub struct RunRecord {
@@ -296,13 +306,29 @@ async fn bench_once(
     Ok(report)
 }
 
-/// Records a perf profile of the lmskv nodes during one extra put run.
+/// Drops the padding `perf report` puts after each line.
+fn trim_report(text: &[u8]) -> String {
+    String::from_utf8_lossy(text)
+        .lines()
+        .map(|l| l.trim_end().trim_end_matches(['-', ' ']))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Records a perf profile of the lmskv nodes during one extra put run (not
+/// counted in the results) and writes a text summary: the hottest symbols,
+/// the share of each binary or library, and the call chains of the hottest
+/// symbols.
 async fn perf_profile(
     cfg: &SuiteConfig,
     cluster: &mut Cluster,
     clients: usize,
 ) -> anyhow::Result<PathBuf> {
-    let data = cfg.out_dir.join("perf.data");
+    let tmp = tempfile::Builder::new()
+        .prefix("lmskv-bench-perf-")
+        .tempdir()?;
+    let data = tmp.path().join("perf.data");
     let pids: Vec<String> = cluster.pids().iter().map(u32::to_string).collect();
     let secs = (cfg.warmup + cfg.duration).as_secs().max(1);
     let mut perf = tokio::process::Command::new("perf")
@@ -322,32 +348,64 @@ async fn perf_profile(
         .kill_on_drop(true)
         .spawn()
         .context("start perf (install linux-perf)")?;
-    let json = cfg.out_dir.join("raw").join("perf-run.json");
+    let json = tmp.path().join("perf-run.json");
     let run = bench_once(cfg, cluster, WorkloadKind::Put, clients, false, &json, 99).await;
     let status = perf.wait().await?;
-    run?;
+    let run = run?;
     if !status.success() {
         bail!("perf record failed ({status})");
     }
-    let out = tokio::process::Command::new("perf")
-        .arg("report")
-        .arg("-i")
-        .arg(&data)
-        .arg("--stdio")
-        .arg("--no-children")
-        .arg("--sort")
-        .arg("dso,symbol")
-        .arg("--percent-limit")
-        .arg("0.7")
-        .arg("-g")
-        .arg("none")
-        .output()
-        .await?;
-    let text = cfg.out_dir.join(format!("perf-put-c{clients}.txt"));
-    std::fs::write(&text, &out.stdout)?;
-    let _ = std::fs::remove_file(&data);
-    let _ = std::fs::remove_file(cfg.out_dir.join("perf.data.old"));
-    Ok(text)
+    let views: [(&str, &[&str]); 3] = [
+        (
+            "hottest symbols (self time, all three nodes)",
+            &[
+                "--no-children",
+                "--sort",
+                "dso,symbol",
+                "-g",
+                "none",
+                "--percent-limit",
+                "0.7",
+            ],
+        ),
+        (
+            "share per binary or library",
+            &["--no-children", "--sort", "dso", "-g", "none"],
+        ),
+        (
+            "call chains of the hottest symbols (callers, >= 2%)",
+            &[
+                "--no-children",
+                "--sort",
+                "symbol",
+                "-g",
+                "caller,2,callee,function,percent",
+                "--percent-limit",
+                "2",
+            ],
+        ),
+    ];
+    let mut text = format!(
+        "perf record -g -F 499 on the 3 lmskv-node processes during put at {clients} clients \
+         ({:.0} ops/s, p99 {} us in this extra run)\n",
+        run.throughput_ops_s, run.latency_us.p99
+    );
+    for (title, args) in views {
+        let out = tokio::process::Command::new("perf")
+            .arg("report")
+            .arg("-i")
+            .arg(&data)
+            .arg("--stdio")
+            .args(args)
+            .output()
+            .await?;
+        text.push_str(&format!("\n==== {title} ====\n"));
+        text.push_str(&trim_report(&out.stdout));
+        text.push('\n');
+    }
+    let path = cfg.out_dir.join(format!("perf-put-c{clients}.txt"));
+    std::fs::write(&path, text)?;
+    Ok(path)
 }
 
 /// Runs the whole suite and writes its outputs.
@@ -363,21 +421,32 @@ pub async fn run(cfg: SuiteConfig) -> anyhow::Result<()> {
         cfg.warmup,
         cfg.out_dir.display()
     );
-    let mut clusters: BTreeMap<TargetKind, Cluster> = BTreeMap::new();
-    for t in &cfg.targets {
-        eprintln!("bench: starting a 3-member {} cluster", t.name());
-        let c = match t {
-            TargetKind::Lmskv => Cluster::start_lmskv(&cfg.bin_dir.join("lmskv-node")).await?,
-            TargetKind::Etcd => Cluster::start_etcd(&cfg.etcd_bin).await?,
-        };
-        clusters.insert(*t, c);
-    }
-
     let mut records = Vec::new();
+    let mut failures: Vec<RunFailure> = Vec::new();
     let mut perf_text = None;
     let mut seed = 1;
     let total = cfg.run_count();
+    let mut done = 0;
     for (w, client_counts) in &cfg.plan {
+        // Fresh clusters for every workload: each starts from empty stores,
+        // and state one workload leaves behind cannot slow the next.
+        let mut clusters: BTreeMap<TargetKind, Cluster> = BTreeMap::new();
+        for t in &cfg.targets {
+            let c = match t {
+                TargetKind::Lmskv => Cluster::start_lmskv(&cfg.bin_dir.join("lmskv-node")).await?,
+                TargetKind::Etcd => Cluster::start_etcd(&cfg.etcd_bin).await?,
+            };
+            clusters.insert(*t, c);
+        }
+        eprintln!(
+            "bench: workload {} on fresh 3-member clusters ({})",
+            w.name(),
+            cfg.targets
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let mut loaded: Vec<TargetKind> = Vec::new();
         for &clients in client_counts {
             for pair in 1..=cfg.pairs {
@@ -386,11 +455,31 @@ pub async fn run(cfg: SuiteConfig) -> anyhow::Result<()> {
                     let load = !loaded.contains(t);
                     let json = raw.join(format!("{}.json", run_name(*t, *w, clients, pair)));
                     seed += 1;
-                    let report = bench_once(&cfg, cluster, *w, clients, load, &json, seed).await?;
+                    done += 1;
+                    let report = match bench_once(&cfg, cluster, *w, clients, load, &json, seed)
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let error = format!("{e:#}");
+                            eprintln!(
+                                "bench: [{done}/{total}] {} {} x{clients} pair {pair} FAILED: {error}",
+                                t.name(),
+                                w.name()
+                            );
+                            failures.push(RunFailure {
+                                target: *t,
+                                workload: *w,
+                                clients,
+                                pair,
+                                error,
+                            });
+                            continue;
+                        }
+                    };
                     loaded.push(*t);
                     eprintln!(
-                        "bench: [{}/{total}] {:>5} {:>3} x{clients:<3} pair {pair}: {:>8.0} ops/s p50 {:>6}us p99 {:>7}us cpu/op {}",
-                        records.len() + 1,
+                        "bench: [{done}/{total}] {:>5} {:>3} x{clients:<3} pair {pair}: {:>8.0} ops/s p50 {:>6}us p99 {:>7}us cpu/op {}",
                         t.name(),
                         w.name(),
                         report.throughput_ops_s,
@@ -416,17 +505,23 @@ pub async fn run(cfg: SuiteConfig) -> anyhow::Result<()> {
                 }
             }
         }
-    }
-    for (_, c) in std::mem::take(&mut clusters) {
-        c.stop().await;
+        for (_, c) in clusters {
+            c.stop().await;
+        }
     }
 
     let summary = summary::Summary::build(&cfg, &records);
-    summary.write(&cfg, perf_text.as_deref(), started.elapsed())?;
+    summary.write(&cfg, perf_text.as_deref(), &failures, started.elapsed())?;
     eprintln!(
         "bench: done in {:.0}s; report in {}",
         started.elapsed().as_secs_f64(),
         cfg.out_dir.join("report.md").display()
     );
+    if !failures.is_empty() {
+        bail!(
+            "{} of {total} runs failed (listed in the report)",
+            failures.len()
+        );
+    }
     Ok(())
 }

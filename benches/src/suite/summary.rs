@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use super::{RunRecord, SuiteConfig};
+use super::{RunFailure, RunRecord, SuiteConfig};
 use crate::target::TargetKind;
 use crate::ycsb::WorkloadKind;
 
@@ -198,6 +198,7 @@ impl Summary {
         &self,
         cfg: &SuiteConfig,
         perf: Option<&Path>,
+        failures: &[RunFailure],
         took: Duration,
     ) -> anyhow::Result<()> {
         let cells: Vec<serde_json::Value> = self
@@ -216,13 +217,20 @@ impl Summary {
             "settings": settings_json(cfg),
             "medians": cells,
             "goals": self.goals(),
+            "failed_runs": failures.iter().map(|f| serde_json::json!({
+                "target": f.target.name(),
+                "workload": f.workload.name(),
+                "clients": f.clients,
+                "pair": f.pair,
+                "error": f.error,
+            })).collect::<Vec<_>>(),
         });
         let path = cfg.out_dir.join("results.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&results)?)
             .with_context(|| format!("write {}", path.display()))?;
 
         let charts = super::chart::draw(self, &cfg.out_dir);
-        let md = self.markdown(cfg, perf, took, &charts);
+        let md = self.markdown(cfg, perf, failures, took, &charts);
         let path = cfg.out_dir.join("report.md");
         std::fs::write(&path, md).with_context(|| format!("write {}", path.display()))?;
         Ok(())
@@ -232,6 +240,7 @@ impl Summary {
         &self,
         cfg: &SuiteConfig,
         perf: Option<&Path>,
+        failures: &[RunFailure],
         took: Duration,
         charts: &anyhow::Result<Vec<String>>,
     ) -> String {
@@ -268,7 +277,8 @@ impl Summary {
             s,
             "- server CPU: user+system time of the 3 server processes over the measured \
              window (from /proc/PID/stat), divided by operations; the idle cluster of the \
-             other system stayed up meanwhile\n"
+             other system stayed up meanwhile\n- both clusters are started afresh for \
+             each workload\n"
         );
 
         let _ = writeln!(s, "## Goals (lmskv / etcd)\n");
@@ -300,6 +310,26 @@ impl Summary {
              (lookup among 10,000 ranges) has no benchmark until ranges split.\n"
         );
         self.tables(&mut s);
+        if !failures.is_empty() {
+            let _ = writeln!(s, "## Failed runs\n");
+            let _ = writeln!(
+                s,
+                "| system | workload | clients | pair | error |\n|---|---|---:|---:|---|"
+            );
+            for f in failures {
+                let first_line = f.error.lines().next().unwrap_or("");
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} |",
+                    f.target.name(),
+                    f.workload.name(),
+                    f.clients,
+                    f.pair,
+                    first_line.replace('|', "/")
+                );
+            }
+            let _ = writeln!(s);
+        }
         match charts {
             Ok(files) if !files.is_empty() => {
                 let _ = writeln!(s, "## Charts\n");
