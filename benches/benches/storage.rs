@@ -99,5 +99,40 @@ fn apply_batch(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, log_append, apply_batch);
+/// Apply batches once dedup records expire (after `dedup_window_s` of
+/// writes): every batch deletes the records that expired, as the state
+/// machine does. Each batch's iterator starts at the beginning of the
+/// expiry span, so deleted records left behind as tombstones are walked
+/// again by later batches until a compaction drops them.
+fn apply_batch_expiring(c: &mut Criterion) {
+    let (_dir, e) = engine();
+    let value = Bytes::from(vec![b'v'; 256]);
+    let applied = vec![0u8; 24];
+    let record = vec![1u8; 16];
+    let mut index = 1u64;
+    let mut g = c.benchmark_group("apply_batch_expiring");
+    g.measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(30);
+    let n = 16u64;
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("puts_with_dedup_expire_16", |b| {
+        b.iter(|| {
+            let mut batch = e.apply_batch(RANGE);
+            for _ in 0..n {
+                let key = format!("user{:020}", index % 100_000);
+                batch.put(key.as_bytes(), index, value.clone());
+                // Expires as soon as the next batch runs.
+                batch.dedup_put(&index.to_be_bytes(), index, record.clone());
+                index += 1;
+            }
+            batch.dedup_expire(index - n, 256).expect("expire");
+            batch.set_applied(&applied);
+            batch.commit().expect("commit");
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, log_append, apply_batch, apply_batch_expiring);
 criterion_main!(benches);

@@ -155,6 +155,6 @@ mod tests {
             "/usr/bin/etcd",
             "--listen-client-urls=http://127.0.0.1:2379",
         ]);
-        assert!(cmdline_matches(&etcd, "etcd", &["http://127.0.0.1:2379"]));
+        assert!(cmdline_matches(&etcd, "etcd", &["127.0.0.1:2379"]));
     }
 }

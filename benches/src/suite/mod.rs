@@ -311,7 +311,7 @@ fn trim_report(text: &[u8]) -> String {
     String::from_utf8_lossy(text)
         .lines()
         .map(|l| l.trim_end().trim_end_matches(['-', ' ']))
-        .filter(|l| !l.is_empty())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect::<Vec<_>>()
         .join("\n")
 }
