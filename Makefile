@@ -9,7 +9,7 @@ NODES ?= 3
 DATA_DIR ?= ./lmskv-data
 BASE_PORT ?= 7001
 
-.PHONY: all setup build build-release run test fmt fmt-check lint unit-test integration-test clean help
+.PHONY: all setup build build-release run test fmt fmt-check lint unit-test integration-test clean help bench bench-smoke
 
 all: build
 
@@ -18,6 +18,7 @@ help:
 	@echo "make test   - format check, clippy, unit and integration tests"
 	@echo "make build  - debug build of every binary"
 	@echo "make fmt    - format the code"
+	@echo "make bench  - lmskv vs etcd (YCSB A-F, put, get), report in bench/report.md"
 
 setup:
 	@./scripts/setup.sh
@@ -47,7 +48,7 @@ lint: setup
 unit-test integration-test: build
 	$(CARGO) test --workspace -- --test-threads=1
 
-test: setup fmt-check lint build integration-test
+test: setup fmt-check lint build integration-test bench-smoke
 	@echo "make test: all checks passed"
 
 clean:
@@ -63,3 +64,21 @@ chaos: build
 chaos-short: build
 	@mkdir -p bench
 	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 3 --duration 30s --report bench/chaos-report.json
+
+# lmskv against etcd on this machine: 3 members each on loopback, every
+# workload at 1/16/64/256 clients in interleaved pairs. BENCH_* variables
+# (see benches/src/suite/mod.rs) shorten it, e.g.
+#   BENCH_DURATION=10s BENCH_WORKLOADS=put,get make bench
+bench: setup
+	$(CARGO) build --release -p lmskv-node -p lmskv-bench
+	$(CARGO_TARGET_DIR)/release/lmskv-bench-suite
+
+# The same suite for a second per workload on the debug build, as a smoke
+# test of both targets (no timing is checked); its output goes to a temp dir.
+bench-smoke: build
+	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
+	BENCH_OUT="$$out" BENCH_DURATION=1s BENCH_WARMUP=500ms BENCH_PAIRS=1 \
+	BENCH_CLIENTS=4 BENCH_YCSB_CLIENTS=4 BENCH_RECORDS=500 BENCH_WORKLOADS= BENCH_TARGETS= \
+	$(CARGO_TARGET_DIR)/debug/lmskv-bench-suite && \
+	test -s "$$out/report.md" && test -s "$$out/throughput.png" && test -s "$$out/p99.png" && \
+	echo "bench-smoke: both targets ran every workload"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building lmskv needs and is missing: libclang (for RocksDB's
-# bindings) and a C++ compiler. Run as root to install; otherwise it only checks.
+# bindings), a C++ compiler, protoc (for the etcd client the benchmarks use),
+# and for the benchmarks etcd itself and a font for the charts.
+# Run as root to install; otherwise it only checks.
 set -euo pipefail
 
 missing=()
@@ -9,6 +11,9 @@ if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_6
 fi
 command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -1,37 +1,27 @@
-//! `lmskv-bench`: a closed-loop load generator for lmskv.
+//! `lmskv-bench`: a closed-loop YCSB load generator for lmskv and etcd.
 //!
-//! Runs `--threads` concurrent clients for `--duration`, each issuing one
-//! request at a time, and reports throughput and latency percentiles (HDR
-//! histogram) as text and, with `--json FILE`, as JSON.
+//! Loads the records, warms up, then runs `--threads` concurrent clients for
+//! `--duration`, each with one operation in flight, and reports throughput,
+//! latency percentiles (HDR histogram) and the CPU time the servers used per
+//! operation, as text and, with `--json FILE`, as JSON.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
-use bytes::Bytes;
-use clap::{Parser, ValueEnum};
-use hdrhistogram::Histogram;
-use lmskv_client::{Client, ReadConsistency};
+use anyhow::Context;
+use clap::Parser;
+use lmskv_bench::report::RunReport;
+use lmskv_bench::runner::{self, RunConfig};
+use lmskv_bench::target::{Consistency, TargetKind};
+use lmskv_bench::ycsb::{WorkloadKind, FIELD_COUNT_DEFAULT, FIELD_LENGTH_DEFAULT};
 
-/// Most concurrent clients one run may use.
-const THREADS_MAX: usize = 4_096;
-/// Longest run accepted.
-const DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Workload {
-    /// Every operation writes a random record.
-    Put,
-    /// Every operation reads a random record (STRONG); records are loaded first.
-    Get,
-}
-
-/// Load generator for lmskv: throughput and latency of puts or gets.
+/// Load generator for lmskv and etcd: YCSB workloads A-F, put and get.
 #[derive(Debug, Parser)]
 #[command(name = "lmskv-bench", version, about)]
 struct Args {
-    /// Cluster endpoints (HOST:PORT,...).
+    /// The system under test: lmskv or etcd.
+    #[arg(long, default_value = "lmskv", value_parser = parse_target)]
+    target: TargetKind,
+    /// Server endpoints (HOST:PORT,...).
     #[arg(
         long,
         env = "LMSKV_ENDPOINTS",
@@ -39,61 +29,56 @@ struct Args {
         default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
     )]
     endpoints: Vec<String>,
-    /// What each operation does.
-    #[arg(long, value_enum, default_value = "put")]
-    workload: Workload,
-    /// Number of distinct records.
+    /// Workload: a, b, c, d, e, f (YCSB core workloads), put or get.
+    #[arg(long, default_value = "put", value_parser = parse_workload)]
+    workload: WorkloadKind,
+    /// Number of records loaded before the run.
     #[arg(long, default_value_t = 10_000)]
     records: u64,
-    /// Concurrent clients.
+    /// Concurrent clients, each with one operation in flight.
     #[arg(long, default_value_t = 16)]
     threads: usize,
     /// Measured run time, e.g. 30s, 500ms, 2m.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = lmskv_bench::parse_duration)]
     duration: Duration,
-    /// Value size in bytes.
+    /// Unmeasured run time before the measured window.
+    #[arg(long, default_value = "5s", value_parser = lmskv_bench::parse_duration)]
+    warmup: Duration,
+    /// Value size in bytes of the put and get workloads.
     #[arg(long, default_value_t = 256)]
     value_size: usize,
+    /// Fields per record of the YCSB workloads.
+    #[arg(long, default_value_t = FIELD_COUNT_DEFAULT)]
+    field_count: usize,
+    /// Bytes per field of the YCSB workloads.
+    #[arg(long, default_value_t = FIELD_LENGTH_DEFAULT)]
+    field_length: usize,
+    /// Read consistency: strong, bounded:500ms, session, prefix or eventual.
+    /// etcd reads are linearizable for strong and serializable otherwise.
+    #[arg(long, default_value = "strong", value_parser = Consistency::parse)]
+    consistency: Consistency,
+    /// Do not load the records (they were loaded by an earlier run).
+    #[arg(long)]
+    skip_load: bool,
+    /// Server process ids whose CPU time to measure (default: found in /proc
+    /// by program name and listen address).
+    #[arg(long, value_delimiter = ',')]
+    server_pids: Vec<u32>,
+    /// Seed of the clients' random choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Write the result as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("bad duration unit in {s:?}; use ms, s or m")),
-    }
+fn parse_target(s: &str) -> Result<TargetKind, String> {
+    TargetKind::parse(s).ok_or_else(|| format!("unknown target {s:?}; use lmskv or etcd"))
 }
 
-#[derive(Debug, serde::Serialize)]
-struct Report {
-    workload: String,
-    threads: usize,
-    duration_s: f64,
-    ops_ok: u64,
-    ops_failed: u64,
-    throughput_ops_s: f64,
-    latency_us: Latencies,
-}
-
-#[derive(Debug, serde::Serialize)]
-struct Latencies {
-    p50: u64,
-    p99: u64,
-    p999: u64,
-    max: u64,
-}
-
-fn key(i: u64) -> Bytes {
-    Bytes::from(format!("bench/{i:012}"))
+fn parse_workload(s: &str) -> Result<WorkloadKind, String> {
+    WorkloadKind::parse(s)
+        .ok_or_else(|| format!("unknown workload {s:?}; use a, b, c, d, e, f, put or get"))
 }
 
 #[tokio::main]
@@ -104,125 +89,49 @@ async fn main() {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    if args.threads == 0 || args.threads > THREADS_MAX {
-        bail!("--threads must be between 1 and {THREADS_MAX}");
-    }
-    if args.duration.is_zero() || args.duration > DURATION_MAX {
-        bail!("--duration must be positive and at most 24h");
-    }
-    if args.records == 0 {
-        bail!("--records must be positive");
-    }
-    let client = Client::builder()
-        .endpoints(args.endpoints.clone())
-        .build()
-        .context("client")?;
-    let value = Bytes::from(vec![b'v'; args.value_size]);
-
-    if matches!(args.workload, Workload::Get) {
-        eprintln!("loading {} records...", args.records);
-        let next = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..args.threads.min(64) {
-            let (c, v, next, n) = (client.clone(), value.clone(), next.clone(), args.records);
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        return Ok::<(), lmskv_client::ClientError>(());
-                    }
-                    c.put(key(i), v.clone()).await?;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-    }
-
-    eprintln!(
-        "running {:?} with {} clients for {:?}",
-        args.workload, args.threads, args.duration
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
-    let failed = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.threads {
-        let (c, v, stop, hist, failed) = (
-            client.clone(),
-            value.clone(),
-            stop.clone(),
-            hist.clone(),
-            failed.clone(),
-        );
-        let (workload, records) = (args.workload, args.records);
-        tasks.push(tokio::spawn(async move {
-            let mut local =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-            while !stop.load(Ordering::Relaxed) {
-                let i = rand::random::<u64>() % records;
-                let t = Instant::now();
-                let ok = match workload {
-                    Workload::Put => c.put(key(i), v.clone()).await.is_ok(),
-                    Workload::Get => c.get(key(i), ReadConsistency::Strong).await.is_ok(),
-                };
-                if ok {
-                    let _ = local.record(t.elapsed().as_micros().max(1) as u64);
-                } else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            hist.lock()
-                .expect("histogram lock")
-                .add(&local)
-                .expect("same bounds");
-        }));
-    }
-    let mut last_report = Instant::now();
-    while start.elapsed() < args.duration {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if last_report.elapsed() >= Duration::from_secs(5) {
-            eprintln!("  {:.0}s elapsed", start.elapsed().as_secs_f64());
-            last_report = Instant::now();
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await?;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let h = hist.lock().expect("histogram lock");
-    let report = Report {
-        workload: format!("{:?}", args.workload).to_lowercase(),
-        threads: args.threads,
-        duration_s: elapsed,
-        ops_ok: h.len(),
-        ops_failed: failed.load(Ordering::Relaxed),
-        throughput_ops_s: h.len() as f64 / elapsed,
-        latency_us: Latencies {
-            p50: h.value_at_quantile(0.5),
-            p99: h.value_at_quantile(0.99),
-            p999: h.value_at_quantile(0.999),
-            max: h.max(),
-        },
-    };
+fn print_summary(r: &RunReport) {
+    let cpu = r
+        .server_cpu_us_per_op
+        .map(|c| format!("{c:.0}us"))
+        .unwrap_or_else(|| "n/a".into());
     println!(
-        "{} threads={} ops={} failed={} throughput={:.0} ops/s p50={}us p99={}us p999={}us max={}us",
-        report.workload,
-        report.threads,
-        report.ops_ok,
-        report.ops_failed,
-        report.throughput_ops_s,
-        report.latency_us.p50,
-        report.latency_us.p99,
-        report.latency_us.p999,
-        report.latency_us.max
+        "{} {} threads={} ops={} failed={} throughput={:.0} ops/s p50={}us p99={}us p999={}us max={}us server_cpu/op={}",
+        r.target,
+        r.workload,
+        r.threads,
+        r.ops_ok,
+        r.ops_failed,
+        r.throughput_ops_s,
+        r.latency_us.p50,
+        r.latency_us.p99,
+        r.latency_us.p999,
+        r.latency_us.max,
+        cpu
     );
+    if let Some(e) = &r.first_error {
+        eprintln!("lmskv-bench: first error: {e}");
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = RunConfig {
+        target: args.target,
+        endpoints: args.endpoints,
+        workload: args.workload,
+        records: args.records,
+        threads: args.threads,
+        duration: args.duration,
+        warmup: args.warmup,
+        value_size: args.value_size,
+        field_count: args.field_count,
+        field_length: args.field_length,
+        consistency: args.consistency,
+        load: !args.skip_load,
+        server_pids: (!args.server_pids.is_empty()).then_some(args.server_pids),
+        seed: args.seed,
+    };
+    let report = runner::run(cfg).await?;
+    print_summary(&report);
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("write {}", p.display()))?;
