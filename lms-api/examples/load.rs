@@ -39,7 +39,12 @@ struct Args {
 
 const DEMO_PASSWORD: &str = "demo-password";
 
-async fn login(http: &reqwest::Client, url: &str, email: &str, password: &str) -> anyhow::Result<String> {
+async fn login(
+    http: &reqwest::Client,
+    url: &str,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<String> {
     let r: Value = http
         .post(format!("{url}/api/v1/auth/login"))
         .json(&json!({"email": email, "password": password}))
@@ -52,7 +57,8 @@ async fn login(http: &reqwest::Client, url: &str, email: &str, password: &str) -
 }
 
 /// One request of a scenario, for client number `i`; returns whether it succeeded.
-type Step = Arc<dyn Fn(reqwest::Client, usize) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+type Step =
+    Arc<dyn Fn(reqwest::Client, usize) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
 
 async fn setup(args: &Args, http: &reqwest::Client) -> anyhow::Result<Step> {
     let url = args.url.clone();
@@ -70,7 +76,9 @@ async fn setup(args: &Args, http: &reqwest::Client) -> anyhow::Result<Step> {
             Ok(Arc::new(move |http, _| {
                 let (url, token) = (url.clone(), token.clone());
                 Box::pin(async move {
-                    let mut req = http.get(format!("{url}/api/v1/courses/1")).bearer_auth(&token);
+                    let mut req = http
+                        .get(format!("{url}/api/v1/courses/1"))
+                        .bearer_auth(&token);
                     if fresh {
                         req = req.header("cache-control", "no-cache");
                     }
@@ -85,13 +93,21 @@ async fn setup(args: &Args, http: &reqwest::Client) -> anyhow::Result<Step> {
                 .post(format!("{url}/api/v1/courses"))
                 .bearer_auth(&teacher)
                 .json(&json!({"title": "Load test", "capacity": 10000, "published": true}))
-                .send().await?.error_for_status()?.json().await?;
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
             let cid = course["id"].as_u64().unwrap_or_default();
             let a: Value = http
                 .post(format!("{url}/api/v1/courses/{cid}/assignments"))
                 .bearer_auth(&teacher)
                 .json(&json!({"title": "Load", "max_points": 100}))
-                .send().await?.error_for_status()?.json().await?;
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
             let aid = a["id"].as_u64().unwrap_or_default();
             let stamp = std::process::id();
             let mut students = Vec::new();
@@ -100,12 +116,26 @@ async fn setup(args: &Args, http: &reqwest::Client) -> anyhow::Result<Step> {
                 let u: Value = http
                     .post(format!("{url}/api/v1/auth/register"))
                     .json(&json!({"email": email, "password": DEMO_PASSWORD, "name": "Load"}))
-                    .send().await?.error_for_status()?.json().await?;
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
                 let tok = login(http, &url, &email, DEMO_PASSWORD).await?;
                 http.post(format!("{url}/api/v1/courses/{cid}/enrollments"))
-                    .bearer_auth(&tok).json(&json!({})).send().await?.error_for_status()?;
-                http.post(format!("{url}/api/v1/courses/{cid}/assignments/{aid}/submissions"))
-                    .bearer_auth(&tok).json(&json!({"body": "answer"})).send().await?.error_for_status()?;
+                    .bearer_auth(&tok)
+                    .json(&json!({}))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                http.post(format!(
+                    "{url}/api/v1/courses/{cid}/assignments/{aid}/submissions"
+                ))
+                .bearer_auth(&tok)
+                .json(&json!({"body": "answer"}))
+                .send()
+                .await?
+                .error_for_status()?;
                 students.push(u["id"].as_u64().unwrap_or_default());
             }
             let students = Arc::new(students);
@@ -114,7 +144,9 @@ async fn setup(args: &Args, http: &reqwest::Client) -> anyhow::Result<Step> {
                 Box::pin(async move {
                     let sid = students[i % students.len()];
                     let r = http
-                        .put(format!("{url}/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}/grade"))
+                        .put(format!(
+                            "{url}/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}/grade"
+                        ))
                         .bearer_auth(&teacher)
                         .json(&json!({"score": (i % 100) as f64, "feedback": "ok"}))
                         .send()
@@ -128,7 +160,9 @@ async fn setup(args: &Args, http: &reqwest::Client) -> anyhow::Result<Step> {
 }
 
 async fn http_scenario(args: Args) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(args.clients).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients)
+        .build()?;
     let step = setup(&args, &http).await?;
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
@@ -184,7 +218,15 @@ async fn jobs_scenario(args: Args) -> anyhow::Result<()> {
             // Notification jobs for an assignment that does not exist: the
             // run is one lease, one read, one dead-letter; it measures the
             // queue's own cost.
-            jobs::enqueue_in(&db.db, JobKind::GradeNotifications { course_id: u64::MAX, assignment_id: i as u64 }, 0).await
+            jobs::enqueue_in(
+                &db.db,
+                JobKind::GradeNotifications {
+                    course_id: u64::MAX,
+                    assignment_id: i as u64,
+                },
+                0,
+            )
+            .await
         }
     });
     let mut pending = futures::stream::iter(enqueue).buffer_unordered(64);
@@ -212,7 +254,11 @@ async fn jobs_scenario(args: Args) -> anyhow::Result<()> {
             ran
         })
     });
-    let ran: usize = futures::future::join_all(workers).await.into_iter().map(|r| r.unwrap_or(0)).sum();
+    let ran: usize = futures::future::join_all(workers)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_or(0))
+        .sum();
     let run_s = t.elapsed().as_secs_f64();
     println!(
         "{{\"scenario\":\"jobs\",\"jobs\":{},\"enqueue_per_s\":{:.0},\"workers\":{},\"processed\":{},\"processed_per_s\":{:.0}}}",

@@ -78,7 +78,10 @@ pub async fn create_user(
 pub async fn user_by_email(st: &AppState, email: &str) -> AppResult<Option<User>> {
     let claim = st
         .db
-        .get::<EmailClaim>(keys::email(&normalize_email(email)), ReadConsistency::Strong)
+        .get::<EmailClaim>(
+            keys::email(&normalize_email(email)),
+            ReadConsistency::Strong,
+        )
         .await?;
     let Some(claim) = claim else {
         return Ok(None);

@@ -280,6 +280,8 @@ impl Db {
                 return Ok(last + 1);
             }
         }
-        Err(AppError::Busy(format!("the ID counter of {table} is contended")))
+        Err(AppError::Busy(format!(
+            "the ID counter of {table} is contended"
+        )))
     }
 }

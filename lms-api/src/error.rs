@@ -137,7 +137,11 @@ impl From<ClientError> for AppError {
         match e.server_error() {
             // Keys and values are built by this service, so a refused argument is a bug.
             Some(ServerError::InvalidArgument { .. }) => AppError::Internal(e.to_string()),
-            _ if matches!(e, ClientError::InvalidArgument { .. } | ClientError::Config(_)) => {
+            _ if matches!(
+                e,
+                ClientError::InvalidArgument { .. } | ClientError::Config(_)
+            ) =>
+            {
                 AppError::Internal(e.to_string())
             }
             _ => AppError::Unavailable(e),
@@ -154,10 +158,9 @@ impl IntoResponse for AppError {
             _ => {}
         }
         let (detail, errors) = match &self {
-            AppError::Validation(errs) => (
-                "one or more fields are invalid".to_string(),
-                errs.clone(),
-            ),
+            AppError::Validation(errs) => {
+                ("one or more fields are invalid".to_string(), errs.clone())
+            }
             other => (other.to_string(), Vec::new()),
         };
         let body = Problem {

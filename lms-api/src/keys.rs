@@ -9,8 +9,8 @@
 //! * everything that must change atomically lives under **one** prefix: a
 //!   course's description, its seat counter, its members, assignments and
 //!   submissions all live under `course/<cid>/`, and enrollment (seat counter
-//!   + member record) or grading is one atomic batch or compare-and-swap on
-//!   keys of that one range;
+//!   and member record) or grading is one atomic batch or compare-and-swap
+//!   on keys of that one range;
 //! * data that spans tables — the e-mail index, a user's list of courses,
 //!   the public catalogue — is a derived copy written *after* the record it
 //!   mirrors, with idempotent writes, and is reconciled by the repair task
@@ -138,7 +138,14 @@ pub fn assignments(cid: u64) -> Bytes {
 
 /// `course/<cid>/s/<aid>/<uid>`.
 pub fn submission(cid: u64, aid: u64, uid: u64) -> Bytes {
-    key(&[COURSE, &be(cid), COURSE_SUBMISSION, &be(aid), b"/", &be(uid)])
+    key(&[
+        COURSE,
+        &be(cid),
+        COURSE_SUBMISSION,
+        &be(aid),
+        b"/",
+        &be(uid),
+    ])
 }
 
 /// `course/<cid>/s/<aid>/`.
@@ -291,8 +298,14 @@ mod tests {
 
     #[test]
     fn course_keys_round_trip() {
-        assert_eq!(parse_course_key(&course(5)), Some(CourseKey::Info { cid: 5 }));
-        assert_eq!(parse_course_key(&seats(5)), Some(CourseKey::Seats { cid: 5 }));
+        assert_eq!(
+            parse_course_key(&course(5)),
+            Some(CourseKey::Info { cid: 5 })
+        );
+        assert_eq!(
+            parse_course_key(&seats(5)),
+            Some(CourseKey::Seats { cid: 5 })
+        );
         assert_eq!(
             parse_course_key(&member(5, 9)),
             Some(CourseKey::Member { cid: 5, uid: 9 })

@@ -95,10 +95,7 @@ pub struct Paged<T> {
 
 impl<T: Serialize> IntoResponse for Paged<T> {
     fn into_response(self) -> Response {
-        let first = format!(
-            "<{}?per_page={}>; rel=\"first\"",
-            self.path, self.per_page
-        );
+        let first = format!("<{}?per_page={}>; rel=\"first\"", self.path, self.per_page);
         let link = match &self.next {
             Some(c) => format!(
                 "<{}?per_page={}&cursor={}>; rel=\"next\", {first}",
@@ -129,9 +126,9 @@ mod tests {
             cursor: Some(Cursor::after(prefix, key).encode()),
         };
         let start = q.start_key(prefix).unwrap();
-        assert!(&start[..] > &key[..]);
+        assert!(start[..] > key[..]);
         assert!(start.starts_with(prefix));
-        assert!(&start[..] < &b"user/\x00\x00\x00\x00\x00\x00\x00\x08"[..]);
+        assert!(start[..] < b"user/\x00\x00\x00\x00\x00\x00\x00\x08"[..]);
     }
 
     #[test]

@@ -34,10 +34,7 @@ impl RateLimits {
     pub fn new(cfg: &Config) -> RateLimits {
         RateLimits {
             ip: RateLimiter::keyed(quota(cfg.rate_limit_ip_per_s, cfg.rate_limit_ip_burst)),
-            user: RateLimiter::keyed(quota(
-                cfg.rate_limit_user_per_s,
-                cfg.rate_limit_user_burst,
-            )),
+            user: RateLimiter::keyed(quota(cfg.rate_limit_user_per_s, cfg.rate_limit_user_burst)),
             clock: DefaultClock::default(),
         }
     }

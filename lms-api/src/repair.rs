@@ -117,7 +117,9 @@ pub async fn run(st: crate::app::AppState, interval: std::time::Duration) {
     loop {
         tokio::time::sleep(interval).await;
         match repair_once(&st.db).await {
-            Ok(r) if r != RepairReport::default() => tracing::info!(?r, "index repair fixed entries"),
+            Ok(r) if r != RepairReport::default() => {
+                tracing::info!(?r, "index repair fixed entries")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "index repair pass failed"),
         }

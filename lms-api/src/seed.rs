@@ -26,7 +26,10 @@ pub const DEMO_USERS: &[(&str, &str, Role)] = &[
 
 /// Creates the demo data unless it exists; returns whether it was created.
 pub async fn seed_demo(st: &AppState) -> AppResult<bool> {
-    if accounts::user_by_email(st, DEMO_USERS[0].0).await?.is_some() {
+    if accounts::user_by_email(st, DEMO_USERS[0].0)
+        .await?
+        .is_some()
+    {
         return Ok(false);
     }
     let mut users: Vec<User> = Vec::new();

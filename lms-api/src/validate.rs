@@ -37,11 +37,12 @@ fn text(s: &str, max: usize) -> Result<(), ValidationError> {
     if s.chars().count() > max {
         return Err(err(format!("must have at most {max} characters")));
     }
-    if s
-        .chars()
+    if s.chars()
         .any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t')
     {
-        return Err(err("must not contain control characters other than line breaks and tabs".into()));
+        return Err(err(
+            "must not contain control characters other than line breaks and tabs".into(),
+        ));
     }
     Ok(())
 }

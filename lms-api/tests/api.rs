@@ -16,10 +16,17 @@ use serde_json::{json, Value};
 
 /// Waits until job `id` reaches a final state and returns it.
 async fn finished_job(api: &Api, token: &str, id: u64) -> Value {
-    wait_for("the job to finish", Duration::from_secs(30), || async move {
-        let r = api.get(&format!("/api/v1/jobs/{id}"), token).await.expect(200);
-        matches!(r.body["state"].as_str(), Some("succeeded" | "dead")).then_some(r.body)
-    })
+    wait_for(
+        "the job to finish",
+        Duration::from_secs(30),
+        || async move {
+            let r = api
+                .get(&format!("/api/v1/jobs/{id}"), token)
+                .await
+                .expect(200);
+            matches!(r.body["state"].as_str(), Some("succeeded" | "dead")).then_some(r.body)
+        },
+    )
     .await
     .expect("job finished")
 }
@@ -49,10 +56,17 @@ async fn full_flow_register_to_export() {
 
     phase!("create course, enroll, assign");
     let cid = api.course(&teacher, "Rust 101", 30).await;
-    let page = api.get(&format!("/api/v1/courses/{cid}"), &student).await.expect(200);
+    let page = api
+        .get(&format!("/api/v1/courses/{cid}"), &student)
+        .await
+        .expect(200);
     assert_eq!(page.body["title"], "Rust 101");
     let enr = api
-        .post(&format!("/api/v1/courses/{cid}/enrollments"), &student, json!({}))
+        .post(
+            &format!("/api/v1/courses/{cid}/enrollments"),
+            &student,
+            json!({}),
+        )
         .await
         .expect(201);
     assert_eq!(enr.body["role"], "student");
@@ -84,8 +98,13 @@ async fn full_flow_register_to_export() {
 
     phase!("submit, resubmit, grade");
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
-    api.post(&sub, &student, json!({"body": "first try"})).await.expect(201);
-    let second = api.post(&sub, &student, json!({"body": "second try"})).await.expect(200);
+    api.post(&sub, &student, json!({"body": "first try"}))
+        .await
+        .expect(201);
+    let second = api
+        .post(&sub, &student, json!({"body": "second try"}))
+        .await
+        .expect(200);
     assert_eq!(second.body["attempt"], 2);
     api.post(&sub, &student, json!({"body": "third"}))
         .await
@@ -125,13 +144,20 @@ async fn full_flow_register_to_export() {
     assert_eq!(job["state"], "succeeded", "{job}");
     let g = api.get(&grades, &student).await.expect(200);
     assert_eq!(g.body[0]["score"], 87.5);
-    let notes = wait_for("the grade notification", Duration::from_secs(10), || async {
-        let r = api.get("/api/v1/notifications", &student).await.expect(200);
-        (!r.body.as_array().unwrap().is_empty()).then_some(r.body)
-    })
+    let notes = wait_for(
+        "the grade notification",
+        Duration::from_secs(10),
+        || async {
+            let r = api.get("/api/v1/notifications", &student).await.expect(200);
+            (!r.body.as_array().unwrap().is_empty()).then_some(r.body)
+        },
+    )
     .await
     .unwrap();
-    assert!(notes[0]["message"].as_str().unwrap().contains("Linked list"));
+    assert!(notes[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Linked list"));
 
     phase!("gradebook and its CSV export");
     let book = api
@@ -142,7 +168,11 @@ async fn full_flow_register_to_export() {
     assert_eq!(book.body["students"][0]["user_id"], student_id);
     assert_eq!(book.body["students"][0]["total"], 87.5);
     let export = api
-        .post(&format!("/api/v1/courses/{cid}/gradebook/export"), &teacher, json!({}))
+        .post(
+            &format!("/api/v1/courses/{cid}/gradebook/export"),
+            &teacher,
+            json!({}),
+        )
         .await
         .expect(202);
     let job_id = export.body["id"].as_u64().unwrap();
@@ -153,43 +183,88 @@ async fn full_flow_register_to_export() {
         .await
         .expect(200);
     assert!(csv.header("content-type").unwrap().starts_with("text/csv"));
-    assert!(csv.text.starts_with("user_id,name,email,Linked list,total\n"), "{}", csv.text);
-    assert!(csv.text.contains(&format!("{student_id},Stu Dent,stu@t.io,87.5,87.5")), "{}", csv.text);
-    api.get(&format!("/api/v1/jobs/{job_id}"), &student).await.problem(404);
+    assert!(
+        csv.text
+            .starts_with("user_id,name,email,Linked list,total\n"),
+        "{}",
+        csv.text
+    );
+    assert!(
+        csv.text
+            .contains(&format!("{student_id},Stu Dent,stu@t.io,87.5,87.5")),
+        "{}",
+        csv.text
+    );
+    api.get(&format!("/api/v1/jobs/{job_id}"), &student)
+        .await
+        .problem(404);
 
     phase!("refresh rotates; logout revokes");
     let tokens = api
-        .call(Method::POST, "/api/v1/auth/login", None,
-              Some(json!({"email": "stu@t.io", "password": common::PASSWORD})))
+        .call(
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            Some(json!({"email": "stu@t.io", "password": common::PASSWORD})),
+        )
         .await
         .expect(200);
     assert_eq!(tokens.body["token_type"], "Bearer");
     assert!(tokens.body["expires_in"].as_u64().unwrap() > 0);
     let rt = tokens.body["refresh_token"].as_str().unwrap().to_string();
     let new = api
-        .call(Method::POST, "/api/v1/auth/refresh", None, Some(json!({"refresh_token": rt})))
+        .call(
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            Some(json!({"refresh_token": rt})),
+        )
         .await
         .expect(200);
-    api.call(Method::POST, "/api/v1/auth/refresh", None, Some(json!({"refresh_token": rt})))
-        .await
-        .problem(401);
+    api.call(
+        Method::POST,
+        "/api/v1/auth/refresh",
+        None,
+        Some(json!({"refresh_token": rt})),
+    )
+    .await
+    .problem(401);
     let rt2 = new.body["refresh_token"].as_str().unwrap().to_string();
     let at2 = new.body["access_token"].as_str().unwrap().to_string();
     api.post("/api/v1/auth/logout", &at2, json!({"refresh_token": rt2}))
         .await
         .expect(204);
-    api.call(Method::POST, "/api/v1/auth/refresh", None, Some(json!({"refresh_token": rt2})))
-        .await
-        .problem(401);
+    api.call(
+        Method::POST,
+        "/api/v1/auth/refresh",
+        None,
+        Some(json!({"refresh_token": rt2})),
+    )
+    .await
+    .problem(401);
 
     phase!("health, readiness, OpenAPI and docs");
-    api.call(Method::GET, "/healthz", None, None).await.expect(200);
-    api.call(Method::GET, "/readyz", None, None).await.expect(200);
-    let doc = api.call(Method::GET, "/openapi.json", None, None).await.expect(200);
+    api.call(Method::GET, "/healthz", None, None)
+        .await
+        .expect(200);
+    api.call(Method::GET, "/readyz", None, None)
+        .await
+        .expect(200);
+    let doc = api
+        .call(Method::GET, "/openapi.json", None, None)
+        .await
+        .expect(200);
     assert!(doc.body["openapi"].as_str().unwrap().starts_with("3."));
     assert!(doc.body["paths"]["/api/v1/auth/login"].is_object());
-    let ui = api.call(Method::GET, "/docs/", None, None).await.expect(200);
-    assert!(ui.text.contains("swagger"), "{}", &ui.text[..ui.text.len().min(200)]);
+    let ui = api
+        .call(Method::GET, "/docs/", None, None)
+        .await
+        .expect(200);
+    assert!(
+        ui.text.contains("swagger"),
+        "{}",
+        &ui.text[..ui.text.len().min(200)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,9 +276,15 @@ async fn every_role_is_refused_what_it_may_not_do() {
     let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
     let (other, _) = api.user_with_role("o@t.io", "O", Role::Student).await;
     let cid = api.course(&t1, "T1's course", 10).await;
-    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({})).await.expect(201);
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
     let aid = api
-        .post(&format!("/api/v1/courses/{cid}/assignments"), &t1, json!({"title": "A1", "max_points": 10}))
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t1,
+            json!({"title": "A1", "max_points": 10}),
+        )
         .await
         .expect(201)
         .body["id"]
@@ -213,76 +294,168 @@ async fn every_role_is_refused_what_it_may_not_do() {
     api.post(&sub, &s, json!({"body": "x"})).await.expect(201);
 
     phase!("no token: 401 with WWW-Authenticate");
-    for path in ["/api/v1/auth/me", "/api/v1/courses", &format!("/api/v1/courses/{cid}")] {
+    for path in [
+        "/api/v1/auth/me",
+        "/api/v1/courses",
+        &format!("/api/v1/courses/{cid}"),
+    ] {
         let r = api.call(Method::GET, path, None, None).await.problem(401);
         assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
     }
 
     phase!("student");
-    api.post("/api/v1/courses", &s, json!({"title": "x", "capacity": 5})).await.problem(403);
+    api.post("/api/v1/courses", &s, json!({"title": "x", "capacity": 5}))
+        .await
+        .problem(403);
     api.get("/api/v1/users", &s).await.problem(403);
-    api.call(Method::PATCH, &format!("/api/v1/users/{sid}"), Some(&s), Some(json!({"role": "admin"})))
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/users/{sid}"),
+        Some(&s),
+        Some(json!({"role": "admin"})),
+    )
+    .await
+    .problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/assignments"),
+        &s,
+        json!({"title": "x", "max_points": 1}),
+    )
+    .await
+    .problem(403);
+    api.call(
+        Method::PUT,
+        &format!("{sub}/{sid}/grade"),
+        Some(&s),
+        Some(json!({"score": 10})),
+    )
+    .await
+    .problem(403);
+    api.get(&format!("/api/v1/courses/{cid}/gradebook"), &s)
         .await
         .problem(403);
-    api.post(&format!("/api/v1/courses/{cid}/assignments"), &s, json!({"title": "x", "max_points": 1}))
+    api.post(
+        &format!("/api/v1/courses/{cid}/gradebook/export"),
+        &s,
+        json!({}),
+    )
+    .await
+    .problem(403);
+    api.get(&format!("/api/v1/courses/{cid}/enrollments"), &s)
         .await
         .problem(403);
-    api.call(Method::PUT, &format!("{sub}/{sid}/grade"), Some(&s), Some(json!({"score": 10})))
-        .await
-        .problem(403);
-    api.get(&format!("/api/v1/courses/{cid}/gradebook"), &s).await.problem(403);
-    api.post(&format!("/api/v1/courses/{cid}/gradebook/export"), &s, json!({})).await.problem(403);
-    api.get(&format!("/api/v1/courses/{cid}/enrollments"), &s).await.problem(403);
     api.get(&sub, &s).await.problem(403);
-    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({"user_id": other}))
+    api.post(
+        &format!("/api/v1/courses/{cid}/enrollments"),
+        &s,
+        json!({"user_id": other}),
+    )
+    .await
+    .problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/enrollments"),
+        &s,
+        json!({"role": "ta"}),
+    )
+    .await
+    .problem(403);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&s),
+        Some(json!({"capacity": 50})),
+    )
+    .await
+    .problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/assignments/{aid}/publish-grades"),
+        &s,
+        json!({}),
+    )
+    .await
+    .problem(403);
+    api.post("/api/v1/admin/repair", &s, json!({}))
         .await
         .problem(403);
-    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({"role": "ta"}))
-        .await
-        .problem(403);
-    api.call(Method::PATCH, &format!("/api/v1/courses/{cid}"), Some(&s), Some(json!({"capacity": 50})))
-        .await
-        .problem(403);
-    api.post(&format!("/api/v1/courses/{cid}/assignments/{aid}/publish-grades"), &s, json!({}))
-        .await
-        .problem(403);
-    api.post("/api/v1/admin/repair", &s, json!({})).await.problem(403);
 
     phase!("teacher of another course");
     api.get("/api/v1/users", &t2).await.problem(403);
-    api.call(Method::PATCH, &format!("/api/v1/courses/{cid}"), Some(&t2), Some(json!({"title": "mine"})))
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&t2),
+        Some(json!({"title": "mine"})),
+    )
+    .await
+    .problem(403);
+    api.call(
+        Method::PUT,
+        &format!("{sub}/{sid}/grade"),
+        Some(&t2),
+        Some(json!({"score": 10})),
+    )
+    .await
+    .problem(403);
+    api.get(&format!("/api/v1/courses/{cid}/gradebook"), &t2)
         .await
         .problem(403);
-    api.call(Method::PUT, &format!("{sub}/{sid}/grade"), Some(&t2), Some(json!({"score": 10})))
-        .await
-        .problem(403);
-    api.get(&format!("/api/v1/courses/{cid}/gradebook"), &t2).await.problem(403);
-    api.post(&format!("/api/v1/courses/{cid}/assignments"), &t2, json!({"title": "x", "max_points": 1}))
-        .await
-        .problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/assignments"),
+        &t2,
+        json!({"title": "x", "max_points": 1}),
+    )
+    .await
+    .problem(403);
     api.get(&format!("{sub}/{sid}"), &t2).await.problem(404);
-    api.post(&sub, &t1, json!({"body": "teachers do not submit"})).await.problem(403);
-    api.post("/api/v1/admin/repair", &t1, json!({})).await.problem(403);
+    api.post(&sub, &t1, json!({"body": "teachers do not submit"}))
+        .await
+        .problem(403);
+    api.post("/api/v1/admin/repair", &t1, json!({}))
+        .await
+        .problem(403);
 
     phase!("a TA grades but does not edit the course");
-    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &t1, json!({"user_id": other, "role": "ta"}))
-        .await
-        .expect(201);
+    api.post(
+        &format!("/api/v1/courses/{cid}/enrollments"),
+        &t1,
+        json!({"user_id": other, "role": "ta"}),
+    )
+    .await
+    .expect(201);
     let ta = api.st.tokens.issue(other).unwrap();
-    api.call(Method::PUT, &format!("{sub}/{sid}/grade"), Some(&ta), Some(json!({"score": 3})))
-        .await
-        .expect(200);
-    api.call(Method::PATCH, &format!("/api/v1/courses/{cid}"), Some(&ta), Some(json!({"title": "ta"})))
-        .await
-        .problem(403);
+    api.call(
+        Method::PUT,
+        &format!("{sub}/{sid}/grade"),
+        Some(&ta),
+        Some(json!({"score": 3})),
+    )
+    .await
+    .expect(200);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&ta),
+        Some(json!({"title": "ta"})),
+    )
+    .await
+    .problem(403);
 
     phase!("admin may do all of it");
     api.get("/api/v1/users", &admin).await.expect(200);
-    api.get(&format!("/api/v1/courses/{cid}/gradebook"), &admin).await.expect(200);
-    api.call(Method::PATCH, &format!("/api/v1/courses/{cid}"), Some(&admin), Some(json!({"capacity": 50})))
+    api.get(&format!("/api/v1/courses/{cid}/gradebook"), &admin)
         .await
         .expect(200);
-    api.post("/api/v1/admin/repair", &admin, json!({})).await.expect(200);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&admin),
+        Some(json!({"capacity": 50})),
+    )
+    .await
+    .expect(200);
+    api.post("/api/v1/admin/repair", &admin, json!({}))
+        .await
+        .expect(200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,29 +466,52 @@ async fn students_cannot_reach_each_others_objects() {
     let (b, tb) = api.user_with_role("b@t.io", "B", Role::Student).await;
     let cid = api.course(&t, "Shared", 10).await;
     let draft = api
-        .post("/api/v1/courses", &t, json!({"title": "Draft", "capacity": 5}))
+        .post(
+            "/api/v1/courses",
+            &t,
+            json!({"title": "Draft", "capacity": 5}),
+        )
         .await
         .expect(201)
         .body["id"]
         .as_u64()
         .unwrap();
     for tok in [&ta, &tb] {
-        api.post(&format!("/api/v1/courses/{cid}/enrollments"), tok, json!({})).await.expect(201);
+        api.post(
+            &format!("/api/v1/courses/{cid}/enrollments"),
+            tok,
+            json!({}),
+        )
+        .await
+        .expect(201);
     }
     let aid = api
-        .post(&format!("/api/v1/courses/{cid}/assignments"), &t, json!({"title": "A", "max_points": 10}))
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "A", "max_points": 10}),
+        )
         .await
         .expect(201)
         .body["id"]
         .as_u64()
         .unwrap();
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
-    api.post(&sub, &ta, json!({"body": "A's secret answer"})).await.expect(201);
-    api.post(&sub, &tb, json!({"body": "B's secret answer"})).await.expect(201);
+    api.post(&sub, &ta, json!({"body": "A's secret answer"}))
+        .await
+        .expect(201);
+    api.post(&sub, &tb, json!({"body": "B's secret answer"}))
+        .await
+        .expect(201);
     for (uid, tok) in [(a, &ta), (b, &tb)] {
-        api.call(Method::PUT, &format!("{sub}/{uid}/grade"), Some(&t), Some(json!({"score": 5})))
-            .await
-            .expect(200);
+        api.call(
+            Method::PUT,
+            &format!("{sub}/{uid}/grade"),
+            Some(&t),
+            Some(json!({"score": 5})),
+        )
+        .await
+        .expect(200);
         api.get(&format!("{sub}/{uid}"), tok).await.expect(200);
     }
 
@@ -323,34 +519,78 @@ async fn students_cannot_reach_each_others_objects() {
         phase!("student {me} tries student {other}'s objects");
         let r = api.get(&format!("{sub}/{other}"), mine).await.problem(404);
         assert!(!r.text.contains("secret"));
-        api.get(&format!("/api/v1/courses/{cid}/students/{other}/grades"), mine).await.problem(404);
-        api.get(&format!("/api/v1/users/{other}"), mine).await.problem(404);
-        api.call(Method::PATCH, &format!("/api/v1/users/{other}"), Some(mine), Some(json!({"name": "pwned"})))
+        api.get(
+            &format!("/api/v1/courses/{cid}/students/{other}/grades"),
+            mine,
+        )
+        .await
+        .problem(404);
+        api.get(&format!("/api/v1/users/{other}"), mine)
             .await
             .problem(404);
-        api.get(&format!("/api/v1/users/{other}/courses"), mine).await.problem(404);
-        api.call(Method::PUT, &format!("{sub}/{other}/grade"), Some(mine), Some(json!({"score": 0})))
+        api.call(
+            Method::PATCH,
+            &format!("/api/v1/users/{other}"),
+            Some(mine),
+            Some(json!({"name": "pwned"})),
+        )
+        .await
+        .problem(404);
+        api.get(&format!("/api/v1/users/{other}/courses"), mine)
             .await
-            .problem(403);
-        api.call(Method::DELETE, &format!("/api/v1/courses/{cid}/enrollments/{other}"), Some(mine), None)
+            .problem(404);
+        api.call(
+            Method::PUT,
+            &format!("{sub}/{other}/grade"),
+            Some(mine),
+            Some(json!({"score": 0})),
+        )
+        .await
+        .problem(403);
+        api.call(
+            Method::DELETE,
+            &format!("/api/v1/courses/{cid}/enrollments/{other}"),
+            Some(mine),
+            None,
+        )
+        .await
+        .problem(403);
+        api.get(&format!("/api/v1/courses/{draft}"), mine)
             .await
-            .problem(403);
-        api.get(&format!("/api/v1/courses/{draft}"), mine).await.problem(404);
-        api.get(&format!("/api/v1/courses/{draft}/assignments"), mine).await.problem(404);
+            .problem(404);
+        api.get(&format!("/api/v1/courses/{draft}/assignments"), mine)
+            .await
+            .problem(404);
         // The student's own objects are reachable.
         let own = api.get(&format!("{sub}/{me}"), mine).await.expect(200);
         assert!(own.body["body"].as_str().unwrap().contains("secret"));
-        api.get(&format!("/api/v1/users/{me}"), mine).await.expect(200);
+        api.get(&format!("/api/v1/users/{me}"), mine)
+            .await
+            .expect(200);
     }
     phase!("nothing of B changed");
     let bs = api.get(&format!("{sub}/{b}"), &t).await.expect(200);
     assert_eq!(bs.body["grade"]["score"], 5.0);
-    assert_eq!(api.get(&format!("/api/v1/users/{b}"), &tb).await.body["name"], "B");
+    assert_eq!(
+        api.get(&format!("/api/v1/users/{b}"), &tb).await.body["name"],
+        "B"
+    );
     let catalogue = api
-        .call_with(Method::GET, "/api/v1/courses", Some(&ta), None, &[("cache-control", "no-cache")])
+        .call_with(
+            Method::GET,
+            "/api/v1/courses",
+            Some(&ta),
+            None,
+            &[("cache-control", "no-cache")],
+        )
         .await
         .expect(200);
-    assert!(catalogue.body.as_array().unwrap().iter().all(|c| c["id"] != draft));
+    assert!(catalogue
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["id"] != draft));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,7 +601,12 @@ async fn expired_and_tampered_tokens_are_refused() {
     api.get("/api/v1/auth/me", &good).await.expect(200);
     let now = chrono::Utc::now().timestamp() as u64;
     let sign = |claims: Value, secret: &str| {
-        encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     };
 
     phase!("expired");
@@ -377,7 +622,8 @@ async fn expired_and_tampered_tokens_are_refused() {
     let parts: Vec<&str> = good.split('.').collect();
     use base64::Engine;
     let forged_payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
-        json!({"sub": (uid + 1).to_string(), "iat": now, "exp": now + 600, "iss": "lms-api"}).to_string(),
+        json!({"sub": (uid + 1).to_string(), "iat": now, "exp": now + 600, "iss": "lms-api"})
+            .to_string(),
     );
     let tampered = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
     api.get("/api/v1/auth/me", &tampered).await.problem(401);
@@ -386,20 +632,34 @@ async fn expired_and_tampered_tokens_are_refused() {
         "another-secret-another-secret-another-secret",
     );
     api.get("/api/v1/auth/me", &wrong_key).await.problem(401);
-    let none_header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
-    api.get("/api/v1/auth/me", &format!("{none_header}.{}.", parts[1])).await.problem(401);
+    let none_header =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    api.get("/api/v1/auth/me", &format!("{none_header}.{}.", parts[1]))
+        .await
+        .problem(401);
     let wrong_issuer = sign(
         json!({"sub": uid.to_string(), "iat": now, "exp": now + 600, "iss": "someone-else"}),
         common::SECRET,
     );
     api.get("/api/v1/auth/me", &wrong_issuer).await.problem(401);
     api.get("/api/v1/auth/me", "garbage").await.problem(401);
-    api.call_with(Method::GET, "/api/v1/auth/me", None, None, &[("authorization", "Basic dTpw")])
-        .await
-        .problem(401);
-    api.call(Method::POST, "/api/v1/auth/refresh", None, Some(json!({"refresh_token": "made-up"})))
-        .await
-        .problem(401);
+    api.call_with(
+        Method::GET,
+        "/api/v1/auth/me",
+        None,
+        None,
+        &[("authorization", "Basic dTpw")],
+    )
+    .await
+    .problem(401);
+    api.call(
+        Method::POST,
+        "/api/v1/auth/refresh",
+        None,
+        Some(json!({"refresh_token": "made-up"})),
+    )
+    .await
+    .problem(401);
     phase!("the real token still works");
     api.get("/api/v1/auth/me", &good).await.expect(200);
 }
@@ -411,16 +671,24 @@ async fn invalid_input_is_refused_and_writes_nothing() {
     let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
     let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
     let cid = api.course(&t, "C", 5).await;
-    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({})).await.expect(201);
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
     let aid = api
-        .post(&format!("/api/v1/courses/{cid}/assignments"), &t, json!({"title": "A", "max_points": 10}))
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "A", "max_points": 10}),
+        )
         .await
         .expect(201)
         .body["id"]
         .as_u64()
         .unwrap();
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
-    api.post(&sub, &s, json!({"body": "answer"})).await.expect(201);
+    api.post(&sub, &s, json!({"body": "answer"}))
+        .await
+        .expect(201);
     let long = "x".repeat(10_001);
     let course = format!("/api/v1/courses/{cid}");
     let user = format!("/api/v1/users/{sid}");
@@ -431,46 +699,173 @@ async fn invalid_input_is_refused_and_writes_nothing() {
     // (method, path, token, body): every body field with a bad value, plus
     // missing, unknown and mistyped fields.
     let cases: Vec<(Method, &str, Option<&str>, Value)> = vec![
-        (Method::POST, reg, None, json!({"email": "not-an-email", "password": "long enough pw", "name": "N"})),
-        (Method::POST, reg, None, json!({"email": "n@t.io", "password": "short", "name": "N"})),
-        (Method::POST, reg, None, json!({"email": "n@t.io", "password": "long enough pw", "name": "   "})),
-        (Method::POST, reg, None, json!({"email": "n@t.io", "password": "long enough pw", "name": "a\u{0007}b"})),
-        (Method::POST, reg, None, json!({"email": "n@t.io", "password": "long enough pw"})),
-        (Method::POST, reg, None, json!({"email": "n@t.io", "password": "long enough pw", "name": "N", "role": "admin"})),
-        (Method::POST, reg, None, json!({"email": 5, "password": "long enough pw", "name": "N"})),
-        (Method::POST, "/api/v1/auth/login", None, json!({"email": "", "password": "x"})),
-        (Method::POST, "/api/v1/auth/refresh", None, json!({"refresh_token": ""})),
-        (Method::POST, "/api/v1/courses", Some(&t), json!({"title": "", "capacity": 5})),
-        (Method::POST, "/api/v1/courses", Some(&t), json!({"title": "x", "capacity": 0})),
-        (Method::POST, "/api/v1/courses", Some(&t), json!({"title": "x", "capacity": 10001})),
-        (Method::POST, "/api/v1/courses", Some(&t), json!({"title": "x", "capacity": 5, "description": long})),
-        (Method::POST, "/api/v1/courses", Some(&t), json!({"title": "x", "capacity": 5, "published": "yes"})),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "not-an-email", "password": "long enough pw", "name": "N"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "short", "name": "N"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "long enough pw", "name": "   "}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "long enough pw", "name": "a\u{0007}b"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "long enough pw"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "long enough pw", "name": "N", "role": "admin"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": 5, "password": "long enough pw", "name": "N"}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            json!({"email": "", "password": "x"}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            json!({"refresh_token": ""}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "", "capacity": 5}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "x", "capacity": 0}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "x", "capacity": 10001}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "x", "capacity": 5, "description": long}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "x", "capacity": 5, "published": "yes"}),
+        ),
         (Method::PATCH, &course, Some(&t), json!({"capacity": 0})),
         (Method::PATCH, &course, Some(&t), json!({"title": ""})),
         (Method::PATCH, &course, Some(&t), json!({"published": 1})),
         (Method::POST, &enroll, Some(&t), json!({"role": "dean"})),
         (Method::POST, &enroll, Some(&t), json!({"user_id": "me"})),
-        (Method::POST, &assign, Some(&t), json!({"title": "", "max_points": 10})),
-        (Method::POST, &assign, Some(&t), json!({"title": "x", "max_points": 0})),
-        (Method::POST, &assign, Some(&t), json!({"title": "x", "max_points": 10, "max_attempts": 101})),
-        (Method::POST, &assign, Some(&t), json!({"title": "x", "max_points": 10, "due_at": "tomorrow"})),
-        (Method::POST, &assign, Some(&t), json!({"title": "x", "max_points": 10, "allow_late": "no"})),
-        (Method::POST, &assign, Some(&t), json!({"title": "x", "max_points": 10, "description": long})),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "", "max_points": 10}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 0}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 10, "max_attempts": 101}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 10, "due_at": "tomorrow"}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 10, "allow_late": "no"}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 10, "description": long}),
+        ),
         (Method::POST, &sub, Some(&s), json!({"body": ""})),
         (Method::POST, &sub, Some(&s), json!({"body": 42})),
         (Method::PUT, &grade, Some(&t), json!({"score": -1})),
         (Method::PUT, &grade, Some(&t), json!({"score": 11})),
         (Method::PUT, &grade, Some(&t), json!({"score": "A+"})),
-        (Method::PUT, &grade, Some(&t), json!({"score": 5, "feedback": long})),
+        (
+            Method::PUT,
+            &grade,
+            Some(&t),
+            json!({"score": 5, "feedback": long}),
+        ),
         (Method::PATCH, &user, Some(&s), json!({"name": ""})),
-        (Method::PATCH, &user, Some(&admin), json!({"role": "emperor"})),
-        (Method::PATCH, &user, Some(&s), json!({"password": "short", "current_password": common::PASSWORD})),
-        (Method::PATCH, &user, Some(&s), json!({"password": "a new long password"})),
-        (Method::PATCH, &user, Some(&s), json!({"password": "a new long password", "current_password": "wrong password"})),
+        (
+            Method::PATCH,
+            &user,
+            Some(&admin),
+            json!({"role": "emperor"}),
+        ),
+        (
+            Method::PATCH,
+            &user,
+            Some(&s),
+            json!({"password": "short", "current_password": common::PASSWORD}),
+        ),
+        (
+            Method::PATCH,
+            &user,
+            Some(&s),
+            json!({"password": "a new long password"}),
+        ),
+        (
+            Method::PATCH,
+            &user,
+            Some(&s),
+            json!({"password": "a new long password", "current_password": "wrong password"}),
+        ),
     ];
     let before = api.snapshot().await;
     for (method, path, token, body) in cases {
-        let r = api.call(method.clone(), path, token, Some(body.clone())).await;
+        let r = api
+            .call(method.clone(), path, token, Some(body.clone()))
+            .await;
         assert!(
             matches!(r.status.as_u16(), 400 | 422),
             "{method} {path} {body}: got {} {}",
@@ -480,7 +875,11 @@ async fn invalid_input_is_refused_and_writes_nothing() {
         let status = r.status.as_u16();
         let r = r.problem(status);
         if r.status == 422 && body.is_object() {
-            assert!(r.body["errors"].as_array().is_some_and(|e| !e.is_empty()), "{}", r.text);
+            assert!(
+                r.body["errors"].as_array().is_some_and(|e| !e.is_empty()),
+                "{}",
+                r.text
+            );
         }
     }
     phase!("malformed JSON, wrong media type, bad paths and paging");
@@ -504,10 +903,16 @@ async fn invalid_input_is_refused_and_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(raw.status(), 415);
-    api.get("/api/v1/courses/not-a-number", &t).await.problem(400);
+    api.get("/api/v1/courses/not-a-number", &t)
+        .await
+        .problem(400);
     api.get("/api/v1/courses?per_page=0", &t).await.problem(422);
-    api.get("/api/v1/courses?per_page=101", &t).await.problem(422);
-    api.get("/api/v1/courses?cursor=%21%21", &t).await.problem(422);
+    api.get("/api/v1/courses?per_page=101", &t)
+        .await
+        .problem(422);
+    api.get("/api/v1/courses?cursor=%21%21", &t)
+        .await
+        .problem(422);
     let huge = json!({"body": "y".repeat(200_000)});
     let r = api.post(&sub, &s, huge).await;
     assert_eq!(r.status, 413, "{}", r.text);
@@ -517,7 +922,9 @@ async fn invalid_input_is_refused_and_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_answer_429_with_retry_after() {
-    let cluster = lmskv_tests::TestCluster::start(Default::default()).await.unwrap();
+    let cluster = lmskv_tests::TestCluster::start(Default::default())
+        .await
+        .unwrap();
     let mut cfg = common::config(cluster.endpoints());
     cfg.rate_limit_user_per_s = 1;
     cfg.rate_limit_user_burst = 5;
@@ -545,7 +952,12 @@ async fn rate_limits_answer_429_with_retry_after() {
     let mut codes = Vec::new();
     for _ in 0..10 {
         let r = api
-            .call(Method::POST, &format!("{base}/api/v1/auth/login"), None, Some(json!({"email": "x@t.io", "password": "whatever1"})))
+            .call(
+                Method::POST,
+                &format!("{base}/api/v1/auth/login"),
+                None,
+                Some(json!({"email": "x@t.io", "password": "whatever1"})),
+            )
             .await;
         if r.status == 429 {
             assert!(r.header("retry-after").is_some());
@@ -554,7 +966,9 @@ async fn rate_limits_answer_429_with_retry_after() {
     }
     assert_eq!(codes.iter().filter(|c| **c == 401).count(), 3, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 429).count(), 7, "{codes:?}");
-    let health = api.call(Method::GET, &format!("{base}/healthz"), None, None).await;
+    let health = api
+        .call(Method::GET, &format!("{base}/healthz"), None, None)
+        .await;
     assert_eq!(health.status, 200, "health probes are not rate limited");
     server.abort();
 }
@@ -569,7 +983,11 @@ async fn capacity_holds_under_50_concurrent_enrollments() {
     phase!("create {STUDENTS} students");
     let mut tokens = Vec::new();
     for i in 0..STUDENTS {
-        tokens.push(api.user_with_role(&format!("s{i}@t.io"), "S", Role::Student).await.1);
+        tokens.push(
+            api.user_with_role(&format!("s{i}@t.io"), "S", Role::Student)
+                .await
+                .1,
+        );
     }
     phase!("{STUDENTS} enrollments at once");
     let path = format!("/api/v1/courses/{cid}/enrollments");
@@ -577,23 +995,45 @@ async fn capacity_holds_under_50_concurrent_enrollments() {
     let results = futures::future::join_all(calls).await;
     let ok = results.iter().filter(|r| r.status == 201).count();
     let full = results.iter().filter(|r| r.status == 409).count();
-    assert_eq!(ok, CAPACITY as usize, "{:?}", results.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert_eq!(
+        ok,
+        CAPACITY as usize,
+        "{:?}",
+        results.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
     assert_eq!(full, STUDENTS - CAPACITY as usize);
     phase!("the roster and the counter agree");
-    let roster = api.get(&format!("{path}?per_page=100"), &t).await.expect(200);
-    let students = roster.body.as_array().unwrap().iter().filter(|m| m["role"] == "student").count();
+    let roster = api
+        .get(&format!("{path}?per_page=100"), &t)
+        .await
+        .expect(200);
+    let students = roster
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "student")
+        .count();
     assert_eq!(students, CAPACITY as usize);
     let seats = api
         .st
         .db
-        .get::<lms_api::model::Seats>(lms_api::keys::seats(cid), lmskv_client::ReadConsistency::Strong)
+        .get::<lms_api::model::Seats>(
+            lms_api::keys::seats(cid),
+            lmskv_client::ReadConsistency::Strong,
+        )
         .await
         .unwrap()
         .unwrap();
     assert_eq!(seats.value.students, CAPACITY);
-    api.call(Method::PATCH, &format!("/api/v1/courses/{cid}"), Some(&t), Some(json!({"capacity": CAPACITY - 1})))
-        .await
-        .problem(409);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&t),
+        Some(json!({"capacity": CAPACITY - 1})),
+    )
+    .await
+    .problem(409);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,7 +1046,11 @@ async fn pagination_returns_every_item_exactly_once() {
     for i in 0..COURSES {
         // Every third course is a draft the student must not see.
         let id = api
-            .post("/api/v1/courses", &t, json!({"title": format!("C{i}"), "capacity": 5, "published": i % 3 != 0}))
+            .post(
+                "/api/v1/courses",
+                &t,
+                json!({"title": format!("C{i}"), "capacity": 5, "published": i % 3 != 0}),
+            )
             .await
             .expect(201)
             .body["id"]
@@ -615,8 +1059,16 @@ async fn pagination_returns_every_item_exactly_once() {
         created.insert((id, i % 3 != 0));
     }
     for (who, tok, want) in [
-        ("teacher", &t, created.iter().map(|c| c.0).collect::<HashSet<_>>()),
-        ("student", &s, created.iter().filter(|c| c.1).map(|c| c.0).collect()),
+        (
+            "teacher",
+            &t,
+            created.iter().map(|c| c.0).collect::<HashSet<_>>(),
+        ),
+        (
+            "student",
+            &s,
+            created.iter().filter(|c| c.1).map(|c| c.0).collect(),
+        ),
     ] {
         for per_page in [1, 4, 7, 100] {
             phase!("{who} walks the catalogue with per_page={per_page}");
@@ -625,7 +1077,13 @@ async fn pagination_returns_every_item_exactly_once() {
             let mut pages = 0;
             loop {
                 let r = api
-                    .call_with(Method::GET, &url, Some(tok), None, &[("cache-control", "no-cache")])
+                    .call_with(
+                        Method::GET,
+                        &url,
+                        Some(tok),
+                        None,
+                        &[("cache-control", "no-cache")],
+                    )
                     .await
                     .expect(200);
                 let items = r.body.as_array().unwrap();
@@ -645,7 +1103,13 @@ async fn pagination_returns_every_item_exactly_once() {
     }
     phase!("default page size is 10");
     let r = api
-        .call_with(Method::GET, "/api/v1/courses", Some(&t), None, &[("cache-control", "no-cache")])
+        .call_with(
+            Method::GET,
+            "/api/v1/courses",
+            Some(&t),
+            None,
+            &[("cache-control", "no-cache")],
+        )
         .await
         .expect(200);
     assert_eq!(r.body.as_array().unwrap().len(), 10);
@@ -658,26 +1122,42 @@ async fn concurrent_grading_with_if_match_lets_one_win() {
     let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
     let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
     let cid = api.course(&t, "C", 5).await;
-    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({})).await.expect(201);
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
     let aid = api
-        .post(&format!("/api/v1/courses/{cid}/assignments"), &t, json!({"title": "A", "max_points": 10}))
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "A", "max_points": 10}),
+        )
         .await
         .expect(201)
         .body["id"]
         .as_u64()
         .unwrap();
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}");
-    api.post(&format!("/api/v1/courses/{cid}/assignments/{aid}/submissions"), &s, json!({"body": "b"}))
-        .await
-        .expect(201);
+    api.post(
+        &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions"),
+        &s,
+        json!({"body": "b"}),
+    )
+    .await
+    .expect(201);
     let etag = api.get(&sub, &t).await.expect(200).header("etag").unwrap();
     let grade_path = format!("{sub}/grade");
     let api_ref = &api;
     let grade = |score: u32| {
         let (api, path, t, etag) = (api_ref, &grade_path, &t, &etag);
         async move {
-            api.call_with(Method::PUT, path, Some(t), Some(json!({"score": score})), &[("if-match", etag.as_str())])
-                .await
+            api.call_with(
+                Method::PUT,
+                path,
+                Some(t),
+                Some(json!({"score": score})),
+                &[("if-match", etag.as_str())],
+            )
+            .await
         }
     };
     let (a, b) = tokio::join!(grade(4), grade(9));
@@ -695,25 +1175,48 @@ async fn repair_restores_a_lost_index_entry() {
     let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
     let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
     let cid = api.course(&t, "C", 5).await;
-    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({})).await.expect(201);
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
     phase!("simulate a crash between the enrollment and its index write");
     let db = &api.st.db;
-    db.delete(lms_api::keys::user_course(sid, cid)).await.unwrap();
+    db.delete(lms_api::keys::user_course(sid, cid))
+        .await
+        .unwrap();
     // ... and a leftover index entry for a course the student is not in.
     db.put(
         lms_api::keys::user_course(sid, cid + 1000),
-        &lms_api::model::UserCourse { course_id: cid + 1000, role: lms_api::model::CourseRole::Student },
+        &lms_api::model::UserCourse {
+            course_id: cid + 1000,
+            role: lms_api::model::CourseRole::Student,
+        },
     )
     .await
     .unwrap();
     let mine = format!("/api/v1/users/{sid}/courses");
     let fresh = [("cache-control", "no-cache")];
-    assert!(api.call_with(Method::GET, &mine, Some(&s), None, &fresh).await.body.as_array().unwrap().is_empty());
-    let report = api.post("/api/v1/admin/repair", &admin, json!({})).await.expect(200);
+    assert!(api
+        .call_with(Method::GET, &mine, Some(&s), None, &fresh)
+        .await
+        .body
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let report = api
+        .post("/api/v1/admin/repair", &admin, json!({}))
+        .await
+        .expect(200);
     assert_eq!(report.body["index_added"], 1, "{}", report.text);
     assert_eq!(report.body["index_removed"], 1, "{}", report.text);
-    let after = api.post("/api/v1/admin/repair", &admin, json!({})).await.expect(200);
-    assert_eq!(after.body["index_added"], 0, "a second pass finds nothing: {}", after.text);
+    let after = api
+        .post("/api/v1/admin/repair", &admin, json!({}))
+        .await
+        .expect(200);
+    assert_eq!(
+        after.body["index_added"], 0,
+        "a second pass finds nothing: {}",
+        after.text
+    );
     let list = wait_for("the repaired index", Duration::from_secs(10), || async {
         let r = api.get(&mine, &s).await.expect(200);
         (r.body.as_array().unwrap().len() == 1).then_some(r.body)
@@ -730,12 +1233,22 @@ async fn killing_an_lmskv_node_mid_flow_does_not_fail_it() {
     let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
     let cid = api.course(&t, "Resilient", 5).await;
     phase!("kill -9 the leader");
-    let leader = api.cluster.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let leader = api
+        .cluster
+        .wait_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
     api.cluster.kill(leader).unwrap();
     phase!("the flow continues through failover");
-    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({})).await.expect(201);
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
     let aid = api
-        .post(&format!("/api/v1/courses/{cid}/assignments"), &t, json!({"title": "A", "max_points": 10}))
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "A", "max_points": 10}),
+        )
         .await
         .expect(201)
         .body["id"]
@@ -745,13 +1258,27 @@ async fn killing_an_lmskv_node_mid_flow_does_not_fail_it() {
     api.post(&sub, &s, json!({"body": "b"})).await.expect(201);
     phase!("kill the new leader too after restarting the first");
     api.cluster.spawn(leader).unwrap();
-    let second = api.cluster.wait_leader(Duration::from_secs(20)).await.unwrap();
+    let second = api
+        .cluster
+        .wait_leader(Duration::from_secs(20))
+        .await
+        .unwrap();
     api.cluster.kill(second).unwrap();
-    api.call(Method::PUT, &format!("{sub}/{sid}/grade"), Some(&t), Some(json!({"score": 7})))
+    api.call(
+        Method::PUT,
+        &format!("{sub}/{sid}/grade"),
+        Some(&t),
+        Some(json!({"score": 7})),
+    )
+    .await
+    .expect(200);
+    let book = api
+        .get(&format!("/api/v1/courses/{cid}/gradebook"), &t)
         .await
         .expect(200);
-    let book = api.get(&format!("/api/v1/courses/{cid}/gradebook"), &t).await.expect(200);
     assert_eq!(book.body["students"][0]["total"], 7.0);
     api.get("/api/v1/auth/me", &s).await.expect(200);
-    api.call(Method::GET, "/readyz", None, None).await.expect(200);
+    api.call(Method::GET, "/readyz", None, None)
+        .await
+        .expect(200);
 }

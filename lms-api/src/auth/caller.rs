@@ -32,9 +32,7 @@ impl Caller {
         if roles.contains(&self.user.role) {
             Ok(())
         } else {
-            Err(AppError::Forbidden(format!(
-                "your role may not {action}"
-            )))
+            Err(AppError::Forbidden(format!("your role may not {action}")))
         }
     }
 }
@@ -51,7 +49,9 @@ impl FromRequestParts<AppState> for Caller {
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| AppError::Unauthorized("expected `Authorization: Bearer <token>`".into()))?;
+            .ok_or_else(|| {
+                AppError::Unauthorized("expected `Authorization: Bearer <token>`".into())
+            })?;
         let uid = state.tokens.verify(token.trim())?;
         state.limits.check_user(uid)?;
         // STRONG: the account and its role decide what the request may do, so a

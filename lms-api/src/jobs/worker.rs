@@ -31,7 +31,10 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
             let csv = gradebook_csv(&g);
             if csv.len() > EXPORT_BYTES_MAX {
                 return Err((
-                    format!("the export has {} bytes, more than {EXPORT_BYTES_MAX}", csv.len()),
+                    format!(
+                        "the export has {} bytes, more than {EXPORT_BYTES_MAX}",
+                        csv.len()
+                    ),
                     Failure::Permanent,
                 ));
             }
@@ -51,7 +54,12 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
                 )
                 .await
                 .map_err(retry)?
-                .ok_or_else(|| ("the assignment no longer exists".to_string(), Failure::Permanent))?
+                .ok_or_else(|| {
+                    (
+                        "the assignment no longer exists".to_string(),
+                        Failure::Permanent,
+                    )
+                })?
                 .value;
             let subs = db
                 .scan_prefix::<Submission>(
@@ -85,7 +93,10 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
 pub async fn process(db: &Db, l: Leased) {
     let result = match tokio::time::timeout(JOB_LEASE, run_task(db, &l)).await {
         Ok(r) => r,
-        Err(_) => Err(("the task outlived its lease".to_string(), Failure::Retryable)),
+        Err(_) => Err((
+            "the task outlived its lease".to_string(),
+            Failure::Retryable,
+        )),
     };
     let outcome = match &result {
         Ok(()) => jobs::ack(db, &l).await,

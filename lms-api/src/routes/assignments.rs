@@ -83,7 +83,9 @@ pub async fn create_assignment(
         updated_at: now,
     };
     if let Cas::Conflict = st.db.cas(keys::assignment(cid, aid), 0, Some(&a)).await? {
-        return Err(AppError::Internal(format!("assignment id {aid} was already used")));
+        return Err(AppError::Internal(format!(
+            "assignment id {aid} was already used"
+        )));
     }
     Ok((
         StatusCode::CREATED,
@@ -112,7 +114,9 @@ pub async fn list_assignments(
     // as soon as the teacher's request returns.
     let (rows, next) = st
         .db
-        .page::<Assignment>(&keys::assignments(cid), &q, ReadConsistency::Strong, |_| true)
+        .page::<Assignment>(&keys::assignments(cid), &q, ReadConsistency::Strong, |_| {
+            true
+        })
         .await?;
     Ok(Paged {
         items: rows.into_iter().map(|r| r.value).collect(),
@@ -123,7 +127,11 @@ pub async fn list_assignments(
 }
 
 /// Loads assignment `aid` of course `cid` (STRONG), or 404.
-pub async fn load(st: &AppState, cid: u64, aid: u64) -> AppResult<crate::db::Versioned<Assignment>> {
+pub async fn load(
+    st: &AppState,
+    cid: u64,
+    aid: u64,
+) -> AppResult<crate::db::Versioned<Assignment>> {
     st.db
         .get::<Assignment>(keys::assignment(cid, aid), ReadConsistency::Strong)
         .await?
@@ -187,5 +195,7 @@ pub async fn publish_grades(
             ));
         }
     }
-    Err(AppError::Busy("the assignment is being changed concurrently".into()))
+    Err(AppError::Busy(
+        "the assignment is being changed concurrently".into(),
+    ))
 }

@@ -95,7 +95,8 @@ pub async fn register(
     State(st): State<AppState>,
     AppJson(req): AppJson<RegisterRequest>,
 ) -> AppResult<impl IntoResponse> {
-    let user = accounts::create_user(&st, &req.email, req.password, &req.name, Role::Student).await?;
+    let user =
+        accounts::create_user(&st, &req.email, req.password, &req.name, Role::Student).await?;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/api/v1/users/{}", user.id))],

@@ -94,7 +94,9 @@ pub async fn create(st: &AppState, owner: &User, req: CreateCourseRequest) -> Ap
         )
         .await?;
     if out == Cas::Conflict {
-        return Err(AppError::Internal(format!("course id {cid} was already used")));
+        return Err(AppError::Internal(format!(
+            "course id {cid} was already used"
+        )));
     }
     // Derived copies in other tables, written after the record (idempotent).
     st.db.put(keys::catalog(cid), &course).await?;
@@ -247,5 +249,7 @@ pub async fn update_course(
             return Ok(Json(c));
         }
     }
-    Err(AppError::Busy("the course is being changed concurrently".into()))
+    Err(AppError::Busy(
+        "the course is being changed concurrently".into(),
+    ))
 }

@@ -51,13 +51,16 @@ pub async fn enroll_user(
     for _ in 0..CAS_ATTEMPTS_MAX {
         // STRONG: the versions read here are the batch's conditions.
         let (course, seats, existing) = futures::try_join!(
-            st.db.get::<Course>(keys::course(cid), ReadConsistency::Strong),
-            st.db.get::<Seats>(keys::seats(cid), ReadConsistency::Strong),
-            st.db.get::<Member>(keys::member(cid, user.id), ReadConsistency::Strong),
+            st.db
+                .get::<Course>(keys::course(cid), ReadConsistency::Strong),
+            st.db
+                .get::<Seats>(keys::seats(cid), ReadConsistency::Strong),
+            st.db
+                .get::<Member>(keys::member(cid, user.id), ReadConsistency::Strong),
         )?;
         let course = course.ok_or(AppError::NotFound("course"))?;
-        let seats = seats
-            .ok_or_else(|| AppError::Internal(format!("course {cid} has no seat counter")))?;
+        let seats =
+            seats.ok_or_else(|| AppError::Internal(format!("course {cid} has no seat counter")))?;
         if existing.is_some() {
             return Err(AppError::Conflict("already enrolled in this course".into()));
         }
@@ -107,7 +110,9 @@ pub async fn enroll_user(
             return Ok((member, index));
         }
     }
-    Err(AppError::Busy("the course's enrollment is contended".into()))
+    Err(AppError::Busy(
+        "the course's enrollment is contended".into(),
+    ))
 }
 
 /// Enrolls the caller as a student, or (teachers, admins) another user in any role.
@@ -201,11 +206,13 @@ pub async fn unenroll(
     }
     for _ in 0..CAS_ATTEMPTS_MAX {
         let (seats, member) = futures::try_join!(
-            st.db.get::<Seats>(keys::seats(cid), ReadConsistency::Strong),
-            st.db.get::<Member>(keys::member(cid, uid), ReadConsistency::Strong),
+            st.db
+                .get::<Seats>(keys::seats(cid), ReadConsistency::Strong),
+            st.db
+                .get::<Member>(keys::member(cid, uid), ReadConsistency::Strong),
         )?;
-        let seats = seats
-            .ok_or_else(|| AppError::Internal(format!("course {cid} has no seat counter")))?;
+        let seats =
+            seats.ok_or_else(|| AppError::Internal(format!("course {cid} has no seat counter")))?;
         let member = member.ok_or(AppError::NotFound("enrollment"))?;
         let mut ops = vec![BatchOp::Delete(keys::member(cid, uid))];
         if member.value.role == CourseRole::Student {
@@ -229,5 +236,7 @@ pub async fn unenroll(
             return Ok(StatusCode::NO_CONTENT);
         }
     }
-    Err(AppError::Busy("the course's enrollment is contended".into()))
+    Err(AppError::Busy(
+        "the course's enrollment is contended".into(),
+    ))
 }

@@ -155,7 +155,8 @@ pub async fn student_grades(
 ) -> AppResult<Json<Vec<GradeEntry>>> {
     let access = course_access(&st, &caller, cid).await?;
     let staff = access.is_staff();
-    if !staff && !(access.is_student() && uid == caller.id()) {
+    let own = access.is_student() && uid == caller.id();
+    if !(staff || own) {
         // A student never learns anything about another student's grades.
         return Err(AppError::NotFound("grades"));
     }
@@ -218,7 +219,12 @@ pub async fn export_gradebook(
 ) -> AppResult<impl IntoResponse> {
     let access = course_access(&st, &caller, cid).await?;
     access.require_staff("export the gradebook")?;
-    let job = jobs::enqueue(&st, JobKind::GradebookExport { course_id: cid }, caller.id()).await?;
+    let job = jobs::enqueue(
+        &st,
+        JobKind::GradebookExport { course_id: cid },
+        caller.id(),
+    )
+    .await?;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/api/v1/jobs/{}", job.id))],

@@ -102,7 +102,9 @@ pub async fn submit(
     let now = Utc::now();
     let late = a.due_at.is_some_and(|d| now > d);
     if late && !a.allow_late {
-        return Err(AppError::Conflict("the assignment is past its due date".into()));
+        return Err(AppError::Conflict(
+            "the assignment is past its due date".into(),
+        ));
     }
     let key = keys::submission(cid, aid, caller.id());
     for _ in 0..CAS_ATTEMPTS_MAX {
@@ -147,7 +149,9 @@ pub async fn submit(
             return Ok((status, [etag(version)], Json(view(s, version, &a, false))));
         }
     }
-    Err(AppError::Busy("the submission is being changed concurrently".into()))
+    Err(AppError::Busy(
+        "the submission is being changed concurrently".into(),
+    ))
 }
 
 /// Lists an assignment's submissions (teachers, TAs and admins).
@@ -168,7 +172,12 @@ pub async fn list_submissions(
     // STRONG: graders work from the latest submissions.
     let (rows, next) = st
         .db
-        .page::<Submission>(&keys::submissions_of(cid, aid), &q, ReadConsistency::Strong, |_| true)
+        .page::<Submission>(
+            &keys::submissions_of(cid, aid),
+            &q,
+            ReadConsistency::Strong,
+            |_| true,
+        )
         .await?;
     Ok(Paged {
         items: rows
@@ -287,5 +296,7 @@ pub async fn grade_submission(
             Cas::Conflict => continue,
         }
     }
-    Err(AppError::Busy("the submission is being changed concurrently".into()))
+    Err(AppError::Busy(
+        "the submission is being changed concurrently".into(),
+    ))
 }

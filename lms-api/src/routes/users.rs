@@ -124,10 +124,9 @@ pub async fn update_user(
     }
     let new_hash = match &req.password {
         Some(p) => {
-            let current = req
-                .current_password
-                .clone()
-                .ok_or_else(|| AppError::field("current_password", "is required to change the password"))?;
+            let current = req.current_password.clone().ok_or_else(|| {
+                AppError::field("current_password", "is required to change the password")
+            })?;
             let ok = st
                 .passwords
                 .verify(current, Some(caller.user.password_hash.clone()))
@@ -161,7 +160,9 @@ pub async fn update_user(
             return Ok((session_headers(index), Json(UserView::from(&u))));
         }
     }
-    Err(AppError::Busy("the user is being changed concurrently".into()))
+    Err(AppError::Busy(
+        "the user is being changed concurrently".into(),
+    ))
 }
 
 /// The courses of a user (the user or an admin), from the cross-range index
@@ -194,8 +195,10 @@ pub async fn user_courses(
             // STRONG membership check drops index entries of finished
             // unenrollments; EVENTUAL (cached) course details are catalogue data.
             let (m, c) = futures::try_join!(
-                st.db.get::<Member>(keys::member(cid, id), ReadConsistency::Strong),
-                st.db.get::<Course>(keys::course(cid), ReadConsistency::Eventual),
+                st.db
+                    .get::<Member>(keys::member(cid, id), ReadConsistency::Strong),
+                st.db
+                    .get::<Course>(keys::course(cid), ReadConsistency::Eventual),
             )?;
             Ok::<_, AppError>(match (m, c) {
                 (Some(m), Some(c)) => Some(MyCourse {
