@@ -9,6 +9,9 @@
 //!     --lmskv-endpoints 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 --jobs 2000
 //! ```
 //!
+//! `drained_per_s` counts every worker on the cluster (including those of
+//! running `lms-api` processes); start the job scenario on an empty queue.
+//!
 //! The HTTP scenarios expect the demo data (`lms-api --seed-demo true`) and
 //! rate limits high enough not to refuse the load.
 
@@ -240,15 +243,25 @@ async fn jobs_scenario(args: Args) -> anyhow::Result<()> {
         let db = db.clone();
         tokio::spawn(async move {
             let mut ran = 0usize;
-            let mut idle = 0;
-            while idle < 3 {
+            // Until the live-job table is empty: every job acked or dead-lettered.
+            loop {
                 match jobs::worker::run_once(&db.db).await {
-                    Ok(0) => idle += 1,
-                    Ok(n) => {
-                        ran += n;
-                        idle = 0;
+                    Ok(0) => {
+                        let live = db
+                            .db
+                            .scan_prefix::<serde_json::Value>(
+                                &bytes::Bytes::from_static(lms_api::keys::JOB),
+                                lmskv_client::ReadConsistency::Strong,
+                            )
+                            .await
+                            .map(|v| v.len())
+                            .unwrap_or(1);
+                        if live == 0 {
+                            break;
+                        }
                     }
-                    Err(_) => idle += 1,
+                    Ok(n) => ran += n,
+                    Err(_) => {}
                 }
             }
             ran
@@ -261,12 +274,13 @@ async fn jobs_scenario(args: Args) -> anyhow::Result<()> {
         .sum();
     let run_s = t.elapsed().as_secs_f64();
     println!(
-        "{{\"scenario\":\"jobs\",\"jobs\":{},\"enqueue_per_s\":{:.0},\"workers\":{},\"processed\":{},\"processed_per_s\":{:.0}}}",
+        "{{\"scenario\":\"jobs\",\"jobs\":{},\"enqueue_per_s\":{:.0},\"workers\":{},\"processed\":{},\"processed_per_s\":{:.0},\"drained_per_s\":{:.0}}}",
         args.jobs,
         args.jobs as f64 / enq_s,
         args.workers,
         ran,
-        ran as f64 / run_s
+        ran as f64 / run_s,
+        args.jobs as f64 / run_s
     );
     Ok(())
 }

@@ -8,7 +8,6 @@
 //! valid when lmskv splits the key space into ranges.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use bytes::Bytes;
 use lmskv_client::{BatchOp, Client, Compare, ReadConsistency, ScanOptions, WriteOptions};
@@ -21,7 +20,7 @@ use crate::pagination::{Cursor, PageQuery};
 
 /// IDs reserved from a table's counter at once; fewer round trips to the
 /// shared `seq/` key, at the cost of gaps when a process restarts.
-pub const ID_BLOCK_SIZE: u64 = 16;
+pub const ID_BLOCK_SIZE: u64 = 32;
 /// Compare-and-swap tries on a contended key before giving up with 503.
 pub const CAS_ATTEMPTS_MAX: u32 = 64;
 /// Keys fetched per scan call when a list is filtered.
@@ -60,7 +59,7 @@ pub enum Cas {
 /// Typed lmskv access for the LMS.
 pub struct Db {
     client: Client,
-    ids: Mutex<HashMap<&'static str, (u64, u64)>>,
+    ids: tokio::sync::Mutex<HashMap<&'static str, (u64, u64)>>,
 }
 
 /// Encodes a record.
@@ -85,7 +84,7 @@ impl Db {
     pub fn new(client: Client) -> Db {
         Db {
             client,
-            ids: Mutex::new(HashMap::new()),
+            ids: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -255,14 +254,15 @@ impl Db {
 
     /// Allocates a fresh ID of `table` (1, 2, 3, … with gaps).
     pub async fn next_id(&self, table: &'static str) -> AppResult<u64> {
-        {
-            let mut ids = self.ids.lock().expect("id lock");
-            if let Some((next, end)) = ids.get_mut(table) {
-                if *next <= *end {
-                    let id = *next;
-                    *next += 1;
-                    return Ok(id);
-                }
+        // The lock is held across the refill: one refill per process at a
+        // time, so concurrent requests wait for the new block instead of all
+        // racing on the shared counter.
+        let mut ids = self.ids.lock().await;
+        if let Some((next, end)) = ids.get_mut(table) {
+            if *next <= *end {
+                let id = *next;
+                *next += 1;
+                return Ok(id);
             }
         }
         let key = keys::seq(table);
@@ -275,7 +275,6 @@ impl Db {
             let (last, version) = cur.map(|v| (v.value, v.version)).unwrap_or((0, 0));
             let reserved = last + ID_BLOCK_SIZE;
             if let Cas::Done { .. } = self.cas(key.clone(), version, Some(&reserved)).await? {
-                let mut ids = self.ids.lock().expect("id lock");
                 ids.insert(table, (last + 2, reserved));
                 return Ok(last + 1);
             }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use lmskv_client::ReadConsistency;
+use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -154,19 +155,25 @@ pub async fn lease(db: &Db, max: usize) -> AppResult<Vec<Leased>> {
     };
     let page = db.client().scan(&opts).await?;
     let now = Utc::now();
-    let mut out = Vec::new();
+    let mut due = Vec::new();
     for kv in page.kvs {
-        if out.len() >= max {
-            break;
-        }
-        let mut job: Job = crate::db::decode(&kv.key, &kv.value)?;
-        let due = match job.state {
+        let job: Job = crate::db::decode(&kv.key, &kv.value)?;
+        let ready = match job.state {
             JobState::Queued => job.run_at <= now,
             JobState::Running => job.lease_until.is_none_or(|t| t <= now),
             JobState::Succeeded | JobState::Dead => false,
         };
-        if !due {
-            continue;
+        if ready {
+            due.push((kv, job));
+        }
+    }
+    // Workers that scanned the same jobs try them in different orders, so
+    // they rarely race for the same lease.
+    due.shuffle(&mut rand::thread_rng());
+    let mut out = Vec::new();
+    for (kv, mut job) in due {
+        if out.len() >= max {
+            break;
         }
         job.state = JobState::Running;
         job.attempts += 1;
