@@ -252,3 +252,44 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("lms-api-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lms.toml");
+        std::fs::write(
+            &path,
+            "lmskv_endpoints = [\"10.0.0.1:7001\"]\njwt_secret = \"file-secret-file-secret-file-secret!\"\n\
+             access_token_ttl_s = 60\nlisten = \"0.0.0.0:9000\"\n",
+        )
+        .unwrap();
+        let args = Args {
+            config: Some(path.clone()),
+            listen: Some("127.0.0.1:9999".parse().unwrap()),
+            ..Args::default()
+        };
+        let c = Config::load(args).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(c.lmskv_endpoints, vec!["10.0.0.1:7001".to_string()]);
+        assert_eq!(c.access_token_ttl, Duration::from_secs(60));
+        assert_eq!(c.rate_limit_user_per_s, 50);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let short = Config::new(vec!["a:1".into()], "too short");
+        assert!(short.validate().is_err());
+        let mut c = Config::new(vec!["a:1".into()], "x".repeat(32));
+        assert!(c.validate().is_ok());
+        c.rate_limit_ip_burst = 0;
+        assert!(c.validate().is_err());
+        let missing = Args::default();
+        assert!(Config::load(missing).is_err());
+    }
+}
