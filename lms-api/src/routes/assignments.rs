@@ -27,6 +27,7 @@ use crate::pagination::{PageQuery, Paged};
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAssignmentRequest {
+    #[schema(min_length = 1, max_length = 200)]
     #[validate(custom(function = "crate::validate::title"))]
     pub title: String,
     #[serde(default)]
@@ -35,9 +36,11 @@ pub struct CreateAssignmentRequest {
     /// RFC 3339 time after which submissions are late.
     pub due_at: Option<DateTime<Utc>>,
     /// 1 to 10,000 points.
+    #[schema(minimum = 1, maximum = 10000)]
     #[validate(range(min = 1, max = 10000))]
     pub max_points: u32,
     /// Submissions allowed per student, 1 to 100 (default 1).
+    #[schema(minimum = 1, maximum = 100)]
     #[validate(range(min = 1, max = 100))]
     pub max_attempts: Option<u32>,
     /// Accept (and mark) submissions after the due date (default false).

@@ -32,8 +32,10 @@ pub const REFRESH_TOKEN_CHARS_MAX: usize = 128;
 pub struct RegisterRequest {
     #[validate(email(message = "must be an e-mail address"), length(max = 254))]
     pub email: String,
+    #[schema(min_length = 8, max_length = 128)]
     #[validate(custom(function = "crate::validate::password"))]
     pub password: String,
+    #[schema(min_length = 1, max_length = 100)]
     #[validate(custom(function = "crate::validate::name"))]
     pub name: String,
 }
@@ -42,8 +44,10 @@ pub struct RegisterRequest {
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
+    #[schema(min_length = 1, max_length = 254)]
     #[validate(length(min = 1, max = 254))]
     pub email: String,
+    #[schema(min_length = 1, max_length = 128)]
     #[validate(length(min = 1, max = 128))]
     pub password: String,
 }
@@ -52,6 +56,7 @@ pub struct LoginRequest {
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
+    #[schema(min_length = 1, max_length = 128)]
     #[validate(length(min = 1, max = 128))]
     pub refresh_token: String,
 }

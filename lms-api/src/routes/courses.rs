@@ -33,12 +33,14 @@ pub const CAPACITY_MAX: u32 = 10_000;
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCourseRequest {
+    #[schema(min_length = 1, max_length = 200)]
     #[validate(custom(function = "crate::validate::title"))]
     pub title: String,
     #[serde(default)]
     #[validate(custom(function = "crate::validate::long_text"))]
     pub description: String,
     /// 1 to 10,000 students.
+    #[schema(minimum = 1, maximum = 10000)]
     #[validate(range(min = 1, max = 10000))]
     pub capacity: u32,
     #[serde(default)]
@@ -49,10 +51,12 @@ pub struct CreateCourseRequest {
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateCourseRequest {
+    #[schema(min_length = 1, max_length = 200)]
     #[validate(custom(function = "crate::validate::title"))]
     pub title: Option<String>,
     #[validate(custom(function = "crate::validate::long_text"))]
     pub description: Option<String>,
+    #[schema(minimum = 1, maximum = 10000)]
     #[validate(range(min = 1, max = 10000))]
     pub capacity: Option<u32>,
     pub published: Option<bool>,

@@ -36,6 +36,7 @@ use crate::routes::assignments::load;
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     /// The answer, 1 to 50,000 characters.
+    #[schema(min_length = 1, max_length = 50000)]
     #[validate(custom(function = "crate::validate::body"))]
     pub body: String,
 }
@@ -45,6 +46,7 @@ pub struct SubmitRequest {
 #[serde(deny_unknown_fields)]
 pub struct GradeRequest {
     /// 0 to the assignment's `max_points`.
+    #[schema(minimum = 0)]
     #[validate(custom(function = "crate::validate::score"))]
     pub score: f64,
     #[serde(default)]

@@ -26,11 +26,13 @@ use crate::routes::{session_headers, session_or_prefix, wants_fresh};
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUserRequest {
+    #[schema(min_length = 1, max_length = 100)]
     #[validate(custom(function = "crate::validate::name"))]
     pub name: Option<String>,
     /// Admins only.
     pub role: Option<Role>,
     /// The caller's own new password; needs `current_password`.
+    #[schema(min_length = 8, max_length = 128)]
     #[validate(custom(function = "crate::validate::password"))]
     pub password: Option<String>,
     #[validate(length(min = 1, max = 128))]
