@@ -36,13 +36,25 @@ URL="http://$API_LISTEN"
 
 cluster_pid=""
 api_pid=""
+# Ctrl-C reaches the whole process group: the API and the cluster stop on
+# their own, so they get up to 15 s before being asked again. Otherwise
+# (SIGTERM, errors, the end of a fuzz run) they are asked to stop at once.
+interrupted=""
+stop() { # PID
+  if [ -n "$interrupted" ]; then
+    for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.3; done
+  fi
+  kill -TERM "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
 cleanup() {
   trap - EXIT INT TERM
-  if [ -n "$api_pid" ]; then kill -TERM "$api_pid" 2>/dev/null || true; wait "$api_pid" 2>/dev/null || true; fi
-  if [ -n "$cluster_pid" ]; then kill -TERM "$cluster_pid" 2>/dev/null || true; wait "$cluster_pid" 2>/dev/null || true; fi
+  if [ -n "$api_pid" ]; then stop "$api_pid"; fi
+  if [ -n "$cluster_pid" ]; then stop "$cluster_pid"; fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'interrupted=1; exit 130' INT
+trap 'exit 143' TERM
 
 wait_until() { # DESCRIPTION SECONDS COMMAND...
   local what="$1" secs="$2"; shift 2
@@ -93,4 +105,6 @@ if [ -n "$FUZZ_SECONDS" ]; then
   exit $?
 fi
 echo "Ctrl-C stops the API and the cluster."
-wait "$api_pid"
+wait "$api_pid" || true
+# The API ends only when stopped; the signal that stopped it reached the cluster too.
+interrupted=1
