@@ -8,13 +8,18 @@ CARGO ?= cargo
 NODES ?= 3
 DATA_DIR ?= ./lmskv-data
 BASE_PORT ?= 7001
+API_LISTEN ?= 127.0.0.1:8080
+SCHEMATHESIS_VENV ?= $(HOME)/.cache/lmskv-schemathesis
+SCHEMATHESIS_VERSION ?= 4.32.5
+FUZZ_SECONDS ?= 120
 
 .PHONY: all setup build build-release run test fmt fmt-check lint unit-test integration-test clean help bench bench-smoke
 
 all: build
 
 help:
-	@echo "make run    - build (release) and start a local $(NODES)-node cluster (Ctrl-C stops it)"
+	@echo "make run    - build (release), start a local $(NODES)-node cluster and the LMS API with demo data (Ctrl-C stops them)"
+	@echo "make api-fuzz - run schemathesis against the LMS API's OpenAPI document ($(FUZZ_SECONDS)s)"
 	@echo "make test   - format check, clippy, unit and integration tests"
 	@echo "make build  - debug build of every binary"
 	@echo "make fmt    - format the code"
@@ -29,10 +34,11 @@ build: setup
 build-release: setup
 	$(CARGO) build --release --workspace --bins
 
+# The cluster runs in the background, the LMS API (with its demo data) in the
+# foreground; Ctrl-C stops both.
 run: build-release
-	@echo "Starting a local $(NODES)-node lmskv cluster in $(DATA_DIR) (ports $(BASE_PORT)+)."
-	$(CARGO_TARGET_DIR)/release/lmskv local up --nodes $(NODES) --data-dir $(DATA_DIR) --base-port $(BASE_PORT) \
-		--node-bin $(CARGO_TARGET_DIR)/release/lmskv-node
+	NODES=$(NODES) DATA_DIR=$(DATA_DIR) BASE_PORT=$(BASE_PORT) API_LISTEN=$(API_LISTEN) \
+		./scripts/run-local.sh --bin-dir $(CARGO_TARGET_DIR)/release
 
 fmt:
 	$(CARGO) fmt --all
@@ -48,7 +54,7 @@ lint: setup
 unit-test integration-test: build
 	$(CARGO) test --workspace -- --test-threads=1
 
-test: setup fmt-check lint build integration-test bench-smoke
+test: setup fmt-check lint build integration-test bench-smoke api-fuzz-short
 	@echo "make test: all checks passed"
 
 clean:
@@ -82,3 +88,21 @@ bench-smoke: build
 	$(CARGO_TARGET_DIR)/debug/lmskv-bench-suite && \
 	test -s "$$out/report.md" && test -s "$$out/throughput.png" && test -s "$$out/p99.png" && \
 	echo "bench-smoke: both targets ran every workload"
+
+# Schemathesis fuzzes every operation of /openapi.json on a throwaway local
+# cluster and fails on any 5xx. Installed into its own virtualenv when missing.
+.PHONY: schemathesis api-fuzz api-fuzz-short
+schemathesis:
+	@if [ ! -x $(SCHEMATHESIS_VENV)/bin/schemathesis ]; then \
+		echo "installing schemathesis $(SCHEMATHESIS_VERSION) into $(SCHEMATHESIS_VENV)"; \
+		python3 -m venv $(SCHEMATHESIS_VENV) && \
+		$(SCHEMATHESIS_VENV)/bin/pip install -q "schemathesis==$(SCHEMATHESIS_VERSION)"; \
+	fi
+
+api-fuzz: build schemathesis
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	DATA_DIR=$$tmp BASE_PORT=7301 API_LISTEN=127.0.0.1:8301 SCHEMATHESIS=$(SCHEMATHESIS_VENV)/bin/schemathesis \
+		./scripts/run-local.sh --bin-dir $(CARGO_TARGET_DIR)/debug --fuzz $(FUZZ_SECONDS)
+
+api-fuzz-short:
+	$(MAKE) api-fuzz FUZZ_SECONDS=30

@@ -1,0 +1,135 @@
+//! The job worker: leases due jobs, runs them off the request path, and
+//! acks, retries or dead-letters them. Several API processes may each run a
+//! worker; leases keep them from running one job twice at once.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use lmskv_client::ReadConsistency;
+
+use crate::db::Db;
+use crate::error::AppError;
+use crate::jobs::{self, Failure, JobKind, Leased, JOB_LEASE};
+use crate::keys;
+use crate::model::{Assignment, Notification, Submission};
+use crate::routes::grades::{build_gradebook, gradebook_csv};
+
+/// Jobs one worker runs at once.
+pub const WORKER_CONCURRENCY: usize = 4;
+/// How long an idle worker waits before looking for due jobs again (it is
+/// woken at once by jobs enqueued in its own process).
+pub const WORKER_IDLE_POLL: Duration = Duration::from_millis(250);
+/// Largest export result; larger gradebooks fail permanently.
+pub const EXPORT_BYTES_MAX: usize = 1024 * 1024 - 1024;
+
+/// Runs one job's task. Tasks are idempotent: a rerun writes the same keys.
+pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
+    let retry = |e: AppError| (e.to_string(), Failure::Retryable);
+    match l.job.kind {
+        JobKind::GradebookExport { course_id } => {
+            let g = build_gradebook(db, course_id).await.map_err(retry)?;
+            let csv = gradebook_csv(&g);
+            if csv.len() > EXPORT_BYTES_MAX {
+                return Err((
+                    format!(
+                        "the export has {} bytes, more than {EXPORT_BYTES_MAX}",
+                        csv.len()
+                    ),
+                    Failure::Permanent,
+                ));
+            }
+            db.put_raw(keys::export(l.job.id), csv.into())
+                .await
+                .map_err(retry)?;
+            Ok(())
+        }
+        JobKind::GradeNotifications {
+            course_id,
+            assignment_id,
+        } => {
+            let a = db
+                .get::<Assignment>(
+                    keys::assignment(course_id, assignment_id),
+                    ReadConsistency::Strong,
+                )
+                .await
+                .map_err(retry)?
+                .ok_or_else(|| {
+                    (
+                        "the assignment no longer exists".to_string(),
+                        Failure::Permanent,
+                    )
+                })?
+                .value;
+            let subs = db
+                .scan_prefix::<Submission>(
+                    &keys::submissions_of(course_id, assignment_id),
+                    ReadConsistency::Strong,
+                )
+                .await
+                .map_err(retry)?;
+            for s in subs.into_iter().filter(|s| s.value.grade.is_some()) {
+                let uid = s.value.student_id;
+                // One notification per (student, job): the key is fixed, so a
+                // rerun overwrites rather than duplicates.
+                let n = Notification {
+                    id: l.job.id,
+                    user_id: uid,
+                    message: format!("Grades for \"{}\" are published.", a.title),
+                    course_id,
+                    assignment_id: Some(assignment_id),
+                    created_at: Utc::now(),
+                };
+                db.put(keys::notification(uid, l.job.id), &n)
+                    .await
+                    .map_err(retry)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs one leased job to its end (ack, retry or dead letter).
+pub async fn process(db: &Db, l: Leased) {
+    let result = match tokio::time::timeout(JOB_LEASE, run_task(db, &l)).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            "the task outlived its lease".to_string(),
+            Failure::Retryable,
+        )),
+    };
+    let outcome = match &result {
+        Ok(()) => jobs::ack(db, &l).await,
+        Err((e, kind)) => {
+            tracing::warn!(job = l.job.id, attempt = l.job.attempts, error = %e, "job failed");
+            jobs::fail(db, &l, e, *kind).await
+        }
+    };
+    if let Err(e) = outcome {
+        // The lease expires and the job runs again.
+        tracing::warn!(job = l.job.id, error = %e, "could not record the job's outcome");
+    }
+}
+
+/// Leases and runs one batch of due jobs; returns how many ran.
+pub async fn run_once(db: &Db) -> Result<usize, AppError> {
+    let leased = jobs::lease(db, WORKER_CONCURRENCY).await?;
+    let n = leased.len();
+    futures::future::join_all(leased.into_iter().map(|l| process(db, l))).await;
+    Ok(n)
+}
+
+/// The worker loop; runs until the process ends.
+pub async fn run(st: crate::app::AppState) {
+    loop {
+        match run_once(&st.db).await {
+            Ok(n) if n > 0 => continue,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "job lease scan failed"),
+        }
+        tokio::select! {
+            _ = st.jobs_enqueued.notified() => {}
+            _ = tokio::time::sleep(WORKER_IDLE_POLL) => {}
+        }
+    }
+}

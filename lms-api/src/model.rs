@@ -1,0 +1,173 @@
+//! The records the LMS stores in lmskv (as JSON) and the views it returns.
+//!
+//! Stored records derive `Serialize`/`Deserialize`; views returned by the API
+//! also derive `ToSchema` for the OpenAPI document. Secrets (password hashes)
+//! live only in stored records and never in a view.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A user's global role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Teacher,
+    Student,
+}
+
+/// A user as stored at `user/<uid>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct User {
+    pub id: u64,
+    pub email: String,
+    pub name: String,
+    pub role: Role,
+    pub password_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub id: u64,
+    pub email: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<&User> for UserView {
+    fn from(u: &User) -> Self {
+        UserView {
+            id: u.id,
+            email: u.email.clone(),
+            name: u.name.clone(),
+            role: u.role,
+            created_at: u.created_at,
+            updated_at: u.updated_at,
+        }
+    }
+}
+
+/// The owner of an e-mail address, at `email/<e-mail>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmailClaim {
+    pub user_id: u64,
+    pub claimed_at: DateTime<Utc>,
+}
+
+/// A refresh token, stored under the SHA-256 of its value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefreshToken {
+    pub user_id: u64,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A course, at `course/<cid>/i` (and its catalogue copy at `catalog/<cid>`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Course {
+    pub id: u64,
+    pub title: String,
+    pub description: String,
+    /// The teacher who created the course.
+    pub owner_id: u64,
+    /// Whether students see the course in the catalogue and may enroll.
+    pub published: bool,
+    /// Most students that may be enrolled at once.
+    pub capacity: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The number of enrolled students, at `course/<cid>/n`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Seats {
+    pub students: u32,
+}
+
+/// A role within one course.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CourseRole {
+    Student,
+    Teacher,
+    Ta,
+}
+
+/// A member of a course, at `course/<cid>/m/<uid>`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    pub course_id: u64,
+    pub user_id: u64,
+    pub role: CourseRole,
+    /// The user's name and e-mail when they were enrolled.
+    pub name: String,
+    pub email: String,
+    pub enrolled_at: DateTime<Utc>,
+}
+
+/// An entry of the index of a user's courses, at `usercourse/<uid>/<cid>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserCourse {
+    pub course_id: u64,
+    pub role: CourseRole,
+}
+
+/// An assignment, at `course/<cid>/a/<aid>`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Assignment {
+    pub id: u64,
+    pub course_id: u64,
+    pub title: String,
+    pub description: String,
+    /// Submissions after this time are late (refused unless `allow_late`).
+    pub due_at: Option<DateTime<Utc>>,
+    pub max_points: u32,
+    /// How many times a student may submit (resubmissions replace the previous one).
+    pub max_attempts: u32,
+    pub allow_late: bool,
+    /// Whether students see their grades.
+    pub grades_published: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A grade given to a submission.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Grade {
+    pub score: f64,
+    pub feedback: String,
+    pub graded_by: u64,
+    pub graded_at: DateTime<Utc>,
+}
+
+/// A student's submission to an assignment, with its grade, at
+/// `course/<cid>/s/<aid>/<uid>`. Grade and submission share one key so that
+/// a resubmission and a grading of the same submission cannot both win.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Submission {
+    pub course_id: u64,
+    pub assignment_id: u64,
+    pub student_id: u64,
+    pub body: String,
+    /// 1 for the first submission, then one more per resubmission.
+    pub attempt: u32,
+    pub submitted_at: DateTime<Utc>,
+    pub late: bool,
+    pub grade: Option<Grade>,
+}
+
+/// A notification for one user, at `notif/<uid>/<nid>`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Notification {
+    pub id: u64,
+    pub user_id: u64,
+    pub message: String,
+    pub course_id: u64,
+    pub assignment_id: Option<u64>,
+    pub created_at: DateTime<Utc>,
+}

@@ -1,0 +1,79 @@
+//! Rate limits per client IP (every request) and per signed-in user (every
+//! authenticated request), with `governor`'s GCRA limiters. A refused request
+//! gets 429 with `Retry-After`. The key maps are bounded by
+//! [`RATE_LIMIT_KEYS_MAX`]: beyond it, keys whose limit has fully recovered
+//! are evicted.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::app::AppState;
+use crate::config::{Config, RATE_LIMIT_KEYS_MAX};
+use crate::error::{AppError, AppResult};
+
+/// The per-IP and per-user limiters.
+pub struct RateLimits {
+    ip: DefaultKeyedRateLimiter<IpAddr>,
+    user: DefaultKeyedRateLimiter<u64>,
+    clock: DefaultClock,
+}
+
+fn quota(per_s: u32, burst: u32) -> Quota {
+    let nz = |v: u32| NonZeroU32::new(v.max(1)).expect("non-zero");
+    Quota::per_second(nz(per_s)).allow_burst(nz(burst))
+}
+
+impl RateLimits {
+    /// Limiters with the configured quotas.
+    pub fn new(cfg: &Config) -> RateLimits {
+        RateLimits {
+            ip: RateLimiter::keyed(quota(cfg.rate_limit_ip_per_s, cfg.rate_limit_ip_burst)),
+            user: RateLimiter::keyed(quota(cfg.rate_limit_user_per_s, cfg.rate_limit_user_burst)),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Counts one request from `ip`.
+    pub fn check_ip(&self, ip: IpAddr) -> AppResult<()> {
+        if self.ip.len() > RATE_LIMIT_KEYS_MAX {
+            self.ip.retain_recent();
+        }
+        self.ip
+            .check_key(&ip)
+            .map_err(|nu| AppError::TooManyRequests {
+                retry_after: nu.wait_time_from(self.clock.now()),
+            })
+    }
+
+    /// Counts one request by user `uid`.
+    pub fn check_user(&self, uid: u64) -> AppResult<()> {
+        if self.user.len() > RATE_LIMIT_KEYS_MAX {
+            self.user.retain_recent();
+        }
+        self.user
+            .check_key(&uid)
+            .map_err(|nu| AppError::TooManyRequests {
+                retry_after: nu.wait_time_from(self.clock.now()),
+            })
+    }
+}
+
+/// Middleware: the per-IP limit. Health probes are exempt so that a busy
+/// service is not reported dead.
+pub async fn per_ip(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path != "/healthz" && path != "/readyz" {
+        if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+            if let Err(e) = state.limits.check_ip(addr.ip()) {
+                return e.into_response();
+            }
+        }
+    }
+    next.run(req).await
+}

@@ -1,0 +1,1284 @@
+//! End-to-end tests of the LMS API against a real lmskv cluster of node
+//! processes: the full flow, authorization per role and per object, token
+//! handling, input validation, rate limits, capacity under concurrency,
+//! pagination, grading races, index repair and a node crash mid-flow.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{next_link, Api, Resp};
+use lms_api::model::Role;
+use lmskv_tests::{phase, wait_for};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// Waits until job `id` reaches a final state and returns it.
+async fn finished_job(api: &Api, token: &str, id: u64) -> Value {
+    wait_for(
+        "the job to finish",
+        Duration::from_secs(30),
+        || async move {
+            let r = api
+                .get(&format!("/api/v1/jobs/{id}"), token)
+                .await
+                .expect(200);
+            matches!(r.body["state"].as_str(), Some("succeeded" | "dead")).then_some(r.body)
+        },
+    )
+    .await
+    .expect("job finished")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_flow_register_to_export() {
+    phase!("start cluster and API");
+    let api = Api::start().await;
+    let (_admin_id, admin) = api.user_with_role("admin@t.io", "Admin", Role::Admin).await;
+
+    phase!("register: new accounts are students; the admin makes one a teacher");
+    let (teacher_id, _) = api.register_login("teach@t.io", "Tess Teacher").await;
+    let (student_id, student) = api.register_login("stu@t.io", "Stu Dent").await;
+    let me = api.get("/api/v1/auth/me", &student).await.expect(200);
+    assert_eq!(me.body["role"], "student");
+    assert_eq!(me.body["email"], "stu@t.io");
+    assert!(me.body.get("password_hash").is_none());
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/users/{teacher_id}"),
+        Some(&admin),
+        Some(json!({"role": "teacher"})),
+    )
+    .await
+    .expect(200);
+    let teacher = api.login("teach@t.io").await;
+
+    phase!("create course, enroll, assign");
+    let cid = api.course(&teacher, "Rust 101", 30).await;
+    let page = api
+        .get(&format!("/api/v1/courses/{cid}"), &student)
+        .await
+        .expect(200);
+    assert_eq!(page.body["title"], "Rust 101");
+    let enr = api
+        .post(
+            &format!("/api/v1/courses/{cid}/enrollments"),
+            &student,
+            json!({}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(enr.body["role"], "student");
+    let token = enr.header("x-session-token").expect("session token");
+    let mine = api
+        .call_with(
+            Method::GET,
+            &format!("/api/v1/users/{student_id}/courses"),
+            Some(&student),
+            None,
+            &[("x-session-token", &token)],
+        )
+        .await
+        .expect(200);
+    assert_eq!(mine.body[0]["course"]["id"], cid);
+    assert_eq!(mine.body[0]["role"], "student");
+    let aid = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &teacher,
+            json!({"title": "Linked list", "max_points": 100, "max_attempts": 2,
+                   "due_at": "2999-01-01T00:00:00Z"}),
+        )
+        .await
+        .expect(201)
+        .body["id"]
+        .as_u64()
+        .unwrap();
+
+    phase!("submit, resubmit, grade");
+    let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
+    api.post(&sub, &student, json!({"body": "first try"}))
+        .await
+        .expect(201);
+    let second = api
+        .post(&sub, &student, json!({"body": "second try"}))
+        .await
+        .expect(200);
+    assert_eq!(second.body["attempt"], 2);
+    api.post(&sub, &student, json!({"body": "third"}))
+        .await
+        .problem(409);
+    let listed = api.get(&sub, &teacher).await.expect(200);
+    assert_eq!(listed.body.as_array().unwrap().len(), 1);
+    assert_eq!(listed.body[0]["body"], "second try");
+    let graded = api
+        .call(
+            Method::PUT,
+            &format!("{sub}/{student_id}/grade"),
+            Some(&teacher),
+            Some(json!({"score": 87.5, "feedback": "good"})),
+        )
+        .await
+        .expect(200);
+    assert_eq!(graded.body["grade"]["score"], 87.5);
+    api.post(&sub, &student, json!({"body": "after grading"}))
+        .await
+        .problem(409);
+
+    phase!("grades stay hidden from the student until published");
+    let grades = format!("/api/v1/courses/{cid}/students/{student_id}/grades");
+    let g = api.get(&grades, &student).await.expect(200);
+    assert_eq!(g.body[0]["submitted"], true);
+    assert_eq!(g.body[0]["score"], Value::Null);
+    let published = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments/{aid}/publish-grades"),
+            &teacher,
+            json!({}),
+        )
+        .await
+        .expect(202);
+    let job_id = published.body["job"]["id"].as_u64().unwrap();
+    let job = finished_job(&api, &teacher, job_id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let g = api.get(&grades, &student).await.expect(200);
+    assert_eq!(g.body[0]["score"], 87.5);
+    let notes = wait_for(
+        "the grade notification",
+        Duration::from_secs(10),
+        || async {
+            let r = api.get("/api/v1/notifications", &student).await.expect(200);
+            (!r.body.as_array().unwrap().is_empty()).then_some(r.body)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(notes[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Linked list"));
+
+    phase!("gradebook and its CSV export");
+    let book = api
+        .get(&format!("/api/v1/courses/{cid}/gradebook"), &teacher)
+        .await
+        .expect(200);
+    assert_eq!(book.body["students"].as_array().unwrap().len(), 1);
+    assert_eq!(book.body["students"][0]["user_id"], student_id);
+    assert_eq!(book.body["students"][0]["total"], 87.5);
+    let export = api
+        .post(
+            &format!("/api/v1/courses/{cid}/gradebook/export"),
+            &teacher,
+            json!({}),
+        )
+        .await
+        .expect(202);
+    let job_id = export.body["id"].as_u64().unwrap();
+    let job = finished_job(&api, &teacher, job_id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let csv = api
+        .get(job["result_url"].as_str().unwrap(), &teacher)
+        .await
+        .expect(200);
+    assert!(csv.header("content-type").unwrap().starts_with("text/csv"));
+    assert!(
+        csv.text
+            .starts_with("user_id,name,email,Linked list,total\n"),
+        "{}",
+        csv.text
+    );
+    assert!(
+        csv.text
+            .contains(&format!("{student_id},Stu Dent,stu@t.io,87.5,87.5")),
+        "{}",
+        csv.text
+    );
+    api.get(&format!("/api/v1/jobs/{job_id}"), &student)
+        .await
+        .problem(404);
+
+    phase!("refresh rotates; logout revokes");
+    let tokens = api
+        .call(
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            Some(json!({"email": "stu@t.io", "password": common::PASSWORD})),
+        )
+        .await
+        .expect(200);
+    assert_eq!(tokens.body["token_type"], "Bearer");
+    assert!(tokens.body["expires_in"].as_u64().unwrap() > 0);
+    let rt = tokens.body["refresh_token"].as_str().unwrap().to_string();
+    let new = api
+        .call(
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            Some(json!({"refresh_token": rt})),
+        )
+        .await
+        .expect(200);
+    api.call(
+        Method::POST,
+        "/api/v1/auth/refresh",
+        None,
+        Some(json!({"refresh_token": rt})),
+    )
+    .await
+    .problem(401);
+    let rt2 = new.body["refresh_token"].as_str().unwrap().to_string();
+    let at2 = new.body["access_token"].as_str().unwrap().to_string();
+    api.post("/api/v1/auth/logout", &at2, json!({"refresh_token": rt2}))
+        .await
+        .expect(204);
+    api.call(
+        Method::POST,
+        "/api/v1/auth/refresh",
+        None,
+        Some(json!({"refresh_token": rt2})),
+    )
+    .await
+    .problem(401);
+
+    phase!("health, readiness, OpenAPI and docs");
+    api.call(Method::GET, "/healthz", None, None)
+        .await
+        .expect(200);
+    api.call(Method::GET, "/readyz", None, None)
+        .await
+        .expect(200);
+    let doc = api
+        .call(Method::GET, "/openapi.json", None, None)
+        .await
+        .expect(200);
+    assert!(doc.body["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(doc.body["paths"]["/api/v1/auth/login"].is_object());
+    let ui = api
+        .call(Method::GET, "/docs/", None, None)
+        .await
+        .expect(200);
+    assert!(
+        ui.text.contains("swagger"),
+        "{}",
+        &ui.text[..ui.text.len().min(200)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_is_refused_what_it_may_not_do() {
+    let api = Api::start().await;
+    let (_, admin) = api.user_with_role("a@t.io", "A", Role::Admin).await;
+    let (_, t1) = api.user_with_role("t1@t.io", "T1", Role::Teacher).await;
+    let (_, t2) = api.user_with_role("t2@t.io", "T2", Role::Teacher).await;
+    let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
+    let (other, _) = api.user_with_role("o@t.io", "O", Role::Student).await;
+    let cid = api.course(&t1, "T1's course", 10).await;
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
+    let aid = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t1,
+            json!({"title": "A1", "max_points": 10}),
+        )
+        .await
+        .expect(201)
+        .body["id"]
+        .as_u64()
+        .unwrap();
+    let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
+    api.post(&sub, &s, json!({"body": "x"})).await.expect(201);
+
+    phase!("no token: 401 with WWW-Authenticate");
+    for path in [
+        "/api/v1/auth/me",
+        "/api/v1/courses",
+        &format!("/api/v1/courses/{cid}"),
+    ] {
+        let r = api.call(Method::GET, path, None, None).await.problem(401);
+        assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+    }
+
+    phase!("student");
+    api.post("/api/v1/courses", &s, json!({"title": "x", "capacity": 5}))
+        .await
+        .problem(403);
+    api.get("/api/v1/users", &s).await.problem(403);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/users/{sid}"),
+        Some(&s),
+        Some(json!({"role": "admin"})),
+    )
+    .await
+    .problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/assignments"),
+        &s,
+        json!({"title": "x", "max_points": 1}),
+    )
+    .await
+    .problem(403);
+    api.call(
+        Method::PUT,
+        &format!("{sub}/{sid}/grade"),
+        Some(&s),
+        Some(json!({"score": 10})),
+    )
+    .await
+    .problem(403);
+    api.get(&format!("/api/v1/courses/{cid}/gradebook"), &s)
+        .await
+        .problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/gradebook/export"),
+        &s,
+        json!({}),
+    )
+    .await
+    .problem(403);
+    api.get(&format!("/api/v1/courses/{cid}/enrollments"), &s)
+        .await
+        .problem(403);
+    api.get(&sub, &s).await.problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/enrollments"),
+        &s,
+        json!({"user_id": other}),
+    )
+    .await
+    .problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/enrollments"),
+        &s,
+        json!({"role": "ta"}),
+    )
+    .await
+    .problem(403);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&s),
+        Some(json!({"capacity": 50})),
+    )
+    .await
+    .problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/assignments/{aid}/publish-grades"),
+        &s,
+        json!({}),
+    )
+    .await
+    .problem(403);
+    api.post("/api/v1/admin/repair", &s, json!({}))
+        .await
+        .problem(403);
+
+    phase!("teacher of another course");
+    api.get("/api/v1/users", &t2).await.problem(403);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&t2),
+        Some(json!({"title": "mine"})),
+    )
+    .await
+    .problem(403);
+    api.call(
+        Method::PUT,
+        &format!("{sub}/{sid}/grade"),
+        Some(&t2),
+        Some(json!({"score": 10})),
+    )
+    .await
+    .problem(403);
+    api.get(&format!("/api/v1/courses/{cid}/gradebook"), &t2)
+        .await
+        .problem(403);
+    api.post(
+        &format!("/api/v1/courses/{cid}/assignments"),
+        &t2,
+        json!({"title": "x", "max_points": 1}),
+    )
+    .await
+    .problem(403);
+    api.get(&format!("{sub}/{sid}"), &t2).await.problem(404);
+    api.post(&sub, &t1, json!({"body": "teachers do not submit"}))
+        .await
+        .problem(403);
+    api.post("/api/v1/admin/repair", &t1, json!({}))
+        .await
+        .problem(403);
+
+    phase!("a TA grades but does not edit the course");
+    api.post(
+        &format!("/api/v1/courses/{cid}/enrollments"),
+        &t1,
+        json!({"user_id": other, "role": "ta"}),
+    )
+    .await
+    .expect(201);
+    let ta = api.st.tokens.issue(other).unwrap();
+    api.call(
+        Method::PUT,
+        &format!("{sub}/{sid}/grade"),
+        Some(&ta),
+        Some(json!({"score": 3})),
+    )
+    .await
+    .expect(200);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&ta),
+        Some(json!({"title": "ta"})),
+    )
+    .await
+    .problem(403);
+
+    phase!("admin may do all of it");
+    api.get("/api/v1/users", &admin).await.expect(200);
+    api.get(&format!("/api/v1/courses/{cid}/gradebook"), &admin)
+        .await
+        .expect(200);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&admin),
+        Some(json!({"capacity": 50})),
+    )
+    .await
+    .expect(200);
+    api.post("/api/v1/admin/repair", &admin, json!({}))
+        .await
+        .expect(200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn students_cannot_reach_each_others_objects() {
+    let api = Api::start().await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let (a, ta) = api.user_with_role("a@t.io", "A", Role::Student).await;
+    let (b, tb) = api.user_with_role("b@t.io", "B", Role::Student).await;
+    let cid = api.course(&t, "Shared", 10).await;
+    let draft = api
+        .post(
+            "/api/v1/courses",
+            &t,
+            json!({"title": "Draft", "capacity": 5}),
+        )
+        .await
+        .expect(201)
+        .body["id"]
+        .as_u64()
+        .unwrap();
+    for tok in [&ta, &tb] {
+        api.post(
+            &format!("/api/v1/courses/{cid}/enrollments"),
+            tok,
+            json!({}),
+        )
+        .await
+        .expect(201);
+    }
+    let aid = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "A", "max_points": 10}),
+        )
+        .await
+        .expect(201)
+        .body["id"]
+        .as_u64()
+        .unwrap();
+    let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
+    api.post(&sub, &ta, json!({"body": "A's secret answer"}))
+        .await
+        .expect(201);
+    api.post(&sub, &tb, json!({"body": "B's secret answer"}))
+        .await
+        .expect(201);
+    for (uid, tok) in [(a, &ta), (b, &tb)] {
+        api.call(
+            Method::PUT,
+            &format!("{sub}/{uid}/grade"),
+            Some(&t),
+            Some(json!({"score": 5})),
+        )
+        .await
+        .expect(200);
+        api.get(&format!("{sub}/{uid}"), tok).await.expect(200);
+    }
+
+    for (me, mine, other) in [(a, &ta, b), (b, &tb, a)] {
+        phase!("student {me} tries student {other}'s objects");
+        let r = api.get(&format!("{sub}/{other}"), mine).await.problem(404);
+        assert!(!r.text.contains("secret"));
+        api.get(
+            &format!("/api/v1/courses/{cid}/students/{other}/grades"),
+            mine,
+        )
+        .await
+        .problem(404);
+        api.get(&format!("/api/v1/users/{other}"), mine)
+            .await
+            .problem(404);
+        api.call(
+            Method::PATCH,
+            &format!("/api/v1/users/{other}"),
+            Some(mine),
+            Some(json!({"name": "pwned"})),
+        )
+        .await
+        .problem(404);
+        api.get(&format!("/api/v1/users/{other}/courses"), mine)
+            .await
+            .problem(404);
+        api.call(
+            Method::PUT,
+            &format!("{sub}/{other}/grade"),
+            Some(mine),
+            Some(json!({"score": 0})),
+        )
+        .await
+        .problem(403);
+        api.call(
+            Method::DELETE,
+            &format!("/api/v1/courses/{cid}/enrollments/{other}"),
+            Some(mine),
+            None,
+        )
+        .await
+        .problem(403);
+        api.get(&format!("/api/v1/courses/{draft}"), mine)
+            .await
+            .problem(404);
+        api.get(&format!("/api/v1/courses/{draft}/assignments"), mine)
+            .await
+            .problem(404);
+        // The student's own objects are reachable.
+        let own = api.get(&format!("{sub}/{me}"), mine).await.expect(200);
+        assert!(own.body["body"].as_str().unwrap().contains("secret"));
+        api.get(&format!("/api/v1/users/{me}"), mine)
+            .await
+            .expect(200);
+    }
+    phase!("nothing of B changed");
+    let bs = api.get(&format!("{sub}/{b}"), &t).await.expect(200);
+    assert_eq!(bs.body["grade"]["score"], 5.0);
+    assert_eq!(
+        api.get(&format!("/api/v1/users/{b}"), &tb).await.body["name"],
+        "B"
+    );
+    let catalogue = api
+        .call_with(
+            Method::GET,
+            "/api/v1/courses",
+            Some(&ta),
+            None,
+            &[("cache-control", "no-cache")],
+        )
+        .await
+        .expect(200);
+    assert!(catalogue
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["id"] != draft));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_tampered_tokens_are_refused() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let api = Api::start().await;
+    let (uid, good) = api.user_with_role("u@t.io", "U", Role::Student).await;
+    api.get("/api/v1/auth/me", &good).await.expect(200);
+    let now = chrono::Utc::now().timestamp() as u64;
+    let sign = |claims: Value, secret: &str| {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+
+    phase!("expired");
+    let expired = sign(
+        json!({"sub": uid.to_string(), "iat": now - 120, "exp": now - 60, "iss": "lms-api"}),
+        common::SECRET,
+    );
+    let r = api.get("/api/v1/auth/me", &expired).await.problem(401);
+    assert!(r.body["detail"].as_str().unwrap().contains("expired"));
+    assert!(r.header("www-authenticate").is_some());
+
+    phase!("tampered: payload changed, wrong key, no signature, garbage");
+    let parts: Vec<&str> = good.split('.').collect();
+    use base64::Engine;
+    let forged_payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+        json!({"sub": (uid + 1).to_string(), "iat": now, "exp": now + 600, "iss": "lms-api"})
+            .to_string(),
+    );
+    let tampered = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
+    api.get("/api/v1/auth/me", &tampered).await.problem(401);
+    let wrong_key = sign(
+        json!({"sub": uid.to_string(), "iat": now, "exp": now + 600, "iss": "lms-api"}),
+        "another-secret-another-secret-another-secret",
+    );
+    api.get("/api/v1/auth/me", &wrong_key).await.problem(401);
+    let none_header =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    api.get("/api/v1/auth/me", &format!("{none_header}.{}.", parts[1]))
+        .await
+        .problem(401);
+    let wrong_issuer = sign(
+        json!({"sub": uid.to_string(), "iat": now, "exp": now + 600, "iss": "someone-else"}),
+        common::SECRET,
+    );
+    api.get("/api/v1/auth/me", &wrong_issuer).await.problem(401);
+    api.get("/api/v1/auth/me", "garbage").await.problem(401);
+    api.call_with(
+        Method::GET,
+        "/api/v1/auth/me",
+        None,
+        None,
+        &[("authorization", "Basic dTpw")],
+    )
+    .await
+    .problem(401);
+    api.call(
+        Method::POST,
+        "/api/v1/auth/refresh",
+        None,
+        Some(json!({"refresh_token": "made-up"})),
+    )
+    .await
+    .problem(401);
+    phase!("the real token still works");
+    api.get("/api/v1/auth/me", &good).await.expect(200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_input_is_refused_and_writes_nothing() {
+    let api = Api::start().await;
+    let (_, admin) = api.user_with_role("adm@t.io", "Adm", Role::Admin).await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
+    let cid = api.course(&t, "C", 5).await;
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
+    let aid = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "A", "max_points": 10}),
+        )
+        .await
+        .expect(201)
+        .body["id"]
+        .as_u64()
+        .unwrap();
+    let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
+    api.post(&sub, &s, json!({"body": "answer"}))
+        .await
+        .expect(201);
+    let long = "x".repeat(10_001);
+    let course = format!("/api/v1/courses/{cid}");
+    let user = format!("/api/v1/users/{sid}");
+    let grade = format!("{sub}/{sid}/grade");
+    let enroll = format!("{course}/enrollments");
+    let assign = format!("{course}/assignments");
+    let reg = "/api/v1/auth/register";
+    // (method, path, token, body): every body field with a bad value, plus
+    // missing, unknown and mistyped fields.
+    let cases: Vec<(Method, &str, Option<&str>, Value)> = vec![
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "not-an-email", "password": "long enough pw", "name": "N"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "short", "name": "N"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "long enough pw", "name": "   "}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "long enough pw", "name": "a\u{0007}b"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "long enough pw"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": "n@t.io", "password": "long enough pw", "name": "N", "role": "admin"}),
+        ),
+        (
+            Method::POST,
+            reg,
+            None,
+            json!({"email": 5, "password": "long enough pw", "name": "N"}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            json!({"email": "", "password": "x"}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            json!({"refresh_token": ""}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "", "capacity": 5}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "x", "capacity": 0}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "x", "capacity": 10001}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "x", "capacity": 5, "description": long}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/courses",
+            Some(&t),
+            json!({"title": "x", "capacity": 5, "published": "yes"}),
+        ),
+        (Method::PATCH, &course, Some(&t), json!({"capacity": 0})),
+        (Method::PATCH, &course, Some(&t), json!({"title": ""})),
+        (Method::PATCH, &course, Some(&t), json!({"published": 1})),
+        (Method::POST, &enroll, Some(&t), json!({"role": "dean"})),
+        (Method::POST, &enroll, Some(&t), json!({"user_id": "me"})),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "", "max_points": 10}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 0}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 10, "max_attempts": 101}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 10, "due_at": "tomorrow"}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 10, "allow_late": "no"}),
+        ),
+        (
+            Method::POST,
+            &assign,
+            Some(&t),
+            json!({"title": "x", "max_points": 10, "description": long}),
+        ),
+        (Method::POST, &sub, Some(&s), json!({"body": ""})),
+        (Method::POST, &sub, Some(&s), json!({"body": 42})),
+        (Method::PUT, &grade, Some(&t), json!({"score": -1})),
+        (Method::PUT, &grade, Some(&t), json!({"score": 11})),
+        (Method::PUT, &grade, Some(&t), json!({"score": "A+"})),
+        (
+            Method::PUT,
+            &grade,
+            Some(&t),
+            json!({"score": 5, "feedback": long}),
+        ),
+        (Method::PATCH, &user, Some(&s), json!({"name": ""})),
+        (
+            Method::PATCH,
+            &user,
+            Some(&admin),
+            json!({"role": "emperor"}),
+        ),
+        (
+            Method::PATCH,
+            &user,
+            Some(&s),
+            json!({"password": "short", "current_password": common::PASSWORD}),
+        ),
+        (
+            Method::PATCH,
+            &user,
+            Some(&s),
+            json!({"password": "a new long password"}),
+        ),
+        (
+            Method::PATCH,
+            &user,
+            Some(&s),
+            json!({"password": "a new long password", "current_password": "wrong password"}),
+        ),
+    ];
+    let before = api.snapshot().await;
+    for (method, path, token, body) in cases {
+        let r = api
+            .call(method.clone(), path, token, Some(body.clone()))
+            .await;
+        assert!(
+            matches!(r.status.as_u16(), 400 | 422),
+            "{method} {path} {body}: got {} {}",
+            r.status,
+            r.text
+        );
+        let status = r.status.as_u16();
+        let r = r.problem(status);
+        if r.status == 422 && body.is_object() {
+            assert!(
+                r.body["errors"].as_array().is_some_and(|e| !e.is_empty()),
+                "{}",
+                r.text
+            );
+        }
+    }
+    phase!("malformed JSON, wrong media type, bad paths and paging");
+    let raw = api
+        .http
+        .post(format!("{}/api/v1/courses", api.base))
+        .bearer_auth(&t)
+        .header("content-type", "application/json")
+        .body("{\"title\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    let raw = api
+        .http
+        .post(format!("{}/api/v1/courses", api.base))
+        .bearer_auth(&t)
+        .header("content-type", "text/plain")
+        .body("title=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 415);
+    api.get("/api/v1/courses/not-a-number", &t)
+        .await
+        .problem(400);
+    api.get("/api/v1/courses?per_page=0", &t).await.problem(422);
+    api.get("/api/v1/courses?per_page=101", &t)
+        .await
+        .problem(422);
+    api.get("/api/v1/courses?cursor=%21%21", &t)
+        .await
+        .problem(422);
+    let huge = json!({"body": "y".repeat(200_000)});
+    let r = api.post(&sub, &s, huge).await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    phase!("nothing was written");
+    assert_eq!(api.snapshot().await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after() {
+    let cluster = lmskv_tests::TestCluster::start(Default::default())
+        .await
+        .unwrap();
+    let mut cfg = common::config(cluster.endpoints());
+    cfg.rate_limit_user_per_s = 1;
+    cfg.rate_limit_user_burst = 5;
+    let api = Api::on(cluster, cfg).await;
+    let (_, tok) = api.user_with_role("u@t.io", "U", Role::Student).await;
+    phase!("per user");
+    let mut codes = Vec::new();
+    let mut limited: Option<Resp> = None;
+    for _ in 0..20 {
+        let r = api.get("/api/v1/auth/me", &tok).await;
+        codes.push(r.status.as_u16());
+        if r.status == 429 {
+            limited = Some(r);
+        }
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 5, "{codes:?}");
+    let r = limited.expect("a 429").problem(429);
+    let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=5).contains(&after));
+    phase!("per IP, on a second API with a small IP quota");
+    let mut cfg = common::config(api.cluster.endpoints());
+    cfg.rate_limit_ip_per_s = 1;
+    cfg.rate_limit_ip_burst = 3;
+    let (_st, base, server) = common::serve(cfg).await;
+    let mut codes = Vec::new();
+    for _ in 0..10 {
+        let r = api
+            .call(
+                Method::POST,
+                &format!("{base}/api/v1/auth/login"),
+                None,
+                Some(json!({"email": "x@t.io", "password": "whatever1"})),
+            )
+            .await;
+        if r.status == 429 {
+            assert!(r.header("retry-after").is_some());
+        }
+        codes.push(r.status.as_u16());
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 401).count(), 3, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 429).count(), 7, "{codes:?}");
+    let health = api
+        .call(Method::GET, &format!("{base}/healthz"), None, None)
+        .await;
+    assert_eq!(health.status, 200, "health probes are not rate limited");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_holds_under_50_concurrent_enrollments() {
+    const CAPACITY: u32 = 10;
+    const STUDENTS: usize = 50;
+    let api = Api::start().await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let cid = api.course(&t, "Small", CAPACITY).await;
+    phase!("create {STUDENTS} students");
+    let mut tokens = Vec::new();
+    for i in 0..STUDENTS {
+        tokens.push(
+            api.user_with_role(&format!("s{i}@t.io"), "S", Role::Student)
+                .await
+                .1,
+        );
+    }
+    phase!("{STUDENTS} enrollments at once");
+    let path = format!("/api/v1/courses/{cid}/enrollments");
+    let calls = tokens.iter().map(|tok| api.post(&path, tok, json!({})));
+    let results = futures::future::join_all(calls).await;
+    let ok = results.iter().filter(|r| r.status == 201).count();
+    let full = results.iter().filter(|r| r.status == 409).count();
+    assert_eq!(
+        ok,
+        CAPACITY as usize,
+        "{:?}",
+        results.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(full, STUDENTS - CAPACITY as usize);
+    phase!("the roster and the counter agree");
+    let roster = api
+        .get(&format!("{path}?per_page=100"), &t)
+        .await
+        .expect(200);
+    let students = roster
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "student")
+        .count();
+    assert_eq!(students, CAPACITY as usize);
+    let seats = api
+        .st
+        .db
+        .get::<lms_api::model::Seats>(
+            lms_api::keys::seats(cid),
+            lmskv_client::ReadConsistency::Strong,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seats.value.students, CAPACITY);
+    api.call(
+        Method::PATCH,
+        &format!("/api/v1/courses/{cid}"),
+        Some(&t),
+        Some(json!({"capacity": CAPACITY - 1})),
+    )
+    .await
+    .problem(409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_returns_every_item_exactly_once() {
+    const COURSES: usize = 23;
+    let api = Api::start().await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let (_, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
+    let mut created = HashSet::new();
+    for i in 0..COURSES {
+        // Every third course is a draft the student must not see.
+        let id = api
+            .post(
+                "/api/v1/courses",
+                &t,
+                json!({"title": format!("C{i}"), "capacity": 5, "published": i % 3 != 0}),
+            )
+            .await
+            .expect(201)
+            .body["id"]
+            .as_u64()
+            .unwrap();
+        created.insert((id, i % 3 != 0));
+    }
+    for (who, tok, want) in [
+        (
+            "teacher",
+            &t,
+            created.iter().map(|c| c.0).collect::<HashSet<_>>(),
+        ),
+        (
+            "student",
+            &s,
+            created.iter().filter(|c| c.1).map(|c| c.0).collect(),
+        ),
+    ] {
+        for per_page in [1, 4, 7, 100] {
+            phase!("{who} walks the catalogue with per_page={per_page}");
+            let mut seen = Vec::new();
+            let mut url = format!("/api/v1/courses?per_page={per_page}");
+            let mut pages = 0;
+            loop {
+                let r = api
+                    .call_with(
+                        Method::GET,
+                        &url,
+                        Some(tok),
+                        None,
+                        &[("cache-control", "no-cache")],
+                    )
+                    .await
+                    .expect(200);
+                let items = r.body.as_array().unwrap();
+                assert!(items.len() <= per_page);
+                seen.extend(items.iter().map(|c| c["id"].as_u64().unwrap()));
+                pages += 1;
+                assert!(pages <= COURSES + 2, "pagination does not end");
+                match next_link(&r) {
+                    Some(next) => url = next,
+                    None => break,
+                }
+            }
+            let unique: HashSet<u64> = seen.iter().copied().collect();
+            assert_eq!(unique.len(), seen.len(), "an item came twice: {seen:?}");
+            assert_eq!(unique, want);
+        }
+    }
+    phase!("default page size is 10");
+    let r = api
+        .call_with(
+            Method::GET,
+            "/api/v1/courses",
+            Some(&t),
+            None,
+            &[("cache-control", "no-cache")],
+        )
+        .await
+        .expect(200);
+    assert_eq!(r.body.as_array().unwrap().len(), 10);
+    assert!(next_link(&r).unwrap().contains("per_page=10"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_grading_with_if_match_lets_one_win() {
+    let api = Api::start().await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
+    let cid = api.course(&t, "C", 5).await;
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
+    let aid = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "A", "max_points": 10}),
+        )
+        .await
+        .expect(201)
+        .body["id"]
+        .as_u64()
+        .unwrap();
+    let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}");
+    api.post(
+        &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions"),
+        &s,
+        json!({"body": "b"}),
+    )
+    .await
+    .expect(201);
+    let etag = api.get(&sub, &t).await.expect(200).header("etag").unwrap();
+    let grade_path = format!("{sub}/grade");
+    let api_ref = &api;
+    let grade = |score: u32| {
+        let (api, path, t, etag) = (api_ref, &grade_path, &t, &etag);
+        async move {
+            api.call_with(
+                Method::PUT,
+                path,
+                Some(t),
+                Some(json!({"score": score})),
+                &[("if-match", etag.as_str())],
+            )
+            .await
+        }
+    };
+    let (a, b) = tokio::join!(grade(4), grade(9));
+    let mut codes = [a.status.as_u16(), b.status.as_u16()];
+    codes.sort();
+    assert_eq!(codes, [200, 412]);
+    let winner = if a.status == 200 { 4.0 } else { 9.0 };
+    assert_eq!(api.get(&sub, &t).await.body["grade"]["score"], winner);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_restores_a_lost_index_entry() {
+    let api = Api::start().await;
+    let (_, admin) = api.user_with_role("a@t.io", "A", Role::Admin).await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
+    let cid = api.course(&t, "C", 5).await;
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
+    phase!("simulate a crash between the enrollment and its index write");
+    let db = &api.st.db;
+    db.delete(lms_api::keys::user_course(sid, cid))
+        .await
+        .unwrap();
+    // ... and a leftover index entry for a course the student is not in.
+    db.put(
+        lms_api::keys::user_course(sid, cid + 1000),
+        &lms_api::model::UserCourse {
+            course_id: cid + 1000,
+            role: lms_api::model::CourseRole::Student,
+        },
+    )
+    .await
+    .unwrap();
+    let mine = format!("/api/v1/users/{sid}/courses");
+    let fresh = [("cache-control", "no-cache")];
+    assert!(api
+        .call_with(Method::GET, &mine, Some(&s), None, &fresh)
+        .await
+        .body
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let report = api
+        .post("/api/v1/admin/repair", &admin, json!({}))
+        .await
+        .expect(200);
+    assert_eq!(report.body["index_added"], 1, "{}", report.text);
+    assert_eq!(report.body["index_removed"], 1, "{}", report.text);
+    let after = api
+        .post("/api/v1/admin/repair", &admin, json!({}))
+        .await
+        .expect(200);
+    assert_eq!(
+        after.body["index_added"], 0,
+        "a second pass finds nothing: {}",
+        after.text
+    );
+    let list = wait_for("the repaired index", Duration::from_secs(10), || async {
+        let r = api.get(&mine, &s).await.expect(200);
+        (r.body.as_array().unwrap().len() == 1).then_some(r.body)
+    })
+    .await
+    .unwrap();
+    assert_eq!(list[0]["course"]["id"], cid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_lmskv_node_mid_flow_does_not_fail_it() {
+    let mut api = Api::start().await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let (sid, s) = api.user_with_role("s@t.io", "S", Role::Student).await;
+    let cid = api.course(&t, "Resilient", 5).await;
+    phase!("kill -9 the leader");
+    let leader = api
+        .cluster
+        .wait_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    api.cluster.kill(leader).unwrap();
+    phase!("the flow continues through failover");
+    api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+        .await
+        .expect(201);
+    let aid = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "A", "max_points": 10}),
+        )
+        .await
+        .expect(201)
+        .body["id"]
+        .as_u64()
+        .unwrap();
+    let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
+    api.post(&sub, &s, json!({"body": "b"})).await.expect(201);
+    phase!("kill the new leader too after restarting the first");
+    api.cluster.spawn(leader).unwrap();
+    let second = api
+        .cluster
+        .wait_leader(Duration::from_secs(20))
+        .await
+        .unwrap();
+    api.cluster.kill(second).unwrap();
+    api.call(
+        Method::PUT,
+        &format!("{sub}/{sid}/grade"),
+        Some(&t),
+        Some(json!({"score": 7})),
+    )
+    .await
+    .expect(200);
+    let book = api
+        .get(&format!("/api/v1/courses/{cid}/gradebook"), &t)
+        .await
+        .expect(200);
+    assert_eq!(book.body["students"][0]["total"], 7.0);
+    api.get("/api/v1/auth/me", &s).await.expect(200);
+    api.call(Method::GET, "/readyz", None, None)
+        .await
+        .expect(200);
+}
