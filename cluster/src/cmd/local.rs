@@ -764,6 +764,7 @@ mod tests {
             node_id: id,
             address: format!("127.0.0.1:700{id}"),
             state: state.into(),
+            ..Default::default()
         };
         let mut s = StatusResponse {
             nodes: vec![node(1, "up"), node(2, "up"), node(3, "down")],
