@@ -27,7 +27,25 @@ pub struct FileConfig {
     pub block_cache_bytes: usize,
     pub write_buffer_bytes: usize,
     pub inflight_requests_max: usize,
+    /// A node silent for longer than this has its replicas re-created elsewhere.
     pub dead_node_timeout_s: u64,
+    /// Voters per range.
+    pub replication_factor: usize,
+    /// A range larger than this is split.
+    pub split_size_bytes: u64,
+    /// A range serving more than this many requests per second ...
+    pub split_qps: f64,
+    /// ... for this long is split.
+    pub split_qps_duration_s: u64,
+    /// Keys the cluster splits at when it is formed (escaped as `\xNN` for
+    /// non-printable bytes), e.g. one range per LMS table prefix.
+    pub pre_split_keys: Vec<String>,
+    /// How often a node reports to the meta leader.
+    pub node_heartbeat_ms: u64,
+    /// How often the placement driver (the meta leader) plans.
+    pub placement_interval_ms: u64,
+    /// Balance when a node holds more than this fraction above the mean.
+    pub balance_tolerance: f64,
 }
 
 impl Default for FileConfig {
@@ -45,6 +63,14 @@ impl Default for FileConfig {
             write_buffer_bytes: 32 << 20,
             inflight_requests_max: 10_000,
             dead_node_timeout_s: 60,
+            replication_factor: 3,
+            split_size_bytes: 64 << 20,
+            split_qps: 2_500.0,
+            split_qps_duration_s: 10,
+            pre_split_keys: Vec::new(),
+            node_heartbeat_ms: 1_000,
+            placement_interval_ms: 1_000,
+            balance_tolerance: 0.2,
         }
     }
 }
@@ -101,6 +127,27 @@ impl NodeConfig {
         if f.inflight_requests_max == 0 {
             return Err("inflight_requests_max must be positive".into());
         }
+        if f.replication_factor == 0 || f.replication_factor > 7 {
+            return Err("replication_factor must be between 1 and 7".into());
+        }
+        if f.dead_node_timeout_s == 0 {
+            return Err("dead_node_timeout_s must be positive".into());
+        }
+        if f.split_size_bytes < (64 << 10) {
+            return Err("split_size_bytes must be at least 64 KiB".into());
+        }
+        if f.node_heartbeat_ms < 50 || f.placement_interval_ms < 50 {
+            return Err("node_heartbeat_ms and placement_interval_ms must be at least 50".into());
+        }
+        if !(0.0..=10.0).contains(&f.balance_tolerance) {
+            return Err("balance_tolerance must be between 0 and 10".into());
+        }
+        for k in &f.pre_split_keys {
+            let key = lmskv_proto::keys::parse_escaped(k)
+                .map_err(|e| format!("pre_split_keys: {k:?}: {e}"))?;
+            lmskv_proto::keys::validate_user_key("pre_split_keys", &key)
+                .map_err(|e| format!("pre_split_keys: {k:?}: {e}"))?;
+        }
         for j in &self.join {
             if j.parse::<SocketAddr>().is_err() && !j.contains(':') {
                 return Err(format!("--join address {j:?} is not HOST:PORT"));
@@ -130,6 +177,16 @@ impl NodeConfig {
             block_cache_bytes: self.file.block_cache_bytes,
             write_buffer_bytes: self.file.write_buffer_bytes,
         }
+    }
+
+    /// The configured pre-split keys, parsed.
+    pub fn pre_split_keys(&self) -> Vec<bytes::Bytes> {
+        self.file
+            .pre_split_keys
+            .iter()
+            .filter_map(|k| lmskv_proto::keys::parse_escaped(k).ok())
+            .map(bytes::Bytes::from)
+            .collect()
     }
 
     /// The address peers and clients reach this node at.

@@ -6,7 +6,9 @@
 //! joins a cluster; `main.rs` is the `lmskv-node` binary.
 
 pub mod config;
+pub mod meta;
 pub mod node;
+pub mod pd;
 pub mod raft;
 pub mod server;
 pub mod storage;

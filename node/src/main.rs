@@ -31,6 +31,10 @@ struct Args {
     /// TOML file with tuning settings (timeouts, limits, caches).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Seconds a node may be silent before its replicas are re-created on
+    /// other nodes (overrides the config file; default 60).
+    #[arg(long)]
+    dead_node_timeout_s: Option<u64>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -70,6 +74,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => NodeConfig::load_file(p).map_err(anyhow::Error::msg)?,
         None => FileConfig::default(),
     };
+    let mut file = file;
+    if let Some(t) = args.dead_node_timeout_s {
+        file.dead_node_timeout_s = t;
+    }
     let cfg = NodeConfig {
         node_id: args.node_id,
         listen: args.listen,
@@ -90,7 +98,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listener,
         stop_rx.clone(),
     ));
-    let boot = tokio::spawn(node.clone().bootstrap(stop_rx.clone()));
+    let boot = tokio::spawn(node.clone().run_background(stop_rx.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -1,38 +1,43 @@
-//! [`Node`]: one storage node — its engine, its ranges, its gRPC server — and
-//! how it forms a new cluster or joins a running one.
+//! [`Node`]: one storage node — its engine, the replicas of the ranges it
+//! hosts, its gRPC server — how it forms a new cluster or joins a running one,
+//! and how it reports to the meta range's leader.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use lmskv_proto::error::Error;
+use lmskv_proto::range::META_RANGE_ID;
 use lmskv_proto::v1::admin_client::AdminClient;
-use lmskv_proto::v1::{
-    IdentifyRequest, JoinRequest, RangeDescriptor, RangeEpoch, Replica, ReplicaRole,
-};
+use lmskv_proto::v1::{HeartbeatRequest, IdentifyRequest, RangeDescriptor, RangeStats};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::NodeConfig;
+use crate::meta::StoredDesc;
+use crate::pd::Pd;
 use crate::raft::{PeerPool, RangeReplica, ReplicaMap};
 use crate::storage::Engine;
-
-/// The id of the range that holds the whole key space until ranges are split.
-pub const FIRST_RANGE_ID: u64 = 1;
-/// The epoch version of a range that has never been split or merged.
-pub const INITIAL_RANGE_VERSION: u64 = 1;
 
 /// How often a node that is not yet part of a cluster retries forming or joining one.
 const BOOTSTRAP_RETRY_INTERVAL: Duration = Duration::from_millis(300);
 /// How long one bootstrap probe of a peer may take.
 const BOOTSTRAP_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long one heartbeat to the meta leader may take.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Splits waiting for their right-hand range to be opened.
+const SPLIT_QUEUE_MAX: usize = 1_024;
+/// How often the node looks for ranges it has state for but has not opened.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What a data dir remembers about its node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct Identity {
     node_id: u64,
     address: String,
+    /// Set once the node is part of a cluster (formed or joined it).
+    #[serde(default)]
+    member: bool,
 }
 
 /// A running storage node.
@@ -41,6 +46,12 @@ pub struct Node {
     pub(crate) engine: Arc<Engine>,
     pub(crate) pool: Arc<PeerPool>,
     pub(crate) replicas: Arc<ReplicaMap>,
+    pub(crate) pd: Pd,
+    identity: Mutex<Identity>,
+    create_lock: tokio::sync::Mutex<()>,
+    split_tx: mpsc::Sender<(u64, u64)>,
+    meta_leader_addr: Mutex<Option<String>>,
+    served_since: Mutex<Instant>,
 }
 
 impl std::fmt::Debug for Node {
@@ -52,7 +63,7 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Opens the data dir (checking the node's identity) and its ranges.
+    /// Opens the data dir (checking the node's identity) and every range it hosts.
     pub async fn open(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         let engine = Arc::new(
             Engine::open(&cfg.data_dir.join("db"), &cfg.engine_options()).map_err(|e| {
@@ -62,9 +73,10 @@ impl Node {
                 )
             })?,
         );
-        let me = Identity {
+        let mut me = Identity {
             node_id: cfg.node_id,
             address: cfg.advertise_addr(),
+            member: false,
         };
         match engine.node_identity()? {
             Some(raw) => {
@@ -85,6 +97,7 @@ impl Node {
                         stored.address
                     );
                 }
+                me.member = stored.member;
                 tracing::info!(node_id = me.node_id, "restarting with existing data");
             }
             None => {
@@ -92,25 +105,43 @@ impl Node {
                 tracing::info!(node_id = me.node_id, "initialized new data dir");
             }
         }
-        let pool = PeerPool::new(cfg.node_id);
-        let replicas = Arc::new(ReplicaMap::default());
-        let replica = RangeReplica::open(
-            engine.clone(),
-            pool.clone(),
-            FIRST_RANGE_ID,
-            (Bytes::new(), Bytes::new()),
-            &cfg.data_dir,
-            cfg.raft_tuning(),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        replicas.insert(replica);
-        Ok(Arc::new(Node {
+        let (split_tx, split_rx) = mpsc::channel(SPLIT_QUEUE_MAX);
+        let node = Arc::new(Node {
+            pd: Pd::new(&cfg),
             cfg,
-            engine,
-            pool,
-            replicas,
-        }))
+            engine: engine.clone(),
+            pool: PeerPool::new(me.node_id),
+            replicas: Arc::new(ReplicaMap::default()),
+            identity: Mutex::new(me),
+            create_lock: tokio::sync::Mutex::new(()),
+            split_tx,
+            meta_leader_addr: Mutex::new(None),
+            served_since: Mutex::new(Instant::now()),
+        });
+        let ids = engine.local_range_ids()?;
+        for id in &ids {
+            node.open_replica(*id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if !ids.is_empty() {
+            node.set_member()?;
+        }
+        tracing::info!(ranges = ids.len(), "opened local ranges");
+        // Stray Raft messages for ranges this node does not know create them
+        // (unless tombstoned); the right-hand halves of splits are opened here.
+        let weak = Arc::downgrade(&node);
+        node.replicas.set_creator(Arc::new(move |range_id| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(n) => n.open_replica(range_id).await,
+                    None => Err(Error::unavailable("node is stopping")),
+                }
+            })
+        }));
+        tokio::spawn(Self::open_split_ranges(Arc::downgrade(&node), split_rx));
+        Ok(node)
     }
 
     /// This node's id.
@@ -118,55 +149,220 @@ impl Node {
         self.cfg.node_id
     }
 
-    /// The replica that holds `key`.
-    pub fn replica_for_key(&self, _key: &[u8]) -> Result<Arc<RangeReplica>, Error> {
-        self.replicas.get(FIRST_RANGE_ID)
+    /// Whether this node is part of a cluster.
+    pub fn is_member(&self) -> bool {
+        self.identity.lock().expect("identity lock").member
     }
 
-    /// The replica of `range_id`; 0 means "whichever holds the keys".
+    fn set_member(&self) -> anyhow::Result<()> {
+        let mut id = self.identity.lock().expect("identity lock");
+        if !id.member {
+            id.member = true;
+            self.engine.put_node_identity(&serde_json::to_vec(&*id)?)?;
+        }
+        Ok(())
+    }
+
+    /// Opens (creating when new) this node's replica of `range_id`; returns
+    /// the open one when it already is.
+    pub async fn open_replica(&self, range_id: u64) -> Result<Arc<RangeReplica>, Error> {
+        if let Ok(r) = self.replicas.get(range_id) {
+            return Ok(r);
+        }
+        let _guard = self.create_lock.lock().await;
+        if let Ok(r) = self.replicas.get(range_id) {
+            return Ok(r);
+        }
+        if self
+            .engine
+            .is_tombstoned(range_id)
+            .map_err(|e| Error::internal(e.to_string()))?
+        {
+            return Err(Error::RangeNotFound { range_id });
+        }
+        let tx = self.split_tx.clone();
+        let hook = Arc::new(move |new_id: u64| {
+            if tx.try_send((range_id, new_id)).is_err() {
+                tracing::warn!(
+                    range_id,
+                    new_id,
+                    "split queue full; the range opens at the next reconcile"
+                );
+            }
+        });
+        let r = RangeReplica::open(
+            self.engine.clone(),
+            self.pool.clone(),
+            range_id,
+            &self.cfg.data_dir,
+            self.cfg.raft_tuning(),
+            hook,
+        )
+        .await?;
+        self.replicas.insert(r.clone());
+        tracing::debug!(range_id, "opened range replica");
+        Ok(r)
+    }
+
+    async fn open_split_ranges(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, u64)>) {
+        let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+        loop {
+            tokio::select! {
+                m = rx.recv() => {
+                    let Some((left, right)) = m else { return };
+                    let Some(n) = node.upgrade() else { return };
+                    match n.open_replica(right).await {
+                        Ok(r) => {
+                            // The left range's leader campaigns first for the
+                            // right half, so it gets a leader without waiting
+                            // for an election timeout.
+                            if n.replicas.get(left).map(|l| l.leader_id() == n.node_id()).unwrap_or(false) {
+                                r.campaign().await;
+                            }
+                        }
+                        Err(e) => tracing::warn!(left, right, error = %e, "cannot open split range"),
+                    }
+                }
+                _ = tick.tick() => {
+                    let Some(n) = node.upgrade() else { return };
+                    if let Ok(ids) = n.engine.local_range_ids() {
+                        for id in ids {
+                            if n.replicas.get(id).is_err() {
+                                if let Err(e) = n.open_replica(id).await {
+                                    tracing::warn!(range_id = id, error = %e, "cannot open range");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Shuts down and deletes this node's replica of `range_id`, leaving a
+    /// tombstone so stray messages do not bring it back.
+    pub async fn destroy_replica(&self, range_id: u64) -> Result<(), Error> {
+        let _guard = self.create_lock.lock().await;
+        let Some(r) = self.replicas.remove(range_id) else {
+            return Ok(());
+        };
+        r.shutdown().await;
+        let meta = r.meta();
+        // Delete the data span only when no other local range holds any of it.
+        let overlaps = self.replicas.all().iter().any(|o| {
+            o.is_ready()
+                && lmskv_proto::range::spans_overlap(
+                    (&o.meta().start, &o.meta().end),
+                    (&meta.start, &meta.end),
+                )
+        });
+        let span = (r.is_ready() && !overlaps).then_some((&meta.start[..], &meta.end[..]));
+        self.engine
+            .destroy_range(range_id, span)
+            .map_err(|e| Error::internal(e.to_string()))?;
+        let _ = std::fs::remove_dir_all(
+            self.cfg
+                .data_dir
+                .join("snapshots")
+                .join(format!("range-{range_id}")),
+        );
+        tracing::info!(range_id, "removed range replica");
+        Ok(())
+    }
+
+    /// Prepares an empty replica of a range that will be brought up to date
+    /// by its leader (clears an old tombstone).
+    pub async fn create_replica(&self, desc: &StoredDesc) -> Result<(), Error> {
+        if let Ok(r) = self.replicas.get(desc.range_id) {
+            drop(r);
+            return Ok(());
+        }
+        for o in self.replicas.all() {
+            let m = o.meta();
+            if o.is_ready()
+                && lmskv_proto::range::spans_overlap((&m.start, &m.end), (&desc.start, &desc.end))
+            {
+                return Err(Error::unavailable(format!(
+                    "range {} overlaps local range {}; retry once it is removed",
+                    desc.range_id, m.range_id
+                )));
+            }
+        }
+        self.engine
+            .clear_tombstone(desc.range_id)
+            .map_err(|e| Error::internal(e.to_string()))?;
+        self.open_replica(desc.range_id).await.map(|_| ())
+    }
+
+    /// The local replica serving user `key` when the client named no range:
+    /// the ready range holding it (the meta range only for system keys).
+    pub fn replica_for_key(&self, key: &[u8]) -> Result<Arc<RangeReplica>, Error> {
+        let system = key.first() == Some(&lmskv_proto::keys::SYSTEM_KEY_PREFIX);
+        self.replicas
+            .all()
+            .into_iter()
+            .filter(|r| r.is_ready() && (r.range_id() == META_RANGE_ID) == system)
+            .filter(|r| r.meta().contains(key))
+            .max_by_key(|r| r.meta().version)
+            .ok_or(Error::RangeNotFound { range_id: 0 })
+    }
+
+    /// The replica of `range_id`.
     pub fn replica(&self, range_id: u64) -> Result<Arc<RangeReplica>, Error> {
-        self.replicas.get(if range_id == 0 {
-            FIRST_RANGE_ID
-        } else {
-            range_id
-        })
+        let r = self.replicas.get(range_id)?;
+        if !r.is_ready() {
+            return Err(Error::RangeNotFound { range_id });
+        }
+        Ok(r)
+    }
+
+    /// The descriptor of a replica's range as this replica knows it.
+    pub fn stored_desc(&self, r: &RangeReplica) -> StoredDesc {
+        let st = r.status();
+        StoredDesc::new(&r.meta(), st.voters, st.learners)
     }
 
     /// The descriptor of a replica's range as clients see it.
     pub fn descriptor(&self, r: &RangeReplica) -> RangeDescriptor {
-        let st = r.status();
-        let mut replicas: Vec<Replica> = st
-            .voters
-            .iter()
-            .map(|id| Replica {
-                node_id: *id,
-                role: ReplicaRole::Voter as i32,
-            })
+        self.stored_desc(r).to_proto()
+    }
+
+    /// The current descriptors of `r`'s range and of the local ranges that
+    /// follow it (the right-hand halves of its splits), for `EpochMismatch`.
+    pub fn current_descriptors(&self, r: &RangeReplica) -> Vec<RangeDescriptor> {
+        let mut out = vec![self.descriptor(r)];
+        let mut ready: Vec<Arc<RangeReplica>> = self
+            .replicas
+            .all()
+            .into_iter()
+            .filter(|o| o.is_ready() && o.range_id() != r.range_id())
             .collect();
-        replicas.extend(st.learners.iter().map(|id| Replica {
-            node_id: *id,
-            role: ReplicaRole::Learner as i32,
-        }));
-        RangeDescriptor {
-            range_id: r.range_id(),
-            start_key: Bytes::new(),
-            end_key: Bytes::new(),
-            epoch: Some(RangeEpoch {
-                conf_ver: (st.voters.len() + st.learners.len()) as u64,
-                version: INITIAL_RANGE_VERSION,
-            }),
-            replicas,
+        ready.sort_by(|a, b| a.meta().start.cmp(&b.meta().start));
+        let mut end = r.meta().end;
+        for o in ready {
+            if out.len() >= 8 || end.is_empty() {
+                break;
+            }
+            if o.meta().start == end {
+                end = o.meta().end;
+                out.push(self.descriptor(&o));
+            }
         }
+        out
     }
 
     /// Forms a new cluster with the nodes named in `--join`, or joins the
-    /// running cluster one of them belongs to. Returns once this node is part
-    /// of a cluster or `stop` fires.
-    pub async fn bootstrap(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let replica = match self.replicas.get(FIRST_RANGE_ID) {
-            Ok(r) => r,
-            Err(_) => return,
-        };
+    /// running cluster one of them belongs to; then reports to the meta
+    /// leader until `stop` fires.
+    pub async fn run_background(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let hb = tokio::spawn(self.clone().heartbeat_loop(stop.clone()));
+        let pd = tokio::spawn(crate::pd::run(self.clone(), stop.clone()));
+        self.bootstrap(stop).await;
+        let _ = hb.await;
+        pd.abort();
+    }
+
+    async fn bootstrap(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
         let me = self.cfg.advertise_addr();
         let peers: Vec<String> = self
             .cfg
@@ -177,19 +373,19 @@ impl Node {
             .collect();
         let mut attempt = 0u64;
         loop {
-            if replica.is_initialized().await {
+            if self.is_member() {
                 return;
             }
             if peers.is_empty() {
                 // A node named alone forms a single-node cluster.
                 let members = BTreeMap::from([(self.cfg.node_id, me.clone())]);
-                match replica.initialize(members).await {
+                match self.form(members).await {
                     Ok(()) => tracing::info!("formed a single-node cluster"),
                     Err(e) => tracing::error!(error = %e, "cannot initialize"),
                 }
                 return;
             }
-            match self.bootstrap_round(&replica, &peers).await {
+            match self.bootstrap_round(&peers).await {
                 Ok(true) => return,
                 Ok(false) => {}
                 Err(e) => {
@@ -206,20 +402,25 @@ impl Node {
         }
     }
 
+    /// Creates the meta range on `members` (the first replication-factor ids).
+    async fn form(&self, members: BTreeMap<u64, String>) -> Result<(), Error> {
+        let r = self.open_replica(META_RANGE_ID).await?;
+        r.initialize(members).await?;
+        self.set_member()
+            .map_err(|e| Error::internal(e.to_string()))?;
+        Ok(())
+    }
+
     /// One bootstrap attempt; `Ok(true)` when this node is now part of a cluster.
-    async fn bootstrap_round(
-        &self,
-        replica: &RangeReplica,
-        peers: &[String],
-    ) -> Result<bool, String> {
+    async fn bootstrap_round(&self, peers: &[String]) -> Result<bool, String> {
         let mut ids = BTreeMap::from([(self.cfg.node_id, self.cfg.advertise_addr())]);
         let mut missing = Vec::new();
         for addr in peers {
             match self.identify(addr).await {
                 Ok(resp) if resp.initialized => {
-                    // A running cluster exists: ask it to add us.
-                    self.join_via(addr).await?;
-                    tracing::info!(via = %addr, "joined the running cluster");
+                    // A running cluster exists: heartbeats register this node.
+                    self.set_member().map_err(|e| e.to_string())?;
+                    tracing::info!(via = %addr, "joining the running cluster");
                     return Ok(true);
                 }
                 Ok(resp) => {
@@ -240,19 +441,19 @@ impl Node {
         }
         // Every named node answered and none is in a cluster: the lowest id forms it.
         if ids.keys().next() == Some(&self.cfg.node_id) {
-            tracing::info!(members = ?ids, "forming a new cluster");
-            replica.initialize(ids).await.map_err(|e| e.to_string())?;
+            let members: BTreeMap<u64, String> = ids
+                .into_iter()
+                .take(self.cfg.file.replication_factor)
+                .collect();
+            tracing::info!(members = ?members, "forming a new cluster");
+            self.form(members).await.map_err(|e| e.to_string())?;
             return Ok(true);
         }
         Ok(false)
     }
 
-    async fn admin(&self, addr: &str) -> Result<AdminClient<tonic::transport::Channel>, String> {
-        Ok(AdminClient::new(self.pool.channel(addr)?))
-    }
-
     async fn identify(&self, addr: &str) -> Result<lmskv_proto::v1::IdentifyResponse, String> {
-        let mut c = self.admin(addr).await?;
+        let mut c = AdminClient::new(self.pool.channel(addr)?);
         let r = tokio::time::timeout(BOOTSTRAP_PROBE_TIMEOUT, c.identify(IdentifyRequest {}))
             .await
             .map_err(|_| "timed out".to_string())?
@@ -260,26 +461,133 @@ impl Node {
         Ok(r.into_inner())
     }
 
-    async fn join_via(&self, addr: &str) -> Result<(), String> {
-        let mut target = addr.to_string();
-        for _ in 0..5 {
-            let mut c = self.admin(&target).await?;
-            let req = JoinRequest {
-                node_id: self.cfg.node_id,
-                address: self.cfg.advertise_addr(),
-            };
-            match tokio::time::timeout(Duration::from_secs(30), c.join(req)).await {
-                Err(_) => return Err(format!("join via {target} timed out")),
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(status)) => match Error::from_status(&status) {
-                    Error::NotLeader {
-                        leader: Some(h), ..
-                    } if !h.address.is_empty() => target = h.address,
-                    e => return Err(format!("join via {target}: {e}")),
-                },
+    /// The local meta replica when it is the meta range's leader.
+    pub fn local_meta_leader(&self) -> Option<Arc<RangeReplica>> {
+        let r = self.replicas.get(META_RANGE_ID).ok()?;
+        (r.is_ready() && r.leader_id() == self.node_id()).then_some(r)
+    }
+
+    /// Where the meta leader probably is: the cached answer, the local meta
+    /// replica's leader, the known peers.
+    fn meta_leader_candidates(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(a) = self.meta_leader_addr.lock().expect("hint lock").clone() {
+            out.push(a);
+        }
+        if let Ok(r) = self.replicas.get(META_RANGE_ID) {
+            if let Some(h) = r.leader_hint() {
+                out.push(h.address);
             }
         }
-        Err("join: leader kept moving".into())
+        for r in self.replicas.all() {
+            out.extend(r.status().nodes.into_values());
+        }
+        out.extend(self.cfg.join.iter().cloned());
+        let me = self.cfg.advertise_addr();
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|a| *a != me && seen.insert(a.clone()));
+        out
+    }
+
+    /// Stats of every ready local replica, as heartbeats report them.
+    pub fn range_stats(&self) -> Vec<RangeStats> {
+        let elapsed = {
+            let mut since = self.served_since.lock().expect("stats lock");
+            let e = since.elapsed().as_secs_f64().max(0.001);
+            *since = Instant::now();
+            e
+        };
+        self.replicas
+            .all()
+            .into_iter()
+            .filter(|r| r.is_ready())
+            .map(|r| {
+                let m = r.meta();
+                let (size, keys) = if r.range_id() == META_RANGE_ID {
+                    (0, 0)
+                } else {
+                    self.engine.approximate_span_size(&m.start, &m.end)
+                };
+                let st = r.status();
+                RangeStats {
+                    descriptor: Some(self.descriptor(&r)),
+                    leader: st.leader_id == Some(self.node_id()),
+                    size_bytes: size,
+                    keys,
+                    qps: r.take_served() as f64 / elapsed,
+                    applied_index: st.applied_index,
+                    leader_id: st.leader_id.unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.cfg.file.node_heartbeat_ms);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            if !self.is_member() {
+                continue;
+            }
+            let req = HeartbeatRequest {
+                node_id: self.node_id(),
+                address: self.cfg.advertise_addr(),
+                ranges: self.range_stats(),
+            };
+            let resp = if self.local_meta_leader().is_some() {
+                crate::pd::handle_heartbeat(&self, req).await.ok()
+            } else {
+                self.send_heartbeat(req).await
+            };
+            if let Some(resp) = resp {
+                for id in resp.remove_ranges {
+                    if let Err(e) = self.destroy_replica(id).await {
+                        tracing::warn!(range_id = id, error = %e, "cannot remove range");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_heartbeat(
+        &self,
+        req: HeartbeatRequest,
+    ) -> Option<lmskv_proto::v1::HeartbeatResponse> {
+        let mut targets = self.meta_leader_candidates();
+        let mut tried = 0;
+        while let Some(addr) = targets.first().cloned() {
+            targets.remove(0);
+            tried += 1;
+            if tried > 8 {
+                break;
+            }
+            let Ok(ch) = self.pool.channel(&addr) else {
+                continue;
+            };
+            let mut c = AdminClient::new(ch);
+            match tokio::time::timeout(HEARTBEAT_TIMEOUT, c.heartbeat(req.clone())).await {
+                Ok(Ok(resp)) => {
+                    *self.meta_leader_addr.lock().expect("hint lock") = Some(addr);
+                    return Some(resp.into_inner());
+                }
+                Ok(Err(status)) => {
+                    if let Error::NotLeader {
+                        leader: Some(h), ..
+                    } = Error::from_status(&status)
+                    {
+                        if !h.address.is_empty() && h.address != self.cfg.advertise_addr() {
+                            targets.insert(0, h.address);
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        *self.meta_leader_addr.lock().expect("hint lock") = None;
+        None
     }
 
     /// Stops every range and flushes the engine.

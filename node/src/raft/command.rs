@@ -35,6 +35,36 @@ pub enum Op {
         conditions: Vec<Condition>,
         ops: Vec<WriteOp>,
     },
+    /// Split the range at `split_key`: the range keeps `[start, split_key)`
+    /// and a new range `new_range_id` takes `[split_key, end)` with the same
+    /// replicas. Refused (no change) unless `version` is the range's current
+    /// epoch version and the key lies strictly inside the range.
+    Split {
+        split_key: Bytes,
+        new_range_id: u64,
+        version: u64,
+    },
+}
+
+/// What a range replica knows about its own range: the span and the epoch.
+/// The replica set is the range's Raft membership. Replicated: it changes only
+/// by applying log entries (splits bump `version`, membership changes
+/// `conf_ver`), so every replica has the same one at the same log position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RangeMeta {
+    pub range_id: u64,
+    pub start: Bytes,
+    /// Exclusive end; empty: to the end of the key space.
+    pub end: Bytes,
+    pub version: u64,
+    pub conf_ver: u64,
+}
+
+impl RangeMeta {
+    /// Whether the range holds `key`.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        lmskv_proto::range::span_contains(&self.start, &self.end, key)
+    }
 }
 
 /// One write inside a batch.
@@ -89,6 +119,27 @@ pub enum CommandResponse {
         current: Vec<KvRecord>,
         version: u64,
     },
+    /// The split happened (`Ok` with both halves) or was refused (`Err`, why).
+    Split(Result<(RangeMeta, RangeMeta), String>),
+    /// The write touches keys the range no longer holds (it split after the
+    /// write was proposed); nothing was applied.
+    KeyNotInRange,
+}
+
+impl Op {
+    /// Every user key the operation reads or writes.
+    pub fn keys(&self) -> Box<dyn Iterator<Item = &Bytes> + '_> {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => Box::new(std::iter::once(key)),
+            Op::CompareAndSwap { compare, .. } => Box::new(std::iter::once(&compare.key)),
+            Op::Batch { conditions, ops } => Box::new(conditions.iter().map(|c| &c.key).chain(
+                ops.iter().map(|o| match o {
+                    WriteOp::Put { key, .. } | WriteOp::Delete { key } => key,
+                }),
+            )),
+            Op::Split { .. } => Box::new(std::iter::empty()),
+        }
+    }
 }
 
 impl Condition {
@@ -119,6 +170,11 @@ impl std::fmt::Display for Command {
                     conditions.len()
                 )
             }
+            Op::Split {
+                split_key,
+                new_range_id,
+                ..
+            } => write!(f, "split at {} into range {new_range_id}", key(split_key)),
         }
     }
 }

@@ -17,10 +17,11 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
 
 use super::codec::{decode, encode};
+use super::command::RangeMeta;
 use super::command::{Command, CommandResponse, Op};
 use super::log_store::LogStore;
 use super::network::{NetworkFactory, PeerPool};
-use super::state_machine::{SnapshotFile, StateMachine};
+use super::state_machine::{SharedMeta, SnapshotFile, SplitHook, StateMachine};
 use super::TypeConfig;
 use crate::storage::Engine;
 
@@ -82,8 +83,10 @@ pub struct RangeReplica {
     engine: Arc<Engine>,
     tuning: RaftTuning,
     snapshot_dir: PathBuf,
-    span: (Bytes, Bytes),
+    meta: SharedMeta,
     fault: Mutex<Option<String>>,
+    /// Requests served since the last stats read (for load-based splits).
+    served: std::sync::atomic::AtomicU64,
     /// When this replica last accepted AppendEntries from a leader, and that
     /// leader's commit index then: a follower's proof of freshness for
     /// bounded-staleness reads.
@@ -123,9 +126,9 @@ impl RangeReplica {
         engine: Arc<Engine>,
         pool: Arc<PeerPool>,
         range_id: u64,
-        span: (Bytes, Bytes),
         data_dir: &std::path::Path,
         tuning: RaftTuning,
+        on_split: SplitHook,
     ) -> Result<Arc<Self>, Error> {
         let node_id = pool.local_id();
         let config = Config {
@@ -150,13 +153,14 @@ impl RangeReplica {
         let sm = StateMachine::open(
             engine.clone(),
             range_id,
-            span.clone(),
             snapshot_dir.clone(),
             tuning.dedup_window,
+            on_split,
         )
         .map_err(|e| Error::Corruption {
             reason: format!("range {range_id} state machine: {e}"),
         })?;
+        let meta = sm.meta();
         let log = LogStore::new(engine.clone(), range_id);
         let net = NetworkFactory { pool, range_id };
         let raft = Raft::new(node_id, Arc::new(config), net, log, sm)
@@ -171,20 +175,88 @@ impl RangeReplica {
             engine,
             tuning,
             snapshot_dir,
-            span,
+            meta,
             fault: Mutex::new(None),
+            served: std::sync::atomic::AtomicU64::new(0),
             leader_contact: Mutex::new(None),
         }))
+    }
+
+    /// The range's span and epoch as this replica last applied them.
+    pub fn meta(&self) -> RangeMeta {
+        self.meta.read().expect("meta lock").clone()
+    }
+
+    /// Whether this replica knows its range (it has state from a split, a
+    /// snapshot or the bootstrap), so it can serve requests for its span.
+    pub fn is_ready(&self) -> bool {
+        self.meta.read().expect("meta lock").version > 0
+    }
+
+    /// Counts a served request (for load statistics).
+    pub fn count_request(&self) {
+        self.served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Requests served since the last call.
+    pub fn take_served(&self) -> u64 {
+        self.served.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Proposes a split of this range at `split_key` into `new_range_id`,
+    /// planned against epoch version `version`. Returns both halves.
+    pub async fn split(
+        &self,
+        split_key: Bytes,
+        new_range_id: u64,
+        version: u64,
+    ) -> Result<(RangeMeta, RangeMeta), Error> {
+        let op = Op::Split {
+            split_key,
+            new_range_id,
+            version,
+        };
+        match self.propose(Bytes::new(), op, false).await? {
+            (_, CommandResponse::Split(Ok(halves))) => Ok(halves),
+            (_, CommandResponse::Split(Err(reason))) => {
+                Err(Error::invalid_argument("split", reason))
+            }
+            (_, other) => Err(Error::internal(format!("split returned {other:?}"))),
+        }
+    }
+
+    /// Makes `voters` (node id → address) the range's voters: new nodes are
+    /// added as learners and caught up first, then one joint membership
+    /// change installs the new voter set. Only the leader can do it.
+    pub async fn change_voters(&self, voters: BTreeMap<u64, String>) -> Result<(), Error> {
+        if voters.is_empty() {
+            return Err(Error::invalid_argument("voters", "a range needs a voter"));
+        }
+        let status = self.status();
+        for (id, addr) in &voters {
+            if !status.voters.contains(id) && !status.learners.contains(id) {
+                self.raft
+                    .add_learner(*id, BasicNode { addr: addr.clone() }, true)
+                    .await
+                    .map_err(|e| self.write_error(e))?;
+            }
+        }
+        let want: BTreeSet<u64> = voters.keys().copied().collect();
+        let have: BTreeSet<u64> = status.voters.iter().copied().collect();
+        if want != have || !status.learners.is_empty() {
+            // `retain = false`: removed voters leave the group entirely.
+            self.raft
+                .change_membership(want, false)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        Ok(())
     }
 
     /// The range's id.
     pub fn range_id(&self) -> u64 {
         self.range_id
-    }
-
-    /// The key span `[start, end)` of the range (an empty end is unbounded).
-    pub fn span(&self) -> (&[u8], &[u8]) {
-        (&self.span.0, &self.span.1)
     }
 
     /// The current leader's id, 0 when unknown. Cheap: no metrics copy.
@@ -521,6 +593,19 @@ impl RangeReplica {
             .map_err(|f| self.fatal(f))
     }
 
+    /// Starts an election on this replica now (used for the right-hand half
+    /// of a split on the node that led the left half).
+    pub async fn campaign(&self) {
+        if let Err(e) = self.raft.trigger().elect(false).await {
+            tracing::debug!(range_id = self.range_id, error = %e, "campaign");
+        }
+    }
+
+    /// Whether this replica is the range's leader.
+    pub fn is_leader_now(&self) -> bool {
+        self.is_leader()
+    }
+
     /// Stops the replica's Raft group.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
@@ -603,13 +688,61 @@ impl RangeReplica {
     }
 }
 
+/// Creates (opens) a replica of a range on demand.
+pub type ReplicaCreator = Arc<
+    dyn Fn(u64) -> futures::future::BoxFuture<'static, Result<Arc<RangeReplica>, Error>>
+        + Send
+        + Sync,
+>;
+
 /// The ranges this node hosts, by id.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ReplicaMap {
     inner: RwLock<HashMap<u64, Arc<RangeReplica>>>,
+    creator: std::sync::OnceLock<ReplicaCreator>,
+}
+
+impl std::fmt::Debug for ReplicaMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaMap").finish()
+    }
 }
 
 impl ReplicaMap {
+    /// Sets how unknown ranges named by incoming Raft messages are created.
+    pub fn set_creator(&self, c: ReplicaCreator) {
+        let _ = self.creator.set(c);
+    }
+
+    /// The replica of `range_id`, created when unknown and a creator is set.
+    pub async fn get_or_create(&self, range_id: u64) -> Result<Arc<RangeReplica>, Error> {
+        if let Ok(r) = self.get(range_id) {
+            return Ok(r);
+        }
+        match self.creator.get() {
+            Some(c) => c(range_id).await,
+            None => Err(Error::RangeNotFound { range_id }),
+        }
+    }
+
+    /// Removes a replica from the map (the caller shuts it down).
+    pub fn remove(&self, range_id: u64) -> Option<Arc<RangeReplica>> {
+        self.inner
+            .write()
+            .expect("replica map lock")
+            .remove(&range_id)
+    }
+
+    /// Number of replicas.
+    pub fn len(&self) -> usize {
+        self.inner.read().expect("replica map lock").len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The replica of `range_id`, or `RangeNotFound`.
     pub fn get(&self, range_id: u64) -> Result<Arc<RangeReplica>, Error> {
         self.inner

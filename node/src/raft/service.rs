@@ -26,7 +26,7 @@ impl RaftService {
         RaftService { node_id, replicas }
     }
 
-    fn route(&self, msg: &RaftMessage) -> Result<Arc<RangeReplica>, Status> {
+    async fn route(&self, msg: &RaftMessage) -> Result<Arc<RangeReplica>, Status> {
         if msg.to_node != self.node_id {
             return Err(Error::invalid_argument(
                 "to_node",
@@ -40,7 +40,7 @@ impl RaftService {
         if crc32fast::hash(&msg.payload) != msg.crc32 {
             return Err(Error::invalid_argument("payload", "checksum mismatch").into());
         }
-        Ok(self.replicas.get(msg.range_id)?)
+        Ok(self.replicas.get_or_create(msg.range_id).await?)
     }
 
     fn reply(&self, msg: &RaftMessage, payload: Vec<u8>) -> Response<RaftMessage> {
@@ -61,21 +61,21 @@ impl Raft for RaftService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
-        let r = self.route(&msg)?;
+        let r = self.route(&msg).await?;
         let out = r.handle_append(&msg.payload).await?;
         Ok(self.reply(&msg, out))
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
-        let r = self.route(&msg)?;
+        let r = self.route(&msg).await?;
         let out = r.handle_vote(&msg.payload).await?;
         Ok(self.reply(&msg, out))
     }
 
     async fn pre_vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
-        let r = self.route(&msg)?;
+        let r = self.route(&msg).await?;
         let out = r.handle_pre_vote(&msg.payload).await?;
         Ok(self.reply(&msg, out))
     }
@@ -85,7 +85,7 @@ impl Raft for RaftService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
-        let r = self.route(&msg)?;
+        let r = self.route(&msg).await?;
         let out = r.handle_transfer_leader(&msg.payload).await?;
         Ok(self.reply(&msg, out))
     }
@@ -102,7 +102,7 @@ impl Raft for RaftService {
         if first.to_node != self.node_id {
             return Err(Error::invalid_argument("to_node", "snapshot for another node").into());
         }
-        let replica = self.replicas.get(first.range_id)?;
+        let replica = self.replicas.get_or_create(first.range_id).await?;
         let header = first.header.clone();
         if header.is_empty() {
             return Err(Error::invalid_argument("header", "first chunk carries no header").into());

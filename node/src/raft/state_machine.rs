@@ -7,18 +7,20 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, TryStreamExt};
-use openraft::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::alias::{LeaderIdOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::vote::RaftLeaderId;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
-use super::command::{Command, CommandResponse, KvRecord, Op, WriteOp};
+use super::command::{Command, CommandResponse, KvRecord, Op, RangeMeta, WriteOp};
 use super::TypeConfig;
 use crate::storage::keys::RangeStateField;
 use crate::storage::{ApplyBatch, Engine, StorageError};
@@ -36,18 +38,49 @@ pub struct SnapshotFile {
 /// The range's current snapshot: its metadata and file.
 type CurrentSnapshot = (SnapshotMetaOf<TypeConfig>, PathBuf);
 
-type AppliedState = (Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>);
+/// The log index at which a range created by a split starts: its log is
+/// "purged" up to here, so a replica that lacks the range's initial data gets
+/// it by snapshot and never by replaying entries it does not have.
+pub const SPLIT_INIT_LOG_INDEX: u64 = 5;
+
+/// A range's applied state, written with every apply batch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AppliedState {
+    pub last_applied: Option<LogIdOf<TypeConfig>>,
+    pub membership: StoredMembershipOf<TypeConfig>,
+    pub desc: RangeMeta,
+}
+
+/// Called after a split committed on this replica, with the new range's id.
+pub type SplitHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// The range's descriptor, shared between its state machine (which changes it
+/// by applying entries) and the services (which route by it).
+pub type SharedMeta = Arc<RwLock<RangeMeta>>;
+
+/// The descriptor a range starts with when nothing about it is stored yet:
+/// the meta range is well known (the whole key space until it is split);
+/// any other range is unknown (version 0, serves nothing) until a snapshot
+/// brings its state.
+pub fn initial_meta(range_id: u64) -> RangeMeta {
+    RangeMeta {
+        range_id,
+        version: u64::from(range_id == lmskv_proto::range::META_RANGE_ID),
+        ..Default::default()
+    }
+}
 
 /// The state machine of one range.
 #[derive(Clone)]
 pub struct StateMachine {
     engine: Arc<Engine>,
     range_id: u64,
-    /// Inclusive start and exclusive end (empty: unbounded) of the range's keys.
-    span: (Bytes, Bytes),
+    /// The range's span and epoch as of the last applied entry.
+    meta: SharedMeta,
     snapshot_dir: PathBuf,
     dedup_window: Duration,
     current_snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
+    on_split: SplitHook,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -68,18 +101,19 @@ impl StateMachine {
     pub fn open(
         engine: Arc<Engine>,
         range_id: u64,
-        span: (Bytes, Bytes),
         snapshot_dir: PathBuf,
         dedup_window: Duration,
+        on_split: SplitHook,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
-        let sm = StateMachine {
+        let mut sm = StateMachine {
             engine,
             range_id,
-            span,
+            meta: Arc::new(RwLock::new(initial_meta(range_id))),
             snapshot_dir,
             dedup_window,
             current_snapshot: Arc::new(Mutex::new(None)),
+            on_split,
         };
         // Remove partial files of builds or transfers that did not finish.
         for entry in std::fs::read_dir(&sm.snapshot_dir)? {
@@ -103,7 +137,25 @@ impl StateMachine {
             sm.import(&meta, &cur_path)?;
         }
         *sm.current_snapshot.lock().expect("snapshot lock") = current;
+        if let Some(a) = sm.stored_applied()? {
+            sm.meta = Arc::new(RwLock::new(a.desc));
+        }
         Ok(sm)
+    }
+
+    /// The range's descriptor, shared with the replica.
+    pub fn meta(&self) -> SharedMeta {
+        self.meta.clone()
+    }
+
+    fn stored_applied(&self) -> io::Result<Option<AppliedState>> {
+        match self
+            .engine
+            .range_state(self.range_id, RangeStateField::Applied)?
+        {
+            Some(b) => Ok(Some(decode("applied state", &b)?)),
+            None => Ok(None),
+        }
     }
 
     fn latest_snapshot_on_disk(&self) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, PathBuf)>> {
@@ -140,13 +192,10 @@ impl StateMachine {
     }
 
     fn applied(&self) -> io::Result<AppliedState> {
-        match self
-            .engine
-            .range_state(self.range_id, RangeStateField::Applied)?
-        {
-            Some(b) => decode("applied state", &b),
-            None => Ok((None, Default::default())),
-        }
+        Ok(self.stored_applied()?.unwrap_or_else(|| AppliedState {
+            desc: self.meta.read().expect("meta lock").clone(),
+            ..Default::default()
+        }))
     }
 
     /// Makes `path` (with `meta`) the range's current snapshot and deletes older ones.
@@ -176,23 +225,115 @@ impl StateMachine {
     }
 
     fn import(&self, meta: &SnapshotMetaOf<TypeConfig>, path: &Path) -> io::Result<()> {
-        let applied: AppliedState = (meta.last_log_id, meta.last_membership.clone());
+        let in_file: AppliedState = match Engine::snapshot_applied_state(path)? {
+            Some(b) => decode("snapshot applied state", &b)?,
+            None => AppliedState {
+                desc: initial_meta(self.range_id),
+                ..Default::default()
+            },
+        };
+        if in_file.desc.range_id != self.range_id {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "snapshot of range {} offered to range {}",
+                    in_file.desc.range_id, self.range_id
+                ),
+            ));
+        }
+        let applied = AppliedState {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            desc: in_file.desc.clone(),
+        };
         self.engine.import_snapshot(
             self.range_id,
-            &self.span.0,
-            &self.span.1,
+            &applied.desc.start,
+            &applied.desc.end,
             path,
             &encode(&applied)?,
         )?;
+        *self.meta.write().expect("meta lock") = applied.desc;
         Ok(())
+    }
+
+    /// Applies a split at `split_key`: shrinks this range and creates the
+    /// right-hand range's state in the same batch.
+    fn split(
+        &self,
+        batch: &mut ApplyBatch<'_>,
+        desc: &mut RangeMeta,
+        membership: &StoredMembershipOf<TypeConfig>,
+        split_key: &Bytes,
+        new_range_id: u64,
+        version: u64,
+    ) -> Result<CommandResponse, StorageError> {
+        if version != desc.version {
+            return Ok(CommandResponse::Split(Err(format!(
+                "range {} is at version {}, the split was planned at {version}",
+                desc.range_id, desc.version
+            ))));
+        }
+        if split_key.as_ref() <= desc.start.as_ref() || !desc.contains(split_key) {
+            return Ok(CommandResponse::Split(Err(format!(
+                "split key {} is not strictly inside range {}",
+                lmskv_proto::keys::escape(split_key),
+                desc.range_id
+            ))));
+        }
+        if new_range_id <= lmskv_proto::range::META_RANGE_ID || new_range_id == desc.range_id {
+            return Ok(CommandResponse::Split(Err(format!(
+                "bad new range id {new_range_id}"
+            ))));
+        }
+        let right = RangeMeta {
+            range_id: new_range_id,
+            start: split_key.clone(),
+            end: desc.end.clone(),
+            version: desc.version + 1,
+            conf_ver: desc.conf_ver,
+        };
+        desc.end = split_key.clone();
+        desc.version += 1;
+        if batch.range_exists(new_range_id)? {
+            // This replica already hosts (or hosted) the new range: its state
+            // came from the new range's own group and is newer than ours.
+            tracing::info!(
+                range_id = self.range_id,
+                new_range_id,
+                "split: right-hand range already present"
+            );
+        } else {
+            let init = LogIdOf::<TypeConfig>::new(
+                LeaderIdOf::<TypeConfig>::new(0, 0).to_committed(),
+                SPLIT_INIT_LOG_INDEX,
+            );
+            let right_applied = AppliedState {
+                last_applied: Some(init),
+                membership: StoredMembershipOf::<TypeConfig>::new(
+                    Some(init),
+                    membership.membership().clone(),
+                ),
+                desc: right.clone(),
+            };
+            batch.create_range(new_range_id, &encode(&right_applied)?, &encode(&init)?)?;
+        }
+        Ok(CommandResponse::Split(Ok((desc.clone(), right))))
     }
 
     fn execute(
         &self,
         batch: &mut ApplyBatch<'_>,
+        desc: &RangeMeta,
         index: u64,
         cmd: &Command,
     ) -> Result<CommandResponse, StorageError> {
+        // A write proposed before a split but applied after it may touch keys
+        // this range no longer holds: refuse it, unapplied, so the client
+        // retries it on the range that holds them now.
+        if !cmd.op.keys().all(|k| desc.contains(k)) {
+            return Ok(CommandResponse::KeyNotInRange);
+        }
         let record = |key: &Bytes, v: crate::storage::StoredValue| KvRecord {
             key: key.clone(),
             value: v.value,
@@ -274,6 +415,7 @@ impl StateMachine {
                     version: index,
                 }
             }
+            Op::Split { .. } => CommandResponse::Split(Err("split applied as a write".into())),
         })
     }
 }
@@ -287,16 +429,27 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let tmp = this
                 .snapshot_dir
                 .join(format!("build-{}.tmp", rand::random::<u64>()));
+            // The span is read under the engine snapshot's consistency: the
+            // applied state in the file says which span the data is for.
+            let span = this.meta.read().expect("meta lock").clone();
             let export =
                 this.engine
-                    .export_snapshot(this.range_id, &this.span.0, &this.span.1, &tmp)?;
-            let (last_log_id, last_membership): AppliedState = match &export.applied {
+                    .export_snapshot(this.range_id, &span.start, &span.end, &tmp)?;
+            let applied: AppliedState = match &export.applied {
                 Some(b) => decode("applied state", b)?,
-                None => (None, Default::default()),
+                None => AppliedState::default(),
             };
+            if applied.desc.start != span.start || applied.desc.end != span.end {
+                // A split applied between reading the span and the engine
+                // snapshot; the next build will see a stable span.
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io::Error::other(
+                    "range split while building a snapshot; retry",
+                ));
+            }
             let meta = SnapshotMetaOf::<TypeConfig> {
-                last_log_id,
-                last_membership,
+                last_log_id: applied.last_applied,
+                last_membership: applied.membership,
             };
             let path = this.snapshot_dir.join(Self::snapshot_file_name(&meta));
             std::fs::rename(&tmp, &path)?;
@@ -322,16 +475,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotFile;
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> Result<AppliedState, io::Error> {
-        self.applied()
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
+        let a = self.applied()?;
+        Ok((a.last_applied, a.membership))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
-        let (mut last_applied, mut membership) = self.applied()?;
+        let AppliedState {
+            mut last_applied,
+            mut membership,
+            mut desc,
+        } = self.applied()?;
         let mut batch = self.engine.apply_batch(self.range_id);
+        let mut splits = Vec::new();
         let mut responders = Vec::new();
         let mut last_time_ms = 0u64;
         while let Some((entry, responder)) = entries.try_next().await? {
@@ -341,6 +502,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Membership(m) => {
                     membership =
                         StoredMembershipOf::<TypeConfig>::new(Some(entry.log_id()), m.clone());
+                    desc.conf_ver += 1;
                     CommandResponse::None
                 }
                 EntryPayload::Normal(cmd) => {
@@ -354,8 +516,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         // A retry of a write already applied: answer as the first time.
                         Some(rec) => decode("dedup record", &rec)?,
                         None => {
-                            let resp = self.execute(&mut batch, index, cmd)?;
-                            if !cmd.request_id.is_empty() {
+                            let resp = match &cmd.op {
+                                Op::Split {
+                                    split_key,
+                                    new_range_id,
+                                    version,
+                                } => {
+                                    let r = self.split(
+                                        &mut batch,
+                                        &mut desc,
+                                        &membership,
+                                        split_key,
+                                        *new_range_id,
+                                        *version,
+                                    )?;
+                                    if matches!(r, CommandResponse::Split(Ok(_))) {
+                                        splits.push(*new_range_id);
+                                    }
+                                    r
+                                }
+                                _ => self.execute(&mut batch, &desc, index, cmd)?,
+                            };
+                            if !cmd.request_id.is_empty() && resp != CommandResponse::KeyNotInRange
+                            {
                                 let expires =
                                     cmd.proposed_at_ms + self.dedup_window.as_millis() as u64;
                                 batch.dedup_put(&cmd.request_id, expires, encode(&resp)?);
@@ -373,8 +556,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if last_time_ms > 0 {
             batch.dedup_expire(last_time_ms, DEDUP_EXPIRE_PER_APPLY_MAX)?;
         }
-        batch.set_applied(&encode(&(last_applied, membership))?);
+        batch.set_applied(&encode(&AppliedState {
+            last_applied,
+            membership,
+            desc: desc.clone(),
+        })?);
         batch.commit()?;
+        *self.meta.write().expect("meta lock") = desc;
+        for id in splits {
+            (self.on_split)(id);
+        }
         for (r, resp) in responders {
             r.send(resp);
         }

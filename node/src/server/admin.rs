@@ -4,18 +4,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lmskv_proto::error::Error;
+use lmskv_proto::keys::validate_user_key;
+use lmskv_proto::range::META_RANGE_ID;
 use lmskv_proto::v1::admin_client::AdminClient;
 use lmskv_proto::v1::admin_server::Admin;
 use lmskv_proto::v1::{
-    IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse, NodeInfo, RangeStatus,
-    StatusRequest, StatusResponse,
+    ChangeReplicasRequest, ChangeReplicasResponse, ClusterSummary, CreateReplicaRequest,
+    CreateReplicaResponse, DecommissionRequest, DecommissionResponse, HeartbeatRequest,
+    HeartbeatResponse, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse, LocateRequest,
+    LocateResponse, NodeInfo, NodeListRequest, NodeListResponse, RangeListRequest,
+    RangeListResponse, RangeStatus, SplitRangeRequest, SplitRequest, SplitResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
-use crate::node::{Node, FIRST_RANGE_ID};
+use crate::meta::StoredDesc;
+use crate::node::Node;
+use crate::pd;
 
 /// How long a status call waits for a peer to answer before calling it down.
 const PEER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Most ranges one Locate returns.
+const LOCATE_PREFETCH_MAX: usize = 64;
+/// How long a status call waits for the meta leader's cluster summary.
+const SUMMARY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves cluster administration calls.
 #[derive(Debug, Clone)]
@@ -50,12 +62,10 @@ impl Admin for AdminService {
         let node = &self.node;
         let mut ranges = Vec::new();
         let mut members = std::collections::BTreeMap::new();
-        let mut initialized = false;
         for r in node.replicas.all() {
             let st = r.status();
-            initialized |= !st.nodes.is_empty();
-            if r.range_id() == FIRST_RANGE_ID {
-                members = st.nodes.clone();
+            for (id, addr) in &st.nodes {
+                members.insert(*id, addr.clone());
             }
             ranges.push(RangeStatus {
                 descriptor: Some(node.descriptor(&r)),
@@ -79,15 +89,18 @@ impl Admin for AdminService {
                 node_id: *id,
                 address: addr.clone(),
                 state: if up { "up" } else { "down" }.to_string(),
+                ..Default::default()
             }
         });
         let nodes = futures::future::join_all(probes).await;
+        let cluster = self.cluster_summary().await;
         Ok(Response::new(StatusResponse {
             node_id: me,
             address: node.cfg.advertise_addr(),
             nodes,
             ranges,
-            initialized,
+            initialized: node.is_member(),
+            cluster,
         }))
     }
 
@@ -95,18 +108,15 @@ impl Admin for AdminService {
         &self,
         _req: Request<IdentifyRequest>,
     ) -> Result<Response<IdentifyResponse>, Status> {
-        let initialized = match self.node.replicas.get(FIRST_RANGE_ID) {
-            Ok(r) => r.is_initialized().await,
-            Err(_) => false,
-        };
         Ok(Response::new(IdentifyResponse {
             node_id: self.node.node_id(),
             address: self.node.cfg.advertise_addr(),
-            initialized,
+            initialized: self.node.is_member(),
         }))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        // Nodes join by heartbeating the meta leader; this registers one directly.
         let req = req.into_inner();
         if req.node_id == 0 {
             return Err(Error::invalid_argument("node_id", "must be at least 1").into());
@@ -114,36 +124,221 @@ impl Admin for AdminService {
         if req.address.is_empty() {
             return Err(Error::invalid_argument("address", "must not be empty").into());
         }
-        let r = self.node.replicas.get(FIRST_RANGE_ID)?;
-        let st = r.status();
-        if let Some(addr) = st.nodes.get(&req.node_id) {
-            if *addr != req.address {
-                return Err(Error::invalid_argument(
-                    "node_id",
-                    format!("node {} is already a member at {addr}", req.node_id),
-                )
-                .into());
+        pd::handle_heartbeat(
+            &self.node,
+            HeartbeatRequest {
+                node_id: req.node_id,
+                address: req.address,
+                ranges: vec![],
+            },
+        )
+        .await?;
+        Ok(Response::new(JoinResponse {
+            nodes: self.node.pd.node_infos(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        if req.node_id == 0 || req.address.is_empty() {
+            return Err(Error::invalid_argument(
+                "node_id",
+                "heartbeat needs a node id and address",
+            )
+            .into());
+        }
+        Ok(Response::new(pd::handle_heartbeat(&self.node, req).await?))
+    }
+
+    async fn locate(
+        &self,
+        req: Request<LocateRequest>,
+    ) -> Result<Response<LocateResponse>, Status> {
+        let req = req.into_inner();
+        pd::meta_store(&self.node)?;
+        let prefetch = (req.prefetch as usize).min(LOCATE_PREFETCH_MAX);
+        let ranges = self.node.pd.locate(&req.key, prefetch, req.reverse);
+        if ranges.is_empty() {
+            return Err(Error::unavailable("the meta range has no descriptors yet").into());
+        }
+        Ok(Response::new(LocateResponse { ranges }))
+    }
+
+    async fn range_list(
+        &self,
+        _req: Request<RangeListRequest>,
+    ) -> Result<Response<RangeListResponse>, Status> {
+        pd::meta_store(&self.node)?;
+        Ok(Response::new(RangeListResponse {
+            ranges: self.node.pd.range_infos(),
+        }))
+    }
+
+    async fn node_list(
+        &self,
+        _req: Request<NodeListRequest>,
+    ) -> Result<Response<NodeListResponse>, Status> {
+        pd::meta_store(&self.node)?;
+        Ok(Response::new(NodeListResponse {
+            nodes: self.node.pd.node_infos(),
+        }))
+    }
+
+    async fn split(&self, req: Request<SplitRequest>) -> Result<Response<SplitResponse>, Status> {
+        let req = req.into_inner();
+        validate_user_key("key", &req.key)?;
+        pd::meta_store(&self.node)?;
+        let located = self.node.pd.locate(&req.key, 0, false);
+        let Some(d) = located.first().and_then(|r| r.descriptor.clone()) else {
+            return Err(Error::unavailable("no range found for the key").into());
+        };
+        if d.start_key == req.key {
+            return Err(Error::invalid_argument(
+                "key",
+                format!("a range (range {}) already starts at this key", d.range_id),
+            )
+            .into());
+        }
+        let (left, right) = pd::split(&self.node, d.range_id, Some(req.key)).await?;
+        Ok(Response::new(SplitResponse {
+            left: Some(left.to_proto()),
+            right: Some(right.to_proto()),
+        }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let req = req.into_inner();
+        if req.to_node == 0 {
+            return Err(Error::invalid_argument("to_node", "must be at least 1").into());
+        }
+        // The range's leader on this node hands over; otherwise the meta
+        // leader forwards the call to the range's leader.
+        if let Ok(r) = self.node.replica(req.range_id) {
+            if r.is_leader_now() {
+                let st = r.status();
+                if !st.voters.contains(&req.to_node) {
+                    return Err(Error::invalid_argument(
+                        "to_node",
+                        format!(
+                            "node {} is not a voter of range {}",
+                            req.to_node, req.range_id
+                        ),
+                    )
+                    .into());
+                }
+                if req.to_node != self.node.node_id() {
+                    r.transfer_leader(req.to_node).await?;
+                }
+                return Ok(Response::new(TransferLeaderResponse {}));
             }
         }
-        if st.role != "leader" {
+        pd::meta_store(&self.node)?;
+        pd::transfer_leader(&self.node, req.range_id, req.to_node).await?;
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+
+    async fn decommission(
+        &self,
+        req: Request<DecommissionRequest>,
+    ) -> Result<Response<DecommissionResponse>, Status> {
+        let req = req.into_inner();
+        let rec = pd::decommission(&self.node, req.node_id).await?;
+        let node = self
+            .node
+            .pd
+            .node_infos()
+            .into_iter()
+            .find(|n| n.node_id == rec.node_id);
+        Ok(Response::new(DecommissionResponse { node }))
+    }
+
+    async fn create_replica(
+        &self,
+        req: Request<CreateReplicaRequest>,
+    ) -> Result<Response<CreateReplicaResponse>, Status> {
+        let req = req.into_inner();
+        let Some(d) = req.descriptor else {
+            return Err(Error::invalid_argument("descriptor", "missing").into());
+        };
+        if d.range_id <= META_RANGE_ID && d.range_id != META_RANGE_ID {
+            return Err(
+                Error::invalid_argument("descriptor.range_id", "must be at least 1").into(),
+            );
+        }
+        self.node
+            .create_replica(&StoredDesc::from_proto(&d))
+            .await?;
+        Ok(Response::new(CreateReplicaResponse {}))
+    }
+
+    async fn change_replicas(
+        &self,
+        req: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasResponse>, Status> {
+        let req = req.into_inner();
+        let r = self.node.replica(req.range_id)?;
+        if !r.is_leader_now() {
             return Err(Error::NotLeader {
-                range_id: FIRST_RANGE_ID,
+                range_id: req.range_id,
                 leader: r.leader_hint(),
             }
             .into());
         }
-        tracing::info!(node_id = req.node_id, address = %req.address, "adding node");
-        r.add_voter(req.node_id, req.address).await?;
-        let nodes = r
-            .status()
-            .nodes
-            .into_iter()
-            .map(|(id, address)| NodeInfo {
-                node_id: id,
-                address,
-                state: "up".into(),
-            })
-            .collect();
-        Ok(Response::new(JoinResponse { nodes }))
+        if let Some(e) = req.epoch {
+            if e.conf_ver < r.meta().conf_ver {
+                return Err(Error::EpochMismatch {
+                    range_id: req.range_id,
+                    current: vec![self.node.descriptor(&r)],
+                }
+                .into());
+            }
+        }
+        let voters = req.voters.into_iter().collect();
+        r.change_voters(voters).await?;
+        Ok(Response::new(ChangeReplicasResponse {
+            descriptor: Some(self.node.descriptor(&r)),
+        }))
+    }
+
+    async fn split_range(
+        &self,
+        req: Request<SplitRangeRequest>,
+    ) -> Result<Response<SplitResponse>, Status> {
+        let req = req.into_inner();
+        if !req.key.is_empty() {
+            validate_user_key("key", &req.key)?;
+        }
+        Ok(Response::new(pd::split_local(&self.node, req).await?))
+    }
+}
+
+impl AdminService {
+    /// The cluster summary from the meta leader (asked over the network when
+    /// it is another node).
+    async fn cluster_summary(&self) -> Option<ClusterSummary> {
+        let rf = self.node.cfg.file.replication_factor;
+        if self.node.local_meta_leader().is_some() {
+            let (up, total, ranges, under) = self.node.pd.summary(rf);
+            return Some(ClusterSummary {
+                nodes_up: up,
+                nodes_total: total,
+                ranges,
+                under_replicated: under,
+                meta_leader: self.node.node_id(),
+            });
+        }
+        let hint = self.node.replicas.get(META_RANGE_ID).ok()?.leader_hint()?;
+        let mut c = AdminClient::new(self.node.pool.channel(&hint.address).ok()?);
+        let resp = tokio::time::timeout(SUMMARY_TIMEOUT, c.status(StatusRequest {}))
+            .await
+            .ok()?
+            .ok()?;
+        resp.into_inner().cluster
     }
 }

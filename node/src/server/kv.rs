@@ -16,15 +16,15 @@ use lmskv_proto::limits::{
 };
 use lmskv_proto::v1::kv_server::Kv;
 use lmskv_proto::v1::{
-    self, batch_op, compare, BatchRequest, BatchResponse, CompareAndSwapRequest,
-    CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse, Durability, GetRequest,
-    GetResponse, KeyValue, PutRequest, PutResponse, ReadOptions, RequestHeader, ResponseHeader,
-    ScanRequest, ScanResponse, WriteOptions,
+    self, batch_op, compare, BatchGetRequest, BatchGetResponse, BatchRequest, BatchResponse,
+    CompareAndSwapRequest, CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse,
+    Durability, GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, ReadOptions,
+    RequestHeader, ResponseHeader, ScanRequest, ScanResponse, WriteOptions,
 };
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
-use crate::node::{Node, INITIAL_RANGE_VERSION};
+use crate::node::Node;
 use crate::raft::command::{CommandResponse, Condition, Expect, KvRecord, Op, WriteOp};
 use crate::raft::{RangeReplica, ReadLevel};
 
@@ -57,7 +57,9 @@ impl KvService {
             })
     }
 
-    /// Finds the replica for a request touching `keys` and checks the client's view of it.
+    /// Finds the replica for a request touching `keys` and checks the
+    /// client's view of it: a stale epoch or a key outside the range is
+    /// refused with the current descriptors, never served.
     fn route(
         &self,
         header: &Option<RequestHeader>,
@@ -66,27 +68,33 @@ impl KvService {
         let h = header.unwrap_or_default();
         let replica = match keys.first() {
             Some(k) if h.range_id == 0 => self.node.replica_for_key(k)?,
+            _ if h.range_id == 0 => {
+                return Err(Error::invalid_argument(
+                    "header.range_id",
+                    "a request without keys must name its range",
+                ))
+            }
             _ => self.node.replica(h.range_id)?,
         };
-        // The hot path reads no metrics: the descriptor is built only for errors.
+        let meta = replica.meta();
+        // The hot path builds no descriptor: only errors carry one.
         if let Some(want) = &h.epoch {
-            if want.version != INITIAL_RANGE_VERSION {
+            if want.version != meta.version {
                 return Err(Error::EpochMismatch {
                     range_id: replica.range_id(),
-                    current: vec![self.node.descriptor(&replica)],
+                    current: self.node.current_descriptors(&replica),
                 });
             }
         }
-        let (start, end) = replica.span();
         for k in keys {
-            let in_range = start <= *k && (end.is_empty() || *k < end);
-            if !in_range {
+            if !meta.contains(k) {
                 return Err(Error::KeyNotInRange {
                     range_id: replica.range_id(),
                     current: Some(self.node.descriptor(&replica)),
                 });
             }
         }
+        replica.count_request();
         Ok(replica)
     }
 
@@ -195,6 +203,27 @@ fn unexpected(resp: CommandResponse) -> Status {
     Error::internal(format!("unexpected apply result {resp:?}")).into()
 }
 
+impl KvService {
+    /// Proposes `op` on `r`; a write that reached the range after a split moved
+    /// its keys away is answered with the range's current descriptor.
+    async fn propose(
+        &self,
+        r: &RangeReplica,
+        request_id: Bytes,
+        op: Op,
+        all: bool,
+    ) -> Result<(u64, CommandResponse), Status> {
+        match r.propose(request_id, op, all).await? {
+            (_, CommandResponse::KeyNotInRange) => Err(Error::KeyNotInRange {
+                range_id: r.range_id(),
+                current: Some(self.node.descriptor(r)),
+            }
+            .into()),
+            other => Ok(other),
+        }
+    }
+}
+
 /// A scan page token: direction byte, then the key to resume from
 /// (forward: inclusive start; reverse: exclusive end).
 fn decode_page_token(token: &[u8], reverse: bool) -> Result<Option<&[u8]>, Error> {
@@ -238,6 +267,57 @@ impl Kv for KvService {
         }))
     }
 
+    async fn batch_get(
+        &self,
+        req: Request<BatchGetRequest>,
+    ) -> Result<Response<BatchGetResponse>, Status> {
+        let _permit = self.admit()?;
+        let req = req.into_inner();
+        if req.keys.is_empty() {
+            return Err(Error::invalid_argument("keys", "at least one key is needed").into());
+        }
+        if req.keys.len() > BATCH_OPS_MAX {
+            return Err(Error::invalid_argument(
+                "keys",
+                format!(
+                    "{} keys exceed the batch limit {BATCH_OPS_MAX}",
+                    req.keys.len()
+                ),
+            )
+            .into());
+        }
+        for (i, k) in req.keys.iter().enumerate() {
+            validate_user_key(&format!("keys[{i}]"), k)?;
+        }
+        let level = read_level(&req.read)?;
+        let keys: Vec<&[u8]> = req.keys.iter().map(|k| k.as_ref()).collect();
+        let r = self.route(&req.header, &keys)?;
+        let applied = r.read_barrier(level).await?;
+        let mut kvs = Vec::new();
+        let mut bytes = 0usize;
+        for k in &req.keys {
+            if let Some(v) = r.engine().get(k).map_err(|e| r.refuse(&e))? {
+                bytes += k.len() + v.value.len();
+                if bytes > SCAN_BYTES_MAX {
+                    return Err(Error::invalid_argument(
+                        "keys",
+                        format!("the values exceed the response limit of {SCAN_BYTES_MAX} bytes; ask for fewer keys"),
+                    )
+                    .into());
+                }
+                kvs.push(KeyValue {
+                    key: k.clone(),
+                    value: v.value,
+                    version: v.version,
+                });
+            }
+        }
+        Ok(Response::new(BatchGetResponse {
+            header: self.header(&r, applied),
+            kvs,
+        }))
+    }
+
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let _permit = self.admit()?;
         let req = req.into_inner();
@@ -249,7 +329,7 @@ impl Kv for KvService {
             key: req.key,
             value: req.value,
         };
-        let (index, resp) = r.propose(request_id, op, all).await?;
+        let (index, resp) = self.propose(&r, request_id, op, all).await?;
         match resp {
             CommandResponse::Put { version } => Ok(Response::new(PutResponse {
                 header: self.header(&r, index),
@@ -268,8 +348,8 @@ impl Kv for KvService {
         validate_user_key("key", &req.key)?;
         let (request_id, all) = check_request_id(&req.write)?;
         let r = self.route(&req.header, &[&req.key])?;
-        let (index, resp) = r
-            .propose(request_id, Op::Delete { key: req.key }, all)
+        let (index, resp) = self
+            .propose(&r, request_id, Op::Delete { key: req.key }, all)
             .await?;
         match resp {
             CommandResponse::Delete { deleted } => Ok(Response::new(DeleteResponse {
@@ -325,7 +405,33 @@ impl Kv for KvService {
                 start = resume.to_vec();
             }
         }
-        let r = self.route(&req.header, &[])?;
+        let h = req.header.unwrap_or_default();
+        let r = if h.range_id == 0 {
+            // No range named: the one holding the first key of the scan.
+            let probe: &[u8] = if req.reverse && !end.is_empty() {
+                &end
+            } else {
+                &start
+            };
+            let r = self.node.replica_for_key(probe)?;
+            self.route(
+                &Some(RequestHeader {
+                    range_id: r.range_id(),
+                    epoch: h.epoch,
+                }),
+                &[],
+            )?
+        } else {
+            self.route(&req.header, &[])?
+        };
+        // Serve only the part of the scan inside this range.
+        let m = r.meta();
+        if start.as_slice() < m.start.as_ref() {
+            start = m.start.to_vec();
+        }
+        if !m.end.is_empty() && (end.is_empty() || end.as_slice() > m.end.as_ref()) {
+            end = m.end.to_vec();
+        }
         let applied = r.read_barrier(level).await?;
         let (items, more) = if !end.is_empty() && start >= end {
             (Vec::new(), false)
@@ -384,7 +490,7 @@ impl Kv for KvService {
             compare: cond,
             new_value: (!req.delete).then(|| req.new_value.clone()),
         };
-        let (index, resp) = r.propose(request_id, op, all).await?;
+        let (index, resp) = self.propose(&r, request_id, op, all).await?;
         match resp {
             CommandResponse::CompareAndSwap { succeeded, current } => {
                 Ok(Response::new(CompareAndSwapResponse {
@@ -472,8 +578,8 @@ impl Kv for KvService {
             .chain(conditions.iter().map(|c| c.key.as_ref()))
             .collect();
         let r = self.route(&req.header, &keys)?;
-        let (index, resp) = r
-            .propose(request_id, Op::Batch { conditions, ops }, all)
+        let (index, resp) = self
+            .propose(&r, request_id, Op::Batch { conditions, ops }, all)
             .await?;
         match resp {
             CommandResponse::Batch {

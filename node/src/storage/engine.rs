@@ -414,6 +414,9 @@ impl Engine {
             None => None,
         };
         let mut w = snapshot::SnapshotWriter::create(path)?;
+        if let Some(a) = &applied {
+            w.record(snapshot::RecordKind::Applied, b"", a)?;
+        }
 
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(start.to_vec());
@@ -489,6 +492,7 @@ impl Engine {
                     full.extend_from_slice(&k);
                     b.put_cf(cf_state, full, &v);
                 }
+                snapshot::RecordKind::Applied => {}
             }
             if batch_bytes >= 4 << 20 {
                 self.db.write(std::mem::take(&mut b))?;
@@ -503,6 +507,159 @@ impl Engine {
         b.delete_cf(cf_state, marker);
         self.db.write_opt(b, &Self::sync_opts())?;
         Ok(())
+    }
+
+    /// The applied state recorded in a snapshot file (its first record).
+    pub fn snapshot_applied_state(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
+        let mut reader = snapshot::SnapshotReader::open(path)?;
+        match reader.next_record()? {
+            Some((snapshot::RecordKind::Applied, _, v)) => Ok(Some(v.to_vec())),
+            _ => Ok(None),
+        }
+    }
+
+    /// Ids of the ranges this node has state for (an applied state or a Raft
+    /// vote) and that are not tombstoned, in id order.
+    pub fn local_range_ids(&self) -> Result<Vec<u64>, StorageError> {
+        let mut ids = std::collections::BTreeSet::new();
+        for cf in [keys::CF_RANGE_STATE, keys::CF_RAFT_STATE] {
+            let mut next = 0u64;
+            loop {
+                let mut it = self.db.raw_iterator_cf(self.cf(cf));
+                it.seek(next.to_be_bytes());
+                let Some(k) = it.key() else {
+                    it.status()?;
+                    break;
+                };
+                if k.len() < 8 || k[..2] == [0xff, 0xff] {
+                    break;
+                }
+                let id = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+                ids.insert(id);
+                match id.checked_add(1) {
+                    Some(n) => next = n,
+                    None => break,
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            if id == 0 || self.range_state(id, RangeStateField::Tombstone)?.is_some() {
+                continue;
+            }
+            out.push(id);
+        }
+        Ok(out)
+    }
+
+    /// Whether a range was removed from this node (and must not be recreated
+    /// by stray messages).
+    pub fn is_tombstoned(&self, range_id: u64) -> Result<bool, StorageError> {
+        Ok(self
+            .range_state(range_id, RangeStateField::Tombstone)?
+            .is_some())
+    }
+
+    /// Clears a range's tombstone so that it can be hosted here again.
+    pub fn clear_tombstone(&self, range_id: u64) -> Result<(), StorageError> {
+        self.db.delete_cf_opt(
+            self.cf(keys::CF_RANGE_STATE),
+            keys::range_state_key(range_id, RangeStateField::Tombstone),
+            &Self::sync_opts(),
+        )?;
+        Ok(())
+    }
+
+    /// Deletes everything this node holds for a range — its log, Raft state,
+    /// applied state, dedup table and the data in `[start, end)` when given —
+    /// and leaves a tombstone. Synced.
+    pub fn destroy_range(
+        &self,
+        range_id: u64,
+        span: Option<(&[u8], &[u8])>,
+    ) -> Result<(), StorageError> {
+        let lo = range_id.to_be_bytes().to_vec();
+        let hi = match range_id.checked_add(1) {
+            Some(n) => n.to_be_bytes().to_vec(),
+            None => vec![0xff; 9],
+        };
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(self.cf(keys::CF_RAFT_LOG), &lo[..], &hi[..]);
+        b.delete_range_cf(self.cf(keys::CF_RAFT_STATE), &lo[..], &hi[..]);
+        b.delete_range_cf(self.cf(keys::CF_RANGE_STATE), &lo[..], &hi[..]);
+        if let Some((start, end)) = span {
+            let end_bound = if end.is_empty() {
+                keys::data_key_space_end()
+            } else {
+                end.to_vec()
+            };
+            if start < &end_bound[..] {
+                b.delete_range_cf(self.cf(keys::CF_DATA), start, &end_bound[..]);
+            }
+        }
+        b.put_cf(
+            self.cf(keys::CF_RANGE_STATE),
+            keys::range_state_key(range_id, RangeStateField::Tombstone),
+            value::frame(b"removed"),
+        );
+        self.db.write_opt(b, &Self::sync_opts())?;
+        Ok(())
+    }
+
+    /// Approximate bytes and keys stored in `[start, end)` of the data family.
+    pub fn approximate_span_size(&self, start: &[u8], end: &[u8]) -> (u64, u64) {
+        let end_bound = if end.is_empty() {
+            keys::data_key_space_end()
+        } else {
+            end.to_vec()
+        };
+        let cf = self.cf(keys::CF_DATA);
+        let size = self
+            .db
+            .get_approximate_sizes_cf(&cf, &[rocksdb::Range::new(start, &end_bound[..])])
+            .first()
+            .copied()
+            .unwrap_or(0);
+        // Rough key count: bytes over the observed mean record size.
+        (size, size / 300)
+    }
+
+    /// The key at the middle of `[start, end)` by count, scanning at most
+    /// `scan_max` keys (a sample is enough to halve a range).
+    pub fn middle_key(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        scan_max: usize,
+    ) -> Result<Option<(Bytes, u64)>, StorageError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(start.to_vec());
+        if !end.is_empty() {
+            ro.set_iterate_upper_bound(end.to_vec());
+        }
+        let mut keys_seen: Vec<Box<[u8]>> = Vec::new();
+        let mut stride = 1usize;
+        let mut n = 0u64;
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(keys::CF_DATA), ro, IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            if n as usize % stride == 0 {
+                keys_seen.push(k);
+                if keys_seen.len() >= scan_max.max(2) {
+                    // Keep every other sample and double the stride: bounded memory.
+                    keys_seen = keys_seen.into_iter().step_by(2).collect();
+                    stride *= 2;
+                }
+            }
+            n += 1;
+        }
+        if keys_seen.len() < 2 {
+            return Ok(None);
+        }
+        let mid = &keys_seen[keys_seen.len() / 2];
+        Ok(Some((Bytes::copy_from_slice(mid), n)))
     }
 
     /// The snapshot file whose install was interrupted by a crash, if any.
@@ -523,7 +680,8 @@ pub struct ApplyBatch<'e> {
     range_id: u64,
     batch: WriteBatch,
     data: HashMap<Vec<u8>, Option<StoredValue>>,
-    dedup: HashMap<Vec<u8>, Vec<u8>>,
+    /// Dedup records written by this batch: request id → (record, expiry).
+    dedup: HashMap<Vec<u8>, (Vec<u8>, u64)>,
 }
 
 impl ApplyBatch<'_> {
@@ -555,7 +713,7 @@ impl ApplyBatch<'_> {
     /// The dedup record for a request id, seeing this batch's pending writes.
     pub fn dedup_get(&self, request_id: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         match self.dedup.get(request_id) {
-            Some(v) => Ok(Some(v.clone())),
+            Some((v, _)) => Ok(Some(v.clone())),
             None => self.engine.dedup_get(self.range_id, request_id),
         }
     }
@@ -573,7 +731,8 @@ impl ApplyBatch<'_> {
             keys::dedup_expiry_key(self.range_id, expires_at_ms, request_id),
             b"",
         );
-        self.dedup.insert(request_id.to_vec(), record);
+        self.dedup
+            .insert(request_id.to_vec(), (record, expires_at_ms));
     }
 
     /// Deletes up to `max` dedup records that expired before `now_ms`. The time
@@ -605,6 +764,70 @@ impl ApplyBatch<'_> {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Whether this node has state for `range_id` (applied state or tombstone).
+    pub fn range_exists(&self, range_id: u64) -> Result<bool, StorageError> {
+        Ok(self
+            .engine
+            .range_state(range_id, RangeStateField::Applied)?
+            .is_some()
+            || self.engine.is_tombstoned(range_id)?
+            || self
+                .engine
+                .raft_state(range_id, RaftStateField::Vote)?
+                .is_some())
+    }
+
+    /// Creates another range's initial state in this batch (used by splits):
+    /// its applied state, a purged log id (so that a replica without this
+    /// state is brought up by a snapshot, never by replaying a log it lacks),
+    /// and a copy of this range's dedup table, so retries of writes applied
+    /// before the split stay deduplicated on either side.
+    pub fn create_range(
+        &mut self,
+        new_range_id: u64,
+        applied: &[u8],
+        purged: &[u8],
+    ) -> Result<(), StorageError> {
+        let cf_state = self.engine.cf(keys::CF_RANGE_STATE);
+        self.batch.put_cf(
+            cf_state,
+            keys::range_state_key(new_range_id, RangeStateField::Applied),
+            value::frame(applied),
+        );
+        self.batch.put_cf(
+            self.engine.cf(keys::CF_RAFT_STATE),
+            keys::raft_state_key(new_range_id, RaftStateField::Purged),
+            value::frame(purged),
+        );
+        let (ds, de) = keys::dedup_span(self.range_id);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(ds);
+        ro.set_iterate_upper_bound(de);
+        for item in self
+            .engine
+            .db
+            .iterator_cf_opt(cf_state, ro, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let mut nk = new_range_id.to_be_bytes().to_vec();
+            nk.extend_from_slice(&k[8..]);
+            self.batch.put_cf(cf_state, nk, v);
+        }
+        for (request_id, (record, expires)) in &self.dedup {
+            self.batch.put_cf(
+                cf_state,
+                keys::dedup_key(new_range_id, request_id),
+                value::frame(record),
+            );
+            self.batch.put_cf(
+                cf_state,
+                keys::dedup_expiry_key(new_range_id, *expires, request_id),
+                b"",
+            );
+        }
+        Ok(())
     }
 
     /// Sets the range's applied state, written in the same batch as the data.

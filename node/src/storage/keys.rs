@@ -48,6 +48,8 @@ pub enum RangeStateField {
     Applied = 1,
     /// Set while a snapshot is being installed; names the snapshot file.
     InstallingSnapshot = 3,
+    /// Set when the range was removed from this node.
+    Tombstone = 4,
 }
 
 const DEDUP_RECORD: u8 = 0x10;

@@ -33,6 +33,8 @@ pub enum RecordKind {
     Data = 1,
     /// A dedup table entry (key without the range id prefix).
     Dedup = 2,
+    /// The range's applied state (empty key), the first record of a file.
+    Applied = 3,
 }
 
 /// What [`super::Engine::export_snapshot`] produced.
@@ -162,6 +164,7 @@ impl SnapshotReader {
         let kind_v = match kind[0] {
             1 => RecordKind::Data,
             2 => RecordKind::Dedup,
+            3 => RecordKind::Applied,
             k => return Err(corrupt(format!("unknown record kind {k}"))),
         };
         let mut lens = [0u8; 8];

@@ -1,0 +1,924 @@
+//! The placement driver. It runs on whichever node leads the meta range and
+//! keeps the cluster in shape: it registers nodes from their heartbeats,
+//! keeps range descriptors in the meta range current, splits ranges that
+//! grow too large or too hot, replaces replicas on dead or decommissioned
+//! nodes, and balances replicas and leaders across live nodes.
+//!
+//! Everything it decides is derived from the meta range (descriptors, node
+//! records, pending operations) plus heartbeats, so a new meta leader picks up
+//! where the old one stopped: pending replica changes are stored in the meta
+//! range before they start and finished by whoever leads next. Liveness is
+//! kept in memory only; a new leader grants every node one dead-node timeout
+//! of grace before it calls any node dead.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lmskv_proto::error::Error;
+use lmskv_proto::range::{META_RANGE_ID, USER_SPACE_START};
+use lmskv_proto::v1::admin_client::AdminClient;
+use lmskv_proto::v1::{
+    ChangeReplicasRequest, CreateReplicaRequest, HeartbeatRequest, HeartbeatResponse, NodeInfo,
+    RangeEpoch, RangeInfo, RangeStats, SplitRangeRequest, TransferLeaderRequest,
+};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::NodeConfig;
+use crate::meta::{MetaStore, NodeRecord, NodeState, PendingOp, StoredDesc};
+use crate::node::Node;
+
+/// Replica changes the driver runs at once.
+const OPS_INFLIGHT_MAX: usize = 4;
+/// How long one node-to-node placement call may take (a learner catching up
+/// by snapshot is part of a replica change).
+const PLACEMENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A node heard from within this is shown as "up".
+const NODE_UP_WITHIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+struct NodeLive {
+    last_heartbeat: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct RangeLive {
+    stats: RangeStats,
+    hot_since: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct PdState {
+    /// When this node last became the meta leader.
+    leader_since: Option<Instant>,
+    nodes: HashMap<u64, NodeLive>,
+    /// Stats reported by each range's leader.
+    ranges: HashMap<u64, RangeLive>,
+    /// Descriptors by range id (a cache of the meta range).
+    descs: BTreeMap<u64, StoredDesc>,
+    records: BTreeMap<u64, NodeRecord>,
+}
+
+/// The placement driver's in-memory state.
+#[derive(Debug)]
+pub struct Pd {
+    state: Mutex<PdState>,
+    inflight: Arc<Mutex<HashSet<u64>>>,
+    slots: Arc<Semaphore>,
+    dead_after: Duration,
+}
+
+impl Pd {
+    /// A driver for a node with config `cfg` (idle until the node leads meta).
+    pub fn new(cfg: &NodeConfig) -> Self {
+        Pd {
+            state: Mutex::new(PdState::default()),
+            inflight: Arc::new(Mutex::new(HashSet::new())),
+            slots: Arc::new(Semaphore::new(OPS_INFLIGHT_MAX)),
+            dead_after: Duration::from_secs(cfg.file.dead_node_timeout_s),
+        }
+    }
+
+    fn is_live(&self, st: &PdState, id: u64) -> bool {
+        let grace = st
+            .leader_since
+            .is_some_and(|t| t.elapsed() < self.dead_after);
+        match st.nodes.get(&id) {
+            Some(n) => n.last_heartbeat.elapsed() < self.dead_after,
+            None => grace,
+        }
+    }
+
+    /// The registry as operators see it.
+    pub fn node_infos(&self) -> Vec<NodeInfo> {
+        let st = self.state.lock().expect("pd lock");
+        let mut counts: HashMap<u64, u64> = HashMap::new();
+        for d in st.descs.values() {
+            for v in d.voters.iter().chain(&d.learners) {
+                *counts.entry(*v).or_default() += 1;
+            }
+        }
+        let mut leaders: HashMap<u64, u64> = HashMap::new();
+        for r in st.ranges.values() {
+            if r.stats.leader_id != 0 {
+                *leaders.entry(r.stats.leader_id).or_default() += 1;
+            }
+        }
+        st.records
+            .values()
+            .map(|r| {
+                let live = st.nodes.get(&r.node_id);
+                let up = live.is_some_and(|n| n.last_heartbeat.elapsed() < NODE_UP_WITHIN);
+                let state = match r.state {
+                    NodeState::Decommissioned => "decommissioned",
+                    NodeState::Decommissioning => "decommissioning",
+                    NodeState::Up if up => "up",
+                    NodeState::Up => "down",
+                };
+                NodeInfo {
+                    node_id: r.node_id,
+                    address: r.address.clone(),
+                    state: state.into(),
+                    replicas: counts.get(&r.node_id).copied().unwrap_or(0),
+                    leaders: leaders.get(&r.node_id).copied().unwrap_or(0),
+                    last_heartbeat_ms_ago: live
+                        .map(|n| n.last_heartbeat.elapsed().as_millis() as u64)
+                        .unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    /// Every range with addresses and stats, in key order.
+    pub fn range_infos(&self) -> Vec<RangeInfo> {
+        let st = self.state.lock().expect("pd lock");
+        let mut descs: Vec<&StoredDesc> = st.descs.values().collect();
+        descs.sort_by(|a, b| a.start.cmp(&b.start));
+        descs.into_iter().map(|d| range_info(&st, d)).collect()
+    }
+
+    /// The ranges holding `key` (and `prefetch` following ones), or the ones
+    /// just below `key` with `reverse`.
+    pub fn locate(&self, key: &[u8], prefetch: usize, reverse: bool) -> Vec<RangeInfo> {
+        let st = self.state.lock().expect("pd lock");
+        let mut descs: Vec<&StoredDesc> = st.descs.values().collect();
+        descs.sort_by(|a, b| a.start.cmp(&b.start));
+        let pos = if reverse {
+            // The range holding the keys just below `key`: the last one starting below it.
+            if key.is_empty() {
+                descs.len().checked_sub(1)
+            } else {
+                descs.iter().rposition(|d| d.start.as_ref() < key)
+            }
+        } else {
+            descs.iter().rposition(|d| d.start.as_ref() <= key)
+        };
+        let Some(pos) = pos else {
+            return Vec::new();
+        };
+        let pick: Vec<&StoredDesc> = if reverse {
+            descs[..=pos]
+                .iter()
+                .rev()
+                .take(prefetch + 1)
+                .copied()
+                .collect()
+        } else {
+            descs[pos..].iter().take(prefetch + 1).copied().collect()
+        };
+        pick.into_iter().map(|d| range_info(&st, d)).collect()
+    }
+
+    /// Nodes up, ranges, under-replicated ranges.
+    pub fn summary(&self, replication_factor: usize) -> (u64, u64, u64, u64) {
+        let infos = self.node_infos();
+        let st = self.state.lock().expect("pd lock");
+        let up = infos.iter().filter(|n| n.state == "up").count() as u64;
+        let under = st
+            .descs
+            .values()
+            .filter(|d| {
+                d.voters.iter().filter(|v| self.is_live(&st, **v)).count() < replication_factor
+            })
+            .count() as u64;
+        (up, infos.len() as u64, st.descs.len() as u64, under)
+    }
+
+    /// The address of a registered node.
+    pub fn address(&self, id: u64) -> Option<String> {
+        self.state
+            .lock()
+            .expect("pd lock")
+            .records
+            .get(&id)
+            .map(|r| r.address.clone())
+    }
+
+    fn desc_of(&self, range_id: u64) -> Option<StoredDesc> {
+        self.state
+            .lock()
+            .expect("pd lock")
+            .descs
+            .get(&range_id)
+            .cloned()
+    }
+
+    fn note_descs(&self, descs: &[StoredDesc]) {
+        let mut st = self.state.lock().expect("pd lock");
+        for d in descs {
+            let newer = st.descs.get(&d.range_id).is_none_or(|o| d.newer_than(o));
+            if newer {
+                st.descs.insert(d.range_id, d.clone());
+            }
+        }
+    }
+}
+
+fn range_info(st: &PdState, d: &StoredDesc) -> RangeInfo {
+    let stats = st.ranges.get(&d.range_id).map(|r| &r.stats);
+    RangeInfo {
+        descriptor: Some(d.to_proto()),
+        leader_id: stats.map(|s| s.leader_id).unwrap_or(0),
+        addresses: d
+            .voters
+            .iter()
+            .chain(&d.learners)
+            .filter_map(|id| st.records.get(id).map(|r| (*id, r.address.clone())))
+            .collect(),
+        size_bytes: stats.map(|s| s.size_bytes).unwrap_or(0),
+        keys: stats.map(|s| s.keys).unwrap_or(0),
+        qps: stats.map(|s| s.qps).unwrap_or(0.0),
+    }
+}
+
+/// The meta store when this node leads the meta range, else `NotLeader`.
+pub fn meta_store(node: &Node) -> Result<MetaStore, Error> {
+    match node.local_meta_leader() {
+        Some(r) => Ok(MetaStore::new(r)),
+        None => Err(Error::NotLeader {
+            range_id: META_RANGE_ID,
+            leader: node
+                .replicas
+                .get(META_RANGE_ID)
+                .ok()
+                .and_then(|r| r.leader_hint()),
+        }),
+    }
+}
+
+/// Handles a node's heartbeat on the meta leader.
+pub async fn handle_heartbeat(
+    node: &Arc<Node>,
+    req: HeartbeatRequest,
+) -> Result<HeartbeatResponse, Error> {
+    let meta = meta_store(node)?;
+    let pd = &node.pd;
+    let known = {
+        let mut st = pd.state.lock().expect("pd lock");
+        st.nodes.insert(
+            req.node_id,
+            NodeLive {
+                last_heartbeat: Instant::now(),
+            },
+        );
+        for r in &req.ranges {
+            if !r.leader {
+                continue;
+            }
+            let Some(d) = &r.descriptor else { continue };
+            let hot = r.qps > node.cfg.file.split_qps;
+            let prev = st.ranges.get(&d.range_id).and_then(|x| x.hot_since);
+            st.ranges.insert(
+                d.range_id,
+                RangeLive {
+                    stats: r.clone(),
+                    hot_since: if hot {
+                        prev.or(Some(Instant::now()))
+                    } else {
+                        None
+                    },
+                },
+            );
+        }
+        st.records.get(&req.node_id).cloned()
+    };
+    if known.as_ref().map(|r| &r.address) != Some(&req.address) {
+        let stored = meta.nodes()?.remove(&req.node_id);
+        let rec = match stored {
+            Some(mut r) => {
+                r.address = req.address.clone();
+                r
+            }
+            None => NodeRecord {
+                node_id: req.node_id,
+                address: req.address.clone(),
+                state: NodeState::Up,
+            },
+        };
+        meta.put_node(&rec).await?;
+        tracing::info!(node_id = rec.node_id, address = %rec.address, "registered node");
+        pd.state
+            .lock()
+            .expect("pd lock")
+            .records
+            .insert(rec.node_id, rec);
+    }
+    // Newer descriptors reported by range leaders go to the meta range.
+    let newer: Vec<StoredDesc> = req
+        .ranges
+        .iter()
+        .filter(|r| r.leader)
+        .filter_map(|r| r.descriptor.as_ref().map(StoredDesc::from_proto))
+        .filter(|d| pd.desc_of(d.range_id).is_none_or(|o| d.newer_than(&o)))
+        .collect();
+    if !newer.is_empty() {
+        meta.upsert_descriptors(&newer).await?;
+        pd.note_descs(&newer);
+    }
+    // Replicas that are no longer members of their range.
+    let mut remove = Vec::new();
+    for r in &req.ranges {
+        let Some(d) = r.descriptor.as_ref().map(StoredDesc::from_proto) else {
+            continue;
+        };
+        if let Some(cur) = pd.desc_of(d.range_id) {
+            let member = cur.voters.contains(&req.node_id) || cur.learners.contains(&req.node_id);
+            if !member && cur.conf_ver > d.conf_ver {
+                remove.push(d.range_id);
+            }
+        }
+    }
+    Ok(HeartbeatResponse {
+        remove_ranges: remove,
+    })
+}
+
+/// Runs the placement loop while this node leads the meta range.
+pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_millis(node.cfg.file.placement_interval_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let leading = node.local_meta_leader().is_some();
+        {
+            let mut st = node.pd.state.lock().expect("pd lock");
+            match (leading, st.leader_since) {
+                (true, None) => {
+                    tracing::info!("leading the meta range: placement driver active");
+                    st.leader_since = Some(Instant::now());
+                    st.nodes.clear();
+                    st.ranges.clear();
+                }
+                (false, Some(_)) => {
+                    st.leader_since = None;
+                }
+                _ => {}
+            }
+        }
+        if !leading {
+            continue;
+        }
+        if let Err(e) = tick(&node).await {
+            tracing::debug!(error = %e, "placement round");
+        }
+    }
+}
+
+async fn tick(node: &Arc<Node>) -> Result<(), Error> {
+    let meta = meta_store(node)?;
+    meta.barrier().await?;
+    let pd = &node.pd;
+    let mut descs = meta.descriptors()?;
+    let records = meta.nodes()?;
+    if !descs.iter().any(|d| d.range_id == META_RANGE_ID) {
+        // A new cluster: the meta range describes itself first.
+        let r = node.replica(META_RANGE_ID)?;
+        let d = node.stored_desc(&r);
+        meta.upsert_descriptors(std::slice::from_ref(&d)).await?;
+        descs.push(d);
+    }
+    {
+        let mut st = pd.state.lock().expect("pd lock");
+        st.records = records.clone();
+        st.descs.clear();
+        for d in &descs {
+            st.descs.insert(d.range_id, d.clone());
+        }
+    }
+    // The meta range keeps only the system key space.
+    let meta_desc = node.stored_desc(&*node.replica(META_RANGE_ID)?);
+    if meta_desc.end.is_empty() || meta_desc.end.as_ref() > USER_SPACE_START {
+        split(
+            node,
+            META_RANGE_ID,
+            Some(Bytes::from_static(USER_SPACE_START)),
+        )
+        .await?;
+        return Ok(());
+    }
+    // Pre-splits from the config (e.g. one range per LMS table).
+    for k in node.cfg.pre_split_keys() {
+        if descs.iter().any(|d| d.start == k) {
+            continue;
+        }
+        if let Some(d) = descs.iter().find(|d| d.contains(&k)) {
+            if d.range_id != META_RANGE_ID {
+                split(node, d.range_id, Some(k)).await?;
+                return Ok(());
+            }
+        }
+    }
+    // Finish decommissions.
+    for rec in records.values() {
+        if rec.state == NodeState::Decommissioning
+            && !descs
+                .iter()
+                .any(|d| d.voters.contains(&rec.node_id) || d.learners.contains(&rec.node_id))
+        {
+            let mut r = rec.clone();
+            r.state = NodeState::Decommissioned;
+            meta.put_node(&r).await?;
+            tracing::info!(node_id = r.node_id, "node decommissioned");
+        }
+    }
+    // Resume replica changes a previous leader started.
+    for op in meta.pending_ops()? {
+        let dead = {
+            let st = pd.state.lock().expect("pd lock");
+            op.voters.iter().any(|v| !pd.is_live(&st, *v))
+        };
+        if dead || !descs.iter().any(|d| d.range_id == op.range_id) {
+            meta.delete_op(op.range_id).await?;
+            continue;
+        }
+        start_op(node, op);
+    }
+    let rf = node.cfg.file.replication_factor;
+    let (candidates, live): (Vec<u64>, HashSet<u64>) = {
+        let st = pd.state.lock().expect("pd lock");
+        let live: HashSet<u64> = records
+            .values()
+            .filter(|r| r.state != NodeState::Decommissioned && pd.is_live(&st, r.node_id))
+            .map(|r| r.node_id)
+            .collect();
+        let cands = records
+            .values()
+            .filter(|r| r.state == NodeState::Up && live.contains(&r.node_id))
+            .map(|r| r.node_id)
+            .collect();
+        (cands, live)
+    };
+    let mut load: HashMap<u64, usize> = candidates.iter().map(|c| (*c, 0)).collect();
+    for d in &descs {
+        for v in d.voters.iter().chain(&d.learners) {
+            if let Some(n) = load.get_mut(v) {
+                *n += 1;
+            }
+        }
+    }
+    // Repair: every range gets `rf` voters on live, non-draining nodes.
+    let mut started = 0;
+    for d in &descs {
+        let keep: Vec<u64> = d
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| candidates.contains(v))
+            .collect();
+        let want = rf.min(candidates.len().max(1));
+        let mut voters = keep.clone();
+        let reason;
+        if keep.len() < want {
+            let Some(target) = candidates
+                .iter()
+                .filter(|c| !voters.contains(c))
+                .min_by_key(|c| (load.get(c).copied().unwrap_or(0), **c))
+                .copied()
+            else {
+                continue;
+            };
+            voters.push(target);
+            *load.entry(target).or_default() += 1;
+            // Keep the bad voters still alive until the new one is in, so a
+            // range never drops below its quorum on the way.
+            reason = format!("add a replica on node {target}");
+        } else if keep.len() > want {
+            let victim = *keep
+                .iter()
+                .max_by_key(|v| (load.get(v).copied().unwrap_or(0), **v))
+                .expect("keep is not empty");
+            voters.retain(|v| *v != victim);
+            reason = format!("remove the extra replica on node {victim}");
+        } else if d.voters.len() != keep.len() {
+            reason = "remove replicas on dead or draining nodes".to_string();
+        } else {
+            continue;
+        }
+        // Bad voters that are still live stay in while a new voter joins:
+        // removal happens in a following round once the set has `want` good ones.
+        if keep.len() < want {
+            for v in &d.voters {
+                if !voters.contains(v) && live.contains(v) && voters.len() < want + 1 {
+                    voters.push(*v);
+                }
+            }
+        }
+        voters.sort_unstable();
+        let mut cur = d.voters.clone();
+        cur.sort_unstable();
+        if voters == cur {
+            continue;
+        }
+        if start_op(
+            node,
+            PendingOp {
+                range_id: d.range_id,
+                voters,
+                reason,
+            },
+        ) {
+            started += 1;
+        }
+    }
+    // Splits by size and by sustained load.
+    let split_size = node.cfg.file.split_size_bytes;
+    let hot_for = Duration::from_secs(node.cfg.file.split_qps_duration_s);
+    let to_split: Vec<u64> = {
+        let st = pd.state.lock().expect("pd lock");
+        st.ranges
+            .iter()
+            .filter(|(id, r)| {
+                **id != META_RANGE_ID
+                    && (r.stats.size_bytes > split_size
+                        || r.hot_since.is_some_and(|t| t.elapsed() >= hot_for))
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    for id in to_split {
+        if let Err(e) = split(node, id, None).await {
+            tracing::debug!(range_id = id, error = %e, "automatic split");
+        }
+        if let Some(r) = pd.state.lock().expect("pd lock").ranges.get_mut(&id) {
+            r.hot_since = None;
+            r.stats.size_bytes = 0;
+        }
+    }
+    if started > 0 || !pd.inflight.lock().expect("inflight lock").is_empty() {
+        return Ok(());
+    }
+    balance(node, &descs, &candidates, &load).await;
+    Ok(())
+}
+
+/// Moves one replica and one leader per round from the most to the least
+/// loaded node when the spread exceeds the tolerance.
+async fn balance(
+    node: &Arc<Node>,
+    descs: &[StoredDesc],
+    candidates: &[u64],
+    load: &HashMap<u64, usize>,
+) {
+    if candidates.len() < 2 {
+        return;
+    }
+    let tol = node.cfg.file.balance_tolerance;
+    let total: usize = candidates
+        .iter()
+        .map(|c| load.get(c).copied().unwrap_or(0))
+        .sum();
+    let mean = total as f64 / candidates.len() as f64;
+    let (max_n, max_l) = candidates
+        .iter()
+        .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
+        .max_by_key(|(c, l)| (*l, *c))
+        .expect("candidates");
+    let (min_n, min_l) = candidates
+        .iter()
+        .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
+        .min_by_key(|(c, l)| (*l, *c))
+        .expect("candidates");
+    if max_l as f64 > mean * (1.0 + tol) && max_l >= min_l + 2 {
+        if let Some(d) = descs.iter().find(|d| {
+            d.voters.contains(&max_n) && !d.voters.contains(&min_n) && !d.learners.contains(&min_n)
+        }) {
+            let mut voters: Vec<u64> = d.voters.iter().copied().filter(|v| *v != max_n).collect();
+            voters.push(min_n);
+            voters.sort_unstable();
+            start_op(
+                node,
+                PendingOp {
+                    range_id: d.range_id,
+                    voters,
+                    reason: format!("balance: move a replica from node {max_n} to node {min_n}"),
+                },
+            );
+            return;
+        }
+    }
+    // Leaders.
+    let leaders: HashMap<u64, (u64, Vec<u64>)> = {
+        let st = node.pd.state.lock().expect("pd lock");
+        let mut m: HashMap<u64, (u64, Vec<u64>)> = HashMap::new();
+        for (id, r) in &st.ranges {
+            if r.stats.leader_id != 0 {
+                m.entry(r.stats.leader_id).or_default().1.push(*id);
+            }
+        }
+        for (n, v) in m.iter_mut() {
+            v.0 = *n;
+        }
+        m
+    };
+    let count = |n: u64| leaders.get(&n).map(|v| v.1.len()).unwrap_or(0);
+    let total_l: usize = candidates.iter().map(|c| count(*c)).sum();
+    let mean_l = total_l as f64 / candidates.len() as f64;
+    let Some(&hi) = candidates.iter().max_by_key(|c| (count(**c), **c)) else {
+        return;
+    };
+    if !(count(hi) as f64 > mean_l * (1.0 + tol) && count(hi) >= 2) {
+        return;
+    }
+    for range_id in leaders.get(&hi).map(|v| v.1.clone()).unwrap_or_default() {
+        let Some(d) = descs.iter().find(|d| d.range_id == range_id) else {
+            continue;
+        };
+        let Some(&to) = d
+            .voters
+            .iter()
+            .filter(|v| **v != hi && candidates.contains(v))
+            .min_by_key(|v| count(**v))
+        else {
+            continue;
+        };
+        if count(to) + 1 >= count(hi) {
+            continue;
+        }
+        if let Err(e) = transfer_leader(node, range_id, to).await {
+            tracing::debug!(range_id, to, error = %e, "leader balance");
+        }
+        return;
+    }
+}
+
+/// Starts a replica change unless one runs for the range or all slots are
+/// busy; returns whether it started.
+fn start_op(node: &Arc<Node>, op: PendingOp) -> bool {
+    let Ok(permit) = node.pd.slots.clone().try_acquire_owned() else {
+        return false;
+    };
+    if !node
+        .pd
+        .inflight
+        .lock()
+        .expect("inflight lock")
+        .insert(op.range_id)
+    {
+        return false;
+    }
+    let node = node.clone();
+    tokio::spawn(async move {
+        let range_id = op.range_id;
+        tracing::info!(range_id, voters = ?op.voters, reason = %op.reason, "replica change");
+        let r = run_op(&node, &op).await;
+        match r {
+            Ok(()) => tracing::info!(range_id, voters = ?op.voters, "replica change done"),
+            Err(e) => tracing::warn!(range_id, error = %e, "replica change failed; will retry"),
+        }
+        node.pd
+            .inflight
+            .lock()
+            .expect("inflight lock")
+            .remove(&range_id);
+        drop(permit);
+    });
+    true
+}
+
+async fn admin(node: &Node, addr: &str) -> Result<AdminClient<tonic::transport::Channel>, Error> {
+    Ok(AdminClient::new(
+        node.pool.channel(addr).map_err(Error::unavailable)?,
+    ))
+}
+
+async fn run_op(node: &Arc<Node>, op: &PendingOp) -> Result<(), Error> {
+    let meta = meta_store(node)?;
+    meta.put_op(op).await?;
+    let desc = node.pd.desc_of(op.range_id).ok_or(Error::RangeNotFound {
+        range_id: op.range_id,
+    })?;
+    let mut voters = BTreeMap::new();
+    for v in &op.voters {
+        let addr = node
+            .pd
+            .address(*v)
+            .ok_or_else(|| Error::unavailable(format!("node {v} is not registered")))?;
+        if !desc.voters.contains(v) {
+            // The new replica exists (empty) before its leader sends it a snapshot.
+            let mut c = admin(node, &addr).await?;
+            tokio::time::timeout(
+                PLACEMENT_CALL_TIMEOUT,
+                c.create_replica(CreateReplicaRequest {
+                    descriptor: Some(desc.to_proto()),
+                }),
+            )
+            .await
+            .map_err(|_| Error::unavailable("create replica timed out"))?
+            .map_err(|s| Error::from_status(&s))?;
+        }
+        voters.insert(*v, addr);
+    }
+    let req = ChangeReplicasRequest {
+        range_id: op.range_id,
+        voters: voters.into_iter().collect(),
+        epoch: Some(RangeEpoch {
+            conf_ver: desc.conf_ver,
+            version: desc.version,
+        }),
+    };
+    let resp = call_range_leader(node, &desc, |mut c| {
+        let req = req.clone();
+        async move { c.change_replicas(req).await }
+    })
+    .await?;
+    if let Some(d) = resp.descriptor {
+        let d = StoredDesc::from_proto(&d);
+        meta.upsert_descriptors(std::slice::from_ref(&d)).await?;
+        node.pd.note_descs(&[d]);
+    }
+    meta.delete_op(op.range_id).await?;
+    Ok(())
+}
+
+/// Calls the leader of the range `desc` describes, trying its voters and
+/// following `NotLeader` hints.
+async fn call_range_leader<T, F, Fut>(node: &Node, desc: &StoredDesc, f: F) -> Result<T, Error>
+where
+    F: Fn(AdminClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut targets: Vec<String> = Vec::new();
+    let hinted = node
+        .pd
+        .state
+        .lock()
+        .expect("pd lock")
+        .ranges
+        .get(&desc.range_id)
+        .map(|r| r.stats.leader_id);
+    if let Some(a) = hinted.and_then(|l| node.pd.address(l)) {
+        targets.push(a);
+    }
+    targets.extend(desc.voters.iter().filter_map(|v| node.pd.address(*v)));
+    let mut last = Error::unavailable(format!("range {} has no reachable leader", desc.range_id));
+    let mut tried = 0;
+    while let Some(addr) = targets.first().cloned() {
+        targets.remove(0);
+        tried += 1;
+        if tried > 8 {
+            break;
+        }
+        let c = admin(node, &addr).await?;
+        match tokio::time::timeout(PLACEMENT_CALL_TIMEOUT, f(c)).await {
+            Ok(Ok(r)) => return Ok(r.into_inner()),
+            Ok(Err(s)) => {
+                let e = Error::from_status(&s);
+                if let Error::NotLeader {
+                    leader: Some(h), ..
+                } = &e
+                {
+                    if !h.address.is_empty() {
+                        targets.insert(0, h.address.clone());
+                    }
+                }
+                last = e;
+            }
+            Err(_) => last = Error::unavailable(format!("{addr} timed out")),
+        }
+    }
+    Err(last)
+}
+
+/// Splits `range_id` at `key` (its middle when `None`) and records both
+/// halves in the meta range. Runs on the meta leader.
+pub async fn split(
+    node: &Arc<Node>,
+    range_id: u64,
+    key: Option<Bytes>,
+) -> Result<(StoredDesc, StoredDesc), Error> {
+    let meta = meta_store(node)?;
+    let desc = match node.pd.desc_of(range_id) {
+        Some(d) => d,
+        None if range_id == META_RANGE_ID => node.stored_desc(&*node.replica(META_RANGE_ID)?),
+        None => return Err(Error::RangeNotFound { range_id }),
+    };
+    let new_range_id = meta.alloc_range_id().await?;
+    let req = SplitRangeRequest {
+        range_id,
+        key: key.unwrap_or_default(),
+        new_range_id,
+        version: 0,
+    };
+    let resp = if range_id == META_RANGE_ID {
+        split_local(node, req).await?
+    } else {
+        call_range_leader(node, &desc, |mut c| {
+            let req = req.clone();
+            async move { c.split_range(req).await }
+        })
+        .await?
+    };
+    let left = StoredDesc::from_proto(&resp.left.unwrap_or_default());
+    let right = StoredDesc::from_proto(&resp.right.unwrap_or_default());
+    meta.upsert_descriptors(&[left.clone(), right.clone()])
+        .await?;
+    node.pd.note_descs(&[left.clone(), right.clone()]);
+    tracing::info!(
+        range_id,
+        new_range_id,
+        key = %lmskv_proto::keys::escape(&right.start),
+        "split range"
+    );
+    Ok((left, right))
+}
+
+/// Splits a range this node leads (the `SplitRange` call).
+pub async fn split_local(
+    node: &Node,
+    req: SplitRangeRequest,
+) -> Result<lmskv_proto::v1::SplitResponse, Error> {
+    let r = node.replica(req.range_id)?;
+    if !r.is_leader_now() {
+        return Err(Error::NotLeader {
+            range_id: req.range_id,
+            leader: r.leader_hint(),
+        });
+    }
+    if req.new_range_id <= META_RANGE_ID {
+        return Err(Error::invalid_argument("new_range_id", "must be above 1"));
+    }
+    let m = r.meta();
+    let key = if req.key.is_empty() {
+        match node
+            .engine
+            .middle_key(&m.start, &m.end, 10_000)
+            .map_err(|e| r.refuse(&e))?
+        {
+            Some((k, _)) if k.as_ref() > m.start.as_ref() => k,
+            _ => return Err(Error::invalid_argument("key", "range too small to split")),
+        }
+    } else {
+        req.key
+    };
+    let version = if req.version == 0 {
+        m.version
+    } else {
+        req.version
+    };
+    let (left, right) = r.split(key, req.new_range_id, version).await?;
+    let st = r.status();
+    Ok(lmskv_proto::v1::SplitResponse {
+        left: Some(StoredDesc::new(&left, st.voters.clone(), st.learners.clone()).to_proto()),
+        right: Some(StoredDesc::new(&right, st.voters, st.learners).to_proto()),
+    })
+}
+
+/// Moves the leadership of `range_id` to node `to` (from the meta leader).
+pub async fn transfer_leader(node: &Arc<Node>, range_id: u64, to: u64) -> Result<(), Error> {
+    let desc = node
+        .pd
+        .desc_of(range_id)
+        .ok_or(Error::RangeNotFound { range_id })?;
+    if !desc.voters.contains(&to) {
+        return Err(Error::invalid_argument(
+            "to_node",
+            format!("node {to} is not a voter of range {range_id}"),
+        ));
+    }
+    call_range_leader(node, &desc, |mut c| async move {
+        c.transfer_leader(TransferLeaderRequest {
+            range_id,
+            to_node: to,
+        })
+        .await
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Marks a node as draining: the driver moves its replicas away.
+pub async fn decommission(node: &Arc<Node>, node_id: u64) -> Result<NodeRecord, Error> {
+    let meta = meta_store(node)?;
+    let mut rec = meta.nodes()?.remove(&node_id).ok_or_else(|| {
+        Error::invalid_argument("node_id", format!("node {node_id} is not registered"))
+    })?;
+    if rec.state == NodeState::Up {
+        let others = meta
+            .nodes()?
+            .values()
+            .filter(|r| r.node_id != node_id && r.state == NodeState::Up)
+            .count();
+        if others < node.cfg.file.replication_factor {
+            return Err(Error::invalid_argument(
+                "node_id",
+                format!(
+                    "draining node {node_id} would leave {others} nodes for a replication factor of {}",
+                    node.cfg.file.replication_factor
+                ),
+            ));
+        }
+        rec.state = NodeState::Decommissioning;
+        meta.put_node(&rec).await?;
+        node.pd
+            .state
+            .lock()
+            .expect("pd lock")
+            .records
+            .insert(node_id, rec.clone());
+        tracing::info!(node_id, "decommissioning node");
+    }
+    Ok(rec)
+}
