@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use lmskv_proto::error::Error;
-use lmskv_proto::range::META_RANGE_ID;
+use lmskv_proto::range::{spans_overlap, META_RANGE_ID};
 use lmskv_proto::v1::admin_client::AdminClient;
 use lmskv_proto::v1::{HeartbeatRequest, IdentifyRequest, RangeDescriptor, RangeStats};
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,12 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 const SPLIT_QUEUE_MAX: usize = 1_024;
 /// How often the node looks for ranges it has state for but has not opened.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+/// A range with no request or proposal for this long stops its heartbeats.
+const HIBERNATE_IDLE_AFTER: Duration = Duration::from_secs(10);
+/// How often hibernation and the liveness of dormant ranges' leaders are checked.
+const LIVENESS_TICK: Duration = Duration::from_millis(250);
+/// How often a node that dormant followers wait on is pinged.
+const LIVENESS_PING_EVERY: Duration = Duration::from_millis(500);
 
 /// What a data dir remembers about its node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -52,6 +58,9 @@ pub struct Node {
     split_tx: mpsc::Sender<(u64, u64)>,
     meta_leader_addr: Mutex<Option<String>>,
     served_since: Mutex<Instant>,
+    /// Peer address → (last ping sent, last answer received), for the nodes
+    /// that lead dormant ranges.
+    peer_liveness: Arc<Mutex<std::collections::HashMap<String, (Instant, Instant)>>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -117,6 +126,7 @@ impl Node {
             split_tx,
             meta_leader_addr: Mutex::new(None),
             served_since: Mutex::new(Instant::now()),
+            peer_liveness: Arc::new(Mutex::new(std::collections::HashMap::new())),
         });
         let ids = engine.local_range_ids()?;
         for id in &ids {
@@ -250,11 +260,8 @@ impl Node {
         let meta = r.meta();
         // Delete the data span only when no other local range holds any of it.
         let overlaps = self.replicas.all().iter().any(|o| {
-            o.is_ready()
-                && lmskv_proto::range::spans_overlap(
-                    (&o.meta().start, &o.meta().end),
-                    (&meta.start, &meta.end),
-                )
+            let (s, e) = o.effective_span();
+            o.is_ready() && lmskv_proto::range::spans_overlap((&s, &e), (&meta.start, &meta.end))
         });
         let span = (r.is_ready() && !overlaps).then_some((&meta.start[..], &meta.end[..]));
         self.engine
@@ -278,13 +285,12 @@ impl Node {
             return Ok(());
         }
         for o in self.replicas.all() {
-            let m = o.meta();
-            if o.is_ready()
-                && lmskv_proto::range::spans_overlap((&m.start, &m.end), (&desc.start, &desc.end))
-            {
+            let (s, e) = o.effective_span();
+            if o.is_ready() && spans_overlap((&s, &e), (&desc.start, &desc.end)) {
                 return Err(Error::unavailable(format!(
                     "range {} overlaps local range {}; retry once it is removed",
-                    desc.range_id, m.range_id
+                    desc.range_id,
+                    o.range_id()
                 )));
             }
         }
@@ -356,10 +362,12 @@ impl Node {
     /// leader until `stop` fires.
     pub async fn run_background(self: Arc<Self>, stop: watch::Receiver<bool>) {
         let hb = tokio::spawn(self.clone().heartbeat_loop(stop.clone()));
+        let live = tokio::spawn(self.clone().liveness_loop(stop.clone()));
         let pd = tokio::spawn(crate::pd::run(self.clone(), stop.clone()));
         self.bootstrap(stop).await;
         let _ = hb.await;
         pd.abort();
+        live.abort();
     }
 
     async fn bootstrap(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
@@ -520,6 +528,73 @@ impl Node {
                 }
             })
             .collect()
+    }
+
+    /// Puts idle ranges to sleep (leader side) and wakes dormant followers
+    /// whose leader's node stopped answering, so that a hibernating range
+    /// still fails over when its leader dies.
+    async fn liveness_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let dead_after = Duration::from_millis(self.cfg.file.election_timeout_ms_max);
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(LIVENESS_TICK) => {}
+                _ = stop.changed() => return,
+            }
+            n += 1;
+            let replicas = self.replicas.all();
+            if n.is_multiple_of(4) {
+                for r in &replicas {
+                    if r.range_id() != META_RANGE_ID {
+                        r.hibernate_tick(HIBERNATE_IDLE_AFTER);
+                    }
+                }
+            }
+            let now = Instant::now();
+            let mut waiting: std::collections::HashMap<String, Vec<Arc<RangeReplica>>> =
+                std::collections::HashMap::new();
+            for r in replicas {
+                if let Some(addr) = r.dormant_leader() {
+                    waiting.entry(addr).or_default().push(r);
+                }
+            }
+            let mut live = self.peer_liveness.lock().expect("liveness lock");
+            live.retain(|a, _| waiting.contains_key(a));
+            for (addr, rs) in waiting {
+                let (sent, ok) = *live
+                    .entry(addr.clone())
+                    .or_insert((now - LIVENESS_PING_EVERY, now));
+                if now.duration_since(ok) > dead_after {
+                    tracing::info!(leader = %addr, ranges = rs.len(), "leader node silent; dormant ranges resume elections");
+                    for r in rs {
+                        r.wake_follower();
+                    }
+                    live.remove(&addr);
+                    continue;
+                }
+                if now.duration_since(sent) >= LIVENESS_PING_EVERY {
+                    live.insert(addr.clone(), (now, ok));
+                    let Ok(ch) = self.pool.channel(&addr) else {
+                        continue;
+                    };
+                    let table = self.peer_liveness.clone();
+                    tokio::spawn(async move {
+                        let mut c = AdminClient::new(ch);
+                        let answered = tokio::time::timeout(
+                            LIVENESS_PING_EVERY,
+                            c.identify(IdentifyRequest {}),
+                        )
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                        if answered {
+                            if let Some(e) = table.lock().expect("liveness lock").get_mut(&addr) {
+                                e.1 = Instant::now();
+                            }
+                        }
+                    });
+                }
+            }
+        }
     }
 
     async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {

@@ -547,7 +547,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             r.stats.size_bytes = 0;
         }
     }
-    if started > 0 || !pd.inflight.lock().expect("inflight lock").is_empty() {
+    if started > 0 {
         return Ok(());
     }
     balance(node, &descs, &candidates, &load).await;
@@ -571,33 +571,51 @@ async fn balance(
         .map(|c| load.get(c).copied().unwrap_or(0))
         .sum();
     let mean = total as f64 / candidates.len() as f64;
-    let (max_n, max_l) = candidates
-        .iter()
-        .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
-        .max_by_key(|(c, l)| (*l, *c))
-        .expect("candidates");
-    let (min_n, min_l) = candidates
-        .iter()
-        .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
-        .min_by_key(|(c, l)| (*l, *c))
-        .expect("candidates");
-    if max_l as f64 > mean * (1.0 + tol) && max_l >= min_l + 2 {
-        if let Some(d) = descs.iter().find(|d| {
-            d.voters.contains(&max_n) && !d.voters.contains(&min_n) && !d.learners.contains(&min_n)
-        }) {
-            let mut voters: Vec<u64> = d.voters.iter().copied().filter(|v| *v != max_n).collect();
-            voters.push(min_n);
-            voters.sort_unstable();
-            start_op(
-                node,
-                PendingOp {
-                    range_id: d.range_id,
-                    voters,
-                    reason: format!("balance: move a replica from node {max_n} to node {min_n}"),
-                },
-            );
-            return;
+    // Up to the free change slots, each time from the most to the least
+    // loaded node, counting the moves planned this round.
+    let mut load = load.clone();
+    let mut planned: HashSet<u64> = HashSet::new();
+    for _ in 0..OPS_INFLIGHT_MAX {
+        let (max_n, max_l) = candidates
+            .iter()
+            .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
+            .max_by_key(|(c, l)| (*l, *c))
+            .expect("candidates");
+        let (min_n, min_l) = candidates
+            .iter()
+            .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
+            .min_by_key(|(c, l)| (*l, *c))
+            .expect("candidates");
+        if !(max_l as f64 > mean * (1.0 + tol) && max_l >= min_l + 2) {
+            break;
         }
+        let Some(d) = descs.iter().find(|d| {
+            !planned.contains(&d.range_id)
+                && d.voters.contains(&max_n)
+                && !d.voters.contains(&min_n)
+                && !d.learners.contains(&min_n)
+        }) else {
+            break;
+        };
+        let mut voters: Vec<u64> = d.voters.iter().copied().filter(|v| *v != max_n).collect();
+        voters.push(min_n);
+        voters.sort_unstable();
+        planned.insert(d.range_id);
+        if !start_op(
+            node,
+            PendingOp {
+                range_id: d.range_id,
+                voters,
+                reason: format!("balance: move a replica from node {max_n} to node {min_n}"),
+            },
+        ) {
+            break;
+        }
+        *load.entry(max_n).or_default() -= 1;
+        *load.entry(min_n).or_default() += 1;
+    }
+    if !planned.is_empty() {
+        return;
     }
     // Leaders.
     let leaders: HashMap<u64, (u64, Vec<u64>)> = {
@@ -622,7 +640,13 @@ async fn balance(
     if !(count(hi) as f64 > mean_l * (1.0 + tol) && count(hi) >= 2) {
         return;
     }
+    let mut moved = 0;
+    let mut count_now: HashMap<u64, usize> = candidates.iter().map(|c| (*c, count(*c))).collect();
     for range_id in leaders.get(&hi).map(|v| v.1.clone()).unwrap_or_default() {
+        if moved >= OPS_INFLIGHT_MAX || (count_now[&hi] as f64) <= mean_l * (1.0 + tol) {
+            return;
+        }
+        let count = |n: u64| count_now.get(&n).copied().unwrap_or(0);
         let Some(d) = descs.iter().find(|d| d.range_id == range_id) else {
             continue;
         };
@@ -639,8 +663,11 @@ async fn balance(
         }
         if let Err(e) = transfer_leader(node, range_id, to).await {
             tracing::debug!(range_id, to, error = %e, "leader balance");
+            return;
         }
-        return;
+        moved += 1;
+        *count_now.entry(hi).or_default() -= 1;
+        *count_now.entry(to).or_default() += 1;
     }
 }
 

@@ -290,6 +290,15 @@ impl TestCluster {
             .expect("client")
     }
 
+    /// Ids of the nodes whose processes run (started and not killed or stopped).
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
     /// A raw gRPC `Kv` client bound to node `id` (no routing, no retries).
     pub fn kv(&self, id: u64) -> KvClient<Channel> {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id)))
@@ -311,8 +320,15 @@ impl TestCluster {
         Ok(r.into_inner())
     }
 
-    /// Waits until a running node reports itself leader of range 1, and returns its id.
+    /// Waits until a running node reports itself leader of the first user
+    /// range (the one holding key `\x01`), and returns its id.
     pub async fn wait_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        self.wait_range_leader(b"\x01", timeout).await
+    }
+
+    /// Waits until a running node reports itself leader of the range holding
+    /// `key`, and returns its id.
+    pub async fn wait_range_leader(&self, key: &[u8], timeout: Duration) -> anyhow::Result<u64> {
         let running: Vec<u64> = self
             .nodes
             .iter()
@@ -324,7 +340,13 @@ impl TestCluster {
             async move {
                 for id in running {
                     if let Ok(s) = self.status(id).await {
-                        if s.ranges.iter().any(|r| r.local_role == "leader") {
+                        if s.ranges.iter().any(|r| {
+                            r.local_role == "leader"
+                                && r.descriptor.as_ref().is_some_and(|d| {
+                                    d.range_id != lmskv_proto::range::META_RANGE_ID
+                                        && lmskv_proto::range::contains(d, key)
+                                })
+                        }) {
                             return Some(id);
                         }
                     }
@@ -335,14 +357,24 @@ impl TestCluster {
         .await
     }
 
-    /// Waits until node `id` has applied at least `index` on range 1.
+    /// Waits until node `id` has applied at least `index` on the first user range.
     pub async fn wait_applied(&self, id: u64, index: u64, timeout: Duration) -> anyhow::Result<()> {
         crate::wait_for(
             &format!("node {id} to apply index {index}"),
             timeout,
             || async move {
                 match self.status(id).await {
-                    Ok(s) if s.ranges.first().is_some_and(|r| r.applied_index >= index) => Some(()),
+                    Ok(s)
+                        if s.ranges.iter().any(|r| {
+                            r.applied_index >= index
+                                && r.descriptor.as_ref().is_some_and(|d| {
+                                    d.range_id != lmskv_proto::range::META_RANGE_ID
+                                        && lmskv_proto::range::contains(d, b"\x01")
+                                })
+                        }) =>
+                    {
+                        Some(())
+                    }
                     _ => None,
                 }
             },
@@ -387,4 +419,15 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// The status of the first user range (the one holding key `\x01`) in a
+/// node's status report.
+pub fn user_range(s: &StatusResponse) -> Option<&lmskv_proto::v1::RangeStatus> {
+    s.ranges.iter().find(|r| {
+        r.descriptor.as_ref().is_some_and(|d| {
+            d.range_id != lmskv_proto::range::META_RANGE_ID
+                && lmskv_proto::range::contains(d, b"\x01")
+        })
+    })
 }

@@ -37,7 +37,9 @@ async fn a_paused_old_leader_never_serves_a_stale_strong_read() {
         let new_leader = lmskv_tests::wait_for("a new leader", Duration::from_secs(30), || async {
             for id in (1..=3).filter(|id| *id != old_leader) {
                 if let Ok(s) = c.status(id).await {
-                    if s.ranges[0].local_role == "leader" {
+                    if lmskv_tests::cluster::user_range(&s)
+                        .is_some_and(|r| r.local_role == "leader")
+                    {
                         return Some(id);
                     }
                 }

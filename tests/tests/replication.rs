@@ -248,7 +248,7 @@ async fn a_lagging_follower_catches_up_by_snapshot() {
                 .index;
         }
         let leader_status = c.status(leader).await.unwrap();
-        let r = &leader_status.ranges[0];
+        let r = lmskv_tests::cluster::user_range(&leader_status).unwrap();
         assert!(r.snapshot_index > 0, "the leader compacted its log: {r:?}");
 
         phase!("restart follower {follower}; it must install a snapshot");
@@ -257,10 +257,10 @@ async fn a_lagging_follower_catches_up_by_snapshot() {
             .await
             .unwrap();
         let st = c.status(follower).await.unwrap();
+        let ur = lmskv_tests::cluster::user_range(&st).unwrap();
         assert!(
-            st.ranges[0].snapshot_index > 0,
-            "follower caught up through a snapshot: {:?}",
-            st.ranges[0]
+            ur.snapshot_index > 0,
+            "follower caught up through a snapshot: {ur:?}"
         );
         for i in (0..1000u32).step_by(37) {
             let got = local_get(&c, follower, format!("s/{i:05}").as_bytes())
@@ -281,8 +281,13 @@ async fn a_lagging_follower_catches_up_by_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_node_joins_the_running_cluster() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        phase!("start 3 nodes and write 100 keys");
-        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        phase!("start 3 nodes (replication factor 4) and write 100 keys");
+        let mut c = TestCluster::start(ClusterOptions {
+            config: "replication_factor = 4".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let client = c.client();
         for i in 0..100u32 {
             client
@@ -296,7 +301,7 @@ async fn a_new_node_joins_the_running_cluster() {
         let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
         lmskv_tests::wait_for("node 4 to be a voter", Duration::from_secs(30), || async {
             let st = c.status(leader).await.ok()?;
-            let voters: Vec<u64> = st.ranges[0]
+            let voters: Vec<u64> = lmskv_tests::cluster::user_range(&st)?
                 .descriptor
                 .as_ref()?
                 .replicas

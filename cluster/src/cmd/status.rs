@@ -213,6 +213,7 @@ mod tests {
             node_id: 1,
             address: "127.0.0.1:7001".into(),
             initialized: true,
+            cluster: None,
             nodes: vec![
                 NodeInfo {
                     node_id: 2,

@@ -74,6 +74,8 @@ impl PeerPool {
 pub struct NetworkFactory {
     pub(crate) pool: Arc<PeerPool>,
     pub(crate) range_id: u64,
+    /// Set while the range's leader hibernates (see `RangeReplica::hibernate`).
+    pub(crate) hibernating: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -85,6 +87,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             range_id: self.range_id,
             from: self.pool.local_id(),
             target,
+            hibernating: self.hibernating.clone(),
         }
     }
 }
@@ -95,6 +98,7 @@ pub struct PeerClient {
     range_id: u64,
     from: u64,
     target: u64,
+    hibernating: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
@@ -118,6 +122,7 @@ impl PeerClient {
             to_node: self.target,
             crc32: crc32fast::hash(&payload),
             payload: Bytes::from(payload),
+            hibernate: false,
         }
     }
 
@@ -177,7 +182,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, m| async move {
+        let hibernate =
+            rpc.entries.is_empty() && self.hibernating.load(std::sync::atomic::Ordering::Relaxed);
+        self.call(&rpc, &option, |mut c, mut m| async move {
+            m.hibernate = hibernate;
             c.append_entries(m).await
         })
         .await

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -87,6 +88,13 @@ pub struct RangeReplica {
     fault: Mutex<Option<String>>,
     /// Requests served since the last stats read (for load-based splits).
     served: std::sync::atomic::AtomicU64,
+    /// Leader side: set while the range is idle and its heartbeats are off.
+    hibernating: Arc<AtomicBool>,
+    /// Follower side: set while the election timer is off because the
+    /// leader said it hibernates.
+    dormant: AtomicBool,
+    /// When a client request or proposal last touched the range.
+    last_activity: Mutex<std::time::Instant>,
     /// When this replica last accepted AppendEntries from a leader, and that
     /// leader's commit index then: a follower's proof of freshness for
     /// bounded-staleness reads.
@@ -162,7 +170,12 @@ impl RangeReplica {
         })?;
         let meta = sm.meta();
         let log = LogStore::new(engine.clone(), range_id);
-        let net = NetworkFactory { pool, range_id };
+        let hibernating = Arc::new(AtomicBool::new(false));
+        let net = NetworkFactory {
+            pool,
+            range_id,
+            hibernating: hibernating.clone(),
+        };
         let raft = Raft::new(node_id, Arc::new(config), net, log, sm)
             .await
             .map_err(|e| Error::Corruption {
@@ -178,6 +191,9 @@ impl RangeReplica {
             meta,
             fault: Mutex::new(None),
             served: std::sync::atomic::AtomicU64::new(0),
+            hibernating,
+            dormant: AtomicBool::new(false),
+            last_activity: Mutex::new(std::time::Instant::now()),
             leader_contact: Mutex::new(None),
         }))
     }
@@ -187,16 +203,94 @@ impl RangeReplica {
         self.meta.read().expect("meta lock").clone()
     }
 
+    /// The span this replica may hold data in: its own, except that the meta
+    /// range never holds user keys (until its first split it nominally spans
+    /// everything, but user requests are never routed to it).
+    pub fn effective_span(&self) -> (Bytes, Bytes) {
+        let m = self.meta();
+        if self.range_id == lmskv_proto::range::META_RANGE_ID {
+            let end = if m.end.is_empty() || m.end.as_ref() > lmskv_proto::range::USER_SPACE_START {
+                Bytes::from_static(lmskv_proto::range::USER_SPACE_START)
+            } else {
+                m.end
+            };
+            return (m.start, end);
+        }
+        (m.start, m.end)
+    }
+
     /// Whether this replica knows its range (it has state from a split, a
     /// snapshot or the bootstrap), so it can serve requests for its span.
     pub fn is_ready(&self) -> bool {
         self.meta.read().expect("meta lock").version > 0
     }
 
-    /// Counts a served request (for load statistics).
+    /// Counts a served request (for load statistics) and wakes the range.
     pub fn count_request(&self) {
         self.served
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Notes activity: a hibernating leader resumes its heartbeats.
+    pub fn touch(&self) {
+        *self.last_activity.lock().expect("activity lock") = std::time::Instant::now();
+        if self.hibernating.swap(false, Ordering::Relaxed) {
+            self.raft.runtime_config().heartbeat(true);
+            tracing::debug!(range_id = self.range_id, "range wakes up");
+        }
+    }
+
+    /// Leader side of hibernation, called periodically. An idle range whose
+    /// followers have every entry first marks its heartbeats (followers stop
+    /// their election timers), and on the next call stops sending them, so
+    /// an idle range costs no messages. Any request or proposal wakes it.
+    pub fn hibernate_tick(&self, idle_after: Duration) {
+        let m = self.raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            self.hibernating.store(false, Ordering::Relaxed);
+            return;
+        }
+        let idle = self.last_activity.lock().expect("activity lock").elapsed() >= idle_after;
+        let caught_up = m.replication.as_ref().is_some_and(|rep| {
+            rep.values()
+                .all(|l| l.as_ref().map(|l| l.index()) == m.last_log_index)
+        }) && m
+            .membership_config
+            .membership()
+            .learner_ids()
+            .next()
+            .is_none()
+            && m.last_applied.as_ref().map(|l| l.index()) == m.last_log_index;
+        if !idle || !caught_up {
+            if self.hibernating.load(Ordering::Relaxed) {
+                self.touch();
+            }
+            return;
+        }
+        if !self.hibernating.swap(true, Ordering::Relaxed) {
+            // This round's heartbeats carry the mark; the next round stops them.
+            return;
+        }
+        self.raft.runtime_config().heartbeat(false);
+    }
+
+    /// Follower side: whether this replica's election timer is off, and the
+    /// address of the leader it waits for.
+    pub fn dormant_leader(&self) -> Option<String> {
+        if !self.dormant.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.leader_hint().map(|h| h.address)
+    }
+
+    /// Turns a dormant follower's election timer back on (its leader's node
+    /// stopped answering, or the leader spoke without the mark).
+    pub fn wake_follower(&self) {
+        if self.dormant.swap(false, Ordering::Relaxed) {
+            self.raft.runtime_config().elect(true);
+            tracing::debug!(range_id = self.range_id, "follower election timer back on");
+        }
     }
 
     /// Requests served since the last call.
@@ -230,6 +324,7 @@ impl RangeReplica {
     /// added as learners and caught up first, then one joint membership
     /// change installs the new voter set. Only the leader can do it.
     pub async fn change_voters(&self, voters: BTreeMap<u64, String>) -> Result<(), Error> {
+        self.touch();
         if voters.is_empty() {
             return Err(Error::invalid_argument("voters", "a range needs a voter"));
         }
@@ -370,6 +465,7 @@ impl RangeReplica {
         all: bool,
     ) -> Result<(u64, CommandResponse), Error> {
         self.check_fault()?;
+        self.touch();
         let cmd = Command {
             request_id,
             proposed_at_ms: now_ms(),
@@ -437,6 +533,12 @@ impl RangeReplica {
     /// the read will observe (at least).
     pub async fn read_barrier(&self, level: ReadLevel) -> Result<u64, Error> {
         self.check_fault()?;
+        if matches!(
+            level,
+            ReadLevel::Strong | ReadLevel::BoundedStaleness { .. }
+        ) {
+            self.touch();
+        }
         match level {
             ReadLevel::Local => Ok(self.applied_index()),
             ReadLevel::Session { min_applied } => {
@@ -586,6 +688,7 @@ impl RangeReplica {
 
     /// Asks this replica (it must be the leader) to hand leadership to `to`.
     pub async fn transfer_leader(&self, to: u64) -> Result<(), Error> {
+        self.touch();
         self.raft
             .trigger()
             .transfer_leader(to)
@@ -616,9 +719,16 @@ impl RangeReplica {
     // ---- incoming Raft messages (payloads encoded by the peer's `network`) ----
 
     /// Handles an AppendEntries payload; returns the encoded response.
-    pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
+    pub async fn handle_append(&self, payload: &[u8], hibernate: bool) -> Result<Vec<u8>, Error> {
         let req: AppendEntriesRequest<TypeConfig> = decode("append entries", payload)
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        if hibernate && req.entries.is_empty() {
+            if !self.dormant.swap(true, Ordering::Relaxed) {
+                self.raft.runtime_config().elect(false);
+            }
+        } else {
+            self.wake_follower();
+        }
         let received = std::time::Instant::now();
         let leader_commit = req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0);
         let resp = self

@@ -43,6 +43,33 @@ impl RaftService {
         Ok(self.replicas.get_or_create(msg.range_id).await?)
     }
 
+    /// Refuses a snapshot whose span overlaps another ready range on this
+    /// node: that range has not applied the split that created this one yet,
+    /// and installing now would let its older entries overwrite newer data.
+    /// The sender retries; by then the other range has caught up.
+    fn check_snapshot_span(
+        &self,
+        replica: &RangeReplica,
+        path: &std::path::Path,
+    ) -> Result<(), Error> {
+        let incoming = super::state_machine::snapshot_meta(path)
+            .map_err(|e| Error::invalid_argument("snapshot", e.to_string()))?;
+        for other in self.replicas.all() {
+            if other.range_id() == replica.range_id() || !other.is_ready() {
+                continue;
+            }
+            let m = other.effective_span();
+            if lmskv_proto::range::spans_overlap((&m.0, &m.1), (&incoming.start, &incoming.end)) {
+                return Err(Error::unavailable(format!(
+                    "snapshot of range {} overlaps local range {} that has not caught up yet; retry",
+                    replica.range_id(),
+                    other.range_id()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn reply(&self, msg: &RaftMessage, payload: Vec<u8>) -> Response<RaftMessage> {
         Response::new(RaftMessage {
             range_id: msg.range_id,
@@ -50,6 +77,7 @@ impl RaftService {
             to_node: msg.from_node,
             crc32: crc32fast::hash(&payload),
             payload: Bytes::from(payload),
+            hibernate: false,
         })
     }
 }
@@ -62,7 +90,7 @@ impl Raft for RaftService {
     ) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
         let r = self.route(&msg).await?;
-        let out = r.handle_append(&msg.payload).await?;
+        let out = r.handle_append(&msg.payload, msg.hibernate).await?;
         Ok(self.reply(&msg, out))
     }
 
@@ -117,6 +145,10 @@ impl Raft for RaftService {
             }
         };
         tracing::info!(range_id = replica.range_id(), bytes, "received snapshot");
+        if let Err(e) = self.check_snapshot_span(&replica, &path) {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(e.into());
+        }
         let result = replica.handle_snapshot(&header, path.clone()).await;
         // On success the state machine moved the file; on failure drop it.
         if result.is_err() {
@@ -129,6 +161,7 @@ impl Raft for RaftService {
             to_node: 0,
             crc32: crc32fast::hash(&payload),
             payload: Bytes::from(payload),
+            hibernate: false,
         }))
     }
 }

@@ -70,6 +70,17 @@ pub fn initial_meta(range_id: u64) -> RangeMeta {
     }
 }
 
+/// The descriptor recorded in a snapshot file.
+pub fn snapshot_meta(path: &Path) -> io::Result<RangeMeta> {
+    match Engine::snapshot_applied_state(path)? {
+        Some(b) => Ok(decode::<AppliedState>("snapshot applied state", &b)?.desc),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "snapshot file has no applied state",
+        )),
+    }
+}
+
 /// The state machine of one range.
 #[derive(Clone)]
 pub struct StateMachine {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::StorageError;
 
@@ -29,9 +28,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let sm = StateMachine::open(
             engine,
             7,
-            (Bytes::new(), Bytes::new()),
             dir.path().join("snapshots"),
             Duration::from_secs(60),
+            Arc::new(|_| {}),
         )
         .expect("open state machine");
         Ok((dir, log, sm))

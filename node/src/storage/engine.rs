@@ -923,8 +923,12 @@ mod tests {
         let path = dir.path().join("snap");
         let exp = e.export_snapshot(1, b"", b"", &path).unwrap();
         assert_eq!(exp.applied.as_deref(), Some(&b"state-1"[..]));
-        // 100 values, one dedup record and its expiry index entry.
-        assert_eq!(exp.records, 102);
+        // The applied state, 100 values, one dedup record and its expiry index entry.
+        assert_eq!(exp.records, 103);
+        assert_eq!(
+            Engine::snapshot_applied_state(&path).unwrap().as_deref(),
+            Some(&b"state-1"[..])
+        );
 
         let (_d2, e2) = engine();
         let mut b = e2.apply_batch(1);

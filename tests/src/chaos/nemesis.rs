@@ -93,7 +93,7 @@ async fn rest(rng: &mut StdRng, deadline: Instant) {
     tokio::time::sleep(rest.min(left)).await;
 }
 
-/// The node that reports itself leader of range 1, if one answers in time.
+/// The node that reports itself leader of the first user range, if one answers in time.
 async fn leader_of(cluster: &TestCluster) -> Option<u64> {
     // A node resumed from a pause may still think it leads an old term, so
     // the claim with the highest term wins.
@@ -101,7 +101,8 @@ async fn leader_of(cluster: &TestCluster) -> Option<u64> {
         let mut best: Option<(u64, u64)> = None;
         for n in &cluster.nodes {
             if let Ok(s) = cluster.status(n.id).await {
-                if let Some(r) = s.ranges.first().filter(|r| r.local_role == "leader") {
+                if let Some(r) = crate::cluster::user_range(&s).filter(|r| r.local_role == "leader")
+                {
                     if best.is_none_or(|(term, _)| r.term > term) {
                         best = Some((r.term, n.id));
                     }

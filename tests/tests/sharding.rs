@@ -1,0 +1,350 @@
+//! Sharding: many ranges across many nodes, split manually and by size,
+//! placed on distinct nodes, rebalanced when a node joins, repaired when a
+//! node dies, drained by decommission — with no acknowledged write lost, and
+//! scans that see every key once while ranges split.
+//!
+//! Every bound a test waits for is stated in its `wait_for` call.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lmskv_proto::v1::{RangeInfo, ReplicaRole};
+use lmskv_tests::{wait_for, ClusterOptions, TestCluster};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+macro_rules! phase {
+    ($($arg:tt)*) => {
+        eprintln!("[{:7.1}s] {}", lmskv_tests::cluster::elapsed_s(), format!($($arg)*))
+    };
+}
+
+/// Small thresholds so splits, repairs and drains happen within a test.
+const CONFIG: &str = "dead_node_timeout_s = 4\nsplit_size_bytes = 65536\nwrite_buffer_bytes = 1048576\nnode_heartbeat_ms = 300\nplacement_interval_ms = 300\n";
+
+fn voters(r: &RangeInfo) -> Vec<u64> {
+    r.descriptor
+        .as_ref()
+        .map(|d| {
+            d.replicas
+                .iter()
+                .filter(|x| x.role == ReplicaRole::Voter as i32)
+                .map(|x| x.node_id)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Replicas per node over the listed ranges.
+fn replica_counts(ranges: &[RangeInfo]) -> BTreeMap<u64, usize> {
+    let mut m = BTreeMap::new();
+    for r in ranges {
+        for v in voters(r) {
+            *m.entry(v).or_default() += 1;
+        }
+    }
+    m
+}
+
+/// Whether every range has exactly three voters on distinct nodes out of `nodes`.
+fn fully_replicated_on(ranges: &[RangeInfo], nodes: &BTreeSet<u64>) -> bool {
+    ranges.iter().all(|r| {
+        let v = voters(r);
+        let distinct: BTreeSet<u64> = v.iter().copied().collect();
+        v.len() == 3 && distinct.len() == 3 && distinct.is_subset(nodes)
+    })
+}
+
+fn key(i: u32) -> Vec<u8> {
+    // Spread over several table-like prefixes.
+    let table = ["course/", "grade/", "user/", "zz/"][(i % 4) as usize];
+    format!("{table}{i:06}").into_bytes()
+}
+
+async fn check_all_keys(c: &TestCluster, written: &HashMap<Vec<u8>, u64>) {
+    for (k, version) in written {
+        let got = c.routed_get(k).await.unwrap();
+        let got_version = got.map(|(_, v)| v);
+        assert_eq!(
+            got_version,
+            Some(*version),
+            "key {:?} lost or changed",
+            String::from_utf8_lossy(k)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranges_split_spread_rebalance_repair_and_drain() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 5 nodes");
+        let mut c = TestCluster::start(ClusterOptions {
+            nodes: 5,
+            config: CONFIG.into(),
+        })
+        .await
+        .unwrap();
+
+        phase!("write 800 keys of 1 KiB across the key space");
+        let mut written: HashMap<Vec<u8>, u64> = HashMap::new();
+        // Random bytes: sizes are measured on disk, after compression.
+        let value: Vec<u8> = (0..1024).map(|_| rand::random::<u8>()).collect();
+        for i in 0..800u32 {
+            let v = c.routed_put(&key(i), &value).await.unwrap();
+            written.insert(key(i), v);
+        }
+
+        phase!("split by hand at 24 keys");
+        for i in (0..800u32).step_by(33).take(24) {
+            let k = key(i);
+            if let Err(e) = c.split_at(&k).await {
+                // A range may already start there after an automatic split.
+                phase!("split at {:?}: {e}", String::from_utf8_lossy(&k));
+            }
+        }
+
+        phase!("write 3 MiB more so ranges split by size (limit 64 KiB)");
+        for i in 800..3800u32 {
+            let value: Vec<u8> = (0..1024).map(|_| rand::random::<u8>()).collect();
+            let v = c.routed_put(&key(i), &value).await.unwrap();
+            written.insert(key(i), v);
+        }
+        let all: BTreeSet<u64> = (1..=5).collect();
+        let ranges = wait_for(
+            "at least 32 ranges, each with 3 voters on distinct nodes (bound: 120 s)",
+            Duration::from_secs(120),
+            || async {
+                let r = c.range_list().await.ok()?;
+                (r.len() >= 32 && fully_replicated_on(&r, &all)).then_some(r)
+            },
+        )
+        .await
+        .unwrap();
+        phase!("{} ranges; replicas per node {:?}", ranges.len(), replica_counts(&ranges));
+
+        phase!("every key is readable with its version");
+        check_all_keys(&c, &written).await;
+
+        phase!("a scan over all keys returns each key once, in order");
+        let keys = c.routed_scan_keys(b"\x01", b"").await.unwrap();
+        let mut want: Vec<Vec<u8>> = written.keys().cloned().collect();
+        want.sort();
+        assert_eq!(keys.len(), want.len(), "scan saw every key exactly once");
+        assert!(keys.iter().zip(&want).all(|(a, b)| a.as_ref() == b.as_slice()));
+
+        phase!("add node 6: it receives replicas and leaders");
+        let six = c.add_node().unwrap();
+        let all6: BTreeSet<u64> = (1..=6).collect();
+        wait_for(
+            "node 6 holds replicas and a leader, and no node is more than 20% (+1) above the mean (bound: 180 s)",
+            Duration::from_secs(180),
+            || async {
+                let r = c.range_list().await.ok()?;
+                if !fully_replicated_on(&r, &all6) {
+                    return None;
+                }
+                let counts = replica_counts(&r);
+                let mean = counts.values().sum::<usize>() as f64 / 6.0;
+                let max = *counts.values().max()?;
+                let leaders = r.iter().filter(|x| x.leader_id == six).count();
+                let ok = counts.get(&six).copied().unwrap_or(0) as f64 >= mean * 0.8 - 1.0
+                    && (max as f64) <= mean * 1.2 + 1.0
+                    && leaders > 0;
+                ok.then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        let ranges = c.range_list().await.unwrap();
+        phase!("balanced: replicas per node {:?}", replica_counts(&ranges));
+
+        phase!("kill -9 node 2 under writes; its replicas are re-created elsewhere");
+        let stop = Arc::new(AtomicBool::new(false));
+        let c = Arc::new(tokio::sync::Mutex::new(c));
+        {
+            c.lock().await.kill(2).unwrap();
+        }
+        let writer = {
+            let c = c.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut acked = HashMap::new();
+                let mut i = 100_000u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = format!("live/{i:07}").into_bytes();
+                    let r = c.lock().await.routed_put(&k, b"x").await;
+                    if let Ok(v) = r {
+                        acked.insert(k, v);
+                    }
+                    i += 1;
+                }
+                acked
+            })
+        };
+        let alive: BTreeSet<u64> = [1, 3, 4, 5, 6].into_iter().collect();
+        wait_for(
+            "every range back to 3 voters on live nodes (dead-node timeout 4 s; bound: 120 s)",
+            Duration::from_secs(120),
+            || async {
+                let r = c.lock().await.range_list().await.ok()?;
+                fully_replicated_on(&r, &alive).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        phase!("repaired");
+
+        phase!("decommission node 3 under the same writes");
+        {
+            let g = c.lock().await;
+            g.meta_call(|mut a| async move {
+                a.decommission(lmskv_proto::v1::DecommissionRequest { node_id: 3 })
+                    .await
+            })
+            .await
+            .unwrap();
+        }
+        let rest: BTreeSet<u64> = [1, 4, 5, 6].into_iter().collect();
+        wait_for(
+            "node 3 drained to zero replicas and marked decommissioned (bound: 180 s)",
+            Duration::from_secs(180),
+            || async {
+                let g = c.lock().await;
+                let r = g.range_list().await.ok()?;
+                let nodes = g.node_list().await.ok()?;
+                let done = nodes
+                    .iter()
+                    .any(|n| n.node_id == 3 && n.state == "decommissioned");
+                (fully_replicated_on(&r, &rest) && done).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        stop.store(true, Ordering::Relaxed);
+        let acked = writer.await.unwrap();
+        phase!("{} writes acknowledged during the kill and the drain", acked.len());
+        assert!(!acked.is_empty());
+
+        phase!("nothing acknowledged was lost");
+        let g = c.lock().await;
+        check_all_keys(&g, &written).await;
+        check_all_keys(&g, &acked).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 3 nodes, split into 12 ranges");
+        let mut c = TestCluster::start(ClusterOptions {
+            nodes: 3,
+            config: CONFIG.into(),
+        })
+        .await
+        .unwrap();
+        for i in 0..200u32 {
+            c.routed_put(&key(i), b"v").await.unwrap();
+        }
+        for i in (0..200u32).step_by(17).take(11) {
+            let _ = c.split_at(&key(i)).await;
+        }
+
+        phase!("add nodes 4 and 5; kill the meta leader while replicas move");
+        c.add_node().unwrap();
+        c.add_node().unwrap();
+        wait_for("a replica move to start (bound: 60 s)", Duration::from_secs(60), || async {
+            let r = c.range_list().await.ok()?;
+            let counts = replica_counts(&r);
+            (counts.get(&4).copied().unwrap_or(0) + counts.get(&5).copied().unwrap_or(0) > 0)
+                .then_some(())
+        })
+        .await
+        .unwrap();
+        let mut meta_leader = 0;
+        for id in c.running() {
+            if let Ok(s) = c.status(id).await {
+                if s.ranges.iter().any(|r| {
+                    r.local_role == "leader"
+                        && r.descriptor.as_ref().is_some_and(|d| d.range_id == 1)
+                }) {
+                    meta_leader = id;
+                }
+            }
+        }
+        assert!(meta_leader > 0, "found the meta leader");
+        phase!("kill -9 meta leader node {meta_leader}");
+        c.kill(meta_leader).unwrap();
+        let alive: BTreeSet<u64> = (1..=5).filter(|i| *i != meta_leader).collect();
+
+        wait_for(
+            "placement resumes: every range has 3 voters on the live nodes, nodes 4 and 5 hold replicas (bound: 180 s)",
+            Duration::from_secs(180),
+            || async {
+                let r = c.range_list().await.ok()?;
+                let counts = replica_counts(&r);
+                (fully_replicated_on(&r, &alive)
+                    && counts.get(&4).copied().unwrap_or(0) >= 3
+                    && counts.get(&5).copied().unwrap_or(0) >= 3)
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        for i in 0..200u32 {
+            assert!(c.routed_get(&key(i)).await.unwrap().is_some(), "key {i}");
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scan_during_splits_returns_each_key_once() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 3 nodes and write 1500 keys");
+        let c = Arc::new(
+            TestCluster::start(ClusterOptions {
+                nodes: 3,
+                config: CONFIG.into(),
+            })
+            .await
+            .unwrap(),
+        );
+        let mut want = Vec::new();
+        for i in 0..1500u32 {
+            let k = format!("s/{i:05}").into_bytes();
+            c.routed_put(&k, b"v").await.unwrap();
+            want.push(k);
+        }
+        phase!("scan in pages of 100 while another task splits ranges under it");
+        let splitter = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for i in (50..1500u32).step_by(50) {
+                    let _ = c.split_at(format!("s/{i:05}").as_bytes()).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        for round in 0..3 {
+            let keys = c.routed_scan_keys(b"s/", b"s0").await.unwrap();
+            let got: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+            assert_eq!(got, want, "scan round {round} saw every key once, in order");
+        }
+        splitter.await.unwrap();
+        let ranges = c.range_list().await.unwrap();
+        assert!(
+            ranges.len() >= 20,
+            "the splits happened: {} ranges",
+            ranges.len()
+        );
+        let keys = c.routed_scan_keys(b"s/", b"s0").await.unwrap();
+        assert_eq!(keys.len(), want.len());
+    })
+    .await
+    .expect("test timed out");
+}
