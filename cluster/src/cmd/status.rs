@@ -256,7 +256,6 @@ mod tests {
                 local_role: "leader".into(),
                 ..Default::default()
             }],
-            cluster: None,
         }
     }
 
