@@ -1,16 +1,17 @@
-//! [`Client`]: leader discovery, read routing by consistency level, retries,
-//! the read cache and the typed key-value API.
+//! [`Client`]: the typed key-value API of one key at a time, its types, the
+//! builder, and the read cache bookkeeping.
 //!
-//! Writes and STRONG reads go to the leader, following `NotLeader` hints.
-//! Reads at the other levels may be served by any replica: they go to the
-//! seed endpoints in rotation ([`ReplicaSelector`]), each try bounded by the
-//! replica attempt timeout, and fall back to the leader. EVENTUAL and
+//! Every call is routed by key to the range that holds it (see `call.rs`):
+//! writes and STRONG reads to the range's leader, reads at the other levels
+//! to the range's replicas in rotation ([`ReplicaSelector`]), each try bounded
+//! by the replica attempt timeout, then the leader. EVENTUAL and
 //! BOUNDED_STALENESS reads are answered from the [`ReadCache`] when an entry
-//! is fresh enough for them.
+//! is fresh enough for them. Calls over many keys (`batch_get`, `batch_put`,
+//! `scan`) live in `fanout.rs` and `scan.rs`; operator calls in `admin.rs`.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::Instant as StdInstant;
@@ -19,16 +20,18 @@ use bytes::Bytes;
 use lmskv_proto::error::Error as ServerError;
 use lmskv_proto::keys::validate_user_key;
 use lmskv_proto::limits::{GRPC_MESSAGE_BYTES_MAX, VALUE_BYTES_MAX};
-use lmskv_proto::v1::admin_client::AdminClient;
+use lmskv_proto::range;
 use lmskv_proto::v1::kv_client::KvClient;
-use lmskv_proto::v1::{self, batch_op, compare, StatusRequest, StatusResponse};
+use lmskv_proto::v1::{self, batch_op, compare, RangeDescriptor};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::call::{Budget, RangeCallError};
 use crate::error::ClientError;
 use crate::read_cache::{fresh_at, CacheStats, CachedRead, ReadCache, ReadCacheConfig};
-use crate::replica_selector::{ReplicaSelector, REPLICA_TRIES_MAX};
+use crate::replica_selector::ReplicaSelector;
 use crate::retry::RetryPolicy;
+use crate::route_cache::RouteCache;
 use crate::session_token::SessionToken;
 
 /// Endpoints a client may be configured with at most.
@@ -56,7 +59,7 @@ pub enum ReadConsistency {
 
 /// Where a request may be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
+pub(crate) enum Route {
     /// To the leader, following `NotLeader` hints.
     Leader,
     /// To any replica first, then the leader.
@@ -64,14 +67,14 @@ enum Route {
 }
 
 impl ReadConsistency {
-    fn route(self) -> Route {
+    pub(crate) fn route(self) -> Route {
         match self {
             ReadConsistency::Strong => Route::Leader,
             _ => Route::AnyReplica,
         }
     }
 
-    fn to_proto(self) -> v1::ReadOptions {
+    pub(crate) fn to_proto(self) -> v1::ReadOptions {
         use v1::Consistency as C;
         let (c, max, min) = match self {
             ReadConsistency::Strong => (C::Strong, 0, 0),
@@ -370,12 +373,13 @@ impl ClientBuilder {
         }
         Ok(Client {
             inner: Arc::new(Inner {
-                replicas: ReplicaSelector::new(endpoints.clone()),
+                replicas: ReplicaSelector::new(),
+                routes: RouteCache::default(),
                 endpoints,
                 retry: self.retry,
                 replica_attempt_timeout: self.replica_attempt_timeout,
                 channels: Mutex::new(HashMap::new()),
-                leader: Mutex::new(None),
+                meta_leader: Mutex::new(None),
                 next: AtomicUsize::new(0),
                 cache: self.read_cache.as_ref().map(ReadCache::new),
                 session: Mutex::new(SessionToken::new()),
@@ -388,30 +392,33 @@ impl ClientBuilder {
 /// the read cache and the session token.
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    endpoints: Vec<String>,
-    retry: RetryPolicy,
+pub(crate) struct Inner {
+    pub endpoints: Vec<String>,
+    pub retry: RetryPolicy,
     /// Longest one try of a read on one replica may take.
-    replica_attempt_timeout: Duration,
-    /// One HTTP/2 channel per node address, including leaders learnt from hints.
-    channels: Mutex<HashMap<String, Channel>>,
-    /// The address believed to be the leader.
-    leader: Mutex<Option<String>>,
-    next: AtomicUsize,
+    pub replica_attempt_timeout: Duration,
+    /// One HTTP/2 channel per node address.
+    pub channels: Mutex<HashMap<String, Channel>>,
+    /// The address believed to lead the meta range.
+    pub meta_leader: Mutex<Option<String>>,
+    /// Rotation over the seed endpoints while the meta leader is unknown.
+    pub next: AtomicUsize,
     /// Where reads that any replica may serve go.
-    replicas: ReplicaSelector,
+    pub replicas: ReplicaSelector,
+    /// Range descriptors, leaders and node addresses.
+    pub routes: RouteCache,
     /// `None` when the read cache is off.
-    cache: Option<ReadCache>,
+    pub cache: Option<ReadCache>,
     /// What this client has seen: grows with every response.
-    session: Mutex<SessionToken>,
+    pub session: Mutex<SessionToken>,
 }
 
 /// A response that says where it was served.
-trait Served {
+pub(crate) trait Served {
     fn header(&self) -> Option<&v1::ResponseHeader>;
 }
 
@@ -431,17 +438,18 @@ served!(
     v1::DeleteResponse,
     v1::ScanResponse,
     v1::CompareAndSwapResponse,
-    v1::BatchResponse
+    v1::BatchResponse,
+    v1::BatchGetResponse
 );
 
-/// Addresses learnt from hints kept at most, beyond the seed endpoints.
-const CHANNELS_MAX: usize = 256;
+/// Node channels kept at most, beyond the seed endpoints.
+const CHANNELS_MAX: usize = 1_024;
 
-fn new_request_id() -> Bytes {
+pub(crate) fn new_request_id() -> Bytes {
     Bytes::copy_from_slice(&rand::random::<[u8; 16]>())
 }
 
-fn check_key(field: &str, key: &[u8]) -> Result<(), ClientError> {
+pub(crate) fn check_key(field: &str, key: &[u8]) -> Result<(), ClientError> {
     validate_user_key(field, key).map_err(|e| match e {
         ServerError::InvalidArgument { field, reason } => {
             ClientError::InvalidArgument { field, reason }
@@ -450,7 +458,7 @@ fn check_key(field: &str, key: &[u8]) -> Result<(), ClientError> {
     })
 }
 
-fn check_value(field: &str, v: &[u8]) -> Result<(), ClientError> {
+pub(crate) fn check_value(field: &str, v: &[u8]) -> Result<(), ClientError> {
     if v.len() > VALUE_BYTES_MAX {
         return Err(ClientError::InvalidArgument {
             field: field.into(),
@@ -460,7 +468,7 @@ fn check_value(field: &str, v: &[u8]) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn write_opts(o: &WriteOptions) -> v1::WriteOptions {
+pub(crate) fn write_opts(o: &WriteOptions) -> v1::WriteOptions {
     v1::WriteOptions {
         request_id: o.request_id.clone().unwrap_or_else(new_request_id),
         durability: match o.durability {
@@ -510,7 +518,9 @@ impl Client {
         &self.inner.endpoints
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+    /// The HTTP/2 channel to the node at `addr`: one per node, reused by
+    /// every call.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
         let mut map = self.inner.channels.lock().expect("channel lock");
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
@@ -529,57 +539,14 @@ impl Client {
         Ok(ch)
     }
 
-    fn pick_target(&self) -> String {
-        if let Some(l) = self.inner.leader.lock().expect("leader lock").clone() {
-            return l;
-        }
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        self.inner.endpoints[i % self.inner.endpoints.len()].clone()
-    }
-
-    fn forget_leader(&self, addr: &str) {
-        let mut l = self.inner.leader.lock().expect("leader lock");
-        if l.as_deref() == Some(addr) {
-            *l = None;
-        }
-        // Move on to another endpoint next time.
-        self.inner.next.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn kv_client(&self, target: &str) -> Result<KvClient<Channel>, ClientError> {
+    pub(crate) fn kv_client(&self, target: &str) -> Result<KvClient<Channel>, ClientError> {
         Ok(KvClient::new(self.channel(target)?)
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
     }
 
-    /// Sends one try to `target`, giving up at `until`.
-    async fn send<T, Fut>(target: &str, until: Instant, fut: Fut) -> Result<T, ServerError>
-    where
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        match tokio::time::timeout_at(until, fut).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(ServerError::from_status(&status)),
-            Err(_) => Err(ServerError::Timeout {
-                reason: format!("no answer from {target} in time"),
-            }),
-        }
-    }
-
-    fn follow_hint(&self, err: &ServerError, target: &str) -> bool {
-        match err {
-            ServerError::NotLeader {
-                leader: Some(h), ..
-            } if !h.address.is_empty() && h.address != target => {
-                *self.inner.leader.lock().expect("leader lock") = Some(h.address.clone());
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Adds a response's applied index to the client's session token.
-    fn observe(&self, header: Option<&v1::ResponseHeader>) {
+    pub(crate) fn observe(&self, header: Option<&v1::ResponseHeader>) {
         if let Some(h) = header {
             self.inner
                 .session
@@ -589,115 +556,38 @@ impl Client {
         }
     }
 
-    /// Runs `f` where `route` allows, retrying retryable errors with backoff
-    /// until the attempts or the deadline run out.
-    ///
-    /// [`Route::AnyReplica`] first tries up to [`REPLICA_TRIES_MAX`] replicas
-    /// in rotation, each for at most the replica attempt timeout and without
-    /// backoff (each try goes to another node), then continues as
-    /// [`Route::Leader`] does: to the leader, following hints.
-    async fn call<T, F, Fut>(&self, route: Route, mut f: F) -> Result<T, ClientError>
-    where
-        T: Served,
-        F: FnMut(KvClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let policy = &self.inner.retry;
-        let start = Instant::now();
-        let deadline = start + policy.deadline;
-        let deadline_exceeded = |attempts, err| ClientError::DeadlineExceeded {
-            deadline_ms: policy.deadline.as_millis() as u64,
-            attempts,
-            last: Box::new(ClientError::Server(err)),
-        };
-        // A read may give up on one node early; a write waits for its answer.
-        let until = |now: Instant| match route {
-            Route::AnyReplica => deadline.min(now + self.inner.replica_attempt_timeout),
-            Route::Leader => deadline,
-        };
-        let mut attempts = 0u32;
-        if route == Route::AnyReplica {
-            let mut last = None;
-            for target in self.inner.replicas.order(REPLICA_TRIES_MAX) {
-                let now = Instant::now();
-                if attempts >= policy.attempts_max || now >= deadline {
-                    break;
-                }
-                attempts += 1;
-                let client = self.kv_client(&target)?;
-                match Self::send(&target, until(now), f(client)).await {
-                    Ok(resp) => {
-                        self.inner.replicas.clear(&target);
-                        self.observe(resp.header());
-                        return Ok(resp);
-                    }
-                    // A replica that refuses its corrupt copy of the range
-                    // is no reason to fail a read another replica can serve.
-                    Err(e) if e.is_retryable() || matches!(e, ServerError::Corruption { .. }) => {
-                        self.follow_hint(&e, &target);
-                        self.inner.replicas.suspect(&target);
-                        last = Some(e);
-                    }
-                    Err(e) => return Err(ClientError::Server(e)),
-                }
-            }
-            if let Some(e) = last {
-                if attempts >= policy.attempts_max || Instant::now() >= deadline {
-                    return Err(deadline_exceeded(attempts, e));
-                }
-            }
-        }
-        let mut backoffs = 0u32;
-        loop {
-            attempts += 1;
-            let target = self.pick_target();
-            let client = self.kv_client(&target)?;
-            let err = match Self::send(&target, until(Instant::now()), f(client)).await {
-                Ok(resp) => {
-                    // Any replica answers a read at a weak level: only a
-                    // node that says it leads is taken for the leader.
-                    let leads = match route {
-                        Route::Leader => true,
-                        Route::AnyReplica => resp
-                            .header()
-                            .is_some_and(|h| h.node_id != 0 && h.node_id == h.leader_id),
-                    };
-                    if leads {
-                        let mut l = self.inner.leader.lock().expect("leader lock");
-                        if l.is_none() {
-                            *l = Some(target);
-                        }
-                    }
-                    self.observe(resp.header());
-                    return Ok(resp);
-                }
-                Err(e) => e,
-            };
-            let mut sleep = None;
-            match &err {
-                e if self.follow_hint(e, &target) => {}
-                ServerError::Overloaded { retry_after_ms } => {
-                    sleep = Some(Duration::from_millis((*retry_after_ms).clamp(1, 5_000)));
-                }
-                e if e.is_retryable() => {
-                    self.forget_leader(&target);
-                    backoffs += 1;
-                    sleep = Some(policy.backoff(backoffs));
-                }
-                _ => return Err(ClientError::Server(err)),
-            }
-            let now = Instant::now();
-            let out_of_time = match sleep {
-                Some(s) => now + s >= deadline,
-                None => now >= deadline,
-            };
-            if attempts >= policy.attempts_max || out_of_time {
-                return Err(deadline_exceeded(attempts, err));
-            }
-            if let Some(s) = sleep {
-                tokio::time::sleep(s).await;
-            }
-        }
+    /// The descriptor of the range that holds `key`, from the client's route
+    /// cache or, on a miss, from the meta range.
+    pub async fn range_for_key(
+        &self,
+        key: impl AsRef<[u8]>,
+    ) -> Result<RangeDescriptor, ClientError> {
+        let key = key.as_ref();
+        check_key("key", key)?;
+        let deadline = Instant::now() + self.inner.retry.deadline;
+        Ok(self.locate(key, false, deadline).await?.desc)
+    }
+
+    /// The read level that gives read-your-writes for `token` on the range
+    /// holding `key`: SESSION at the token's index for that range.
+    pub async fn session_consistency(
+        &self,
+        key: impl AsRef<[u8]>,
+        token: &SessionToken,
+    ) -> Result<ReadConsistency, ClientError> {
+        let range = self.range_for_key(key).await?;
+        Ok(ReadConsistency::Session(token.index_for(range.range_id)))
+    }
+
+    /// Ranges in the client's route cache.
+    pub fn cached_ranges(&self) -> usize {
+        self.inner.routes.len()
+    }
+
+    /// `Locate` calls this client has made to the meta range (cache misses
+    /// that were not answered by a call already in flight).
+    pub fn locate_calls(&self) -> u64 {
+        self.inner.routes.locates()
     }
 
     /// What this client has seen so far (its writes and reads), per range.
@@ -716,7 +606,7 @@ impl Client {
     }
 
     /// Forgets `keys` in the read cache before a write to them is sent.
-    fn invalidate(&self, keys: &[Bytes]) {
+    pub(crate) fn invalidate(&self, keys: &[Bytes]) {
         if let Some(c) = &self.inner.cache {
             for k in keys {
                 c.invalidate(k);
@@ -724,20 +614,18 @@ impl Client {
         }
     }
 
-    /// After a write to `key` was answered: records the state it left, or
-    /// forgets the key when the outcome is unknown or not known exactly.
     /// Sends a write of one key to the leader, keeping the read cache honest:
     /// the key is forgotten before sending and again if the write fails.
     /// Returns the response and when the write was sent.
     async fn write_key<T, F, Fut>(&self, key: &Bytes, f: F) -> Result<(T, StdInstant), ClientError>
     where
         T: Served,
-        F: FnMut(KvClient<Channel>) -> Fut,
+        F: FnMut(KvClient<Channel>, v1::RequestHeader) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.invalidate(std::slice::from_ref(key));
         let started = StdInstant::now();
-        match self.call(Route::Leader, f).await {
+        match self.key_call(key, Route::Leader, f).await {
             Ok(r) => Ok((r, started)),
             Err(e) => {
                 self.after_write(key.clone(), None);
@@ -746,7 +634,9 @@ impl Client {
         }
     }
 
-    fn after_write(&self, key: Bytes, state: Option<CachedRead>) {
+    /// After a write to `key` was answered: records the state it left, or
+    /// forgets the key when the outcome is unknown or not known exactly.
+    pub(crate) fn after_write(&self, key: Bytes, state: Option<CachedRead>) {
         if let Some(c) = &self.inner.cache {
             match state {
                 Some(st) => c.store_written(key, st),
@@ -791,8 +681,11 @@ impl Client {
             read: Some(consistency.to_proto()),
         };
         let resp = self
-            .call(consistency.route(), |mut c| {
-                let req = req.clone();
+            .key_call(&key, consistency.route(), |mut c, header| {
+                let req = v1::GetRequest {
+                    header: Some(header),
+                    ..req.clone()
+                };
                 async move { c.get(req).await }
             })
             .await?;
@@ -838,8 +731,9 @@ impl Client {
             write: Some(write_opts(opts)),
         };
         let (resp, started) = self
-            .write_key(&key, |mut c| {
-                let req = req.clone();
+            .write_key(&key, |mut c, header| {
+                let mut req = req.clone();
+                req.header = Some(header);
                 async move { c.put(req).await }
             })
             .await?;
@@ -881,8 +775,9 @@ impl Client {
             write: Some(write_opts(opts)),
         };
         let (resp, started) = self
-            .write_key(&key, |mut c| {
-                let req = req.clone();
+            .write_key(&key, |mut c, header| {
+                let mut req = req.clone();
+                req.header = Some(header);
                 async move { c.delete(req).await }
             })
             .await?;
@@ -912,8 +807,9 @@ impl Client {
             write: Some(write_opts(opts)),
         };
         let (resp, started) = self
-            .write_key(&key, |mut c| {
-                let req = req.clone();
+            .write_key(&key, |mut c, header| {
+                let mut req = req.clone();
+                req.header = Some(header);
                 async move { c.compare_and_swap(req).await }
             })
             .await?;
@@ -972,13 +868,50 @@ impl Client {
             ops,
             write: Some(write_opts(opts)),
         };
+        let mut keys: Vec<Bytes> = req
+            .conditions
+            .iter()
+            .map(|c| c.key.clone())
+            .chain(written.iter().cloned())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let Some(anchor) = keys.first().cloned() else {
+            return Err(ClientError::InvalidArgument {
+                field: "ops".into(),
+                reason: "a batch needs at least one operation or condition".into(),
+            });
+        };
         self.invalidate(&written);
-        let resp = self
-            .call(Route::Leader, |mut c| {
-                let req = req.clone();
-                async move { c.batch(req).await }
-            })
-            .await;
+        let mut budget = Budget::new(&self.inner.retry);
+        let fits = |d: &RangeDescriptor| keys.iter().all(|k| range::contains(d, k));
+        let resp = match self
+            .range_call(
+                &mut budget,
+                &anchor,
+                false,
+                Route::Leader,
+                &fits,
+                |mut c, header| {
+                    let mut req = req.clone();
+                    req.header = Some(header);
+                    async move { c.batch(req).await }
+                },
+            )
+            .await
+        {
+            Ok((r, _)) => Ok(r),
+            Err(RangeCallError::Failed(e)) => Err(e),
+            Err(RangeCallError::Regroup(d)) => Err(ClientError::InvalidArgument {
+                field: "ops".into(),
+                reason: format!(
+                    "the batch's keys span more than one range (range {} ends at {:?}); \
+                     an atomic batch must stay within one range",
+                    d.range_id,
+                    lmskv_proto::keys::escape(&d.end_key)
+                ),
+            }),
+        };
         // The batch's keys are forgotten again whatever the outcome: a read
         // sent while the batch was in flight must not cache older state.
         self.invalidate(&written);
@@ -988,104 +921,6 @@ impl Client {
             current: resp.current.into_iter().map(Into::into).collect(),
             index: resp.header.map(|h| h.applied_index).unwrap_or(0),
         })
-    }
-
-    /// Reads one page of keys in `[start, end)`.
-    pub async fn scan(&self, opts: &ScanOptions) -> Result<ScanPage, ClientError> {
-        let req = v1::ScanRequest {
-            header: None,
-            start_key: opts.start.clone(),
-            end_key: opts.end.clone(),
-            limit: opts.limit,
-            reverse: opts.reverse,
-            page_token: opts.page_token.clone(),
-            read: Some(opts.consistency.to_proto()),
-            keys_only: opts.keys_only,
-        };
-        let resp = self
-            .call(opts.consistency.route(), |mut c| {
-                let req = req.clone();
-                async move { c.scan(req).await }
-            })
-            .await?;
-        Ok(ScanPage {
-            kvs: resp.kvs.into_iter().map(Into::into).collect(),
-            next_page_token: (!resp.next_page_token.is_empty()).then_some(resp.next_page_token),
-        })
-    }
-
-    /// Reads up to `max` pairs of a scan, following pages.
-    pub async fn scan_all(
-        &self,
-        opts: &ScanOptions,
-        max: usize,
-    ) -> Result<Vec<KeyValue>, ClientError> {
-        let mut out = Vec::new();
-        let mut o = opts.clone();
-        loop {
-            let page = self.scan(&o).await?;
-            out.extend(page.kvs);
-            if out.len() >= max {
-                out.truncate(max);
-                return Ok(out);
-            }
-            match page.next_page_token {
-                Some(t) => o.page_token = t,
-                None => return Ok(out),
-            }
-        }
-    }
-
-    /// The status report of the node at `endpoint`.
-    pub async fn node_status(&self, endpoint: &str) -> Result<StatusResponse, ClientError> {
-        let mut c = AdminClient::new(self.channel(endpoint)?);
-        match tokio::time::timeout(Duration::from_secs(3), c.status(StatusRequest {})).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) => Err(ClientError::Unreachable {
-                endpoint: endpoint.into(),
-                reason: ServerError::from_status(&s).to_string(),
-            }),
-            Err(_) => Err(ClientError::Unreachable {
-                endpoint: endpoint.into(),
-                reason: "timed out".into(),
-            }),
-        }
-    }
-
-    /// The cluster's status as seen by the leader of the first range, or by
-    /// the first endpoint that answers when no leader is known.
-    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
-        let calls = self.inner.endpoints.iter().map(|e| self.node_status(e));
-        let results = futures::future::join_all(calls).await;
-        let mut first_ok = None;
-        let mut last_err = None;
-        for r in results {
-            match r {
-                Ok(s) => {
-                    let leads = s.ranges.iter().any(|r| r.local_role == "leader");
-                    if leads {
-                        return Ok(s);
-                    }
-                    first_ok.get_or_insert(s);
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        if let Some(s) = first_ok {
-            // Ask the node the answering one believes is leader, for its authoritative view.
-            if let Some(addr) = s
-                .ranges
-                .first()
-                .and_then(|r| s.nodes.iter().find(|n| n.node_id == r.leader_id))
-                .map(|n| n.address.clone())
-            {
-                if let Ok(ls) = self.node_status(&addr).await {
-                    return Ok(ls);
-                }
-            }
-            return Ok(s);
-        }
-        Err(last_err.unwrap_or_else(|| ClientError::Config("no endpoints".into())))
     }
 }
 

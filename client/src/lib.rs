@@ -1,12 +1,17 @@
 //! The lmskv client library.
 //!
-//! A [`Client`] connects to a few seed endpoints, finds the leader from the
-//! `NotLeader` hints nodes return, and retries with capped exponential backoff
-//! and jitter inside a per-call deadline. Writes carry a request id that stays
-//! the same across retries, so a retried write is applied at most once.
+//! A [`Client`] connects to a few seed endpoints and routes every call by
+//! key: it finds the range that holds the key from the meta range (keeping
+//! descriptors in an ordered route cache that routing errors heal), sends
+//! the request with its view of the range (id and epoch) over one HTTP/2
+//! channel per node, and retries with capped exponential backoff and jitter
+//! inside a per-call deadline. Writes carry a request id that stays the same
+//! across retries, so a retried write is applied at most once.
 //!
-//! Writes and STRONG reads go to the leader; reads at weaker levels spread
-//! over the replicas and fall back to the leader. A bounded read cache
+//! Writes and STRONG reads go to the range's leader; reads at weaker levels
+//! spread over the range's replicas and fall back to the leader. Calls over
+//! many keys ([`Client::batch_get`], [`Client::batch_put`], [`Client::scan`])
+//! cross range boundaries; an atomic [`Client::batch`] stays in one range. A bounded read cache
 //! ([`ReadCacheConfig`], on by default) answers EVENTUAL reads and
 //! BOUNDED_STALENESS reads whose bound it can prove, and is updated by the
 //! client's own writes. Every response grows the client's [`SessionToken`],
@@ -26,26 +31,40 @@
 //! # }
 //! ```
 
+mod admin;
+mod call;
 mod client;
 mod error;
+mod fanout;
 mod read_cache;
 mod replica_selector;
 mod retry;
+pub mod route_cache;
+mod scan;
 mod session_token;
 
+pub use admin::{ADMIN_ATTEMPT_TIMEOUT, STATUS_TIMEOUT};
+pub use call::{LOCATE_PREFETCH, META_ATTEMPT_TIMEOUT};
 pub use client::{
     BatchOp, BatchOutcome, CasOutcome, Client, ClientBuilder, Compare, Durability, GetOutcome,
     KeyValue, ReadConsistency, ScanOptions, ScanPage, ServedBy, WriteOptions, WriteResult,
     ENDPOINTS_MAX, REPLICA_ATTEMPT_TIMEOUT_DEFAULT,
 };
 pub use error::ClientError;
+pub use fanout::{
+    BATCH_GET_KEYS_MAX, BATCH_GET_KEYS_PER_REQUEST_MAX, BATCH_PUT_PAIRS_MAX, FANOUT_CONCURRENCY_MAX,
+};
 pub use lmskv_proto::error::{Error as ServerError, LeaderHint};
+pub use lmskv_proto::v1::{
+    ClusterSummary, NodeInfo, RangeDescriptor, RangeEpoch, RangeInfo, StatusResponse,
+};
 pub use read_cache::{
     CacheStats, ReadCacheConfig, READ_CACHE_BYTES_MAX_DEFAULT, READ_CACHE_ENTRIES_MAX_DEFAULT,
     READ_CACHE_TTL_DEFAULT, READ_CACHE_TTL_MAX,
 };
-pub use replica_selector::{REPLICA_SUSPECT_FOR, REPLICA_TRIES_MAX};
+pub use replica_selector::{REPLICA_SUSPECTS_MAX, REPLICA_SUSPECT_FOR, REPLICA_TRIES_MAX};
 pub use retry::RetryPolicy;
+pub use route_cache::{LOCATE_IN_FLIGHT_MAX, NODE_ADDRESSES_MAX, ROUTE_CACHE_RANGES_MAX};
 pub use session_token::{
     ParseSessionTokenError, SessionToken, ANY_RANGE, SESSION_TOKEN_RANGES_MAX,
 };

@@ -2,7 +2,7 @@
 //! to, and in what order.
 //!
 //! Reads at BOUNDED_STALENESS, SESSION, CONSISTENT_PREFIX and EVENTUAL go
-//! first to the known nodes (the seed endpoints) in turn, starting at a
+//! first to the replicas of the key's range in turn, starting at a
 //! different one on every call so that load spreads, and skip for a short
 //! while a node that just failed (paused, partitioned, lagging behind), so
 //! that one bad node does not cost every read a timeout.
@@ -17,46 +17,44 @@ pub const REPLICA_TRIES_MAX: usize = 3;
 /// How long a replica that failed a read is skipped.
 pub const REPLICA_SUSPECT_FOR: Duration = Duration::from_secs(2);
 
+/// Nodes suspected at once at most; beyond it a new suspect is not recorded.
+pub const REPLICA_SUSPECTS_MAX: usize = 1_024;
+
 /// Picks replicas for reads, in rotation, skipping recently failed ones.
 #[derive(Debug)]
 pub(crate) struct ReplicaSelector {
-    endpoints: Vec<String>,
     next: AtomicUsize,
-    /// Replica address → until when it is skipped. Holds seed endpoints only,
-    /// so it is bounded by their number.
+    /// Replica address → until when it is skipped; at most
+    /// [`REPLICA_SUSPECTS_MAX`] entries.
     suspects: Mutex<HashMap<String, Instant>>,
 }
 
 impl ReplicaSelector {
-    /// A selector over `endpoints`, starting the rotation at a random one.
-    pub fn new(endpoints: Vec<String>) -> Self {
+    /// A selector whose rotation starts at a random place.
+    pub fn new() -> Self {
         let start = rand::random::<u32>() as usize;
         ReplicaSelector {
-            endpoints,
             next: AtomicUsize::new(start),
             suspects: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The replicas to try for the next read, at most `tries_max`.
-    pub fn order(&self, tries_max: usize) -> Vec<String> {
+    /// Up to `tries_max` of `candidates` (a range's replica addresses) for
+    /// the next read, in rotation, without the suspects.
+    pub fn order(&self, candidates: &[String], tries_max: usize) -> Vec<String> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut suspects = self.suspects.lock().expect("suspects lock");
         suspects.retain(|_, until| *until > now);
-        rotation(&self.endpoints, start, tries_max, |a| {
-            suspects.contains_key(a)
-        })
+        rotation(candidates, start, tries_max, |a| suspects.contains_key(a))
     }
 
     /// Skips `addr` for [`REPLICA_SUSPECT_FOR`].
     pub fn suspect(&self, addr: &str) {
-        if self.endpoints.iter().any(|e| e == addr) {
-            let until = Instant::now() + REPLICA_SUSPECT_FOR;
-            self.suspects
-                .lock()
-                .expect("suspects lock")
-                .insert(addr.to_string(), until);
+        let until = Instant::now() + REPLICA_SUSPECT_FOR;
+        let mut suspects = self.suspects.lock().expect("suspects lock");
+        if suspects.len() < REPLICA_SUSPECTS_MAX || suspects.contains_key(addr) {
+            suspects.insert(addr.to_string(), until);
         }
     }
 
@@ -106,24 +104,23 @@ mod tests {
 
     #[test]
     fn successive_reads_spread_over_every_replica() {
-        let s = ReplicaSelector::new(eps());
+        let s = ReplicaSelector::new();
         let firsts: std::collections::HashSet<String> =
-            (0..4).map(|_| s.order(1).remove(0)).collect();
+            (0..4).map(|_| s.order(&eps(), 1).remove(0)).collect();
         assert_eq!(firsts.len(), 4);
     }
 
     #[test]
     fn a_suspect_is_skipped_until_it_answers() {
-        let s = ReplicaSelector::new(eps());
+        let s = ReplicaSelector::new();
         s.suspect("b");
-        s.suspect("not-a-seed");
         for _ in 0..8 {
-            let o = s.order(REPLICA_TRIES_MAX);
+            let o = s.order(&eps(), REPLICA_TRIES_MAX);
             assert_eq!(o.len(), 3);
             assert!(!o.contains(&"b".to_string()));
         }
         assert_eq!(s.suspects.lock().unwrap().len(), 1);
         s.clear("b");
-        assert_eq!(s.order(4).len(), 4);
+        assert_eq!(s.order(&eps(), 4).len(), 4);
     }
 }

@@ -13,7 +13,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::cmd::{kv::KvCommand, local::LocalCommand, status::StatusArgs, Context};
+use crate::cmd::{
+    kv::KvCommand, local::LocalCommand, node::NodeCommand, range::RangeCommand, status::StatusArgs,
+    Context,
+};
 use crate::output::OutputFormat;
 
 /// The endpoints of a cluster started by `lmskv local up` with its defaults.
@@ -47,8 +50,14 @@ struct Cli {
 /// The subcommands of `lmskv`.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show the cluster's nodes and ranges (leaders, terms, replicas, indexes).
+    /// Show the cluster summary and the nodes and ranges one node hosts.
     Status(StatusArgs),
+    /// List, split and move the leaders of ranges.
+    #[command(subcommand)]
+    Range(RangeCommand),
+    /// List nodes or decommission one.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Read, write, delete and scan keys.
     #[command(subcommand)]
     Kv(KvCommand),
@@ -69,6 +78,8 @@ async fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Status(args) => cmd::status::run(&ctx, args).await,
+        Command::Range(command) => cmd::range::run(&ctx, command).await,
+        Command::Node(command) => cmd::node::run(&ctx, command).await,
         Command::Kv(command) => cmd::kv::run(&ctx, command).await,
         Command::Local(command) => cmd::local::run(&ctx, command).await,
     };

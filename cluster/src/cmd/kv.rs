@@ -7,7 +7,10 @@
 //! whose JSON shape is stable.
 
 use clap::{Args, Subcommand, ValueEnum};
-use lmskv_client::{Durability, KeyValue, ReadConsistency, ScanOptions, WriteOptions};
+use lmskv_client::{
+    Client, ClientError, Durability, KeyValue, ReadConsistency, ScanOptions, SessionToken,
+    WriteOptions,
+};
 use lmskv_proto::limits::SCAN_LIMIT_MAX;
 use serde::Serialize;
 
@@ -45,7 +48,7 @@ pub struct GetArgs {
     /// Read consistency: strong, bounded:DURATION (e.g. bounded:500ms),
     /// session:TOKEN (a put's session_token), prefix or eventual.
     #[arg(long, value_name = "LEVEL", default_value = "strong", value_parser = parse_consistency)]
-    pub consistency: ReadConsistency,
+    pub consistency: ConsistencyArg,
 }
 
 /// Arguments of `lmskv kv put`.
@@ -93,7 +96,42 @@ pub struct ScanArgs {
     pub keys_only: bool,
     /// Read consistency: strong, bounded:DURATION, session:TOKEN, prefix or eventual.
     #[arg(long, value_name = "LEVEL", default_value = "strong", value_parser = parse_consistency)]
-    pub consistency: ReadConsistency,
+    pub consistency: ConsistencyArg,
+}
+
+/// A read consistency level as given on the command line. A session token
+/// may name several ranges (`1:42,7:99`); which index binds a read depends
+/// on the range that serves it, so the token is kept whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsistencyArg {
+    /// Any level but SESSION.
+    Level(ReadConsistency),
+    /// SESSION at this token.
+    Session(SessionToken),
+}
+
+impl ConsistencyArg {
+    /// The level for a read of `key`: a session token binds the key's range
+    /// at the index the token holds for it.
+    pub async fn for_key(
+        &self,
+        client: &Client,
+        key: &[u8],
+    ) -> Result<ReadConsistency, ClientError> {
+        match self {
+            ConsistencyArg::Level(l) => Ok(*l),
+            ConsistencyArg::Session(t) => client.session_consistency(key, t).await,
+        }
+    }
+
+    /// The level for a scan, which may cross ranges: a session token binds
+    /// every range at its highest index.
+    pub fn for_scan(&self) -> ReadConsistency {
+        match self {
+            ConsistencyArg::Level(l) => *l,
+            ConsistencyArg::Session(t) => t.read_consistency(),
+        }
+    }
 }
 
 /// Write durability as given on the command line.
@@ -116,7 +154,18 @@ impl From<DurabilityArg> for Durability {
 
 /// Parses a read consistency level: `strong`, `bounded:500ms`,
 /// `session:TOKEN`, `prefix` or `eventual`.
-pub fn parse_consistency(s: &str) -> Result<ReadConsistency, String> {
+pub fn parse_consistency(s: &str) -> Result<ConsistencyArg, String> {
+    if let Some(t) = s.strip_prefix("session:") {
+        return t
+            .trim()
+            .parse::<SessionToken>()
+            .map(ConsistencyArg::Session)
+            .map_err(|e| format!("bad session token {t:?}: {e} (use a put's session_token)"));
+    }
+    parse_level(s).map(ConsistencyArg::Level)
+}
+
+fn parse_level(s: &str) -> Result<ReadConsistency, String> {
     let (level, param) = match s.split_once(':') {
         Some((l, p)) => (l, Some(p)),
         None => (s, None),
@@ -127,11 +176,6 @@ pub fn parse_consistency(s: &str) -> Result<ReadConsistency, String> {
         ("eventual", None) => Ok(ReadConsistency::Eventual),
         ("bounded", Some(d)) => parse_duration(d).map(ReadConsistency::BoundedStaleness),
         ("bounded", None) => Err("bounded needs a staleness bound, e.g. bounded:500ms".into()),
-        ("session", Some(t)) => t
-            .trim()
-            .parse::<lmskv_client::SessionToken>()
-            .map(|tok| tok.read_consistency())
-            .map_err(|e| format!("bad session token {t:?}: {e} (use a put's session_token)")),
         ("session", None) => Err("session needs a token, e.g. session:42 (a put's session_token)".into()),
         ("strong" | "prefix" | "consistent-prefix" | "eventual", Some(_)) => {
             Err(format!("level {level:?} takes no parameter"))
@@ -226,8 +270,9 @@ pub async fn run(ctx: &Context, command: KvCommand) -> Result<(), CmdError> {
 async fn get(ctx: &Context, args: GetArgs) -> Result<(), CmdError> {
     let client = ctx.client()?;
     let key_text = bytes_text(&args.key.0);
+    let consistency = args.consistency.for_key(&client, &args.key.0).await?;
     let kv = client
-        .get(args.key.0, args.consistency)
+        .get(args.key.0, consistency)
         .await?
         .ok_or(CmdError::NotFound(key_text))?;
     let view = KeyValueView::new(&kv, true);
@@ -285,7 +330,7 @@ async fn scan(ctx: &Context, args: ScanArgs) -> Result<(), CmdError> {
             .min(SCAN_LIMIT_MAX),
         reverse: args.reverse,
         keys_only: args.keys_only,
-        consistency: args.consistency,
+        consistency: args.consistency.for_scan(),
         page_token: Default::default(),
     };
     let kvs = client.scan_all(&opts, args.limit).await?;
@@ -338,6 +383,12 @@ mod tests {
 
     #[test]
     fn consistency_levels_parse() {
+        let parse_consistency = |s: &str| -> Result<ReadConsistency, String> {
+            match parse_consistency(s)? {
+                ConsistencyArg::Level(l) => Ok(l),
+                ConsistencyArg::Session(t) => Ok(t.read_consistency()),
+            }
+        };
         assert_eq!(parse_consistency("strong"), Ok(ReadConsistency::Strong));
         assert_eq!(
             parse_consistency("bounded:500ms"),
@@ -370,6 +421,19 @@ mod tests {
         ] {
             assert!(parse_consistency(bad).is_err(), "{bad:?} should not parse");
         }
+    }
+
+    #[test]
+    fn session_tokens_keep_every_range() {
+        let want: SessionToken = "1:42,7:99".parse().unwrap();
+        assert_eq!(
+            parse_consistency("session:1:42,7:99"),
+            Ok(ConsistencyArg::Session(want))
+        );
+        assert_eq!(
+            parse_consistency("session:42"),
+            Ok(ConsistencyArg::Session(SessionToken::from_index(42)))
+        );
     }
 
     #[test]
@@ -409,7 +473,10 @@ mod tests {
         ]);
         assert_eq!(a.limit, 5);
         assert!(a.reverse && a.keys_only);
-        assert_eq!(a.consistency, ReadConsistency::ConsistentPrefix);
+        assert_eq!(
+            a.consistency,
+            ConsistencyArg::Level(ReadConsistency::ConsistentPrefix)
+        );
         assert_eq!(scan_args(&[]).limit, SCAN_PAIRS_DEFAULT);
     }
 

@@ -10,6 +10,8 @@
 
 pub mod kv;
 pub mod local;
+pub mod node;
+pub mod range;
 pub mod status;
 
 use std::fmt;

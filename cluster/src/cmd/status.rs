@@ -1,5 +1,6 @@
-//! `lmskv status`: the cluster's nodes and ranges as the leader of the first
-//! range (range 1) sees them.
+//! `lmskv status`: the cluster summary (nodes up, ranges, under-replicated
+//! ranges, the meta leader) and the nodes and ranges as the meta range's
+//! leader reports them.
 //!
 //! The node report ([`StatusResponse`]) is turned into a [`StatusView`], whose
 //! JSON shape is stable; the table form adds the key span of each range.
@@ -16,16 +17,35 @@ use crate::output::{self, bytes_text, OutputFormat, Table};
 pub struct StatusArgs {}
 
 /// The cluster status as printed, in a stable JSON shape:
-/// `{"nodes":[…],"ranges":[…]}`.
+/// `{"nodes":[…],"ranges":[…],"cluster":{…}}` (`cluster` only when the
+/// answering node could read the meta range).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StatusView {
     /// Every node of the cluster, by id.
     pub nodes: Vec<NodeView>,
-    /// Every range, by id.
+    /// The ranges the answering node hosts, by id.
     pub ranges: Vec<RangeView>,
+    /// The cluster-wide summary from the meta range.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
     /// The node that answered, `(node_id, address)`; shown in the table only.
     #[serde(skip)]
     pub reporter: (u64, String),
+}
+
+/// The cluster-wide summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ClusterView {
+    /// Nodes that are up.
+    pub nodes_up: u64,
+    /// Nodes the cluster knows.
+    pub nodes_total: u64,
+    /// Ranges, the meta range included.
+    pub ranges: u64,
+    /// Ranges with fewer live voters than the replication factor.
+    pub under_replicated: u64,
+    /// The node leading the meta range; 0 when unknown.
+    pub meta_leader: u64,
 }
 
 /// One node of the cluster.
@@ -92,9 +112,17 @@ impl From<&StatusResponse> for StatusView {
             })
             .collect();
         ranges.sort_by_key(|r| r.range_id);
+        let cluster = s.cluster.as_ref().map(|c| ClusterView {
+            nodes_up: c.nodes_up,
+            nodes_total: c.nodes_total,
+            ranges: c.ranges,
+            under_replicated: c.under_replicated,
+            meta_leader: c.meta_leader,
+        });
         StatusView {
             nodes,
             ranges,
+            cluster,
             reporter: (s.node_id, s.address.clone()),
         }
     }
@@ -140,8 +168,23 @@ impl StatusView {
             ]);
         }
         let (id, addr) = &self.reporter;
+        let summary = match &self.cluster {
+            Some(c) => format!(
+                "cluster: {}/{} nodes up, {} ranges, {} under-replicated, meta leader {}\n\n",
+                c.nodes_up,
+                c.nodes_total,
+                c.ranges,
+                c.under_replicated,
+                if c.meta_leader == 0 {
+                    "unknown".to_string()
+                } else {
+                    c.meta_leader.to_string()
+                }
+            ),
+            None => String::new(),
+        };
         format!(
-            "{}\n{}\nreported by node {id} at {addr}\n",
+            "{summary}{}\n{}\nreported by node {id} at {addr}\n",
             nodes.render(),
             ranges.render()
         )
@@ -236,5 +279,30 @@ mod tests {
         assert!(lines[5].contains("\\x00"), "{table}");
         assert!(lines[5].contains("(max)"), "{table}");
         assert!(lines[5].contains("1,2,3"), "{table}");
+    }
+
+    #[test]
+    fn the_cluster_summary_is_shown_when_known() {
+        let mut s = sample();
+        s.cluster = Some(lmskv_proto::v1::ClusterSummary {
+            nodes_up: 2,
+            nodes_total: 3,
+            ranges: 7,
+            under_replicated: 1,
+            meta_leader: 1,
+        });
+        let view = StatusView::from(&s);
+        let text = output::json(&view).expect("json");
+        assert!(
+            text.ends_with(r#""cluster":{"nodes_up":2,"nodes_total":3,"ranges":7,"under_replicated":1,"meta_leader":1}}"#),
+            "{text}"
+        );
+        let table = view.render_table();
+        assert!(
+            table.starts_with(
+                "cluster: 2/3 nodes up, 7 ranges, 1 under-replicated, meta leader 1\n"
+            ),
+            "{table}"
+        );
     }
 }

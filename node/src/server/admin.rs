@@ -266,7 +266,7 @@ impl Admin for AdminService {
         let Some(d) = req.descriptor else {
             return Err(Error::invalid_argument("descriptor", "missing").into());
         };
-        if d.range_id <= META_RANGE_ID && d.range_id != META_RANGE_ID {
+        if d.range_id == 0 {
             return Err(
                 Error::invalid_argument("descriptor.range_id", "must be at least 1").into(),
             );

@@ -649,7 +649,7 @@ impl Engine {
             .iterator_cf_opt(self.cf(keys::CF_DATA), ro, IteratorMode::Start)
         {
             let (k, _) = item?;
-            if n as usize % stride == 0 {
+            if (n as usize).is_multiple_of(stride) {
                 keys_seen.push(k);
                 if keys_seen.len() >= scan_max.max(2) {
                     // Keep every other sample and double the stride: bounded memory.

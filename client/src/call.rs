@@ -1,0 +1,452 @@
+//! How one request finds its range and node, and how it is retried.
+//!
+//! A key-addressed request looks its range up in the [`RouteCache`] (a miss
+//! asks the meta range with `Locate`), sends the range id and epoch it
+//! believes in, and picks a node: the range's leader for writes and STRONG
+//! reads, the range's replicas in rotation for weaker reads (each try bounded
+//! by the replica attempt timeout, then the leader). A refused request heals
+//! the cache from what the error carries and is sent again at once; transient
+//! failures back off (capped exponential, full jitter). Every try of one
+//! logical call shares a [`Budget`]: the client's deadline and attempt limit.
+//!
+//! Calls served by the meta range's leader (`Locate` and the operator calls)
+//! go through [`Client::meta_call`], which follows `NotLeader` hints.
+//!
+//! [`RouteCache`]: crate::route_cache::RouteCache
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lmskv_proto::error::Error as ServerError;
+use lmskv_proto::range::epoch;
+use lmskv_proto::v1::admin_client::AdminClient;
+use lmskv_proto::v1::kv_client::KvClient;
+use lmskv_proto::v1::{self, LocateRequest, RangeDescriptor, RangeInfo};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::client::{Client, Route, Served};
+use crate::error::ClientError;
+use crate::replica_selector::REPLICA_TRIES_MAX;
+use crate::retry::RetryPolicy;
+use crate::route_cache::CachedRange;
+
+/// Ranges a `Locate` asks for beyond the one holding the key.
+pub const LOCATE_PREFETCH: u32 = 16;
+/// How long one try of a `Locate` on one node may take.
+pub const META_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Refusals healed from the error itself that are resent at once; beyond
+/// this many in a row the call backs off (the cluster is mid-change).
+const HEALED_RETRIES_BEFORE_BACKOFF: u32 = 3;
+
+/// The retry budget of one logical call, shared by every request it makes.
+#[derive(Debug, Clone)]
+pub(crate) struct Budget {
+    pub deadline: Instant,
+    deadline_ms: u64,
+    attempts: u32,
+    attempts_max: u32,
+    backoffs: u32,
+    last: Option<ServerError>,
+}
+
+impl Budget {
+    pub fn new(policy: &RetryPolicy) -> Self {
+        Budget {
+            deadline: Instant::now() + policy.deadline,
+            deadline_ms: policy.deadline.as_millis() as u64,
+            attempts: 0,
+            attempts_max: policy.attempts_max,
+            backoffs: 0,
+            last: None,
+        }
+    }
+
+    /// A fresh attempt count under the same deadline (for one range of a fan-out).
+    pub fn fork(&self) -> Self {
+        Budget {
+            attempts: 0,
+            backoffs: 0,
+            last: None,
+            ..self.clone()
+        }
+    }
+
+    /// The error a spent budget ends the call with.
+    pub fn exceeded(&self) -> ClientError {
+        let last = self.last.clone().unwrap_or_else(|| ServerError::Timeout {
+            reason: "no answer before the deadline".into(),
+        });
+        ClientError::DeadlineExceeded {
+            deadline_ms: self.deadline_ms,
+            attempts: self.attempts,
+            last: Box::new(ClientError::Server(last)),
+        }
+    }
+
+    /// Counts one more try; fails when attempts or time are spent.
+    pub fn attempt(&mut self) -> Result<(), ClientError> {
+        if self.attempts >= self.attempts_max || Instant::now() >= self.deadline {
+            return Err(self.exceeded());
+        }
+        self.attempts += 1;
+        Ok(())
+    }
+
+    /// Records why the last try failed.
+    pub fn failed(&mut self, e: ServerError) {
+        self.last = Some(e);
+    }
+
+    /// Sleeps a backoff step, or fails when it would pass the deadline.
+    pub async fn backoff(&mut self, policy: &RetryPolicy) -> Result<(), ClientError> {
+        self.backoffs += 1;
+        self.sleep(policy.backoff(self.backoffs)).await
+    }
+
+    /// Sleeps `d`, or fails when it would pass the deadline.
+    pub async fn sleep(&mut self, d: Duration) -> Result<(), ClientError> {
+        if Instant::now() + d >= self.deadline {
+            return Err(self.exceeded());
+        }
+        tokio::time::sleep(d).await;
+        Ok(())
+    }
+}
+
+/// Why a range-addressed request did not succeed.
+#[derive(Debug)]
+pub(crate) enum RangeCallError {
+    /// The keys no longer fit in one range (it split): regroup them.
+    Regroup(RangeDescriptor),
+    /// The call failed.
+    Failed(ClientError),
+}
+
+impl From<ClientError> for RangeCallError {
+    fn from(e: ClientError) -> Self {
+        RangeCallError::Failed(e)
+    }
+}
+
+/// Sends one try to `target`, giving up at `until`.
+pub(crate) async fn send<T, Fut>(target: &str, until: Instant, fut: Fut) -> Result<T, ServerError>
+where
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    match tokio::time::timeout_at(until, fut).await {
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+        Ok(Err(status)) => Err(ServerError::from_status(&status)),
+        Err(_) => Err(ServerError::Timeout {
+            reason: format!("no answer from {target} in time"),
+        }),
+    }
+}
+
+impl Client {
+    /// The range holding `key` (`reverse`: the keys just below `key`), from
+    /// the route cache or the meta range.
+    pub(crate) async fn locate(
+        &self,
+        key: &[u8],
+        reverse: bool,
+        deadline: Instant,
+    ) -> Result<CachedRange, ClientError> {
+        let this = self.clone();
+        let k = Bytes::copy_from_slice(key);
+        let lookup = self.inner.routes.locate(key, reverse, move || async move {
+            this.fetch_ranges(k, reverse, deadline).await
+        });
+        match tokio::time::timeout_at(deadline, lookup).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Server(ServerError::Timeout {
+                reason: "locating the range took until the deadline".into(),
+            })),
+        }
+    }
+
+    async fn fetch_ranges(
+        &self,
+        key: Bytes,
+        reverse: bool,
+        deadline: Instant,
+    ) -> Result<Vec<RangeInfo>, ClientError> {
+        let req = LocateRequest {
+            key,
+            prefetch: LOCATE_PREFETCH,
+            reverse,
+        };
+        let resp = self
+            .meta_call(deadline, Some(META_ATTEMPT_TIMEOUT), |mut c| {
+                let req = req.clone();
+                async move { c.locate(req).await }
+            })
+            .await?;
+        Ok(resp.ranges)
+    }
+
+    fn meta_target(&self) -> String {
+        if let Some(l) = self.inner.meta_leader.lock().expect("meta lock").clone() {
+            return l;
+        }
+        let i = self
+            .inner
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.endpoints[i % self.inner.endpoints.len()].clone()
+    }
+
+    fn forget_meta_leader(&self, addr: &str) {
+        let mut l = self.inner.meta_leader.lock().expect("meta lock");
+        if l.as_deref() == Some(addr) {
+            *l = None;
+        }
+        self.inner
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn admin_client(&self, target: &str) -> Result<AdminClient<Channel>, ClientError> {
+        Ok(AdminClient::new(self.channel(target)?)
+            .max_decoding_message_size(lmskv_proto::limits::GRPC_MESSAGE_BYTES_MAX))
+    }
+
+    /// Runs an `Admin` call that the meta range's leader serves, following
+    /// `NotLeader` hints and retrying transient failures until `deadline`.
+    /// Each try waits at most `attempt_timeout` when given.
+    pub(crate) async fn meta_call<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        attempt_timeout: Option<Duration>,
+        mut f: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnMut(AdminClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let policy = &self.inner.retry;
+        let mut budget = Budget::new(policy);
+        budget.deadline = budget.deadline.min(deadline);
+        loop {
+            budget.attempt()?;
+            let target = self.meta_target();
+            let now = Instant::now();
+            let until = attempt_timeout.map_or(budget.deadline, |t| budget.deadline.min(now + t));
+            let err = match send(&target, until, f(self.admin_client(&target)?)).await {
+                Ok(r) => {
+                    let mut l = self.inner.meta_leader.lock().expect("meta lock");
+                    if l.is_none() {
+                        *l = Some(target);
+                    }
+                    return Ok(r);
+                }
+                Err(e) => e,
+            };
+            match &err {
+                ServerError::NotLeader {
+                    leader: Some(h), ..
+                } if !h.address.is_empty() && h.address != target => {
+                    self.inner.routes.set_address(h.node_id, &h.address);
+                    *self.inner.meta_leader.lock().expect("meta lock") = Some(h.address.clone());
+                    budget.failed(err);
+                }
+                ServerError::Overloaded { retry_after_ms } => {
+                    let d = Duration::from_millis((*retry_after_ms).clamp(1, 5_000));
+                    budget.failed(err);
+                    budget.sleep(d).await?;
+                }
+                e if e.is_retryable() => {
+                    self.forget_meta_leader(&target);
+                    budget.failed(err);
+                    budget.backoff(policy).await?;
+                }
+                _ => return Err(ClientError::Server(err)),
+            }
+        }
+    }
+
+    /// The node to send a try to, and its address: a replica in rotation for
+    /// a weak read, else the leader (or, when unknown, some replica, which
+    /// answers with a hint).
+    fn pick(&self, range: &CachedRange, weak: bool) -> Option<(u64, String)> {
+        let routes = &self.inner.routes;
+        let known: Vec<(u64, String)> = range
+            .desc
+            .replicas
+            .iter()
+            .filter_map(|r| routes.address(r.node_id).map(|a| (r.node_id, a)))
+            .collect();
+        if weak {
+            let addrs: Vec<String> = known.iter().map(|(_, a)| a.clone()).collect();
+            if let Some(a) = self.inner.replicas.order(&addrs, 1).into_iter().next() {
+                return known.into_iter().find(|(_, k)| *k == a);
+            }
+        }
+        if range.leader_id != 0 {
+            if let Some(a) = routes.address(range.leader_id) {
+                return Some((range.leader_id, a));
+            }
+        }
+        let addrs: Vec<String> = known.iter().map(|(_, a)| a.clone()).collect();
+        let a = self
+            .inner
+            .replicas
+            .order(&addrs, 1)
+            .into_iter()
+            .next()
+            .or_else(|| addrs.first().cloned())?;
+        known.into_iter().find(|(_, k)| *k == a)
+    }
+
+    /// Sends a request for the range holding `anchor` (`reverse`: the keys
+    /// just below it) where `route` allows, healing the route cache from
+    /// refusals and retrying within `budget`. `fits` says whether a range
+    /// still holds every key of the request; when a refreshed range does not,
+    /// the caller must regroup. Returns the response and the descriptor it
+    /// was sent under.
+    pub(crate) async fn range_call<T, F, Fut>(
+        &self,
+        budget: &mut Budget,
+        anchor: &[u8],
+        reverse: bool,
+        route: Route,
+        fits: &(dyn Fn(&RangeDescriptor) -> bool + Send + Sync),
+        mut f: F,
+    ) -> Result<(T, RangeDescriptor), RangeCallError>
+    where
+        T: Served,
+        F: FnMut(KvClient<Channel>, v1::RequestHeader) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let policy = &self.inner.retry;
+        let mut replica_tries = 0usize;
+        let mut healed_in_a_row = 0u32;
+        loop {
+            budget.attempt()?;
+            let range = match self.locate(anchor, reverse, budget.deadline).await {
+                Ok(r) => r,
+                Err(ClientError::Server(e)) if e.is_retryable() => {
+                    budget.failed(e);
+                    budget.backoff(policy).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if !fits(&range.desc) {
+                return Err(RangeCallError::Regroup(range.desc));
+            }
+            let range_id = range.desc.range_id;
+            let weak = route == Route::AnyReplica && replica_tries < REPLICA_TRIES_MAX;
+            let Some((node_id, addr)) = self.pick(&range, weak) else {
+                // No replica's address is known: ask the meta range again.
+                self.inner.routes.evict(range_id);
+                budget.failed(ServerError::unavailable(format!(
+                    "no address known for a replica of range {range_id}"
+                )));
+                budget.backoff(policy).await?;
+                continue;
+            };
+            if weak {
+                replica_tries += 1;
+            }
+            let header = v1::RequestHeader {
+                range_id,
+                epoch: Some(epoch(&range.desc)),
+            };
+            let now = Instant::now();
+            let until = if weak {
+                budget
+                    .deadline
+                    .min(now + self.inner.replica_attempt_timeout)
+            } else {
+                budget.deadline
+            };
+            let client = self.kv_client(&addr)?;
+            let err = match send(&addr, until, f(client, header)).await {
+                Ok(resp) => {
+                    if let Some(h) = resp.header() {
+                        if h.leader_id != 0 {
+                            self.inner.routes.set_leader(range_id, h.leader_id, None);
+                        }
+                    } else if route == Route::Leader {
+                        self.inner.routes.set_leader(range_id, node_id, None);
+                    }
+                    self.inner.replicas.clear(&addr);
+                    self.observe(resp.header());
+                    return Ok((resp, range.desc));
+                }
+                Err(e) => e,
+            };
+            let healed = self.inner.routes.heal(&err, node_id);
+            match &err {
+                ServerError::NotLeader { leader, .. } => {
+                    healed_in_a_row += 1;
+                    let useful = healed && leader.as_ref().is_some_and(|h| h.node_id != node_id);
+                    if !(weak || useful && healed_in_a_row <= HEALED_RETRIES_BEFORE_BACKOFF) {
+                        budget.failed(err);
+                        budget.backoff(policy).await?;
+                        continue;
+                    }
+                }
+                ServerError::EpochMismatch { .. } | ServerError::KeyNotInRange { .. } => {
+                    healed_in_a_row += 1;
+                    if !healed || healed_in_a_row > HEALED_RETRIES_BEFORE_BACKOFF {
+                        budget.failed(err);
+                        budget.backoff(policy).await?;
+                        continue;
+                    }
+                }
+                ServerError::RangeNotFound { .. } => {
+                    budget.failed(err);
+                    budget.backoff(policy).await?;
+                    continue;
+                }
+                ServerError::Overloaded { retry_after_ms } => {
+                    let d = Duration::from_millis((*retry_after_ms).clamp(1, 5_000));
+                    budget.failed(err);
+                    budget.sleep(d).await?;
+                    continue;
+                }
+                e if e.is_retryable() || (weak && matches!(e, ServerError::Corruption { .. })) => {
+                    // A replica that refuses its corrupt copy is no reason
+                    // to fail a read another replica can serve.
+                    self.inner.replicas.suspect(&addr);
+                    self.inner.routes.clear_leader(range_id, node_id);
+                    if !weak {
+                        budget.failed(err);
+                        budget.backoff(policy).await?;
+                        continue;
+                    }
+                }
+                _ => return Err(ClientError::Server(err).into()),
+            }
+            budget.failed(err);
+        }
+    }
+
+    /// [`Client::range_call`] for a request about one key.
+    pub(crate) async fn key_call<T, F, Fut>(
+        &self,
+        key: &[u8],
+        route: Route,
+        f: F,
+    ) -> Result<T, ClientError>
+    where
+        T: Served,
+        F: FnMut(KvClient<Channel>, v1::RequestHeader) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut budget = Budget::new(&self.inner.retry);
+        match self
+            .range_call(&mut budget, key, false, route, &|_| true, f)
+            .await
+        {
+            Ok((t, _)) => Ok(t),
+            Err(RangeCallError::Failed(e)) => Err(e),
+            Err(RangeCallError::Regroup(_)) => Err(ClientError::Server(ServerError::internal(
+                "a one-key request cannot span ranges",
+            ))),
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Calls over many keys that may live in many ranges: [`Client::batch_get`]
+//! and [`Client::batch_put`].
+//!
+//! The keys are sorted, grouped by the range that holds them (from the route
+//! cache), and each group is sent to its range as one request, at most
+//! [`FANOUT_CONCURRENCY_MAX`] at a time. A group refused because its range
+//! split is regrouped and sent again; the results are put back in key order.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt};
+use lmskv_proto::error::Error as ServerError;
+use lmskv_proto::limits::{BATCH_BYTES_MAX, BATCH_OPS_MAX};
+use lmskv_proto::range;
+use lmskv_proto::v1::{self, batch_op, RangeDescriptor};
+
+use crate::call::{Budget, RangeCallError};
+use crate::client::{
+    check_key, check_value, new_request_id, write_opts, Client, KeyValue, ReadConsistency, Route,
+    WriteOptions, WriteResult,
+};
+use crate::error::ClientError;
+
+/// Range requests one multi-range call has in flight at most.
+pub const FANOUT_CONCURRENCY_MAX: usize = 16;
+/// Keys one [`Client::batch_get`] reads at most.
+pub const BATCH_GET_KEYS_MAX: usize = 10_000;
+/// Keys sent to one range in one `BatchGet` request at most.
+pub const BATCH_GET_KEYS_PER_REQUEST_MAX: usize = 1_000;
+/// Pairs one [`Client::batch_put`] writes at most (and their key and value
+/// bytes at most `BATCH_BYTES_MAX`), so that each range's share fits one
+/// atomic batch.
+pub const BATCH_PUT_PAIRS_MAX: usize = BATCH_OPS_MAX;
+/// Times the keys of one call are regrouped after ranges split under it.
+const REGROUP_ROUNDS_MAX: u32 = 16;
+
+/// Keys of one range, in key order.
+struct Group {
+    keys: Vec<Bytes>,
+}
+
+/// The keys one range's batch wrote and what it returned.
+type Written = (Vec<Bytes>, WriteResult);
+
+/// What one range's request gave back.
+enum GroupResult<T> {
+    Done(T),
+    /// The range split: these keys must be grouped again.
+    Regroup(Vec<Bytes>),
+}
+
+impl Client {
+    /// Sorted keys grouped by the range that holds them (each group at most
+    /// `per_group_max` keys).
+    async fn group_by_range(
+        &self,
+        keys: &[Bytes],
+        budget: &Budget,
+        per_group_max: usize,
+    ) -> Result<Vec<Group>, ClientError> {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut current: Option<RangeDescriptor> = None;
+        for k in keys {
+            let same = current.as_ref().is_some_and(|d| range::contains(d, k));
+            let full = groups.last().is_some_and(|g| g.keys.len() >= per_group_max);
+            if !same {
+                current = Some(self.locate(k, false, budget.deadline).await?.desc);
+            }
+            if !same || full {
+                groups.push(Group { keys: Vec::new() });
+            }
+            groups.last_mut().expect("a group").keys.push(k.clone());
+        }
+        Ok(groups)
+    }
+
+    /// Reads several keys at one consistency level and returns those that
+    /// exist, in key order (each once). The keys may live in many ranges:
+    /// each range is asked once, in parallel (at most
+    /// [`FANOUT_CONCURRENCY_MAX`] at a time). Each range's answer is
+    /// consistent at the level asked; different ranges are read at
+    /// different moments.
+    pub async fn batch_get<I, K>(
+        &self,
+        keys: I,
+        consistency: ReadConsistency,
+    ) -> Result<Vec<KeyValue>, ClientError>
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<Bytes>,
+    {
+        let mut keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
+        if keys.len() > BATCH_GET_KEYS_MAX {
+            return Err(ClientError::InvalidArgument {
+                field: "keys".into(),
+                reason: format!(
+                    "{} keys; one batch_get reads at most {BATCH_GET_KEYS_MAX}",
+                    keys.len()
+                ),
+            });
+        }
+        for k in &keys {
+            check_key("keys", k)?;
+        }
+        keys.sort();
+        keys.dedup();
+        let mut found = Vec::with_capacity(keys.len());
+        if let Some(cache) = &self.inner.cache {
+            keys.retain(|k| match cache.lookup(k, consistency) {
+                Some(hit) => {
+                    found.extend(hit);
+                    false
+                }
+                None => true,
+            });
+        }
+        let budget = Budget::new(&self.inner.retry);
+        let read = consistency.to_proto();
+        let mut pending = keys;
+        let mut rounds = 0;
+        while !pending.is_empty() {
+            rounds += 1;
+            if rounds > REGROUP_ROUNDS_MAX {
+                return Err(budget.exceeded());
+            }
+            let groups = self
+                .group_by_range(&pending, &budget, BATCH_GET_KEYS_PER_REQUEST_MAX)
+                .await?;
+            let results: Vec<Result<GroupResult<Vec<v1::KeyValue>>, ClientError>> =
+                stream::iter(groups)
+                    .map(|g| {
+                        let mut b = budget.fork();
+                        async move {
+                            let (first, last) =
+                                (g.keys[0].clone(), g.keys[g.keys.len() - 1].clone());
+                            let fits = move |d: &RangeDescriptor| {
+                                range::contains(d, &first) && range::contains(d, &last)
+                            };
+                            let req = v1::BatchGetRequest {
+                                header: None,
+                                keys: g.keys.clone(),
+                                read: Some(read),
+                            };
+                            match self
+                                .range_call(
+                                    &mut b,
+                                    &g.keys[0],
+                                    false,
+                                    consistency.route(),
+                                    &fits,
+                                    |mut c, header| {
+                                        let req = v1::BatchGetRequest {
+                                            header: Some(header),
+                                            ..req.clone()
+                                        };
+                                        async move { c.batch_get(req).await }
+                                    },
+                                )
+                                .await
+                            {
+                                Ok((resp, _)) => Ok(GroupResult::Done(resp.kvs)),
+                                Err(RangeCallError::Regroup(_)) => Ok(GroupResult::Regroup(g.keys)),
+                                Err(RangeCallError::Failed(e)) => Err(e),
+                            }
+                        }
+                    })
+                    .buffer_unordered(FANOUT_CONCURRENCY_MAX)
+                    .collect()
+                    .await;
+            pending = Vec::new();
+            for r in results {
+                match r? {
+                    GroupResult::Done(kvs) => found.extend(kvs.into_iter().map(KeyValue::from)),
+                    GroupResult::Regroup(keys) => pending.extend(keys),
+                }
+            }
+            pending.sort();
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        found.dedup_by(|a, b| a.key == b.key);
+        Ok(found)
+    }
+
+    /// Sets several keys, which may live in many ranges. The pairs of each
+    /// range are written as one atomic batch, the ranges in parallel (at most
+    /// [`FANOUT_CONCURRENCY_MAX`] at a time).
+    ///
+    /// **Not atomic across ranges**: when the call fails, the pairs of some
+    /// ranges may have been written and others not; sending the same pairs
+    /// again is safe. Each range's batch carries its own request id, so a
+    /// batch retried after a lost reply is applied once (a range that splits
+    /// under a batch has its pairs regrouped and sent under new ids).
+    /// Returns one result per pair, in the order given. Keys must be unique.
+    pub async fn batch_put<I, K, V>(
+        &self,
+        pairs: I,
+        opts: &WriteOptions,
+    ) -> Result<Vec<WriteResult>, ClientError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<Bytes>,
+        V: Into<Bytes>,
+    {
+        let pairs: Vec<(Bytes, Bytes)> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        if pairs.len() > BATCH_PUT_PAIRS_MAX {
+            return Err(ClientError::InvalidArgument {
+                field: "pairs".into(),
+                reason: format!(
+                    "{} pairs; one batch_put writes at most {BATCH_PUT_PAIRS_MAX}",
+                    pairs.len()
+                ),
+            });
+        }
+        let mut bytes = 0usize;
+        let mut seen = HashSet::with_capacity(pairs.len());
+        for (k, v) in &pairs {
+            check_key("pairs.key", k)?;
+            check_value("pairs.value", v)?;
+            bytes += k.len() + v.len();
+            if !seen.insert(k.clone()) {
+                return Err(ClientError::InvalidArgument {
+                    field: "pairs.key".into(),
+                    reason: format!("key {:?} appears twice", lmskv_proto::keys::escape(k)),
+                });
+            }
+        }
+        if bytes > BATCH_BYTES_MAX {
+            return Err(ClientError::InvalidArgument {
+                field: "pairs".into(),
+                reason: format!("{bytes} bytes of keys and values; the limit is {BATCH_BYTES_MAX}"),
+            });
+        }
+        if opts.request_id.is_some() {
+            return Err(ClientError::InvalidArgument {
+                field: "request_id".into(),
+                reason: "batch_put chooses one request id per range; leave it unset".into(),
+            });
+        }
+        let values: std::collections::HashMap<Bytes, Bytes> = pairs.iter().cloned().collect();
+        let mut keys: Vec<Bytes> = pairs.iter().map(|(k, _)| k.clone()).collect();
+        keys.sort();
+        self.invalidate(&keys);
+        let result = self.batch_put_sorted(keys.clone(), &values, opts).await;
+        // Forgotten again whatever the outcome: a read in flight meanwhile
+        // must not cache older state.
+        self.invalidate(&keys);
+        let written = result?;
+        pairs
+            .iter()
+            .map(|(k, _)| {
+                written.get(k).copied().ok_or_else(|| {
+                    ClientError::Server(ServerError::internal(format!(
+                        "no result for key {:?}",
+                        lmskv_proto::keys::escape(k)
+                    )))
+                })
+            })
+            .collect()
+    }
+
+    async fn batch_put_sorted(
+        &self,
+        keys: Vec<Bytes>,
+        values: &std::collections::HashMap<Bytes, Bytes>,
+        opts: &WriteOptions,
+    ) -> Result<std::collections::HashMap<Bytes, WriteResult>, ClientError> {
+        let budget = Budget::new(&self.inner.retry);
+        let mut written = std::collections::HashMap::with_capacity(keys.len());
+        let mut pending = keys;
+        let mut rounds = 0;
+        while !pending.is_empty() {
+            rounds += 1;
+            if rounds > REGROUP_ROUNDS_MAX {
+                return Err(budget.exceeded());
+            }
+            let groups = self.group_by_range(&pending, &budget, usize::MAX).await?;
+            let results: Vec<Result<GroupResult<Written>, ClientError>> = stream::iter(groups)
+                .map(|g| {
+                    let mut b = budget.fork();
+                    let ops: Vec<v1::BatchOp> = g
+                        .keys
+                        .iter()
+                        .map(|k| v1::BatchOp {
+                            op: Some(batch_op::Op::Put(v1::KeyValue {
+                                key: k.clone(),
+                                value: values[k].clone(),
+                                version: 0,
+                            })),
+                        })
+                        .collect();
+                    // One id for every retry of this range's batch.
+                    let write = v1::WriteOptions {
+                        request_id: new_request_id(),
+                        ..write_opts(opts)
+                    };
+                    async move {
+                        let (first, last) = (g.keys[0].clone(), g.keys[g.keys.len() - 1].clone());
+                        let fits = move |d: &RangeDescriptor| {
+                            range::contains(d, &first) && range::contains(d, &last)
+                        };
+                        let req = v1::BatchRequest {
+                            header: None,
+                            conditions: Vec::new(),
+                            ops,
+                            write: Some(write),
+                        };
+                        match self
+                            .range_call(
+                                &mut b,
+                                &g.keys[0],
+                                false,
+                                Route::Leader,
+                                &fits,
+                                |mut c, header| {
+                                    let req = v1::BatchRequest {
+                                        header: Some(header),
+                                        ..req.clone()
+                                    };
+                                    async move { c.batch(req).await }
+                                },
+                            )
+                            .await
+                        {
+                            Ok((resp, _)) => {
+                                let index = resp.header.map(|h| h.applied_index).unwrap_or(0);
+                                let version = if resp.version != 0 {
+                                    resp.version
+                                } else {
+                                    index
+                                };
+                                Ok(GroupResult::Done((g.keys, WriteResult { version, index })))
+                            }
+                            Err(RangeCallError::Regroup(_)) => Ok(GroupResult::Regroup(g.keys)),
+                            Err(RangeCallError::Failed(e)) => Err(e),
+                        }
+                    }
+                })
+                .buffer_unordered(FANOUT_CONCURRENCY_MAX)
+                .collect()
+                .await;
+            pending = Vec::new();
+            let mut first_err = None;
+            for r in results {
+                match r {
+                    Ok(GroupResult::Done((keys, w))) => {
+                        for k in keys {
+                            written.insert(k, w);
+                        }
+                    }
+                    Ok(GroupResult::Regroup(keys)) => pending.extend(keys),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            pending.sort();
+        }
+        Ok(written)
+    }
+}

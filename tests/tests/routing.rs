@@ -1,0 +1,225 @@
+//! Client routing against real node processes: a client whose route cache
+//! was filled before another client split ranges and moved a leader heals
+//! its cache from the routing errors and completes every call (get, put,
+//! batch_get, batch_put, scans in both directions); an atomic batch across
+//! two ranges is refused; and a write whose reply was lost is retried with
+//! its request id and applied once.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use lmskv_client::{BatchOp, ClientError, ReadConsistency, ScanOptions, WriteOptions};
+use lmskv_proto::v1::{PutRequest, RequestHeader};
+use lmskv_tests::{phase, ClusterOptions, TestCluster};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(180);
+const KEYS: usize = 120;
+
+fn key(i: usize) -> Bytes {
+    Bytes::from(format!("route/{i:04}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_heals_its_cache_after_splits_and_leader_moves() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+        let admin = c.client();
+
+        phase!("fill this client's route cache with writes and reads");
+        let pairs: Vec<(Bytes, Bytes)> = (0..KEYS).map(|i| (key(i), Bytes::from("v1"))).collect();
+        client
+            .batch_put(pairs, &WriteOptions::default())
+            .await
+            .unwrap();
+        let got = client
+            .batch_get((0..KEYS).map(key), ReadConsistency::Strong)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), KEYS);
+        let before = client.cached_ranges();
+        phase!("{before} ranges cached");
+
+        phase!("another client splits the key space and moves a leader");
+        for at in [30, 60, 90] {
+            let (l, r) = admin.split(key(at)).await.unwrap();
+            phase!("split at {at}: ranges {} and {}", l.range_id, r.range_id);
+        }
+        let ranges = admin.range_list().await.unwrap();
+        let moved = ranges
+            .iter()
+            .find(|r| {
+                r.descriptor
+                    .as_ref()
+                    .is_some_and(|d| lmskv_proto::range::contains(d, &key(70)))
+            })
+            .expect("a range holds key 70");
+        let d = moved.descriptor.as_ref().unwrap();
+        let to = d
+            .replicas
+            .iter()
+            .map(|r| r.node_id)
+            .find(|n| *n != moved.leader_id)
+            .expect("another replica");
+        admin.transfer_leader(d.range_id, to).await.unwrap();
+        phase!("range {} leader {} -> {to}", d.range_id, moved.leader_id);
+
+        phase!("this client completes every call on its stale cache");
+        for i in (0..KEYS).step_by(7) {
+            let kv = client
+                .get(key(i), ReadConsistency::Strong)
+                .await
+                .unwrap()
+                .expect("key exists");
+            assert_eq!(kv.value, "v1");
+        }
+        for i in (0..KEYS).step_by(5) {
+            client.put(key(i), "v2").await.unwrap();
+        }
+        let got = client
+            .batch_get((0..KEYS).map(key), ReadConsistency::Strong)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), KEYS);
+        for (i, kv) in got.iter().enumerate() {
+            assert_eq!(kv.key, key(i), "batch_get returns keys in order");
+            let want = if i % 5 == 0 { "v2" } else { "v1" };
+            assert_eq!(kv.value, want, "{:?}", kv.key);
+        }
+        let span = ScanOptions {
+            start: "route/".into(),
+            end: "route0".into(),
+            limit: 17,
+            ..Default::default()
+        };
+        let fwd = client.scan_all(&span, 10_000).await.unwrap();
+        let fwd_keys: Vec<Bytes> = fwd.into_iter().map(|kv| kv.key).collect();
+        assert_eq!(fwd_keys, (0..KEYS).map(key).collect::<Vec<_>>());
+        let rev = client
+            .scan_all(
+                &ScanOptions {
+                    reverse: true,
+                    ..span.clone()
+                },
+                10_000,
+            )
+            .await
+            .unwrap();
+        let rev_keys: Vec<Bytes> = rev.into_iter().map(|kv| kv.key).collect();
+        assert_eq!(rev_keys, (0..KEYS).rev().map(key).collect::<Vec<_>>());
+        assert!(
+            client.cached_ranges() >= 4,
+            "the cache holds the split ranges: {}",
+            client.cached_ranges()
+        );
+        phase!(
+            "{} ranges cached, {} Locate calls",
+            client.cached_ranges(),
+            client.locate_calls()
+        );
+
+        phase!("a scan paged while a range splits sees every key once");
+        let mut opts = ScanOptions {
+            limit: 25,
+            ..span.clone()
+        };
+        let mut seen = Vec::new();
+        let mut split_done = false;
+        loop {
+            let page = client.scan(&opts).await.unwrap();
+            seen.extend(page.kvs.into_iter().map(|kv| kv.key));
+            if !split_done {
+                admin.split(key(45)).await.unwrap();
+                split_done = true;
+            }
+            match page.next_page_token {
+                Some(t) => opts.page_token = t,
+                None => break,
+            }
+        }
+        assert_eq!(seen, (0..KEYS).map(key).collect::<Vec<_>>());
+
+        phase!("an atomic batch across two ranges is refused and writes nothing");
+        let err = client
+            .batch(
+                vec![],
+                vec![
+                    BatchOp::Put(key(1), "x".into()),
+                    BatchOp::Put(key(100), "x".into()),
+                ],
+                &WriteOptions::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::InvalidArgument { .. }), "{err}");
+        let kv = client.get(key(1), ReadConsistency::Strong).await.unwrap();
+        assert_eq!(kv.unwrap().value, "v1");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_whose_reply_was_lost_is_applied_once() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+        let k = Bytes::from_static(b"lost/k");
+        let id = Bytes::from_static(b"lost-reply-0001");
+
+        phase!("the write reaches the leader; its reply is dropped");
+        let leader = c
+            .wait_range_leader(&k, Duration::from_secs(20))
+            .await
+            .unwrap();
+        let range = client.range_for_key(&k).await.unwrap();
+        let mut raw = c.kv(leader);
+        // The reply is never read by the writer: this is the lost reply.
+        let _lost = raw
+            .put(PutRequest {
+                header: Some(RequestHeader {
+                    range_id: range.range_id,
+                    epoch: range.epoch,
+                }),
+                key: k.clone(),
+                value: "first".into(),
+                write: Some(lmskv_proto::v1::WriteOptions {
+                    request_id: id.clone(),
+                    durability: 0,
+                }),
+            })
+            .await
+            .unwrap();
+
+        phase!("another writer changes the key meanwhile");
+        let other = client.put(k.clone(), "second").await.unwrap();
+
+        phase!("the writer retries with the same request id through the client");
+        let retried = client
+            .put_with(
+                k.clone(),
+                "first",
+                &WriteOptions {
+                    request_id: Some(id.clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            retried.version < other.version,
+            "the retry was applied again: version {} after the other write's {}",
+            retried.version,
+            other.version
+        );
+        let now = client
+            .get(k.clone(), ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(now.value, "second", "the retry overwrote a later write");
+        assert_eq!(now.version, other.version);
+    })
+    .await
+    .expect("test timed out");
+}
