@@ -179,6 +179,11 @@ pub struct MetaStore {
 }
 
 impl MetaStore {
+    /// The local meta replica this store reads and writes through.
+    pub fn replica(&self) -> &Arc<RangeReplica> {
+        &self.replica
+    }
+
     /// Meta access through `replica` (the local replica of range 1).
     pub fn new(replica: Arc<RangeReplica>) -> Self {
         debug_assert_eq!(replica.range_id(), META_RANGE_ID);

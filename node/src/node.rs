@@ -477,7 +477,9 @@ impl Node {
     /// The local meta replica when it is the meta range's leader.
     pub fn local_meta_leader(&self) -> Option<Arc<RangeReplica>> {
         let r = self.replicas.get(META_RANGE_ID).ok()?;
-        (r.is_ready() && r.leader_id() == self.node_id()).then_some(r)
+        // The Raft state, not the leader id: a leader removed from the meta
+        // range steps down to learner but may still name itself as leader.
+        (r.is_ready() && r.is_leader_now()).then_some(r)
     }
 
     /// Where the meta leader probably is: the cached answer, the local meta

@@ -57,6 +57,12 @@ struct RangeLive {
 struct PdState {
     /// When this node last became the meta leader.
     leader_since: Option<Instant>,
+    /// The term of that leadership.
+    leader_term: Option<u64>,
+    /// The meta-leader term in which `descs` and `records` were loaded from
+    /// the meta range: the driver answers nothing from a term it has not
+    /// loaded (a former leader's cache may be far behind).
+    loaded_term: Option<u64>,
     nodes: HashMap<u64, NodeLive>,
     /// Stats reported by each range's leader.
     ranges: HashMap<u64, RangeLive>,
@@ -252,12 +258,26 @@ pub fn meta_store(node: &Node) -> Result<MetaStore, Error> {
     }
 }
 
+/// The meta store when this node leads the meta range and the driver has
+/// loaded it in the current term; `Unavailable` (retry shortly) while loading.
+pub fn serving(node: &Node) -> Result<MetaStore, Error> {
+    let meta = meta_store(node)?;
+    let term = meta.replica().leader_term();
+    let loaded = node.pd.state.lock().expect("pd lock").loaded_term;
+    if term.is_none() || loaded != term {
+        return Err(Error::unavailable(
+            "the placement driver is loading the meta range; retry",
+        ));
+    }
+    Ok(meta)
+}
+
 /// Handles a node's heartbeat on the meta leader.
 pub async fn handle_heartbeat(
     node: &Arc<Node>,
     req: HeartbeatRequest,
 ) -> Result<HeartbeatResponse, Error> {
-    let meta = meta_store(node)?;
+    let meta = serving(node)?;
     let pd = &node.pd;
     let known = {
         let mut st = pd.state.lock().expect("pd lock");
@@ -347,20 +367,20 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        let leading = node.local_meta_leader().is_some();
+        let term = node.local_meta_leader().and_then(|r| r.leader_term());
+        let leading = term.is_some();
         {
             let mut st = node.pd.state.lock().expect("pd lock");
-            match (leading, st.leader_since) {
-                (true, None) => {
-                    tracing::info!("leading the meta range: placement driver active");
+            if term != st.leader_term {
+                if let Some(t) = term {
+                    tracing::info!(term = t, "leading the meta range: placement driver active");
                     st.leader_since = Some(Instant::now());
                     st.nodes.clear();
                     st.ranges.clear();
-                }
-                (false, Some(_)) => {
+                } else {
                     st.leader_since = None;
                 }
-                _ => {}
+                st.leader_term = term;
             }
         }
         if !leading {
@@ -374,6 +394,9 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
 
 async fn tick(node: &Arc<Node>) -> Result<(), Error> {
     let meta = meta_store(node)?;
+    let Some(term) = meta.replica().leader_term() else {
+        return Ok(());
+    };
     meta.barrier().await?;
     let pd = &node.pd;
     let mut descs = meta.descriptors()?;
@@ -388,10 +411,17 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
     {
         let mut st = pd.state.lock().expect("pd lock");
         st.records = records.clone();
-        st.descs.clear();
-        for d in &descs {
-            st.descs.insert(d.range_id, d.clone());
+        if st.loaded_term != Some(term) {
+            st.descs.clear();
         }
+        // Newer wins: a split or heartbeat may have noted a descriptor after
+        // the read above.
+        for d in &descs {
+            if st.descs.get(&d.range_id).is_none_or(|o| d.newer_than(o)) {
+                st.descs.insert(d.range_id, d.clone());
+            }
+        }
+        st.loaded_term = Some(term);
     }
     // The meta range keeps only the system key space.
     let meta_desc = node.stored_desc(&*node.replica(META_RANGE_ID)?);

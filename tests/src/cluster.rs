@@ -416,6 +416,15 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{}", self.log_tails(40));
+            // Whole logs for a closer look: LMSKV_TEST_KEEP_LOGS=<dir>.
+            if let Some(keep) = std::env::var_os("LMSKV_TEST_KEEP_LOGS") {
+                let keep = std::path::PathBuf::from(keep);
+                let _ = std::fs::create_dir_all(&keep);
+                for n in &self.nodes {
+                    let _ = std::fs::copy(&n.log_path, keep.join(format!("node-{}.log", n.id)));
+                }
+                eprintln!("node logs kept in {}", keep.display());
+            }
         }
         for n in &mut self.nodes {
             if let Some(mut c) = n.child.take() {

@@ -643,6 +643,13 @@ impl RangeReplica {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
     }
 
+    /// The term this replica leads in, if it is the leader now.
+    pub fn leader_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        (m.state == ServerState::Leader).then_some(m.current_term)
+    }
+
     /// A follower serves a bounded-staleness read only if it heard from the
     /// leader within `max_ms` and has applied what the leader had committed then.
     async fn bounded_read(&self, max_ms: u64) -> Result<u64, Error> {

@@ -158,7 +158,7 @@ impl Admin for AdminService {
         req: Request<LocateRequest>,
     ) -> Result<Response<LocateResponse>, Status> {
         let req = req.into_inner();
-        pd::meta_store(&self.node)?;
+        pd::serving(&self.node)?;
         let prefetch = (req.prefetch as usize).min(LOCATE_PREFETCH_MAX);
         let ranges = self.node.pd.locate(&req.key, prefetch, req.reverse);
         if ranges.is_empty() {
@@ -171,7 +171,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<RangeListRequest>,
     ) -> Result<Response<RangeListResponse>, Status> {
-        pd::meta_store(&self.node)?;
+        pd::serving(&self.node)?;
         Ok(Response::new(RangeListResponse {
             ranges: self.node.pd.range_infos(),
         }))
@@ -181,7 +181,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<NodeListRequest>,
     ) -> Result<Response<NodeListResponse>, Status> {
-        pd::meta_store(&self.node)?;
+        pd::serving(&self.node)?;
         Ok(Response::new(NodeListResponse {
             nodes: self.node.pd.node_infos(),
         }))
@@ -190,7 +190,7 @@ impl Admin for AdminService {
     async fn split(&self, req: Request<SplitRequest>) -> Result<Response<SplitResponse>, Status> {
         let req = req.into_inner();
         validate_user_key("key", &req.key)?;
-        pd::meta_store(&self.node)?;
+        pd::serving(&self.node)?;
         let located = self.node.pd.locate(&req.key, 0, false);
         let Some(d) = located.first().and_then(|r| r.descriptor.clone()) else {
             return Err(Error::unavailable("no range found for the key").into());
@@ -238,7 +238,7 @@ impl Admin for AdminService {
                 return Ok(Response::new(TransferLeaderResponse {}));
             }
         }
-        pd::meta_store(&self.node)?;
+        pd::serving(&self.node)?;
         pd::transfer_leader(&self.node, req.range_id, req.to_node).await?;
         Ok(Response::new(TransferLeaderResponse {}))
     }
