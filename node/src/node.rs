@@ -526,7 +526,7 @@ impl Node {
                 let st = r.status();
                 RangeStats {
                     descriptor: Some(self.descriptor(&r)),
-                    leader: st.leader_id == Some(self.node_id()),
+                    leader: r.is_leader_now(),
                     size_bytes: size,
                     keys,
                     qps: r.take_served() as f64 / elapsed,

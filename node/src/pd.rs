@@ -41,10 +41,17 @@ const OP_TIMEOUT: Duration = Duration::from_secs(45);
 const LEADER_TARGETS_MAX: usize = 8;
 /// A node heard from within this is shown as "up".
 const NODE_UP_WITHIN: Duration = Duration::from_secs(5);
+/// A voter whose live node has not reported a replica of its range for this
+/// long has lost it: it is replaced like a voter on a dead node.
+const MISSING_VOTER_GRACE: Duration = Duration::from_secs(10);
+/// Leaders are moved only to nodes heard from within this.
+const LEADER_TARGET_HEARD_WITHIN: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 struct NodeLive {
     last_heartbeat: Instant,
+    /// The ranges the node reported a ready replica of.
+    ranges: HashSet<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +76,9 @@ struct PdState {
     /// Descriptors by range id (a cache of the meta range).
     descs: BTreeMap<u64, StoredDesc>,
     records: BTreeMap<u64, NodeRecord>,
+    /// (range, node) pairs where the node is a voter but reports no replica,
+    /// and since when.
+    missing: HashMap<(u64, u64), Instant>,
 }
 
 /// The placement driver's in-memory state.
@@ -215,6 +225,43 @@ impl Pd {
             .cloned()
     }
 
+    fn is_changing(&self, range_id: u64) -> bool {
+        self.inflight
+            .lock()
+            .expect("inflight lock")
+            .contains(&range_id)
+    }
+
+    /// Voters whose (live, recently heard) node has not reported a replica of
+    /// the range for `MISSING_VOTER_GRACE`, as (range, node) pairs.
+    fn missing_voters(&self, descs: &[StoredDesc]) -> HashSet<(u64, u64)> {
+        let mut st = self.state.lock().expect("pd lock");
+        let now = Instant::now();
+        let mut seen = HashSet::new();
+        for d in descs {
+            if self.is_changing(d.range_id) {
+                continue;
+            }
+            for v in &d.voters {
+                let missing = st.nodes.get(v).is_some_and(|n| {
+                    n.last_heartbeat.elapsed() < NODE_UP_WITHIN && !n.ranges.contains(&d.range_id)
+                });
+                if missing {
+                    seen.insert((d.range_id, *v));
+                }
+            }
+        }
+        st.missing.retain(|k, _| seen.contains(k));
+        for k in &seen {
+            st.missing.entry(*k).or_insert(now);
+        }
+        st.missing
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= MISSING_VOTER_GRACE)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     fn note_descs(&self, descs: &[StoredDesc]) {
         let mut st = self.state.lock().expect("pd lock");
         for d in descs {
@@ -285,6 +332,11 @@ pub async fn handle_heartbeat(
             req.node_id,
             NodeLive {
                 last_heartbeat: Instant::now(),
+                ranges: req
+                    .ranges
+                    .iter()
+                    .filter_map(|r| r.descriptor.as_ref().map(|d| d.range_id))
+                    .collect(),
             },
         );
         for r in &req.ranges {
@@ -347,6 +399,11 @@ pub async fn handle_heartbeat(
         let Some(d) = r.descriptor.as_ref().map(StoredDesc::from_proto) else {
             continue;
         };
+        // A replica change in flight may be adding this very replica as a
+        // learner the descriptor does not show yet.
+        if pd.is_changing(d.range_id) {
+            continue;
+        }
         if let Some(cur) = pd.desc_of(d.range_id) {
             let member = cur.voters.contains(&req.node_id) || cur.learners.contains(&req.node_id);
             if !member && cur.conf_ver > d.conf_ver {
@@ -387,7 +444,7 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             continue;
         }
         if let Err(e) = tick(&node).await {
-            tracing::debug!(error = %e, "placement round");
+            tracing::warn!(error = %e, "placement round failed");
         }
     }
 }
@@ -498,6 +555,14 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         }
         (cands, live, bad)
     };
+    let missing = pd.missing_voters(&descs);
+    for (range_id, v) in &missing {
+        tracing::warn!(
+            range_id,
+            node_id = v,
+            "voter reports no replica of its range; replacing it"
+        );
+    }
     let mut load: HashMap<u64, usize> = candidates.iter().map(|c| (*c, 0)).collect();
     for d in &descs {
         for v in d.voters.iter().chain(&d.learners) {
@@ -513,7 +578,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             .voters
             .iter()
             .copied()
-            .filter(|v| !bad.contains(v))
+            .filter(|v| !bad.contains(v) && !missing.contains(&(d.range_id, *v)))
             .collect();
         let usable: HashSet<u64> = candidates.iter().chain(&keep).copied().collect();
         let want = rf.min(usable.len().max(1));
@@ -522,7 +587,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         if keep.len() < want {
             let Some(target) = candidates
                 .iter()
-                .filter(|c| !voters.contains(c))
+                .filter(|c| !voters.contains(c) && !d.voters.contains(c))
                 .min_by_key(|c| (load.get(c).copied().unwrap_or(0), **c))
                 .copied()
             else {
@@ -541,7 +606,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             voters.retain(|v| *v != victim);
             reason = format!("remove the extra replica on node {victim}");
         } else if d.voters.len() != keep.len() {
-            reason = "remove replicas on dead or draining nodes".to_string();
+            reason = "remove replicas on dead, draining or lost nodes".to_string();
         } else {
             continue;
         }
@@ -634,17 +699,28 @@ async fn balance(
             .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
             .min_by_key(|(c, l)| (*l, *c))
             .expect("candidates");
-        if !(max_l as f64 > mean * (1.0 + tol) && max_l >= min_l + 2) {
+        // Out of balance when a node is above the band or one (e.g. a node
+        // that just joined) is below it.
+        let above = max_l as f64 > mean * (1.0 + tol);
+        let below = (min_l as f64) < mean * (1.0 - tol);
+        if !((above || below) && max_l >= min_l + 2) {
             break;
         }
-        let Some(d) = descs.iter().find(|d| {
-            !planned.contains(&d.range_id)
-                && d.voters.contains(&max_n)
-                && !d.voters.contains(&min_n)
-                && !d.learners.contains(&min_n)
-        }) else {
+        // A random range among those that can move, so that moved replicas
+        // do not all end up on the same set of nodes.
+        let movable: Vec<&StoredDesc> = descs
+            .iter()
+            .filter(|d| {
+                !planned.contains(&d.range_id)
+                    && d.voters.contains(&max_n)
+                    && !d.voters.contains(&min_n)
+                    && !d.learners.contains(&min_n)
+            })
+            .collect();
+        if movable.is_empty() {
             break;
-        };
+        }
+        let d = movable[rand::random::<usize>() % movable.len()];
         let mut voters: Vec<u64> = d.voters.iter().copied().filter(|v| *v != max_n).collect();
         voters.push(min_n);
         voters.sort_unstable();
@@ -665,57 +741,83 @@ async fn balance(
     if !planned.is_empty() {
         return;
     }
-    // Leaders.
-    let leaders: HashMap<u64, (u64, Vec<u64>)> = {
+    // Leaders: while the spread is beyond the tolerance, move a leader from
+    // a node with at least two more than the least-loaded node to it.
+    let mut leader_of: HashMap<u64, u64> = {
         let st = node.pd.state.lock().expect("pd lock");
-        let mut m: HashMap<u64, (u64, Vec<u64>)> = HashMap::new();
-        for (id, r) in &st.ranges {
-            if r.stats.leader_id != 0 {
-                m.entry(r.stats.leader_id).or_default().1.push(*id);
-            }
-        }
-        for (n, v) in m.iter_mut() {
-            v.0 = *n;
-        }
-        m
-    };
-    let count = |n: u64| leaders.get(&n).map(|v| v.1.len()).unwrap_or(0);
-    let total_l: usize = candidates.iter().map(|c| count(*c)).sum();
-    let mean_l = total_l as f64 / candidates.len() as f64;
-    let Some(&hi) = candidates.iter().max_by_key(|c| (count(**c), **c)) else {
-        return;
-    };
-    if !(count(hi) as f64 > mean_l * (1.0 + tol) && count(hi) >= 2) {
-        return;
-    }
-    let mut moved = 0;
-    let mut count_now: HashMap<u64, usize> = candidates.iter().map(|c| (*c, count(*c))).collect();
-    for range_id in leaders.get(&hi).map(|v| v.1.clone()).unwrap_or_default() {
-        if moved >= OPS_INFLIGHT_MAX || (count_now[&hi] as f64) <= mean_l * (1.0 + tol) {
-            return;
-        }
-        let count = |n: u64| count_now.get(&n).copied().unwrap_or(0);
-        let Some(d) = descs.iter().find(|d| d.range_id == range_id) else {
-            continue;
-        };
-        let Some(&to) = d
-            .voters
+        st.ranges
             .iter()
-            .filter(|v| **v != hi && candidates.contains(v))
-            .min_by_key(|v| count(**v))
-        else {
-            continue;
-        };
-        if count(to) + 1 >= count(hi) {
-            continue;
+            .filter(|(_, r)| r.stats.leader_id != 0)
+            .map(|(id, r)| (*id, r.stats.leader_id))
+            .collect()
+    };
+    // Leaders go only to nodes heard from lately, not to one that may have
+    // just died (it is still a candidate until the dead-node timeout).
+    let fresh: HashSet<u64> = {
+        let st = node.pd.state.lock().expect("pd lock");
+        candidates
+            .iter()
+            .copied()
+            .filter(|c| {
+                st.nodes
+                    .get(c)
+                    .is_some_and(|n| n.last_heartbeat.elapsed() < LEADER_TARGET_HEARD_WITHIN)
+            })
+            .collect()
+    };
+    let mut count: HashMap<u64, usize> = candidates.iter().map(|c| (*c, 0)).collect();
+    for l in leader_of.values() {
+        if let Some(n) = count.get_mut(l) {
+            *n += 1;
         }
-        if let Err(e) = transfer_leader(node, range_id, to).await {
-            tracing::debug!(range_id, to, error = %e, "leader balance");
+    }
+    let total_l: usize = count.values().sum();
+    let mean_l = total_l as f64 / candidates.len() as f64;
+    for _ in 0..OPS_INFLIGHT_MAX {
+        let Some((&lo, &lo_n)) = count
+            .iter()
+            .filter(|(c, _)| fresh.contains(c))
+            .min_by_key(|(c, n)| (**n, **c))
+        else {
+            return;
+        };
+        let hi_n = count.values().copied().max().unwrap_or(0);
+        let spread = hi_n as f64 > mean_l * (1.0 + tol) || (lo_n as f64) < mean_l * (1.0 - tol);
+        if !spread || hi_n < lo_n + 2 {
             return;
         }
-        moved += 1;
-        *count_now.entry(hi).or_default() -= 1;
-        *count_now.entry(to).or_default() += 1;
+        // The range whose leader is the most loaded among those `lo` can take.
+        let pick = descs
+            .iter()
+            .filter(|d| d.voters.contains(&lo))
+            .filter_map(|d| {
+                let l = *leader_of.get(&d.range_id)?;
+                let n = count.get(&l).copied()?;
+                (n >= lo_n + 2).then_some((n, d.range_id, l))
+            })
+            .max();
+        let Some((_, range_id, from)) = pick else {
+            return;
+        };
+        if let Err(e) = transfer_leader(node, range_id, lo).await {
+            tracing::debug!(range_id, to = lo, error = %e, "leader balance");
+            return;
+        }
+        tracing::info!(range_id, from, to = lo, "balance: moved a leader");
+        // Counted as moved until the new leader's next heartbeat says so.
+        if let Some(r) = node
+            .pd
+            .state
+            .lock()
+            .expect("pd lock")
+            .ranges
+            .get_mut(&range_id)
+        {
+            r.stats.leader_id = lo;
+        }
+        leader_of.insert(range_id, lo);
+        *count.entry(from).or_default() -= 1;
+        *count.entry(lo).or_default() += 1;
     }
 }
 

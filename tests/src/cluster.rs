@@ -208,7 +208,10 @@ impl TestCluster {
             .arg(&join)
             .arg("--config")
             .arg(&cfg)
-            .env("LMSKV_LOG", "info,openraft=warn")
+            .env(
+                "LMSKV_LOG",
+                std::env::var("LMSKV_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -414,17 +417,20 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        let failed = std::thread::panicking();
+        if failed {
             eprintln!("{}", self.log_tails(40));
-            // Whole logs for a closer look: LMSKV_TEST_KEEP_LOGS=<dir>.
-            if let Some(keep) = std::env::var_os("LMSKV_TEST_KEEP_LOGS") {
-                let keep = std::path::PathBuf::from(keep);
-                let _ = std::fs::create_dir_all(&keep);
-                for n in &self.nodes {
-                    let _ = std::fs::copy(&n.log_path, keep.join(format!("node-{}.log", n.id)));
-                }
-                eprintln!("node logs kept in {}", keep.display());
+        }
+        // Whole logs for a closer look: LMSKV_TEST_KEEP_LOGS=<dir> keeps them
+        // after a failure, LMSKV_TEST_KEEP_LOGS_ALWAYS=1 after every run.
+        let always = std::env::var_os("LMSKV_TEST_KEEP_LOGS_ALWAYS").is_some();
+        if let Some(keep) = std::env::var_os("LMSKV_TEST_KEEP_LOGS").filter(|_| failed || always) {
+            let keep = std::path::PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            for n in &self.nodes {
+                let _ = std::fs::copy(&n.log_path, keep.join(format!("node-{}.log", n.id)));
             }
+            eprintln!("node logs kept in {}", keep.display());
         }
         for n in &mut self.nodes {
             if let Some(mut c) = n.child.take() {

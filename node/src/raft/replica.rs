@@ -29,6 +29,8 @@ use crate::storage::Engine;
 type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// Longest a replica change waits for its new members to catch up.
+/// How long a leader transfer may take before it is reported as failed.
+const LEADER_TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A learner this close to the leader's last log index counts as caught up.
 const LEARNER_LAG_OK: u64 = 16;
@@ -743,13 +745,33 @@ impl RangeReplica {
     }
 
     /// Asks this replica (it must be the leader) to hand leadership to `to`.
+    /// Hands the leadership to voter `to` and waits until it has it.
     pub async fn transfer_leader(&self, to: u64) -> Result<(), Error> {
         self.touch();
+        let mut rx = self.raft.metrics();
         self.raft
             .trigger()
             .transfer_leader(to)
             .await
-            .map_err(|f| self.fatal(f))
+            .map_err(|f| self.fatal(f))?;
+        let deadline = tokio::time::Instant::now() + LEADER_TRANSFER_TIMEOUT;
+        loop {
+            if rx.borrow_and_update().current_leader == Some(to) {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::unavailable("range shut down")),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        reason: format!(
+                            "node {to} did not take the leadership of range {} within {LEADER_TRANSFER_TIMEOUT:?}",
+                            self.range_id
+                        ),
+                    })
+                }
+            }
+        }
     }
 
     /// Starts an election on this replica now (used for the right-hand half
