@@ -329,8 +329,16 @@ impl Node {
 
     /// The descriptor of a replica's range as this replica knows it.
     pub fn stored_desc(&self, r: &RangeReplica) -> StoredDesc {
-        let st = r.status();
-        StoredDesc::new(&r.meta(), st.voters, st.learners)
+        let m = r.meta();
+        if m.voters.is_empty() {
+            // Not initialized yet: the membership Raft knows, if any.
+            let st = r.status();
+            return StoredDesc::new(&m, st.voters, st.learners);
+        }
+        // The applied membership, consistent with `conf_ver` (the Raft
+        // metrics show the latest appended config, which may not be applied).
+        let (v, l) = (m.voters.clone(), m.learners.clone());
+        StoredDesc::new(&m, v, l)
     }
 
     /// The descriptor of a replica's range as clients see it.

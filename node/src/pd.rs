@@ -37,6 +37,11 @@ const PLACEMENT_CALL_TIMEOUT: Duration = Duration::from_secs(40);
 /// Longest one replica change may run before its slot is freed for others
 /// (it is planned again in a later round if still needed).
 const OP_TIMEOUT: Duration = Duration::from_secs(45);
+/// Splits and leader transfers are quick when the range is healthy.
+const SHORT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest one placement round may run; a stuck call does not stall
+/// placement (replica changes run in their own tasks, outside the round).
+const TICK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Addresses one call to a range's leader tries.
 const LEADER_TARGETS_MAX: usize = 8;
 /// A node heard from within this is shown as "up".
@@ -44,6 +49,9 @@ const NODE_UP_WITHIN: Duration = Duration::from_secs(5);
 /// A voter whose live node has not reported a replica of its range for this
 /// long has lost it: it is replaced like a voter on a dead node.
 const MISSING_VOTER_GRACE: Duration = Duration::from_secs(10);
+/// A replica outside its range's membership at the same membership version
+/// is removed after this long.
+const STRAY_REPLICA_GRACE: Duration = Duration::from_secs(5);
 /// Leaders are moved only to nodes heard from within this.
 const LEADER_TARGET_HEARD_WITHIN: Duration = Duration::from_secs(3);
 
@@ -79,6 +87,9 @@ struct PdState {
     /// (range, node) pairs where the node is a voter but reports no replica,
     /// and since when.
     missing: HashMap<(u64, u64), Instant>,
+    /// (range, node) pairs where the node reports a replica that is not a
+    /// member at the same membership version, and since when.
+    stray: HashMap<(u64, u64), Instant>,
 }
 
 /// The placement driver's in-memory state.
@@ -404,12 +415,37 @@ pub async fn handle_heartbeat(
         if pd.is_changing(d.range_id) {
             continue;
         }
-        if let Some(cur) = pd.desc_of(d.range_id) {
-            let member = cur.voters.contains(&req.node_id) || cur.learners.contains(&req.node_id);
-            if !member && cur.conf_ver > d.conf_ver {
+        let Some(cur) = pd.desc_of(d.range_id) else {
+            continue;
+        };
+        let member = cur.voters.contains(&req.node_id) || cur.learners.contains(&req.node_id);
+        let key = (d.range_id, req.node_id);
+        let mut st = pd.state.lock().expect("pd lock");
+        if member || cur.conf_ver < d.conf_ver {
+            st.stray.remove(&key);
+        } else if cur.conf_ver > d.conf_ver {
+            // Removed by a later membership change it never saw.
+            remove.push(d.range_id);
+        } else {
+            // Same membership config, and the node is not in it: a replica
+            // left over from a split or an interrupted change. Removed once
+            // it stays that way for a while.
+            let since = *st.stray.entry(key).or_insert_with(Instant::now);
+            if since.elapsed() >= STRAY_REPLICA_GRACE {
+                tracing::info!(range_id = d.range_id, node_id = req.node_id, "removing a stray replica");
                 remove.push(d.range_id);
             }
         }
+    }
+    {
+        let mut st = pd.state.lock().expect("pd lock");
+        let reported: HashSet<u64> = req
+            .ranges
+            .iter()
+            .filter_map(|r| r.descriptor.as_ref().map(|d| d.range_id))
+            .collect();
+        st.stray
+            .retain(|(range, n), _| *n != req.node_id || reported.contains(range));
     }
     Ok(HeartbeatResponse {
         remove_ranges: remove,
@@ -443,8 +479,10 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         if !leading {
             continue;
         }
-        if let Err(e) = tick(&node).await {
-            tracing::warn!(error = %e, "placement round failed");
+        match tokio::time::timeout(TICK_TIMEOUT, tick(&node)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "placement round failed"),
+            Err(_) => tracing::warn!("placement round took longer than {TICK_TIMEOUT:?}; starting over"),
         }
     }
 }
@@ -897,7 +935,7 @@ async fn run_op(node: &Arc<Node>, op: &PendingOp) -> Result<(), Error> {
             version: desc.version,
         }),
     };
-    let resp = call_range_leader(node, &desc, |mut c| {
+    let resp = call_range_leader(node, &desc, PLACEMENT_CALL_TIMEOUT, |mut c| {
         let req = req.clone();
         async move { c.change_replicas(req).await }
     })
@@ -913,7 +951,12 @@ async fn run_op(node: &Arc<Node>, op: &PendingOp) -> Result<(), Error> {
 
 /// Calls the leader of the range `desc` describes, trying its voters and
 /// following `NotLeader` hints.
-async fn call_range_leader<T, F, Fut>(node: &Node, desc: &StoredDesc, f: F) -> Result<T, Error>
+async fn call_range_leader<T, F, Fut>(
+    node: &Node,
+    desc: &StoredDesc,
+    timeout: Duration,
+    f: F,
+) -> Result<T, Error>
 where
     F: Fn(AdminClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -940,7 +983,7 @@ where
             break;
         }
         let c = admin(node, &addr).await?;
-        match tokio::time::timeout(PLACEMENT_CALL_TIMEOUT, f(c)).await {
+        match tokio::time::timeout(timeout, f(c)).await {
             Ok(Ok(r)) => return Ok(r.into_inner()),
             Ok(Err(s)) => {
                 let e = Error::from_status(&s);
@@ -983,7 +1026,7 @@ pub async fn split(
     let resp = if range_id == META_RANGE_ID {
         split_local(node, req).await?
     } else {
-        call_range_leader(node, &desc, |mut c| {
+        call_range_leader(node, &desc, SHORT_CALL_TIMEOUT, |mut c| {
             let req = req.clone();
             async move { c.split_range(req).await }
         })
@@ -1036,11 +1079,11 @@ pub async fn split_local(
     } else {
         req.version
     };
+    // Both halves carry the membership applied with the split.
     let (left, right) = r.split(key, req.new_range_id, version).await?;
-    let st = r.status();
     Ok(lmskv_proto::v1::SplitResponse {
-        left: Some(StoredDesc::new(&left, st.voters.clone(), st.learners.clone()).to_proto()),
-        right: Some(StoredDesc::new(&right, st.voters, st.learners).to_proto()),
+        left: Some(StoredDesc::new(&left, left.voters.clone(), left.learners.clone()).to_proto()),
+        right: Some(StoredDesc::new(&right, right.voters.clone(), right.learners.clone()).to_proto()),
     })
 }
 
@@ -1056,7 +1099,7 @@ pub async fn transfer_leader(node: &Arc<Node>, range_id: u64, to: u64) -> Result
             format!("node {to} is not a voter of range {range_id}"),
         ));
     }
-    call_range_leader(node, &desc, |mut c| async move {
+    call_range_leader(node, &desc, SHORT_CALL_TIMEOUT, |mut c| async move {
         c.transfer_leader(TransferLeaderRequest {
             range_id,
             to_node: to,

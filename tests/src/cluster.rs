@@ -87,6 +87,7 @@ impl TestCluster {
     /// Starts `opts.nodes` nodes that form a new cluster, and waits for a leader.
     pub async fn start(opts: ClusterOptions) -> anyhow::Result<TestCluster> {
         elapsed_s();
+        note_panics();
         let node_bin = binary("lmskv-node");
         if !node_bin.exists() {
             bail!(
@@ -415,9 +416,25 @@ impl TestCluster {
     }
 }
 
+static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that some thread of this test process panicked (for `Drop`).
+fn note_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICKED.store(true, std::sync::atomic::Ordering::Relaxed);
+            prev(info);
+        }));
+    });
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        let failed = std::thread::panicking();
+        // A cluster shared with spawned tasks may be dropped on another
+        // thread after the test's own thread panicked.
+        let failed = std::thread::panicking() || PANICKED.load(std::sync::atomic::Ordering::Relaxed);
         if failed {
             eprintln!("{}", self.log_tails(40));
         }

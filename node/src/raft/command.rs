@@ -58,6 +58,13 @@ pub struct RangeMeta {
     pub end: Bytes,
     pub version: u64,
     pub conf_ver: u64,
+    /// Voters and learners of the applied membership config (the one
+    /// `conf_ver` counts; a joint config lists both halves). Not stored with
+    /// the span: derived from the applied membership when it is loaded.
+    #[serde(skip)]
+    pub voters: Vec<u64>,
+    #[serde(skip)]
+    pub learners: Vec<u64>,
 }
 
 impl RangeMeta {

@@ -62,6 +62,13 @@ pub type SharedMeta = Arc<RwLock<RangeMeta>>;
 /// the meta range is well known (the whole key space until it is split);
 /// any other range is unknown (version 0, serves nothing) until a snapshot
 /// brings its state.
+/// `desc` with the members of the applied membership config `m`.
+fn with_members(mut desc: RangeMeta, m: &StoredMembershipOf<TypeConfig>) -> RangeMeta {
+    desc.voters = m.membership().voter_ids().collect();
+    desc.learners = m.membership().learner_ids().collect();
+    desc
+}
+
 pub fn initial_meta(range_id: u64) -> RangeMeta {
     RangeMeta {
         range_id,
@@ -153,7 +160,7 @@ impl StateMachine {
         }
         *sm.current_snapshot.lock().expect("snapshot lock") = current;
         if let Some(a) = sm.stored_applied()? {
-            sm.meta = Arc::new(RwLock::new(a.desc));
+            sm.meta = Arc::new(RwLock::new(with_members(a.desc, &a.membership)));
         }
         Ok(sm)
     }
@@ -268,7 +275,7 @@ impl StateMachine {
             path,
             &encode(&applied)?,
         )?;
-        *self.meta.write().expect("meta lock") = applied.desc;
+        *self.meta.write().expect("meta lock") = with_members(applied.desc, &applied.membership);
         Ok(())
     }
 
@@ -307,6 +314,8 @@ impl StateMachine {
             end: desc.end.clone(),
             version: desc.version + 1,
             conf_ver: desc.conf_ver,
+            voters: Vec::new(),
+            learners: Vec::new(),
         };
         desc.end = split_key.clone();
         desc.version += 1;
@@ -333,7 +342,10 @@ impl StateMachine {
             };
             batch.create_range(new_range_id, &encode(&right_applied)?, &encode(&init)?)?;
         }
-        Ok(CommandResponse::Split(Ok((desc.clone(), right))))
+        Ok(CommandResponse::Split(Ok((
+            with_members(desc.clone(), membership),
+            with_members(right, membership),
+        ))))
     }
 
     fn execute(
@@ -576,6 +588,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.expired_through
                 .store(next, std::sync::atomic::Ordering::Relaxed);
         }
+        let desc = with_members(desc, &membership);
         batch.set_applied(&encode(&AppliedState {
             last_applied,
             membership,
