@@ -432,7 +432,11 @@ pub async fn handle_heartbeat(
             // it stays that way for a while.
             let since = *st.stray.entry(key).or_insert_with(Instant::now);
             if since.elapsed() >= STRAY_REPLICA_GRACE {
-                tracing::info!(range_id = d.range_id, node_id = req.node_id, "removing a stray replica");
+                tracing::info!(
+                    range_id = d.range_id,
+                    node_id = req.node_id,
+                    "removing a stray replica"
+                );
                 remove.push(d.range_id);
             }
         }
@@ -482,7 +486,9 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         match tokio::time::timeout(TICK_TIMEOUT, tick(&node)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "placement round failed"),
-            Err(_) => tracing::warn!("placement round took longer than {TICK_TIMEOUT:?}; starting over"),
+            Err(_) => {
+                tracing::warn!("placement round took longer than {TICK_TIMEOUT:?}; starting over")
+            }
         }
     }
 }
@@ -1083,7 +1089,9 @@ pub async fn split_local(
     let (left, right) = r.split(key, req.new_range_id, version).await?;
     Ok(lmskv_proto::v1::SplitResponse {
         left: Some(StoredDesc::new(&left, left.voters.clone(), left.learners.clone()).to_proto()),
-        right: Some(StoredDesc::new(&right, right.voters.clone(), right.learners.clone()).to_proto()),
+        right: Some(
+            StoredDesc::new(&right, right.voters.clone(), right.learners.clone()).to_proto(),
+        ),
     })
 }
 

@@ -434,7 +434,8 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         // A cluster shared with spawned tasks may be dropped on another
         // thread after the test's own thread panicked.
-        let failed = std::thread::panicking() || PANICKED.load(std::sync::atomic::Ordering::Relaxed);
+        let failed =
+            std::thread::panicking() || PANICKED.load(std::sync::atomic::Ordering::Relaxed);
         if failed {
             eprintln!("{}", self.log_tails(40));
         }

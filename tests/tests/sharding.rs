@@ -108,7 +108,7 @@ async fn ranges_split_manually_and_by_size_across_five_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known failure: replica balancing after a sixth node joins does not converge within the bound yet (moves keep failing); run with --ignored"]
+#[ignore = "known intermittent failure (about 1 run in 10): the cluster sometimes goes quiet while a sixth node is being balanced in and placement stops; run with --ignored"]
 async fn ranges_split_spread_rebalance_repair_and_drain() {
     split_spread_rebalance_repair_and_drain(true).await;
 }
@@ -283,7 +283,6 @@ async fn split_spread_rebalance_repair_and_drain(full: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known failure: after the meta leader is killed mid-rebalance some replica changes keep failing (stale snapshot spans, an openraft debug assertion on membership append); run with --ignored"]
 async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         phase!("start 3 nodes, split into 12 ranges");
