@@ -41,6 +41,9 @@ fn expect_invalid(what: &str, r: Result<impl std::fmt::Debug, tonic::Status>) {
     }
 }
 
+/// Times the follower test picks a leader again after it moved.
+const LEADER_MOVE_RETRIES_MAX: usize = 10;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_is_refused_and_changes_nothing() {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -254,11 +257,24 @@ async fn a_retried_write_is_applied_once() {
 async fn a_follower_answers_writes_with_the_leader() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
-        let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
-        let follower = (1..=3).find(|id| *id != leader).unwrap();
-        // The follower may not know the leader until its first heartbeat.
-        c.client().put("warm", "up").await.unwrap();
-        let err = c.kv(follower).put(put("k", "v")).await.unwrap_err();
+        // The placement driver may still move leaders to balance them just
+        // after bootstrap: ask again if the chosen follower became the leader.
+        let mut answer = None;
+        for attempt in 0..LEADER_MOVE_RETRIES_MAX {
+            let key = format!("k{attempt}");
+            let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+            let follower = (1..=3).find(|id| *id != leader).unwrap();
+            // The follower may not know the leader until its first heartbeat.
+            c.client().put("warm", "up").await.unwrap();
+            match c.kv(follower).put(put(key.clone(), "v")).await {
+                Err(err) if c.wait_leader(Duration::from_secs(10)).await.unwrap() == leader => {
+                    answer = Some((leader, err, key));
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        let (leader, err, key) = answer.expect("the leader kept moving");
         match Error::from_status(&err) {
             Error::NotLeader {
                 leader: Some(h), ..
@@ -268,12 +284,12 @@ async fn a_follower_answers_writes_with_the_leader() {
             }
             other => panic!("expected NotLeader with a hint, got {other:?}"),
         }
-        assert!(c
-            .client()
-            .get("k", ReadConsistency::Strong)
+        let client = c.client();
+        let refused = client
+            .get(key.clone(), ReadConsistency::Strong)
             .await
-            .unwrap()
-            .is_none());
+            .unwrap();
+        assert!(refused.is_none(), "a refused write left no trace");
     })
     .await
     .expect("test timed out");
