@@ -63,11 +63,14 @@ pub struct TestCluster {
 /// The directory the workspace's binaries are built into, next to the test binary.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .expect("target dir")
+    // target/<profile>/deps/<test> -> target/<profile>; a binary of this
+    // crate (e.g. lmskv-chaos) sits in target/<profile> itself.
+    let dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary (`lmskv-node`, `lmskv`), overridable with `LMSKV_BIN_DIR`.
