@@ -6,9 +6,15 @@
 set -euo pipefail
 
 missing=()
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
-  missing+=(libclang-dev)
-fi
+# libclang itself (libclang.so / libclang-N.so), not libclang-cpp, which
+# other packages bring along and bindgen cannot use.
+have_libclang=no
+for d in /usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib; do
+  if compgen -G "$d/libclang.so*" >/dev/null || compgen -G "$d/libclang-[0-9]*.so*" >/dev/null; then
+    have_libclang=yes
+  fi
+done
+[ "$have_libclang" = yes ] || missing+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)

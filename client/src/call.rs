@@ -360,7 +360,7 @@ impl Client {
                     .deadline
                     .min(now + self.inner.replica_attempt_timeout)
             } else {
-                budget.deadline
+                budget.deadline.min(now + self.inner.leader_attempt_timeout)
             };
             let client = self.kv_client(&addr)?;
             let err = match send(&addr, until, f(client, header)).await {

@@ -39,6 +39,12 @@ pub const ENDPOINTS_MAX: usize = 64;
 /// How long one try of a read on one replica may take by default before the
 /// read moves on to another replica.
 pub const REPLICA_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
+/// How long one try on a range's leader may take by default before the call
+/// looks for the leader again. Longer than a node's own write timeout would
+/// be pointless; a stopped (paused, partitioned) leader would otherwise hold
+/// a call until its deadline. Retried writes keep their request id, so a try
+/// given up on is never applied twice.
+pub const LEADER_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 
 /// Read consistency level, chosen per read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -276,6 +282,7 @@ pub struct ClientBuilder {
     retry: RetryPolicy,
     read_cache: Option<ReadCacheConfig>,
     replica_attempt_timeout: Duration,
+    leader_attempt_timeout: Duration,
 }
 
 impl Default for ClientBuilder {
@@ -285,6 +292,7 @@ impl Default for ClientBuilder {
             retry: RetryPolicy::default(),
             read_cache: Some(ReadCacheConfig::default()),
             replica_attempt_timeout: REPLICA_ATTEMPT_TIMEOUT_DEFAULT,
+            leader_attempt_timeout: LEADER_ATTEMPT_TIMEOUT_DEFAULT,
         }
     }
 }
@@ -337,6 +345,13 @@ impl ClientBuilder {
         self
     }
 
+    /// How long one try on a range's leader waits before the call asks
+    /// another replica who leads (see [`LEADER_ATTEMPT_TIMEOUT_DEFAULT`]).
+    pub fn leader_attempt_timeout(mut self, d: Duration) -> Self {
+        self.leader_attempt_timeout = d;
+        self
+    }
+
     /// Checks the configuration and creates the client. No connection is made
     /// until the first call.
     pub fn build(self) -> Result<Client, ClientError> {
@@ -368,6 +383,11 @@ impl ClientBuilder {
                 "replica_attempt_timeout must be positive".into(),
             ));
         }
+        if self.leader_attempt_timeout.is_zero() {
+            return Err(ClientError::Config(
+                "leader_attempt_timeout must be positive".into(),
+            ));
+        }
         if let Some(cfg) = &self.read_cache {
             cfg.validate().map_err(ClientError::Config)?;
         }
@@ -378,6 +398,7 @@ impl ClientBuilder {
                 endpoints,
                 retry: self.retry,
                 replica_attempt_timeout: self.replica_attempt_timeout,
+                leader_attempt_timeout: self.leader_attempt_timeout,
                 channels: Mutex::new(HashMap::new()),
                 meta_leader: Mutex::new(None),
                 next: AtomicUsize::new(0),
@@ -401,6 +422,8 @@ pub(crate) struct Inner {
     pub retry: RetryPolicy,
     /// Longest one try of a read on one replica may take.
     pub replica_attempt_timeout: Duration,
+    /// Longest one try on a range's leader may take.
+    pub leader_attempt_timeout: Duration,
     /// One HTTP/2 channel per node address.
     pub channels: Mutex<HashMap<String, Channel>>,
     /// The address believed to lead the meta range.
@@ -963,6 +986,7 @@ mod tests {
             builder().read_cache(10, 1 << 20, Duration::ZERO),
             builder().read_cache(10, 1 << 20, Duration::from_secs(100_000)),
             builder().replica_attempt_timeout(Duration::ZERO),
+            builder().leader_attempt_timeout(Duration::ZERO),
         ];
         for b in bad {
             assert!(matches!(b.build(), Err(ClientError::Config(_))));

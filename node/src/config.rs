@@ -46,6 +46,9 @@ pub struct FileConfig {
     pub placement_interval_ms: u64,
     /// Balance when a node holds more than this fraction above the mean.
     pub balance_tolerance: f64,
+    /// Whether the placement driver moves range leaderships to even out the
+    /// leaders per node (replica balance and repair are not affected).
+    pub balance_leaders: bool,
 }
 
 impl Default for FileConfig {
@@ -71,6 +74,7 @@ impl Default for FileConfig {
             node_heartbeat_ms: 1_000,
             placement_interval_ms: 1_000,
             balance_tolerance: 0.2,
+            balance_leaders: true,
         }
     }
 }

@@ -782,7 +782,7 @@ async fn balance(
         *load.entry(max_n).or_default() -= 1;
         *load.entry(min_n).or_default() += 1;
     }
-    if !planned.is_empty() {
+    if !planned.is_empty() || !node.cfg.file.balance_leaders {
         return;
     }
     // Leaders: while the spread is beyond the tolerance, move a leader from

@@ -101,8 +101,10 @@ impl TestCluster {
         let dir = tempfile::Builder::new().prefix("lmskv-test-").tempdir()?;
         let config_path = dir.path().join("node.toml");
         // Short timeouts keep tests quick; tests may override any of them.
+        // Leaders stay where elections put them unless a test turns leader
+        // balancing on: most tests pick a leader or a follower to stop.
         let mut config = String::from(
-            "election_timeout_ms_min = 500\nelection_timeout_ms_max = 1000\nheartbeat_interval_ms = 100\n",
+            "election_timeout_ms_min = 500\nelection_timeout_ms_max = 1000\nheartbeat_interval_ms = 100\nbalance_leaders = false\n",
         );
         for line in opts.config.lines() {
             let key = line.split('=').next().unwrap_or("").trim();

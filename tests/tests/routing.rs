@@ -223,3 +223,55 @@ async fn a_write_whose_reply_was_lost_is_applied_once() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_sent_to_a_stopped_leader_moves_on_to_the_new_leader() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        // The client's deadline (20 s) is longer than one try on a leader
+        // may wait, so a try the stopped leader never answers is given up on
+        // and the write goes to whoever leads next.
+        let client = c.client();
+        client.put("stopped/k", "1").await.unwrap();
+        let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+
+        phase!("pause the leader (node {leader}); the client still routes to it");
+        c.pause(leader).unwrap();
+        let w = client.put("stopped/k", "2").await;
+        let r = client.get("stopped/k", ReadConsistency::Strong).await;
+        c.resume(leader).unwrap();
+        let w = w.expect("the write reached the new leader within its deadline");
+        let r = r.unwrap().expect("the key exists");
+        assert_eq!(r.value, Bytes::from_static(b"2"));
+        assert_eq!(r.version, w.version, "the read sees the acknowledged write");
+
+        phase!("the old leader, resumed, serves the write too");
+        let v = lmskv_tests::wait_for(
+            "the old leader applies the write",
+            Duration::from_secs(20),
+            || {
+                let mut kv = c.kv(leader);
+                async move {
+                    let got = kv
+                        .get(lmskv_proto::v1::GetRequest {
+                            header: None,
+                            key: "stopped/k".into(),
+                            read: Some(lmskv_proto::v1::ReadOptions {
+                                consistency: lmskv_proto::v1::Consistency::Session as i32,
+                                max_staleness_ms: 0,
+                                min_applied_index: w.index,
+                            }),
+                        })
+                        .await
+                        .ok()?;
+                    got.into_inner().kv
+                }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(v.value, Bytes::from_static(b"2"));
+    })
+    .await
+    .expect("test timed out");
+}

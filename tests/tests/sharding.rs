@@ -22,7 +22,7 @@ macro_rules! phase {
 }
 
 /// Small thresholds so splits, repairs and drains happen within a test.
-const CONFIG: &str = "dead_node_timeout_s = 4\nsplit_size_bytes = 65536\nwrite_buffer_bytes = 1048576\nnode_heartbeat_ms = 300\nplacement_interval_ms = 300\n";
+const CONFIG: &str = "dead_node_timeout_s = 4\nsplit_size_bytes = 65536\nwrite_buffer_bytes = 1048576\nnode_heartbeat_ms = 300\nplacement_interval_ms = 300\nbalance_leaders = true\n";
 
 fn voters(r: &RangeInfo) -> Vec<u64> {
     r.descriptor

@@ -64,7 +64,7 @@ fn ticks_per_second() -> f64 {
 async fn measure(n: usize, args: &Args) -> anyhow::Result<Row> {
     let c = TestCluster::start(ClusterOptions {
         nodes: 3,
-        config: "placement_interval_ms = 200\n".into(),
+        config: "placement_interval_ms = 200\nbalance_leaders = true\n".into(),
     })
     .await?;
     let started = Instant::now();

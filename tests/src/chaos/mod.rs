@@ -189,7 +189,8 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
     );
     let mut cluster = TestCluster::start(ClusterOptions {
         nodes: opts.nodes,
-        ..ClusterOptions::default()
+        // The production default: leaders move while the nemesis runs.
+        config: "balance_leaders = true\n".into(),
     })
     .await?;
 
