@@ -63,9 +63,69 @@ fn main() {
             std::process::exit(1);
         }
     };
+    watch_for_stalls(runtime.handle());
     if let Err(e) = runtime.block_on(run(args)) {
         eprintln!("lmskv-node: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// A runtime that runs no timer for this long has a blocked worker thread.
+const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Logs when the async runtime stops running timers (a worker thread blocked
+/// in a lock, a RocksDB write stall or a long synchronous call), and when it
+/// runs again: such a stall freezes Raft timers, gRPC and placement at once
+/// and would otherwise leave no trace. A pause of the whole process
+/// (SIGSTOP) is not reported.
+fn watch_for_stalls(rt: &tokio::runtime::Handle) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let origin = Instant::now();
+    let beat = Arc::new(AtomicU64::new(0));
+    let b = beat.clone();
+    rt.spawn(async move {
+        loop {
+            b.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let spawned = std::thread::Builder::new()
+        .name("stall-watch".into())
+        .spawn(move || {
+            let check = Duration::from_secs(1);
+            let mut last = origin.elapsed();
+            let mut stalled_since: Option<u64> = None;
+            loop {
+                std::thread::sleep(check);
+                let now = origin.elapsed();
+                // This thread overslept too: the whole process was stopped.
+                let stopped = now - last > check * 3;
+                last = now;
+                let now_ms = now.as_millis() as u64;
+                let age = now_ms.saturating_sub(beat.load(Ordering::Relaxed));
+                if stopped {
+                    continue;
+                }
+                if age >= STALL_AFTER.as_millis() as u64 {
+                    if stalled_since.is_none() {
+                        stalled_since = Some(now_ms - age);
+                        tracing::warn!(
+                            stalled_ms = age,
+                            "the async runtime has run no timer for {age} ms: a worker thread is blocked"
+                        );
+                    }
+                } else if let Some(since) = stalled_since.take() {
+                    tracing::warn!(
+                        stalled_ms = now_ms.saturating_sub(since),
+                        "the async runtime runs again after a stall"
+                    );
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the stall watchdog");
     }
 }
 

@@ -35,6 +35,11 @@ const HIBERNATE_IDLE_AFTER: Duration = Duration::from_secs(10);
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
 /// How often a node that dormant followers wait on is pinged.
 const LIVENESS_PING_EVERY: Duration = Duration::from_millis(500);
+/// How long a removed replica's Raft group may take to stop.
+const REPLICA_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A range that applied nothing new has its on-disk size measured again
+/// after this long (compactions change it without writes).
+const SIZE_REMEASURE_AFTER: Duration = Duration::from_secs(30);
 
 /// What a data dir remembers about its node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,6 +63,13 @@ pub struct Node {
     split_tx: mpsc::Sender<(u64, u64)>,
     meta_leader_addr: Mutex<Option<String>>,
     served_since: Mutex<Instant>,
+    /// The data column family's SST bytes at the last stats round, and per
+    /// range id (applied index, when measured, size, keys): the last on-disk
+    /// size measured, reused while nothing changed it.
+    span_sizes: Mutex<(
+        u64,
+        std::collections::HashMap<u64, (u64, Instant, u64, u64)>,
+    )>,
     /// Peer address → (last ping sent, last answer received), for the nodes
     /// that lead dormant ranges.
     peer_liveness: Arc<Mutex<std::collections::HashMap<String, (Instant, Instant)>>>,
@@ -126,6 +138,7 @@ impl Node {
             split_tx,
             meta_leader_addr: Mutex::new(None),
             served_since: Mutex::new(Instant::now()),
+            span_sizes: Mutex::new((0, std::collections::HashMap::new())),
             peer_liveness: Arc::new(Mutex::new(std::collections::HashMap::new())),
         });
         let ids = engine.local_range_ids()?;
@@ -261,7 +274,13 @@ impl Node {
         let Some(r) = self.replicas.remove(range_id) else {
             return Ok(());
         };
-        r.shutdown().await;
+        // Bounded: everything that opens a replica waits for this lock.
+        if tokio::time::timeout(REPLICA_SHUTDOWN_TIMEOUT, r.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(range_id, "replica shutdown took longer than {REPLICA_SHUTDOWN_TIMEOUT:?}; removing its data anyway");
+        }
         let meta = r.meta();
         // Delete the data span only when no other local range holds any of it.
         let overlaps = self.replicas.all().iter().any(|o| {
@@ -520,18 +539,43 @@ impl Node {
             *since = Instant::now();
             e
         };
-        self.replicas
-            .all()
+        // Sizes are measured again only for ranges that applied something,
+        // after a flush or compaction, or after a while: measuring every
+        // idle range every heartbeat would cost more than the range itself.
+        let sst = self.engine.data_sst_bytes();
+        let mut guard = self.span_sizes.lock().expect("sizes lock");
+        let (last_sst, sizes) = &mut *guard;
+        let sst_changed = std::mem::replace(last_sst, sst) != sst;
+        let replicas = self.replicas.all();
+        let live: std::collections::HashSet<u64> = replicas.iter().map(|r| r.range_id()).collect();
+        sizes.retain(|id, _| live.contains(id));
+        replicas
             .into_iter()
             .filter(|r| r.is_ready())
             .map(|r| {
-                let m = r.meta();
+                let st = r.status();
                 let (size, keys) = if r.range_id() == META_RANGE_ID {
                     (0, 0)
                 } else {
-                    self.engine.approximate_span_size(&m.start, &m.end)
+                    match sizes.get(&r.range_id()) {
+                        Some(&(applied, at, size, keys))
+                            if !sst_changed
+                                && applied == st.applied_index
+                                && at.elapsed() < SIZE_REMEASURE_AFTER =>
+                        {
+                            (size, keys)
+                        }
+                        _ => {
+                            let m = r.meta();
+                            let (size, keys) = self.engine.approximate_span_size(&m.start, &m.end);
+                            sizes.insert(
+                                r.range_id(),
+                                (st.applied_index, Instant::now(), size, keys),
+                            );
+                            (size, keys)
+                        }
+                    }
                 };
-                let st = r.status();
                 RangeStats {
                     descriptor: Some(self.descriptor(&r)),
                     leader: r.is_leader_now(),

@@ -880,8 +880,21 @@ fn start_op(node: &Arc<Node>, op: PendingOp) -> bool {
     {
         return false;
     }
+    /// Ends the change's claim on its range however the task ends (a
+    /// panic included), so the range is never skipped for good.
+    struct Claim(Arc<Mutex<HashSet<u64>>>, u64);
+    impl Drop for Claim {
+        fn drop(&mut self) {
+            if let Ok(mut set) = self.0.lock() {
+                set.remove(&self.1);
+            }
+        }
+    }
+    let claim = Claim(node.pd.inflight.clone(), op.range_id);
     let node = node.clone();
     tokio::spawn(async move {
+        let _claim = claim;
+        let _permit = permit;
         let range_id = op.range_id;
         tracing::info!(range_id, voters = ?op.voters, reason = %op.reason, "replica change");
         let r = tokio::time::timeout(OP_TIMEOUT, run_op(&node, &op)).await;
@@ -890,12 +903,6 @@ fn start_op(node: &Arc<Node>, op: PendingOp) -> bool {
             Ok(Err(e)) => tracing::warn!(range_id, error = %e, "replica change failed; will retry"),
             Err(_) => tracing::warn!(range_id, "replica change timed out; will retry"),
         }
-        node.pd
-            .inflight
-            .lock()
-            .expect("inflight lock")
-            .remove(&range_id);
-        drop(permit);
     });
     true
 }
@@ -1069,11 +1076,13 @@ pub async fn split_local(
     }
     let m = r.meta();
     let key = if req.key.is_empty() {
-        match node
-            .engine
-            .middle_key(&m.start, &m.end, 10_000)
-            .map_err(|e| r.refuse(&e))?
-        {
+        // Reads every key of the range: off the async workers.
+        let engine = node.engine.clone();
+        let (start, end) = (m.start.clone(), m.end.clone());
+        let mid = tokio::task::spawn_blocking(move || engine.middle_key(&start, &end, 10_000))
+            .await
+            .map_err(|e| Error::internal(format!("split key search: {e}")))?;
+        match mid.map_err(|e| r.refuse(&e))? {
             Some((k, _)) if k.as_ref() > m.start.as_ref() => k,
             _ => return Err(Error::invalid_argument("key", "range too small to split")),
         }

@@ -243,19 +243,30 @@ impl RangeReplica {
     pub fn touch(&self) {
         *self.last_activity.lock().expect("activity lock") = std::time::Instant::now();
         if self.hibernating.swap(false, Ordering::Relaxed) {
-            self.raft.runtime_config().heartbeat(true);
+            let rc = self.raft.runtime_config();
+            rc.heartbeat(true);
+            rc.tick(true);
             tracing::debug!(range_id = self.range_id, "range wakes up");
         }
     }
 
     /// Leader side of hibernation, called periodically. An idle range whose
     /// followers have every entry first marks its heartbeats (followers stop
-    /// their election timers), and on the next call stops sending them, so
-    /// an idle range costs no messages. Any request or proposal wakes it.
+    /// their election timers and Raft ticks), and on the next call stops
+    /// sending them and its own ticks, so an idle range costs no messages
+    /// and no timer wake-ups. Any request or proposal wakes it.
     pub fn hibernate_tick(&self, idle_after: Duration) {
         let m = self.raft.metrics().borrow_watched().clone();
         if m.state != ServerState::Leader {
-            self.hibernating.store(false, Ordering::Relaxed);
+            // Stepped down while asleep: a follower needs its timers back
+            // (unless its new leader put it to sleep).
+            if self.hibernating.swap(false, Ordering::Relaxed) {
+                let rc = self.raft.runtime_config();
+                rc.heartbeat(true);
+                if !self.dormant.load(Ordering::Relaxed) {
+                    rc.tick(true);
+                }
+            }
             return;
         }
         let idle = self.last_activity.lock().expect("activity lock").elapsed() >= idle_after;
@@ -279,7 +290,9 @@ impl RangeReplica {
             // This round's heartbeats carry the mark; the next round stops them.
             return;
         }
-        self.raft.runtime_config().heartbeat(false);
+        let rc = self.raft.runtime_config();
+        rc.heartbeat(false);
+        rc.tick(false);
     }
 
     /// Follower side: whether this replica's election timer is off, and the
@@ -295,7 +308,9 @@ impl RangeReplica {
     /// stopped answering, or the leader spoke without the mark).
     pub fn wake_follower(&self) {
         if self.dormant.swap(false, Ordering::Relaxed) {
-            self.raft.runtime_config().elect(true);
+            let rc = self.raft.runtime_config();
+            rc.elect(true);
+            rc.tick(true);
             tracing::debug!(range_id = self.range_id, "follower election timer back on");
         }
     }
@@ -808,12 +823,11 @@ impl RangeReplica {
     pub async fn handle_append(&self, payload: &[u8], hibernate: bool) -> Result<Vec<u8>, Error> {
         let req: AppendEntriesRequest<TypeConfig> = decode("append entries", payload)
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
-        if hibernate && req.entries.is_empty() {
-            if !self.dormant.swap(true, Ordering::Relaxed) {
-                self.raft.runtime_config().elect(false);
-            }
-        } else {
-            self.wake_follower();
+        let sleep = hibernate && req.entries.is_empty();
+        if sleep && !self.dormant.swap(true, Ordering::Relaxed) {
+            let rc = self.raft.runtime_config();
+            rc.elect(false);
+            rc.tick(false);
         }
         let received = std::time::Instant::now();
         let leader_commit = req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0);
@@ -822,6 +836,11 @@ impl RangeReplica {
             .append_entries(req)
             .await
             .map_err(|e| self.fatal(e))?;
+        if !sleep {
+            // After the append renewed the leader's lease here, so the
+            // restarted timer does not find it long expired.
+            self.wake_follower();
+        }
         if matches!(
             resp,
             AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)
@@ -851,6 +870,8 @@ impl RangeReplica {
     pub async fn handle_transfer_leader(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
         let req = decode("transfer leader", payload)
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
+        // The new leader needs its timers to run its election.
+        self.wake_follower();
         let resp = self
             .raft
             .handle_transfer_leader(req)

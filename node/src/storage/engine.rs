@@ -628,8 +628,20 @@ impl Engine {
         (size, size / 300)
     }
 
-    /// The key at the middle of `[start, end)` by count, scanning at most
-    /// `scan_max` keys (a sample is enough to halve a range).
+    /// Bytes in the data column family's SST files: changes whenever a
+    /// flush or compaction changes what [`Engine::approximate_span_size`]
+    /// measures.
+    pub fn data_sst_bytes(&self) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(keys::CF_DATA), "rocksdb.total-sst-files-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// The key at the middle of `[start, end)` by count, and the count. Reads
+    /// every key of the span (blocking: call it off the async workers) but
+    /// keeps at most `scan_max` sampled keys, so memory stays bounded.
     pub fn middle_key(
         &self,
         start: &[u8],
