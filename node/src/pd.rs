@@ -90,6 +90,8 @@ struct PdState {
     /// (range, node) pairs where the node reports a replica that is not a
     /// member at the same membership version, and since when.
     stray: HashMap<(u64, u64), Instant>,
+    /// The nodes the last round counted live, to log changes.
+    live_last: Option<HashSet<u64>>,
 }
 
 /// The placement driver's in-memory state.
@@ -474,6 +476,7 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                     st.leader_since = Some(Instant::now());
                     st.nodes.clear();
                     st.ranges.clear();
+                    st.live_last = None;
                 } else {
                     st.leader_since = None;
                 }
@@ -599,6 +602,29 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         }
         (cands, live, bad)
     };
+    {
+        // Every change in who counts as live, with how long each node has
+        // been silent: placement decisions all follow from this set.
+        let mut st = pd.state.lock().expect("pd lock");
+        if st.live_last.as_ref() != Some(&live) {
+            let silent: Vec<(u64, Option<u128>)> = records
+                .keys()
+                .filter(|id| !live.contains(id))
+                .map(|id| {
+                    (
+                        *id,
+                        st.nodes
+                            .get(id)
+                            .map(|n| n.last_heartbeat.elapsed().as_millis()),
+                    )
+                })
+                .collect();
+            let mut up: Vec<u64> = live.iter().copied().collect();
+            up.sort_unstable();
+            tracing::info!(live = ?up, not_live_ms_since_heartbeat = ?silent, "placement: live nodes changed");
+            st.live_last = Some(live.clone());
+        }
+    }
     let missing = pd.missing_voters(&descs);
     for (range_id, v) in &missing {
         tracing::warn!(
@@ -752,10 +778,15 @@ async fn balance(
         }
         // A random range among those that can move, so that moved replicas
         // do not all end up on the same set of nodes.
+        let me = node.node_id();
         let movable: Vec<&StoredDesc> = descs
             .iter()
             .filter(|d| {
-                !planned.contains(&d.range_id)
+                // The driver does not move the meta replica it leads from:
+                // that would hand placement to a new, still catching-up
+                // meta leader in the middle of the rebalance.
+                !(d.range_id == META_RANGE_ID && max_n == me)
+                    && !planned.contains(&d.range_id)
                     && d.voters.contains(&max_n)
                     && !d.voters.contains(&min_n)
                     && !d.learners.contains(&min_n)

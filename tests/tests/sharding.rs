@@ -182,7 +182,7 @@ async fn split_spread_rebalance_repair_and_drain(full: bool) {
         phase!("add node 6: it receives replicas and leaders");
         let six = c.add_node().unwrap();
         let all6: BTreeSet<u64> = (1..=6).collect();
-        wait_for(
+        let waited = wait_for(
             "node 6 holds replicas and a leader, and no node is more than 20% (+1) above the mean (bound: 180 s)",
             Duration::from_secs(180),
             || async {
@@ -201,8 +201,15 @@ async fn split_spread_rebalance_repair_and_drain(full: bool) {
                 ok.then_some(())
             },
         )
-        .await
-        .unwrap_or_else(|e| panic!("{e}; last seen: {}\n{}", seen.lock().unwrap(), pd_log(&c)));
+        .await;
+        if let Err(e) = waited {
+            let nodes = c.node_list().await;
+            panic!(
+                "{e}; last seen: {}\nnodes as the placement driver sees them: {nodes:?}\n{}",
+                seen.lock().unwrap(),
+                pd_log(&c)
+            );
+        }
         let ranges = c.range_list().await.unwrap();
         phase!("balanced: replicas per node {:?}", replica_counts(&ranges));
 
@@ -327,7 +334,7 @@ async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
         let alive: BTreeSet<u64> = (1..=5).filter(|i| *i != meta_leader).collect();
         let seen = std::sync::Mutex::new(String::new());
 
-        wait_for(
+        let waited = wait_for(
             "placement resumes: every range has 3 voters on the live nodes, nodes 4 and 5 hold replicas (bound: 180 s)",
             Duration::from_secs(180),
             || async {
@@ -343,8 +350,15 @@ async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
                     .then_some(())
             },
         )
-        .await
-        .unwrap_or_else(|e| panic!("{e}; last seen: {}\n{}", seen.lock().unwrap(), pd_log(&c)));
+        .await;
+        if let Err(e) = waited {
+            let nodes = c.node_list().await;
+            panic!(
+                "{e}; last seen: {}\nnodes as the placement driver sees them: {nodes:?}\n{}",
+                seen.lock().unwrap(),
+                pd_log(&c)
+            );
+        }
         for i in 0..200u32 {
             assert!(c.routed_get(&key(i)).await.unwrap().is_some(), "key {i}");
         }
