@@ -41,6 +41,13 @@ const REPLICA_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// after this long (compactions change it without writes).
 const SIZE_REMEASURE_AFTER: Duration = Duration::from_secs(30);
 
+/// The data column family's SST bytes at the last stats round, and per range
+/// id (applied index, when measured, size, keys).
+type SpanSizes = (
+    u64,
+    std::collections::HashMap<u64, (u64, Instant, u64, u64)>,
+);
+
 /// What a data dir remembers about its node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct Identity {
@@ -66,10 +73,7 @@ pub struct Node {
     /// The data column family's SST bytes at the last stats round, and per
     /// range id (applied index, when measured, size, keys): the last on-disk
     /// size measured, reused while nothing changed it.
-    span_sizes: Mutex<(
-        u64,
-        std::collections::HashMap<u64, (u64, Instant, u64, u64)>,
-    )>,
+    span_sizes: Mutex<SpanSizes>,
     /// Peer address → (last ping sent, last answer received), for the nodes
     /// that lead dormant ranges.
     peer_liveness: Arc<Mutex<std::collections::HashMap<String, (Instant, Instant)>>>,

@@ -37,6 +37,10 @@ const PLACEMENT_CALL_TIMEOUT: Duration = Duration::from_secs(40);
 /// Longest one replica change may run before its slot is freed for others
 /// (it is planned again in a later round if still needed).
 const OP_TIMEOUT: Duration = Duration::from_secs(45);
+/// How often the stage of a running placement round is checked ...
+const STAGE_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// ... and how long one step may take before it is reported.
+const STAGE_STUCK_AFTER: Duration = Duration::from_secs(20);
 /// Splits and leader transfers are quick when the range is healthy.
 const SHORT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one placement round may run; a stuck call does not stall
@@ -98,6 +102,9 @@ struct PdState {
 #[derive(Debug)]
 pub struct Pd {
     state: Mutex<PdState>,
+    /// The step the current placement round is at and since when ("idle"
+    /// between rounds), so a round stuck in one step is reported.
+    stage: Arc<Mutex<(&'static str, Instant)>>,
     inflight: Arc<Mutex<HashSet<u64>>>,
     slots: Arc<Semaphore>,
     dead_after: Duration,
@@ -108,10 +115,16 @@ impl Pd {
     pub fn new(cfg: &NodeConfig) -> Self {
         Pd {
             state: Mutex::new(PdState::default()),
+            stage: Arc::new(Mutex::new(("idle", Instant::now()))),
             inflight: Arc::new(Mutex::new(HashSet::new())),
             slots: Arc::new(Semaphore::new(OPS_INFLIGHT_MAX)),
             dead_after: Duration::from_secs(cfg.file.dead_node_timeout_s),
         }
+    }
+
+    /// Notes the step the placement round has reached.
+    fn stage(&self, name: &'static str) {
+        *self.stage.lock().expect("stage lock") = (name, Instant::now());
     }
 
     fn is_live(&self, st: &PdState, id: u64) -> bool {
@@ -461,6 +474,31 @@ pub async fn handle_heartbeat(
 /// Runs the placement loop while this node leads the meta range.
 pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(node.cfg.file.placement_interval_ms);
+    // Reports a round stuck in one step; it runs as its own task, so it
+    // speaks even when the round's task cannot be polled.
+    let watch_stage = node.pd.stage.clone();
+    let mut watch_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut reported: Option<(&'static str, Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(STAGE_CHECK_EVERY) => {}
+                _ = watch_stop.changed() => return,
+            }
+            let (name, since) = *watch_stage.lock().expect("stage lock");
+            if name != "idle"
+                && since.elapsed() >= STAGE_STUCK_AFTER
+                && reported != Some((name, since))
+            {
+                tracing::warn!(
+                    step = name,
+                    secs = since.elapsed().as_secs(),
+                    "placement round stuck in one step"
+                );
+                reported = Some((name, since));
+            }
+        }
+    });
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -493,6 +531,7 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                 tracing::warn!("placement round took longer than {TICK_TIMEOUT:?}; starting over")
             }
         }
+        node.pd.stage("idle");
     }
 }
 
@@ -501,7 +540,9 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
     let Some(term) = meta.replica().leader_term() else {
         return Ok(());
     };
+    node.pd.stage("barrier on the meta range");
     meta.barrier().await?;
+    node.pd.stage("load descriptors");
     let pd = &node.pd;
     let mut descs = meta.descriptors()?;
     let records = meta.nodes()?;
@@ -527,6 +568,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         }
         st.loaded_term = Some(term);
     }
+    node.pd.stage("meta range and pre-splits");
     // The meta range keeps only the system key space.
     let meta_desc = node.stored_desc(&*node.replica(META_RANGE_ID)?);
     if meta_desc.end.is_empty() || meta_desc.end.as_ref() > USER_SPACE_START {
@@ -563,6 +605,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             tracing::info!(node_id = r.node_id, "node decommissioned");
         }
     }
+    node.pd.stage("decommissions and pending changes");
     // Resume replica changes a previous leader started.
     for op in meta.pending_ops()? {
         let dead = {
@@ -575,6 +618,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         }
         start_op(node, op);
     }
+    node.pd.stage("liveness and repair");
     let rf = node.cfg.file.replication_factor;
     // A voter is bad only when known to be dead or draining; a node not yet
     // registered (its first heartbeat is on the way) is not bad.
@@ -706,6 +750,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             started += 1;
         }
     }
+    node.pd.stage("splits");
     // Splits by size and by sustained load.
     let split_size = node.cfg.file.split_size_bytes;
     let hot_for = Duration::from_secs(node.cfg.file.split_qps_duration_s);
@@ -733,6 +778,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
     if started > 0 {
         return Ok(());
     }
+    node.pd.stage("balance");
     balance(node, &descs, &candidates, &load).await;
     Ok(())
 }
@@ -785,7 +831,8 @@ async fn balance(
                 // The driver does not move the meta replica it leads from:
                 // that would hand placement to a new, still catching-up
                 // meta leader in the middle of the rebalance.
-                !(d.range_id == META_RANGE_ID && max_n == me)
+                let own_meta = d.range_id == META_RANGE_ID && max_n == me;
+                !own_meta
                     && !planned.contains(&d.range_id)
                     && d.voters.contains(&max_n)
                     && !d.voters.contains(&min_n)
@@ -816,6 +863,7 @@ async fn balance(
     if !planned.is_empty() || !node.cfg.file.balance_leaders {
         return;
     }
+    node.pd.stage("balance leaders");
     // Leaders: while the spread is beyond the tolerance, move a leader from
     // a node with at least two more than the least-loaded node to it.
     let mut leader_of: HashMap<u64, u64> = {
