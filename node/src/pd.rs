@@ -37,6 +37,8 @@ const PLACEMENT_CALL_TIMEOUT: Duration = Duration::from_secs(40);
 /// Longest one replica change may run before its slot is freed for others
 /// (it is planned again in a later round if still needed).
 const OP_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a new driver leads before it removes learners no change adds.
+const LEARNER_CLEANUP_AFTER: Duration = Duration::from_secs(10);
 /// How often the stage of a running placement round is checked ...
 const STAGE_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// ... and how long one step may take before it is reported.
@@ -687,6 +689,13 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
     }
     // Repair: every range gets `rf` voters on live, non-draining nodes.
     let mut started = 0;
+    // A new driver first lets resumed changes claim their ranges.
+    let settled = pd
+        .state
+        .lock()
+        .expect("pd lock")
+        .leader_since
+        .is_some_and(|t| t.elapsed() >= LEARNER_CLEANUP_AFTER);
     for d in &descs {
         let keep: Vec<u64> = d
             .voters
@@ -721,6 +730,20 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             reason = format!("remove the extra replica on node {victim}");
         } else if d.voters.len() != keep.len() {
             reason = "remove replicas on dead, draining or lost nodes".to_string();
+        } else if !d.learners.is_empty() && settled && !pd.is_changing(d.range_id) {
+            // Learners no change is adding: a change that died half-way.
+            // Replaying the same voters removes them.
+            if start_op(
+                node,
+                PendingOp {
+                    range_id: d.range_id,
+                    voters: d.voters.clone(),
+                    reason: format!("remove leftover learners {:?}", d.learners),
+                },
+            ) {
+                started += 1;
+            }
+            continue;
         } else {
             continue;
         }
@@ -805,43 +828,52 @@ async fn balance(
     let mut load = load.clone();
     let mut planned: HashSet<u64> = HashSet::new();
     for _ in 0..OPS_INFLIGHT_MAX {
-        let (max_n, max_l) = candidates
-            .iter()
-            .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
-            .max_by_key(|(c, l)| (*l, *c))
-            .expect("candidates");
         let (min_n, min_l) = candidates
             .iter()
             .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
             .min_by_key(|(c, l)| (*l, *c))
             .expect("candidates");
-        // Out of balance when a node is above the band or one (e.g. a node
-        // that just joined) is below it.
-        let above = max_l as f64 > mean * (1.0 + tol);
-        let below = (min_l as f64) < mean * (1.0 - tol);
-        if !((above || below) && max_l >= min_l + 2) {
-            break;
-        }
-        // A random range among those that can move, so that moved replicas
-        // do not all end up on the same set of nodes.
-        let me = node.node_id();
-        let movable: Vec<&StoredDesc> = descs
+        // The most loaded node that has a replica to give: the most loaded
+        // one may hold nothing movable (e.g. its load is learners).
+        let mut by_load: Vec<(u64, usize)> = candidates
             .iter()
-            .filter(|d| {
-                // The driver does not move the meta replica it leads from:
-                // that would hand placement to a new, still catching-up
-                // meta leader in the middle of the rebalance.
-                let own_meta = d.range_id == META_RANGE_ID && max_n == me;
-                !own_meta
-                    && !planned.contains(&d.range_id)
-                    && d.voters.contains(&max_n)
-                    && !d.voters.contains(&min_n)
-                    && !d.learners.contains(&min_n)
-            })
+            .map(|c| (*c, load.get(c).copied().unwrap_or(0)))
             .collect();
-        if movable.is_empty() {
-            break;
+        by_load.sort_unstable_by_key(|&(c, l)| std::cmp::Reverse((l, c)));
+        let me = node.node_id();
+        let mut pick = None;
+        for &(max_n, max_l) in &by_load {
+            // Out of balance when a node is above the band or one (e.g. a
+            // node that just joined) is below it.
+            let above = max_l as f64 > mean * (1.0 + tol);
+            let below = (min_l as f64) < mean * (1.0 - tol);
+            if !((above || below) && max_l >= min_l + 2) {
+                break;
+            }
+            // A random range among those that can move, so that moved
+            // replicas do not all end up on the same set of nodes.
+            let movable: Vec<&StoredDesc> = descs
+                .iter()
+                .filter(|d| {
+                    // The driver does not move the meta replica it leads
+                    // from: that would hand placement to a new, still
+                    // catching-up meta leader in the middle of the rebalance.
+                    let own_meta = d.range_id == META_RANGE_ID && max_n == me;
+                    !own_meta
+                        && !planned.contains(&d.range_id)
+                        && d.voters.contains(&max_n)
+                        && !d.voters.contains(&min_n)
+                        && !d.learners.contains(&min_n)
+                })
+                .collect();
+            if !movable.is_empty() {
+                pick = Some((max_n, movable));
+                break;
+            }
         }
+        let Some((max_n, movable)) = pick else {
+            break;
+        };
         let d = movable[rand::random::<usize>() % movable.len()];
         let mut voters: Vec<u64> = d.voters.iter().copied().filter(|v| *v != max_n).collect();
         voters.push(min_n);
