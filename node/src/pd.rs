@@ -37,8 +37,6 @@ const PLACEMENT_CALL_TIMEOUT: Duration = Duration::from_secs(40);
 /// Longest one replica change may run before its slot is freed for others
 /// (it is planned again in a later round if still needed).
 const OP_TIMEOUT: Duration = Duration::from_secs(45);
-/// How long a new driver leads before it removes learners no change adds.
-const LEARNER_CLEANUP_AFTER: Duration = Duration::from_secs(10);
 /// How often the stage of a running placement round is checked ...
 const STAGE_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// ... and how long one step may take before it is reported.
@@ -689,13 +687,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
     }
     // Repair: every range gets `rf` voters on live, non-draining nodes.
     let mut started = 0;
-    // A new driver first lets resumed changes claim their ranges.
-    let settled = pd
-        .state
-        .lock()
-        .expect("pd lock")
-        .leader_since
-        .is_some_and(|t| t.elapsed() >= LEARNER_CLEANUP_AFTER);
+
     for d in &descs {
         let keep: Vec<u64> = d
             .voters
@@ -730,20 +722,6 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             reason = format!("remove the extra replica on node {victim}");
         } else if d.voters.len() != keep.len() {
             reason = "remove replicas on dead, draining or lost nodes".to_string();
-        } else if !d.learners.is_empty() && settled && !pd.is_changing(d.range_id) {
-            // Learners no change is adding: a change that died half-way.
-            // Replaying the same voters removes them.
-            if start_op(
-                node,
-                PendingOp {
-                    range_id: d.range_id,
-                    voters: d.voters.clone(),
-                    reason: format!("remove leftover learners {:?}", d.learners),
-                },
-            ) {
-                started += 1;
-            }
-            continue;
         } else {
             continue;
         }
