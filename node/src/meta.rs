@@ -303,18 +303,6 @@ impl MetaStore {
     /// start key (or new). Conditional on the versions read, so concurrent
     /// writers never regress a descriptor. Returns how many were written.
     pub async fn upsert_descriptors(&self, descs: &[StoredDesc]) -> Result<usize, Error> {
-        self.upsert(descs, false).await
-    }
-
-    /// Like [`MetaStore::upsert_descriptors`], for descriptors a range's
-    /// leader returned from a membership change it just made: at the same
-    /// epoch they also replace a stored descriptor whose members differ (a
-    /// stored one may name learners the group no longer has).
-    pub async fn upsert_leader_descriptors(&self, descs: &[StoredDesc]) -> Result<usize, Error> {
-        self.upsert(descs, true).await
-    }
-
-    async fn upsert(&self, descs: &[StoredDesc], same_epoch: bool) -> Result<usize, Error> {
         for _ in 0..META_CAS_ATTEMPTS_MAX {
             let mut conditions = Vec::new();
             let mut ops = Vec::new();
@@ -323,12 +311,7 @@ impl MetaStore {
                 let cur = self.get(&key)?;
                 let newer = match &cur {
                     Some((raw, _)) => match serde_json::from_slice::<StoredDesc>(raw) {
-                        Ok(old) if old.range_id == d.range_id => {
-                            d.newer_than(&old)
-                                || (same_epoch
-                                    && !old.newer_than(d)
-                                    && (old.voters != d.voters || old.learners != d.learners))
-                        }
+                        Ok(old) if old.range_id == d.range_id => d.newer_than(&old),
                         // Another range at this start key: the later split wins.
                         Ok(old) => d.version > old.version,
                         Err(_) => true,

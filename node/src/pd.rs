@@ -1044,13 +1044,8 @@ async fn run_op(node: &Arc<Node>, op: &PendingOp) -> Result<(), Error> {
     .await?;
     if let Some(d) = resp.descriptor {
         let d = StoredDesc::from_proto(&d);
-        meta.upsert_leader_descriptors(std::slice::from_ref(&d))
-            .await?;
-        // The leader's answer replaces a cached one at the same epoch.
-        let mut st = node.pd.state.lock().expect("pd lock");
-        if st.descs.get(&d.range_id).is_none_or(|o| !o.newer_than(&d)) {
-            st.descs.insert(d.range_id, d);
-        }
+        meta.upsert_descriptors(std::slice::from_ref(&d)).await?;
+        node.pd.note_descs(&[d]);
     }
     meta.delete_op(op.range_id).await?;
     Ok(())

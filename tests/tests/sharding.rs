@@ -84,6 +84,16 @@ fn pd_log(c: &TestCluster) -> String {
     out
 }
 
+/// Fails the test with what the placement driver saw: the last observation,
+/// its node list and the placement log lines.
+async fn fail_with_placement_view(c: &TestCluster, e: anyhow::Error, seen: &str) -> ! {
+    let nodes = c.node_list().await;
+    panic!(
+        "{e}; last seen: {seen}\nnodes as the placement driver sees them: {nodes:?}\n{}",
+        pd_log(c)
+    );
+}
+
 async fn check_all_keys(c: &TestCluster, written: &HashMap<Vec<u8>, u64>) {
     let found: HashMap<Vec<u8>, u64> = c
         .routed_scan(b"\x01", b"")
@@ -203,12 +213,8 @@ async fn split_spread_rebalance_repair_and_drain(full: bool) {
         )
         .await;
         if let Err(e) = waited {
-            let nodes = c.node_list().await;
-            panic!(
-                "{e}; last seen: {}\nnodes as the placement driver sees them: {nodes:?}\n{}",
-                seen.lock().unwrap(),
-                pd_log(&c)
-            );
+            let seen = seen.lock().unwrap().clone();
+            fail_with_placement_view(&c, e, &seen).await;
         }
         let ranges = c.range_list().await.unwrap();
         phase!("balanced: replicas per node {:?}", replica_counts(&ranges));
@@ -352,12 +358,8 @@ async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
         )
         .await;
         if let Err(e) = waited {
-            let nodes = c.node_list().await;
-            panic!(
-                "{e}; last seen: {}\nnodes as the placement driver sees them: {nodes:?}\n{}",
-                seen.lock().unwrap(),
-                pd_log(&c)
-            );
+            let seen = seen.lock().unwrap().clone();
+            fail_with_placement_view(&c, e, &seen).await;
         }
         for i in 0..200u32 {
             assert!(c.routed_get(&key(i)).await.unwrap().is_some(), "key {i}");
