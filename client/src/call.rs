@@ -243,6 +243,7 @@ impl Client {
                 }
                 Err(e) => e,
             };
+            tracing::debug!(%target, error = %err, "meta call try failed");
             match &err {
                 ServerError::NotLeader {
                     leader: Some(h), ..
@@ -327,6 +328,7 @@ impl Client {
             let range = match self.locate(anchor, reverse, budget.deadline).await {
                 Ok(r) => r,
                 Err(ClientError::Server(e)) if e.is_retryable() => {
+                    tracing::debug!(error = %e, "locate failed");
                     budget.failed(e);
                     budget.backoff(policy).await?;
                     continue;
@@ -378,6 +380,7 @@ impl Client {
                 }
                 Err(e) => e,
             };
+            tracing::debug!(range_id, node_id, %addr, leader_id = range.leader_id, weak, error = %err, "range call try failed");
             let healed = self.inner.routes.heal(&err, node_id);
             match &err {
                 ServerError::NotLeader { leader, .. } => {
@@ -413,6 +416,18 @@ impl Client {
                     // to fail a read another replica can serve.
                     self.inner.replicas.suspect(&addr);
                     self.inner.routes.clear_leader(range_id, node_id);
+                    // With some replica's address unknown the next try could
+                    // only pick this node again: locate the range afresh,
+                    // which brings every replica's address.
+                    let routes = &self.inner.routes;
+                    if range
+                        .desc
+                        .replicas
+                        .iter()
+                        .any(|r| routes.address(r.node_id).is_none())
+                    {
+                        routes.evict(range_id);
+                    }
                     if !weak {
                         budget.failed(err);
                         budget.backoff(policy).await?;

@@ -86,11 +86,23 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// Client-side tracing for a closer look at a test's requests:
+/// `LMSKV_TEST_CLIENT_LOG=lmskv_client=debug` prints the client's events to stderr.
+fn client_tracing() {
+    if let Ok(filter) = std::env::var("LMSKV_TEST_CLIENT_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 impl TestCluster {
     /// Starts `opts.nodes` nodes that form a new cluster, and waits for a leader.
     pub async fn start(opts: ClusterOptions) -> anyhow::Result<TestCluster> {
         elapsed_s();
         note_panics();
+        client_tracing();
         let node_bin = binary("lmskv-node");
         if !node_bin.exists() {
             bail!(

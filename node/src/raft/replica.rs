@@ -724,6 +724,18 @@ impl RangeReplica {
         })
     }
 
+    /// Every member's (voters' and learners') node id and address, as the
+    /// replica's membership records them.
+    pub fn member_addresses(&self) -> Vec<(u64, String)> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect()
+    }
+
     /// The replica's Raft state now.
     pub fn status(&self) -> ReplicaStatus {
         let m = self.raft.metrics().borrow_watched().clone();

@@ -1,5 +1,6 @@
 //! The `Admin` service: status, identity and cluster membership.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use lmskv_proto::v1::{
     ChangeReplicasRequest, ChangeReplicasResponse, ClusterSummary, CreateReplicaRequest,
     CreateReplicaResponse, DecommissionRequest, DecommissionResponse, HeartbeatRequest,
     HeartbeatResponse, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse, LocateRequest,
-    LocateResponse, NodeInfo, NodeListRequest, NodeListResponse, RangeListRequest,
+    LocateResponse, NodeInfo, NodeListRequest, NodeListResponse, RangeInfo, RangeListRequest,
     RangeListResponse, RangeStatus, SplitRangeRequest, SplitRequest, SplitResponse, StatusRequest,
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
@@ -28,6 +29,35 @@ const PEER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const LOCATE_PREFETCH_MAX: usize = 64;
 /// How long a status call waits for the meta leader's cluster summary.
 const SUMMARY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Fills replica addresses the node registry lacks (a node that has not
+/// registered yet) from the meta range's membership, which lists every node
+/// that joined, so that clients can reach every replica of a range.
+fn fill_addresses(node: &Node, ranges: &mut [RangeInfo]) {
+    let missing = |r: &RangeInfo| {
+        r.descriptor.as_ref().is_some_and(|d| {
+            d.replicas
+                .iter()
+                .any(|p| !r.addresses.contains_key(&p.node_id))
+        })
+    };
+    if !ranges.iter().any(missing) {
+        return;
+    }
+    let Ok(meta) = node.replicas.get(META_RANGE_ID) else {
+        return;
+    };
+    let known: HashMap<u64, String> = meta.member_addresses().into_iter().collect();
+    for r in ranges.iter_mut() {
+        let Some(d) = &r.descriptor else { continue };
+        for p in &d.replicas {
+            if let (false, Some(a)) = (r.addresses.contains_key(&p.node_id), known.get(&p.node_id))
+            {
+                r.addresses.insert(p.node_id, a.clone());
+            }
+        }
+    }
+}
 
 /// Serves cluster administration calls.
 #[derive(Debug, Clone)]
@@ -160,7 +190,8 @@ impl Admin for AdminService {
         let req = req.into_inner();
         pd::serving(&self.node)?;
         let prefetch = (req.prefetch as usize).min(LOCATE_PREFETCH_MAX);
-        let ranges = self.node.pd.locate(&req.key, prefetch, req.reverse);
+        let mut ranges = self.node.pd.locate(&req.key, prefetch, req.reverse);
+        fill_addresses(&self.node, &mut ranges);
         if ranges.is_empty() {
             return Err(Error::unavailable("the meta range has no descriptors yet").into());
         }
@@ -172,9 +203,9 @@ impl Admin for AdminService {
         _req: Request<RangeListRequest>,
     ) -> Result<Response<RangeListResponse>, Status> {
         pd::serving(&self.node)?;
-        Ok(Response::new(RangeListResponse {
-            ranges: self.node.pd.range_infos(),
-        }))
+        let mut ranges = self.node.pd.range_infos();
+        fill_addresses(&self.node, &mut ranges);
+        Ok(Response::new(RangeListResponse { ranges }))
     }
 
     async fn node_list(
