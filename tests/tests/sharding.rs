@@ -118,7 +118,6 @@ async fn ranges_split_manually_and_by_size_across_five_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known intermittent failure: split halves can keep listing a learner their Raft group no longer has, which has stalled balancing; passed 2 of 2 runs with the balance fix, opt-in until the split path is fixed; run with --ignored"]
 async fn ranges_split_spread_rebalance_repair_and_drain() {
     split_spread_rebalance_repair_and_drain(true).await;
 }

@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, TryStreamExt};
-use openraft::alias::{LeaderIdOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::alias::{
+    LeaderIdOf, LogIdOf, NodeIdOf, NodeOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf,
+};
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::vote::RaftLeaderId;
-use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use openraft::{EntryPayload, Membership, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
@@ -36,6 +38,7 @@ pub struct SnapshotFile {
 }
 
 /// The range's current snapshot: its metadata and file.
+type MembershipOf<C> = Membership<NodeIdOf<C>, NodeOf<C>>;
 type CurrentSnapshot = (SnapshotMetaOf<TypeConfig>, PathBuf);
 
 /// The log index at which a range created by a split starts: its log is
@@ -67,6 +70,23 @@ fn with_members(mut desc: RangeMeta, m: &StoredMembershipOf<TypeConfig>) -> Rang
     desc.voters = m.membership().voter_ids().collect();
     desc.learners = m.membership().learner_ids().collect();
     desc
+}
+
+/// The membership a split's right-hand range starts with: the voters the
+/// parent is heading to (the last of a joint config) as one plain config, and
+/// no learners. A move in flight on the parent is the parent's own: copying
+/// its learner or joint config would leave the new group with a member no one
+/// promotes or a joint config no one finishes. A node the parent is adding or
+/// removing may still create a replica of the new range from the split; it is
+/// not a member, so the placement driver removes it as a stray.
+fn split_membership(m: &MembershipOf<TypeConfig>) -> MembershipOf<TypeConfig> {
+    let voters = m.get_joint_config().last().cloned().unwrap_or_default();
+    let nodes: std::collections::BTreeMap<_, _> = m
+        .nodes()
+        .filter(|(id, _)| voters.contains(id))
+        .map(|(id, n)| (*id, n.clone()))
+        .collect();
+    MembershipOf::<TypeConfig>::new(vec![voters], nodes).unwrap_or_else(|_| m.clone())
 }
 
 pub fn initial_meta(range_id: u64) -> RangeMeta {
@@ -319,6 +339,14 @@ impl StateMachine {
         };
         desc.end = split_key.clone();
         desc.version += 1;
+        let init = LogIdOf::<TypeConfig>::new(
+            LeaderIdOf::<TypeConfig>::new(0, 0).to_committed(),
+            SPLIT_INIT_LOG_INDEX,
+        );
+        let right_membership = StoredMembershipOf::<TypeConfig>::new(
+            Some(init),
+            split_membership(membership.membership()),
+        );
         if batch.range_exists(new_range_id)? {
             // This replica already hosts (or hosted) the new range: its state
             // came from the new range's own group and is newer than ours.
@@ -328,23 +356,16 @@ impl StateMachine {
                 "split: right-hand range already present"
             );
         } else {
-            let init = LogIdOf::<TypeConfig>::new(
-                LeaderIdOf::<TypeConfig>::new(0, 0).to_committed(),
-                SPLIT_INIT_LOG_INDEX,
-            );
             let right_applied = AppliedState {
                 last_applied: Some(init),
-                membership: StoredMembershipOf::<TypeConfig>::new(
-                    Some(init),
-                    membership.membership().clone(),
-                ),
+                membership: right_membership.clone(),
                 desc: right.clone(),
             };
             batch.create_range(new_range_id, &encode(&right_applied)?, &encode(&init)?)?;
         }
         Ok(CommandResponse::Split(Ok((
             with_members(desc.clone(), membership),
-            with_members(right, membership),
+            with_members(right, &right_membership),
         ))))
     }
 
@@ -642,5 +663,48 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 snapshot: SnapshotFile { path },
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use openraft::impls::BasicNode;
+
+    use super::*;
+
+    fn nodes(ids: &[u64]) -> BTreeMap<u64, BasicNode> {
+        ids.iter()
+            .map(|id| (*id, BasicNode::new(format!("127.0.0.1:{id}"))))
+            .collect()
+    }
+
+    fn set(ids: &[u64]) -> BTreeSet<u64> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_split_during_a_move_gives_the_new_range_the_target_voters_and_no_learner() {
+        // Parent mid-move: joint {1,2,3} -> {1,2,4}, node 5 being added as a learner.
+        let m = MembershipOf::<TypeConfig>::new(
+            vec![set(&[1, 2, 3]), set(&[1, 2, 4])],
+            nodes(&[1, 2, 3, 4, 5]),
+        )
+        .unwrap();
+        let right = split_membership(&m);
+        assert_eq!(right.get_joint_config(), &vec![set(&[1, 2, 4])]);
+        assert_eq!(right.learner_ids().count(), 0);
+        assert_eq!(
+            right.get_node(&4).map(|n| n.addr.as_str()),
+            Some("127.0.0.1:4")
+        );
+        assert!(right.get_node(&3).is_none() && right.get_node(&5).is_none());
+    }
+
+    #[test]
+    fn a_split_of_a_settled_range_keeps_its_members() {
+        let m = MembershipOf::<TypeConfig>::new(vec![set(&[1, 2, 3])], nodes(&[1, 2, 3])).unwrap();
+        assert_eq!(split_membership(&m), m);
     }
 }
