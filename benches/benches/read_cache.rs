@@ -39,6 +39,8 @@ async fn start_node() -> SingleNode {
     let cfg = NodeConfig {
         node_id: 1,
         listen: addr,
+        advertise: None,
+        source_ip: None,
         data_dir: dir.path().join("node-1"),
         join: Vec::new(),
         file: FileConfig::default(),

@@ -84,6 +84,10 @@ impl Default for FileConfig {
 pub struct NodeConfig {
     pub node_id: u64,
     pub listen: SocketAddr,
+    /// The address announced to peers and clients; `listen` when `None`.
+    pub advertise: Option<String>,
+    /// The local address connections to other nodes are made from.
+    pub source_ip: Option<std::net::IpAddr>,
     pub data_dir: PathBuf,
     /// Addresses of other nodes to form or join a cluster with.
     pub join: Vec<String>,
@@ -106,6 +110,16 @@ impl NodeConfig {
         }
         if self.listen.port() == 0 {
             return Err("--listen needs an explicit port".into());
+        }
+        if let Some(a) = &self.advertise {
+            let port = a
+                .rsplit_once(':')
+                .and_then(|(host, port)| (!host.is_empty()).then(|| port.parse::<u16>().ok())?);
+            if !matches!(port, Some(p) if p != 0) {
+                return Err(format!(
+                    "--advertise {a:?} must be HOST:PORT with a non-zero port"
+                ));
+            }
         }
         if f.heartbeat_interval_ms == 0 || f.heartbeat_interval_ms * 3 > f.election_timeout_ms_min {
             return Err(format!(
@@ -195,7 +209,9 @@ impl NodeConfig {
 
     /// The address peers and clients reach this node at.
     pub fn advertise_addr(&self) -> String {
-        self.listen.to_string()
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
     }
 }
 
@@ -207,6 +223,8 @@ mod tests {
         NodeConfig {
             node_id: 1,
             listen: "127.0.0.1:7001".parse().unwrap(),
+            advertise: None,
+            source_ip: None,
             data_dir: "/tmp/x".into(),
             join: vec![],
             file: FileConfig::default(),
@@ -222,6 +240,15 @@ mod tests {
         let mut c = cfg();
         c.file.heartbeat_interval_ms = 1_000;
         assert!(c.validate().unwrap_err().contains("heartbeat"));
+        for bad in ["127.0.0.1", "127.0.0.1:0", ":7001", "127.0.0.1:port"] {
+            let mut c = cfg();
+            c.advertise = Some(bad.into());
+            assert!(c.validate().unwrap_err().contains("--advertise"), "{bad}");
+        }
+        let mut c = cfg();
+        c.advertise = Some("proxy.local:9001".into());
+        assert!(c.validate().is_ok());
+        assert_eq!(c.advertise_addr(), "proxy.local:9001");
     }
 
     #[test]

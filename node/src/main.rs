@@ -22,6 +22,14 @@ struct Args {
     /// Address to serve clients and peers on (HOST:PORT).
     #[arg(long)]
     listen: SocketAddr,
+    /// Address peers and clients should use to reach this node (HOST:PORT),
+    /// when it differs from --listen (a proxy, NAT or container port map).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Local IP address to make connections to other nodes from (on a host
+    /// with several addresses; by default the system picks).
+    #[arg(long)]
+    source_ip: Option<std::net::IpAddr>,
     /// Directory for this node's data; created when missing.
     #[arg(long)]
     data_dir: PathBuf,
@@ -141,6 +149,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = NodeConfig {
         node_id: args.node_id,
         listen: args.listen,
+        advertise: args.advertise,
+        source_ip: args.source_ip,
         data_dir: args.data_dir,
         join: args.join.into_iter().filter(|s| !s.is_empty()).collect(),
         file,

@@ -131,11 +131,12 @@ impl Node {
             }
         }
         let (split_tx, split_rx) = mpsc::channel(SPLIT_QUEUE_MAX);
+        let pool = PeerPool::new(me.node_id, cfg.source_ip);
         let node = Arc::new(Node {
             pd: Pd::new(&cfg),
             cfg,
             engine: engine.clone(),
-            pool: PeerPool::new(me.node_id),
+            pool,
             replicas: Arc::new(ReplicaMap::default()),
             identity: Mutex::new(me),
             create_lock: tokio::sync::Mutex::new(()),

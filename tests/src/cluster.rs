@@ -16,6 +16,8 @@ use lmskv_proto::v1::{StatusRequest, StatusResponse};
 use rustix::process::{kill_process, Pid, Signal};
 use tonic::transport::Channel;
 
+use crate::proxy::Proxy;
+
 static START: OnceLock<Instant> = OnceLock::new();
 
 /// Seconds since the first harness call, for phase logs.
@@ -30,6 +32,9 @@ pub struct ClusterOptions {
     pub nodes: usize,
     /// Extra TOML for every node's `--config` file.
     pub config: String,
+    /// Put a [`Proxy`] in front of every node (the node advertises the
+    /// proxy's address), for tests that lose replies or cut nodes off.
+    pub proxied: bool,
 }
 
 impl Default for ClusterOptions {
@@ -37,6 +42,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             nodes: 3,
             config: String::new(),
+            proxied: false,
         }
     }
 }
@@ -45,7 +51,12 @@ impl Default for ClusterOptions {
 #[derive(Debug)]
 pub struct NodeProc {
     pub id: u64,
+    /// The address clients and peers use: the proxy's when there is one.
     pub addr: String,
+    /// The address the node listens on.
+    pub listen: String,
+    /// The proxy in front of the node, when the cluster has them.
+    pub proxy: Option<Proxy>,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
@@ -84,6 +95,12 @@ pub fn binary(name: &str) -> PathBuf {
 fn free_port() -> anyhow::Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// The loopback address node `id` of a proxied cluster connects to its
+/// peers from, so that proxies can tell the nodes apart.
+pub fn source_ip(id: u64) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, 0, 0, 10 + id as u8).into()
 }
 
 /// Client-side tracing for a closer look at a test's requests:
@@ -139,9 +156,19 @@ impl TestCluster {
                 port = free_port()?;
             }
             used.push(port);
+            let listen = format!("127.0.0.1:{port}");
+            let proxy = if opts.proxied {
+                Some(Proxy::start(listen.clone()).await?)
+            } else {
+                None
+            };
             nodes.push(NodeProc {
                 id: i,
-                addr: format!("127.0.0.1:{port}"),
+                addr: proxy
+                    .as_ref()
+                    .map_or_else(|| listen.clone(), |p| p.addr().to_string()),
+                listen,
+                proxy,
                 data_dir: dir.path().join(format!("node-{i}")),
                 log_path: dir.path().join(format!("node-{i}.log")),
                 child: None,
@@ -183,6 +210,35 @@ impl TestCluster {
         self.node(id).addr.clone()
     }
 
+    /// Partitions nodes `a` from nodes `b` (both ways; proxied clusters):
+    /// their connections to each other break and new ones are refused.
+    /// Clients still reach every node.
+    pub fn partition(&self, a: &[u64], b: &[u64]) {
+        for x in a {
+            for y in b {
+                self.proxy(*x).block(source_ip(*y));
+                self.proxy(*y).block(source_ip(*x));
+            }
+        }
+    }
+
+    /// Ends every partition and cut.
+    pub fn heal_network(&self) {
+        for n in &self.nodes {
+            if let Some(p) = &n.proxy {
+                p.heal();
+            }
+        }
+    }
+
+    /// The proxy in front of node `id` (clusters started with `proxied`).
+    pub fn proxy(&self, id: u64) -> &Proxy {
+        self.node(id)
+            .proxy
+            .as_ref()
+            .expect("the cluster was started with proxied: true")
+    }
+
     /// Adds a new node that joins the running cluster through `--join`; returns its id.
     pub fn add_node(&mut self) -> anyhow::Result<u64> {
         let id = self.nodes.len() as u64 + 1;
@@ -191,9 +247,12 @@ impl TestCluster {
         while used.contains(&format!("127.0.0.1:{port}")) {
             port = free_port()?;
         }
+        let listen = format!("127.0.0.1:{port}");
         self.nodes.push(NodeProc {
             id,
-            addr: format!("127.0.0.1:{port}"),
+            addr: listen.clone(),
+            listen,
+            proxy: None,
             data_dir: self.dir.path().join(format!("node-{id}")),
             log_path: self.dir.path().join(format!("node-{id}.log")),
             child: None,
@@ -215,11 +274,18 @@ impl TestCluster {
             .create(true)
             .append(true)
             .open(&n.log_path)?;
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if n.proxy.is_some() {
+            cmd.arg("--advertise")
+                .arg(&n.addr)
+                .arg("--source-ip")
+                .arg(source_ip(id).to_string());
+        }
+        let child = cmd
             .arg("--node-id")
             .arg(id.to_string())
             .arg("--listen")
-            .arg(&n.addr)
+            .arg(&n.listen)
             .arg("--data-dir")
             .arg(&n.data_dir)
             .arg("--join")

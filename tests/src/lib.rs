@@ -6,6 +6,7 @@
 pub mod chaos;
 pub mod checker;
 pub mod cluster;
+pub mod proxy;
 pub mod router;
 
 pub use cluster::{ClusterOptions, TestCluster};

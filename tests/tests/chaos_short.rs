@@ -1,4 +1,4 @@
-//! A short chaos run: a 3-node cluster under kill and pause faults for about
+//! A short chaos run: a 3-node cluster under kill, pause and partition faults for about
 //! 20 s with the register and set workloads; the history must be
 //! linearizable and no acknowledged write lost.
 

@@ -1,7 +1,8 @@
 //! Read consistency against real processes: a STRONG read never returns a
 //! value older than a write acknowledged before it started, even when asked of
 //! a deposed leader that was paused past its lease; SESSION reads see the
-//! session's own writes on a follower.
+//! session's own writes on a follower; a leader partitioned from the majority
+//! (proxies in front of every node) refuses STRONG reads and loses nothing.
 
 use std::time::Duration;
 
@@ -176,6 +177,76 @@ async fn a_follower_serves_bounded_staleness_reads_only_while_it_can_prove_the_b
         let err = r.expect_err("a follower cut off from its leader served a bounded read");
         assert!(Error::from_status(&err).is_retryable(), "{err:?}");
         c.resume(leader).unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_partitioned_from_the_majority_never_serves_a_stale_strong_read() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions {
+            proxied: true,
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        client.put("x", "old").await.unwrap();
+        let old_leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        let others: Vec<u64> = (1..=3).filter(|id| *id != old_leader).collect();
+
+        phase!("partition the leader (node {old_leader}) from nodes {others:?}; clients reach all");
+        c.partition(&[old_leader], &others);
+        let new_leader = lmskv_tests::wait_for("a new leader", Duration::from_secs(30), || async {
+            for id in &others {
+                if let Ok(s) = c.status(*id).await {
+                    if lmskv_tests::cluster::user_range(&s)
+                        .is_some_and(|r| r.local_role == "leader")
+                    {
+                        return Some(*id);
+                    }
+                }
+            }
+            None
+        })
+        .await
+        .unwrap();
+
+        phase!("the client writes through the partition (new leader node {new_leader})");
+        let w = client.put("x", "new").await.unwrap();
+
+        phase!("a STRONG read asked of the cut-off old leader is refused, never stale");
+        let r = tokio::time::timeout(
+            Duration::from_secs(15),
+            c.kv(old_leader).get(get("x", Consistency::Strong, 0)),
+        )
+        .await;
+        match r {
+            Ok(Ok(resp)) => panic!(
+                "the cut-off old leader answered a STRONG read: {:?}",
+                resp.into_inner().kv.map(|kv| kv.value)
+            ),
+            Ok(Err(s)) => {
+                let e = Error::from_status(&s);
+                phase!("node {old_leader} refused: {e}");
+                assert!(e.is_retryable(), "refused with a retryable error: {e}");
+            }
+            Err(_) => phase!("node {old_leader} did not answer in 15 s"),
+        }
+
+        phase!("heal; the old leader catches up and the write stays");
+        c.heal_network();
+        c.wait_applied(old_leader, w.index, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let v = client
+            .get("x", lmskv_client::ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.value, Bytes::from_static(b"new"));
+        assert_eq!(v.version, w.version);
     })
     .await
     .expect("test timed out");

@@ -238,6 +238,7 @@ async fn a_lagging_follower_catches_up_by_snapshot() {
         let mut c = TestCluster::start(ClusterOptions {
             nodes: 3,
             config: "snapshot_logs_since_last = 100\nsnapshot_logs_to_keep = 20\n".into(),
+            ..ClusterOptions::default()
         })
         .await
         .unwrap();

@@ -3,12 +3,13 @@
 //! its cache from the routing errors and completes every call (get, put,
 //! batch_get, batch_put, scans in both directions); an atomic batch across
 //! two ranges is refused; and a write whose reply was lost is retried with
-//! its request id and applied once.
+//! its request id and applied once (both a reply the caller dropped and one
+//! a proxy in front of the leader lost on the network).
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use lmskv_client::{BatchOp, ClientError, ReadConsistency, ScanOptions, WriteOptions};
+use lmskv_client::{BatchOp, ClientError, Compare, ReadConsistency, ScanOptions, WriteOptions};
 use lmskv_proto::v1::{PutRequest, RequestHeader};
 use lmskv_tests::{phase, ClusterOptions, TestCluster};
 
@@ -271,6 +272,60 @@ async fn a_write_sent_to_a_stopped_leader_moves_on_to_the_new_leader() {
         .await
         .unwrap();
         assert_eq!(v.value, Bytes::from_static(b"2"));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_whose_reply_is_lost_on_the_network_is_retried_by_the_client_and_applied_once() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions {
+            proxied: true,
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        client.put("lost/warmup", "x").await.unwrap();
+        let leader = c
+            .wait_range_leader(b"lost/once", Duration::from_secs(20))
+            .await
+            .unwrap();
+
+        phase!("the leader's proxy (node {leader}) will drop the reply to the create");
+        c.proxy(leader).lose_reply_to(b"lost/once");
+        // Create-if-absent: applied a second time it would fail its compare,
+        // so success proves the retry was answered from the first outcome.
+        let created = client
+            .compare_and_swap(
+                "lost/once",
+                Compare::Version(0),
+                Some(Bytes::from_static(b"v")),
+                &WriteOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            c.proxy(leader).lost_replies(),
+            1,
+            "the fault was not injected: the test proves nothing"
+        );
+        assert!(
+            created.succeeded,
+            "the retried create failed its compare: it was applied twice ({created:?})"
+        );
+        let now = client
+            .get("lost/once", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(now.value, "v");
+        assert_eq!(
+            Some(now.version),
+            created.current.map(|kv| kv.version),
+            "the key was written again after the create"
+        );
     })
     .await
     .expect("test timed out");

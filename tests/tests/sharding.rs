@@ -128,6 +128,7 @@ async fn split_spread_rebalance_repair_and_drain(full: bool) {
         let mut c = TestCluster::start(ClusterOptions {
             nodes: 5,
             config: CONFIG.into(),
+            ..ClusterOptions::default()
         })
         .await
         .unwrap();
@@ -301,6 +302,7 @@ async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
         let mut c = TestCluster::start(ClusterOptions {
             nodes: 3,
             config: CONFIG.into(),
+            ..ClusterOptions::default()
         })
         .await
         .unwrap();
@@ -376,6 +378,7 @@ async fn a_scan_during_splits_returns_each_key_once() {
             TestCluster::start(ClusterOptions {
                 nodes: 3,
                 config: CONFIG.into(),
+                ..ClusterOptions::default()
             })
             .await
             .unwrap(),

@@ -33,14 +33,17 @@ const SNAPSHOT_STREAM_CHUNKS_MAX: usize = 4;
 #[derive(Debug)]
 pub struct PeerPool {
     local_id: u64,
+    /// The local address connections to peers are made from, when set.
+    source_ip: Option<std::net::IpAddr>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl PeerPool {
     /// An empty pool for the node `local_id`.
-    pub fn new(local_id: u64) -> Arc<Self> {
+    pub fn new(local_id: u64, source_ip: Option<std::net::IpAddr>) -> Arc<Self> {
         Arc::new(PeerPool {
             local_id,
+            source_ip,
             channels: Mutex::new(HashMap::new()),
         })
     }
@@ -54,6 +57,7 @@ impl PeerPool {
         let ep = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("bad peer address {addr}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
+            .local_address(self.source_ip)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))

@@ -35,6 +35,9 @@ const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A learner this close to the leader's last log index counts as caught up.
 const LEARNER_LAG_OK: u64 = 16;
 
+/// How often a write waiting for commit checks whether its leader was cut off.
+const CUT_OFF_CHECK_EVERY: Duration = Duration::from_millis(100);
+
 /// Raft timing and log retention, from the node config.
 #[derive(Debug, Clone)]
 pub struct RaftTuning {
@@ -537,20 +540,58 @@ impl RangeReplica {
             proposed_at_ms: now_ms(),
             op,
         };
-        let resp = tokio::time::timeout(self.tuning.write_timeout, self.raft.client_write(cmd))
-            .await
-            .map_err(|_| Error::Timeout {
-                reason: format!(
-                    "write not committed within {:?}; outcome unknown, retry with the same request id",
-                    self.tuning.write_timeout
-                ),
-            })?
-            .map_err(|e| self.write_error(e))?;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.tuning.write_timeout;
+        let write = self.raft.client_write(cmd);
+        tokio::pin!(write);
+        let resp = loop {
+            tokio::select! {
+                r = &mut write => break r.map_err(|e| self.write_error(e))?,
+                _ = tokio::time::sleep(CUT_OFF_CHECK_EVERY) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Error::Timeout {
+                            reason: format!(
+                                "write not committed within {:?}; outcome unknown, retry with the same request id",
+                                self.tuning.write_timeout
+                            ),
+                        });
+                    }
+                    if self.cut_off_since(started.elapsed()) {
+                        // A leader no quorum answers (partitioned away) would
+                        // hold the write until the timeout; let the client
+                        // find the leader the majority elected instead.
+                        return Err(Error::Timeout {
+                            reason: "this leader has heard from no quorum since the write was proposed; outcome unknown, retry with the same request id".into(),
+                        });
+                    }
+                }
+            }
+        };
         let index = resp.log_id.index();
         if all {
             self.wait_all_voters(index).await?;
         }
         Ok((index, resp.data))
+    }
+
+    /// Whether this node still leads but no quorum has acknowledged it for
+    /// `waited`, and for longer than an election timeout: the majority may
+    /// well have elected another leader.
+    fn cut_off_since(&self, waited: Duration) -> bool {
+        if waited <= Duration::from_millis(self.tuning.election_timeout_ms_max) {
+            return false;
+        }
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        m.state == ServerState::Leader
+            && m.membership_config
+                .membership()
+                .voter_ids()
+                .nth(1)
+                .is_some()
+            && m.last_quorum_acked
+                .as_ref()
+                .is_none_or(|t| openraft::Instant::elapsed(&**t) >= waited)
     }
 
     async fn wait_all_voters(&self, index: u64) -> Result<(), Error> {

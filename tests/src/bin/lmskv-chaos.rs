@@ -1,5 +1,5 @@
 //! `lmskv-chaos`: runs workloads against a real multi-process cluster while
-//! a nemesis kills and pauses nodes, checks what clients observed, prints a
+//! a nemesis kills, pauses and partitions nodes, checks what clients observed, prints a
 //! summary and optionally writes a JSON report.
 //!
 //! Exits 0 only when the register history is linearizable and the set lost
@@ -23,7 +23,7 @@ struct Args {
     /// How long to inject faults, e.g. 60s, 30m, 1h.
     #[arg(long, default_value = "60s", value_parser = chaos::parse_duration)]
     duration: Duration,
-    /// Faults to inject: `all`, or a comma-separated list (kill, pause).
+    /// Faults to inject: `all`, or a comma-separated list (kill, pause, partition).
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Workloads to run: a comma-separated list (register, set).

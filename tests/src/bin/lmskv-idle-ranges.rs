@@ -77,6 +77,7 @@ async fn measure(n: usize, args: &Args) -> anyhow::Result<Row> {
             "placement_interval_ms = 200\nbalance_leaders = true\nblock_cache_bytes = {}\nwrite_buffer_bytes = {}\n",
             args.block_cache_bytes, args.write_buffer_bytes
         ),
+        ..ClusterOptions::default()
     })
     .await?;
     let started = Instant::now();

@@ -48,17 +48,22 @@ pub enum Nemesis {
     Kill,
     /// SIGSTOP a node for 1–3 s, then SIGCONT it.
     Pause,
+    /// Partition one node, or a minority, from the rest for 1–3 s (both
+    /// ways, through the proxy in front of every node); clients still reach
+    /// every node.
+    Partition,
 }
 
 impl Nemesis {
     /// Every nemesis this build supports.
-    pub const SUPPORTED: [Nemesis; 2] = [Nemesis::Kill, Nemesis::Pause];
+    pub const SUPPORTED: [Nemesis; 3] = [Nemesis::Kill, Nemesis::Pause, Nemesis::Partition];
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Nemesis::Kill => "kill",
             Nemesis::Pause => "pause",
+            Nemesis::Partition => "partition",
         }
     }
 }
@@ -80,6 +85,7 @@ pub fn parse_nemeses(s: &str) -> anyhow::Result<Vec<Nemesis>> {
             "all" => out.extend(Nemesis::SUPPORTED),
             "kill" => out.push(Nemesis::Kill),
             "pause" => out.push(Nemesis::Pause),
+            "partition" => out.push(Nemesis::Partition),
             other => bail!("nemesis `{other}` is not supported; supported: {supported} (or `all`)"),
         }
     }
@@ -191,6 +197,7 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
         nodes: opts.nodes,
         // The production default: leaders move while the nemesis runs.
         config: "balance_leaders = true\n".into(),
+        proxied: opts.nemeses.contains(&Nemesis::Partition),
     })
     .await?;
 

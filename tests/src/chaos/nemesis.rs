@@ -1,6 +1,7 @@
 //! The nemesis loop: every few seconds it faults one node (kill -9 and
-//! restart, or SIGSTOP and SIGCONT), heals it, and rests, until the run's
-//! duration is up.
+//! restart, SIGSTOP and SIGCONT, or a network partition that cuts it, or a
+//! minority holding it, off from the rest), heals it, and rests, until the
+//! run's duration is up.
 //!
 //! Faults are sequential, one node at a time, so a majority is always up: the
 //! "never fault more than a minority" rule holds for every cluster of three or
@@ -57,6 +58,12 @@ pub async fn run(
         let faulted = match kind {
             Nemesis::Kill => cluster.kill(target),
             Nemesis::Pause => cluster.pause(target),
+            Nemesis::Partition => {
+                let (side, rest) = partition_sides(&mut rng, cluster.nodes.len() as u64, target);
+                phase!("nemesis: partition {side:?} | {rest:?}");
+                cluster.partition(&side, &rest);
+                Ok(())
+            }
         };
         if let Err(e) = faulted {
             phase!("nemesis: {kind} node {target} failed: {e:#}");
@@ -69,12 +76,17 @@ pub async fn run(
             match kind {
                 Nemesis::Kill => counts.kill += 1,
                 Nemesis::Pause => counts.pause += 1,
+                Nemesis::Partition => counts.partition += 1,
             }
         }
         tokio::time::sleep(fault_for).await;
         let healed = match kind {
             Nemesis::Kill => cluster.spawn(target),
             Nemesis::Pause => cluster.resume(target),
+            Nemesis::Partition => {
+                cluster.heal_network();
+                Ok(())
+            }
         };
         if let Err(e) = healed {
             phase!("nemesis: healing node {target} failed: {e:#}");
@@ -84,6 +96,26 @@ pub async fn run(
     }
     heal_all(cluster);
     counts
+}
+
+/// The two sides of a partition of nodes `1..=nodes`: `target` alone, or a
+/// random minority holding `target`, against the rest (always a majority).
+fn partition_sides(rng: &mut StdRng, nodes: u64, target: u64) -> (Vec<u64>, Vec<u64>) {
+    let minority_max = (nodes - 1) / 2;
+    let size = if minority_max > 1 && rng.gen_bool(0.5) {
+        rng.gen_range(2..=minority_max)
+    } else {
+        1
+    };
+    let mut others: Vec<u64> = (1..=nodes).filter(|n| *n != target).collect();
+    let mut side = vec![target];
+    while side.len() < size as usize {
+        let i = rng.gen_range(0..others.len());
+        side.push(others.swap_remove(i));
+    }
+    side.sort_unstable();
+    others.sort_unstable();
+    (side, others)
 }
 
 /// Sleeps for a random rest, but not past `deadline`.
@@ -120,6 +152,9 @@ async fn leader_of(cluster: &TestCluster) -> Option<u64> {
 /// Makes sure every node runs: resumes any paused one and restarts any that
 /// exited, whatever the loop above left behind after an error.
 fn heal_all(cluster: &mut TestCluster) {
+    if cluster.nodes.iter().any(|n| n.proxy.is_some()) {
+        cluster.heal_network();
+    }
     let ids: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
     for id in ids {
         match cluster.exited(id) {

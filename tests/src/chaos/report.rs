@@ -72,6 +72,8 @@ pub struct NemesisCounts {
     pub kill: u64,
     /// Nodes paused with SIGSTOP and resumed.
     pub pause: u64,
+    /// Partitions of a node or a minority from the rest, healed after.
+    pub partition: u64,
     /// Faults whose target was the leader of range 1.
     pub leader_faults: u64,
     /// Fault or heal steps that returned an error (logged as they happened).
@@ -155,8 +157,12 @@ impl fmt::Display for ChaosReport {
         )?;
         writeln!(
             f,
-            "  nemesis:      {} kill, {} pause ({} on the leader, {} errors)",
-            self.nemesis.kill, self.nemesis.pause, self.nemesis.leader_faults, self.nemesis.errors
+            "  nemesis:      {} kill, {} pause, {} partition ({} on the leader, {} errors)",
+            self.nemesis.kill,
+            self.nemesis.pause,
+            self.nemesis.partition,
+            self.nemesis.leader_faults,
+            self.nemesis.errors
         )?;
         match &self.failover_ms {
             Some(s) => writeln!(
