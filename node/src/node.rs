@@ -615,11 +615,20 @@ impl Node {
                 }
             }
             let now = Instant::now();
-            let mut waiting: std::collections::HashMap<String, Vec<Arc<RangeReplica>>> =
+            // Grouped by leader node id first (no address lookups per
+            // replica: a node may host thousands of dormant ones).
+            let mut by_leader: std::collections::HashMap<u64, Vec<Arc<RangeReplica>>> =
                 std::collections::HashMap::new();
             for r in replicas {
-                if let Some(addr) = r.dormant_leader() {
-                    waiting.entry(addr).or_default().push(r);
+                if let Some(leader) = r.dormant_leader() {
+                    by_leader.entry(leader).or_default().push(r);
+                }
+            }
+            let mut waiting: std::collections::HashMap<String, Vec<Arc<RangeReplica>>> =
+                std::collections::HashMap::new();
+            for (_, rs) in by_leader {
+                if let Some(h) = rs.first().and_then(|r| r.leader_hint()) {
+                    waiting.entry(h.address).or_default().extend(rs);
                 }
             }
             let mut live = self.peer_liveness.lock().expect("liveness lock");

@@ -259,8 +259,24 @@ impl RangeReplica {
     /// sending them and its own ticks, so an idle range costs no messages
     /// and no timer wake-ups. Any request or proposal wakes it.
     pub fn hibernate_tick(&self, idle_after: Duration) {
-        let m = self.raft.metrics().borrow_watched().clone();
-        if m.state != ServerState::Leader {
+        // Read under a borrow (not a clone: every replica runs this each
+        // second), released before any call below.
+        let (leader, caught_up) = {
+            let rx = self.raft.metrics();
+            let m = rx.borrow_watched();
+            let caught_up = m.replication.as_ref().is_some_and(|rep| {
+                rep.values()
+                    .all(|l| l.as_ref().map(|l| l.index()) == m.last_log_index)
+            }) && m
+                .membership_config
+                .membership()
+                .learner_ids()
+                .next()
+                .is_none()
+                && m.last_applied.as_ref().map(|l| l.index()) == m.last_log_index;
+            (m.state == ServerState::Leader, caught_up)
+        };
+        if !leader {
             // Stepped down while asleep: a follower needs its timers back
             // (unless its new leader put it to sleep).
             if self.hibernating.swap(false, Ordering::Relaxed) {
@@ -273,16 +289,6 @@ impl RangeReplica {
             return;
         }
         let idle = self.last_activity.lock().expect("activity lock").elapsed() >= idle_after;
-        let caught_up = m.replication.as_ref().is_some_and(|rep| {
-            rep.values()
-                .all(|l| l.as_ref().map(|l| l.index()) == m.last_log_index)
-        }) && m
-            .membership_config
-            .membership()
-            .learner_ids()
-            .next()
-            .is_none()
-            && m.last_applied.as_ref().map(|l| l.index()) == m.last_log_index;
         if !idle || !caught_up {
             if self.hibernating.load(Ordering::Relaxed) {
                 self.touch();
@@ -299,12 +305,12 @@ impl RangeReplica {
     }
 
     /// Follower side: whether this replica's election timer is off, and the
-    /// address of the leader it waits for.
-    pub fn dormant_leader(&self) -> Option<String> {
+    /// node id of the leader it waits for.
+    pub fn dormant_leader(&self) -> Option<u64> {
         if !self.dormant.load(Ordering::Relaxed) {
             return None;
         }
-        self.leader_hint().map(|h| h.address)
+        self.raft.metrics().borrow_watched().current_leader
     }
 
     /// Turns a dormant follower's election timer back on (its leader's node
@@ -779,7 +785,9 @@ impl RangeReplica {
 
     /// The replica's Raft state now.
     pub fn status(&self) -> ReplicaStatus {
-        let m = self.raft.metrics().borrow_watched().clone();
+        // Borrowed, not cloned: heartbeats read every replica's status each second.
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
         let membership = m.membership_config.membership();
         let role = match m.state {
             ServerState::Leader => "leader",
