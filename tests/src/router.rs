@@ -17,6 +17,29 @@ use tonic::transport::Channel;
 
 use crate::cluster::TestCluster;
 
+/// The voters a listed range's descriptor names.
+pub fn voters(r: &RangeInfo) -> Vec<u64> {
+    r.descriptor
+        .as_ref()
+        .map(|d| {
+            d.replicas
+                .iter()
+                .filter(|x| x.role == lmskv_proto::v1::ReplicaRole::Voter as i32)
+                .map(|x| x.node_id)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether every range has exactly three voters on distinct nodes out of `nodes`.
+pub fn fully_replicated_on(ranges: &[RangeInfo], nodes: &std::collections::BTreeSet<u64>) -> bool {
+    ranges.iter().all(|r| {
+        let v = voters(r);
+        let distinct: std::collections::BTreeSet<u64> = v.iter().copied().collect();
+        v.len() == 3 && distinct.len() == 3 && distinct.is_subset(nodes)
+    })
+}
+
 /// Attempts of one routed call before it fails the test.
 const ROUTED_ATTEMPTS_MAX: usize = 300;
 /// Pause between attempts.

@@ -25,6 +25,22 @@ fn get(key: &str, consistency: Consistency, min_applied: u64) -> GetRequest {
     }
 }
 
+/// Waits until one of `ids` reports that it leads the user range.
+async fn new_leader_among(c: &TestCluster, ids: &[u64]) -> u64 {
+    lmskv_tests::wait_for("a new leader", Duration::from_secs(30), || async {
+        for id in ids {
+            if let Ok(s) = c.status(*id).await {
+                if lmskv_tests::cluster::user_range(&s).is_some_and(|r| r.local_role == "leader") {
+                    return Some(*id);
+                }
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_old_leader_never_serves_a_stale_strong_read() {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -35,20 +51,8 @@ async fn a_paused_old_leader_never_serves_a_stale_strong_read() {
 
         phase!("pause the leader (node {old_leader}) past its lease");
         c.pause(old_leader).unwrap();
-        let new_leader = lmskv_tests::wait_for("a new leader", Duration::from_secs(30), || async {
-            for id in (1..=3).filter(|id| *id != old_leader) {
-                if let Ok(s) = c.status(id).await {
-                    if lmskv_tests::cluster::user_range(&s)
-                        .is_some_and(|r| r.local_role == "leader")
-                    {
-                        return Some(id);
-                    }
-                }
-            }
-            None
-        })
-        .await
-        .unwrap();
+        let others: Vec<u64> = (1..=3).filter(|id| *id != old_leader).collect();
+        let new_leader = new_leader_among(&c, &others).await;
 
         phase!("node {new_leader} takes a write");
         let mut kv_new = c.kv(new_leader);
@@ -198,20 +202,7 @@ async fn a_leader_partitioned_from_the_majority_never_serves_a_stale_strong_read
 
         phase!("partition the leader (node {old_leader}) from nodes {others:?}; clients reach all");
         c.partition(&[old_leader], &others);
-        let new_leader = lmskv_tests::wait_for("a new leader", Duration::from_secs(30), || async {
-            for id in &others {
-                if let Ok(s) = c.status(*id).await {
-                    if lmskv_tests::cluster::user_range(&s)
-                        .is_some_and(|r| r.local_role == "leader")
-                    {
-                        return Some(*id);
-                    }
-                }
-            }
-            None
-        })
-        .await
-        .unwrap();
+        let new_leader = new_leader_among(&c, &others).await;
 
         phase!("the client writes through the partition (new leader node {new_leader})");
         let w = client.put("x", "new").await.unwrap();

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lmskv_proto::v1::{RangeInfo, ReplicaRole};
+use lmskv_proto::v1::RangeInfo;
+use lmskv_tests::router::{fully_replicated_on, voters};
 use lmskv_tests::{wait_for, ClusterOptions, TestCluster};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -24,19 +25,6 @@ macro_rules! phase {
 /// Small thresholds so splits, repairs and drains happen within a test.
 const CONFIG: &str = "dead_node_timeout_s = 4\nsplit_size_bytes = 65536\nwrite_buffer_bytes = 1048576\nnode_heartbeat_ms = 300\nplacement_interval_ms = 300\nbalance_leaders = true\n";
 
-fn voters(r: &RangeInfo) -> Vec<u64> {
-    r.descriptor
-        .as_ref()
-        .map(|d| {
-            d.replicas
-                .iter()
-                .filter(|x| x.role == ReplicaRole::Voter as i32)
-                .map(|x| x.node_id)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Replicas per node over the listed ranges.
 fn replica_counts(ranges: &[RangeInfo]) -> BTreeMap<u64, usize> {
     let mut m = BTreeMap::new();
@@ -46,15 +34,6 @@ fn replica_counts(ranges: &[RangeInfo]) -> BTreeMap<u64, usize> {
         }
     }
     m
-}
-
-/// Whether every range has exactly three voters on distinct nodes out of `nodes`.
-fn fully_replicated_on(ranges: &[RangeInfo], nodes: &BTreeSet<u64>) -> bool {
-    ranges.iter().all(|r| {
-        let v = voters(r);
-        let distinct: BTreeSet<u64> = v.iter().copied().collect();
-        v.len() == 3 && distinct.len() == 3 && distinct.is_subset(nodes)
-    })
 }
 
 fn key(i: u32) -> Vec<u8> {

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Parser;
-use lmskv_proto::v1::{RangeInfo, ReplicaRole};
-use lmskv_tests::{ClusterOptions, TestCluster};
+use lmskv_proto::v1::RangeInfo;
+use lmskv_tests::router::{fully_replicated_on, voters};
+use lmskv_tests::{wait_for, ClusterOptions, TestCluster};
 use serde::Serialize;
 
 /// Placement measurements for lmskv.
@@ -84,19 +85,6 @@ struct Figures {
     leaders_after: BTreeMap<u64, usize>,
 }
 
-fn voters(r: &RangeInfo) -> Vec<u64> {
-    r.descriptor
-        .as_ref()
-        .map(|d| {
-            d.replicas
-                .iter()
-                .filter(|x| x.role == ReplicaRole::Voter as i32)
-                .map(|x| x.node_id)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn spread(ranges: &[RangeInfo]) -> (BTreeMap<u64, usize>, BTreeMap<u64, usize>) {
     let mut replicas = BTreeMap::new();
     let mut leaders = BTreeMap::new();
@@ -109,13 +97,6 @@ fn spread(ranges: &[RangeInfo]) -> (BTreeMap<u64, usize>, BTreeMap<u64, usize>) 
         }
     }
     (replicas, leaders)
-}
-
-fn fully_replicated_on(ranges: &[RangeInfo], nodes: &BTreeSet<u64>) -> bool {
-    ranges.iter().all(|r| {
-        let v: BTreeSet<u64> = voters(r).into_iter().collect();
-        v.len() == 3 && v.is_subset(nodes)
-    })
 }
 
 /// Whether no node holds more than 20% over the mean of replicas, nor of
@@ -131,23 +112,6 @@ fn balanced(ranges: &[RangeInfo], nodes: usize) -> bool {
 
 fn data_key(range: usize, i: usize) -> Vec<u8> {
     format!("d/{range:04}/{i:08}").into_bytes()
-}
-
-async fn wait<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn timed_split(c: &TestCluster, key: &[u8]) -> anyhow::Result<f64> {
@@ -253,7 +217,7 @@ async fn run(args: &Args) -> anyhow::Result<Figures> {
     f.loaded_split_range_bytes = split_bytes / args.ranges as u64;
 
     eprintln!("waiting for balance (no node over 20% above the mean in replicas or leaders)");
-    let ranges = wait("balance", args.timeout, || async {
+    let ranges = wait_for("balance", args.timeout, || async {
         let r = c.range_list().await.ok()?;
         balanced(&r, args.nodes).then_some(r)
     })
@@ -293,7 +257,7 @@ async fn run(args: &Args) -> anyhow::Result<Figures> {
     let killed_at = Instant::now();
     c.kill(victim)?;
     let alive: BTreeSet<u64> = c.running().into_iter().collect();
-    let ranges = wait("repair", args.timeout, || async {
+    let ranges = wait_for("repair", args.timeout, || async {
         let r = c.range_list().await.ok()?;
         fully_replicated_on(&r, &alive).then_some(r)
     })
