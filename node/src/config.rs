@@ -40,6 +40,10 @@ pub struct FileConfig {
     /// Keys the cluster splits at when it is formed (escaped as `\xNN` for
     /// non-printable bytes), e.g. one range per LMS table prefix.
     pub pre_split_keys: Vec<String>,
+    /// Key prefixes whose rows automatic splits must not cut (see
+    /// [`SplitRow`]), e.g. `[{ prefix = "course/", id_len = 8 }]`. Every node
+    /// of a cluster should have the same list: the range leader picks the key.
+    pub split_rows: Vec<SplitRow>,
     /// How often a node reports to the meta leader.
     pub node_heartbeat_ms: u64,
     /// How often the placement driver (the meta leader) plans.
@@ -71,12 +75,31 @@ impl Default for FileConfig {
             split_qps: 2_500.0,
             split_qps_duration_s: 10,
             pre_split_keys: Vec::new(),
+            split_rows: Vec::new(),
             node_heartbeat_ms: 1_000,
             placement_interval_ms: 1_000,
             balance_tolerance: 0.2,
             balance_leaders: true,
         }
     }
+}
+
+/// Longest `id_len` of a [`SplitRow`].
+pub const SPLIT_ROW_ID_BYTES_MAX: usize = 256;
+
+/// A family of rows that automatic splits keep whole: a key starting with
+/// `prefix` belongs to the row `prefix` + its next `id_len` bytes (a key
+/// shorter than that is a row of its own). The placement driver moves an
+/// automatic split key back to the start of its row, so everything an
+/// application changes atomically under one row (e.g. `course/<cid>/…`)
+/// stays in one range. Splits an operator asks for are not adjusted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitRow {
+    /// The row family's prefix, escaped like `pre_split_keys`.
+    pub prefix: String,
+    /// Bytes of the row id after the prefix (8 for a big-endian u64).
+    pub id_len: usize,
 }
 
 /// The validated configuration of one node.
@@ -166,6 +189,40 @@ impl NodeConfig {
             lmskv_proto::keys::validate_user_key("pre_split_keys", &key)
                 .map_err(|e| format!("pre_split_keys: {k:?}: {e}"))?;
         }
+        let mut prefixes: Vec<Vec<u8>> = Vec::new();
+        for (i, r) in f.split_rows.iter().enumerate() {
+            let at = format!("split_rows[{i}] (prefix {:?})", r.prefix);
+            let prefix = lmskv_proto::keys::parse_escaped(&r.prefix)
+                .map_err(|e| format!("{at}: prefix: {e}"))?;
+            lmskv_proto::keys::validate_user_key("prefix", &prefix)
+                .map_err(|e| format!("{at}: prefix: {e}"))?;
+            if r.id_len == 0 || r.id_len > SPLIT_ROW_ID_BYTES_MAX {
+                return Err(format!(
+                    "{at}: id_len must be between 1 and {SPLIT_ROW_ID_BYTES_MAX}, not {}",
+                    r.id_len
+                ));
+            }
+            if prefix.len() + r.id_len > lmskv_proto::limits::KEY_BYTES_MAX {
+                return Err(format!(
+                    "{at}: prefix and id_len together exceed the key limit of {} bytes",
+                    lmskv_proto::limits::KEY_BYTES_MAX
+                ));
+            }
+            if prefixes.contains(&prefix) {
+                return Err(format!("{at}: the prefix is listed twice"));
+            }
+            prefixes.push(prefix);
+        }
+        let rows = self.split_rows();
+        for k in self.pre_split_keys() {
+            if crate::pd::row_start(&rows, &k) != k {
+                return Err(format!(
+                    "pre_split_keys: {:?} cuts a row of split_rows; use its row start {:?}",
+                    lmskv_proto::keys::escape(&k),
+                    lmskv_proto::keys::escape(&crate::pd::row_start(&rows, &k)),
+                ));
+            }
+        }
         for j in &self.join {
             if j.parse::<SocketAddr>().is_err() && !j.contains(':') {
                 return Err(format!("--join address {j:?} is not HOST:PORT"));
@@ -204,6 +261,18 @@ impl NodeConfig {
             .iter()
             .filter_map(|k| lmskv_proto::keys::parse_escaped(k).ok())
             .map(bytes::Bytes::from)
+            .collect()
+    }
+
+    /// The configured split rows as (prefix, id length), parsed.
+    pub fn split_rows(&self) -> Vec<(bytes::Bytes, usize)> {
+        self.file
+            .split_rows
+            .iter()
+            .filter_map(|r| {
+                let p = lmskv_proto::keys::parse_escaped(&r.prefix).ok()?;
+                Some((bytes::Bytes::from(p), r.id_len))
+            })
             .collect()
     }
 
@@ -255,5 +324,47 @@ mod tests {
     fn unknown_file_keys_are_refused() {
         assert!(toml::from_str::<FileConfig>("election_timeout_ms_min = 500").is_ok());
         assert!(toml::from_str::<FileConfig>("electon_timeout = 5").is_err());
+        assert!(
+            toml::from_str::<FileConfig>("split_rows = [{ prefix = \"c/\", idlen = 8 }]").is_err()
+        );
+    }
+
+    #[test]
+    fn split_rows_are_parsed_and_checked() {
+        let f: FileConfig = toml::from_str(
+            "split_rows = [{ prefix = \"course/\", id_len = 8 }, { prefix = \"t\\\\x01/\", id_len = 2 }]\n\
+             pre_split_keys = [\"course/\", \"course/\\\\x00\\\\x00\\\\x00\\\\x00\\\\x00\\\\x00\\\\x00\\\\x09\"]",
+        )
+        .unwrap();
+        let mut c = cfg();
+        c.file = f;
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            c.split_rows(),
+            vec![
+                (bytes::Bytes::from_static(b"course/"), 8),
+                (bytes::Bytes::from_static(b"t\x01/"), 2)
+            ]
+        );
+        let bad = |rows: &str| {
+            let mut c = cfg();
+            c.file = toml::from_str(&format!("split_rows = [{rows}]")).unwrap();
+            c.validate().unwrap_err()
+        };
+        assert!(bad(r#"{ prefix = "c/", id_len = 0 }"#).contains("id_len must be between 1"));
+        assert!(bad(r#"{ prefix = "c/", id_len = 257 }"#).contains("id_len"));
+        assert!(bad(r#"{ prefix = "", id_len = 8 }"#).contains("split_rows[0]"));
+        assert!(bad(r#"{ prefix = "\\x00m", id_len = 8 }"#).contains("reserved"));
+        assert!(bad(r#"{ prefix = "\\xZZ", id_len = 8 }"#).contains("escape"));
+        assert!(
+            bad(r#"{ prefix = "c/", id_len = 8 }, { prefix = "c/", id_len = 4 }"#)
+                .contains("twice")
+        );
+        let mut c = cfg();
+        c.file = toml::from_str(
+            "split_rows = [{ prefix = \"c/\", id_len = 2 }]\npre_split_keys = [\"c/ab/x\"]",
+        )
+        .unwrap();
+        assert!(c.validate().unwrap_err().contains("cuts a row"));
     }
 }

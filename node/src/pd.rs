@@ -1171,9 +1171,20 @@ pub async fn split_local(
         let mid = tokio::task::spawn_blocking(move || engine.middle_key(&start, &end, 10_000))
             .await
             .map_err(|e| Error::internal(format!("split key search: {e}")))?;
-        match mid.map_err(|e| r.refuse(&e))? {
+        let mid = match mid.map_err(|e| r.refuse(&e))? {
             Some((k, _)) if k.as_ref() > m.start.as_ref() => k,
             _ => return Err(Error::invalid_argument("key", "range too small to split")),
+        };
+        // Never inside a row of `split_rows`: the application's atomic
+        // batches stay in one range.
+        match row_split_key(&node.cfg.split_rows(), &m.start, &m.end, &mid) {
+            Some(k) => k,
+            None => {
+                return Err(Error::invalid_argument(
+                    "key",
+                    "the range is one row of split_rows; it is not split",
+                ))
+            }
         }
     } else {
         req.key
@@ -1248,4 +1259,159 @@ pub async fn decommission(node: &Arc<Node>, node_id: u64) -> Result<NodeRecord, 
         tracing::info!(node_id, "decommissioning node");
     }
     Ok(rec)
+}
+
+/// The start of the row `key` belongs to under `rows` (prefix, id length):
+/// `key` cut to its longest matching prefix plus the id length. A key that
+/// matches no prefix, or is no longer than its prefix and id, is its own row.
+pub fn row_start(rows: &[(Bytes, usize)], key: &[u8]) -> Bytes {
+    let rule = rows
+        .iter()
+        .filter(|(p, _)| key.starts_with(p))
+        .max_by_key(|(p, _)| p.len());
+    match rule {
+        Some((p, id_len)) if key.len() > p.len() + id_len => {
+            Bytes::copy_from_slice(&key[..p.len() + id_len])
+        }
+        _ => Bytes::copy_from_slice(key),
+    }
+}
+
+/// Where an automatic split of the range `[start, end)` (`end` empty: no
+/// end) goes, given the middle key `mid` the engine found: the start of
+/// `mid`'s row, so no row is cut; when that is not inside `(start, end)`
+/// (the range begins at, or inside, that row), the first key after the row;
+/// `None` when that is not inside either (the range is one row) and the
+/// range should not be split.
+pub fn row_split_key(
+    rows: &[(Bytes, usize)],
+    start: &[u8],
+    end: &[u8],
+    mid: &[u8],
+) -> Option<Bytes> {
+    let inside = |k: &[u8]| k > start && (end.is_empty() || k < end);
+    let row = row_start(rows, mid);
+    if inside(&row) {
+        return Some(row);
+    }
+    // Every key of the row starts with `row`: the first key after them all.
+    let next = Bytes::from(lmskv_proto::keys::prefix_end(&row)?);
+    // `next` may itself lie inside a row of another rule: use that row's start.
+    let next = row_start(rows, &next);
+    inside(&next).then_some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn course(cid: u64, rest: &[u8]) -> Vec<u8> {
+        let mut k = b"course/".to_vec();
+        k.extend_from_slice(&cid.to_be_bytes());
+        k.extend_from_slice(rest);
+        k
+    }
+
+    fn rows() -> Vec<(Bytes, usize)> {
+        vec![(Bytes::from_static(b"course/"), 8)]
+    }
+
+    #[test]
+    fn split_keys_move_to_the_start_of_their_row() {
+        let rows = rows();
+        // A key inside course 7's row moves to the row's start.
+        let mid = course(7, b"/s/\x00\x01");
+        assert_eq!(
+            row_split_key(&rows, b"course/", b"email/", &mid).unwrap(),
+            course(7, b"")
+        );
+        // With no end bound too.
+        assert_eq!(
+            row_split_key(&rows, b"course/", b"", &mid).unwrap(),
+            course(7, b"")
+        );
+        // Keys outside every row family, and the row start itself, stay.
+        assert_eq!(
+            row_split_key(&rows, b"a", b"z", b"user/\x00\x05").unwrap(),
+            Bytes::from_static(b"user/\x00\x05")
+        );
+        assert_eq!(
+            row_split_key(&rows, b"a", b"z", &course(7, b"")).unwrap(),
+            course(7, b"")
+        );
+        // A key shorter than prefix + id cuts no row.
+        assert_eq!(
+            row_split_key(&rows, b"a", b"z", b"course/\x00\x01").unwrap(),
+            Bytes::from_static(b"course/\x00\x01")
+        );
+        // No rules: the middle key as found.
+        assert_eq!(
+            row_split_key(&[], b"a", b"z", &mid).unwrap(),
+            Bytes::from(mid.clone())
+        );
+    }
+
+    #[test]
+    fn a_range_starting_at_its_middle_row_splits_after_the_row() {
+        let rows = rows();
+        let start = course(7, b"");
+        let mid = course(7, b"/m/x");
+        assert_eq!(
+            row_split_key(&rows, &start, b"", &mid).unwrap(),
+            course(8, b"")
+        );
+        // A range that starts inside the row (a manual split) likewise.
+        let start = course(7, b"/a/");
+        assert_eq!(
+            row_split_key(&rows, &start, &course(9, b""), &mid).unwrap(),
+            course(8, b"")
+        );
+        // After row 0x..ff comes the shortest key above it (no row cut).
+        let start = course(0xff, b"");
+        assert_eq!(
+            row_split_key(&rows, &start, b"", &course(0xff, b"/i")).unwrap(),
+            Bytes::from_static(b"course/\x00\x00\x00\x00\x00\x00\x01")
+        );
+    }
+
+    #[test]
+    fn a_range_that_is_one_row_is_not_split() {
+        let rows = rows();
+        let mid = course(7, b"/s/1");
+        assert_eq!(
+            row_split_key(&rows, &course(7, b""), &course(8, b""), &mid),
+            None
+        );
+        assert_eq!(
+            row_split_key(&rows, &course(7, b""), &course(7, b"/t"), &mid),
+            None
+        );
+        // After the last row of a family comes the next prefix ...
+        let last = course(u64::MAX, b"");
+        assert_eq!(
+            row_split_key(&rows, &last, b"", &course(u64::MAX, b"/i")).unwrap(),
+            Bytes::from_static(b"course0")
+        );
+        // ... unless nothing comes after it.
+        assert_eq!(
+            row_split_key(
+                &[(Bytes::from_static(b"\xff"), 2)],
+                b"\xff\xff\xff",
+                b"",
+                b"\xff\xff\xff\x01"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn the_longest_matching_prefix_decides() {
+        let rows = vec![
+            (Bytes::from_static(b"c/"), 2),
+            (Bytes::from_static(b"c/x/"), 1),
+        ];
+        assert_eq!(row_start(&rows, b"c/x/abc"), Bytes::from_static(b"c/x/a"));
+        assert_eq!(row_start(&rows, b"c/ab/cd"), Bytes::from_static(b"c/ab"));
+        assert_eq!(row_start(&rows, b"c/a"), Bytes::from_static(b"c/a"));
+    }
 }
