@@ -25,7 +25,7 @@ pub const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Client {
     fn admin_deadline(&self) -> Instant {
-        Instant::now() + self.inner.retry.deadline
+        Instant::now() + self.retry.deadline
     }
 
     /// The status report of the node at `endpoint`.

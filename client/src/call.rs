@@ -49,6 +49,9 @@ pub(crate) struct Budget {
     attempts_max: u32,
     backoffs: u32,
     last: Option<ServerError>,
+    /// A try failed in a way that leaves its outcome unknown (it may have
+    /// been applied): a write must not be re-sent under a new request id.
+    maybe_applied: bool,
 }
 
 impl Budget {
@@ -60,6 +63,7 @@ impl Budget {
             attempts_max: policy.attempts_max,
             backoffs: 0,
             last: None,
+            maybe_applied: false,
         }
     }
 
@@ -69,6 +73,7 @@ impl Budget {
             attempts: 0,
             backoffs: 0,
             last: None,
+            maybe_applied: false,
             ..self.clone()
         }
     }
@@ -96,7 +101,19 @@ impl Budget {
 
     /// Records why the last try failed.
     pub fn failed(&mut self, e: ServerError) {
+        if matches!(
+            e,
+            ServerError::Timeout { .. } | ServerError::Unavailable { .. }
+        ) {
+            self.maybe_applied = true;
+        }
         self.last = Some(e);
+    }
+
+    /// Whether some try of this budget may have been applied although it
+    /// failed (a timeout, a lost connection).
+    pub fn maybe_applied(&self) -> bool {
+        self.maybe_applied
     }
 
     /// Sleeps a backoff step, or fails when it would pass the deadline.
@@ -225,7 +242,7 @@ impl Client {
         F: FnMut(AdminClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let policy = &self.inner.retry;
+        let policy = &self.retry;
         let mut budget = Budget::new(policy);
         budget.deadline = budget.deadline.min(deadline);
         loop {
@@ -320,7 +337,7 @@ impl Client {
         F: FnMut(KvClient<Channel>, v1::RequestHeader) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let policy = &self.inner.retry;
+        let policy = &self.retry;
         let mut replica_tries = 0usize;
         let mut healed_in_a_row = 0u32;
         loop {
@@ -452,7 +469,7 @@ impl Client {
         F: FnMut(KvClient<Channel>, v1::RequestHeader) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut budget = Budget::new(&self.inner.retry);
+        let mut budget = Budget::new(&self.retry);
         match self
             .range_call(&mut budget, key, false, route, &|_| true, f)
             .await

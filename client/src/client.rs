@@ -32,7 +32,7 @@ use crate::read_cache::{fresh_at, CacheStats, CachedRead, ReadCache, ReadCacheCo
 use crate::replica_selector::ReplicaSelector;
 use crate::retry::RetryPolicy;
 use crate::route_cache::RouteCache;
-use crate::session_token::SessionToken;
+use crate::session_token::{SessionBound, SessionToken};
 
 /// Endpoints a client may be configured with at most.
 pub const ENDPOINTS_MAX: usize = 64;
@@ -45,18 +45,24 @@ pub const REPLICA_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
 /// a call until its deadline. Retried writes keep their request id, so a try
 /// given up on is never applied twice.
 pub const LEADER_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+/// Longest overall deadline a call may be given.
+pub const CALL_DEADLINE_MAX: Duration = Duration::from_secs(600);
 
 /// Read consistency level, chosen per read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ReadConsistency {
     /// Linearizable: the read sees every write acknowledged before it started.
     #[default]
     Strong,
     /// At most this far behind the leader.
     BoundedStaleness(Duration),
-    /// Sees at least the state at this session token (a write's `index`, or
-    /// [`SessionToken::read_consistency`]).
-    Session(u64),
+    /// Sees at least the state this session token names, per range: a
+    /// write's [`WriteResult::session_token`], a read's
+    /// [`ServedBy::session_token`], [`Client::session_token`] (everything this
+    /// client has seen), or several merged. A range the token does not name
+    /// is read from any replica, unless the token is truncated
+    /// ([`SessionToken::bound_for`]): then that range is read STRONG.
+    Session(SessionToken),
     /// Some replica's applied state: a prefix of the log, possibly old.
     ConsistentPrefix,
     /// Possibly old; may be served from a cache.
@@ -73,21 +79,29 @@ pub(crate) enum Route {
 }
 
 impl ReadConsistency {
-    pub(crate) fn route(self) -> Route {
+    pub(crate) fn route(&self) -> Route {
         match self {
             ReadConsistency::Strong => Route::Leader,
+            // A truncated token may have forgotten the range the call lands
+            // on; only the leader can serve that as STRONG.
+            ReadConsistency::Session(t) if t.is_truncated() => Route::Leader,
             _ => Route::AnyReplica,
         }
     }
 
-    pub(crate) fn to_proto(self) -> v1::ReadOptions {
+    /// The read options of a request to `range_id`: a SESSION read waits for
+    /// the token's index of that range only.
+    pub(crate) fn to_proto(&self, range_id: u64) -> v1::ReadOptions {
         use v1::Consistency as C;
         let (c, max, min) = match self {
             ReadConsistency::Strong => (C::Strong, 0, 0),
             ReadConsistency::BoundedStaleness(d) => {
                 (C::BoundedStaleness, d.as_millis().max(1) as u64, 0)
             }
-            ReadConsistency::Session(t) => (C::Session, 0, t),
+            ReadConsistency::Session(t) => match t.bound_for(range_id) {
+                SessionBound::AppliedIndex(i) => (C::Session, 0, i),
+                SessionBound::Leader => (C::Strong, 0, 0),
+            },
             ReadConsistency::ConsistentPrefix => (C::ConsistentPrefix, 0, 0),
             ReadConsistency::Eventual => (C::Eventual, 0, 0),
         };
@@ -142,15 +156,17 @@ impl From<v1::KeyValue> for KeyValue {
 pub struct WriteResult {
     /// The key's new version (for deletes: the log index of the delete).
     pub version: u64,
-    /// The write's log index: pass it as a [`ReadConsistency::Session`] token
-    /// to read your own write from any replica.
+    /// The write's log index in its range's log.
     pub index: u64,
+    /// The range that took the write.
+    pub range_id: u64,
 }
 
 impl WriteResult {
-    /// The session token of this write: a SESSION read at it sees the write.
+    /// The session token of this write: a SESSION read at it
+    /// ([`ReadConsistency::Session`]) sees the write, on any replica.
     pub fn session_token(&self) -> SessionToken {
-        SessionToken::from_index(self.index)
+        SessionToken::for_range(self.range_id, self.index)
     }
 }
 
@@ -218,12 +234,14 @@ pub struct CasOutcome {
     /// The key's state after the call (success) or the state that failed the compare.
     pub current: Option<KeyValue>,
     pub index: u64,
+    /// The range that took the call.
+    pub range_id: u64,
 }
 
 impl CasOutcome {
     /// The session token of this call: a SESSION read at it sees its outcome.
     pub fn session_token(&self) -> SessionToken {
-        SessionToken::from_index(self.index)
+        SessionToken::for_range(self.range_id, self.index)
     }
 }
 
@@ -242,12 +260,14 @@ pub struct BatchOutcome {
     /// On failure, the current state of the condition keys that exist.
     pub current: Vec<KeyValue>,
     pub index: u64,
+    /// The range that took the call.
+    pub range_id: u64,
 }
 
 impl BatchOutcome {
     /// The session token of this batch: a SESSION read at it sees its outcome.
     pub fn session_token(&self) -> SessionToken {
-        SessionToken::from_index(self.index)
+        SessionToken::for_range(self.range_id, self.index)
     }
 }
 
@@ -276,6 +296,28 @@ pub struct ScanPage {
 }
 
 /// Builds a [`Client`].
+///
+/// ```
+/// use std::time::Duration;
+/// use lmskv_client::Client;
+///
+/// // Building connects lazily: nothing is sent until the first call.
+/// let client = Client::builder()
+///     .endpoints(["127.0.0.1:7001", "127.0.0.1:7002"])
+///     .deadline(Duration::from_secs(5))
+///     .read_cache(10_000, 64 << 20, Duration::from_secs(2))
+///     .build()?;
+/// assert_eq!(client.cache_stats().entries, 0);
+///
+/// // Bad settings are refused before anything is sent.
+/// assert!(Client::builder().build().is_err(), "no endpoints");
+/// assert!(Client::builder()
+///     .endpoints(["127.0.0.1:7001"])
+///     .deadline(Duration::ZERO)
+///     .build()
+///     .is_err());
+/// # Ok::<(), lmskv_client::ClientError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     endpoints: Vec<String>,
@@ -373,6 +415,11 @@ impl ClientBuilder {
             Endpoint::from_shared(format!("http://{e}"))
                 .map_err(|err| ClientError::Config(format!("bad endpoint {e:?}: {err}")))?;
         }
+        if self.retry.deadline.is_zero() || self.retry.deadline > CALL_DEADLINE_MAX {
+            return Err(ClientError::Config(format!(
+                "deadline must be above zero and at most {CALL_DEADLINE_MAX:?}"
+            )));
+        }
         if self.retry.attempts_max == 0 {
             return Err(ClientError::Config(
                 "attempts_max must be at least 1".into(),
@@ -392,11 +439,11 @@ impl ClientBuilder {
             cfg.validate().map_err(ClientError::Config)?;
         }
         Ok(Client {
+            retry: self.retry,
             inner: Arc::new(Inner {
                 replicas: ReplicaSelector::new(),
                 routes: RouteCache::default(),
                 endpoints,
-                retry: self.retry,
                 replica_attempt_timeout: self.replica_attempt_timeout,
                 leader_attempt_timeout: self.leader_attempt_timeout,
                 channels: Mutex::new(HashMap::new()),
@@ -414,12 +461,13 @@ impl ClientBuilder {
 #[derive(Debug, Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
+    /// This handle's retry policy (see [`Client::with_deadline`]).
+    pub(crate) retry: RetryPolicy,
 }
 
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub endpoints: Vec<String>,
-    pub retry: RetryPolicy,
     /// Longest one try of a read on one replica may take.
     pub replica_attempt_timeout: Duration,
     /// Longest one try on a range's leader may take.
@@ -509,6 +557,7 @@ pub(crate) fn write_opts(o: &WriteOptions) -> v1::WriteOptions {
 /// applied long ago and overwritten since, so the key is only forgotten.
 fn written_state(
     kv: Option<KeyValue>,
+    range_id: u64,
     index: u64,
     opts: &WriteOptions,
     started: StdInstant,
@@ -517,7 +566,7 @@ fn written_state(
         return None;
     }
     let as_of = kv.as_ref().map_or(index, |kv| kv.version.min(index));
-    Some(CachedRead::new(kv, as_of, Some(started)))
+    Some(CachedRead::new(kv, range_id, as_of, Some(started)))
 }
 
 fn compare_proto(key: Bytes, c: Compare) -> v1::Compare {
@@ -587,19 +636,39 @@ impl Client {
     ) -> Result<RangeDescriptor, ClientError> {
         let key = key.as_ref();
         check_key("key", key)?;
-        let deadline = Instant::now() + self.inner.retry.deadline;
+        let deadline = Instant::now() + self.retry.deadline;
         Ok(self.locate(key, false, deadline).await?.desc)
     }
 
-    /// The read level that gives read-your-writes for `token` on the range
-    /// holding `key`: SESSION at the token's index for that range.
-    pub async fn session_consistency(
-        &self,
-        key: impl AsRef<[u8]>,
-        token: &SessionToken,
-    ) -> Result<ReadConsistency, ClientError> {
-        let range = self.range_for_key(key).await?;
-        Ok(ReadConsistency::Session(token.index_for(range.range_id)))
+    /// A handle to this client whose calls each get `deadline` for all their
+    /// tries, instead of the builder's. It shares everything else with
+    /// `self` (connections, routes, read cache, session token), so making one
+    /// per call is cheap.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lmskv_client::Client) -> Result<(), lmskv_client::ClientError> {
+    /// use std::time::Duration;
+    /// use lmskv_client::ReadConsistency;
+    ///
+    /// // A page view would rather fail fast than wait out a failover.
+    /// let quick = client.with_deadline(Duration::from_millis(300))?;
+    /// let course = quick.get("course/7", ReadConsistency::Eventual).await?;
+    /// # let _ = course;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_deadline(&self, deadline: Duration) -> Result<Client, ClientError> {
+        if deadline.is_zero() || deadline > CALL_DEADLINE_MAX {
+            return Err(ClientError::InvalidArgument {
+                field: "deadline".into(),
+                reason: format!(
+                    "{deadline:?}: a call's deadline must be above zero and at most {CALL_DEADLINE_MAX:?}"
+                ),
+            });
+        }
+        let mut c = self.clone();
+        c.retry.deadline = deadline;
+        Ok(c)
     }
 
     /// Ranges in the client's route cache.
@@ -672,6 +741,26 @@ impl Client {
     ///
     /// STRONG reads go to the leader; the other levels may be served by any
     /// replica, and EVENTUAL and BOUNDED_STALENESS reads by the read cache.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lmskv_client::Client) -> Result<(), lmskv_client::ClientError> {
+    /// use std::time::Duration;
+    /// use lmskv_client::ReadConsistency;
+    ///
+    /// let written = client.put("grade/7/42", "A").await?;
+    /// // Read-your-writes from whichever replica is nearest:
+    /// let mine = client
+    ///     .get("grade/7/42", ReadConsistency::Session(written.session_token()))
+    ///     .await?;
+    /// assert_eq!(mine.map(|kv| kv.value), Some("A".into()));
+    /// // At most half a second old, from any replica (or the read cache):
+    /// let recent = client
+    ///     .get("grade/7/42", ReadConsistency::BoundedStaleness(Duration::from_millis(500)))
+    ///     .await?;
+    /// # let _ = recent;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn get(
         &self,
         key: impl Into<Bytes>,
@@ -690,7 +779,7 @@ impl Client {
         let key = key.into();
         check_key("key", &key)?;
         let cache = self.inner.cache.as_ref();
-        if let Some(kv) = cache.and_then(|c| c.lookup(&key, consistency)) {
+        if let Some(kv) = cache.and_then(|c| c.lookup(&key, &consistency)) {
             return Ok(GetOutcome {
                 kv,
                 served_by: None,
@@ -698,27 +787,23 @@ impl Client {
         }
         let fence = cache.map(|c| c.fence(&key));
         let started = StdInstant::now();
-        let req = v1::GetRequest {
-            header: None,
-            key: key.clone(),
-            read: Some(consistency.to_proto()),
-        };
         let resp = self
             .key_call(&key, consistency.route(), |mut c, header| {
                 let req = v1::GetRequest {
+                    read: Some(consistency.to_proto(header.range_id)),
                     header: Some(header),
-                    ..req.clone()
+                    key: key.clone(),
                 };
                 async move { c.get(req).await }
             })
             .await?;
         let kv: Option<KeyValue> = resp.kv.map(Into::into);
         if let (Some(c), Some(fence), Some(h)) = (cache, fence, &resp.header) {
-            let fresh = fresh_at(consistency, started);
+            let fresh = fresh_at(&consistency, started);
             c.fill(
                 key,
                 fence,
-                CachedRead::new(kv.clone(), h.applied_index, fresh),
+                CachedRead::new(kv.clone(), h.range_id, h.applied_index, fresh),
             );
         }
         Ok(GetOutcome {
@@ -760,20 +845,21 @@ impl Client {
                 async move { c.put(req).await }
             })
             .await?;
-        let index = resp
+        let (range_id, index) = resp
             .header
             .as_ref()
-            .map(|h| h.applied_index)
-            .unwrap_or(resp.version);
+            .map(|h| (h.range_id, h.applied_index))
+            .unwrap_or((0, resp.version));
         let state = Some(KeyValue {
             key: key.clone(),
             value,
             version: resp.version,
         });
-        self.after_write(key, written_state(state, index, opts, started));
+        self.after_write(key, written_state(state, range_id, index, opts, started));
         Ok(WriteResult {
             version: resp.version,
             index,
+            range_id,
         })
     }
 
@@ -784,12 +870,13 @@ impl Client {
             .map(|(d, _)| d)
     }
 
-    /// Deletes a key with explicit options; returns whether it existed and the write's index.
+    /// Deletes a key with explicit options; returns whether it existed and
+    /// the write (its `version` is the delete's log index).
     pub async fn delete_with(
         &self,
         key: impl Into<Bytes>,
         opts: &WriteOptions,
-    ) -> Result<(bool, u64), ClientError> {
+    ) -> Result<(bool, WriteResult), ClientError> {
         let key = key.into();
         check_key("key", &key)?;
         let req = v1::DeleteRequest {
@@ -804,12 +891,35 @@ impl Client {
                 async move { c.delete(req).await }
             })
             .await?;
-        let index = resp.header.map(|h| h.applied_index).unwrap_or(0);
-        self.after_write(key, written_state(None, index, opts, started));
-        Ok((resp.deleted, index))
+        let (range_id, index) = resp
+            .header
+            .map(|h| (h.range_id, h.applied_index))
+            .unwrap_or((0, 0));
+        self.after_write(key, written_state(None, range_id, index, opts, started));
+        let written = WriteResult {
+            version: index,
+            index,
+            range_id,
+        };
+        Ok((resp.deleted, written))
     }
 
     /// Sets `key` to `new_value` (or deletes it when `None`) if `compare` holds.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lmskv_client::Client) -> Result<(), lmskv_client::ClientError> {
+    /// use lmskv_client::{Compare, ReadConsistency, WriteOptions};
+    ///
+    /// // Create only if absent (version 0 means "no such key").
+    /// let out = client
+    ///     .compare_and_swap("seat/7", Compare::Version(0), Some("1".into()), &WriteOptions::default())
+    ///     .await?;
+    /// if !out.succeeded {
+    ///     println!("taken: {:?}", out.current);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn compare_and_swap(
         &self,
         key: impl Into<Bytes>,
@@ -836,14 +946,21 @@ impl Client {
                 async move { c.compare_and_swap(req).await }
             })
             .await?;
-        let index = resp.header.map(|h| h.applied_index).unwrap_or(0);
+        let (range_id, index) = resp
+            .header
+            .map(|h| (h.range_id, h.applied_index))
+            .unwrap_or((0, 0));
         let current: Option<KeyValue> = resp.current.map(Into::into);
         // Either way the response holds the key's state as of the call.
-        self.after_write(key, written_state(current.clone(), index, opts, started));
+        self.after_write(
+            key,
+            written_state(current.clone(), range_id, index, opts, started),
+        );
         Ok(CasOutcome {
             succeeded: resp.succeeded,
             current,
             index,
+            range_id,
         })
     }
 
@@ -906,7 +1023,7 @@ impl Client {
             });
         };
         self.invalidate(&written);
-        let mut budget = Budget::new(&self.inner.retry);
+        let mut budget = Budget::new(&self.retry);
         let fits = |d: &RangeDescriptor| keys.iter().all(|k| range::contains(d, k));
         let resp = match self
             .range_call(
@@ -939,10 +1056,15 @@ impl Client {
         // sent while the batch was in flight must not cache older state.
         self.invalidate(&written);
         let resp = resp?;
+        let (range_id, index) = resp
+            .header
+            .map(|h| (h.range_id, h.applied_index))
+            .unwrap_or((0, 0));
         Ok(BatchOutcome {
             succeeded: resp.succeeded,
             current: resp.current.into_iter().map(Into::into).collect(),
-            index: resp.header.map(|h| h.applied_index).unwrap_or(0),
+            index,
+            range_id,
         })
     }
 }
@@ -960,12 +1082,33 @@ mod tests {
         assert_eq!(ReadConsistency::Strong.route(), Route::Leader);
         for level in [
             ReadConsistency::BoundedStaleness(Duration::from_millis(5)),
-            ReadConsistency::Session(3),
+            ReadConsistency::Session(SessionToken::for_range(2, 3)),
             ReadConsistency::ConsistentPrefix,
             ReadConsistency::Eventual,
         ] {
             assert_eq!(level.route(), Route::AnyReplica, "{level:?}");
         }
+    }
+
+    #[test]
+    fn a_session_read_waits_only_for_the_index_of_the_range_it_reads() {
+        let mut t = SessionToken::for_range(2, 900);
+        t.observe(5, 7);
+        let level = ReadConsistency::Session(t);
+        let session = v1::Consistency::Session as i32;
+        let (a, b, c) = (level.to_proto(2), level.to_proto(5), level.to_proto(9));
+        assert_eq!((a.consistency, a.min_applied_index), (session, 900));
+        assert_eq!((b.consistency, b.min_applied_index), (session, 7));
+        assert_eq!((c.consistency, c.min_applied_index), (session, 0));
+        // A truncated token sends ranges it forgot to the leader, STRONG.
+        let truncated: SessionToken = "2:900,*".parse().unwrap();
+        let level = ReadConsistency::Session(truncated);
+        assert_eq!(level.route(), Route::Leader);
+        assert_eq!(level.to_proto(2).min_applied_index, 900);
+        assert_eq!(
+            level.to_proto(9).consistency,
+            v1::Consistency::Strong as i32
+        );
     }
 
     #[test]
@@ -987,6 +1130,8 @@ mod tests {
             builder().read_cache(10, 1 << 20, Duration::from_secs(100_000)),
             builder().replica_attempt_timeout(Duration::ZERO),
             builder().leader_attempt_timeout(Duration::ZERO),
+            builder().deadline(Duration::ZERO),
+            builder().deadline(CALL_DEADLINE_MAX + Duration::from_secs(1)),
         ];
         for b in bad {
             assert!(matches!(b.build(), Err(ClientError::Config(_))));
@@ -1007,7 +1152,7 @@ mod tests {
         cache.fill(
             key.clone(),
             cache.fence(&key),
-            CachedRead::new(Some(kv.clone()), 4, None),
+            CachedRead::new(Some(kv.clone()), 1, 4, None),
         );
         let got = c
             .get_detailed(key.clone(), ReadConsistency::Eventual)
@@ -1023,11 +1168,23 @@ mod tests {
         let w = WriteResult {
             version: 7,
             index: 42,
+            range_id: 3,
         };
-        assert_eq!(w.session_token().to_string(), "42");
+        assert_eq!(w.session_token().to_string(), "3:42");
         assert_eq!(
             w.session_token().read_consistency(),
-            ReadConsistency::Session(42)
+            ReadConsistency::Session(SessionToken::for_range(3, 42))
         );
+    }
+
+    #[test]
+    fn a_handle_with_its_own_deadline_shares_the_client() {
+        let c = builder().build().unwrap();
+        let quick = c.with_deadline(Duration::from_millis(250)).unwrap();
+        assert_eq!(quick.retry.deadline, Duration::from_millis(250));
+        assert_eq!(c.retry.deadline, RetryPolicy::default().deadline);
+        assert!(Arc::ptr_eq(&c.inner, &quick.inner));
+        assert!(c.with_deadline(Duration::ZERO).is_err());
+        assert!(c.with_deadline(CALL_DEADLINE_MAX * 2).is_err());
     }
 }

@@ -81,6 +81,20 @@ impl Client {
     /// [`FANOUT_CONCURRENCY_MAX`] at a time). Each range's answer is
     /// consistent at the level asked; different ranges are read at
     /// different moments.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lmskv_client::Client) -> Result<(), lmskv_client::ClientError> {
+    /// use lmskv_client::ReadConsistency;
+    ///
+    /// let found = client
+    ///     .batch_get(["user/1", "user/2", "course/9"], ReadConsistency::Strong)
+    ///     .await?;
+    /// for kv in found {
+    ///     println!("{:?} has version {}", kv.key, kv.version);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn batch_get<I, K>(
         &self,
         keys: I,
@@ -107,7 +121,7 @@ impl Client {
         keys.dedup();
         let mut found = Vec::with_capacity(keys.len());
         if let Some(cache) = &self.inner.cache {
-            keys.retain(|k| match cache.lookup(k, consistency) {
+            keys.retain(|k| match cache.lookup(k, &consistency) {
                 Some(hit) => {
                     found.extend(hit);
                     false
@@ -115,8 +129,9 @@ impl Client {
                 None => true,
             });
         }
-        let budget = Budget::new(&self.inner.retry);
-        let read = consistency.to_proto();
+        let budget = Budget::new(&self.retry);
+        let route = consistency.route();
+        let consistency = &consistency;
         let mut pending = keys;
         let mut rounds = 0;
         while !pending.is_empty() {
@@ -137,22 +152,18 @@ impl Client {
                             let fits = move |d: &RangeDescriptor| {
                                 range::contains(d, &first) && range::contains(d, &last)
                             };
-                            let req = v1::BatchGetRequest {
-                                header: None,
-                                keys: g.keys.clone(),
-                                read: Some(read),
-                            };
                             match self
                                 .range_call(
                                     &mut b,
                                     &g.keys[0],
                                     false,
-                                    consistency.route(),
+                                    route,
                                     &fits,
                                     |mut c, header| {
                                         let req = v1::BatchGetRequest {
+                                            read: Some(consistency.to_proto(header.range_id)),
                                             header: Some(header),
-                                            ..req.clone()
+                                            keys: g.keys.clone(),
                                         };
                                         async move { c.batch_get(req).await }
                                     },
@@ -189,8 +200,11 @@ impl Client {
     /// **Not atomic across ranges**: when the call fails, the pairs of some
     /// ranges may have been written and others not; sending the same pairs
     /// again is safe. Each range's batch carries its own request id, so a
-    /// batch retried after a lost reply is applied once (a range that splits
-    /// under a batch has its pairs regrouped and sent under new ids).
+    /// batch retried after a lost reply is applied once. A range that splits
+    /// under a batch has its pairs regrouped and sent under new ids, unless
+    /// an earlier try may have been applied (it timed out or its connection
+    /// broke): then the call fails with an outcome-unknown error
+    /// ([`ClientError::is_outcome_unknown`]) rather than write those pairs twice.
     /// Returns one result per pair, in the order given. Keys must be unique.
     pub async fn batch_put<I, K, V>(
         &self,
@@ -268,7 +282,7 @@ impl Client {
         values: &std::collections::HashMap<Bytes, Bytes>,
         opts: &WriteOptions,
     ) -> Result<std::collections::HashMap<Bytes, WriteResult>, ClientError> {
-        let budget = Budget::new(&self.inner.retry);
+        let budget = Budget::new(&self.retry);
         let mut written = std::collections::HashMap::with_capacity(keys.len());
         let mut pending = keys;
         let mut rounds = 0;
@@ -326,13 +340,35 @@ impl Client {
                             .await
                         {
                             Ok((resp, _)) => {
-                                let index = resp.header.map(|h| h.applied_index).unwrap_or(0);
+                                let (range_id, index) = resp
+                                    .header
+                                    .map(|h| (h.range_id, h.applied_index))
+                                    .unwrap_or((0, 0));
                                 let version = if resp.version != 0 {
                                     resp.version
                                 } else {
                                     index
                                 };
-                                Ok(GroupResult::Done((g.keys, WriteResult { version, index })))
+                                let written = WriteResult {
+                                    version,
+                                    index,
+                                    range_id,
+                                };
+                                Ok(GroupResult::Done((g.keys, written)))
+                            }
+                            // The keys now span ranges. Re-sending them under
+                            // new request ids is safe only if no earlier try
+                            // can have been applied: the new right-hand range
+                            // has no record of the old id.
+                            Err(RangeCallError::Regroup(d)) if b.maybe_applied() => {
+                                Err(ClientError::Server(ServerError::Timeout {
+                                    reason: format!(
+                                        "a try of {} pairs has an unknown outcome and range {} \
+                                         changed since; they may or may not be written",
+                                        g.keys.len(),
+                                        d.range_id
+                                    ),
+                                }))
                             }
                             Err(RangeCallError::Regroup(_)) => Ok(GroupResult::Regroup(g.keys)),
                             Err(RangeCallError::Failed(e)) => Err(e),

@@ -48,7 +48,8 @@ pub use call::{LOCATE_PREFETCH, META_ATTEMPT_TIMEOUT};
 pub use client::{
     BatchOp, BatchOutcome, CasOutcome, Client, ClientBuilder, Compare, Durability, GetOutcome,
     KeyValue, ReadConsistency, ScanOptions, ScanPage, ServedBy, WriteOptions, WriteResult,
-    ENDPOINTS_MAX, REPLICA_ATTEMPT_TIMEOUT_DEFAULT,
+    CALL_DEADLINE_MAX, ENDPOINTS_MAX, LEADER_ATTEMPT_TIMEOUT_DEFAULT,
+    REPLICA_ATTEMPT_TIMEOUT_DEFAULT,
 };
 pub use error::ClientError;
 pub use fanout::{
@@ -65,6 +66,7 @@ pub use read_cache::{
 pub use replica_selector::{REPLICA_SUSPECTS_MAX, REPLICA_SUSPECT_FOR, REPLICA_TRIES_MAX};
 pub use retry::RetryPolicy;
 pub use route_cache::{LOCATE_IN_FLIGHT_MAX, NODE_ADDRESSES_MAX, ROUTE_CACHE_RANGES_MAX};
+pub use scan::SCAN_FANOUT_CONCURRENCY_MAX;
 pub use session_token::{
-    ParseSessionTokenError, SessionToken, ANY_RANGE, SESSION_TOKEN_RANGES_MAX,
+    ParseSessionTokenError, SessionBound, SessionToken, SESSION_TOKEN_RANGES_MAX,
 };

@@ -110,11 +110,16 @@ pub struct CacheStats {
 }
 
 /// One cached read: the key's state (absent or a value with its version) as
-/// of a replica's applied index.
+/// of a replica's applied index in the range that held the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CachedRead {
     /// `None`: the key did not exist.
     pub kv: Option<KeyValue>,
+    /// The range that served the state. A key only ever moves to a range
+    /// with a higher id (a split gives the right-hand half a new id), and
+    /// each range has its own log, so states are ordered by
+    /// `(range_id, as_of)`, never by the index alone.
+    pub range_id: u64,
     /// The applied index the state was read at (at least).
     pub as_of: u64,
     /// A lower bound of some instant at which this state was the latest one
@@ -127,9 +132,10 @@ pub(crate) struct CachedRead {
 
 impl CachedRead {
     /// The cached state of a read, stored now.
-    pub fn new(kv: Option<KeyValue>, as_of: u64, fresh_at: Option<Instant>) -> Self {
+    pub fn new(kv: Option<KeyValue>, range_id: u64, as_of: u64, fresh_at: Option<Instant>) -> Self {
         CachedRead {
             kv,
+            range_id,
             as_of,
             fresh_at,
             stored_at: Instant::now(),
@@ -151,10 +157,10 @@ impl CachedRead {
 /// `level`, sent at `started`, was the latest, if the level proves one: a
 /// STRONG read is linearized after it was sent, and a bounded read returns
 /// state at most `max` older than the moment it was served.
-pub(crate) fn fresh_at(level: ReadConsistency, started: Instant) -> Option<Instant> {
+pub(crate) fn fresh_at(level: &ReadConsistency, started: Instant) -> Option<Instant> {
     match level {
         ReadConsistency::Strong => Some(started),
-        ReadConsistency::BoundedStaleness(max) => started.checked_sub(max),
+        ReadConsistency::BoundedStaleness(max) => started.checked_sub(*max),
         _ => None,
     }
 }
@@ -219,11 +225,11 @@ impl ReadCache {
     /// The cached state of `key` if `level` may be served from the cache and
     /// a usable entry exists: `Some(None)` means "cached as absent". Counts a
     /// hit or a miss for the levels that may use the cache.
-    pub fn lookup(&self, key: &Bytes, level: ReadConsistency) -> Option<Option<KeyValue>> {
+    pub fn lookup(&self, key: &Bytes, level: &ReadConsistency) -> Option<Option<KeyValue>> {
         let usable = |e: &CachedRead| match level {
             ReadConsistency::Eventual => e.stored_at.elapsed() < self.ttl,
             ReadConsistency::BoundedStaleness(max) => {
-                e.fresh_at.is_some_and(|t| t.elapsed() <= max)
+                e.fresh_at.is_some_and(|t| t.elapsed() <= *max)
             }
             _ => false,
         };
@@ -308,14 +314,19 @@ impl ReadCache {
 /// of their `fresh_at` times.
 fn store_op(existing: Option<Arc<CachedRead>>, mut new: CachedRead) -> Op<Arc<CachedRead>> {
     if let Some(old) = existing {
-        let older_version = matches!(
-            (old.version(), new.version()),
-            (Some(o), Some(n)) if o > n
-        );
-        if old.as_of > new.as_of || older_version {
+        if old.range_id > new.range_id {
             return Op::Nop;
         }
-        if old.version() == new.version() {
+        if old.range_id == new.range_id {
+            let older_version = matches!(
+                (old.version(), new.version()),
+                (Some(o), Some(n)) if o > n
+            );
+            if old.as_of > new.as_of || older_version {
+                return Op::Nop;
+            }
+        }
+        if old.range_id == new.range_id && old.version() == new.version() {
             new.fresh_at = new.fresh_at.max(old.fresh_at);
         }
     }
@@ -360,17 +371,17 @@ mod tests {
         fill(
             &c,
             "k",
-            CachedRead::new(kv("k", "v", 3), 5, Some(Instant::now())),
+            CachedRead::new(kv("k", "v", 3), 1, 5, Some(Instant::now())),
         );
         for level in [
             ReadConsistency::Strong,
-            ReadConsistency::Session(1),
+            ReadConsistency::Session(crate::SessionToken::for_range(1, 1)),
             ReadConsistency::ConsistentPrefix,
         ] {
-            assert_eq!(c.lookup(&key(), level), None, "{level:?}");
+            assert_eq!(c.lookup(&key(), &level), None, "{level:?}");
         }
         assert_eq!(
-            c.lookup(&key(), ReadConsistency::Eventual),
+            c.lookup(&key(), &ReadConsistency::Eventual),
             Some(kv("k", "v", 3))
         );
         let s = c.stats();
@@ -381,10 +392,10 @@ mod tests {
     #[test]
     fn absent_keys_are_cached_too() {
         let c = cache(100, 1 << 20, Duration::from_secs(60));
-        fill(&c, "k", CachedRead::new(None, 5, None));
-        assert_eq!(c.lookup(&key(), ReadConsistency::Eventual), Some(None));
+        fill(&c, "k", CachedRead::new(None, 1, 5, None));
+        assert_eq!(c.lookup(&key(), &ReadConsistency::Eventual), Some(None));
         assert_eq!(
-            c.lookup(&Bytes::from_static(b"other"), ReadConsistency::Eventual),
+            c.lookup(&Bytes::from_static(b"other"), &ReadConsistency::Eventual),
             None
         );
         let s = c.stats();
@@ -395,29 +406,33 @@ mod tests {
     fn bounded_reads_need_a_proven_recent_value() {
         let c = cache(100, 1 << 20, Duration::from_secs(60));
         let bound = ReadConsistency::BoundedStaleness(Duration::from_secs(10));
-        fill(&c, "k", CachedRead::new(kv("k", "v", 3), 5, None));
+        fill(&c, "k", CachedRead::new(kv("k", "v", 3), 1, 5, None));
         assert_eq!(
-            c.lookup(&key(), bound),
+            c.lookup(&key(), &bound),
             None,
             "a local read proves no freshness"
         );
         let long_ago = Instant::now().checked_sub(Duration::from_secs(30));
-        fill(&c, "k", CachedRead::new(kv("k", "v", 3), 6, long_ago));
-        assert_eq!(c.lookup(&key(), bound), None, "proven current too long ago");
+        fill(&c, "k", CachedRead::new(kv("k", "v", 3), 1, 6, long_ago));
+        assert_eq!(
+            c.lookup(&key(), &bound),
+            None,
+            "proven current too long ago"
+        );
         fill(
             &c,
             "k",
-            CachedRead::new(kv("k", "v", 3), 7, Some(Instant::now())),
+            CachedRead::new(kv("k", "v", 3), 1, 7, Some(Instant::now())),
         );
-        assert_eq!(c.lookup(&key(), bound), Some(kv("k", "v", 3)));
+        assert_eq!(c.lookup(&key(), &bound), Some(kv("k", "v", 3)));
         // A later local read of the same version keeps the proof.
-        fill(&c, "k", CachedRead::new(kv("k", "v", 3), 8, None));
-        assert_eq!(c.lookup(&key(), bound), Some(kv("k", "v", 3)));
+        fill(&c, "k", CachedRead::new(kv("k", "v", 3), 1, 8, None));
+        assert_eq!(c.lookup(&key(), &bound), Some(kv("k", "v", 3)));
         // A newer version without proof drops it.
-        fill(&c, "k", CachedRead::new(kv("k", "w", 9), 9, None));
-        assert_eq!(c.lookup(&key(), bound), None);
+        fill(&c, "k", CachedRead::new(kv("k", "w", 9), 1, 9, None));
+        assert_eq!(c.lookup(&key(), &bound), None);
         assert_eq!(
-            c.lookup(&key(), ReadConsistency::Eventual),
+            c.lookup(&key(), &ReadConsistency::Eventual),
             Some(kv("k", "w", 9))
         );
     }
@@ -425,20 +440,20 @@ mod tests {
     #[test]
     fn fresh_at_follows_the_level() {
         let now = Instant::now();
-        assert_eq!(fresh_at(ReadConsistency::Strong, now), Some(now));
+        assert_eq!(fresh_at(&ReadConsistency::Strong, now), Some(now));
         assert_eq!(
             fresh_at(
-                ReadConsistency::BoundedStaleness(Duration::from_millis(5)),
+                &ReadConsistency::BoundedStaleness(Duration::from_millis(5)),
                 now
             ),
             now.checked_sub(Duration::from_millis(5))
         );
         for level in [
-            ReadConsistency::Session(3),
+            ReadConsistency::Session(crate::SessionToken::for_range(1, 3)),
             ReadConsistency::ConsistentPrefix,
             ReadConsistency::Eventual,
         ] {
-            assert_eq!(fresh_at(level, now), None);
+            assert_eq!(fresh_at(&level, now), None);
         }
     }
 
@@ -449,16 +464,16 @@ mod tests {
         fill(
             &c,
             "k",
-            CachedRead::new(kv("k", "v", 3), 5, Some(Instant::now())),
+            CachedRead::new(kv("k", "v", 3), 1, 5, Some(Instant::now())),
         );
-        assert!(c.lookup(&key(), ReadConsistency::Eventual).is_some());
+        assert!(c.lookup(&key(), &ReadConsistency::Eventual).is_some());
         // Time itself is what is tested here.
         std::thread::sleep(ttl + Duration::from_millis(50));
-        assert_eq!(c.lookup(&key(), ReadConsistency::Eventual), None);
+        assert_eq!(c.lookup(&key(), &ReadConsistency::Eventual), None);
         assert_eq!(
             c.lookup(
                 &key(),
-                ReadConsistency::BoundedStaleness(Duration::from_secs(60))
+                &ReadConsistency::BoundedStaleness(Duration::from_secs(60))
             ),
             None,
             "the TTL bounds bounded-staleness hits too"
@@ -472,7 +487,7 @@ mod tests {
         for i in 0..100u64 {
             let k = Bytes::from(format!("k{i}"));
             let f = c.fence(&k);
-            c.fill(k.clone(), f, CachedRead::new(None, i + 1, None));
+            c.fill(k.clone(), f, CachedRead::new(None, 1, i + 1, None));
         }
         let s = c.stats();
         assert!(s.entries <= 10, "{s:?}");
@@ -492,7 +507,7 @@ mod tests {
                 value: value.clone(),
                 version: i + 1,
             });
-            c.fill(k, f, CachedRead::new(state, i + 1, None));
+            c.fill(k, f, CachedRead::new(state, 1, i + 1, None));
         }
         let s = c.stats();
         assert!(s.bytes <= bytes_max, "{s:?}");
@@ -531,25 +546,29 @@ mod tests {
     #[test]
     fn invalidation_removes_the_key_and_stops_fills_in_flight() {
         let c = cache(100, 1 << 20, Duration::from_secs(60));
-        fill(&c, "k", CachedRead::new(kv("k", "v1", 3), 5, None));
+        fill(&c, "k", CachedRead::new(kv("k", "v1", 3), 1, 5, None));
         let in_flight = c.fence(&key());
         c.invalidate(&key());
-        assert_eq!(c.lookup(&key(), ReadConsistency::Eventual), None);
-        c.fill(key(), in_flight, CachedRead::new(kv("k", "v1", 3), 6, None));
+        assert_eq!(c.lookup(&key(), &ReadConsistency::Eventual), None);
+        c.fill(
+            key(),
+            in_flight,
+            CachedRead::new(kv("k", "v1", 3), 1, 6, None),
+        );
         assert_eq!(
-            c.lookup(&key(), ReadConsistency::Eventual),
+            c.lookup(&key(), &ReadConsistency::Eventual),
             None,
             "a read sent before the write must not refill the key"
         );
         // A read sent after the invalidation fills again.
-        fill(&c, "k", CachedRead::new(kv("k", "v2", 7), 7, None));
+        fill(&c, "k", CachedRead::new(kv("k", "v2", 7), 1, 7, None));
         assert_eq!(
-            c.lookup(&key(), ReadConsistency::Eventual),
+            c.lookup(&key(), &ReadConsistency::Eventual),
             Some(kv("k", "v2", 7))
         );
         // Invalidating another key leaves this one.
         c.invalidate(&Bytes::from_static(b"other"));
-        assert!(c.lookup(&key(), ReadConsistency::Eventual).is_some());
+        assert!(c.lookup(&key(), &ReadConsistency::Eventual).is_some());
     }
 
     #[test]
@@ -558,21 +577,52 @@ mod tests {
         let in_flight = c.fence(&key());
         c.store_written(
             key(),
-            CachedRead::new(kv("k", "v2", 10), 10, Some(Instant::now())),
+            CachedRead::new(kv("k", "v2", 10), 1, 10, Some(Instant::now())),
         );
-        c.fill(key(), in_flight, CachedRead::new(kv("k", "v1", 4), 8, None));
+        c.fill(
+            key(),
+            in_flight,
+            CachedRead::new(kv("k", "v1", 4), 1, 8, None),
+        );
         assert_eq!(
-            c.lookup(&key(), ReadConsistency::Eventual),
+            c.lookup(&key(), &ReadConsistency::Eventual),
             Some(kv("k", "v2", 10))
         );
         // A lagging replica's read, sent after the write, is older state.
-        fill(&c, "k", CachedRead::new(kv("k", "v1", 4), 9, None));
+        fill(&c, "k", CachedRead::new(kv("k", "v1", 4), 1, 9, None));
         assert_eq!(
-            c.lookup(&key(), ReadConsistency::Eventual),
+            c.lookup(&key(), &ReadConsistency::Eventual),
             Some(kv("k", "v2", 10))
         );
         // An acknowledged delete is cached as absent.
-        c.store_written(key(), CachedRead::new(None, 11, None));
-        assert_eq!(c.lookup(&key(), ReadConsistency::Eventual), Some(None));
+        c.store_written(key(), CachedRead::new(None, 1, 11, None));
+        assert_eq!(c.lookup(&key(), &ReadConsistency::Eventual), Some(None));
+    }
+
+    #[test]
+    fn state_from_a_split_off_range_replaces_state_with_higher_indexes_of_the_parent() {
+        // The right-hand half of a split gets a new (higher) range id and a new
+        // log that starts low: its reads are newer although their indexes are not.
+        let c = cache(100, 1 << 20, Duration::from_secs(60));
+        fill(
+            &c,
+            "k",
+            CachedRead::new(kv("k", "v1", 5_000), 1, 5_000, None),
+        );
+        fill(&c, "k", CachedRead::new(kv("k", "v2", 7), 2, 9, None));
+        assert_eq!(
+            c.lookup(&key(), &ReadConsistency::Eventual),
+            Some(kv("k", "v2", 7))
+        );
+        // A lagging read of the parent range (sent before the split) is older.
+        fill(
+            &c,
+            "k",
+            CachedRead::new(kv("k", "v1", 5_000), 1, 6_000, None),
+        );
+        assert_eq!(
+            c.lookup(&key(), &ReadConsistency::Eventual),
+            Some(kv("k", "v2", 7))
+        );
     }
 }

@@ -124,6 +124,20 @@ impl RouteCache {
         self.read().by_id(range_id).cloned()
     }
 
+    /// Start keys of cached ranges strictly inside `(lo, hi)` (`hi` empty:
+    /// no upper bound), in key order, at most `max`. Cached ranges never
+    /// overlap, so these cut the span into pieces that each start a range.
+    pub fn boundaries(&self, lo: &[u8], hi: &[u8], max: usize) -> Vec<Bytes> {
+        self.read()
+            .ranges
+            .range::<[u8], _>((Bound::Excluded(lo), Bound::Unbounded))
+            .map(|(k, _)| k)
+            .take_while(|k| hi.is_empty() || k.as_ref() < hi)
+            .take(max)
+            .cloned()
+            .collect()
+    }
+
     /// Ranges cached.
     pub fn len(&self) -> usize {
         self.read().ranges.len()

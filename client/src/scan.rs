@@ -1,9 +1,14 @@
 //! Scans across range boundaries.
 //!
 //! A node scans one range at a time, clamped to that range's span. The
-//! client walks the ranges of `[start, end)` in key order (reverse order for
-//! reverse scans), asking each for what is left of the page, so a page holds
-//! every key of the span at most once and in order. The page token the
+//! client cuts `[start, end)` at the range boundaries its route cache knows
+//! into pieces, scans up to [`SCAN_FANOUT_CONCURRENCY_MAX`] pieces at once
+//! (each asked for the whole page), and joins their answers in key order
+//! (reverse order for reverse scans) until the page is full; pieces not
+//! needed any more are dropped, which cancels their calls. Inside a piece
+//! the client walks whatever ranges cover it now, asking each for what is
+//! left of the page, so a stale cache only costs calls, never keys: a page
+//! holds every key of the span at most once and in order. The page token the
 //! client hands out is a key, not a range: one direction byte (1 forward,
 //! 2 reverse) then the resume key — for a forward scan the next key to read
 //! (inclusive), for a reverse scan the key below which to continue
@@ -12,6 +17,7 @@
 //! route cache and is sent again from the same resume key.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::stream::{self, StreamExt};
 use lmskv_proto::keys::validate_scan_bound;
 use lmskv_proto::limits::{SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX};
 use lmskv_proto::range::USER_SPACE_START;
@@ -23,6 +29,15 @@ use crate::error::ClientError;
 
 const TOKEN_FORWARD: u8 = 1;
 const TOKEN_REVERSE: u8 = 2;
+
+/// Pieces (ranges) of one scan page read at once. Every piece is asked for
+/// the whole page, so a page may read up to this many times its limit; the
+/// surplus is bounded and traded for latency across range boundaries.
+pub const SCAN_FANOUT_CONCURRENCY_MAX: usize = 4;
+
+/// Pieces one scan page is cut into at most (range boundaries beyond this
+/// are walked in the last piece).
+const SCAN_PIECES_MAX: usize = 256;
 
 /// Where a scan continues.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +134,28 @@ fn start_cursor(opts: &ScanOptions) -> Result<Cursor, ClientError> {
     Ok(c)
 }
 
+/// Cuts `cursor`'s span at `bounds` (keys strictly inside it, ascending)
+/// into pieces in scan order: ascending, or descending for reverse scans.
+fn cut(cursor: &Cursor, bounds: &[Bytes], reverse: bool) -> Vec<Cursor> {
+    let mut pieces = Vec::with_capacity(bounds.len() + 1);
+    let mut lo = cursor.lo.clone();
+    for b in bounds {
+        debug_assert!(*b > lo && (cursor.hi.is_empty() || *b < cursor.hi));
+        pieces.push(Cursor {
+            lo: std::mem::replace(&mut lo, b.clone()),
+            hi: b.clone(),
+        });
+    }
+    pieces.push(Cursor {
+        lo,
+        hi: cursor.hi.clone(),
+    });
+    if reverse {
+        pieces.reverse();
+    }
+    pieces
+}
+
 impl Client {
     /// Reads one page of keys in `[start, end)`, in key order (descending
     /// with `reverse`), across range boundaries.
@@ -126,15 +163,124 @@ impl Client {
     /// Pass the page's `next_page_token` as `page_token` to continue. The
     /// token names a key, not a range, so a scan paged while ranges split or
     /// merge still returns every key of the span exactly once.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lmskv_client::Client) -> Result<(), lmskv_client::ClientError> {
+    /// use lmskv_client::{ReadConsistency, ScanOptions};
+    ///
+    /// let mut opts = ScanOptions {
+    ///     start: "course/".into(),
+    ///     end: "course0".into(),
+    ///     limit: 100,
+    ///     consistency: ReadConsistency::ConsistentPrefix,
+    ///     ..Default::default()
+    /// };
+    /// loop {
+    ///     let page = client.scan(&opts).await?;
+    ///     for kv in &page.kvs {
+    ///         println!("{:?} = {:?}", kv.key, kv.value);
+    ///     }
+    ///     match page.next_page_token {
+    ///         Some(t) => opts.page_token = t,
+    ///         None => break,
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn scan(&self, opts: &ScanOptions) -> Result<ScanPage, ClientError> {
-        let mut cursor = start_cursor(opts)?;
+        let cursor = start_cursor(opts)?;
         let limit = if opts.limit == 0 {
             SCAN_LIMIT_DEFAULT
         } else {
             opts.limit
         } as usize;
+        let budget = Budget::new(&self.retry);
+        if cursor.is_empty() {
+            return Ok(ScanPage {
+                kvs: Vec::new(),
+                next_page_token: None,
+            });
+        }
+        // Locating the first range also caches the ranges after it, so the
+        // cut below usually sees the boundaries the page will cross.
+        // A failure here is retried inside the pieces.
+        let anchor = if opts.reverse { &cursor.hi } else { &cursor.lo };
+        let _ = self.locate(anchor, opts.reverse, budget.deadline).await;
+        let pieces = cut(
+            &cursor,
+            &self
+                .inner
+                .routes
+                .boundaries(&cursor.lo, &cursor.hi, SCAN_PIECES_MAX),
+            opts.reverse,
+        );
+        if pieces.len() == 1 {
+            return self.scan_piece(cursor, limit, opts, budget).await;
+        }
+        let last_piece = pieces.len() - 1;
+        let mut results = stream::iter(pieces.into_iter().enumerate())
+            .map(|(i, piece)| {
+                let b = budget.fork();
+                async move {
+                    let page = self.scan_piece(piece.clone(), limit, opts, b).await;
+                    (i, piece, page)
+                }
+            })
+            .buffered(SCAN_FANOUT_CONCURRENCY_MAX);
         let mut kvs: Vec<KeyValue> = Vec::new();
-        let mut budget = Budget::new(&self.inner.retry);
+        while let Some((i, piece, page)) = results.next().await {
+            let page = page?;
+            let room = limit - kvs.len();
+            if page.kvs.len() < room {
+                // The piece is exhausted (it stops early only at the limit).
+                debug_assert!(page.next_page_token.is_none());
+                kvs.extend(page.kvs);
+                continue;
+            }
+            let truncated = page.kvs.len() > room;
+            kvs.extend(page.kvs.into_iter().take(room));
+            let next_page_token = if truncated {
+                let last = &kvs[kvs.len() - 1].key;
+                Some(if opts.reverse {
+                    encode_token(true, last)
+                } else {
+                    encode_token(false, &successor(last))
+                })
+            } else if page.next_page_token.is_some() {
+                page.next_page_token
+            } else if i < last_piece {
+                // Exactly full at the piece's end: go on with the next piece.
+                Some(if opts.reverse {
+                    encode_token(true, &piece.lo)
+                } else {
+                    encode_token(false, &piece.hi)
+                })
+            } else {
+                None
+            };
+            return Ok(ScanPage {
+                kvs,
+                next_page_token,
+            });
+        }
+        Ok(ScanPage {
+            kvs,
+            next_page_token: None,
+        })
+    }
+
+    /// Reads up to `limit` keys of `cursor`'s span in scan order, walking the
+    /// ranges that cover it one after another. The page token it returns
+    /// (when it stopped at the limit) resumes within the span.
+    async fn scan_piece(
+        &self,
+        mut cursor: Cursor,
+        limit: usize,
+        opts: &ScanOptions,
+        mut budget: Budget,
+    ) -> Result<ScanPage, ClientError> {
+        let mut kvs: Vec<KeyValue> = Vec::new();
         loop {
             if cursor.is_empty() {
                 return Ok(ScanPage {
@@ -156,7 +302,7 @@ impl Client {
                 limit: (limit - kvs.len()) as u32,
                 reverse: opts.reverse,
                 page_token: Bytes::new(),
-                read: Some(opts.consistency.to_proto()),
+                read: None,
                 keys_only: opts.keys_only,
             };
             let anchor = if opts.reverse {
@@ -174,6 +320,7 @@ impl Client {
                     &|_| true,
                     |mut c, header| {
                         let req = v1::ScanRequest {
+                            read: Some(opts.consistency.to_proto(header.range_id)),
                             header: Some(header),
                             ..req.clone()
                         };
@@ -331,5 +478,34 @@ mod tests {
             hi: Bytes::new(),
         };
         assert!(!c.is_empty());
+    }
+
+    #[test]
+    fn a_span_is_cut_at_known_boundaries_in_scan_order() {
+        let c = Cursor {
+            lo: Bytes::from_static(b"a"),
+            hi: Bytes::new(),
+        };
+        let bounds = [Bytes::from_static(b"f"), Bytes::from_static(b"m")];
+        let spans = |v: Vec<Cursor>| -> Vec<(String, String)> {
+            v.into_iter()
+                .map(|c| {
+                    (
+                        String::from_utf8(c.lo.to_vec()).unwrap(),
+                        String::from_utf8(c.hi.to_vec()).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            spans(cut(&c, &bounds, false)),
+            vec![s("a", "f"), s("f", "m"), s("m", "")]
+        );
+        assert_eq!(
+            spans(cut(&c, &bounds, true)),
+            vec![s("m", ""), s("f", "m"), s("a", "f")]
+        );
+        assert_eq!(spans(cut(&c, &[], false)), vec![s("a", "")]);
     }
 }

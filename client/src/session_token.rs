@@ -3,29 +3,30 @@
 //!
 //! A token maps a range id to the highest applied log index the session has
 //! observed on that range (from its writes and reads). Log indexes of different
-//! ranges are unrelated, so the map is kept per range; it is small and bounded
-//! by [`SESSION_TOKEN_RANGES_MAX`].
+//! ranges are unrelated (a range made by a split starts its own log), so an
+//! index is only ever compared with the log of the range it came from.
 //!
-//! The string form is what the CLI prints and accepts: a token for one range
-//! is just the decimal index (`42`); the general form lists `RANGE:INDEX` pairs
-//! (`1:42,7:99`). A bare index names no range ([`ANY_RANGE`]) and binds every
-//! range, which is exact while the key space is one range.
+//! The map is bounded by [`SESSION_TOKEN_RANGES_MAX`]. When a session touches
+//! more ranges, the entry with the lowest index is dropped and the token
+//! remembers that it is *truncated*: a range it has no entry for may then
+//! hold one of the session's writes, so reads of such ranges go to the leader
+//! as STRONG reads, which see every write. Read-your-writes is never lost,
+//! only made slower for the forgotten ranges.
+//!
+//! The string form is what the CLI prints and accepts: `RANGE:INDEX` pairs
+//! separated by commas (`1:42,7:99`), with a final `*` when the token is
+//! truncated (`1:42,7:99,*`).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
 /// Ranges one token remembers at most. Beyond this, the entry with the lowest
-/// index is dropped: being the oldest write it is the most likely to be
-/// applied everywhere already, so dropping it costs the least.
+/// index is dropped and the token is marked truncated.
 pub const SESSION_TOKEN_RANGES_MAX: usize = 64;
 
-/// The range id of an entry that binds whichever range serves a read (the
-/// same meaning `range_id = 0` has in a request header).
-pub const ANY_RANGE: u64 = 0;
-
 /// Longest string form accepted by [`SessionToken::from_str`], in bytes.
-const SESSION_TOKEN_TEXT_BYTES_MAX: usize = SESSION_TOKEN_RANGES_MAX * 42;
+const SESSION_TOKEN_TEXT_BYTES_MAX: usize = SESSION_TOKEN_RANGES_MAX * 42 + 2;
 
 /// The applied index a session has observed, per range.
 ///
@@ -34,6 +35,20 @@ const SESSION_TOKEN_TEXT_BYTES_MAX: usize = SESSION_TOKEN_RANGES_MAX * 42;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct SessionToken {
     indexes: BTreeMap<u64, u64>,
+    /// Entries were dropped to keep the map bounded: ranges without an entry
+    /// may hold writes of this session.
+    truncated: bool,
+}
+
+/// What a SESSION read of one range must wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionBound {
+    /// A replica that has applied at least this index may serve the read
+    /// (0: any replica).
+    AppliedIndex(u64),
+    /// The token forgot this range: only a STRONG read is sure to see the
+    /// session's writes there.
+    Leader,
 }
 
 /// Why a string is not a [`SessionToken`].
@@ -45,8 +60,10 @@ pub enum ParseSessionTokenError {
     /// The text is longer than any valid token.
     #[error("session token is longer than {SESSION_TOKEN_TEXT_BYTES_MAX} bytes")]
     TooLong,
-    /// A part is neither `INDEX` (alone) nor `RANGE:INDEX`.
-    #[error("bad session token part {part:?}: use INDEX or RANGE:INDEX[,RANGE:INDEX...]")]
+    /// A part is not `RANGE:INDEX` (or the final `*`).
+    #[error(
+        "bad session token part {part:?}: use RANGE:INDEX[,RANGE:INDEX...] as printed by a write"
+    )]
     BadPart { part: String },
     /// More ranges than a token holds.
     #[error("session token names more than {SESSION_TOKEN_RANGES_MAX} ranges")]
@@ -66,11 +83,6 @@ impl SessionToken {
         t
     }
 
-    /// A token that binds every range to `index` (what a bare `42` parses to).
-    pub fn from_index(index: u64) -> Self {
-        SessionToken::for_range(ANY_RANGE, index)
-    }
-
     /// Records that the session has seen `range_id` at `index`. Index 0 is
     /// the empty log and records nothing.
     pub fn observe(&mut self, range_id: u64, index: u64) {
@@ -84,29 +96,35 @@ impl SessionToken {
 
     /// Keeps, for every range, the higher index of `self` and `other`.
     pub fn merge(&mut self, other: &SessionToken) {
+        self.truncated |= other.truncated;
         for (&range_id, &index) in &other.indexes {
             self.observe(range_id, index);
         }
     }
 
     /// The index a replica of `range_id` must have applied to serve this
-    /// session: the range's own entry or the range-less one, whichever is higher.
+    /// session (0 when the session has seen nothing of that range).
     pub fn index_for(&self, range_id: u64) -> u64 {
-        let own = self.indexes.get(&range_id).copied().unwrap_or(0);
-        let any = self.indexes.get(&ANY_RANGE).copied().unwrap_or(0);
-        own.max(any)
+        self.indexes.get(&range_id).copied().unwrap_or(0)
     }
 
-    /// The highest index of any range. While the client lets the node pick
-    /// the range (the key space is one range), this is the bound a SESSION
-    /// read needs.
-    pub fn max_index(&self) -> u64 {
-        self.indexes.values().copied().max().unwrap_or(0)
+    /// What a SESSION read of `range_id` must wait for.
+    pub fn bound_for(&self, range_id: u64) -> SessionBound {
+        match self.indexes.get(&range_id) {
+            Some(&i) => SessionBound::AppliedIndex(i),
+            None if self.truncated => SessionBound::Leader,
+            None => SessionBound::AppliedIndex(0),
+        }
+    }
+
+    /// Whether entries were dropped to keep the token bounded.
+    pub fn is_truncated(&self) -> bool {
+        self.truncated
     }
 
     /// Whether the token constrains nothing.
     pub fn is_empty(&self) -> bool {
-        self.indexes.is_empty()
+        self.indexes.is_empty() && !self.truncated
     }
 
     /// Ranges the token names.
@@ -121,7 +139,7 @@ impl SessionToken {
 
     /// The read level that asks for at least this token's state.
     pub fn read_consistency(&self) -> crate::ReadConsistency {
-        crate::ReadConsistency::Session(self.max_index())
+        crate::ReadConsistency::Session(self.clone())
     }
 
     fn enforce_bound(&mut self, keep: u64) {
@@ -135,6 +153,7 @@ impl SessionToken {
             match victim {
                 Some(r) => {
                     self.indexes.remove(&r);
+                    self.truncated = true;
                 }
                 None => break,
             }
@@ -144,16 +163,20 @@ impl SessionToken {
 }
 
 impl fmt::Display for SessionToken {
-    /// One range: the bare index (`42`); several: `1:42,7:99`; none: `0`.
+    /// `1:42,7:99`, with `,*` appended when truncated (`*` alone when it
+    /// names no range); the empty token prints as nothing.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.indexes.len() <= 1 {
-            return write!(f, "{}", self.max_index());
-        }
         for (n, (r, i)) in self.indexes.iter().enumerate() {
             if n > 0 {
                 f.write_str(",")?;
             }
             write!(f, "{r}:{i}")?;
+        }
+        if self.truncated {
+            if !self.indexes.is_empty() {
+                f.write_str(",")?;
+            }
+            f.write_str("*")?;
         }
         Ok(())
     }
@@ -172,13 +195,18 @@ impl FromStr for SessionToken {
         }
         let bad = |part: &str| ParseSessionTokenError::BadPart { part: part.into() };
         let number = |part: &str, text: &str| text.trim().parse::<u64>().map_err(|_| bad(part));
-        if !s.contains([':', ',']) {
-            return Ok(SessionToken::from_index(number(s, s)?));
-        }
         let mut t = SessionToken::new();
-        for part in s.split(',') {
+        let parts: Vec<&str> = s.split(',').collect();
+        for (n, part) in parts.iter().enumerate() {
+            if part.trim() == "*" && n == parts.len() - 1 {
+                t.truncated = true;
+                continue;
+            }
             let (r, i) = part.split_once(':').ok_or_else(|| bad(part))?;
             let (r, i) = (number(part, r)?, number(part, i)?);
+            if r == 0 {
+                return Err(bad(part));
+            }
             if i == 0 {
                 continue;
             }
@@ -206,7 +234,6 @@ mod tests {
         assert_eq!(a.index_for(1), 12);
         assert_eq!(a.index_for(7), 99);
         assert_eq!(a.index_for(3), 0);
-        assert_eq!(a.max_index(), 99);
         // Merging is commutative and idempotent.
         let mut c = b.clone();
         c.merge(&SessionToken::for_range(1, 10));
@@ -220,34 +247,22 @@ mod tests {
         let mut t = SessionToken::new();
         t.observe(1, 0);
         assert!(t.is_empty());
-        assert_eq!(t.to_string(), "0");
-        assert_eq!("0".parse::<SessionToken>(), Ok(SessionToken::new()));
+        assert_eq!(t.to_string(), "");
+        assert_eq!("1:0".parse::<SessionToken>(), Ok(SessionToken::new()));
     }
 
     #[test]
-    fn a_range_less_entry_binds_every_range() {
-        let mut t = SessionToken::from_index(40);
-        t.observe(1, 30);
-        t.observe(2, 50);
-        assert_eq!(t.index_for(1), 40);
-        assert_eq!(t.index_for(2), 50);
-        assert_eq!(t.index_for(9), 40);
+    fn an_index_binds_only_its_own_range() {
+        // A split's right-hand range starts a new log: a high index seen on
+        // another range must not hold its reads back.
+        let t = SessionToken::for_range(1, 5_000);
+        assert_eq!(t.bound_for(1), SessionBound::AppliedIndex(5_000));
+        assert_eq!(t.bound_for(2), SessionBound::AppliedIndex(0));
     }
 
     #[test]
-    fn one_range_prints_as_the_bare_index() {
-        assert_eq!(SessionToken::for_range(1, 42).to_string(), "42");
-        let parsed: SessionToken = "42".parse().unwrap();
-        assert_eq!(parsed, SessionToken::from_index(42));
-        assert_eq!(parsed.index_for(1), 42);
-        assert_eq!(
-            parsed.read_consistency(),
-            crate::ReadConsistency::Session(42)
-        );
-    }
-
-    #[test]
-    fn the_general_form_round_trips() {
+    fn the_text_form_round_trips() {
+        assert_eq!(SessionToken::for_range(3, 42).to_string(), "3:42");
         let t: SessionToken = " 1:42, 7:99 ".parse().unwrap();
         assert_eq!(t.iter().collect::<Vec<_>>(), vec![(1, 42), (7, 99)]);
         assert_eq!(t.to_string(), "1:42,7:99");
@@ -262,12 +277,15 @@ mod tests {
         for bad in [
             "x",
             "-1",
+            "42",
+            "0:42",
             "1:",
             ":5",
             "1:2,",
             "1:2,3",
             "1:2:3",
-            "18446744073709551616",
+            "*,1:2",
+            "1:18446744073709551616",
         ] {
             assert!(bad.parse::<SessionToken>().is_err(), "{bad:?} parsed");
         }
@@ -290,16 +308,35 @@ mod tests {
     }
 
     #[test]
-    fn the_map_is_bounded_and_drops_the_lowest_index() {
+    fn a_bounded_token_sends_forgotten_ranges_to_the_leader() {
         let mut t = SessionToken::new();
         for r in 1..=SESSION_TOKEN_RANGES_MAX as u64 {
             t.observe(r, 100 + r);
         }
-        assert_eq!(t.len(), SESSION_TOKEN_RANGES_MAX);
+        assert!(!t.is_truncated());
+        assert_eq!(t.bound_for(1_000), SessionBound::AppliedIndex(0));
         t.observe(1_000, 5);
         assert_eq!(t.len(), SESSION_TOKEN_RANGES_MAX);
+        assert!(t.is_truncated());
         assert_eq!(t.index_for(1_000), 5, "the entry just observed stays");
-        assert_eq!(t.index_for(1), 0, "the lowest other index was dropped");
-        assert_eq!(t.index_for(2), 102);
+        assert_eq!(
+            t.bound_for(1),
+            SessionBound::Leader,
+            "the lowest other index was dropped"
+        );
+        assert_eq!(t.bound_for(2), SessionBound::AppliedIndex(102));
+        assert_eq!(t.bound_for(5_000), SessionBound::Leader);
+        // The mark survives the text form and merges.
+        let text = t.to_string();
+        assert!(text.ends_with(",*"), "{text}");
+        let parsed: SessionToken = text.parse().unwrap();
+        assert_eq!(parsed, t);
+        let mut fresh = SessionToken::for_range(9, 1);
+        fresh.merge(&parsed);
+        assert!(fresh.is_truncated());
+        assert_eq!(
+            "*".parse::<SessionToken>().unwrap().bound_for(1),
+            SessionBound::Leader
+        );
     }
 }

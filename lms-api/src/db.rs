@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use lmskv_client::{BatchOp, Client, Compare, ReadConsistency, ScanOptions, WriteOptions};
+use lmskv_client::{
+    BatchOp, Client, Compare, ReadConsistency, ScanOptions, SessionToken, WriteOptions,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -47,11 +49,11 @@ pub struct Row<T> {
 }
 
 /// The outcome of a conditional write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cas {
-    /// Written: the write's log index (a session token for later reads of
-    /// the same range) and the key's new version.
-    Done { index: u64, version: u64 },
+    /// Written: the write's session token (for read-your-writes on any
+    /// replica) and the key's new version.
+    Done { token: SessionToken, version: u64 },
     /// The condition did not hold; nothing was written.
     Conflict,
 }
@@ -108,23 +110,24 @@ impl Db {
         }
     }
 
-    /// Writes one record unconditionally; returns the write's log index.
-    pub async fn put<T: Serialize>(&self, key: Bytes, v: &T) -> AppResult<u64> {
-        Ok(self.client.put(key, encode(v)?).await?.index)
+    /// Writes one record unconditionally; returns the write's session token.
+    pub async fn put<T: Serialize>(&self, key: Bytes, v: &T) -> AppResult<SessionToken> {
+        Ok(self.client.put(key, encode(v)?).await?.session_token())
     }
 
-    /// Writes raw bytes unconditionally.
-    pub async fn put_raw(&self, key: Bytes, v: Bytes) -> AppResult<u64> {
-        Ok(self.client.put(key, v).await?.index)
+    /// Writes raw bytes unconditionally; returns the write's session token.
+    pub async fn put_raw(&self, key: Bytes, v: Bytes) -> AppResult<SessionToken> {
+        Ok(self.client.put(key, v).await?.session_token())
     }
 
-    /// Deletes one key; returns the write's log index.
-    pub async fn delete(&self, key: Bytes) -> AppResult<u64> {
+    /// Deletes one key; returns the write's session token.
+    pub async fn delete(&self, key: Bytes) -> AppResult<SessionToken> {
         Ok(self
             .client
             .delete_with(key, &WriteOptions::default())
             .await?
-            .1)
+            .1
+            .session_token())
     }
 
     /// Writes `v` (or deletes when `None`) if the key's version is `version`
@@ -147,7 +150,7 @@ impl Db {
             .await?;
         Ok(if out.succeeded {
             Cas::Done {
-                index: out.index,
+                token: out.session_token(),
                 version: out.current.map(|c| c.version).unwrap_or(out.index),
             }
         } else {
@@ -168,7 +171,7 @@ impl Db {
             .await?;
         Ok(if out.succeeded {
             Cas::Done {
-                index: out.index,
+                token: out.session_token(),
                 version: out.index,
             }
         } else {

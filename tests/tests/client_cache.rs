@@ -48,7 +48,7 @@ async fn an_eventual_read_is_answered_by_the_cache_with_every_node_paused() {
         phase!("another client writes; a SESSION read fills this client's cache");
         let w = other.put("cache/a", "v1").await.unwrap();
         let first = client
-            .get_detailed("cache/a", ReadConsistency::Session(w.index))
+            .get_detailed("cache/a", ReadConsistency::Session(w.session_token()))
             .await
             .unwrap();
         assert_eq!(value(&first), b("v1"));
@@ -68,10 +68,11 @@ async fn an_eventual_read_is_answered_by_the_cache_with_every_node_paused() {
         let mut refused_levels = Vec::new();
         for level in [
             ReadConsistency::Strong,
-            ReadConsistency::Session(w.index),
+            ReadConsistency::Session(w.session_token()),
             ReadConsistency::ConsistentPrefix,
         ] {
-            let r = tokio::time::timeout(PAUSED_CALL_TIMEOUT, client.get("cache/a", level)).await;
+            let r = tokio::time::timeout(PAUSED_CALL_TIMEOUT, client.get("cache/a", level.clone()))
+                .await;
             refused_levels.push((level, r.is_err()));
         }
         phase!("resume every node");
@@ -114,7 +115,7 @@ async fn the_clients_own_writes_replace_what_it_cached() {
         phase!("put v1 and cache it");
         let w1 = client.put("own/k", "v1").await.unwrap();
         client
-            .get("own/k", ReadConsistency::Session(w1.index))
+            .get("own/k", ReadConsistency::Session(w1.session_token()))
             .await
             .unwrap();
         let r = client
@@ -178,7 +179,7 @@ async fn the_clients_own_writes_replace_what_it_cached() {
             .unwrap();
         assert!(!r.from_cache(), "the batch left its key cached");
         let r = client
-            .get("own/k", ReadConsistency::Session(batch.index))
+            .get("own/k", ReadConsistency::Session(batch.session_token()))
             .await
             .unwrap();
         assert_eq!(r.map(|kv| kv.value), b("v4"));
@@ -199,7 +200,7 @@ async fn an_eventual_read_sees_another_clients_write_once_the_ttl_has_passed() {
         let w1 = other.put("ttl/k", "v1").await.unwrap();
         let filled_not_before = Instant::now();
         let r = client
-            .get_detailed("ttl/k", ReadConsistency::Session(w1.index))
+            .get_detailed("ttl/k", ReadConsistency::Session(w1.session_token()))
             .await
             .unwrap();
         assert_eq!(value(&r), b("v1"));
@@ -266,11 +267,14 @@ async fn a_bounded_staleness_read_uses_the_cache_only_within_its_bound() {
 
         phase!("a value read from some replica's local state proves no freshness");
         client
-            .get("bounded/k", ReadConsistency::Session(w.index))
+            .get("bounded/k", ReadConsistency::Session(w.session_token()))
             .await
             .unwrap();
         let wide = ReadConsistency::BoundedStaleness(Duration::from_secs(30));
-        let r = client.get_detailed("bounded/k", wide).await.unwrap();
+        let r = client
+            .get_detailed("bounded/k", wide.clone())
+            .await
+            .unwrap();
         assert!(
             !r.from_cache(),
             "a SESSION read's value served a bounded read"
@@ -321,13 +325,16 @@ async fn followers_serve_reads_at_the_weaker_levels() {
         phase!("reads at each weaker level spread over the nodes (leader is {leader})");
         for level in [
             ReadConsistency::ConsistentPrefix,
-            ReadConsistency::Session(w.index),
+            ReadConsistency::Session(w.session_token()),
             ReadConsistency::BoundedStaleness(Duration::from_secs(2)),
             ReadConsistency::Eventual,
         ] {
             let mut servers = BTreeSet::new();
             for _ in 0..9 {
-                let r = client.get_detailed("spread/k", level).await.unwrap();
+                let r = client
+                    .get_detailed("spread/k", level.clone())
+                    .await
+                    .unwrap();
                 assert_eq!(value(&r), b("v1"), "{level:?}");
                 servers.insert(r.served_by.expect("no cache").node_id);
             }
@@ -351,9 +358,9 @@ async fn followers_serve_reads_at_the_weaker_levels() {
         c.pause(leader).unwrap();
         let mut results = Vec::new();
         for level in [
-            ReadConsistency::Session(w.index),
+            ReadConsistency::Session(w.session_token()),
             ReadConsistency::ConsistentPrefix,
-            ReadConsistency::Session(w.index),
+            ReadConsistency::Session(w.session_token()),
             ReadConsistency::ConsistentPrefix,
         ] {
             // On a loaded machine one replica attempt may time out; the read
@@ -362,7 +369,7 @@ async fn followers_serve_reads_at_the_weaker_levels() {
             for _ in 0..3 {
                 let got = tokio::time::timeout(
                     Duration::from_secs(10),
-                    client.get_detailed("spread/k", level),
+                    client.get_detailed("spread/k", level.clone()),
                 )
                 .await;
                 let done = matches!(got, Ok(Ok(_)));
@@ -386,7 +393,7 @@ async fn followers_serve_reads_at_the_weaker_levels() {
         }
 
         phase!("the session token covers what the client wrote");
-        assert!(client.session_token().max_index() >= w.index);
+        assert!(client.session_token().index_for(w.range_id) >= w.index);
     })
     .await
     .expect("test timed out");

@@ -242,3 +242,84 @@ async fn a_leader_partitioned_from_the_majority_never_serves_a_stale_strong_read
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_read_on_a_lagging_follower_never_answers_older_than_the_token() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions {
+            proxied: true,
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        let w1 = client.put("lag", "v1").await.unwrap();
+        let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        c.wait_applied(follower, w1.index, Duration::from_secs(10))
+            .await
+            .unwrap();
+
+        phase!("cut follower {follower} off from leader {leader}; the client still reaches it");
+        c.partition(&[follower], &[leader]);
+        let w2 = client.put("lag", "v2").await.unwrap();
+        let token = w2.session_token();
+        let lagging = c
+            .kv(follower)
+            .get(get("lag", Consistency::ConsistentPrefix, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            lagging.kv.unwrap().value,
+            Bytes::from_static(b"v1"),
+            "the follower lags behind the session's write"
+        );
+
+        phase!("a SESSION read at the write's token on the lagging follower");
+        let r = tokio::time::timeout(
+            Duration::from_secs(15),
+            c.kv(follower).get(get(
+                "lag",
+                Consistency::Session,
+                token.index_for(w2.range_id),
+            )),
+        )
+        .await;
+        match r {
+            Ok(Ok(resp)) => assert_eq!(
+                resp.into_inner().kv.map(|kv| kv.value),
+                Some(Bytes::from_static(b"v2")),
+                "a SESSION read answered older than its token"
+            ),
+            Ok(Err(s)) => {
+                let e = Error::from_status(&s);
+                phase!("node {follower} refused: {e}");
+                assert!(e.is_retryable(), "refused with a retryable error: {e}");
+            }
+            Err(_) => phase!("node {follower} did not answer in 15 s"),
+        }
+
+        phase!("the client's SESSION read finds a replica that has the write");
+        let got = client
+            .get_detailed("lag", lmskv_client::ReadConsistency::Session(token.clone()))
+            .await
+            .unwrap();
+        assert_eq!(got.kv.unwrap().value, Bytes::from_static(b"v2"));
+
+        phase!("heal: the follower catches up and serves the SESSION read itself");
+        c.heal_network();
+        let resp =
+            lmskv_tests::wait_for("the follower to serve v2", Duration::from_secs(30), || {
+                let mut kv = c.kv(follower);
+                let req = get("lag", Consistency::Session, token.index_for(w2.range_id));
+                async move { kv.get(req).await.ok().map(|r| r.into_inner()) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(resp.kv.unwrap().value, Bytes::from_static(b"v2"));
+        assert_eq!(resp.header.unwrap().node_id, follower);
+    })
+    .await
+    .expect("test timed out");
+}

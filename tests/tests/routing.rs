@@ -108,6 +108,58 @@ async fn a_client_heals_its_cache_after_splits_and_leader_moves() {
             .unwrap();
         let rev_keys: Vec<Bytes> = rev.into_iter().map(|kv| kv.key).collect();
         assert_eq!(rev_keys, (0..KEYS).rev().map(key).collect::<Vec<_>>());
+        phase!("pages of every size, both ways, across the range boundaries at 30, 60, 90");
+        for limit in [1, 29, 30, 31, 60, 1_000] {
+            for reverse in [false, true] {
+                let opts = ScanOptions {
+                    limit,
+                    reverse,
+                    ..span.clone()
+                };
+                let mut pages = 0;
+                let mut seen = Vec::new();
+                let mut o = opts.clone();
+                loop {
+                    let page = client.scan(&o).await.unwrap();
+                    pages += 1;
+                    assert!(page.kvs.len() <= limit as usize, "a page exceeds its limit");
+                    seen.extend(page.kvs.into_iter().map(|kv| kv.key));
+                    match page.next_page_token {
+                        Some(t) => o.page_token = t,
+                        None => break,
+                    }
+                }
+                let mut want: Vec<Bytes> = (0..KEYS).map(key).collect();
+                if reverse {
+                    want.reverse();
+                }
+                assert_eq!(seen, want, "limit {limit} reverse {reverse}");
+                assert!(pages >= KEYS.div_ceil(limit as usize), "limit {limit}");
+            }
+        }
+
+        phase!("SESSION reads at this client's token work on every range, new ones too");
+        // The ranges made by the splits have logs of their own that start
+        // low; an index seen on another range must not hold them back.
+        let session = ReadConsistency::Session(client.session_token());
+        let got = client
+            .batch_get((0..KEYS).map(key), session.clone())
+            .await
+            .unwrap();
+        assert_eq!(got.len(), KEYS);
+        for (i, kv) in got.iter().enumerate() {
+            let want = if i % 5 == 0 { "v2" } else { "v1" };
+            assert_eq!(kv.value, want, "{:?}", kv.key);
+        }
+        let page = client
+            .scan(&ScanOptions {
+                limit: 1_000,
+                consistency: session,
+                ..span.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.kvs.len(), KEYS);
         assert!(
             client.cached_ranges() >= 4,
             "the cache holds the split ranges: {}",

@@ -8,8 +8,7 @@
 
 use clap::{Args, Subcommand, ValueEnum};
 use lmskv_client::{
-    Client, ClientError, Durability, KeyValue, ReadConsistency, ScanOptions, SessionToken,
-    WriteOptions,
+    Durability, KeyValue, ReadConsistency, ScanOptions, SessionToken, WriteOptions,
 };
 use lmskv_proto::limits::SCAN_LIMIT_MAX;
 use serde::Serialize;
@@ -48,7 +47,7 @@ pub struct GetArgs {
     /// Read consistency: strong, bounded:DURATION (e.g. bounded:500ms),
     /// session:TOKEN (a put's session_token), prefix or eventual.
     #[arg(long, value_name = "LEVEL", default_value = "strong", value_parser = parse_consistency)]
-    pub consistency: ConsistencyArg,
+    pub consistency: ReadConsistency,
 }
 
 /// Arguments of `lmskv kv put`.
@@ -96,42 +95,7 @@ pub struct ScanArgs {
     pub keys_only: bool,
     /// Read consistency: strong, bounded:DURATION, session:TOKEN, prefix or eventual.
     #[arg(long, value_name = "LEVEL", default_value = "strong", value_parser = parse_consistency)]
-    pub consistency: ConsistencyArg,
-}
-
-/// A read consistency level as given on the command line. A session token
-/// may name several ranges (`1:42,7:99`); which index binds a read depends
-/// on the range that serves it, so the token is kept whole.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsistencyArg {
-    /// Any level but SESSION.
-    Level(ReadConsistency),
-    /// SESSION at this token.
-    Session(SessionToken),
-}
-
-impl ConsistencyArg {
-    /// The level for a read of `key`: a session token binds the key's range
-    /// at the index the token holds for it.
-    pub async fn for_key(
-        &self,
-        client: &Client,
-        key: &[u8],
-    ) -> Result<ReadConsistency, ClientError> {
-        match self {
-            ConsistencyArg::Level(l) => Ok(*l),
-            ConsistencyArg::Session(t) => client.session_consistency(key, t).await,
-        }
-    }
-
-    /// The level for a scan, which may cross ranges: a session token binds
-    /// every range at its highest index.
-    pub fn for_scan(&self) -> ReadConsistency {
-        match self {
-            ConsistencyArg::Level(l) => *l,
-            ConsistencyArg::Session(t) => t.read_consistency(),
-        }
-    }
+    pub consistency: ReadConsistency,
 }
 
 /// Write durability as given on the command line.
@@ -153,16 +117,18 @@ impl From<DurabilityArg> for Durability {
 }
 
 /// Parses a read consistency level: `strong`, `bounded:500ms`,
-/// `session:TOKEN`, `prefix` or `eventual`.
-pub fn parse_consistency(s: &str) -> Result<ConsistencyArg, String> {
+/// `session:TOKEN`, `prefix` or `eventual`. A session token may name several
+/// ranges (`1:42,7:99`); each read waits only for the index of the range
+/// that serves it.
+pub fn parse_consistency(s: &str) -> Result<ReadConsistency, String> {
     if let Some(t) = s.strip_prefix("session:") {
         return t
             .trim()
             .parse::<SessionToken>()
-            .map(ConsistencyArg::Session)
+            .map(ReadConsistency::Session)
             .map_err(|e| format!("bad session token {t:?}: {e} (use a put's session_token)"));
     }
-    parse_level(s).map(ConsistencyArg::Level)
+    parse_level(s)
 }
 
 fn parse_level(s: &str) -> Result<ReadConsistency, String> {
@@ -226,7 +192,7 @@ pub struct PutView {
     pub key: String,
     /// The key's new version.
     pub version: u64,
-    /// The write's log index as a decimal string: pass it as
+    /// The write's session token (`RANGE:INDEX`): pass it as
     /// `--consistency session:TOKEN` to read this write from any replica.
     pub session_token: String,
 }
@@ -270,9 +236,8 @@ pub async fn run(ctx: &Context, command: KvCommand) -> Result<(), CmdError> {
 async fn get(ctx: &Context, args: GetArgs) -> Result<(), CmdError> {
     let client = ctx.client()?;
     let key_text = bytes_text(&args.key.0);
-    let consistency = args.consistency.for_key(&client, &args.key.0).await?;
     let kv = client
-        .get(args.key.0, consistency)
+        .get(args.key.0, args.consistency)
         .await?
         .ok_or(CmdError::NotFound(key_text))?;
     let view = KeyValueView::new(&kv, true);
@@ -290,7 +255,7 @@ async fn put(ctx: &Context, args: PutArgs) -> Result<(), CmdError> {
     let view = PutView {
         key: key_text,
         version: written.version,
-        session_token: written.index.to_string(),
+        session_token: written.session_token().to_string(),
     };
     output::emit(ctx.format, &view, |v| format!("OK version {}", v.version))
 }
@@ -330,7 +295,7 @@ async fn scan(ctx: &Context, args: ScanArgs) -> Result<(), CmdError> {
             .min(SCAN_LIMIT_MAX),
         reverse: args.reverse,
         keys_only: args.keys_only,
-        consistency: args.consistency.for_scan(),
+        consistency: args.consistency,
         page_token: Default::default(),
     };
     let kvs = client.scan_all(&opts, args.limit).await?;
@@ -383,12 +348,6 @@ mod tests {
 
     #[test]
     fn consistency_levels_parse() {
-        let parse_consistency = |s: &str| -> Result<ReadConsistency, String> {
-            match parse_consistency(s)? {
-                ConsistencyArg::Level(l) => Ok(l),
-                ConsistencyArg::Session(t) => Ok(t.read_consistency()),
-            }
-        };
         assert_eq!(parse_consistency("strong"), Ok(ReadConsistency::Strong));
         assert_eq!(
             parse_consistency("bounded:500ms"),
@@ -401,8 +360,8 @@ mod tests {
             Ok(ReadConsistency::BoundedStaleness(Duration::from_secs(2)))
         );
         assert_eq!(
-            parse_consistency("session:42"),
-            Ok(ReadConsistency::Session(42))
+            parse_consistency("session:3:42"),
+            Ok(ReadConsistency::Session(SessionToken::for_range(3, 42)))
         );
         assert_eq!(
             parse_consistency("prefix"),
@@ -416,6 +375,7 @@ mod tests {
             "bounded:0ms",
             "session",
             "session:x",
+            "session:42",
             "strong:1",
             "linear",
         ] {
@@ -428,11 +388,7 @@ mod tests {
         let want: SessionToken = "1:42,7:99".parse().unwrap();
         assert_eq!(
             parse_consistency("session:1:42,7:99"),
-            Ok(ConsistencyArg::Session(want))
-        );
-        assert_eq!(
-            parse_consistency("session:42"),
-            Ok(ConsistencyArg::Session(SessionToken::from_index(42)))
+            Ok(ReadConsistency::Session(want))
         );
     }
 
@@ -473,10 +429,7 @@ mod tests {
         ]);
         assert_eq!(a.limit, 5);
         assert!(a.reverse && a.keys_only);
-        assert_eq!(
-            a.consistency,
-            ConsistencyArg::Level(ReadConsistency::ConsistentPrefix)
-        );
+        assert_eq!(a.consistency, ReadConsistency::ConsistentPrefix);
         assert_eq!(scan_args(&[]).limit, SCAN_PAIRS_DEFAULT);
     }
 

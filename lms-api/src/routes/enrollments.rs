@@ -12,7 +12,7 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::Utc;
-use lmskv_client::{BatchOp, ReadConsistency};
+use lmskv_client::{BatchOp, ReadConsistency, SessionToken};
 use serde::Deserialize;
 use utoipa::ToSchema;
 use validator::Validate;
@@ -40,14 +40,13 @@ pub struct EnrollRequest {
 }
 
 /// Enrolls `user` in course `cid` with `role`; returns the member record
-/// and the log index of the index write (a session token for the user's
-/// course list).
+/// and the session token of the index write (for the user's course list).
 pub async fn enroll_user(
     st: &AppState,
     cid: u64,
     user: &User,
     role: CourseRole,
-) -> AppResult<(Member, u64)> {
+) -> AppResult<(Member, SessionToken)> {
     for _ in 0..CAS_ATTEMPTS_MAX {
         // STRONG: the versions read here are the batch's conditions.
         let (course, seats, existing) = futures::try_join!(
@@ -155,7 +154,7 @@ pub async fn enroll(
     let (member, index) = enroll_user(&st, cid, &user, role).await?;
     Ok((
         StatusCode::CREATED,
-        session_headers(index),
+        session_headers(&index),
         [(
             header::LOCATION,
             format!("/api/v1/courses/{cid}/enrollments/{target}"),

@@ -57,16 +57,16 @@ pub struct Gradebook {
 
 /// Builds course `cid`'s gradebook from three prefix scans of its range.
 pub async fn build_gradebook(db: &Db, cid: u64) -> AppResult<Gradebook> {
-    let strong = ReadConsistency::Strong;
+    let strong = || ReadConsistency::Strong;
     let (mk, ak, sk) = (
         keys::members(cid),
         keys::assignments(cid),
         keys::submissions(cid),
     );
     let (members, assignments, subs) = futures::try_join!(
-        db.scan_prefix::<Member>(&mk, strong),
-        db.scan_prefix::<Assignment>(&ak, strong),
-        db.scan_prefix::<Submission>(&sk, strong),
+        db.scan_prefix::<Member>(&mk, strong()),
+        db.scan_prefix::<Assignment>(&ak, strong()),
+        db.scan_prefix::<Submission>(&sk, strong()),
     )?;
     let mut by_student: BTreeMap<u64, BTreeMap<u64, Option<f64>>> = BTreeMap::new();
     for s in subs {

@@ -15,7 +15,7 @@ pub mod submissions;
 pub mod users;
 
 use axum::http::{header, HeaderMap, HeaderValue};
-use lmskv_client::ReadConsistency;
+use lmskv_client::{ReadConsistency, SessionToken};
 
 /// Response header with the lmskv log index of the request's write. Sent
 /// back on a later read of the *same* resource, it makes that read see the
@@ -46,23 +46,24 @@ pub fn cached_or_fresh(headers: &HeaderMap) -> ReadConsistency {
 }
 
 /// The consistency of a read of the caller's own data: SESSION at the token
-/// the request carries (the index of the caller's last write of it), or, with
-/// no token, CONSISTENT_PREFIX (the caller has no write to wait for).
+/// the request carries (what the caller's last write of it returned, per
+/// range, e.g. `12:345`), or, with no usable token, CONSISTENT_PREFIX (the
+/// caller has no write to wait for).
 pub fn session_or_prefix(headers: &HeaderMap) -> ReadConsistency {
     match headers
         .get(SESSION_TOKEN)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|v| v.parse::<SessionToken>().ok())
     {
-        Some(index) if index > 0 => ReadConsistency::Session(index),
+        Some(token) if !token.is_empty() => ReadConsistency::Session(token),
         _ => ReadConsistency::ConsistentPrefix,
     }
 }
 
 /// A header map with the session token of a write.
-pub fn session_headers(index: u64) -> [(axum::http::HeaderName, HeaderValue); 1] {
+pub fn session_headers(token: &SessionToken) -> [(axum::http::HeaderName, HeaderValue); 1] {
     [(
         axum::http::HeaderName::from_static(SESSION_TOKEN),
-        HeaderValue::from(index),
+        HeaderValue::from_str(&token.to_string()).expect("a session token is ASCII"),
     )]
 }

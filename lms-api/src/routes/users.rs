@@ -158,8 +158,8 @@ pub async fn update_user(
             u.password_hash = h.clone();
         }
         u.updated_at = Utc::now();
-        if let Cas::Done { index, .. } = st.db.cas(keys::user(id), cur.version, Some(&u)).await? {
-            return Ok((session_headers(index), Json(UserView::from(&u))));
+        if let Cas::Done { token, .. } = st.db.cas(keys::user(id), cur.version, Some(&u)).await? {
+            return Ok((session_headers(&token), Json(UserView::from(&u))));
         }
     }
     Err(AppError::Busy(
