@@ -2,7 +2,7 @@
 //! hosts, its gRPC server — how it forms a new cluster or joins a running one,
 //! and how it reports to the meta range's leader.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,9 @@ const BOOTSTRAP_RETRY_INTERVAL: Duration = Duration::from_millis(300);
 const BOOTSTRAP_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one heartbeat to the meta leader may take.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Every this many heartbeats a node reports the stats of every range it
+/// hosts; in between only those that changed (and the list of range ids).
+const HEARTBEATS_PER_FULL_REPORT: u32 = 10;
 /// Splits waiting for their right-hand range to be opened.
 const SPLIT_QUEUE_MAX: usize = 1_024;
 /// How often the node looks for ranges it has state for but has not opened.
@@ -672,6 +675,10 @@ impl Node {
 
     async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let every = Duration::from_millis(self.cfg.file.node_heartbeat_ms);
+        // The stats the meta leader has of each range, as last sent: only
+        // changes are sent between full reports.
+        let mut sent: HashMap<u64, RangeStats> = HashMap::new();
+        let mut since_full = u32::MAX;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -680,16 +687,52 @@ impl Node {
             if !self.is_member() {
                 continue;
             }
+            let all = self.range_stats();
+            let full = since_full >= HEARTBEATS_PER_FULL_REPORT;
+            let range_ids: Vec<u64> = all
+                .iter()
+                .filter_map(|r| r.descriptor.as_ref().map(|d| d.range_id))
+                .collect();
+            let ranges: Vec<RangeStats> = if full {
+                all.clone()
+            } else {
+                all.iter()
+                    .filter(|r| {
+                        r.descriptor
+                            .as_ref()
+                            .is_none_or(|d| sent.get(&d.range_id) != Some(*r))
+                    })
+                    .cloned()
+                    .collect()
+            };
             let req = HeartbeatRequest {
                 node_id: self.node_id(),
                 address: self.cfg.advertise_addr(),
-                ranges: self.range_stats(),
+                ranges,
+                range_ids,
+                full,
             };
             let resp = if self.local_meta_leader().is_some() {
                 crate::pd::handle_heartbeat(&self, req).await.ok()
             } else {
                 self.send_heartbeat(req).await
             };
+            match &resp {
+                // Whoever leads the meta range now has these stats.
+                Some(r) if !r.want_full => {
+                    since_full = if full {
+                        1
+                    } else {
+                        since_full.saturating_add(1)
+                    };
+                    sent = all
+                        .into_iter()
+                        .filter_map(|r| r.descriptor.as_ref().map(|d| d.range_id).map(|id| (id, r)))
+                        .collect();
+                }
+                // Unheard, or a new meta leader: report everything next time.
+                _ => since_full = u32::MAX,
+            }
             if let Some(resp) = resp {
                 for id in resp.remove_ranges {
                     if let Err(e) = self.destroy_replica(id).await {

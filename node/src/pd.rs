@@ -352,17 +352,25 @@ pub async fn handle_heartbeat(
 ) -> Result<HeartbeatResponse, Error> {
     let meta = serving(node)?;
     let pd = &node.pd;
-    let known = {
+    let (known, want_full) = {
         let mut st = pd.state.lock().expect("pd lock");
+        let hosted: HashSet<u64> = if req.full || req.range_ids.is_empty() {
+            req.ranges
+                .iter()
+                .filter_map(|r| r.descriptor.as_ref().map(|d| d.range_id))
+                .chain(req.range_ids.iter().copied())
+                .collect()
+        } else {
+            req.range_ids.iter().copied().collect()
+        };
+        // Stats of ranges that did not change are not sent again: a driver
+        // that has none of this node's (it just took over) asks for them all.
+        let want_full = !req.full && !st.nodes.contains_key(&req.node_id);
         st.nodes.insert(
             req.node_id,
             NodeLive {
                 last_heartbeat: Instant::now(),
-                ranges: req
-                    .ranges
-                    .iter()
-                    .filter_map(|r| r.descriptor.as_ref().map(|d| d.range_id))
-                    .collect(),
+                ranges: hosted,
             },
         );
         for r in &req.ranges {
@@ -384,7 +392,7 @@ pub async fn handle_heartbeat(
                 },
             );
         }
-        st.records.get(&req.node_id).cloned()
+        (st.records.get(&req.node_id).cloned(), want_full)
     };
     if known.as_ref().map(|r| &r.address) != Some(&req.address) {
         let stored = meta.nodes()?.remove(&req.node_id);
@@ -458,16 +466,16 @@ pub async fn handle_heartbeat(
     }
     {
         let mut st = pd.state.lock().expect("pd lock");
-        let reported: HashSet<u64> = req
-            .ranges
-            .iter()
-            .filter_map(|r| r.descriptor.as_ref().map(|d| d.range_id))
-            .collect();
-        st.stray
-            .retain(|(range, n), _| *n != req.node_id || reported.contains(range));
+        let st = &mut *st;
+        if let Some(live) = st.nodes.get(&req.node_id) {
+            let hosted = &live.ranges;
+            st.stray
+                .retain(|(range, n), _| *n != req.node_id || hosted.contains(range));
+        }
     }
     Ok(HeartbeatResponse {
         remove_ranges: remove,
+        want_full,
     })
 }
 

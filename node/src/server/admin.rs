@@ -160,6 +160,8 @@ impl Admin for AdminService {
                 node_id: req.node_id,
                 address: req.address,
                 ranges: vec![],
+                range_ids: vec![],
+                full: false,
             },
         )
         .await?;
