@@ -31,8 +31,26 @@ for ((i = 0; i < NODES; i++)); do
   ENDPOINTS+="${ENDPOINTS:+,}127.0.0.1:$((BASE_PORT + i))"
 done
 # A fresh secret per run unless one is given; tokens do not outlive the run.
-JWT_SECRET="${LMS_JWT_SECRET:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
+# It reaches lms-api through its environment, never its command line (which
+# any local user can read in `ps`).
+export LMS_JWT_SECRET="${LMS_JWT_SECRET:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
 URL="http://$API_LISTEN"
+
+# The node settings the LMS relies on (the same as lms_api::keys::node_config_toml,
+# which a unit test checks): one range per LMS table from the start, and
+# automatic splits that never cut one course's keys `course/<cid>/...`, so
+# its atomic batches stay in one range. `lmskv local up` has no --config, so
+# the nodes are started through a wrapper that adds it.
+mkdir -p "$DATA_DIR"
+NODE_CONFIG="$DATA_DIR/lmskv-node.toml"
+cat >"$NODE_CONFIG" <<'TOML'
+pre_split_keys = ["catalog/", "course/", "email/", "export/", "job/", "jobdead/", "jobdone/", "notif/", "refresh/", "seq/", "user/", "usercourse/"]
+split_rows = [{ prefix = "course/", id_len = 8 }]
+TOML
+NODE_WRAPPER="$DATA_DIR/lmskv-node-with-config"
+printf '#!/usr/bin/env bash\nexec %q --config %q "$@"\n' "$(cd "$BIN_DIR" && pwd)/lmskv-node" \
+  "$(cd "$DATA_DIR" && pwd)/lmskv-node.toml" >"$NODE_WRAPPER"
+chmod +x "$NODE_WRAPPER"
 
 cluster_pid=""
 api_pid=""
@@ -67,7 +85,7 @@ wait_until() { # DESCRIPTION SECONDS COMMAND...
 
 echo "Starting a local $NODES-node lmskv cluster in $DATA_DIR (ports $BASE_PORT+)."
 "$BIN_DIR/lmskv" local up --nodes "$NODES" --data-dir "$DATA_DIR" --base-port "$BASE_PORT" \
-  --node-bin "$BIN_DIR/lmskv-node" &
+  --node-bin "$NODE_WRAPPER" &
 cluster_pid=$!
 wait_until "the cluster answering" 60 "$BIN_DIR/lmskv" --endpoints "$ENDPOINTS" kv scan --limit 1
 
@@ -76,9 +94,13 @@ if [ -n "$FUZZ_SECONDS" ]; then
   export LMS_RATE_LIMIT_IP_PER_S=100000 LMS_RATE_LIMIT_IP_BURST=100000
   export LMS_RATE_LIMIT_USER_PER_S=100000 LMS_RATE_LIMIT_USER_BURST=100000
 fi
+# Logs: JSON (the service's default, for log collectors) unless a person
+# watches this terminal (`make run`), who gets one readable line per event.
+# LMS_LOG_FORMAT chooses either way.
+if [ -z "${LMS_LOG_FORMAT:-}" ] && [ -t 2 ]; then export LMS_LOG_FORMAT=text; fi
 echo "Starting lms-api on $URL."
 LMS_LOG="${LMS_LOG:-warn,lms_api=info}" "$BIN_DIR/lms-api" --listen "$API_LISTEN" --lmskv-endpoints "$ENDPOINTS" \
-  --jwt-secret "$JWT_SECRET" --seed-demo true --log-format text &
+  --seed-demo true &
 api_pid=$!
 wait_until "lms-api becoming ready" 60 curl -sf "$URL/readyz"
 

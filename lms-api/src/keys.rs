@@ -63,6 +63,43 @@ pub const JOB_DEAD: &[u8] = b"jobdead/";
 /// Job results.
 pub const EXPORT: &[u8] = b"export/";
 
+/// Every table, in key order. Each is a natural range boundary: lmskv
+/// clusters for the LMS pre-split there ([`node_config_toml`]).
+pub const TABLES: &[&[u8]] = &[
+    CATALOG,
+    COURSE,
+    EMAIL,
+    EXPORT,
+    JOB,
+    JOB_DEAD,
+    JOB_DONE,
+    NOTIF,
+    REFRESH,
+    SEQ,
+    USER,
+    USER_COURSE,
+];
+
+/// Bytes of the id that, after [`COURSE`], names one course's row.
+pub const COURSE_ID_BYTES: usize = 8;
+
+/// The lmskv node settings the LMS relies on, as `--config` TOML lines:
+/// one range per table from the start (`pre_split_keys`), and automatic
+/// splits that never cut a course's row (`split_rows`), so the atomic
+/// batches and CAS under `course/<cid>/` always stay in one range.
+/// `scripts/run-local.sh` writes the same settings.
+pub fn node_config_toml() -> String {
+    let tables: Vec<String> = TABLES
+        .iter()
+        .map(|t| format!("\"{}\"", String::from_utf8_lossy(t)))
+        .collect();
+    format!(
+        "pre_split_keys = [{}]\nsplit_rows = [{{ prefix = \"{}\", id_len = {COURSE_ID_BYTES} }}]\n",
+        tables.join(", "),
+        String::from_utf8_lossy(COURSE)
+    )
+}
+
 const COURSE_INFO: &[u8] = b"/i";
 const COURSE_SEATS: &[u8] = b"/n";
 const COURSE_MEMBER: &[u8] = b"/m/";
@@ -330,6 +367,22 @@ mod tests {
     fn no_key_is_reserved() {
         for k in [user(0), course(0), seq("user"), email("a@b")] {
             assert_ne!(k[0], 0);
+        }
+    }
+
+    #[test]
+    fn tables_are_sorted_and_run_local_uses_the_same_node_config() {
+        assert!(TABLES.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(course_prefix(7).len(), COURSE.len() + COURSE_ID_BYTES);
+        let toml = node_config_toml();
+        assert!(toml.contains(r#""usercourse/""#) && toml.contains("id_len = 8"));
+        let script = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/run-local.sh"
+        ))
+        .expect("scripts/run-local.sh");
+        for line in toml.lines() {
+            assert!(script.contains(line), "run-local.sh lacks {line:?}");
         }
     }
 

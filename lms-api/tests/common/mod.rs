@@ -83,12 +83,57 @@ pub fn config(endpoints: Vec<String>) -> Config {
     c
 }
 
+/// The node settings of every LMS test cluster: the LMS's own
+/// ([`lms_api::keys::node_config_toml`]: one range per table, automatic
+/// splits that keep each course's keys together), with quick placement
+/// rounds so the pre-splits are done in a second or two, plus `extra` lines.
+pub fn cluster_options(extra: &str) -> ClusterOptions {
+    ClusterOptions {
+        config: format!(
+            "{}placement_interval_ms = 100\n{extra}",
+            lms_api::keys::node_config_toml()
+        ),
+        ..ClusterOptions::default()
+    }
+}
+
+/// Starts a 3-node cluster with [`cluster_options`] and waits until every
+/// LMS table has its own range: every test runs on a multi-range cluster.
+pub async fn cluster_with(extra: &str) -> TestCluster {
+    let cluster = TestCluster::start(cluster_options(extra))
+        .await
+        .expect("cluster");
+    let client = cluster.client();
+    lmskv_tests::wait_for("a range per LMS table", Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let starts: Vec<Vec<u8>> = client
+                .range_list()
+                .await
+                .ok()?
+                .into_iter()
+                .filter_map(|r| r.descriptor.map(|d| d.start_key.to_vec()))
+                .collect();
+            lms_api::keys::TABLES
+                .iter()
+                .all(|t| starts.iter().any(|s| s == t))
+                .then_some(())
+        }
+    })
+    .await
+    .expect("pre-split cluster");
+    cluster
+}
+
+/// [`cluster_with`] and no extra settings.
+pub async fn cluster() -> TestCluster {
+    cluster_with("").await
+}
+
 impl Api {
-    /// Starts a 3-node cluster and the API on it.
+    /// Starts a 3-node cluster (a range per table) and the API on it.
     pub async fn start() -> Api {
-        let cluster = TestCluster::start(ClusterOptions::default())
-            .await
-            .expect("cluster");
+        let cluster = cluster().await;
         let cfg = config(cluster.endpoints());
         Api::on(cluster, cfg).await
     }
