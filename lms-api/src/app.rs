@@ -6,8 +6,10 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use lmskv_client::Client;
 use tokio::sync::Notify;
@@ -28,7 +30,7 @@ use crate::auth::password::Passwords;
 use crate::auth::token::Tokens;
 use crate::config::Config;
 use crate::db::Db;
-use crate::error::AppError;
+use crate::error::{AppError, PROBLEM_JSON};
 use crate::ratelimit::RateLimits;
 use crate::routes;
 
@@ -149,6 +151,41 @@ pub fn api_router() -> OpenApiRouter<AppState> {
 /// The whole service: API, OpenAPI document, Swagger UI and the layers.
 pub fn router(state: AppState) -> Router {
     let (api, openapi) = api_router().split_for_parts();
+    let routes = Router::new()
+        .merge(api)
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+        .fallback(|| async { AppError::NotFound("route") });
+    with_layers(routes, state)
+}
+
+/// Gives the answers tower layers make on their own the problem+json body
+/// of every other error: the body limit's 413 (also the one the JSON
+/// extractor gives for a body without `Content-Length`, so that both name the
+/// configured limit) and the request timeout's bare 503.
+async fn layer_errors_as_problems(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let is_problem = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v == PROBLEM_JSON);
+    match resp.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            AppError::PayloadTooLarge(state.cfg.body_bytes_max).into_response()
+        }
+        StatusCode::SERVICE_UNAVAILABLE if !is_problem => {
+            AppError::Timeout(state.cfg.request_timeout).into_response()
+        }
+        _ => resp,
+    }
+}
+
+/// `routes` with the service's layers: request id, trace, CORS, problem+json
+/// for layer errors, body limit, compression, timeout and the per-IP limit.
+pub fn with_layers(routes: Router<AppState>, state: AppState) -> Router {
     let cfg = &state.cfg;
     let request_id = HeaderName::from_static(REQUEST_ID);
     let layers = ServiceBuilder::new()
@@ -166,7 +203,6 @@ pub fn router(state: AppState) -> Router {
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(PropagateRequestIdLayer::new(request_id))
-        .layer(RequestBodyLimitLayer::new(cfg.body_bytes_max))
         .layer(
             CorsLayer::new()
                 .allow_origin(Any)
@@ -186,15 +222,17 @@ pub fn router(state: AppState) -> Router {
                 .expose_headers([header::LINK, header::LOCATION, header::ETAG, header::RETRY_AFTER])
                 .max_age(Duration::from_secs(600)),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            layer_errors_as_problems,
+        ))
+        .layer(RequestBodyLimitLayer::new(cfg.body_bytes_max))
         .layer(CompressionLayer::new())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             cfg.request_timeout,
         ));
-    Router::new()
-        .merge(api)
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
-        .fallback(|| async { AppError::NotFound("route") })
+    routes
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::ratelimit::per_ip,
@@ -202,4 +240,84 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(cfg.body_bytes_max))
         .layer(layers)
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::routing::{get, post};
+    use tower::ServiceExt;
+
+    async fn call(app: Router, req: axum::http::Request<Body>) -> (StatusCode, Response, String) {
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (
+            status,
+            Response::from_parts(parts, Body::empty()),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    fn state(timeout: Duration, body_max: usize) -> AppState {
+        let mut cfg = Config::new(vec!["127.0.0.1:1".into()], "x".repeat(32));
+        cfg.request_timeout = timeout;
+        cfg.body_bytes_max = body_max;
+        AppState::new(cfg).unwrap()
+    }
+
+    fn problem(resp: &Response, body: &str, status: u16) -> serde_json::Value {
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], PROBLEM_JSON, "{body}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["status"], status, "{body}");
+        assert!(v["title"].is_string() && v["type"].is_string(), "{body}");
+        v
+    }
+
+    #[tokio::test]
+    async fn a_timeout_is_a_503_problem_with_retry_after() {
+        let st = state(Duration::from_millis(100), 1024);
+        let routes = Router::new().route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "late"
+            }),
+        );
+        let app = with_layers(routes, st);
+        let req = axum::http::Request::get("/slow")
+            .header(header::ACCEPT_ENCODING, "gzip")
+            .body(Body::empty())
+            .unwrap();
+        let (status, resp, body) = call(app, req).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let v = problem(&resp, &body, 503);
+        assert_eq!(v["type"], "https://lms.example/problems/timeout");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert!(resp.headers().contains_key(REQUEST_ID));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_a_413_problem_naming_the_limit() {
+        let st = state(Duration::from_secs(5), 1024);
+        let routes = Router::new().route("/echo", post(|b: String| async move { b }));
+        let app = with_layers(routes, st);
+        // With Content-Length: refused by the body limit layer before the handler.
+        let req = axum::http::Request::post("/echo")
+            .header(header::CONTENT_LENGTH, "2000")
+            .body(Body::from(vec![b'x'; 2000]))
+            .unwrap();
+        let (status, resp, body) = call(app.clone(), req).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let v = problem(&resp, &body, 413);
+        assert!(v["detail"].as_str().unwrap().contains("1024"), "{body}");
+        // A smaller body passes.
+        let req = axum::http::Request::post("/echo")
+            .body(Body::from("hello"))
+            .unwrap();
+        let (status, _, body) = call(app, req).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "hello"));
+    }
 }

@@ -76,6 +76,9 @@ pub enum AppError {
     /// Too many requests; try again after the given time.
     #[error("rate limit exceeded")]
     TooManyRequests { retry_after: Duration },
+    /// The request ran longer than the configured request timeout.
+    #[error("the request took longer than {} ms; try again", .0.as_millis())]
+    Timeout(Duration),
     /// lmskv did not answer in time or is unavailable.
     #[error("the database is unavailable")]
     Unavailable(#[source] ClientError),
@@ -108,7 +111,9 @@ impl AppError {
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            AppError::Unavailable(_) | AppError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Timeout(_) | AppError::Unavailable(_) | AppError::Busy(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -125,6 +130,7 @@ impl AppError {
             AppError::PayloadTooLarge(_) => "payload-too-large",
             AppError::UnsupportedMediaType => "unsupported-media-type",
             AppError::TooManyRequests { .. } => "rate-limited",
+            AppError::Timeout(_) => "timeout",
             AppError::Unavailable(_) => "unavailable",
             AppError::Busy(_) => "busy",
             AppError::Internal(_) => "internal",
@@ -184,7 +190,7 @@ impl IntoResponse for AppError {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
-            AppError::Unavailable(_) | AppError::Busy(_) => {
+            AppError::Timeout(_) | AppError::Unavailable(_) | AppError::Busy(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }
             _ => {}

@@ -660,6 +660,48 @@ async fn expired_and_tampered_tokens_are_refused() {
     )
     .await
     .problem(401);
+
+    phase!("an expired refresh token, from an API whose refresh tokens last 1 s");
+    let mut cfg = common::config(api.cluster.endpoints());
+    cfg.access_token_ttl = Duration::from_secs(1);
+    cfg.refresh_token_ttl = Duration::from_secs(1);
+    let (_st, base, server) = common::serve(cfg).await;
+    let a = &api;
+    let login = |base: String| async move {
+        a.call(
+            Method::POST,
+            &format!("{base}/api/v1/auth/login"),
+            None,
+            Some(json!({"email": "u@t.io", "password": common::PASSWORD})),
+        )
+        .await
+        .expect(200)
+        .body["refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let refresh = |base: String, rt: String| async move {
+        a.call(
+            Method::POST,
+            &format!("{base}/api/v1/auth/refresh"),
+            None,
+            Some(json!({ "refresh_token": rt })),
+        )
+        .await
+    };
+    // Fresh, it works (and is rotated) ...
+    let fresh = login(base.clone()).await;
+    refresh(base.clone(), fresh).await.expect(200);
+    // ... once its lifetime has passed, it does not.
+    let old = login(base.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let r = refresh(base.clone(), old.clone()).await.problem(401);
+    assert!(r.header("www-authenticate").is_some());
+    // Nor on the API with the long lifetime: expiry is stored with the token.
+    refresh(api.base.clone(), old).await.problem(401);
+    server.abort();
+
     phase!("the real token still works");
     api.get("/api/v1/auth/me", &good).await.expect(200);
 }
@@ -749,6 +791,37 @@ async fn invalid_input_is_refused_and_writes_nothing() {
         ),
         (
             Method::POST,
+            "/api/v1/auth/login",
+            None,
+            json!({"email": "s@t.io", "password": ""}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            json!({"email": "s@t.io", "password": "p".repeat(129)}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            json!({"email": "s@t.io", "password": 12345678}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/auth/logout",
+            Some(&s),
+            json!({"refresh_token": ""}),
+        ),
+        (
+            Method::POST,
+            "/api/v1/auth/logout",
+            Some(&s),
+            json!({"refresh_token": "r".repeat(129)}),
+        ),
+        (Method::POST, "/api/v1/auth/logout", Some(&s), json!({})),
+        (
+            Method::POST,
             "/api/v1/auth/refresh",
             None,
             json!({"refresh_token": ""}),
@@ -785,6 +858,13 @@ async fn invalid_input_is_refused_and_writes_nothing() {
         ),
         (Method::PATCH, &course, Some(&t), json!({"capacity": 0})),
         (Method::PATCH, &course, Some(&t), json!({"title": ""})),
+        (
+            Method::PATCH,
+            &course,
+            Some(&t),
+            json!({"description": long}),
+        ),
+        (Method::PATCH, &course, Some(&t), json!({"description": 7})),
         (Method::PATCH, &course, Some(&t), json!({"published": 1})),
         (Method::POST, &enroll, Some(&t), json!({"role": "dean"})),
         (Method::POST, &enroll, Some(&t), json!({"user_id": "me"})),
@@ -914,17 +994,19 @@ async fn invalid_input_is_refused_and_writes_nothing() {
         .await
         .problem(422);
     let huge = json!({"body": "y".repeat(200_000)});
-    let r = api.post(&sub, &s, huge).await;
-    assert_eq!(r.status, 413, "{}", r.text);
+    let r = api.post(&sub, &s, huge).await.problem(413);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("65536"),
+        "{}",
+        r.text
+    );
     phase!("nothing was written");
     assert_eq!(api.snapshot().await, before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_answer_429_with_retry_after() {
-    let cluster = lmskv_tests::TestCluster::start(Default::default())
-        .await
-        .unwrap();
+    let cluster = common::cluster().await;
     let mut cfg = common::config(cluster.endpoints());
     cfg.rate_limit_user_per_s = 1;
     cfg.rate_limit_user_burst = 5;
