@@ -44,6 +44,8 @@ pub struct Inner {
     pub tokens: Tokens,
     pub passwords: Passwords,
     pub limits: RateLimits,
+    /// The job queue's settings and this process's lease scan position.
+    pub jobs: crate::jobs::Queue,
     /// Wakes the local job worker when a job is enqueued.
     pub jobs_enqueued: Notify,
 }
@@ -71,6 +73,7 @@ impl AppState {
             tokens: Tokens::new(cfg.jwt_secret.as_bytes(), cfg.access_token_ttl),
             passwords: Passwords::new(),
             limits: RateLimits::new(&cfg),
+            jobs: crate::jobs::Queue::new(cfg.jobs.clone()),
             jobs_enqueued: Notify::new(),
             cfg,
         })))

@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::jobs::JobSettings;
+
 /// Largest request body accepted, in bytes, unless configured otherwise.
 pub const BODY_BYTES_MAX_DEFAULT: usize = 64 * 1024;
 /// `per_page` when a list request does not name one.
@@ -69,6 +71,20 @@ pub struct Args {
     /// Run the background job worker in this process (default true).
     #[arg(long, env = "LMS_WORKER")]
     pub worker: Option<bool>,
+    /// How long a job lease lasts, in milliseconds; a task running longer is
+    /// abandoned and its job leased again (default 30000).
+    #[arg(long, env = "LMS_JOB_LEASE_MS")]
+    pub job_lease_ms: Option<u64>,
+    /// Backoff after a job's first failure, in milliseconds; doubles per
+    /// attempt (default 500).
+    #[arg(long, env = "LMS_JOB_BACKOFF_BASE_MS")]
+    pub job_backoff_base_ms: Option<u64>,
+    /// Longest backoff between a job's attempts, in milliseconds (default 60000).
+    #[arg(long, env = "LMS_JOB_BACKOFF_MAX_MS")]
+    pub job_backoff_max_ms: Option<u64>,
+    /// Runs a job gets before it is dead-lettered (default 5).
+    #[arg(long, env = "LMS_JOB_ATTEMPTS_MAX")]
+    pub job_attempts_max: Option<u32>,
     /// Seconds between index repair passes; 0 turns the task off (default 300).
     #[arg(long, env = "LMS_REPAIR_INTERVAL_S")]
     pub repair_interval_s: Option<u64>,
@@ -96,6 +112,10 @@ pub struct FileConfig {
     pub request_timeout_ms: Option<u64>,
     pub lmskv_deadline_ms: Option<u64>,
     pub worker: Option<bool>,
+    pub job_lease_ms: Option<u64>,
+    pub job_backoff_base_ms: Option<u64>,
+    pub job_backoff_max_ms: Option<u64>,
+    pub job_attempts_max: Option<u32>,
     pub repair_interval_s: Option<u64>,
     pub log_format: Option<String>,
     pub seed_demo: Option<bool>,
@@ -124,6 +144,8 @@ pub struct Config {
     pub lmskv_deadline: Duration,
     pub body_bytes_max: usize,
     pub worker: bool,
+    /// The job queue's lease, backoff and attempts.
+    pub jobs: JobSettings,
     pub repair_interval: Option<Duration>,
     pub log_format: LogFormat,
     pub seed_demo: bool,
@@ -146,6 +168,7 @@ impl Config {
             lmskv_deadline: Duration::from_secs(10),
             body_bytes_max: BODY_BYTES_MAX_DEFAULT,
             worker: true,
+            jobs: JobSettings::default(),
             repair_interval: Some(Duration::from_secs(300)),
             log_format: LogFormat::Json,
             seed_demo: false,
@@ -202,6 +225,18 @@ impl Config {
         if let Some(v) = args.worker.or(file.worker) {
             c.worker = v;
         }
+        if let Some(v) = args.job_lease_ms.or(file.job_lease_ms) {
+            c.jobs.lease = Duration::from_millis(v);
+        }
+        if let Some(v) = args.job_backoff_base_ms.or(file.job_backoff_base_ms) {
+            c.jobs.backoff_base = Duration::from_millis(v);
+        }
+        if let Some(v) = args.job_backoff_max_ms.or(file.job_backoff_max_ms) {
+            c.jobs.backoff_max = Duration::from_millis(v);
+        }
+        if let Some(v) = args.job_attempts_max.or(file.job_attempts_max) {
+            c.jobs.attempts_max = v;
+        }
         if let Some(v) = args.repair_interval_s.or(file.repair_interval_s) {
             c.repair_interval = (v > 0).then(|| Duration::from_secs(v));
         }
@@ -249,6 +284,19 @@ impl Config {
         if self.lmskv_deadline < Duration::from_millis(100) {
             anyhow::bail!("--lmskv-deadline-ms must be at least 100");
         }
+        let j = &self.jobs;
+        if j.lease < Duration::from_millis(100) {
+            anyhow::bail!("--job-lease-ms must be at least 100");
+        }
+        if j.backoff_base < Duration::from_millis(10) {
+            anyhow::bail!("--job-backoff-base-ms must be at least 10");
+        }
+        if j.backoff_max < j.backoff_base {
+            anyhow::bail!("--job-backoff-max-ms must not be below --job-backoff-base-ms");
+        }
+        if !(1..=100).contains(&j.attempts_max) {
+            anyhow::bail!("--job-attempts-max must be between 1 and 100");
+        }
         Ok(())
     }
 }
@@ -289,6 +337,12 @@ mod tests {
         assert!(c.validate().is_ok());
         c.rate_limit_ip_burst = 0;
         assert!(c.validate().is_err());
+        let mut c = Config::new(vec!["a:1".into()], "x".repeat(32));
+        c.jobs.backoff_max = Duration::from_millis(100);
+        assert!(c.validate().unwrap_err().to_string().contains("backoff"));
+        c.jobs.backoff_max = Duration::from_secs(1);
+        c.jobs.attempts_max = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("attempts"));
         let missing = Args::default();
         assert!(Config::load(missing).is_err());
     }

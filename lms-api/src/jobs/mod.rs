@@ -9,10 +9,19 @@
 //! `jobdead/<jid>`) first and then removes the live key with a CAS; if the
 //! process dies in between, the job runs again and rewrites the same result.
 //! Finished jobs leave `job/`, so leasing scans only live work.
+//!
+//! Leasing scans `job/` in pages from where the previous scan of this
+//! process stopped, wrapping around at the end, until it has found enough
+//! due jobs or examined [`LEASE_SCAN_KEYS_MAX`] keys: jobs waiting on their
+//! backoff or held by live leases at the front of the queue cannot hide due
+//! jobs behind them.
 
 pub mod worker;
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use chrono::{DateTime, Utc};
 use lmskv_client::ReadConsistency;
@@ -25,18 +34,66 @@ use crate::db::{Cas, Db};
 use crate::error::AppResult;
 use crate::keys;
 
-/// Tries a job gets before it is dead-lettered.
+/// Tries a job gets before it is dead-lettered, unless configured otherwise.
 pub const JOB_ATTEMPTS_MAX: u32 = 5;
-/// How long a lease lasts; a task running longer is abandoned and retried.
+/// How long a lease lasts, unless configured otherwise; a task running
+/// longer is abandoned and retried.
 pub const JOB_LEASE: Duration = Duration::from_secs(30);
-/// Backoff after the first failure; doubles per attempt.
+/// Backoff after the first failure, unless configured otherwise; doubles
+/// per attempt.
 pub const JOB_BACKOFF_BASE: Duration = Duration::from_millis(500);
-/// Longest backoff between attempts.
+/// Longest backoff between attempts, unless configured otherwise.
 pub const JOB_BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// Live jobs examined per lease scan.
+/// Live jobs read per page of a lease scan.
 pub const LEASE_SCAN_MAX: u32 = 256;
+/// Live jobs one lease scan examines at most (the next scan goes on from there).
+pub const LEASE_SCAN_KEYS_MAX: usize = 4096;
 /// Longest error message kept on a job, in characters.
 pub const JOB_ERROR_CHARS_MAX: usize = 500;
+
+/// The queue's timings (`--job-lease-ms`, `--job-backoff-base-ms`,
+/// `--job-backoff-max-ms`, `--job-attempts-max`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSettings {
+    /// How long a lease lasts; also the longest a task may run.
+    pub lease: Duration,
+    /// Backoff after the first failure; doubles per attempt.
+    pub backoff_base: Duration,
+    /// Longest backoff.
+    pub backoff_max: Duration,
+    /// Runs a job gets before it is dead-lettered.
+    pub attempts_max: u32,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        JobSettings {
+            lease: JOB_LEASE,
+            backoff_base: JOB_BACKOFF_BASE,
+            backoff_max: JOB_BACKOFF_MAX,
+            attempts_max: JOB_ATTEMPTS_MAX,
+        }
+    }
+}
+
+/// One process's view of the queue: its settings and where its next lease
+/// scan starts.
+#[derive(Debug, Default)]
+pub struct Queue {
+    pub settings: JobSettings,
+    /// The first key the next lease scan reads; `None`: the start of `job/`.
+    scan_from: Mutex<Option<Bytes>>,
+}
+
+impl Queue {
+    /// A queue with these settings.
+    pub fn new(settings: JobSettings) -> Queue {
+        Queue {
+            settings,
+            scan_from: Mutex::new(None),
+        }
+    }
+}
 
 /// What a job does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -142,34 +199,83 @@ pub async fn enqueue_in(db: &Db, kind: JobKind, created_by: u64) -> AppResult<Jo
     Ok(job)
 }
 
-/// Leases up to `max` due jobs (queued and due, or running with an expired lease).
-pub async fn lease(db: &Db, max: usize) -> AppResult<Vec<Leased>> {
-    let prefix = bytes::Bytes::from_static(keys::JOB);
-    // STRONG: the versions read are the CAS conditions of the leases.
-    let opts = lmskv_client::ScanOptions {
-        start: prefix.clone(),
-        end: keys::prefix_end(&prefix),
-        limit: LEASE_SCAN_MAX,
-        consistency: ReadConsistency::Strong,
-        ..Default::default()
-    };
-    let page = db.client().scan(&opts).await?;
+/// Reads live jobs for a lease scan, starting at `q`'s cursor and wrapping
+/// around once, until `want` due jobs are found or [`LEASE_SCAN_KEYS_MAX`]
+/// keys were examined; leaves the cursor after the last key examined.
+async fn scan_due(
+    db: &Db,
+    q: &Queue,
+    want: usize,
+) -> AppResult<Vec<(lmskv_client::KeyValue, Job)>> {
+    let prefix = Bytes::from_static(keys::JOB);
+    let table_end = keys::prefix_end(&prefix);
+    let from = q
+        .scan_from
+        .lock()
+        .expect("scan cursor")
+        .clone()
+        .unwrap_or_else(|| prefix.clone());
+    // [from, end of job/) and then, when `from` is not the table's start,
+    // [start of job/, from).
+    let mut spans = vec![(from.clone(), table_end.clone())];
+    if from != prefix {
+        spans.push((prefix.clone(), from));
+    }
     let now = Utc::now();
     let mut due = Vec::new();
-    for kv in page.kvs {
-        let job: Job = crate::db::decode(&kv.key, &kv.value)?;
-        let ready = match job.state {
-            JobState::Queued => job.run_at <= now,
-            JobState::Running => job.lease_until.is_none_or(|t| t <= now),
-            JobState::Succeeded | JobState::Dead => false,
+    let mut examined = 0usize;
+    let mut stopped_at: Option<Bytes> = None;
+    'spans: for (start, end) in spans {
+        // STRONG: the versions read are the CAS conditions of the leases.
+        let mut opts = lmskv_client::ScanOptions {
+            start,
+            end,
+            limit: LEASE_SCAN_MAX,
+            consistency: ReadConsistency::Strong,
+            ..Default::default()
         };
-        if ready {
-            due.push((kv, job));
+        loop {
+            let page = db.client().scan(&opts).await?;
+            for kv in page.kvs {
+                examined += 1;
+                let mut after = kv.key.to_vec();
+                after.push(0);
+                let after = Bytes::from(after);
+                let job: Job = crate::db::decode(&kv.key, &kv.value)?;
+                let ready = match job.state {
+                    JobState::Queued => job.run_at <= now,
+                    JobState::Running => job.lease_until.is_none_or(|t| t <= now),
+                    JobState::Succeeded | JobState::Dead => false,
+                };
+                if ready {
+                    due.push((kv, job));
+                }
+                if due.len() >= want || examined >= LEASE_SCAN_KEYS_MAX {
+                    stopped_at = Some(after);
+                    break 'spans;
+                }
+            }
+            match page.next_page_token {
+                Some(t) => opts.page_token = t,
+                None => continue 'spans,
+            }
         }
     }
+    // Stopped early: go on from there next time. Went all the way round:
+    // start at the beginning.
+    *q.scan_from.lock().expect("scan cursor") = stopped_at;
+    Ok(due)
+}
+
+/// Leases up to `max` due jobs (queued and due, or running with an expired lease).
+pub async fn lease(db: &Db, q: &Queue, max: usize) -> AppResult<Vec<Leased>> {
+    // Twice as many as wanted: some leases are lost to other workers.
+    let mut due = scan_due(db, q, max.saturating_mul(2).max(1)).await?;
     // Workers that scanned the same jobs try them in different orders, so
     // they rarely race for the same lease.
     due.shuffle(&mut rand::thread_rng());
+    let now = Utc::now();
+    let lease = chrono::Duration::from_std(q.settings.lease).unwrap_or_default();
     let mut out = Vec::new();
     for (kv, mut job) in due {
         if out.len() >= max {
@@ -177,7 +283,7 @@ pub async fn lease(db: &Db, max: usize) -> AppResult<Vec<Leased>> {
         }
         job.state = JobState::Running;
         job.attempts += 1;
-        job.lease_until = Some(now + chrono::Duration::from_std(JOB_LEASE).unwrap_or_default());
+        job.lease_until = Some(now + lease);
         if let Cas::Done { version, .. } = db.cas(kv.key.clone(), kv.version, Some(&job)).await? {
             out.push(Leased { job, version });
         }
@@ -206,27 +312,35 @@ pub enum Failure {
 }
 
 /// The backoff before attempt `attempts + 1`.
-pub fn backoff(attempts: u32) -> Duration {
+pub fn backoff(settings: &JobSettings, attempts: u32) -> Duration {
     let exp = attempts.saturating_sub(1).min(16);
-    JOB_BACKOFF_BASE
+    settings
+        .backoff_base
         .saturating_mul(1u32 << exp)
-        .min(JOB_BACKOFF_MAX)
+        .min(settings.backoff_max)
 }
 
 /// Records a failed run: requeued with backoff, or dead-lettered when out
 /// of attempts or the failure is permanent.
-pub async fn fail(db: &Db, l: &Leased, error: &str, kind: Failure) -> AppResult<()> {
+pub async fn fail(
+    db: &Db,
+    settings: &JobSettings,
+    l: &Leased,
+    error: &str,
+    kind: Failure,
+) -> AppResult<()> {
     let mut j = l.job.clone();
     j.last_error = Some(error.chars().take(JOB_ERROR_CHARS_MAX).collect());
     j.lease_until = None;
-    if kind == Failure::Permanent || j.attempts >= JOB_ATTEMPTS_MAX {
+    if kind == Failure::Permanent || j.attempts >= settings.attempts_max {
         j.state = JobState::Dead;
         j.finished_at = Some(Utc::now());
         db.put(keys::job_dead(j.id), &j).await?;
         db.cas::<Job>(keys::job(j.id), l.version, None).await?;
     } else {
         j.state = JobState::Queued;
-        j.run_at = Utc::now() + chrono::Duration::from_std(backoff(j.attempts)).unwrap_or_default();
+        j.run_at = Utc::now()
+            + chrono::Duration::from_std(backoff(settings, j.attempts)).unwrap_or_default();
         db.cas(keys::job(j.id), l.version, Some(&j)).await?;
     }
     Ok(())
@@ -249,9 +363,17 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), JOB_BACKOFF_BASE);
-        assert_eq!(backoff(2), JOB_BACKOFF_BASE * 2);
-        assert_eq!(backoff(3), JOB_BACKOFF_BASE * 4);
-        assert_eq!(backoff(40), JOB_BACKOFF_MAX);
+        let s = JobSettings::default();
+        assert_eq!(backoff(&s, 1), JOB_BACKOFF_BASE);
+        assert_eq!(backoff(&s, 2), JOB_BACKOFF_BASE * 2);
+        assert_eq!(backoff(&s, 3), JOB_BACKOFF_BASE * 4);
+        assert_eq!(backoff(&s, 40), JOB_BACKOFF_MAX);
+        let quick = JobSettings {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(300),
+            ..JobSettings::default()
+        };
+        assert_eq!(backoff(&quick, 2), Duration::from_millis(200));
+        assert_eq!(backoff(&quick, 3), Duration::from_millis(300));
     }
 }

@@ -9,7 +9,7 @@ use lmskv_client::ReadConsistency;
 
 use crate::db::Db;
 use crate::error::AppError;
-use crate::jobs::{self, Failure, JobKind, Leased, JOB_LEASE};
+use crate::jobs::{self, Failure, JobKind, Leased, Queue};
 use crate::keys;
 use crate::model::{Assignment, Notification, Submission};
 use crate::routes::grades::{build_gradebook, gradebook_csv};
@@ -90,8 +90,8 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
 }
 
 /// Runs one leased job to its end (ack, retry or dead letter).
-pub async fn process(db: &Db, l: Leased) {
-    let result = match tokio::time::timeout(JOB_LEASE, run_task(db, &l)).await {
+pub async fn process(db: &Db, q: &Queue, l: Leased) {
+    let result = match tokio::time::timeout(q.settings.lease, run_task(db, &l)).await {
         Ok(r) => r,
         Err(_) => Err((
             "the task outlived its lease".to_string(),
@@ -102,7 +102,7 @@ pub async fn process(db: &Db, l: Leased) {
         Ok(()) => jobs::ack(db, &l).await,
         Err((e, kind)) => {
             tracing::warn!(job = l.job.id, attempt = l.job.attempts, error = %e, "job failed");
-            jobs::fail(db, &l, e, *kind).await
+            jobs::fail(db, &q.settings, &l, e, *kind).await
         }
     };
     if let Err(e) = outcome {
@@ -112,17 +112,17 @@ pub async fn process(db: &Db, l: Leased) {
 }
 
 /// Leases and runs one batch of due jobs; returns how many ran.
-pub async fn run_once(db: &Db) -> Result<usize, AppError> {
-    let leased = jobs::lease(db, WORKER_CONCURRENCY).await?;
+pub async fn run_once(db: &Db, q: &Queue) -> Result<usize, AppError> {
+    let leased = jobs::lease(db, q, WORKER_CONCURRENCY).await?;
     let n = leased.len();
-    futures::future::join_all(leased.into_iter().map(|l| process(db, l))).await;
+    futures::future::join_all(leased.into_iter().map(|l| process(db, q, l))).await;
     Ok(n)
 }
 
 /// The worker loop; runs until the process ends.
 pub async fn run(st: crate::app::AppState) {
     loop {
-        match run_once(&st.db).await {
+        match run_once(&st.db, &st.jobs).await {
             Ok(n) if n > 0 => continue,
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "job lease scan failed"),

@@ -1,0 +1,193 @@
+//! The durable job queue against a real lmskv cluster: a lease that runs
+//! out is leased again (and the stale lease can no longer finish the job),
+//! a failed run is retried after a doubling backoff, a job out of attempts is
+//! dead-lettered, an acked job leaves the queue, and due jobs are found
+//! behind hundreds of jobs that are not due. Timings are configured short
+//! (lease 1 s, backoff 500 ms doubling to 1 s, 3 attempts).
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use lms_api::jobs::{self, Failure, Job, JobKind, JobSettings, JobState, Queue};
+use lms_api::{keys, AppState};
+use lmskv_client::ReadConsistency;
+use lmskv_tests::phase;
+
+fn settings() -> JobSettings {
+    JobSettings {
+        lease: Duration::from_secs(1),
+        backoff_base: Duration::from_millis(500),
+        backoff_max: Duration::from_millis(1_000),
+        attempts_max: 3,
+    }
+}
+
+fn kind(n: u64) -> JobKind {
+    JobKind::GradeNotifications {
+        course_id: 1,
+        assignment_id: n,
+    }
+}
+
+async fn live_ids(st: &AppState) -> Vec<u64> {
+    st.db
+        .scan_prefix::<Job>(
+            &bytes::Bytes::from_static(keys::JOB),
+            ReadConsistency::Strong,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.value.id)
+        .collect()
+}
+
+async fn state_of(st: &AppState, id: u64) -> Job {
+    jobs::status(&st.db, id).await.unwrap().expect("job exists")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_expire_failures_back_off_and_dead_letter_acks_finish() {
+    let cluster = common::cluster().await;
+    let mut cfg = common::config(cluster.endpoints());
+    // This test drives the queue itself: no worker in the background.
+    cfg.worker = false;
+    cfg.jobs = settings();
+    let st = AppState::new(cfg).unwrap();
+    let db = &st.db;
+    let q = &st.jobs;
+
+    phase!("lease expiry: a lease that is not acked in time is leased again");
+    let a = jobs::enqueue_in(db, kind(1), 7).await.unwrap();
+    let first = jobs::lease(db, q, 4).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].job.id, first[0].job.attempts), (a.id, 1));
+    assert_eq!(state_of(&st, a.id).await.state, JobState::Running);
+    assert!(
+        jobs::lease(db, q, 4).await.unwrap().is_empty(),
+        "a live lease is not handed out twice"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let second = jobs::lease(db, q, 4).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!((second[0].job.id, second[0].job.attempts), (a.id, 2));
+
+    phase!("ack: the stale lease cannot finish the job, the current one can");
+    jobs::ack(db, &first[0]).await.unwrap();
+    assert_eq!(
+        live_ids(&st).await,
+        vec![a.id],
+        "the stale ack removed nothing"
+    );
+    jobs::ack(db, &second[0]).await.unwrap();
+    assert!(live_ids(&st).await.is_empty());
+    let done = state_of(&st, a.id).await;
+    assert_eq!((done.state, done.attempts), (JobState::Succeeded, 2));
+    assert!(done.finished_at.is_some());
+
+    phase!("retry with backoff, then dead letter after 3 attempts");
+    let b = jobs::enqueue_in(db, kind(2), 7).await.unwrap();
+    for attempt in 1..=3u32 {
+        let leased = wait_lease(&st, q).await;
+        assert_eq!((leased.job.id, leased.job.attempts), (b.id, attempt));
+        let failed_at = Utc::now();
+        jobs::fail(db, &q.settings, &leased, "boom", Failure::Retryable)
+            .await
+            .unwrap();
+        let j = state_of(&st, b.id).await;
+        assert_eq!(j.last_error.as_deref(), Some("boom"));
+        if attempt < 3 {
+            assert_eq!(j.state, JobState::Queued);
+            // The job waits its backoff: 500 ms, then 1 s.
+            let backoff = (j.run_at - failed_at).num_milliseconds();
+            let want = 500 * i64::from(attempt);
+            assert!(
+                (want - 50..=want + 200).contains(&backoff),
+                "attempt {attempt}: backoff {backoff} ms, want about {want}"
+            );
+            assert!(
+                jobs::lease(db, q, 4).await.unwrap().is_empty(),
+                "not leased before its backoff ends"
+            );
+        } else {
+            assert_eq!(j.state, JobState::Dead);
+            assert_eq!(j.attempts, 3);
+        }
+    }
+    assert!(live_ids(&st).await.is_empty(), "dead jobs leave the queue");
+    let dead = st
+        .db
+        .get::<Job>(keys::job_dead(b.id), ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .expect("dead letter");
+    assert_eq!(dead.value.state, JobState::Dead);
+
+    phase!("a permanent failure is dead-lettered at once");
+    let c = jobs::enqueue_in(db, kind(3), 7).await.unwrap();
+    let leased = wait_lease(&st, q).await;
+    assert_eq!(leased.job.id, c.id);
+    jobs::fail(db, &q.settings, &leased, "bad input", Failure::Permanent)
+        .await
+        .unwrap();
+    assert_eq!(state_of(&st, c.id).await.state, JobState::Dead);
+
+    phase!("the worker runs a job end to end (its assignment is gone: dead letter)");
+    let d = jobs::enqueue_in(db, kind(4), 7).await.unwrap();
+    assert_eq!(jobs::worker::run_once(db, q).await.unwrap(), 1);
+    let j = state_of(&st, d.id).await;
+    assert_eq!((j.state, j.attempts), (JobState::Dead, 1));
+    assert!(j.last_error.unwrap().contains("no longer exists"));
+}
+
+/// Leases one job, waiting (up to 5 s) for one to be due.
+async fn wait_lease(st: &AppState, q: &Queue) -> jobs::Leased {
+    lmskv_tests::wait_for("a due job", Duration::from_secs(5), || async {
+        jobs::lease(&st.db, q, 1).await.unwrap().pop()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_jobs_are_found_behind_many_jobs_waiting_on_backoff() {
+    let cluster = common::cluster().await;
+    let mut cfg = common::config(cluster.endpoints());
+    cfg.worker = false;
+    let st = AppState::new(cfg).unwrap();
+    // 600 jobs waiting on a long backoff (more than two scan pages), then
+    // one due job after them in key order.
+    let later = Utc::now() + chrono::Duration::hours(1);
+    let parked = |id: u64| Job {
+        id,
+        kind: kind(id),
+        state: JobState::Queued,
+        attempts: 1,
+        created_by: 7,
+        created_at: Utc::now(),
+        run_at: later,
+        lease_until: None,
+        last_error: Some("waiting".into()),
+        finished_at: None,
+    };
+    let writes = futures::stream::iter(1_000..1_600u64)
+        .map(|id| {
+            let st = &st;
+            async move { st.db.put(keys::job(id), &parked(id)).await }
+        })
+        .buffer_unordered(32);
+    let results: Vec<_> = writes.collect().await;
+    assert!(results.iter().all(|r| r.is_ok()));
+    let mut due = parked(5_000);
+    due.run_at = Utc::now();
+    st.db.put(keys::job(5_000), &due).await.unwrap();
+
+    phase!("one lease scan goes past the waiting jobs to the due one");
+    let got = jobs::lease(&st.db, &st.jobs, 4).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].job.id, 5_000);
+    assert!(jobs::lease(&st.db, &st.jobs, 4).await.unwrap().is_empty());
+}
