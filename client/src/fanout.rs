@@ -6,7 +6,8 @@
 //! [`FANOUT_CONCURRENCY_MAX`] at a time. A group refused because its range
 //! split is regrouped and sent again; the results are put back in key order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::time::Instant as StdInstant;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
@@ -21,6 +22,7 @@ use crate::client::{
     WriteOptions, WriteResult,
 };
 use crate::error::ClientError;
+use crate::read_cache::{fresh_at, CachedRead, Fence};
 
 /// Range requests one multi-range call has in flight at most.
 pub const FANOUT_CONCURRENCY_MAX: usize = 16;
@@ -152,6 +154,14 @@ impl Client {
                             let fits = move |d: &RangeDescriptor| {
                                 range::contains(d, &first) && range::contains(d, &last)
                             };
+                            // Fences taken before sending: a write of one of
+                            // these keys meanwhile keeps its answer out of the cache.
+                            let fences: Option<Vec<Fence>> = self
+                                .inner
+                                .cache
+                                .as_ref()
+                                .map(|c| g.keys.iter().map(|k| c.fence(k)).collect());
+                            let started = StdInstant::now();
                             match self
                                 .range_call(
                                     &mut b,
@@ -170,7 +180,31 @@ impl Client {
                                 )
                                 .await
                             {
-                                Ok((resp, _)) => Ok(GroupResult::Done(resp.kvs)),
+                                Ok((resp, _)) => {
+                                    if let (Some(c), Some(fences), Some(h)) =
+                                        (&self.inner.cache, fences, &resp.header)
+                                    {
+                                        // Keys the range does not hold are cached as absent.
+                                        let fresh = fresh_at(consistency, started);
+                                        let got: HashMap<&Bytes, &v1::KeyValue> =
+                                            resp.kvs.iter().map(|kv| (&kv.key, kv)).collect();
+                                        for (k, fence) in g.keys.iter().zip(fences) {
+                                            let kv =
+                                                got.get(k).map(|kv| KeyValue::from((*kv).clone()));
+                                            c.fill(
+                                                k.clone(),
+                                                fence,
+                                                CachedRead::new(
+                                                    kv,
+                                                    h.range_id,
+                                                    h.applied_index,
+                                                    fresh,
+                                                ),
+                                            );
+                                        }
+                                    }
+                                    Ok(GroupResult::Done(resp.kvs))
+                                }
                                 Err(RangeCallError::Regroup(_)) => Ok(GroupResult::Regroup(g.keys)),
                                 Err(RangeCallError::Failed(e)) => Err(e),
                             }

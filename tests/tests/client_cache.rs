@@ -73,7 +73,8 @@ async fn an_eventual_read_is_answered_by_the_cache_with_every_node_paused() {
         ] {
             let r = tokio::time::timeout(PAUSED_CALL_TIMEOUT, client.get("cache/a", level.clone()))
                 .await;
-            refused_levels.push((level, r.is_err()));
+            let what = format!("{r:?}");
+            refused_levels.push((level, r.is_err(), what));
         }
         phase!("resume every node");
         for id in 1..=3 {
@@ -85,10 +86,10 @@ async fn an_eventual_read_is_answered_by_the_cache_with_every_node_paused() {
             .unwrap();
         assert!(cached.from_cache());
         assert_eq!(value(&cached), b("v1"));
-        for (level, waited) in refused_levels {
+        for (level, waited, what) in refused_levels {
             assert!(
                 waited,
-                "a {level:?} read was answered with every node paused"
+                "a {level:?} read was answered with every node paused: {what}"
             );
         }
         let after = client.cache_stats();
@@ -394,6 +395,53 @@ async fn followers_serve_reads_at_the_weaker_levels() {
 
         phase!("the session token covers what the client wrote");
         assert!(client.session_token().index_for(w.range_id) >= w.index);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_get_fills_the_cache_for_the_keys_it_found_and_those_it_did_not() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let writer = c.client();
+        writer.put("bg/a", "1").await.unwrap();
+        writer.put("bg/b", "2").await.unwrap();
+        let client = client_with_ttl(&c, Duration::from_secs(60));
+        let got = client
+            .batch_get(["bg/a", "bg/b", "bg/missing"], ReadConsistency::Strong)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 2);
+
+        phase!("pause every node: the three keys are answered from the cache");
+        for id in 1..=3 {
+            c.pause(id).unwrap();
+        }
+        let mut answers = Vec::new();
+        for k in ["bg/a", "bg/b", "bg/missing"] {
+            let r = tokio::time::timeout(
+                CACHE_ANSWER_TIMEOUT,
+                client.get_detailed(k, ReadConsistency::Eventual),
+            )
+            .await;
+            answers.push((k, r));
+        }
+        for id in 1..=3 {
+            c.resume(id).unwrap();
+        }
+        for (k, r) in answers {
+            let o = r
+                .unwrap_or_else(|_| panic!("{k}: an EVENTUAL read waited for a paused node"))
+                .unwrap();
+            assert!(o.from_cache(), "{k}");
+            let want = match k {
+                "bg/a" => b("1"),
+                "bg/b" => b("2"),
+                _ => None,
+            };
+            assert_eq!(value(&o), want, "{k}");
+        }
     })
     .await
     .expect("test timed out");
