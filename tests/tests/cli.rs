@@ -79,6 +79,37 @@ async fn cli_json_shapes_and_exit_codes() {
             all[0]["key"], "bin\\x01\\xff",
             "non-printable bytes are escaped"
         );
+
+        phase!("every read consistency level, the session token a put prints");
+        let put = json(&lmskv(&c, &["kv", "put", "k3", "v3"]));
+        let token = put["session_token"].as_str().unwrap().to_string();
+        let (range, index) = token.split_once(':').expect("RANGE:INDEX");
+        assert!(range.parse::<u64>().unwrap() >= 1);
+        assert!(index.parse::<u64>().unwrap() >= put["version"].as_u64().unwrap());
+        let session = format!("session:{token}");
+        for level in [
+            "strong",
+            "bounded:500ms",
+            session.as_str(),
+            "prefix",
+            "eventual",
+        ] {
+            let got = json(&lmskv(&c, &["kv", "get", "k3", "--consistency", level]));
+            assert_eq!(got["value"], "v3", "{level}");
+            let scan = json(&lmskv(
+                &c,
+                &["kv", "scan", "--prefix", "k3", "--consistency", level],
+            ));
+            assert_eq!(scan[0]["value"], "v3", "{level}");
+        }
+        for bad in ["session:42", "session:x", "bounded:5", "linear"] {
+            let out = lmskv(&c, &["kv", "get", "k3", "--consistency", bad]);
+            assert_eq!(out.status.code(), Some(2), "{bad}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("--consistency"), "{bad}: {err}");
+        }
+        json(&lmskv(&c, &["kv", "del", "k3"]));
+
         let del = json(&lmskv(&c, &["kv", "del", "k1"]));
         assert_eq!(del["deleted"], true);
 
