@@ -8,6 +8,13 @@ use lmskv_node::config::{FileConfig, NodeConfig};
 use lmskv_node::node::Node;
 use tokio::sync::watch;
 
+// jemalloc instead of the system allocator: a node holds many small,
+// long-lived per-range structures, and glibc's arenas keep much more of that
+// resident (measured in bench/sharding.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Runs one lmskv storage node.
 ///
 /// Nodes that name each other in --join form a new cluster; a node started
