@@ -60,8 +60,10 @@ test: setup fmt-check lint build integration-test bench-smoke api-fuzz-short
 clean:
 	$(CARGO) clean
 
-# Chaos runs: workloads against a real cluster under kill and pause faults,
-# checked for linearizability and lost writes; the report lands in bench/.
+# Chaos runs: the register, set and bank workloads against a real cluster
+# under kill, pause, partition, leader-transfer and split nemeses, checked
+# for linearizability, lost writes and the bank's total; the report lands in
+# bench/.
 .PHONY: chaos chaos-short
 chaos: build
 	@mkdir -p bench

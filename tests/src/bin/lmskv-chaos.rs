@@ -1,9 +1,11 @@
 //! `lmskv-chaos`: runs workloads against a real multi-process cluster while
-//! a nemesis kills, pauses and partitions nodes, checks what clients observed, prints a
-//! summary and optionally writes a JSON report.
+//! a nemesis kills, pauses and partitions nodes, transfers range leaders and
+//! splits ranges, checks what clients observed, prints a summary and
+//! optionally writes a JSON report.
 //!
-//! Exits 0 only when the register history is linearizable and the set lost
-//! no acknowledged write; otherwise prints the seed that reproduces the run.
+//! Exits 0 only when the register history is linearizable, the set lost no
+//! acknowledged write and the bank kept its total; otherwise prints the seed
+//! that reproduces the run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,11 +25,12 @@ struct Args {
     /// How long to inject faults, e.g. 60s, 30m, 1h.
     #[arg(long, default_value = "60s", value_parser = chaos::parse_duration)]
     duration: Duration,
-    /// Faults to inject: `all`, or a comma-separated list (kill, pause, partition).
+    /// Faults to inject: `all`, or a comma-separated list (kill, pause,
+    /// partition, transfer, split).
     #[arg(long, default_value = "all")]
     nemesis: String,
-    /// Workloads to run: a comma-separated list (register, set).
-    #[arg(long, default_value = "register,set")]
+    /// Workloads to run: a comma-separated list (register, set, bank).
+    #[arg(long, default_value = "register,set,bank")]
     workload: String,
     /// Seed for every random choice; random when not given.
     #[arg(long)]

@@ -1,6 +1,7 @@
 //! A chaos run against a real multi-process cluster: workloads record what
-//! clients observe while a nemesis kills and pauses nodes, then the checkers
-//! judge the histories.
+//! clients observe while a nemesis kills, pauses and partitions nodes,
+//! transfers range leaders and splits ranges, then the checkers judge the
+//! histories.
 //!
 //! [`run`] is the library entry that the `lmskv-chaos` binary and the short
 //! in-test run share. A run has three phases: start a [`TestCluster`], run the
@@ -9,6 +10,7 @@
 //! workload choice comes from the run's seed, so a failing run prints the seed
 //! that reproduces its schedule.
 
+pub mod bank;
 mod failover;
 mod nemesis;
 mod register;
@@ -25,7 +27,8 @@ use anyhow::{bail, Context};
 
 use crate::{phase, ClusterOptions, TestCluster};
 
-pub use failover::FailoverTracker;
+pub use bank::BankSummary;
+pub use failover::{FailoverTracker, Probes};
 pub use report::{ChaosReport, FailoverStats, Linearizable, NemesisCounts};
 pub use stats::OpStats;
 
@@ -52,11 +55,24 @@ pub enum Nemesis {
     /// ways, through the proxy in front of every node); clients still reach
     /// every node.
     Partition,
+    /// Move a range's leadership to another of its voters through the
+    /// operator API. Not a failure: measured as `transfer_ms`, not
+    /// `failover_ms`.
+    Transfer,
+    /// Split a workload's range at a key inside its data through the
+    /// operator API (never inside the bank's accounts).
+    Split,
 }
 
 impl Nemesis {
     /// Every nemesis this build supports.
-    pub const SUPPORTED: [Nemesis; 3] = [Nemesis::Kill, Nemesis::Pause, Nemesis::Partition];
+    pub const SUPPORTED: [Nemesis; 5] = [
+        Nemesis::Kill,
+        Nemesis::Pause,
+        Nemesis::Partition,
+        Nemesis::Transfer,
+        Nemesis::Split,
+    ];
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -64,9 +80,25 @@ impl Nemesis {
             Nemesis::Kill => "kill",
             Nemesis::Pause => "pause",
             Nemesis::Partition => "partition",
+            Nemesis::Transfer => "transfer",
+            Nemesis::Split => "split",
         }
     }
 }
+
+/// Nemeses the issue names that this build does not have, and why.
+const NOT_BUILT: [(&str, &str); 2] = [
+    (
+        "skew",
+        "the nodes have no clock hook to skew (leases use the monotonic clock) and the \
+         harness cannot shift one process's clock",
+    ),
+    (
+        "membership",
+        "the operator API has no cheap reversible membership change (only decommission, \
+         which drains a node for good)",
+    ),
+];
 
 impl fmt::Display for Nemesis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -76,7 +108,7 @@ impl fmt::Display for Nemesis {
 
 /// Parses a comma-separated nemesis list; `all` means every supported one.
 /// Names of faults that are planned but not built yet are refused with the
-/// list of supported ones.
+/// reason and the list of supported ones.
 pub fn parse_nemeses(s: &str) -> anyhow::Result<Vec<Nemesis>> {
     let supported = Nemesis::SUPPORTED.map(Nemesis::name).join(", ");
     let mut out = Vec::new();
@@ -86,7 +118,16 @@ pub fn parse_nemeses(s: &str) -> anyhow::Result<Vec<Nemesis>> {
             "kill" => out.push(Nemesis::Kill),
             "pause" => out.push(Nemesis::Pause),
             "partition" => out.push(Nemesis::Partition),
-            other => bail!("nemesis `{other}` is not supported; supported: {supported} (or `all`)"),
+            "transfer" => out.push(Nemesis::Transfer),
+            "split" => out.push(Nemesis::Split),
+            other => match NOT_BUILT.iter().find(|(n, _)| *n == other) {
+                Some((_, why)) => bail!(
+                    "nemesis `{other}` is not built: {why}; supported: {supported} (or `all`)"
+                ),
+                None => {
+                    bail!("nemesis `{other}` is not supported; supported: {supported} (or `all`)")
+                }
+            },
         }
     }
     out.sort();
@@ -106,22 +147,27 @@ pub enum Workload {
     /// Unique adds under the `set/` prefix, checked for lost and phantom
     /// elements against a final scan.
     Set,
+    /// Atomic transfers between accounts of one range and STRONG snapshots
+    /// of all of them, checked for a conserved total and no overdraft.
+    Bank,
 }
 
-/// Parses a comma-separated workload list (`register`, `set`).
+/// Parses a comma-separated workload list (`register`, `set`, `bank`).
 pub fn parse_workloads(s: &str) -> anyhow::Result<Vec<Workload>> {
+    const SUPPORTED: &str = "register, set, bank";
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part {
             "register" => out.push(Workload::Register),
             "set" => out.push(Workload::Set),
-            other => bail!("workload `{other}` is not supported; supported: register, set"),
+            "bank" => out.push(Workload::Bank),
+            other => bail!("workload `{other}` is not supported; supported: {SUPPORTED}"),
         }
     }
     out.sort();
     out.dedup();
     if out.is_empty() {
-        bail!("no workload given; supported: register, set");
+        bail!("no workload given; supported: {SUPPORTED}");
     }
     Ok(out)
 }
@@ -195,8 +241,10 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
     );
     let mut cluster = TestCluster::start(ClusterOptions {
         nodes: opts.nodes,
-        // The production default: leaders move while the nemesis runs.
-        config: "balance_leaders = true\n".into(),
+        // The production default: leaders move while the nemesis runs. The
+        // bank's accounts form one split row, so an automatic split never
+        // cuts them apart (the nemesis's own splits avoid them too).
+        config: format!("balance_leaders = true\n{}\n", bank::BANK_SPLIT_ROW),
         proxied: opts.nemeses.contains(&Nemesis::Partition),
     })
     .await?;
@@ -204,14 +252,31 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
     phase!("start workloads and nemesis");
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(OpStats::default());
-    let failover = Arc::new(FailoverTracker::default());
+    let probes = Arc::new(Probes::default());
+    // The bank writes its initial balances first, while the cluster is
+    // healthy; the other workloads start at once.
+    let bank = if opts.workloads.contains(&Workload::Bank) {
+        Some(
+            bank::start(
+                &cluster,
+                opts.seed,
+                stop.clone(),
+                stats.clone(),
+                probes.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let workloads_started = Instant::now();
     let register = opts.workloads.contains(&Workload::Register).then(|| {
         register::start(
             &cluster,
             opts.seed,
             stop.clone(),
             stats.clone(),
-            failover.clone(),
+            probes.clone(),
         )
     });
     let set = opts.workloads.contains(&Workload::Set).then(|| {
@@ -220,16 +285,21 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
             opts.seed,
             stop.clone(),
             stats.clone(),
-            failover.clone(),
+            probes.clone(),
         )
     });
 
     let counts = nemesis::run(
-        &mut cluster,
+        nemesis::Target {
+            cluster: &mut cluster,
+            probes: &probes,
+            stats: &stats,
+            workloads: &opts.workloads,
+            started: workloads_started,
+        },
         &opts.nemeses,
         opts.seed,
         opts.duration,
-        &failover,
     )
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -249,7 +319,16 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
         Some(s) => Some(s.finish(&cluster).await?),
         None => None,
     };
+    let bank = match bank {
+        Some(b) => Some(b.finish(&cluster).await?),
+        None => None,
+    };
 
+    let ms = |v: Vec<Duration>| v.iter().map(|d| d.as_millis()).collect::<Vec<_>>();
+    for (kind, samples) in probes.failover.samples_by_kind() {
+        phase!("failover samples after {kind} (ms): {:?}", ms(samples));
+    }
+    phase!("transfer samples (ms): {:?}", ms(probes.transfer.samples()));
     let ops = stats.snapshot();
     let report = ChaosReport {
         ops_ok: ops.ok,
@@ -259,8 +338,17 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
         phantom_writes: set_result.as_ref().map(|s| s.phantom),
         set_acknowledged: set_result.as_ref().map(|s| s.acknowledged),
         linearizable,
-        bank_ok: None,
-        failover_ms: FailoverStats::from_samples(&failover.samples()),
+        bank_ok: bank.as_ref().map(|b| b.ok),
+        bank,
+        failover_ms: FailoverStats::from_samples(&probes.failover.samples()),
+        failover_ms_by_nemesis: probes
+            .failover
+            .samples_by_kind()
+            .into_iter()
+            .filter_map(|(k, v)| FailoverStats::from_samples(&v).map(|s| (k.to_string(), s)))
+            .collect(),
+        failover_unmeasured: probes.failover.unmeasured(Instant::now()),
+        transfer_ms: FailoverStats::from_samples(&probes.transfer.samples()),
         seed: opts.seed,
         nemesis: counts,
         duration_s: started.elapsed().as_secs_f64(),

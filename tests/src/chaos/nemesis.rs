@@ -1,101 +1,331 @@
-//! The nemesis loop: every few seconds it faults one node (kill -9 and
-//! restart, SIGSTOP and SIGCONT, or a network partition that cuts it, or a
-//! minority holding it, off from the rest), heals it, and rests, until the
-//! run's duration is up.
+//! The nemesis loop: every few seconds it picks one of the run's nemeses and
+//! applies it, then rests, until the run's duration is up. Nemeses are dealt
+//! from a shuffled deck of the run's list, reshuffled when empty, so each
+//! one comes up equally often and a short run still sees every one early.
 //!
-//! Faults are sequential, one node at a time, so a majority is always up: the
-//! "never fault more than a minority" rule holds for every cluster of three or
-//! more. Half the faults aim at the current leader of range 1, found through
-//! the nodes' status reports, since leader faults are what exercise failover.
+//! - Process and network faults (kill -9 and restart, SIGSTOP and SIGCONT, a
+//!   partition that cuts one node, or a minority holding it, off from the
+//!   rest) last 1–3 s and are healed before the next step. Faults are
+//!   sequential, one node (or one minority) at a time, so a majority is
+//!   always up: the "never fault more than a minority" rule holds for every
+//!   cluster of three or more. Half of them aim at the leader of a range
+//!   that carries workload writes, since leader faults are what exercise
+//!   failover; each such fault opens a failover probe for every active
+//!   range the node led (see [`super::failover`]).
+//! - Leader transfers move a range's leadership to another voter through
+//!   the operator API (`transfer_leader`), mostly for a range with workload
+//!   traffic, sometimes any range (the meta range included). They are no
+//!   failure: their write pause is measured apart (`transfer_ms`).
+//! - Splits cut a workload's data at a key inside it through the operator
+//!   API (`split`): a current register key (its history then continues in
+//!   the new range), a set element near the adders' position, or the edges
+//!   of the bank prefix, never inside it, so the bank's accounts stay in one
+//!   range. At most [`SPLITS_MAX`] per run.
+//!
+//! Operator calls are bounded by [`ADMIN_CALL_TIMEOUT`]; one that is refused
+//! or times out is logged and counted (`admin_refused`), not fatal.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use lmskv_client::{Client, ClientError, ServerError};
+use lmskv_proto::v1::ReplicaRole;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use super::{FailoverTracker, Nemesis, NemesisCounts};
+use super::bank::{BANK_PREFIX, BANK_PREFIX_END};
+use super::{register, set, Nemesis, NemesisCounts, OpStats, Probes, Workload};
 use crate::{phase, TestCluster};
 
 /// Shortest and longest time a node stays faulted, in ms: past the 0.5–1 s
 /// election timeout, so a faulted leader is replaced.
 const FAULT_MS_MIN: u64 = 1_000;
 const FAULT_MS_MAX: u64 = 3_000;
-/// Shortest and longest rest between a heal and the next fault, in ms.
+/// Shortest and longest rest between a heal and the next step, in ms.
 const REST_MS_MIN: u64 = 1_500;
 const REST_MS_MAX: u64 = 4_000;
-/// How long to look for the leader before a fault.
-const LEADER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long to look for range leaders before a step.
+const LEADER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest an operator call (range list, transfer, split) may take.
+pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most splits one run makes.
+pub const SPLITS_MAX: u64 = 32;
+
+/// What the nemesis needs from the run.
+pub struct Target<'a> {
+    pub cluster: &'a mut TestCluster,
+    pub probes: &'a Probes,
+    pub stats: &'a OpStats,
+    pub workloads: &'a [Workload],
+    /// When the workloads started (register keys change every epoch).
+    pub started: Instant,
+}
 
 /// Runs the nemesis for `duration`, then returns with every node healed.
 pub async fn run(
-    cluster: &mut TestCluster,
+    t: Target<'_>,
     nemeses: &[Nemesis],
     seed: u64,
     duration: Duration,
-    failover: &FailoverTracker,
 ) -> NemesisCounts {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut counts = NemesisCounts::default();
+    let client = t.cluster.client();
     let deadline = Instant::now() + duration;
-    // Let the workloads get going before the first fault.
+    let mut t = t;
+    let mut deck: Vec<Nemesis> = Vec::new();
+    // Let the workloads get going before the first step.
     rest(&mut rng, deadline).await;
     while Instant::now() < deadline {
-        let kind = nemeses[rng.gen_range(0..nemeses.len())];
-        let aim_at_leader = rng.gen_bool(0.5);
-        let random_node = rng.gen_range(1..=cluster.nodes.len() as u64);
-        let fault_for = Duration::from_millis(rng.gen_range(FAULT_MS_MIN..=FAULT_MS_MAX));
-        let leader = leader_of(cluster).await;
-        let target = match (aim_at_leader, leader) {
-            (true, Some(l)) => l,
-            _ => random_node,
-        };
-        let was_leader = leader == Some(target);
-        phase!(
-            "nemesis: {kind} node {target}{} for {fault_for:?}",
-            if was_leader { " (leader)" } else { "" }
-        );
-        let at = Instant::now();
-        let faulted = match kind {
-            Nemesis::Kill => cluster.kill(target),
-            Nemesis::Pause => cluster.pause(target),
-            Nemesis::Partition => {
-                let (side, rest) = partition_sides(&mut rng, cluster.nodes.len() as u64, target);
-                phase!("nemesis: partition {side:?} | {rest:?}");
-                cluster.partition(&side, &rest);
-                Ok(())
-            }
-        };
-        if let Err(e) = faulted {
-            phase!("nemesis: {kind} node {target} failed: {e:#}");
-            counts.errors += 1;
-        } else {
-            if was_leader {
-                failover.leader_faulted(at);
-                counts.leader_faults += 1;
-            }
-            match kind {
-                Nemesis::Kill => counts.kill += 1,
-                Nemesis::Pause => counts.pause += 1,
-                Nemesis::Partition => counts.partition += 1,
-            }
+        if deck.is_empty() {
+            deck = nemeses.to_vec();
+            deck.shuffle(&mut rng);
         }
-        tokio::time::sleep(fault_for).await;
-        let healed = match kind {
-            Nemesis::Kill => cluster.spawn(target),
-            Nemesis::Pause => cluster.resume(target),
-            Nemesis::Partition => {
-                cluster.heal_network();
-                Ok(())
+        let Some(kind) = deck.pop() else { break };
+        match kind {
+            Nemesis::Kill | Nemesis::Pause | Nemesis::Partition => {
+                fault(&mut t, &mut rng, kind, &mut counts).await
             }
-        };
-        if let Err(e) = healed {
-            phase!("nemesis: healing node {target} failed: {e:#}");
-            counts.errors += 1;
+            Nemesis::Transfer => transfer(&t, &client, &mut rng, &mut counts).await,
+            Nemesis::Split => split(&t, &client, &mut rng, seed, &mut counts).await,
         }
         rest(&mut rng, deadline).await;
     }
-    heal_all(cluster);
+    heal_all(t.cluster);
     counts
+}
+
+/// Kills, pauses or partitions one node (half the time the leader of an
+/// active range) for 1–3 s, then heals it.
+async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut NemesisCounts) {
+    let cluster = &mut *t.cluster;
+    let nodes = cluster.nodes.len() as u64;
+    // Every random choice is drawn up front, so the schedule depends on the
+    // seed, not on what the cluster answered.
+    let aim_at_leader = rng.gen_bool(0.5);
+    let random_node = rng.gen_range(1..=nodes);
+    let pick: usize = rng.gen();
+    let fault_for = Duration::from_millis(rng.gen_range(FAULT_MS_MIN..=FAULT_MS_MAX));
+    let leaders = leaders(cluster).await;
+    let active = t.probes.failover.active_ranges(Instant::now());
+    let active_leaders: Vec<u64> = active
+        .iter()
+        .filter_map(|r| leaders.get(r))
+        .copied()
+        .collect();
+    let target = match (aim_at_leader, active_leaders.is_empty()) {
+        (true, false) => active_leaders[pick % active_leaders.len()],
+        _ => random_node,
+    };
+    let led: Vec<u64> = active
+        .iter()
+        .filter(|r| leaders.get(r) == Some(&target))
+        .copied()
+        .collect();
+    phase!(
+        "nemesis: {kind} node {target}{} for {fault_for:?}",
+        if led.is_empty() {
+            String::new()
+        } else {
+            format!(" (leader of active ranges {led:?})")
+        }
+    );
+    let at = Instant::now();
+    let faulted = match kind {
+        Nemesis::Kill => cluster.kill(target),
+        Nemesis::Pause => cluster.pause(target),
+        _ => {
+            let (side, rest) = partition_sides(rng, nodes, target);
+            phase!("nemesis: partition {side:?} | {rest:?}");
+            cluster.partition(&side, &rest);
+            Ok(())
+        }
+    };
+    if let Err(e) = faulted {
+        phase!("nemesis: {kind} node {target} failed: {e:#}");
+        counts.errors += 1;
+    } else {
+        if !led.is_empty() {
+            t.probes.failover.leader_faulted(kind.name(), at, &led);
+            counts.leader_faults += 1;
+        }
+        match kind {
+            Nemesis::Kill => counts.kill += 1,
+            Nemesis::Pause => counts.pause += 1,
+            _ => counts.partition += 1,
+        }
+    }
+    tokio::time::sleep(fault_for).await;
+    let healed = match kind {
+        Nemesis::Kill => cluster.spawn(target),
+        Nemesis::Pause => cluster.resume(target),
+        _ => {
+            cluster.heal_network();
+            Ok(())
+        }
+    };
+    if let Err(e) = healed {
+        phase!("nemesis: healing node {target} failed: {e:#}");
+        counts.errors += 1;
+    }
+}
+
+/// Moves the leadership of a range (mostly an active one) to another of its
+/// voters.
+async fn transfer(t: &Target<'_>, client: &Client, rng: &mut StdRng, counts: &mut NemesisCounts) {
+    let prefer_active = rng.gen_bool(0.8);
+    let (pick_range, pick_node): (usize, usize) = (rng.gen(), rng.gen());
+    let ranges = match tokio::time::timeout(ADMIN_CALL_TIMEOUT, client.range_list()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return admin_refused(counts, "transfer: range list", &e.to_string()),
+        Err(_) => return admin_refused(counts, "transfer: range list", "timed out"),
+    };
+    let leaders = leaders(t.cluster).await;
+    let active = t.probes.transfer.active_ranges(Instant::now());
+    let descs: Vec<_> = ranges.iter().filter_map(|r| r.descriptor.clone()).collect();
+    let active_descs: Vec<_> = descs
+        .iter()
+        .filter(|d| active.contains(&d.range_id))
+        .cloned()
+        .collect();
+    let from = if prefer_active && !active_descs.is_empty() {
+        &active_descs
+    } else {
+        &descs
+    };
+    let Some(d) = (!from.is_empty()).then(|| &from[pick_range % from.len()]) else {
+        return admin_refused(counts, "transfer", "the range list is empty");
+    };
+    let leader = leaders.get(&d.range_id).copied().or_else(|| {
+        ranges
+            .iter()
+            .find(|r| r.descriptor.as_ref().map(|x| x.range_id) == Some(d.range_id))
+            .map(|r| r.leader_id)
+    });
+    let voters: Vec<u64> = d
+        .replicas
+        .iter()
+        .filter(|r| r.role == ReplicaRole::Voter as i32 && Some(r.node_id) != leader)
+        .map(|r| r.node_id)
+        .collect();
+    if voters.is_empty() {
+        phase!("nemesis: transfer: range {} has no other voter", d.range_id);
+        return;
+    }
+    let to = voters[pick_node % voters.len()];
+    let is_active = active.contains(&d.range_id);
+    phase!(
+        "nemesis: transfer range {}{} from node {} to node {to}",
+        d.range_id,
+        if is_active { " (active)" } else { "" },
+        leader.map_or("?".into(), |l| l.to_string())
+    );
+    let at = Instant::now();
+    let probe = is_active.then(|| {
+        t.probes
+            .transfer
+            .leader_faulted("transfer", at, &[d.range_id])
+    });
+    let result =
+        tokio::time::timeout(ADMIN_CALL_TIMEOUT, client.transfer_leader(d.range_id, to)).await;
+    let refused = match result {
+        Ok(Ok(())) => {
+            counts.transfer += 1;
+            phase!(
+                "nemesis: transfer range {} done in {:?}",
+                d.range_id,
+                at.elapsed()
+            );
+            None
+        }
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("timed out".into()),
+    };
+    if let Some(why) = refused {
+        if let Some(p) = probe {
+            t.probes.transfer.cancel(p);
+        }
+        admin_refused(counts, &format!("transfer range {}", d.range_id), &why);
+    }
+}
+
+/// Splits a workload's data at a key inside it (never inside the bank
+/// prefix).
+async fn split(
+    t: &Target<'_>,
+    client: &Client,
+    rng: &mut StdRng,
+    seed: u64,
+    counts: &mut NemesisCounts,
+) {
+    let key = split_key(rng, seed, t.workloads, t.started.elapsed(), t.stats.total());
+    if counts.split >= SPLITS_MAX {
+        phase!("nemesis: split: {SPLITS_MAX} splits made, no more this run");
+        counts.split_skipped += 1;
+        return;
+    }
+    phase!("nemesis: split at {key:?}");
+    let at = Instant::now();
+    match tokio::time::timeout(ADMIN_CALL_TIMEOUT, client.split(Bytes::from(key.clone()))).await {
+        Ok(Ok((left, right))) => {
+            counts.split += 1;
+            t.probes.range_split(left.range_id, right.range_id);
+            phase!(
+                "nemesis: split range {} at {key:?}: new range {} ({:?})",
+                left.range_id,
+                right.range_id,
+                at.elapsed()
+            );
+        }
+        // A range already starts at the key: nothing to do.
+        Ok(Err(ClientError::Server(ServerError::InvalidArgument { reason, .. })))
+            if reason.contains("already starts") =>
+        {
+            phase!("nemesis: split at {key:?} skipped: {reason}");
+            counts.split_skipped += 1;
+        }
+        Ok(Err(e)) => admin_refused(counts, &format!("split at {key:?}"), &e.to_string()),
+        Err(_) => admin_refused(counts, &format!("split at {key:?}"), "timed out"),
+    }
+}
+
+/// A split key for one of `workloads`: a register key of the current or
+/// next epoch, a set element near where the adders are, or an edge of the
+/// bank prefix (never inside it).
+fn split_key(
+    rng: &mut StdRng,
+    seed: u64,
+    workloads: &[Workload],
+    elapsed: Duration,
+    ops: u64,
+) -> String {
+    let w = workloads[rng.gen_range(0..workloads.len())];
+    match w {
+        Workload::Register => {
+            let epoch = elapsed.as_secs() / register::EPOCH.as_secs() + rng.gen_range(0..=1);
+            register::register_key(epoch, rng.gen_range(0..register::KEYS))
+        }
+        Workload::Set => {
+            // Each adder's count is below the run's operation total.
+            let n = rng.gen_range(1..=ops.max(1) / set::CLIENTS + 1);
+            let client = rng.gen_range(0..set::CLIENTS);
+            format!("{}{}", set::SET_PREFIX, set::element(seed, client, n))
+        }
+        Workload::Bank => {
+            if rng.gen_bool(0.5) {
+                BANK_PREFIX.to_string()
+            } else {
+                BANK_PREFIX_END.to_string()
+            }
+        }
+    }
+}
+
+fn admin_refused(counts: &mut NemesisCounts, what: &str, why: &str) {
+    phase!("nemesis: {what}: refused or failed: {why}");
+    counts.admin_refused += 1;
 }
 
 /// The two sides of a partition of nodes `1..=nodes`: `target` alone, or a
@@ -125,28 +355,28 @@ async fn rest(rng: &mut StdRng, deadline: Instant) {
     tokio::time::sleep(rest.min(left)).await;
 }
 
-/// The node that reports itself leader of the first user range, if one answers in time.
-async fn leader_of(cluster: &TestCluster) -> Option<u64> {
-    // A node resumed from a pause may still think it leads an old term, so
-    // the claim with the highest term wins.
-    let ask = async {
-        let mut best: Option<(u64, u64)> = None;
-        for n in &cluster.nodes {
-            if let Ok(s) = cluster.status(n.id).await {
-                if let Some(r) = crate::cluster::user_range(&s).filter(|r| r.local_role == "leader")
-                {
-                    if best.is_none_or(|(term, _)| r.term > term) {
-                        best = Some((r.term, n.id));
-                    }
-                }
+/// The leader of every range some node claims to lead, from the nodes'
+/// status reports. A node resumed from a pause may still think it leads an
+/// old term, so per range the claim with the highest term wins.
+async fn leaders(cluster: &TestCluster) -> HashMap<u64, u64> {
+    let asks = cluster.nodes.iter().map(|n| async move {
+        (
+            n.id,
+            tokio::time::timeout(LEADER_LOOKUP_TIMEOUT, cluster.status(n.id)).await,
+        )
+    });
+    let mut best: HashMap<u64, (u64, u64)> = HashMap::new();
+    for (id, status) in futures::future::join_all(asks).await {
+        let Ok(Ok(s)) = status else { continue };
+        for r in s.ranges.iter().filter(|r| r.local_role == "leader") {
+            let Some(d) = &r.descriptor else { continue };
+            let e = best.entry(d.range_id).or_insert((r.term, id));
+            if r.term > e.0 {
+                *e = (r.term, id);
             }
         }
-        best.map(|(_, id)| id)
-    };
-    tokio::time::timeout(LEADER_LOOKUP_TIMEOUT, ask)
-        .await
-        .ok()
-        .flatten()
+    }
+    best.into_iter().map(|(r, (_, id))| (r, id)).collect()
 }
 
 /// Makes sure every node runs: resumes any paused one and restarts any that
@@ -167,6 +397,39 @@ fn heal_all(cluster: &mut TestCluster) {
                 let _ = cluster.resume(id);
             }
             Err(e) => phase!("heal: node {id}: {e:#}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_keys_stay_out_of_the_bank_accounts() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let all = [Workload::Register, Workload::Set, Workload::Bank];
+        for _ in 0..1_000 {
+            let k = split_key(&mut rng, 7, &all, Duration::from_secs(25), 10_000);
+            let inside_bank = k.as_str() > BANK_PREFIX && k.as_str() < BANK_PREFIX_END;
+            assert!(!inside_bank, "{k}");
+            assert!(
+                k.starts_with("reg/") || k.starts_with(set::SET_PREFIX) || k.starts_with("bank"),
+                "{k}"
+            );
+        }
+    }
+
+    #[test]
+    fn partitions_keep_a_majority() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for nodes in [3u64, 5, 7] {
+            for target in 1..=nodes {
+                let (side, rest) = partition_sides(&mut rng, nodes, target);
+                assert!(side.contains(&target));
+                assert!(rest.len() > side.len());
+                assert_eq!(side.len() + rest.len(), nodes as usize);
+            }
         }
     }
 }

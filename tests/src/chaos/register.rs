@@ -16,16 +16,21 @@ use bytes::Bytes;
 use lmskv_client::{Compare, ReadConsistency, WriteOptions};
 use tokio::task::JoinHandle;
 
-use super::{bounded, FailoverTracker, Linearizable, OpStats, WORKLOAD_STOP_TIMEOUT};
+use super::{bounded, Linearizable, OpStats, Probes, WORKLOAD_STOP_TIMEOUT};
 use crate::checker::{check_history, Budget, History, HistoryRecorder, Op, Outcome, Ret, Verdict};
 use crate::{phase, TestCluster};
 
 /// Concurrent register clients.
 const CLIENTS: u64 = 5;
 /// Keys per epoch.
-const KEYS: u64 = 3;
+pub const KEYS: u64 = 3;
 /// How long one set of keys is used before the next.
-const EPOCH: Duration = Duration::from_secs(10);
+pub const EPOCH: Duration = Duration::from_secs(10);
+
+/// The key of register `k` in `epoch` (`reg/<epoch>/<k>`).
+pub fn register_key(epoch: u64, k: u64) -> String {
+    format!("reg/{epoch}/{k}")
+}
 /// Most register operations one run records.
 pub const REGISTER_OPS_MAX: u64 = 1_000_000;
 /// Most time the linearizability check may take.
@@ -43,7 +48,7 @@ pub fn start(
     seed: u64,
     stop: Arc<AtomicBool>,
     stats: Arc<OpStats>,
-    failover: Arc<FailoverTracker>,
+    failover: Arc<Probes>,
 ) -> RegisterRun {
     let recorder = History::recorder();
     let started = Instant::now();
@@ -74,7 +79,7 @@ pub fn start(
                         last_seen = None;
                         last_epoch = epoch;
                     }
-                    let key = Bytes::from(format!("reg/{epoch}/{}", rng.gen::<u64>() % KEYS));
+                    let key = Bytes::from(register_key(epoch, rng.gen::<u64>() % KEYS));
                     let value = Bytes::from(format!("c{client_id}-{n}"));
                     let op = match rng.gen::<u64>() % 10 {
                         0..=4 => Op::Read,
@@ -105,9 +110,9 @@ pub fn start(
                             }
                         }
                         Op::Write(v) => match bounded(client.put(key, v)).await {
-                            Some(Ok(_)) => {
+                            Some(Ok(w)) => {
                                 stats.ok();
-                                failover.write_acked(sent_at, Instant::now());
+                                failover.write_acked(sent_at, Instant::now(), w.range_id);
                                 rec.complete(inv, Outcome::Ok(Ret::Write))
                             }
                             _ => {
@@ -124,7 +129,7 @@ pub fn start(
                             match bounded(client.compare_and_swap(key, cmp, new, &opts)).await {
                                 Some(Ok(o)) => {
                                     stats.ok();
-                                    failover.write_acked(sent_at, Instant::now());
+                                    failover.write_acked(sent_at, Instant::now(), o.range_id);
                                     rec.complete(
                                         inv,
                                         Outcome::Ok(Ret::Cas {

@@ -1,10 +1,13 @@
 //! [`ChaosReport`]: the outcome of a chaos run, printed as a summary and
 //! written as JSON.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
+
+use super::BankSummary;
 
 /// The linearizability verdict of the register workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +77,19 @@ pub struct NemesisCounts {
     pub pause: u64,
     /// Partitions of a node or a minority from the rest, healed after.
     pub partition: u64,
-    /// Faults whose target was the leader of range 1.
+    /// Leader transfers the cluster carried out.
+    pub transfer: u64,
+    /// Splits the cluster carried out.
+    pub split: u64,
+    /// Splits not asked for: a range already started at the key, or the
+    /// run's split limit was reached.
+    pub split_skipped: u64,
+    /// Kills, pauses and partitions whose target led at least one range
+    /// that carried workload writes (each opens failover probes).
     pub leader_faults: u64,
+    /// Operator calls (transfer, split, range list) refused or timed out
+    /// (logged as they happened).
+    pub admin_refused: u64,
     /// Fault or heal steps that returned an error (logged as they happened).
     pub errors: u64,
 }
@@ -98,10 +112,25 @@ pub struct ChaosReport {
     pub set_acknowledged: Option<usize>,
     /// The register workload's verdict.
     pub linearizable: Linearizable,
-    /// The bank workload's verdict; there is no bank workload yet.
+    /// The bank workload's verdict: every snapshot and the final read kept
+    /// the total, with no account missing or negative; `None` without the
+    /// bank workload.
     pub bank_ok: Option<bool>,
-    /// Failover times after leader faults; `None` if none was measured.
+    /// What the bank workload did.
+    pub bank: Option<BankSummary>,
+    /// Failover times after kills, pauses and partitions of a node that led
+    /// ranges with workload writes: from the fault to the first write to
+    /// such a range sent after it and acknowledged. `None` if none was
+    /// measured.
     pub failover_ms: Option<FailoverStats>,
+    /// `failover_ms` by the kind of fault (`kill`, `pause`, `partition`).
+    pub failover_ms_by_nemesis: BTreeMap<String, FailoverStats>,
+    /// Failover probes dropped without a sample (their range took no write
+    /// for 30 s).
+    pub failover_unmeasured: u64,
+    /// The same measure after planned leader transfers (no failure, so
+    /// apart from `failover_ms`).
+    pub transfer_ms: Option<FailoverStats>,
     /// The seed that reproduces the run's schedule.
     pub seed: u64,
     /// Faults injected.
@@ -114,11 +143,14 @@ pub struct ChaosReport {
 
 impl ChaosReport {
     /// Whether the run passed: the register history is linearizable (or the
-    /// register workload did not run) and the set lost nothing and gained
-    /// nothing.
+    /// register workload did not run), the set lost nothing and gained
+    /// nothing, and the bank kept its total (or did not run).
     pub fn passed(&self) -> bool {
         let lin_ok = matches!(self.linearizable, Linearizable::Yes | Linearizable::NotRun);
-        lin_ok && self.lost_writes.unwrap_or(0) == 0 && self.phantom_writes.unwrap_or(0) == 0
+        lin_ok
+            && self.lost_writes.unwrap_or(0) == 0
+            && self.phantom_writes.unwrap_or(0) == 0
+            && self.bank_ok != Some(false)
     }
 
     /// One line: PASS or FAIL and why.
@@ -138,6 +170,12 @@ impl ChaosReport {
         if let Some(n) = self.phantom_writes.filter(|&n| n > 0) {
             why.push(format!("{n} phantom element(s)"));
         }
+        if let Some(b) = self.bank.as_ref().filter(|b| !b.ok) {
+            why.push(format!(
+                "bank: {} anomalies in batch_get snapshots, {} in scan snapshots and the final read",
+                b.anomalies_batch_get, b.anomalies_scan
+            ));
+        }
         format!("FAIL: {}; rerun with --seed {}", why.join("; "), self.seed)
     }
 }
@@ -155,23 +193,38 @@ impl fmt::Display for ChaosReport {
             "  ops:          {} ok, {} failed, {} unknown",
             self.ops_ok, self.ops_failed, self.ops_unknown
         )?;
+        let n = &self.nemesis;
         writeln!(
             f,
-            "  nemesis:      {} kill, {} pause, {} partition ({} on the leader, {} errors)",
-            self.nemesis.kill,
-            self.nemesis.pause,
-            self.nemesis.partition,
-            self.nemesis.leader_faults,
-            self.nemesis.errors
+            "  nemesis:      {} kill, {} pause, {} partition ({} on a leader, {} errors), \
+             {} transfer, {} split ({} skipped, {} operator calls refused)",
+            n.kill,
+            n.pause,
+            n.partition,
+            n.leader_faults,
+            n.errors,
+            n.transfer,
+            n.split,
+            n.split_skipped,
+            n.admin_refused
         )?;
-        match &self.failover_ms {
-            Some(s) => writeln!(
-                f,
-                "  failover:     p50 {} ms, p99 {} ms, max {} ms ({} measured)",
+        let ms = |s: &Option<FailoverStats>| match s {
+            Some(s) => format!(
+                "p50 {} ms, p99 {} ms, max {} ms ({} measured)",
                 s.p50, s.p99, s.max, s.samples
-            )?,
-            None => writeln!(f, "  failover:     none measured")?,
+            ),
+            None => "none measured".to_string(),
+        };
+        writeln!(
+            f,
+            "  failover:     {} ({} unmeasured)",
+            ms(&self.failover_ms),
+            self.failover_unmeasured
+        )?;
+        for (kind, s) in &self.failover_ms_by_nemesis {
+            writeln!(f, "    {kind:<11} {}", ms(&Some(*s)))?;
         }
+        writeln!(f, "  transfer:     {}", ms(&self.transfer_ms))?;
         let lin = match &self.linearizable {
             Linearizable::Yes => "yes".to_string(),
             Linearizable::No(e) => format!("NO: {e}"),
@@ -186,6 +239,24 @@ impl fmt::Display for ChaosReport {
             opt(self.lost_writes),
             opt(self.phantom_writes)
         )?;
+        match &self.bank {
+            Some(b) => writeln!(
+                f,
+                "  bank:         {} ({} accounts, total {}; {} transfers, {} conflicts, {} unknown; \
+                 {} batch_get and {} scan snapshots; anomalies: {} batch_get, {} scan)",
+                if b.ok { "ok" } else { "NOT OK" },
+                b.accounts,
+                b.total,
+                b.transfers,
+                b.conflicts,
+                b.unknown,
+                b.snapshots_batch_get,
+                b.snapshots_scan,
+                b.anomalies_batch_get,
+                b.anomalies_scan
+            )?,
+            None => writeln!(f, "  bank:         n/a (bank workload not run)")?,
+        }
         write!(f, "  verdict:      {}", self.verdict_line())
     }
 }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use lmskv_client::{ReadConsistency, ScanOptions};
 use tokio::task::JoinHandle;
 
-use super::{bounded, FailoverTracker, OpStats, WORKLOAD_STOP_TIMEOUT};
+use super::{bounded, OpStats, Probes, WORKLOAD_STOP_TIMEOUT};
 use crate::checker::check_set;
 use crate::{phase, TestCluster};
 
@@ -23,7 +23,7 @@ pub const SET_PREFIX: &str = "set/";
 /// The first key after every key that starts with [`SET_PREFIX`].
 const SET_PREFIX_END: &str = "set0";
 /// Concurrent adding clients.
-const CLIENTS: u64 = 2;
+pub const CLIENTS: u64 = 2;
 /// Most adds one run attempts.
 pub const SET_OPS_MAX: u64 = 1_000_000;
 /// Attempts at the final read.
@@ -54,13 +54,20 @@ pub struct SetResult {
     pub phantom: usize,
 }
 
+/// The `n`th element added by client `client_id` (its key is
+/// [`SET_PREFIX`] followed by it). The seed in the element keeps runs apart
+/// if a data dir is ever reused.
+pub fn element(seed: u64, client_id: u64, n: u64) -> String {
+    format!("{seed:016x}-c{client_id}-{n:08}")
+}
+
 /// Starts the adding clients.
 pub fn start(
     cluster: &TestCluster,
     seed: u64,
     stop: Arc<AtomicBool>,
     stats: Arc<OpStats>,
-    failover: Arc<FailoverTracker>,
+    failover: Arc<Probes>,
 ) -> SetRun {
     let adds = Arc::new(Mutex::new(Adds::default()));
     let ops = Arc::new(AtomicU64::new(0));
@@ -80,9 +87,7 @@ pub fn start(
                     && ops.fetch_add(1, Ordering::Relaxed) < SET_OPS_MAX
                 {
                     n += 1;
-                    // The seed in the element keeps runs apart if a data dir
-                    // is ever reused.
-                    let element = format!("{seed:016x}-c{client_id}-{n:08}");
+                    let element = element(seed, client_id, n);
                     let key = Bytes::from(format!("{SET_PREFIX}{element}"));
                     // Recorded as unknown before it is sent, so an add cut
                     // short by an abort is still accounted for.
@@ -91,10 +96,13 @@ pub fn start(
                         .unknown
                         .insert(element.clone());
                     let sent_at = Instant::now();
-                    let acked = matches!(bounded(client.put(key, "1")).await, Some(Ok(_)));
-                    if acked {
+                    let acked = match bounded(client.put(key, "1")).await {
+                        Some(Ok(w)) => Some(w.range_id),
+                        _ => None,
+                    };
+                    if let Some(range_id) = acked {
                         stats.ok();
-                        failover.write_acked(sent_at, Instant::now());
+                        failover.write_acked(sent_at, Instant::now(), range_id);
                         let mut a = adds.lock().unwrap_or_else(PoisonError::into_inner);
                         a.unknown.remove(&element);
                         a.acknowledged.insert(element);
