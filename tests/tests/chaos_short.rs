@@ -48,14 +48,11 @@ async fn short_chaos_run_is_linearizable_loses_nothing_and_keeps_the_bank() {
         bank.anomalies_scan, 0,
         "the bank kept its total in every scan snapshot and the final read: rerun with --seed {seed}"
     );
-    // Known node bug: a STRONG BatchGet reads its keys one by one, without
-    // one storage snapshot, so it can see half of an atomic batch (a torn
-    // bank total). Reported, not asserted, until the node reads a batch_get
-    // from one snapshot; then assert `report.bank_ok == Some(true)`.
-    if bank.anomalies_batch_get > 0 {
-        phase!(
-            "WARNING: {} torn batch_get snapshot(s) (known node bug; seed {seed})",
-            bank.anomalies_batch_get
-        );
-    }
+    // A STRONG BatchGet reads its keys from one storage snapshot; before it
+    // did, it could see half of an atomic transfer (a torn total).
+    assert_eq!(
+        bank.anomalies_batch_get, 0,
+        "every batch_get snapshot kept the bank's total: rerun with --seed {seed}"
+    );
+    assert_eq!(report.bank_ok, Some(true), "rerun with --seed {seed}");
 }

@@ -295,8 +295,10 @@ impl Kv for KvService {
         let applied = r.read_barrier(level).await?;
         let mut kvs = Vec::new();
         let mut bytes = 0usize;
-        for k in &req.keys {
-            if let Some(v) = r.engine().get(k).map_err(|e| r.refuse(&e))? {
+        // One snapshot for every key: the keys are read as of one applied state.
+        let values = r.engine().get_many(&req.keys).map_err(|e| r.refuse(&e))?;
+        for (k, v) in req.keys.iter().zip(values) {
+            if let Some(v) = v {
                 bytes += k.len() + v.value.len();
                 if bytes > SCAN_BYTES_MAX {
                     return Err(Error::invalid_argument(

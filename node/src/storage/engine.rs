@@ -329,6 +329,20 @@ impl Engine {
         }
     }
 
+    /// Reads several user keys as of one moment: all from one RocksDB
+    /// snapshot, so an apply that lands meanwhile shows in all of them or in
+    /// none (a batch of reads is never torn across a write batch).
+    pub fn get_many(&self, keys: &[Bytes]) -> Result<Vec<Option<StoredValue>>, StorageError> {
+        let snap = self.db.snapshot();
+        let cf = self.cf(keys::CF_DATA);
+        keys.iter()
+            .map(|k| match snap.get_pinned_cf(cf, k)? {
+                Some(raw) => Ok(Some(value::decode_value(k, &raw)?)),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
     /// Reads user keys in `[start, end)` (an empty `end` is unbounded), in key
     /// order or reversed, stopping after `limit` pairs or once `bytes_max` bytes
     /// were collected. Returns the pairs and whether more may follow.
