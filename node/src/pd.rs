@@ -56,12 +56,22 @@ const MISSING_VOTER_GRACE: Duration = Duration::from_secs(10);
 /// A replica outside its range's membership at the same membership version
 /// is removed after this long.
 const STRAY_REPLICA_GRACE: Duration = Duration::from_secs(5);
-/// Leaders are moved only to nodes heard from within this.
-const LEADER_TARGET_HEARD_WITHIN: Duration = Duration::from_secs(3);
+/// Leaders are moved only to nodes heard from within this many heartbeat
+/// intervals (a node that just died is not a target)...
+const LEADER_TARGET_HEARD_WITHIN_HEARTBEATS: u32 = 2;
+/// ...and that have heartbeated without a gap for this long (a node that just
+/// restarted or resumed from a pause holds no leaders, so it looks least
+/// loaded exactly when it is least fit to lead).
+const LEADER_TARGET_UP_FOR: Duration = Duration::from_secs(10);
+/// A gap between two heartbeats of a node longer than this many heartbeat
+/// intervals starts its uptime over.
+const UPTIME_GAP_HEARTBEATS: u32 = 3;
 
 #[derive(Debug, Clone)]
 struct NodeLive {
     last_heartbeat: Instant,
+    /// Since when the node has heartbeated without a long gap.
+    up_since: Instant,
     /// The ranges the node reported a ready replica of.
     ranges: HashSet<u64>,
 }
@@ -366,10 +376,17 @@ pub async fn handle_heartbeat(
         // Stats of ranges that did not change are not sent again: a driver
         // that has none of this node's (it just took over) asks for them all.
         let want_full = !req.full && !st.nodes.contains_key(&req.node_id);
+        let now = Instant::now();
+        let gap = Duration::from_millis(node.cfg.file.node_heartbeat_ms) * UPTIME_GAP_HEARTBEATS;
+        let up_since = match st.nodes.get(&req.node_id) {
+            Some(prev) if now.duration_since(prev.last_heartbeat) <= gap => prev.up_since,
+            _ => now,
+        };
         st.nodes.insert(
             req.node_id,
             NodeLive {
-                last_heartbeat: Instant::now(),
+                last_heartbeat: now,
+                up_since,
                 ranges: hosted,
             },
         );
@@ -893,16 +910,20 @@ async fn balance(
             .collect()
     };
     // Leaders go only to nodes heard from lately, not to one that may have
-    // just died (it is still a candidate until the dead-node timeout).
+    // just died (it is still a candidate until the dead-node timeout), and
+    // that have been up a while, not to one that just came back.
+    let heard_within = Duration::from_millis(node.cfg.file.node_heartbeat_ms)
+        * LEADER_TARGET_HEARD_WITHIN_HEARTBEATS;
     let fresh: HashSet<u64> = {
         let st = node.pd.state.lock().expect("pd lock");
         candidates
             .iter()
             .copied()
             .filter(|c| {
-                st.nodes
-                    .get(c)
-                    .is_some_and(|n| n.last_heartbeat.elapsed() < LEADER_TARGET_HEARD_WITHIN)
+                st.nodes.get(c).is_some_and(|n| {
+                    n.last_heartbeat.elapsed() < heard_within
+                        && n.up_since.elapsed() >= LEADER_TARGET_UP_FOR
+                })
             })
             .collect()
     };
