@@ -39,18 +39,13 @@ URL="http://$API_LISTEN"
 # The node settings the LMS relies on (the same as lms_api::keys::node_config_toml,
 # which a unit test checks): one range per LMS table from the start, and
 # automatic splits that never cut one course's keys `course/<cid>/...`, so
-# its atomic batches stay in one range. `lmskv local up` has no --config, so
-# the nodes are started through a wrapper that adds it.
+# its atomic batches stay in one range.
 mkdir -p "$DATA_DIR"
 NODE_CONFIG="$DATA_DIR/lmskv-node.toml"
 cat >"$NODE_CONFIG" <<'TOML'
 pre_split_keys = ["catalog/", "course/", "email/", "export/", "job/", "jobdead/", "jobdone/", "notif/", "refresh/", "seq/", "user/", "usercourse/"]
 split_rows = [{ prefix = "course/", id_len = 8 }]
 TOML
-NODE_WRAPPER="$DATA_DIR/lmskv-node-with-config"
-printf '#!/usr/bin/env bash\nexec %q --config %q "$@"\n' "$(cd "$BIN_DIR" && pwd)/lmskv-node" \
-  "$(cd "$DATA_DIR" && pwd)/lmskv-node.toml" >"$NODE_WRAPPER"
-chmod +x "$NODE_WRAPPER"
 
 cluster_pid=""
 api_pid=""
@@ -85,7 +80,7 @@ wait_until() { # DESCRIPTION SECONDS COMMAND...
 
 echo "Starting a local $NODES-node lmskv cluster in $DATA_DIR (ports $BASE_PORT+)."
 "$BIN_DIR/lmskv" local up --nodes "$NODES" --data-dir "$DATA_DIR" --base-port "$BASE_PORT" \
-  --node-bin "$NODE_WRAPPER" &
+  --node-bin "$BIN_DIR/lmskv-node" --config "$NODE_CONFIG" &
 cluster_pid=$!
 wait_until "the cluster answering" 60 "$BIN_DIR/lmskv" --endpoints "$ENDPOINTS" kv scan --limit 1
 

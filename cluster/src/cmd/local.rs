@@ -83,6 +83,10 @@ pub struct UpArgs {
     /// executable, else lmskv-node on PATH.
     #[arg(long, env = "LMSKV_NODE_BIN", value_name = "PATH")]
     pub node_bin: Option<PathBuf>,
+    /// A node configuration file (TOML) every node is started with
+    /// (`lmskv-node --config`), e.g. pre-split keys or split rows.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// How long to wait for the cluster to elect a leader and report every
     /// node up, e.g. 60s.
     #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
@@ -168,6 +172,18 @@ fn search_path(name: &Path) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| is_executable_file(candidate))
+}
+
+/// The node configuration file as an absolute path, after checking that it
+/// can be read; the nodes themselves validate its content and refuse to
+/// start (with the reason in their log) when it is wrong.
+pub fn node_config(path: &Path) -> Result<PathBuf, CmdError> {
+    let abs = fs::canonicalize(path)
+        .map_err(|e| CmdError::Usage(format!("--config {}: {e}", path.display())))?;
+    fs::read_to_string(&abs).map_err(|e| {
+        CmdError::Usage(format!("--config {}: cannot read it: {e}", path.display()))
+    })?;
+    Ok(abs)
 }
 
 /// Finds the node binary: `explicit` (from --node-bin or `LMSKV_NODE_BIN`),
@@ -294,7 +310,13 @@ impl Cluster {
     }
 
     /// Starts one node with its output appended to its log file.
-    fn spawn(&mut self, bin: &Path, plan: &NodePlan, join: &str) -> Result<(), CmdError> {
+    fn spawn(
+        &mut self,
+        bin: &Path,
+        config: Option<&Path>,
+        plan: &NodePlan,
+        join: &str,
+    ) -> Result<(), CmdError> {
         let open_log = || -> std::io::Result<(File, File)> {
             let mut log = OpenOptions::new()
                 .create(true)
@@ -315,7 +337,11 @@ impl Cluster {
         let (out, err) = open_log().map_err(|e| {
             CmdError::Failed(format!("cannot open log file {}: {e}", plan.log.display()))
         })?;
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let mut child = cmd
             .arg("--node-id")
             .arg(plan.node_id.to_string())
             .arg("--listen")
@@ -583,6 +609,7 @@ async fn up(ctx: &Context, args: UpArgs) -> Result<(), CmdError> {
     let plans = plan(args.nodes, args.base_port, &data_dir)?;
     check_ports_free(&plans)?;
     let bin = find_node_bin(args.node_bin.as_deref())?;
+    let config = args.config.as_deref().map(node_config).transpose()?;
     fs::create_dir_all(&data_dir).map_err(|e| {
         CmdError::Failed(format!(
             "cannot create data dir {}: {e}",
@@ -602,7 +629,7 @@ async fn up(ctx: &Context, args: UpArgs) -> Result<(), CmdError> {
         data_dir.display()
     ));
     for p in &plans {
-        if let Err(e) = cluster.spawn(&bin, p, &join) {
+        if let Err(e) = cluster.spawn(&bin, config.as_deref(), p, &join) {
             cluster.stop(&mut signals).await;
             return Err(e);
         }
@@ -750,6 +777,18 @@ mod tests {
         let err = check_ports_free(&plans).expect_err("port is busy");
         assert!(err.to_string().contains("already in use"), "{err}");
         drop(busy);
+    }
+
+    #[test]
+    fn a_missing_node_config_is_a_usage_error() {
+        let err = node_config(Path::new("/nonexistent/lmskv-node.toml")).expect_err("missing");
+        assert!(matches!(err, CmdError::Usage(_)), "{err:?}");
+        let dir = std::env::temp_dir();
+        let file = dir.join(format!("lmskv-local-config-{}.toml", std::process::id()));
+        fs::write(&file, "balance_leaders = false\n").unwrap();
+        let got = node_config(&file).unwrap();
+        assert!(got.is_absolute());
+        fs::remove_file(&file).unwrap();
     }
 
     #[test]
