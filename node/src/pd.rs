@@ -28,6 +28,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::NodeConfig;
 use crate::meta::{MetaStore, NodeRecord, NodeState, PendingOp, StoredDesc};
 use crate::node::Node;
+use crate::storage::StorageError;
 
 /// Replica changes the driver runs at once.
 const OPS_INFLIGHT_MAX: usize = 4;
@@ -1197,23 +1198,36 @@ pub async fn split_local(
         // Reads every key of the range: off the async workers.
         let engine = node.engine.clone();
         let (start, end) = (m.start.clone(), m.end.clone());
-        let mid = tokio::task::spawn_blocking(move || engine.middle_key(&start, &end, 10_000))
-            .await
-            .map_err(|e| Error::internal(format!("split key search: {e}")))?;
-        let mid = match mid.map_err(|e| r.refuse(&e))? {
-            Some((k, _)) if k.as_ref() > m.start.as_ref() => k,
-            _ => return Err(Error::invalid_argument("key", "range too small to split")),
-        };
-        // Never inside a row of `split_rows`: the application's atomic
-        // batches stay in one range.
-        match row_split_key(&node.cfg.split_rows(), &m.start, &m.end, &mid) {
-            Some(k) => k,
-            None => {
-                return Err(Error::invalid_argument(
-                    "key",
-                    "the range is one row of split_rows; it is not split",
-                ))
+        let rows = node.cfg.split_rows();
+        let found = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+            let Some((mid, _)) = engine.middle_key(&start, &end, 10_000)? else {
+                return Ok(Err("range too small to split"));
+            };
+            if mid.as_ref() <= start.as_ref() {
+                return Ok(Err("range too small to split"));
             }
+            // Never inside a row of `split_rows`: the application's atomic
+            // batches stay in one range.
+            let Some(key) = row_split_key(&rows, &start, &end, &mid) else {
+                return Ok(Err("the range is one row of split_rows; it is not split"));
+            };
+            // Both halves must hold a key: moving the key to a row boundary
+            // can leave one side empty (all keys in one row and past it).
+            let has_keys = |lo: &[u8], hi: &[u8]| -> Result<bool, StorageError> {
+                Ok(!engine.scan(lo, hi, 1, false, usize::MAX)?.0.is_empty())
+            };
+            if !has_keys(&start, &key)? || !has_keys(&key, &end)? {
+                return Ok(Err(
+                    "no split key leaves keys on both sides without cutting a row",
+                ));
+            }
+            Ok(Ok(key))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("split key search: {e}")))?;
+        match found.map_err(|e| r.refuse(&e))? {
+            Ok(k) => k,
+            Err(reason) => return Err(Error::invalid_argument("key", reason)),
         }
     } else {
         req.key
