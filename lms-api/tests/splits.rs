@@ -76,12 +76,9 @@ async fn load_splits_never_cut_a_course() {
         || {
             let client = client.clone();
             async move {
-                let starts: Vec<Vec<u8>> = client
-                    .range_list()
-                    .await
-                    .ok()?
+                let starts: Vec<Vec<u8>> = common::range_starts(&client)
+                    .await?
                     .into_iter()
-                    .filter_map(|r| r.descriptor.map(|d| d.start_key.to_vec()))
                     .filter(|s| s.starts_with(keys::COURSE) && s.as_slice() != keys::COURSE)
                     .collect();
                 (starts.len() >= 2).then_some(starts)

@@ -365,15 +365,13 @@ pub async fn handle_heartbeat(
     let pd = &node.pd;
     let (known, want_full) = {
         let mut st = pd.state.lock().expect("pd lock");
-        let hosted: HashSet<u64> = if req.full || req.range_ids.is_empty() {
-            req.ranges
-                .iter()
-                .filter_map(|r| r.descriptor.as_ref().map(|d| d.range_id))
-                .chain(req.range_ids.iter().copied())
-                .collect()
-        } else {
-            req.range_ids.iter().copied().collect()
-        };
+        // Every hosted range is in `range_ids`; the stats sent name a subset.
+        let hosted: HashSet<u64> = req
+            .ranges
+            .iter()
+            .filter_map(|r| r.descriptor.as_ref().map(|d| d.range_id))
+            .chain(req.range_ids.iter().copied())
+            .collect();
         // Stats of ranges that did not change are not sent again: a driver
         // that has none of this node's (it just took over) asks for them all.
         let want_full = !req.full && !st.nodes.contains_key(&req.node_id);

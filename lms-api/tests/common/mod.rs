@@ -97,6 +97,20 @@ pub fn cluster_options(extra: &str) -> ClusterOptions {
     }
 }
 
+/// The start keys of the cluster's ranges, as the meta range lists them
+/// (`None` when it cannot be asked right now).
+pub async fn range_starts(client: &lmskv_client::Client) -> Option<Vec<Vec<u8>>> {
+    Some(
+        client
+            .range_list()
+            .await
+            .ok()?
+            .into_iter()
+            .filter_map(|r| r.descriptor.map(|d| d.start_key.to_vec()))
+            .collect(),
+    )
+}
+
 /// Starts a 3-node cluster with [`cluster_options`] and waits until every
 /// LMS table has its own range: every test runs on a multi-range cluster.
 pub async fn cluster_with(extra: &str) -> TestCluster {
@@ -107,13 +121,7 @@ pub async fn cluster_with(extra: &str) -> TestCluster {
     lmskv_tests::wait_for("a range per LMS table", Duration::from_secs(30), || {
         let client = client.clone();
         async move {
-            let starts: Vec<Vec<u8>> = client
-                .range_list()
-                .await
-                .ok()?
-                .into_iter()
-                .filter_map(|r| r.descriptor.map(|d| d.start_key.to_vec()))
-                .collect();
+            let starts = range_starts(&client).await?;
             lms_api::keys::TABLES
                 .iter()
                 .all(|t| starts.iter().any(|s| s == t))
