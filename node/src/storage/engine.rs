@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBRecoveryMode, Direction,
-    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    IteratorMode, Options, ReadOptions, ReadTier, WriteBatch, WriteOptions, DB,
 };
 
 use super::group_commit::{GroupCommit, SyncCallback};
@@ -15,6 +15,9 @@ use super::keys::{self, RaftStateField, RangeStateField};
 use super::snapshot::{self, SnapshotExport};
 use super::value::{self, StoredValue};
 use super::StorageError;
+
+/// Most memtable entries one [`Engine::approximate_span_size`] counts.
+pub const MEMTABLE_MEASURE_MAX: usize = 20_000;
 
 /// Tunables of the engine, validated by the node config.
 #[derive(Debug, Clone)]
@@ -497,6 +500,7 @@ impl Engine {
         let (ds, de) = keys::dedup_span(range_id);
         b.delete_range_cf(cf_state, &ds[..], &de[..]);
         self.db.write_opt(b, &Self::sync_opts())?;
+        crate::fail_point!("snapshot-install-import");
 
         let mut reader = snapshot::SnapshotReader::open(path)?;
         let mut b = WriteBatch::default();
@@ -624,7 +628,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Approximate bytes and keys stored in `[start, end)` of the data family.
+    /// Approximate bytes and keys stored in `[start, end)` of the data family:
+    /// the span's share of the SST files plus what its memtables hold. A
+    /// span whose writes still sit in a memtable (a small range, or a node
+    /// whose write buffer has not filled since) would otherwise look empty
+    /// and never split by size. At most [`MEMTABLE_MEASURE_MAX`] memtable
+    /// entries are counted, so one measurement stays cheap however busy the
+    /// range is (the rest is counted once it is flushed).
     pub fn approximate_span_size(&self, start: &[u8], end: &[u8]) -> (u64, u64) {
         let end_bound = if end.is_empty() {
             keys::data_key_space_end()
@@ -632,12 +642,30 @@ impl Engine {
             end.to_vec()
         };
         let cf = self.cf(keys::CF_DATA);
-        let size = self
+        let in_files = self
             .db
             .get_approximate_sizes_cf(&cf, &[rocksdb::Range::new(start, &end_bound[..])])
             .first()
             .copied()
             .unwrap_or(0);
+        let mut ro = ReadOptions::default();
+        ro.set_read_tier(ReadTier::Memtable);
+        ro.set_iterate_lower_bound(start.to_vec());
+        ro.set_iterate_upper_bound(end_bound);
+        ro.fill_cache(false);
+        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        it.seek_to_first();
+        let mut in_memory = 0u64;
+        let mut counted = 0usize;
+        while counted < MEMTABLE_MEASURE_MAX {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            in_memory += (k.len() + v.len()) as u64;
+            counted += 1;
+            it.next();
+        }
+        let size = in_files + in_memory;
         // Rough key count: bytes over the observed mean record size.
         (size, size / 300)
     }
@@ -914,6 +942,56 @@ mod tests {
         e.log_purge_through(1, 1, b"p").unwrap();
         assert!(e.log_last(1).unwrap().is_none());
         assert_eq!(e.log_last(2).unwrap().unwrap().0, 1);
+    }
+
+    #[test]
+    fn span_size_counts_unflushed_and_flushed_data() {
+        let (_d, e) = engine();
+        // Incompressible values: SST files are compressed.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut b = e.apply_batch(1);
+        for i in 0..100u32 {
+            let value: Vec<u8> = (0..1000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            b.put(format!("b/{i:04}").as_bytes(), 1, Bytes::from(value));
+        }
+        b.commit().unwrap();
+        // Still in the memtable: no SST file holds it yet.
+        assert_eq!(e.data_sst_bytes(), 0);
+        let (before_flush, _) = e.approximate_span_size(b"b/", b"c/");
+        assert!(
+            before_flush >= 100_000,
+            "unflushed data counted: {before_flush}"
+        );
+        assert_eq!(
+            e.approximate_span_size(b"c/", b"").0,
+            0,
+            "other spans empty"
+        );
+        let (half, _) = e.approximate_span_size(b"b/", b"b/0050");
+        assert!(
+            half < before_flush * 3 / 4 && half > before_flush / 4,
+            "{half}"
+        );
+        e.flush().unwrap();
+        assert!(e.data_sst_bytes() > 0);
+        let (after_flush, _) = e.approximate_span_size(b"b/", b"c/");
+        assert!(after_flush >= 90_000, "flushed data counted: {after_flush}");
+        assert!(
+            after_flush < 2 * before_flush,
+            "not counted twice: {after_flush}"
+        );
+        assert_eq!(
+            e.approximate_span_size(b"c/", b"").0,
+            0,
+            "other spans empty"
+        );
     }
 
     #[test]
