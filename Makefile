@@ -12,6 +12,10 @@ API_LISTEN ?= 127.0.0.1:8080
 SCHEMATHESIS_VENV ?= $(HOME)/.cache/lmskv-schemathesis
 SCHEMATHESIS_VERSION ?= 4.32.5
 FUZZ_SECONDS ?= 120
+# Debug builds (build, lint, tests) carry the node's fail points, which the
+# fail point tests drive through FAILPOINTS; one feature set for all three so
+# they share compiled artifacts. Release builds (`make run`, `make bench`) do not.
+TEST_FEATURES ?= --features lmskv-node/failpoints
 
 .PHONY: all setup build build-release run test fmt fmt-check lint unit-test integration-test clean help bench bench-smoke
 
@@ -29,7 +33,7 @@ setup:
 	@./scripts/setup.sh
 
 build: setup
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins $(TEST_FEATURES)
 
 build-release: setup
 	$(CARGO) build --release --workspace --bins
@@ -47,12 +51,12 @@ fmt-check:
 	$(CARGO) fmt --all -- --check
 
 lint: setup
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings
 
 # One `cargo test` over the whole workspace, so it reuses the build above.
 # Cluster tests start real processes; one test at a time keeps 2-core machines honest.
 unit-test integration-test: build
-	$(CARGO) test --workspace -- --test-threads=1
+	$(CARGO) test --workspace $(TEST_FEATURES) -- --test-threads=1
 
 test: setup fmt-check lint build integration-test bench-smoke api-fuzz-short
 	@echo "make test: all checks passed"

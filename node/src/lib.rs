@@ -6,6 +6,7 @@
 //! joins a cluster; `main.rs` is the `lmskv-node` binary.
 
 pub mod config;
+pub mod failpoints;
 pub mod meta;
 pub mod node;
 pub mod pd;

@@ -68,6 +68,14 @@ fn main() {
     } else {
         builder.init();
     }
+    // Fail points (test builds): configured from FAILPOINTS for the whole run.
+    let _failpoints = match lmskv_node::failpoints::setup() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lmskv-node: {e}");
+            std::process::exit(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -263,6 +263,13 @@ impl TestCluster {
 
     /// Starts (or restarts) node `id` with its data dir.
     pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        self.spawn_with_env(id, &[])
+    }
+
+    /// Starts (or restarts) node `id` with extra environment variables for
+    /// this run of the process only, e.g. `FAILPOINTS` (node binaries built
+    /// with `--features lmskv-node/failpoints`).
+    pub fn spawn_with_env(&mut self, id: u64, env: &[(&str, &str)]) -> anyhow::Result<()> {
         let join = self.endpoints().join(",");
         let bin = self.node_bin.clone();
         let cfg = self.config_path.clone();
@@ -292,6 +299,7 @@ impl TestCluster {
             .arg(&join)
             .arg("--config")
             .arg(&cfg)
+            .envs(env.iter().copied())
             .env(
                 "LMSKV_LOG",
                 std::env::var("LMSKV_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),

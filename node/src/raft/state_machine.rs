@@ -328,6 +328,7 @@ impl StateMachine {
                 "bad new range id {new_range_id}"
             ))));
         }
+        crate::fail_point!("split-apply");
         let right = RangeMeta {
             range_id: new_range_id,
             start: split_key.clone(),
@@ -491,6 +492,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 },
                 &tmp,
             )?;
+            crate::fail_point!("snapshot-build");
             let applied: AppliedState = match &export.applied {
                 Some(b) => decode("applied state", b)?,
                 None => AppliedState::default(),
@@ -615,7 +617,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership,
             desc: desc.clone(),
         })?);
+        crate::fail_point!("apply-before-commit");
         batch.commit()?;
+        crate::fail_point!("apply-after-commit");
         *self.meta.write().expect("meta lock") = desc;
         for id in splits {
             (self.on_split)(id);
@@ -643,6 +647,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .store(0, std::sync::atomic::Ordering::Relaxed);
         // Record the snapshot first: an interrupted import resumes from it.
         self.keep_snapshot(meta, &final_path)?;
+        crate::fail_point!("snapshot-install");
         let this = self.clone();
         let meta2 = meta.clone();
         let fp = final_path.clone();

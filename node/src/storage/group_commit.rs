@@ -69,6 +69,14 @@ impl Drop for GroupCommit {
     }
 }
 
+/// One WAL fsync, between the fail points around it.
+fn sync_wal(db: &rocksdb::DB) -> Result<(), StorageError> {
+    crate::fail_point!("log-sync-before");
+    db.flush_wal(true)?;
+    crate::fail_point!("log-sync-after");
+    Ok(())
+}
+
 fn run(db: Arc<rocksdb::DB>, rx: Receiver<SyncCallback>) {
     let mut group: Vec<SyncCallback> = Vec::with_capacity(256);
     while let Ok(first) = rx.recv() {
@@ -79,7 +87,7 @@ fn run(db: Arc<rocksdb::DB>, rx: Receiver<SyncCallback>) {
                 Err(_) => break,
             }
         }
-        let res = db.flush_wal(true).map_err(|e| e.to_string());
+        let res = sync_wal(&db).map_err(|e| e.to_string());
         for cb in group.drain(..) {
             cb(res.clone().map_err(StorageError::Rocks));
         }
