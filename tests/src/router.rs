@@ -75,6 +75,14 @@ impl TestCluster {
                         } if !h.address.is_empty() && !addrs.contains(&h.address) => {
                             addrs.insert(0, h.address);
                         }
+                        // A refused argument is the answer (e.g. a range
+                        // already starts at the split key): retrying it for
+                        // the whole attempt budget only stalls the caller.
+                        // A split refused at apply time (field `split`: the
+                        // range changed version under it) is worth a retry.
+                        Error::InvalidArgument { field, reason } if field != "split" => {
+                            bail!("meta call failed: invalid argument `{field}`: {reason}")
+                        }
                         e => last = e.to_string(),
                     },
                 }
