@@ -19,6 +19,10 @@ use super::StorageError;
 /// Most memtable entries one [`Engine::approximate_span_size`] counts.
 pub const MEMTABLE_MEASURE_MAX: usize = 20_000;
 
+/// Share of a memtable's size given to its whole-key bloom filter (data and
+/// range-state column families).
+const MEMTABLE_BLOOM_RATIO: f64 = 0.05;
+
 /// Tunables of the engine, validated by the node config.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -86,6 +90,14 @@ impl Engine {
             o.set_write_buffer_size(opts.write_buffer_bytes);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             o.set_paranoid_checks(true);
+            if *name == keys::CF_RANGE_STATE || *name == keys::CF_DATA {
+                // Every applied write with a request id looks up a dedup record
+                // that almost never exists, and conditional writes look up
+                // keys that may not: a whole-key bloom filter over the memtable
+                // answers those misses without searching the skiplist.
+                o.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
+                o.set_memtable_whole_key_filtering(true);
+            }
             ColumnFamilyDescriptor::new(*name, o)
         });
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, cfs)?);
