@@ -75,7 +75,7 @@ chaos: build
 
 chaos-short: build
 	@mkdir -p bench
-	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 3 --duration 30s --report bench/chaos-report.json
+	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 4 --duration 30s --report bench/chaos-report.json
 
 # lmskv against etcd on this machine: 3 members each on loopback, every
 # workload at 1/16/64/256 clients in interleaved pairs. BENCH_* variables

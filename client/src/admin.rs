@@ -10,8 +10,8 @@ use bytes::Bytes;
 use lmskv_proto::error::Error as ServerError;
 use lmskv_proto::range::META_RANGE_ID;
 use lmskv_proto::v1::{
-    DecommissionRequest, NodeInfo, NodeListRequest, RangeDescriptor, RangeInfo, RangeListRequest,
-    SplitRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
+    DecommissionRequest, MoveReplicaRequest, NodeInfo, NodeListRequest, RangeDescriptor, RangeInfo,
+    RangeListRequest, SplitRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
 };
 use tokio::time::Instant;
 
@@ -20,6 +20,9 @@ use crate::error::ClientError;
 
 /// How long one try of an operator call on one node may take.
 pub const ADMIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one try of a replica move may take: the new replica catches up
+/// by snapshot before the membership change (the node gives up after 45 s).
+pub const MOVE_REPLICA_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a node's status report may take.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -175,6 +178,37 @@ impl Client {
         .await?;
         self.inner.routes.set_leader(range_id, to_node, None);
         Ok(())
+    }
+
+    /// Moves range `range_id`'s replica from node `from_node` to node
+    /// `to_node` (learner, catch-up, joint membership change, removal of the
+    /// old one) and returns the range's descriptor afterwards. A move that
+    /// is already done answers with the current descriptor, so a retried
+    /// call is safe.
+    pub async fn move_replica(
+        &self,
+        range_id: u64,
+        from_node: u64,
+        to_node: u64,
+    ) -> Result<RangeDescriptor, ClientError> {
+        let req = MoveReplicaRequest {
+            range_id,
+            from_node,
+            to_node,
+        };
+        let deadline = Instant::now() + self.retry.deadline.max(MOVE_REPLICA_ATTEMPT_TIMEOUT);
+        let resp = self
+            .meta_call(
+                deadline,
+                Some(MOVE_REPLICA_ATTEMPT_TIMEOUT),
+                |mut c| async move { c.move_replica(req).await },
+            )
+            .await?;
+        let d = resp.descriptor.ok_or_else(|| {
+            ClientError::Server(ServerError::internal("the move answer lacks a descriptor"))
+        })?;
+        self.inner.routes.insert(d.clone());
+        Ok(d)
     }
 
     /// Starts draining node `node_id`: its replicas move to other nodes and

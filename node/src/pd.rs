@@ -1302,6 +1302,105 @@ pub async fn decommission(node: &Arc<Node>, node_id: u64) -> Result<NodeRecord, 
     Ok(rec)
 }
 
+/// Moves `range_id`'s replica on node `from` to node `to` (an operator
+/// request, on the meta leader) the way the driver's own moves go: a
+/// pending op in the meta range (resumed by a later leader if this one
+/// fails), an empty replica on `to`, learner, joint change, removal. Holds
+/// the range's change claim, so no driver change of the range runs at the
+/// same time; returns the descriptor after the change.
+pub async fn move_replica(
+    node: &Arc<Node>,
+    range_id: u64,
+    from: u64,
+    to: u64,
+) -> Result<StoredDesc, Error> {
+    let desc = node
+        .pd
+        .desc_of(range_id)
+        .ok_or(Error::RangeNotFound { range_id })?;
+    if !desc.voters.contains(&from) && desc.voters.contains(&to) {
+        // Already done (a retried call).
+        return Ok(desc);
+    }
+    if !desc.voters.contains(&from) {
+        return Err(Error::invalid_argument(
+            "from_node",
+            format!("node {from} is not a voter of range {range_id}"),
+        ));
+    }
+    if desc.voters.contains(&to) || desc.learners.contains(&to) {
+        return Err(Error::invalid_argument(
+            "to_node",
+            format!("node {to} already holds a replica of range {range_id}"),
+        ));
+    }
+    let heard_within = Duration::from_millis(node.cfg.file.node_heartbeat_ms)
+        * LEADER_TARGET_HEARD_WITHIN_HEARTBEATS;
+    {
+        let st = node.pd.state.lock().expect("pd lock");
+        let up = st
+            .records
+            .get(&to)
+            .is_some_and(|r| r.state == NodeState::Up);
+        let heard = st
+            .nodes
+            .get(&to)
+            .is_some_and(|n| n.last_heartbeat.elapsed() < heard_within);
+        if !up || !heard {
+            return Err(Error::invalid_argument(
+                "to_node",
+                format!("node {to} is not an up node heard from lately"),
+            ));
+        }
+    }
+    let Ok(_permit) = node.pd.slots.clone().try_acquire_owned() else {
+        return Err(Error::unavailable(
+            "the placement driver runs as many replica changes as it may; retry",
+        ));
+    };
+    if !node
+        .pd
+        .inflight
+        .lock()
+        .expect("inflight lock")
+        .insert(range_id)
+    {
+        return Err(Error::unavailable(format!(
+            "a replica change of range {range_id} is in flight; retry"
+        )));
+    }
+    struct Claim<'a>(&'a Mutex<HashSet<u64>>, u64);
+    impl Drop for Claim<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut set) = self.0.lock() {
+                set.remove(&self.1);
+            }
+        }
+    }
+    let _claim = Claim(&node.pd.inflight, range_id);
+    let mut voters: Vec<u64> = desc.voters.iter().copied().filter(|v| *v != from).collect();
+    voters.push(to);
+    voters.sort_unstable();
+    let op = PendingOp {
+        range_id,
+        voters,
+        reason: format!("operator: move a replica from node {from} to node {to}"),
+    };
+    tracing::info!(range_id, voters = ?op.voters, reason = %op.reason, "replica change");
+    match tokio::time::timeout(OP_TIMEOUT, run_op(node, &op)).await {
+        Ok(Ok(())) => tracing::info!(range_id, voters = ?op.voters, "replica change done"),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(Error::unavailable(format!(
+                "moving range {range_id}'s replica timed out (the driver resumes it)"
+            )))
+        }
+    }
+    node.pd
+        .desc_of(range_id)
+        .ok_or(Error::RangeNotFound { range_id })
+}
+
 /// The start of the row `key` belongs to under `rows` (prefix, id length):
 /// `key` cut to its longest matching prefix plus the id length. A key that
 /// matches no prefix, or is no longer than its prefix and id, is its own row.

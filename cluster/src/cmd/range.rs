@@ -1,5 +1,5 @@
-//! `lmskv range list|split|transfer-leader`: the cluster's ranges as the
-//! meta range records them, manual splits and leader moves.
+//! `lmskv range list|split|transfer-leader|move`: the cluster's ranges as
+//! the meta range records them, manual splits, leader and replica moves.
 //!
 //! The JSON shape of `range list` is an interface:
 //! `[{"range_id":2,"start_key":"user/","end_key":"zzz","epoch":{"conf_ver":1,"version":3},"leader":1,"replicas":[1,2,3],"size_bytes":123,"keys":10,"qps":0.0}, …]`,
@@ -21,6 +21,20 @@ pub enum RangeCommand {
     Split(SplitArgs),
     /// Move the leadership of RANGE to NODE.
     TransferLeader(TransferLeaderArgs),
+    /// Move RANGE's replica from node FROM to node TO (learner, catch-up,
+    /// joint membership change, removal of the old replica).
+    Move(MoveArgs),
+}
+
+/// Arguments of `lmskv range move`.
+#[derive(Debug, Clone, Args)]
+pub struct MoveArgs {
+    /// The range id.
+    pub range: u64,
+    /// The node whose replica moves.
+    pub from: u64,
+    /// The node that gets it.
+    pub to: u64,
 }
 
 /// Arguments of `lmskv range split`.
@@ -198,6 +212,16 @@ pub async fn run(ctx: &Context, command: RangeCommand) -> Result<(), CmdError> {
             };
             output::emit(ctx.format, &view, |v| {
                 format!("OK range {} is led by node {}", v.range_id, v.leader)
+            })
+        }
+        RangeCommand::Move(a) => {
+            let d = client.move_replica(a.range, a.from, a.to).await?;
+            let view = DescriptorView::from(&d);
+            output::emit(ctx.format, &view, |v| {
+                format!(
+                    "OK range {} has replicas on nodes {:?} (conf_ver {})",
+                    v.range_id, v.replicas, v.epoch.conf_ver
+                )
             })
         }
     }

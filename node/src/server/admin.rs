@@ -13,9 +13,10 @@ use lmskv_proto::v1::{
     ChangeReplicasRequest, ChangeReplicasResponse, ClusterSummary, CreateReplicaRequest,
     CreateReplicaResponse, DecommissionRequest, DecommissionResponse, HeartbeatRequest,
     HeartbeatResponse, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse, LocateRequest,
-    LocateResponse, NodeInfo, NodeListRequest, NodeListResponse, RangeInfo, RangeListRequest,
-    RangeListResponse, RangeStatus, SplitRangeRequest, SplitRequest, SplitResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    LocateResponse, MoveReplicaRequest, MoveReplicaResponse, NodeInfo, NodeListRequest,
+    NodeListResponse, RangeInfo, RangeListRequest, RangeListResponse, RangeStatus,
+    SplitRangeRequest, SplitRequest, SplitResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -289,6 +290,25 @@ impl Admin for AdminService {
             .into_iter()
             .find(|n| n.node_id == rec.node_id);
         Ok(Response::new(DecommissionResponse { node }))
+    }
+
+    async fn move_replica(
+        &self,
+        req: Request<MoveReplicaRequest>,
+    ) -> Result<Response<MoveReplicaResponse>, Status> {
+        let req = req.into_inner();
+        if req.range_id == 0 || req.from_node == 0 || req.to_node == 0 {
+            return Err(Error::invalid_argument(
+                "range_id",
+                "range_id, from_node and to_node must be at least 1",
+            )
+            .into());
+        }
+        pd::serving(&self.node)?;
+        let d = pd::move_replica(&self.node, req.range_id, req.from_node, req.to_node).await?;
+        Ok(Response::new(MoveReplicaResponse {
+            descriptor: Some(d.to_proto()),
+        }))
     }
 
     async fn create_replica(

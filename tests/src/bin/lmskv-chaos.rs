@@ -1,6 +1,6 @@
 //! `lmskv-chaos`: runs workloads against a real multi-process cluster while
-//! a nemesis kills, pauses and partitions nodes, transfers range leaders and
-//! splits ranges, checks what clients observed, prints a summary and
+//! a nemesis kills, pauses and partitions nodes, transfers range leaders,
+//! splits ranges and moves replicas, checks what clients observed, prints a summary and
 //! optionally writes a JSON report.
 //!
 //! Exits 0 only when the register history is linearizable, the set lost no
@@ -26,7 +26,8 @@ struct Args {
     #[arg(long, default_value = "60s", value_parser = chaos::parse_duration)]
     duration: Duration,
     /// Faults to inject: `all`, or a comma-separated list (kill, pause,
-    /// partition, transfer, split).
+    /// partition, transfer, split, membership; membership needs more nodes
+    /// than the replication factor, e.g. --nodes 5, and is skipped otherwise).
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Workloads to run: a comma-separated list (register, set, bank).

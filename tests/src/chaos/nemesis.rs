@@ -21,6 +21,13 @@
 //!   the new range), a set element near the adders' position, or the edges
 //!   of the bank prefix, never inside it, so the bank's accounts stay in one
 //!   range. At most [`SPLITS_MAX`] per run.
+//! - Membership steps move a replica of a range (mostly one with workload
+//!   traffic; half the time the leader's replica) to a node outside the
+//!   range, and the next membership step moves it back (once the old
+//!   replica is gone from its node), through the operator API
+//!   (`move_replica`: learner, catch-up, joint change, removal, each way).
+//!   With as many nodes as replicas no range has a node outside it, and the
+//!   step is skipped (`membership_skipped`).
 //!
 //! Operator calls are bounded by [`ADMIN_CALL_TIMEOUT`]; one that is refused
 //! or times out is logged and counted (`admin_refused`), not fatal.
@@ -50,6 +57,11 @@ const REST_MS_MAX: u64 = 4_000;
 const LEADER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest an operator call (range list, transfer, split) may take.
 pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a replica move may take (the new replica catches up by snapshot).
+pub const MOVE_CALL_TIMEOUT: Duration = Duration::from_secs(70);
+/// How long the membership nemesis waits for a moved replica to be deleted
+/// from its old node before moving it back.
+const REPLICA_GONE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most splits one run makes.
 pub const SPLITS_MAX: u64 = 32;
 
@@ -76,6 +88,8 @@ pub async fn run(
     let deadline = Instant::now() + duration;
     let mut t = t;
     let mut deck: Vec<Nemesis> = Vec::new();
+    // A replica the membership nemesis moved, to move back at its next step.
+    let mut moved: Option<Moved> = None;
     // Let the workloads get going before the first step.
     rest(&mut rng, deadline).await;
     while Instant::now() < deadline {
@@ -90,6 +104,7 @@ pub async fn run(
             }
             Nemesis::Transfer => transfer(&t, &client, &mut rng, &mut counts).await,
             Nemesis::Split => split(&t, &client, &mut rng, seed, &mut counts).await,
+            Nemesis::Membership => membership(&t, &client, &mut rng, &mut moved, &mut counts).await,
         }
         rest(&mut rng, deadline).await;
     }
@@ -248,6 +263,153 @@ async fn transfer(t: &Target<'_>, client: &Client, rng: &mut StdRng, counts: &mu
             t.probes.transfer.cancel(p);
         }
         admin_refused(counts, &format!("transfer range {}", d.range_id), &why);
+    }
+}
+
+/// A replica the membership nemesis moved and will move back.
+#[derive(Debug, Clone, Copy)]
+struct Moved {
+    range_id: u64,
+    from: u64,
+    to: u64,
+}
+
+/// One membership step: moves back the replica the previous step moved
+/// (once its old replica is gone from its node, or after
+/// [`REPLICA_GONE_TIMEOUT`]), or else moves a replica of a range (mostly an
+/// active one) to a node outside the range.
+async fn membership(
+    t: &Target<'_>,
+    client: &Client,
+    rng: &mut StdRng,
+    moved: &mut Option<Moved>,
+    counts: &mut NemesisCounts,
+) {
+    let prefer_active = rng.gen_bool(0.8);
+    let from_leader = rng.gen_bool(0.5);
+    let (pick_range, pick_from, pick_to): (usize, usize, usize) = (rng.gen(), rng.gen(), rng.gen());
+    if let Some(m) = moved.take() {
+        // The old replica learns of its removal from the meta leader's
+        // heartbeat answer and deletes itself; wait for that (bounded) so
+        // the move back starts from an empty node.
+        let cl: &TestCluster = t.cluster;
+        let gone = crate::wait_for(
+            &format!("range {}'s replica to leave node {}", m.range_id, m.from),
+            REPLICA_GONE_TIMEOUT,
+            move || async move {
+                let s = cl.status(m.from).await.ok()?;
+                (!s.ranges.iter().any(|r| {
+                    r.descriptor
+                        .as_ref()
+                        .is_some_and(|x| x.range_id == m.range_id)
+                }))
+                .then_some(())
+            },
+        )
+        .await;
+        if let Err(e) = gone {
+            phase!("nemesis: membership: {e:#}; moving back anyway");
+        }
+        move_replica(client, m.range_id, m.to, m.from, "back", counts).await;
+        return;
+    }
+    let ranges = match tokio::time::timeout(ADMIN_CALL_TIMEOUT, client.range_list()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return admin_refused(counts, "membership: range list", &e.to_string()),
+        Err(_) => return admin_refused(counts, "membership: range list", "timed out"),
+    };
+    let nodes = t.cluster.running();
+    let holds =
+        |d: &lmskv_client::RangeDescriptor, n: u64| d.replicas.iter().any(|r| r.node_id == n);
+    // User ranges that some running node holds no replica of.
+    let movable: Vec<_> = ranges
+        .iter()
+        .filter_map(|r| r.descriptor.clone())
+        .filter(|d| d.range_id != lmskv_proto::range::META_RANGE_ID)
+        .filter(|d| nodes.iter().any(|n| !holds(d, *n)))
+        .collect();
+    if movable.is_empty() {
+        phase!(
+            "nemesis: membership skipped: no node is outside a range ({} nodes, every range has a replica on each)",
+            nodes.len()
+        );
+        counts.membership_skipped += 1;
+        return;
+    }
+    let active = t.probes.failover.active_ranges(Instant::now());
+    let active_movable: Vec<_> = movable
+        .iter()
+        .filter(|d| active.contains(&d.range_id))
+        .cloned()
+        .collect();
+    let pool = if prefer_active && !active_movable.is_empty() {
+        &active_movable
+    } else {
+        &movable
+    };
+    let d = &pool[pick_range % pool.len()];
+    let voters: Vec<u64> = d
+        .replicas
+        .iter()
+        .filter(|r| r.role == ReplicaRole::Voter as i32)
+        .map(|r| r.node_id)
+        .collect();
+    if voters.is_empty() {
+        return admin_refused(counts, "membership", "the range lists no voter");
+    }
+    let leader = leaders(t.cluster).await.get(&d.range_id).copied();
+    let from = match leader {
+        Some(l) if from_leader && voters.contains(&l) => l,
+        _ => voters[pick_from % voters.len()],
+    };
+    let outside: Vec<u64> = nodes.iter().copied().filter(|n| !holds(d, *n)).collect();
+    let to = outside[pick_to % outside.len()];
+    let what = match (active.contains(&d.range_id), leader == Some(from)) {
+        (true, true) => "the leader's replica of active",
+        (true, false) => "a follower's replica of active",
+        (false, true) => "the leader's replica of",
+        (false, false) => "a follower's replica of",
+    };
+    if move_replica(client, d.range_id, from, to, what, counts).await {
+        *moved = Some(Moved {
+            range_id: d.range_id,
+            from,
+            to,
+        });
+    }
+}
+
+/// Moves `range_id`'s replica from node `from` to node `to` through the
+/// operator API; returns whether it was done.
+async fn move_replica(
+    client: &Client,
+    range_id: u64,
+    from: u64,
+    to: u64,
+    what: &str,
+    counts: &mut NemesisCounts,
+) -> bool {
+    phase!("nemesis: membership: move {what} range {range_id} from node {from} to node {to}");
+    let at = Instant::now();
+    let step = format!("membership: move range {range_id} from node {from} to node {to}");
+    match tokio::time::timeout(MOVE_CALL_TIMEOUT, client.move_replica(range_id, from, to)).await {
+        Ok(Ok(d)) => {
+            counts.membership += 1;
+            let replicas: Vec<u64> = d.replicas.iter().map(|r| r.node_id).collect();
+            phase!(
+                "nemesis: membership: range {range_id} now on nodes {replicas:?} ({:?})",
+                at.elapsed()
+            );
+            true
+        }
+        Ok(Err(e)) => {
+            admin_refused(counts, &step, &e.to_string());
+            false
+        }
+        Err(_) => {
+            admin_refused(counts, &step, "timed out");
+            false
+        }
     }
 }
 

@@ -84,6 +84,11 @@ pub struct NemesisCounts {
     /// Splits not asked for: a range already started at the key, or the
     /// run's split limit was reached.
     pub split_skipped: u64,
+    /// Replica moves the cluster carried out (a move there and back counts two).
+    pub membership: u64,
+    /// Membership steps skipped: no node was outside the chosen ranges
+    /// (as many nodes as replicas).
+    pub membership_skipped: u64,
     /// Kills, pauses and partitions whose target led at least one range
     /// that carried workload writes (each opens failover probes).
     pub leader_faults: u64,
@@ -197,7 +202,8 @@ impl fmt::Display for ChaosReport {
         writeln!(
             f,
             "  nemesis:      {} kill, {} pause, {} partition ({} on a leader, {} errors), \
-             {} transfer, {} split ({} skipped, {} operator calls refused)",
+             {} transfer, {} split ({} skipped), {} replica moves ({} skipped), \
+             {} operator calls refused",
             n.kill,
             n.pause,
             n.partition,
@@ -206,6 +212,8 @@ impl fmt::Display for ChaosReport {
             n.transfer,
             n.split,
             n.split_skipped,
+            n.membership,
+            n.membership_skipped,
             n.admin_refused
         )?;
         let ms = |s: &Option<FailoverStats>| match s {
