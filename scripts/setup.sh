@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building lmskv needs and is missing: libclang (for RocksDB's
 # bindings), a C++ compiler, protoc (for the etcd client the benchmarks use),
-# and for the benchmarks etcd itself and a font for the charts.
+# for the benchmarks etcd itself and a font for the charts, and libfaketime
+# (the chaos runs' clock-skew nemesis).
 # Run as root to install; otherwise it only checks.
 set -euo pipefail
 
@@ -20,6 +21,8 @@ command -v make >/dev/null 2>&1 || missing+=(make)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+# libfaketime, for the chaos runs' clock-skew nemesis.
+compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || compgen -G "/usr/lib/faketime/libfaketime.so.1" >/dev/null || missing+=(faketime)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -26,8 +26,9 @@ struct Args {
     #[arg(long, default_value = "60s", value_parser = chaos::parse_duration)]
     duration: Duration,
     /// Faults to inject: `all`, or a comma-separated list (kill, pause,
-    /// partition, transfer, split, membership; membership needs more nodes
-    /// than the replication factor, e.g. --nodes 5, and is skipped otherwise).
+    /// partition, transfer, split, membership, skew; membership needs more
+    /// nodes than the replication factor, e.g. --nodes 5, and is skipped
+    /// otherwise; skew needs libfaketime).
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Workloads to run: a comma-separated list (register, set, bank).

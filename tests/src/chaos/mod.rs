@@ -67,18 +67,32 @@ pub enum Nemesis {
     /// change, removal, each way). Needs more nodes than replicas (e.g.
     /// `--nodes 5`); skipped with the reason otherwise.
     Membership,
+    /// Restart a node under a wall clock shifted by up to ±5 minutes
+    /// (libfaketime, monotonic clock untouched) for 1–3 s, then restart it
+    /// with the true clock. Needs libfaketime (Debian package `faketime`).
+    Skew,
 }
 
 impl Nemesis {
     /// Every nemesis this build supports.
-    pub const SUPPORTED: [Nemesis; 6] = [
+    pub const SUPPORTED: [Nemesis; 7] = [
         Nemesis::Kill,
         Nemesis::Pause,
         Nemesis::Partition,
         Nemesis::Transfer,
         Nemesis::Split,
         Nemesis::Membership,
+        Nemesis::Skew,
     ];
+
+    /// The supported nemeses this machine can run: all of them, less `skew`
+    /// where libfaketime is not installed.
+    pub fn available() -> Vec<Nemesis> {
+        Nemesis::SUPPORTED
+            .into_iter()
+            .filter(|n| *n != Nemesis::Skew || faketime_library().is_some())
+            .collect()
+    }
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -89,16 +103,30 @@ impl Nemesis {
             Nemesis::Transfer => "transfer",
             Nemesis::Split => "split",
             Nemesis::Membership => "membership",
+            Nemesis::Skew => "skew",
         }
     }
 }
 
 /// Nemeses the issue names that this build does not have, and why.
-const NOT_BUILT: [(&str, &str); 1] = [(
-    "skew",
-    "the nodes have no clock hook to skew (leases use the monotonic clock) and the \
-     harness cannot shift one process's clock",
-)];
+/// Where Debian's `faketime` package puts libfaketime.
+const FAKETIME_LIBRARIES: [&str; 4] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/faketime/libfaketime.so.1",
+    "/usr/local/lib/faketime/libfaketime.so.1",
+];
+
+/// libfaketime's path, when it is installed (`LMSKV_FAKETIME_LIB` overrides).
+pub fn faketime_library() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("LMSKV_FAKETIME_LIB") {
+        return Some(p.into());
+    }
+    FAKETIME_LIBRARIES
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+}
 
 impl fmt::Display for Nemesis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -114,21 +142,31 @@ pub fn parse_nemeses(s: &str) -> anyhow::Result<Vec<Nemesis>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part {
-            "all" => out.extend(Nemesis::SUPPORTED),
+            "all" => {
+                let available = Nemesis::available();
+                if !available.contains(&Nemesis::Skew) {
+                    phase!("nemesis `all` leaves out `skew`: libfaketime is not installed (Debian package faketime)");
+                }
+                out.extend(available)
+            }
             "kill" => out.push(Nemesis::Kill),
             "pause" => out.push(Nemesis::Pause),
             "partition" => out.push(Nemesis::Partition),
             "transfer" => out.push(Nemesis::Transfer),
             "split" => out.push(Nemesis::Split),
             "membership" => out.push(Nemesis::Membership),
-            other => match NOT_BUILT.iter().find(|(n, _)| *n == other) {
-                Some((_, why)) => bail!(
-                    "nemesis `{other}` is not built: {why}; supported: {supported} (or `all`)"
-                ),
-                None => {
-                    bail!("nemesis `{other}` is not supported; supported: {supported} (or `all`)")
+            "skew" => {
+                if faketime_library().is_none() {
+                    bail!(
+                        "nemesis `skew` needs libfaketime, which is not installed (Debian package \
+                         faketime; or set LMSKV_FAKETIME_LIB)"
+                    );
                 }
-            },
+                out.push(Nemesis::Skew)
+            }
+            other => {
+                bail!("nemesis `{other}` is not supported; supported: {supported} (or `all`)")
+            }
         }
     }
     out.sort();
@@ -245,7 +283,12 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
         // The production default: leaders move while the nemesis runs. The
         // bank's accounts form one split row, so an automatic split never
         // cuts them apart (the nemesis's own splits avoid them too).
-        config: format!("balance_leaders = true\n{}\n", bank::BANK_SPLIT_ROW),
+        // The node's default Raft timing (the test harness otherwise runs
+        // slower elections), so failover is measured as shipped.
+        config: format!(
+            "balance_leaders = true\nelection_timeout_ms_min = 300\nelection_timeout_ms_max = 600\n{}\n",
+            bank::BANK_SPLIT_ROW
+        ),
         proxied: opts.nemeses.contains(&Nemesis::Partition),
     })
     .await?;

@@ -28,6 +28,10 @@
 //!   (`move_replica`: learner, catch-up, joint change, removal, each way).
 //!   With as many nodes as replicas no range has a node outside it, and the
 //!   step is skipped (`membership_skipped`).
+//! - Clock skew restarts a node (half the time an active range's leader)
+//!   under libfaketime with its wall clock up to [`SKEW_S_MAX`] seconds off
+//!   either way (the monotonic clock untouched), and 1–3 s later restarts
+//!   it with the true clock.
 //!
 //! Operator calls are bounded by [`ADMIN_CALL_TIMEOUT`]; one that is refused
 //! or times out is logged and counted (`admin_refused`), not fatal.
@@ -57,6 +61,11 @@ const REST_MS_MAX: u64 = 4_000;
 const LEADER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest an operator call (range list, transfer, split) may take.
 pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest wall-clock skew, in seconds, either way. Write deduplication
+/// expires records by the leaders' wall clocks (`proposed_at_ms`), so a
+/// skew beyond the dedup window (600 s) less the client's retry deadline
+/// could forget a request id a client still retries; this stays well within.
+const SKEW_S_MAX: u64 = 300;
 /// Longest a replica move may take (the new replica catches up by snapshot).
 pub const MOVE_CALL_TIMEOUT: Duration = Duration::from_secs(70);
 /// How long the membership nemesis waits for a moved replica to be deleted
@@ -99,7 +108,7 @@ pub async fn run(
         }
         let Some(kind) = deck.pop() else { break };
         match kind {
-            Nemesis::Kill | Nemesis::Pause | Nemesis::Partition => {
+            Nemesis::Kill | Nemesis::Pause | Nemesis::Partition | Nemesis::Skew => {
                 fault(&mut t, &mut rng, kind, &mut counts).await
             }
             Nemesis::Transfer => transfer(&t, &client, &mut rng, &mut counts).await,
@@ -112,8 +121,8 @@ pub async fn run(
     counts
 }
 
-/// Kills, pauses or partitions one node (half the time the leader of an
-/// active range) for 1–3 s, then heals it.
+/// Kills, pauses, partitions or clock-skews one node (half the time the
+/// leader of an active range) for 1–3 s, then heals it.
 async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut NemesisCounts) {
     let cluster = &mut *t.cluster;
     let nodes = cluster.nodes.len() as u64;
@@ -123,6 +132,16 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
     let random_node = rng.gen_range(1..=nodes);
     let pick: usize = rng.gen();
     let fault_for = Duration::from_millis(rng.gen_range(FAULT_MS_MIN..=FAULT_MS_MAX));
+    let skew_s = if kind == Nemesis::Skew {
+        let s = rng.gen_range(1..=SKEW_S_MAX) as i64;
+        if rng.gen_bool(0.5) {
+            s
+        } else {
+            -s
+        }
+    } else {
+        0
+    };
     let leaders = leaders(cluster).await;
     let active = t.probes.failover.active_ranges(Instant::now());
     let active_leaders: Vec<u64> = active
@@ -151,6 +170,12 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
     let faulted = match kind {
         Nemesis::Kill => cluster.kill(target),
         Nemesis::Pause => cluster.pause(target),
+        Nemesis::Skew => {
+            phase!("nemesis: skew: restart node {target} with its wall clock {skew_s:+} s off");
+            cluster
+                .kill(target)
+                .and_then(|_| restart_skewed(cluster, target, skew_s))
+        }
         _ => {
             let (side, rest) = partition_sides(rng, nodes, target);
             phase!("nemesis: partition {side:?} | {rest:?}");
@@ -169,6 +194,7 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
         match kind {
             Nemesis::Kill => counts.kill += 1,
             Nemesis::Pause => counts.pause += 1,
+            Nemesis::Skew => counts.skew += 1,
             _ => counts.partition += 1,
         }
     }
@@ -176,6 +202,8 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
     let healed = match kind {
         Nemesis::Kill => cluster.spawn(target),
         Nemesis::Pause => cluster.resume(target),
+        // The process keeps the clock it started with: restart it.
+        Nemesis::Skew => cluster.kill(target).and_then(|_| cluster.spawn(target)),
         _ => {
             cluster.heal_network();
             Ok(())
@@ -185,6 +213,24 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
         phase!("nemesis: healing node {target} failed: {e:#}");
         counts.errors += 1;
     }
+}
+
+/// Starts node `target` with libfaketime shifting its wall clock by
+/// `skew_s` seconds; its monotonic clock (timers, leases, staleness bounds)
+/// stays true.
+fn restart_skewed(cluster: &mut TestCluster, target: u64, skew_s: i64) -> anyhow::Result<()> {
+    let lib =
+        super::faketime_library().ok_or_else(|| anyhow::anyhow!("libfaketime is not installed"))?;
+    let lib = lib.to_string_lossy().into_owned();
+    let offset = format!("{skew_s:+}");
+    cluster.spawn_with_env(
+        target,
+        &[
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME", offset.as_str()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )
 }
 
 /// Moves the leadership of a range (mostly an active one) to another of its

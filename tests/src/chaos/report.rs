@@ -84,6 +84,8 @@ pub struct NemesisCounts {
     /// Splits not asked for: a range already started at the key, or the
     /// run's split limit was reached.
     pub split_skipped: u64,
+    /// Nodes restarted under a skewed wall clock (and back).
+    pub skew: u64,
     /// Replica moves the cluster carried out (a move there and back counts two).
     pub membership: u64,
     /// Membership steps skipped: no node was outside the chosen ranges
@@ -201,12 +203,13 @@ impl fmt::Display for ChaosReport {
         let n = &self.nemesis;
         writeln!(
             f,
-            "  nemesis:      {} kill, {} pause, {} partition ({} on a leader, {} errors), \
+            "  nemesis:      {} kill, {} pause, {} partition, {} skew ({} on a leader, {} errors), \
              {} transfer, {} split ({} skipped), {} replica moves ({} skipped), \
              {} operator calls refused",
             n.kill,
             n.pause,
             n.partition,
+            n.skew,
             n.leader_faults,
             n.errors,
             n.transfer,
