@@ -40,11 +40,11 @@ pub const ENDPOINTS_MAX: usize = 64;
 /// read moves on to another replica.
 pub const REPLICA_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
 /// How long one try on a range's leader may take by default before the call
-/// looks for the leader again: twice the default election timeout, by when a
-/// stopped (paused) leader has usually been replaced; it would otherwise hold
-/// a call until its deadline. Retried writes keep their request id, so a try
+/// looks for the leader again: longer than a node's default leader lease and
+/// election timeout (600 ms), by when a stopped (paused) leader has usually
+/// been replaced; it would otherwise hold a call until its deadline. Retried writes keep their request id, so a try
 /// given up on is never applied twice.
-pub const LEADER_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(2);
+pub const LEADER_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
 /// Longest overall deadline a call may be given.
 pub const CALL_DEADLINE_MAX: Duration = Duration::from_secs(600);
 

@@ -58,8 +58,8 @@ pub struct FileConfig {
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            election_timeout_ms_min: 500,
-            election_timeout_ms_max: 1_000,
+            election_timeout_ms_min: 300,
+            election_timeout_ms_max: 600,
             heartbeat_interval_ms: 100,
             snapshot_logs_since_last: 20_000,
             snapshot_logs_to_keep: 5_000,

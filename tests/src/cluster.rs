@@ -135,7 +135,10 @@ impl TestCluster {
         let mut config = String::from(
             "election_timeout_ms_min = 500\nelection_timeout_ms_max = 1000\nheartbeat_interval_ms = 100\nbalance_leaders = false\n",
         );
-        for line in opts.config.lines() {
+        // `LMSKV_TEST_NODE_CONFIG` (TOML lines) overrides both, e.g. to run
+        // chaos with other Raft timeouts.
+        let extra = std::env::var("LMSKV_TEST_NODE_CONFIG").unwrap_or_default();
+        for line in opts.config.lines().chain(extra.lines()) {
             let key = line.split('=').next().unwrap_or("").trim();
             if !key.is_empty() {
                 config = config
@@ -376,13 +379,19 @@ impl TestCluster {
         }
     }
 
-    /// A client configured with every node as a seed.
+    /// A client configured with every node as a seed. `LMSKV_TEST_LEADER_ATTEMPT_MS`
+    /// sets how long one try on a leader may take (the client's default otherwise).
     pub fn client(&self) -> Client {
-        Client::builder()
+        let mut b = Client::builder()
             .endpoints(self.endpoints())
-            .deadline(Duration::from_secs(20))
-            .build()
-            .expect("client")
+            .deadline(Duration::from_secs(20));
+        if let Some(ms) = std::env::var("LMSKV_TEST_LEADER_ATTEMPT_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            b = b.leader_attempt_timeout(Duration::from_millis(ms));
+        }
+        b.build().expect("client")
     }
 
     /// The OS process id of node `id`, when it runs.
