@@ -360,6 +360,16 @@ impl RangeReplica {
             return Err(Error::invalid_argument("voters", "a range needs a voter"));
         }
         let status = self.status();
+        // A leader whose own removal is under way (or done) must not start
+        // another change: it was planned from a voter set that no longer
+        // holds, and openraft refuses membership work from a leader that is
+        // stepping down. The caller re-plans against the new leader.
+        if !self.is_leader() || !status.voters.contains(&self.node_id) {
+            return Err(Error::NotLeader {
+                range_id: self.range_id,
+                leader: self.leader_hint(),
+            });
+        }
         let mut added = Vec::new();
         for (id, addr) in &voters {
             if !status.voters.contains(id) && !status.learners.contains(id) {
