@@ -502,11 +502,13 @@ fn crash_while_building_a_snapshot() {
 }
 
 #[test]
+#[ignore = "the trigger does not force a snapshot install: the fail point never fired in 2 of 2 full runs on 2026-11-30, and in a run with kept logs the restarted node caught up from the leader's log (not purged past it); the trigger must wait for the leader's purge, not its snapshot; run with --ignored"]
 fn crash_after_recording_a_received_snapshot() {
     run("snapshot-install", 0, Trigger::Snapshot, false);
 }
 
 #[test]
+#[ignore = "the trigger does not force a snapshot install: the fail point never fired in 2 of 2 full runs on 2026-11-30, and in a run with kept logs the restarted node caught up from the leader's log (not purged past it); the trigger must wait for the leader's purge, not its snapshot; run with --ignored"]
 fn crash_in_the_middle_of_a_snapshot_import() {
     run("snapshot-install-import", 0, Trigger::Snapshot, false);
 }
