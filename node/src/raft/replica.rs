@@ -79,6 +79,8 @@ pub struct ReplicaStatus {
     pub applied_index: u64,
     pub last_log_index: u64,
     pub snapshot_index: u64,
+    /// Last log index removed from the log (0: none).
+    pub purged_index: u64,
     pub role: &'static str,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
@@ -814,6 +816,7 @@ impl RangeReplica {
             applied_index: m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0),
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.as_ref().map(|l| l.index()).unwrap_or(0),
+            purged_index: m.purged.as_ref().map(|l| l.index()).unwrap_or(0),
             role,
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),

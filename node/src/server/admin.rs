@@ -107,6 +107,7 @@ impl Admin for AdminService {
                 local_role: st.role.to_string(),
                 last_log_index: st.last_log_index,
                 snapshot_index: st.snapshot_index,
+                purged_index: st.purged_index,
                 fault: st.fault.unwrap_or_default(),
             });
         }
