@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lmskv_client::Client;
 use lmskv_proto::range::META_RANGE_ID;
-use lmskv_proto::v1::{Consistency, ReadOptions, RequestHeader, ScanRequest};
+use lmskv_proto::v1::{Consistency, RangeStatus, ReadOptions, RequestHeader, ScanRequest};
 use lmskv_tests::{phase, ClusterOptions, TestCluster};
 use tokio::sync::watch;
 
@@ -236,30 +236,14 @@ async fn workload_leader(c: &TestCluster) -> (u64, u64) {
     (leader, r.descriptor.as_ref().unwrap().range_id)
 }
 
-/// Node `id`'s (applied index, snapshot index) of `range_id`.
-async fn indexes(c: &TestCluster, id: u64, range_id: u64) -> Option<(u64, u64)> {
+/// Node `id`'s status of `range_id`.
+async fn range_status(c: &TestCluster, id: u64, range_id: u64) -> Option<RangeStatus> {
     let s = c.status(id).await.ok()?;
-    s.ranges
-        .iter()
-        .find(|r| {
-            r.descriptor
-                .as_ref()
-                .is_some_and(|d| d.range_id == range_id)
-        })
-        .map(|r| (r.applied_index, r.snapshot_index))
-}
-
-/// A node's last log index and the last index it purged from its log, for a range.
-async fn log_bounds(c: &TestCluster, id: u64, range_id: u64) -> Option<(u64, u64)> {
-    let s = c.status(id).await.ok()?;
-    s.ranges
-        .iter()
-        .find(|r| {
-            r.descriptor
-                .as_ref()
-                .is_some_and(|d| d.range_id == range_id)
-        })
-        .map(|r| (r.last_log_index, r.purged_index))
+    s.ranges.into_iter().find(|r| {
+        r.descriptor
+            .as_ref()
+            .is_some_and(|d| d.range_id == range_id)
+    })
 }
 
 async fn wait_acks(h: &History, more: u64, what: &str) {
@@ -314,13 +298,16 @@ async fn crash_at(point: &str, skip: u32, trigger: Trigger, lead: bool) {
             // now; once the leader has purged past it, only a snapshot can
             // bring the node back (a snapshot alone is not enough: openraft
             // postpones the purge while a replication stream reads the log).
-            let (last, _) = log_bounds(&c, leader, range_id).await.unwrap();
+            let last = range_status(&c, leader, range_id)
+                .await
+                .unwrap()
+                .last_log_index;
             let cr = &c;
             lmskv_tests::wait_for(
                 "the leader to purge its log past the killed node",
                 Duration::from_secs(60),
                 move || async move {
-                    let (_, purged) = log_bounds(cr, leader, range_id).await?;
+                    let purged = range_status(cr, leader, range_id).await?.purged_index;
                     (purged > last).then_some(())
                 },
             )
@@ -334,13 +321,16 @@ async fn crash_at(point: &str, skip: u32, trigger: Trigger, lead: bool) {
             go_tx.send(false).unwrap();
             c.kill(victim).unwrap();
             c.spawn_with_env(victim, &[("FAILPOINTS", &spec)]).unwrap();
-            let (target, _) = indexes(&c, leader, range_id).await.unwrap();
+            let target = range_status(&c, leader, range_id)
+                .await
+                .unwrap()
+                .applied_index;
             let cr = &c;
             let caught_up = lmskv_tests::wait_for(
                 "the restarted node to catch up",
                 Duration::from_secs(30),
                 move || async move {
-                    let (a, _) = indexes(cr, victim, range_id).await?;
+                    let a = range_status(cr, victim, range_id).await?.applied_index;
                     (a >= target).then_some(())
                 },
             )
