@@ -15,7 +15,7 @@ mod state_machine;
 #[cfg(test)]
 mod store_suite;
 
-pub use network::PeerPool;
+pub use network::{ChannelMaker, PeerPool};
 pub use replica::{RaftTuning, RangeReplica, ReadLevel, ReplicaMap, ReplicaStatus};
 pub use service::RaftService;
 

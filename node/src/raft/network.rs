@@ -28,14 +28,29 @@ use crate::storage::SNAPSHOT_CHUNK_BYTES;
 /// Snapshot chunks buffered between the file reader and the gRPC stream.
 const SNAPSHOT_STREAM_CHUNKS_MAX: usize = 4;
 
+/// Makes the channel to a peer from its configured endpoint, in place of a
+/// TCP connection: the simulation (crate `lmskv-sim`) carries Raft traffic
+/// over its simulated network this way.
+pub type ChannelMaker = Arc<dyn Fn(Endpoint) -> Channel + Send + Sync>;
+
 /// The node's connections to its peers: one lazily connected HTTP/2 channel
 /// per peer address, multiplexing the traffic of every range.
-#[derive(Debug)]
 pub struct PeerPool {
     local_id: u64,
     /// The local address connections to peers are made from, when set.
     source_ip: Option<std::net::IpAddr>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// How channels connect; `None`: TCP.
+    maker: Option<ChannelMaker>,
+}
+
+impl std::fmt::Debug for PeerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerPool")
+            .field("local_id", &self.local_id)
+            .field("source_ip", &self.source_ip)
+            .finish()
+    }
 }
 
 impl PeerPool {
@@ -45,6 +60,18 @@ impl PeerPool {
             local_id,
             source_ip,
             channels: Mutex::new(HashMap::new()),
+            maker: None,
+        })
+    }
+
+    /// An empty pool for the node `local_id` whose channels `maker` connects
+    /// (the same endpoint settings, another transport).
+    pub fn with_channel_maker(local_id: u64, maker: ChannelMaker) -> Arc<Self> {
+        Arc::new(PeerPool {
+            local_id,
+            source_ip: None,
+            channels: Mutex::new(HashMap::new()),
+            maker: Some(maker),
         })
     }
 
@@ -62,7 +89,10 @@ impl PeerPool {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let ch = ep.connect_lazy();
+        let ch = match &self.maker {
+            Some(make) => make(ep),
+            None => ep.connect_lazy(),
+        };
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

@@ -66,6 +66,22 @@ impl Engine {
     /// Opens (or creates) the engine in `path`. Corruption found while opening
     /// is reported, never repaired silently.
     pub fn open(path: &Path, opts: &EngineOptions) -> Result<Engine, StorageError> {
+        Self::open_with(path, opts, false)
+    }
+
+    /// Opens the engine like [`Engine::open`], but every log sync runs on
+    /// the calling thread instead of the group-commit thread, so its
+    /// completion happens at a definite point of the caller's (simulated)
+    /// time. For the deterministic simulation; slower under load.
+    pub fn open_inline_sync(path: &Path, opts: &EngineOptions) -> Result<Engine, StorageError> {
+        Self::open_with(path, opts, true)
+    }
+
+    fn open_with(
+        path: &Path,
+        opts: &EngineOptions,
+        inline_sync: bool,
+    ) -> Result<Engine, StorageError> {
         std::fs::create_dir_all(path)?;
         let cache = Cache::new_lru_cache(opts.block_cache_bytes);
         let mut block = BlockBasedOptions::default();
@@ -102,7 +118,11 @@ impl Engine {
         });
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, cfs)?);
         Ok(Engine {
-            group_commit: GroupCommit::start(db.clone()),
+            group_commit: if inline_sync {
+                GroupCommit::inline(db.clone())
+            } else {
+                GroupCommit::start(db.clone())
+            },
             db,
             path: path.to_path_buf(),
         })

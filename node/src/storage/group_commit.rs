@@ -25,6 +25,9 @@ pub const SYNC_GROUP_CALLBACKS_MAX: usize = 4_096;
 pub struct GroupCommit {
     tx: Option<SyncSender<SyncCallback>>,
     thread: Option<JoinHandle<()>>,
+    /// Set in inline mode: every sync runs on the caller's thread, so a
+    /// simulation's clock sees it happen at a definite point (no thread).
+    inline: Option<Arc<rocksdb::DB>>,
 }
 
 impl GroupCommit {
@@ -38,11 +41,26 @@ impl GroupCommit {
         GroupCommit {
             tx: Some(tx),
             thread: Some(thread),
+            inline: None,
+        }
+    }
+
+    /// Syncs on the caller's thread, one fsync per call, without a syncer
+    /// thread: for the deterministic simulation only (no group commit).
+    pub fn inline(db: Arc<rocksdb::DB>) -> Self {
+        GroupCommit {
+            tx: None,
+            thread: None,
+            inline: Some(db),
         }
     }
 
     /// Queues `done` to be completed after the next WAL sync.
     pub fn sync(&self, done: SyncCallback) {
+        if let Some(db) = &self.inline {
+            done(sync_wal(db));
+            return;
+        }
         let Some(tx) = &self.tx else {
             done(Err(StorageError::Closed));
             return;

@@ -1,0 +1,386 @@
+//! Deterministic simulation of lmskv's replication under faults.
+//!
+//! Several simulated hosts ([turmoil]) each run the node's real code for one
+//! range: the RocksDB storage engine in the host's own temporary directory,
+//! the Raft log store and state machine, the openraft group behind
+//! `RangeReplica`, and the gRPC Raft transport, whose byte streams cross
+//! turmoil's simulated network. Clients write, compare-and-swap and read a
+//! few keys through the leader while a nemesis drawn from the run's seed
+//! partitions the network, breaks connections, crashes and restarts hosts
+//! and moves replicas between them.
+//!
+//! Checked as the run goes: at most one leader per term, applied indexes
+//! that never go back (even across a restart). Checked at the end, after the
+//! faults are undone: every key reads back through the leader; the history
+//! of every client operation, final reads included, is linearizable (an
+//! acknowledged write that was lost cannot be placed); every replica of the
+//! final membership applied the same index and holds the same keys, values
+//! and versions; no acknowledged write's version is missing.
+//!
+//! [`run_seed`] runs one seed; the `lmskv-sim` binary runs many. A failing
+//! run prints its seed; `lmskv-sim --seed N` (or `make sim SEED=N`) replays
+//! it. What is and is not deterministic is said in [`SimReport::fingerprint`].
+
+pub mod host;
+pub mod nemesis;
+pub mod state;
+pub mod transport;
+pub mod workload;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lmskv_tests::checker::{check_history, Budget};
+
+pub use nemesis::Nemeses;
+use nemesis::{Event, Fault};
+use state::Shared;
+use workload::{WorkloadOptions, WorkloadResult};
+
+/// The shape of one simulated run.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Simulated hosts (node ids 1..=hosts).
+    pub hosts: usize,
+    /// Voters of the range; the other hosts are spares for replica moves.
+    pub voters: usize,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Keys the clients use.
+    pub keys: usize,
+    /// Simulated time with clients and faults.
+    pub duration: Duration,
+    /// Simulated time the healed cluster gets before the final checks.
+    pub settle: Duration,
+    pub nemeses: Nemeses,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            hosts: 5,
+            voters: 3,
+            clients: 4,
+            keys: 3,
+            duration: Duration::from_secs(15),
+            settle: Duration::from_secs(2),
+            nemeses: Nemeses::all(),
+        }
+    }
+}
+
+/// What a run did, and whether it broke an invariant.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    pub seed: u64,
+    /// Invariants broken, in the order they were found; empty: the run passed.
+    pub violations: Vec<String>,
+    /// Client operations in the history (final reads included).
+    pub ops: usize,
+    /// Operations whose outcome stayed unknown.
+    pub unknown: usize,
+    /// Faults injected.
+    pub faults: usize,
+    /// Terms in which a leader was seen.
+    pub leaders: u64,
+    /// The index every replica applied at the end.
+    pub applied: u64,
+    /// Simulated time the run took.
+    pub simulated: Duration,
+    /// Wall-clock time the run took.
+    pub wall: Duration,
+    /// A hash of the run's history and final state. Two runs of one seed
+    /// have the same faults at the same simulated times, the same client
+    /// choices and the same network latencies and losses; they may still
+    /// differ in what openraft draws from its own random source (election
+    /// timeouts), in tokio's choice among ready branches, and in RocksDB's
+    /// background threads, so the fingerprint tells whether a replay went
+    /// the same way.
+    pub fingerprint: u64,
+}
+
+impl SimReport {
+    /// Whether every invariant held.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+impl std::fmt::Display for SimReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed={} {} ops={} unknown={} faults={} leaders={} applied={} simulated={:.1}s wall={:.1}s fingerprint={:016x}",
+            self.seed,
+            if self.passed() { "PASS" } else { "FAIL" },
+            self.ops,
+            self.unknown,
+            self.faults,
+            self.leaders,
+            self.applied,
+            self.simulated.as_secs_f64(),
+            self.wall.as_secs_f64(),
+            self.fingerprint
+        )?;
+        for v in &self.violations {
+            write!(f, "\n  violation: {v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a run keeps its hosts' data: memory-backed when the machine has
+/// it (real RocksDB and fsyncs, without waiting for a disk).
+fn data_root() -> std::io::Result<tempfile::TempDir> {
+    let shm = PathBuf::from("/dev/shm");
+    let mut b = tempfile::Builder::new();
+    b.prefix("lmskv-sim-");
+    if shm.is_dir() {
+        b.tempdir_in(shm)
+    } else {
+        b.tempdir()
+    }
+}
+
+/// Applies one fault to the simulation.
+fn apply(sim: &mut turmoil::Sim<'_>, shared: &Shared, fault: &Fault, crashed: &mut Vec<u64>) {
+    let ids: Vec<u64> = shared.ids().collect();
+    let names = |set: &[u64]| set.iter().map(|i| host::host_name(*i)).collect::<Vec<_>>();
+    let leader = shared.leader().map(|(id, _)| id);
+    match fault {
+        Fault::Partition { pick } => {
+            // Half the time the leader alone, else a random split.
+            let side: Vec<u64> = match leader {
+                Some(l) if pick % 2 == 0 => vec![l],
+                _ => ids
+                    .iter()
+                    .copied()
+                    .filter(|i| (pick >> i) & 1 == 1)
+                    .collect(),
+            };
+            let rest: Vec<u64> = ids.iter().copied().filter(|i| !side.contains(i)).collect();
+            tracing::info!(?side, ?rest, "nemesis: partition");
+            for a in names(&side) {
+                for b in names(&rest) {
+                    sim.partition(a.as_str(), b.as_str());
+                }
+            }
+        }
+        Fault::Repair => {
+            for a in &ids {
+                for b in &ids {
+                    if a < b {
+                        sim.repair(host::host_name(*a), host::host_name(*b));
+                    }
+                }
+            }
+        }
+        Fault::Loss { rate } => {
+            tracing::info!(rate, "nemesis: message loss");
+            sim.set_fail_rate(*rate);
+        }
+        Fault::LossEnd => sim.set_fail_rate(0.0),
+        Fault::Crash { pick } => {
+            let running: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|i| !crashed.contains(i))
+                .collect();
+            let victim = match leader {
+                Some(l) if pick % 2 == 0 => l,
+                _ => running[(pick % running.len() as u64) as usize],
+            };
+            tracing::info!(node = victim, "nemesis: crash");
+            sim.crash(host::host_name(victim));
+            shared.host(victim).stopped();
+            crashed.push(victim);
+        }
+        Fault::Restart => {
+            for id in crashed.drain(..) {
+                tracing::info!(node = id, "nemesis: restart");
+                sim.bounce(host::host_name(id));
+            }
+        }
+        Fault::Move { pick } => {
+            let Some((l, view)) = shared.leader() else {
+                return;
+            };
+            let spares: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|i| !view.voters.contains(i) && !crashed.contains(i))
+                .collect();
+            if spares.is_empty() || view.voters.is_empty() {
+                return;
+            }
+            let out = if pick % 2 == 0 {
+                l
+            } else {
+                view.voters[((pick >> 1) % view.voters.len() as u64) as usize]
+            };
+            let into = spares[((pick >> 8) % spares.len() as u64) as usize];
+            let voters = view
+                .voters
+                .iter()
+                .copied()
+                .filter(|v| *v != out)
+                .chain([into])
+                .map(|v| (v, host::address(v)))
+                .collect();
+            tracing::info!(leader = l, out, into, "nemesis: move replica");
+            if let Some(tx) = shared.host(l).sender() {
+                let (reply, _) = tokio::sync::oneshot::channel();
+                let _ = tx.try_send(host::Request::ChangeVoters { voters, reply });
+            }
+        }
+    }
+}
+
+/// Checks what the clients saw and the replicas hold at the end.
+fn final_checks(result: &WorkloadResult, shared: &Shared) {
+    if let Some(f) = &result.failure {
+        shared.violation(f.clone());
+        return;
+    }
+    let report = check_history(
+        &result.history,
+        Budget {
+            time_max: Duration::from_secs(60),
+            ..Budget::default()
+        },
+    );
+    if !report.is_linearizable() {
+        shared.violation(format!("history: {report}"));
+    }
+    let Some((first, _, reference)) = result.dumps.first() else {
+        shared.violation("no replica to compare".into());
+        return;
+    };
+    for (node, applied, dump) in &result.dumps[1..] {
+        if dump != reference {
+            shared.violation(format!(
+                "node {node} (applied {applied}) holds {dump:?}, node {first} holds {reference:?}"
+            ));
+        }
+    }
+    for (key, versions) in &result.acked {
+        let newest = versions.iter().max().copied().unwrap_or(0);
+        let held = reference.get(key).map(|(v, _)| *v).unwrap_or(0);
+        if held < newest {
+            shared.violation(format!(
+                "acknowledged write of {key:?} at version {newest} lost: the replicas hold version {held}"
+            ));
+        }
+    }
+}
+
+fn fingerprint(result: &WorkloadResult) -> u64 {
+    let mut h = DefaultHasher::new();
+    for op in result.history.ops() {
+        format!("{op}").hash(&mut h);
+    }
+    for (node, applied, dump) in &result.dumps {
+        (node, applied).hash(&mut h);
+        for (k, (v, val)) in dump {
+            (k, v, val).hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+/// Runs one seed and reports what it found.
+pub fn run_seed(seed: u64, opts: &SimOptions) -> std::io::Result<SimReport> {
+    let wall = Instant::now();
+    let root = data_root()?;
+    let shared = Arc::new(Shared::new(opts.hosts, opts.voters));
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(opts.duration + opts.settle + Duration::from_secs(120))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(20))
+        .repair_rate(0.2)
+        .build();
+    for id in shared.ids() {
+        let dir = root.path().join(format!("n{id}"));
+        let shared = shared.clone();
+        sim.host(host::host_name(id), move || {
+            host::boot(id, dir.clone(), shared.clone())
+        });
+    }
+    let result = Arc::new(std::sync::Mutex::new(None));
+    {
+        let shared = shared.clone();
+        let result = result.clone();
+        let wopts = WorkloadOptions {
+            clients: opts.clients,
+            keys: opts.keys,
+            until: opts.duration,
+            settle: opts.settle,
+        };
+        sim.client("client", async move {
+            let r = workload::run(shared, wopts, seed).await;
+            *result.lock().expect("result lock") = Some(r);
+            Ok(())
+        });
+    }
+
+    let events: Vec<Event> = nemesis::plan(seed, opts.duration, opts.nemeses);
+    let faults = events
+        .iter()
+        .filter(|e| !matches!(e.fault, Fault::Repair | Fault::LossEnd | Fault::Restart))
+        .count();
+    let mut next = 0;
+    let mut crashed = Vec::new();
+    let outcome = loop {
+        while next < events.len() && events[next].at <= sim.elapsed() {
+            apply(&mut sim, &shared, &events[next].fault, &mut crashed);
+            next += 1;
+        }
+        match sim.step() {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    let simulated = sim.elapsed();
+    if let Err(e) = outcome {
+        shared.violation(format!("simulation failed: {e}"));
+    }
+    // Stop every host (closing its RocksDB) before the directories go.
+    drop(sim);
+    let result = result
+        .lock()
+        .expect("result lock")
+        .take()
+        .unwrap_or_default();
+    final_checks(&result, &shared);
+    let applied = result.dumps.first().map(|d| d.1).unwrap_or(0);
+    let leaders = *shared.elections.lock().expect("elections lock");
+    Ok(SimReport {
+        seed,
+        violations: shared.violations(),
+        ops: result.history.len(),
+        unknown: result.unknown,
+        faults,
+        leaders,
+        applied,
+        simulated,
+        wall: wall.elapsed(),
+        fingerprint: fingerprint(&result),
+    })
+}
+
+/// Logs to stderr at the level `SIM_LOG` names (e.g. `SIM_LOG=info`);
+/// silent without it. Safe to call more than once.
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}

@@ -1,0 +1,184 @@
+//! What the simulated hosts, the client and the nemesis share: each host's
+//! request channel and last published Raft state, and the invariants checked
+//! on every published state as the run goes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use lmskv_node::raft::ReplicaStatus;
+use tokio::sync::mpsc;
+
+use crate::host::Request;
+
+/// Violations kept per run at most (the first ones explain it).
+const VIOLATIONS_MAX: usize = 32;
+
+/// One host's replica state, as last published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    pub term: u64,
+    pub leader: bool,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+impl HostView {
+    /// The parts of a replica status the checks use.
+    pub fn of(s: &ReplicaStatus) -> Self {
+        HostView {
+            term: s.term,
+            leader: s.role == "leader",
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            voters: s.voters.clone(),
+            learners: s.learners.clone(),
+        }
+    }
+}
+
+/// A host's slot: how to reach it while it runs, and what it last showed.
+#[derive(Default)]
+pub struct HostSlot {
+    requests: Mutex<Option<mpsc::Sender<Request>>>,
+    view: Mutex<Option<HostView>>,
+    /// Highest applied index the host ever published, over all its boots:
+    /// applied state is persisted with the data, so it never goes back.
+    applied_max: Mutex<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl HostSlot {
+    /// The host booted and takes requests on `tx`.
+    pub fn started(&self, tx: mpsc::Sender<Request>) {
+        *lock(&self.requests) = Some(tx);
+    }
+
+    /// The host crashed: nothing reaches it and it shows nothing.
+    pub fn stopped(&self) {
+        lock(&self.requests).take();
+        lock(&self.view).take();
+    }
+
+    /// The host's request channel, while it runs.
+    pub fn sender(&self) -> Option<mpsc::Sender<Request>> {
+        lock(&self.requests).clone()
+    }
+
+    /// The host's last published state, while it runs.
+    pub fn view(&self) -> Option<HostView> {
+        lock(&self.view).clone()
+    }
+}
+
+/// State shared by everything in one simulated run.
+pub struct Shared {
+    hosts: Vec<HostSlot>,
+    initial_voters: u64,
+    bootstrapped: AtomicBool,
+    /// The leader seen in each term.
+    leaders: Mutex<BTreeMap<u64, u64>>,
+    violations: Mutex<Vec<String>>,
+    /// Times a leader was seen (for the run's summary).
+    pub elections: Mutex<u64>,
+}
+
+impl Shared {
+    /// State for `hosts` hosts (node ids 1..=hosts), the first
+    /// `initial_voters` of them forming the range.
+    pub fn new(hosts: usize, initial_voters: usize) -> Self {
+        Shared {
+            hosts: (0..hosts).map(|_| HostSlot::default()).collect(),
+            initial_voters: initial_voters as u64,
+            bootstrapped: AtomicBool::new(false),
+            leaders: Mutex::new(BTreeMap::new()),
+            violations: Mutex::new(Vec::new()),
+            elections: Mutex::new(0),
+        }
+    }
+
+    /// Node ids of every host.
+    pub fn ids(&self) -> impl Iterator<Item = u64> {
+        1..=self.hosts.len() as u64
+    }
+
+    /// Node ids of the range's first voters.
+    pub fn initial_voters(&self) -> impl Iterator<Item = u64> {
+        1..=self.initial_voters
+    }
+
+    /// True once: the caller forms the range's first membership.
+    pub fn take_bootstrap(&self) -> bool {
+        !self.bootstrapped.swap(true, Ordering::SeqCst)
+    }
+
+    /// Node `id`'s slot.
+    pub fn host(&self, id: u64) -> &HostSlot {
+        &self.hosts[(id - 1) as usize]
+    }
+
+    /// The running host that leads in the highest term seen, with its view.
+    pub fn leader(&self) -> Option<(u64, HostView)> {
+        self.ids()
+            .filter_map(|id| self.host(id).view().map(|v| (id, v)))
+            .filter(|(_, v)| v.leader)
+            .max_by_key(|(_, v)| v.term)
+    }
+
+    /// Records a violated invariant.
+    pub fn violation(&self, what: String) {
+        let mut v = lock(&self.violations);
+        if v.len() < VIOLATIONS_MAX {
+            tracing::error!(violation = %what, "invariant violated");
+            v.push(what);
+        }
+    }
+
+    /// The violations recorded so far.
+    pub fn violations(&self) -> Vec<String> {
+        lock(&self.violations).clone()
+    }
+
+    /// Takes node `id`'s published state and checks it as it arrives: at
+    /// most one leader per term, and applied indexes that never go back.
+    pub fn observe(&self, id: u64, view: HostView) {
+        let slot = self.host(id);
+        if view.leader {
+            let mut leaders = lock(&self.leaders);
+            match leaders.get(&view.term) {
+                Some(&other) if other != id => {
+                    drop(leaders);
+                    self.violation(format!(
+                        "two leaders in term {}: nodes {other} and {id}",
+                        view.term
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    leaders.insert(view.term, id);
+                    *lock(&self.elections) += 1;
+                }
+            }
+        }
+        {
+            let mut max = lock(&slot.applied_max);
+            // A booting replica shows 0 until openraft loaded its state.
+            if view.applied_index != 0 && view.applied_index < *max {
+                let was = *max;
+                drop(max);
+                self.violation(format!(
+                    "node {id} applied index went back from {was} to {}",
+                    view.applied_index
+                ));
+            } else {
+                *max = view.applied_index;
+            }
+        }
+        *lock(&slot.view) = Some(view);
+    }
+}
