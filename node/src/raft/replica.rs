@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +15,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::impls::BasicNode;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
-use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{Config, RaftMetrics, ReadPolicy, ServerState, SnapshotPolicy};
 
 use super::codec::{decode, encode};
 use super::command::RangeMeta;
@@ -37,6 +37,11 @@ const LEARNER_LAG_OK: u64 = 16;
 
 /// How often a write waiting for commit checks whether its leader was cut off.
 const CUT_OFF_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// A follower that has been dormant (its leader hibernates) for this long
+/// with every entry applied parks: its Raft group is shut down and loaded
+/// again by the next message or request that needs it.
+pub const PARK_DORMANT_AFTER: Duration = Duration::from_secs(10);
 
 /// Raft timing and log retention, from the node config.
 #[derive(Debug, Clone)]
@@ -86,13 +91,59 @@ pub struct ReplicaStatus {
     pub learners: Vec<u64>,
     pub nodes: BTreeMap<u64, String>,
     pub fault: Option<String>,
+    /// The group is parked (shut down while dormant; loaded on demand).
+    pub parked: bool,
+}
+
+/// A replica's Raft group: running, or parked with the metrics it last
+/// reported (a parked group has applied every entry of its log and is not
+/// running, so those metrics stay true until it is loaded again).
+enum Group {
+    Live(Raft),
+    Parked(Arc<RaftMetrics<TypeConfig>>),
+}
+
+/// What loading a parked group again needs.
+struct Reopen {
+    pool: Arc<PeerPool>,
+    data_dir: PathBuf,
+    on_split: SplitHook,
+}
+
+/// One call counted in a replica's `users` while it lives.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The live group, held by a call that needs it; a group in use is never parked.
+struct InUse<'a> {
+    raft: Raft,
+    _counted: Counted<'a>,
+}
+
+impl std::ops::Deref for InUse<'_> {
+    type Target = Raft;
+    fn deref(&self) -> &Raft {
+        &self.raft
+    }
 }
 
 /// This node's replica of one range.
 pub struct RangeReplica {
     range_id: u64,
     node_id: u64,
-    raft: Raft,
+    group: RwLock<Group>,
+    /// Serialises parking and loading the group.
+    lifecycle: tokio::sync::Mutex<()>,
+    /// Calls holding the live group now.
+    users: AtomicUsize,
+    /// Set by `shutdown`: the group is never loaded again.
+    closed: AtomicBool,
+    reopen: Reopen,
     engine: Arc<Engine>,
     tuning: RaftTuning,
     snapshot_dir: PathBuf,
@@ -105,6 +156,8 @@ pub struct RangeReplica {
     /// Follower side: set while the election timer is off because the
     /// leader said it hibernates.
     dormant: AtomicBool,
+    /// When `dormant` was last set.
+    dormant_since: Mutex<std::time::Instant>,
     /// When a client request or proposal last touched the range.
     last_activity: Mutex<std::time::Instant>,
     /// When this replica last accepted AppendEntries from a leader, and that
@@ -140,6 +193,70 @@ fn hint_of(f: &ForwardToLeader<TypeConfig>) -> Option<LeaderHint> {
     })
 }
 
+fn snapshot_dir_of(data_dir: &std::path::Path, range_id: u64) -> PathBuf {
+    data_dir.join("snapshots").join(format!("range-{range_id}"))
+}
+
+/// Starts a range's Raft group over its stored state. `meta`: the descriptor
+/// the replica already shares with the services, when the group is loaded
+/// again after parking (it then keeps snapshot files being received).
+async fn start_group(
+    range_id: u64,
+    engine: &Arc<Engine>,
+    reopen: &Reopen,
+    tuning: &RaftTuning,
+    hibernating: &Arc<AtomicBool>,
+    meta: Option<SharedMeta>,
+) -> Result<(Raft, SharedMeta), Error> {
+    let node_id = reopen.pool.local_id();
+    let config = Config {
+        cluster_name: "lmskv".into(),
+        election_timeout_min: tuning.election_timeout_ms_min,
+        election_timeout_max: tuning.election_timeout_ms_max,
+        heartbeat_interval: tuning.heartbeat_interval_ms,
+        install_snapshot_timeout: 60_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: tuning.snapshot_logs_to_keep,
+        max_payload_entries: 1_000,
+        enable_pre_vote: Some(true),
+        // Replicate entries as soon as they are written, in parallel with the
+        // leader's own fsync, rather than after it.
+        broadcast_submitted_on_append: Some(true),
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| Error::invalid_argument("raft config", e.to_string()))?;
+
+    let reloading = meta.is_some();
+    let mut sm = StateMachine::open(
+        engine.clone(),
+        range_id,
+        snapshot_dir_of(&reopen.data_dir, range_id),
+        tuning.dedup_window,
+        reopen.on_split.clone(),
+        !reloading,
+    )
+    .map_err(|e| Error::Corruption {
+        reason: format!("range {range_id} state machine: {e}"),
+    })?;
+    if let Some(shared) = meta {
+        sm.share_meta(shared);
+    }
+    let meta = sm.meta();
+    let log = LogStore::new(engine.clone(), range_id);
+    let net = NetworkFactory {
+        pool: reopen.pool.clone(),
+        range_id,
+        hibernating: hibernating.clone(),
+    };
+    let raft = Raft::new(node_id, Arc::new(config), net, log, sm)
+        .await
+        .map_err(|e| Error::Corruption {
+            reason: format!("range {range_id} failed to start: {e}"),
+        })?;
+    Ok((raft, meta))
+}
+
 impl RangeReplica {
     /// Opens (creating if new) this node's replica of `range_id` covering `span`.
     pub async fn open(
@@ -151,52 +268,23 @@ impl RangeReplica {
         on_split: SplitHook,
     ) -> Result<Arc<Self>, Error> {
         let node_id = pool.local_id();
-        let config = Config {
-            cluster_name: "lmskv".into(),
-            election_timeout_min: tuning.election_timeout_ms_min,
-            election_timeout_max: tuning.election_timeout_ms_max,
-            heartbeat_interval: tuning.heartbeat_interval_ms,
-            install_snapshot_timeout: 60_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_logs_since_last),
-            max_in_snapshot_log_to_keep: tuning.snapshot_logs_to_keep,
-            max_payload_entries: 1_000,
-            enable_pre_vote: Some(true),
-            // Replicate entries as soon as they are written, in parallel with the
-            // leader's own fsync, rather than after it.
-            broadcast_submitted_on_append: Some(true),
-            ..Default::default()
-        }
-        .validate()
-        .map_err(|e| Error::invalid_argument("raft config", e.to_string()))?;
-
-        let snapshot_dir = data_dir.join("snapshots").join(format!("range-{range_id}"));
-        let sm = StateMachine::open(
-            engine.clone(),
-            range_id,
-            snapshot_dir.clone(),
-            tuning.dedup_window,
-            on_split,
-        )
-        .map_err(|e| Error::Corruption {
-            reason: format!("range {range_id} state machine: {e}"),
-        })?;
-        let meta = sm.meta();
-        let log = LogStore::new(engine.clone(), range_id);
         let hibernating = Arc::new(AtomicBool::new(false));
-        let net = NetworkFactory {
+        let reopen = Reopen {
             pool,
-            range_id,
-            hibernating: hibernating.clone(),
+            data_dir: data_dir.to_path_buf(),
+            on_split,
         };
-        let raft = Raft::new(node_id, Arc::new(config), net, log, sm)
-            .await
-            .map_err(|e| Error::Corruption {
-                reason: format!("range {range_id} failed to start: {e}"),
-            })?;
+        let (raft, meta) =
+            start_group(range_id, &engine, &reopen, &tuning, &hibernating, None).await?;
+        let snapshot_dir = snapshot_dir_of(data_dir, range_id);
         Ok(Arc::new(RangeReplica {
             range_id,
             node_id,
-            raft,
+            group: RwLock::new(Group::Live(raft)),
+            lifecycle: tokio::sync::Mutex::new(()),
+            users: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            reopen,
             engine,
             tuning,
             snapshot_dir,
@@ -205,9 +293,135 @@ impl RangeReplica {
             served: std::sync::atomic::AtomicU64::new(0),
             hibernating,
             dormant: AtomicBool::new(false),
+            dormant_since: Mutex::new(std::time::Instant::now()),
             last_activity: Mutex::new(std::time::Instant::now()),
             leader_contact: Mutex::new(None),
         }))
+    }
+
+    /// Reads the group's metrics: live ones, or those it parked with.
+    fn with_metrics<R>(&self, f: impl FnOnce(&RaftMetrics<TypeConfig>) -> R) -> R {
+        let rx = {
+            let g = self.group.read().expect("group lock");
+            match &*g {
+                Group::Live(raft) => raft.metrics(),
+                Group::Parked(m) => {
+                    let m = m.clone();
+                    drop(g);
+                    return f(&m);
+                }
+            }
+        };
+        let m = rx.borrow_watched();
+        f(&m)
+    }
+
+    /// The running group, if it is not parked (for calls that only adjust it).
+    fn live(&self) -> Option<Raft> {
+        match &*self.group.read().expect("group lock") {
+            Group::Live(raft) => Some(raft.clone()),
+            Group::Parked(_) => None,
+        }
+    }
+
+    /// The running group, loaded first when parked.
+    async fn raft(&self) -> Result<InUse<'_>, Error> {
+        // Counted before the group is looked at: `park` checks the count
+        // under the group's write lock, so once this call has seen a live
+        // group (or loaded one) it stays live until the call is done.
+        self.users.fetch_add(1, Ordering::SeqCst);
+        let counted = Counted(&self.users);
+        let raft = match self.live() {
+            Some(r) => r,
+            None => self.load().await?,
+        };
+        Ok(InUse {
+            raft,
+            _counted: counted,
+        })
+    }
+
+    /// Loads a parked group; returns the running one.
+    async fn load(&self) -> Result<Raft, Error> {
+        let _l = self.lifecycle.lock().await;
+        if let Some(r) = self.live() {
+            return Ok(r);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::unavailable(format!(
+                "range {} is shut down on this node",
+                self.range_id
+            )));
+        }
+        let (raft, _) = start_group(
+            self.range_id,
+            &self.engine,
+            &self.reopen,
+            &self.tuning,
+            &self.hibernating,
+            Some(self.meta.clone()),
+        )
+        .await?;
+        if self.dormant.load(Ordering::Relaxed) {
+            // Still waiting for a hibernating leader: no election timer until
+            // the leader speaks without the mark (or its node goes silent).
+            let rc = raft.runtime_config();
+            rc.elect(false);
+            rc.tick(false);
+        }
+        *self.group.write().expect("group lock") = Group::Live(raft.clone());
+        tracing::debug!(range_id = self.range_id, "range group loaded");
+        Ok(raft)
+    }
+
+    /// Whether this replica may park now: a dormant follower, idle for
+    /// `PARK_DORMANT_AFTER`, with every log entry applied and no fault.
+    fn parkable(&self, m: &RaftMetrics<TypeConfig>) -> bool {
+        self.range_id != lmskv_proto::range::META_RANGE_ID
+            && self.dormant.load(Ordering::Relaxed)
+            && self.dormant_since.lock().expect("dormant lock").elapsed() >= PARK_DORMANT_AFTER
+            && self.last_activity.lock().expect("activity lock").elapsed() >= PARK_DORMANT_AFTER
+            && m.state == ServerState::Follower
+            && m.running_state.is_ok()
+            && m.last_log_index.is_some()
+            && m.last_applied.as_ref().map(|l| l.index()) == m.last_log_index
+            && self.fault.lock().expect("fault lock").is_none()
+    }
+
+    /// Shuts the group down if the replica is still parkable and no call
+    /// holds the group; its metrics stand in for it until it is loaded.
+    async fn park(&self) {
+        let Ok(_l) = self.lifecycle.try_lock() else {
+            return;
+        };
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let raft = {
+            let mut g = self.group.write().expect("group lock");
+            let Group::Live(raft) = &*g else {
+                return;
+            };
+            if self.users.load(Ordering::SeqCst) != 0 {
+                return;
+            }
+            let m = raft.metrics().borrow_watched().clone();
+            if !self.parkable(&m) {
+                return;
+            }
+            let raft = raft.clone();
+            *g = Group::Parked(Arc::new(m));
+            raft
+        };
+        if let Err(e) = raft.shutdown().await {
+            tracing::warn!(range_id = self.range_id, error = %e, "parking the range group");
+        }
+        tracing::debug!(range_id = self.range_id, "range group parked");
+    }
+
+    /// Whether the group is parked now.
+    pub fn is_parked(&self) -> bool {
+        self.live().is_none()
     }
 
     /// The range's span and epoch as this replica last applied them.
@@ -248,9 +462,11 @@ impl RangeReplica {
     pub fn touch(&self) {
         *self.last_activity.lock().expect("activity lock") = std::time::Instant::now();
         if self.hibernating.swap(false, Ordering::Relaxed) {
-            let rc = self.raft.runtime_config();
-            rc.heartbeat(true);
-            rc.tick(true);
+            if let Some(raft) = self.live() {
+                let rc = raft.runtime_config();
+                rc.heartbeat(true);
+                rc.tick(true);
+            }
             tracing::debug!(range_id = self.range_id, "range wakes up");
         }
     }
@@ -260,12 +476,19 @@ impl RangeReplica {
     /// their election timers and Raft ticks), and on the next call stops
     /// sending them and its own ticks, so an idle range costs no messages
     /// and no timer wake-ups. Any request or proposal wakes it.
-    pub fn hibernate_tick(&self, idle_after: Duration) {
+    ///
+    /// Follower side: a replica dormant for [`PARK_DORMANT_AFTER`] parks
+    /// (its group is shut down until a message or request needs it).
+    pub fn hibernate_tick(self: &Arc<Self>, idle_after: Duration) {
+        let Some(raft) = self.live() else {
+            return;
+        };
         // Read under a borrow (not a clone: every replica runs this each
         // second), released before any call below.
-        let (leader, caught_up) = {
-            let rx = self.raft.metrics();
+        let (leader, caught_up, parkable) = {
+            let rx = raft.metrics();
             let m = rx.borrow_watched();
+            let parkable = self.parkable(&m);
             let caught_up = m.replication.as_ref().is_some_and(|rep| {
                 rep.values()
                     .all(|l| l.as_ref().map(|l| l.index()) == m.last_log_index)
@@ -276,13 +499,18 @@ impl RangeReplica {
                 .next()
                 .is_none()
                 && m.last_applied.as_ref().map(|l| l.index()) == m.last_log_index;
-            (m.state == ServerState::Leader, caught_up)
+            (m.state == ServerState::Leader, caught_up, parkable)
         };
+        if parkable {
+            let this = self.clone();
+            tokio::spawn(async move { this.park().await });
+            return;
+        }
         if !leader {
             // Stepped down while asleep: a follower needs its timers back
             // (unless its new leader put it to sleep).
             if self.hibernating.swap(false, Ordering::Relaxed) {
-                let rc = self.raft.runtime_config();
+                let rc = raft.runtime_config();
                 rc.heartbeat(true);
                 if !self.dormant.load(Ordering::Relaxed) {
                     rc.tick(true);
@@ -301,7 +529,7 @@ impl RangeReplica {
             // This round's heartbeats carry the mark; the next round stops them.
             return;
         }
-        let rc = self.raft.runtime_config();
+        let rc = raft.runtime_config();
         rc.heartbeat(false);
         rc.tick(false);
     }
@@ -312,14 +540,33 @@ impl RangeReplica {
         if !self.dormant.load(Ordering::Relaxed) {
             return None;
         }
-        self.raft.metrics().borrow_watched().current_leader
+        self.with_metrics(|m| m.current_leader)
     }
 
     /// Turns a dormant follower's election timer back on (its leader's node
-    /// stopped answering, or the leader spoke without the mark).
-    pub fn wake_follower(&self) {
+    /// stopped answering): a parked group is loaded with its timers on.
+    pub fn wake_follower(self: &Arc<Self>) {
+        match self.live() {
+            Some(raft) => self.wake_follower_in(&raft),
+            None => {
+                if self.dormant.swap(false, Ordering::Relaxed) {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.raft().await {
+                            tracing::warn!(range_id = this.range_id, error = %e, "loading a parked range");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Turns the election timer of `raft`, this replica's running group,
+    /// back on if it was off (the leader spoke without the mark, or asks
+    /// this replica to take over).
+    fn wake_follower_in(&self, raft: &Raft) {
         if self.dormant.swap(false, Ordering::Relaxed) {
-            let rc = self.raft.runtime_config();
+            let rc = raft.runtime_config();
             rc.elect(true);
             rc.tick(true);
             tracing::debug!(range_id = self.range_id, "follower election timer back on");
@@ -372,11 +619,11 @@ impl RangeReplica {
                 leader: self.leader_hint(),
             });
         }
+        let raft = self.raft().await?;
         let mut added = Vec::new();
         for (id, addr) in &voters {
             if !status.voters.contains(id) && !status.learners.contains(id) {
-                self.raft
-                    .add_learner(*id, BasicNode { addr: addr.clone() }, false)
+                raft.add_learner(*id, BasicNode { addr: addr.clone() }, false)
                     .await
                     .map_err(|e| self.write_error(e))?;
             }
@@ -386,7 +633,7 @@ impl RangeReplica {
         }
         // New members must have caught up (by snapshot and log) before they vote.
         let deadline = tokio::time::Instant::now() + LEARNER_CATCH_UP_TIMEOUT;
-        let mut rx = self.raft.metrics();
+        let mut rx = raft.metrics();
         loop {
             let done = {
                 let m = rx.borrow_and_update();
@@ -428,8 +675,7 @@ impl RangeReplica {
         let have: BTreeSet<u64> = status.voters.iter().copied().collect();
         if want != have || !status.learners.is_empty() {
             // `retain = false`: removed voters leave the group entirely.
-            self.raft
-                .change_membership(want, false)
+            raft.change_membership(want, false)
                 .await
                 .map_err(|e| self.write_error(e))?;
         }
@@ -443,11 +689,7 @@ impl RangeReplica {
 
     /// The current leader's id, 0 when unknown. Cheap: no metrics copy.
     pub fn leader_id(&self) -> u64 {
-        self.raft
-            .metrics()
-            .borrow_watched()
-            .current_leader
-            .unwrap_or(0)
+        self.with_metrics(|m| m.current_leader.unwrap_or(0))
     }
 
     /// The storage engine the replica's data lives in.
@@ -457,7 +699,10 @@ impl RangeReplica {
 
     /// Whether the range's Raft group has been initialized (locally known).
     pub async fn is_initialized(&self) -> bool {
-        self.raft.is_initialized().await.unwrap_or(false)
+        match self.raft().await {
+            Ok(raft) => raft.is_initialized().await.unwrap_or(false),
+            Err(_) => false,
+        }
     }
 
     /// Forms the range's first membership from `members` (node id → address).
@@ -467,7 +712,7 @@ impl RangeReplica {
             .into_iter()
             .map(|(id, addr)| (id, BasicNode { addr }))
             .collect();
-        match self.raft.initialize(nodes).await {
+        match self.raft().await?.initialize(nodes).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(e)) => {
                 tracing::info!(range_id = self.range_id, reason = %e, "range already initialized");
@@ -484,13 +729,12 @@ impl RangeReplica {
         if status.voters.contains(&node_id) && status.nodes.get(&node_id) == Some(&addr) {
             return Ok(());
         }
-        self.raft
-            .add_learner(node_id, BasicNode { addr }, true)
+        let raft = self.raft().await?;
+        raft.add_learner(node_id, BasicNode { addr }, true)
             .await
             .map_err(|e| self.write_error(e))?;
         let voters: BTreeSet<u64> = status.voters.iter().copied().chain([node_id]).collect();
-        self.raft
-            .change_membership(voters, false)
+        raft.change_membership(voters, false)
             .await
             .map_err(|e| self.write_error(e))?;
         Ok(())
@@ -519,10 +763,10 @@ impl RangeReplica {
         if let Some(reason) = self.fault.lock().expect("fault lock").clone() {
             return Err(Error::Corruption { reason });
         }
-        if let Err(f) = &self.raft.metrics().borrow_watched().running_state {
-            return Err(self.fatal(f));
+        match self.with_metrics(|m| m.running_state.as_ref().err().map(|f| f.to_string())) {
+            Some(f) => Err(self.fatal(f)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn write_error(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Error {
@@ -560,7 +804,8 @@ impl RangeReplica {
         };
         let started = tokio::time::Instant::now();
         let deadline = started + self.tuning.write_timeout;
-        let write = self.raft.client_write(cmd);
+        let raft = self.raft().await?;
+        let write = raft.client_write(cmd);
         tokio::pin!(write);
         let resp = loop {
             tokio::select! {
@@ -599,21 +844,22 @@ impl RangeReplica {
         if waited <= Duration::from_millis(self.tuning.election_timeout_ms_max) {
             return false;
         }
-        let rx = self.raft.metrics();
-        let m = rx.borrow_watched();
-        m.state == ServerState::Leader
-            && m.membership_config
-                .membership()
-                .voter_ids()
-                .nth(1)
-                .is_some()
-            && m.last_quorum_acked
-                .as_ref()
-                .is_none_or(|t| openraft::Instant::elapsed(&**t) >= waited)
+        self.with_metrics(|m| {
+            m.state == ServerState::Leader
+                && m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .nth(1)
+                    .is_some()
+                && m.last_quorum_acked
+                    .as_ref()
+                    .is_none_or(|t| openraft::Instant::elapsed(&**t) >= waited)
+        })
     }
 
     async fn wait_all_voters(&self, index: u64) -> Result<(), Error> {
-        let mut rx = self.raft.metrics();
+        let raft = self.raft().await?;
+        let mut rx = raft.metrics();
         let deadline = tokio::time::Instant::now() + self.tuning.write_timeout;
         loop {
             {
@@ -670,7 +916,8 @@ impl RangeReplica {
                 if self.applied_index() >= min_applied {
                     return Ok(self.applied_index());
                 }
-                self.raft
+                self.raft()
+                    .await?
                     .wait(Some(self.tuning.read_timeout))
                     .applied_index_at_least(Some(min_applied), "session read")
                     .await
@@ -685,14 +932,15 @@ impl RangeReplica {
                 self.bounded_read(max_ms).await
             }
             ReadLevel::Strong | ReadLevel::BoundedStaleness { .. } => {
+                let raft = self.raft().await?;
                 let fut = async {
-                    match self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+                    match raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
                         Ok(r) => Ok(r),
                         Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(
                             RaftError::APIError(LinearizableReadError::ForwardToLeader(f)),
                         ),
                         // The lease is not certain: confirm leadership with a quorum round.
-                        Err(_) => self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await,
+                        Err(_) => raft.ensure_linearizable(ReadPolicy::ReadIndex).await,
                     }
                 };
                 let r = tokio::time::timeout(self.tuning.read_timeout, fut)
@@ -716,14 +964,12 @@ impl RangeReplica {
     }
 
     fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow_watched().state == ServerState::Leader
+        self.with_metrics(|m| m.state == ServerState::Leader)
     }
 
     /// The term this replica leads in, if it is the leader now.
     pub fn leader_term(&self) -> Option<u64> {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        (m.state == ServerState::Leader).then_some(m.current_term)
+        self.with_metrics(|m| (m.state == ServerState::Leader).then_some(m.current_term))
     }
 
     /// A follower serves a bounded-staleness read only if it heard from the
@@ -744,7 +990,8 @@ impl RangeReplica {
         }
         if self.applied_index() < commit {
             let wait = bound.saturating_sub(at.elapsed());
-            self.raft
+            self.raft()
+                .await?
                 .wait(Some(wait))
                 .applied_index_at_least(Some(commit), "bounded staleness read")
                 .await
@@ -757,49 +1004,46 @@ impl RangeReplica {
     }
 
     fn applied_index(&self) -> u64 {
-        self.raft
-            .metrics()
-            .borrow_watched()
-            .last_applied
-            .as_ref()
-            .map(|l| l.index())
-            .unwrap_or(0)
+        self.with_metrics(|m| m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0))
     }
 
     /// The current leader as a routing hint.
     pub fn leader_hint(&self) -> Option<LeaderHint> {
-        let rx = self.raft.metrics();
-        let m = rx.borrow_watched();
-        let id = m.current_leader?;
-        let address = m
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .map(|n| n.addr.clone())
-            .unwrap_or_default();
-        Some(LeaderHint {
-            node_id: id,
-            address,
+        self.with_metrics(|m| {
+            let id = m.current_leader?;
+            let address = m
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default();
+            Some(LeaderHint {
+                node_id: id,
+                address,
+            })
         })
     }
 
     /// Every member's (voters' and learners') node id and address, as the
     /// replica's membership records them.
     pub fn member_addresses(&self) -> Vec<(u64, String)> {
-        let rx = self.raft.metrics();
-        let m = rx.borrow_watched();
-        m.membership_config
-            .membership()
-            .nodes()
-            .map(|(id, n)| (*id, n.addr.clone()))
-            .collect()
+        self.with_metrics(|m| {
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
+        })
     }
 
     /// The replica's Raft state now.
     pub fn status(&self) -> ReplicaStatus {
         // Borrowed, not cloned: heartbeats read every replica's status each second.
-        let rx = self.raft.metrics();
-        let m = rx.borrow_watched();
+        let parked = self.is_parked();
+        self.with_metrics(|m| self.status_of(m, parked))
+    }
+
+    fn status_of(&self, m: &RaftMetrics<TypeConfig>, parked: bool) -> ReplicaStatus {
         let membership = m.membership_config.membership();
         let role = match m.state {
             ServerState::Leader => "leader",
@@ -830,6 +1074,7 @@ impl RangeReplica {
                 .expect("fault lock")
                 .clone()
                 .or_else(|| m.running_state.as_ref().err().map(|e| e.to_string())),
+            parked,
         }
     }
 
@@ -837,9 +1082,9 @@ impl RangeReplica {
     /// Hands the leadership to voter `to` and waits until it has it.
     pub async fn transfer_leader(&self, to: u64) -> Result<(), Error> {
         self.touch();
-        let mut rx = self.raft.metrics();
-        self.raft
-            .trigger()
+        let raft = self.raft().await?;
+        let mut rx = raft.metrics();
+        raft.trigger()
             .transfer_leader(to)
             .await
             .map_err(|f| self.fatal(f))?;
@@ -866,7 +1111,10 @@ impl RangeReplica {
     /// Starts an election on this replica now (used for the right-hand half
     /// of a split on the node that led the left half).
     pub async fn campaign(&self) {
-        if let Err(e) = self.raft.trigger().elect(false).await {
+        let Ok(raft) = self.raft().await else {
+            return;
+        };
+        if let Err(e) = raft.trigger().elect(false).await {
             tracing::debug!(range_id = self.range_id, error = %e, "campaign");
         }
     }
@@ -874,7 +1122,10 @@ impl RangeReplica {
     /// Builds a fresh snapshot (after a split, so that the snapshot sent to
     /// new members covers the range's current span).
     pub async fn trigger_snapshot(&self) {
-        if let Err(e) = self.raft.trigger().snapshot().await {
+        let Ok(raft) = self.raft().await else {
+            return;
+        };
+        if let Err(e) = raft.trigger().snapshot().await {
             tracing::debug!(range_id = self.range_id, error = %e, "snapshot trigger");
         }
     }
@@ -884,9 +1135,14 @@ impl RangeReplica {
         self.is_leader()
     }
 
-    /// Stops the replica's Raft group.
+    /// Stops the replica's Raft group for good: it is not loaded again.
     pub async fn shutdown(&self) {
-        if let Err(e) = self.raft.shutdown().await {
+        self.closed.store(true, Ordering::SeqCst);
+        let _l = self.lifecycle.lock().await;
+        let Some(raft) = self.live() else {
+            return;
+        };
+        if let Err(e) = raft.shutdown().await {
             tracing::warn!(range_id = self.range_id, error = %e, "raft shutdown");
         }
     }
@@ -898,22 +1154,20 @@ impl RangeReplica {
         let req: AppendEntriesRequest<TypeConfig> = decode("append entries", payload)
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
         let sleep = hibernate && req.entries.is_empty();
+        let raft = self.raft().await?;
         if sleep && !self.dormant.swap(true, Ordering::Relaxed) {
-            let rc = self.raft.runtime_config();
+            *self.dormant_since.lock().expect("dormant lock") = std::time::Instant::now();
+            let rc = raft.runtime_config();
             rc.elect(false);
             rc.tick(false);
         }
         let received = std::time::Instant::now();
         let leader_commit = req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0);
-        let resp = self
-            .raft
-            .append_entries(req)
-            .await
-            .map_err(|e| self.fatal(e))?;
+        let resp = raft.append_entries(req).await.map_err(|e| self.fatal(e))?;
         if !sleep {
             // After the append renewed the leader's lease here, so the
             // restarted timer does not find it long expired.
-            self.wake_follower();
+            self.wake_follower_in(&raft);
         }
         if matches!(
             resp,
@@ -928,7 +1182,12 @@ impl RangeReplica {
     pub async fn handle_vote(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
         let req = decode("vote", payload)
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
-        let resp = self.raft.vote(req).await.map_err(|e| self.fatal(e))?;
+        let resp = self
+            .raft()
+            .await?
+            .vote(req)
+            .await
+            .map_err(|e| self.fatal(e))?;
         encode(&resp).map_err(|e| Error::internal(e.to_string()))
     }
 
@@ -936,7 +1195,12 @@ impl RangeReplica {
     pub async fn handle_pre_vote(&self, payload: &[u8]) -> Result<Vec<u8>, Error> {
         let req = decode("pre-vote", payload)
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
-        let resp = self.raft.pre_vote(req).await.map_err(|e| self.fatal(e))?;
+        let resp = self
+            .raft()
+            .await?
+            .pre_vote(req)
+            .await
+            .map_err(|e| self.fatal(e))?;
         encode(&resp).map_err(|e| Error::internal(e.to_string()))
     }
 
@@ -945,9 +1209,9 @@ impl RangeReplica {
         let req = decode("transfer leader", payload)
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
         // The new leader needs its timers to run its election.
-        self.wake_follower();
-        let resp = self
-            .raft
+        let raft = self.raft().await?;
+        self.wake_follower_in(&raft);
+        let resp = raft
             .handle_transfer_leader(req)
             .await
             .map_err(|e| self.fatal(e))?;
@@ -971,7 +1235,8 @@ impl RangeReplica {
             snapshot: SnapshotFile { path },
         };
         let resp = self
-            .raft
+            .raft()
+            .await?
             .install_full_snapshot(vote, snapshot)
             .await
             .map_err(|e| self.fatal(e))?;

@@ -145,6 +145,7 @@ impl StateMachine {
         snapshot_dir: PathBuf,
         dedup_window: Duration,
         on_split: SplitHook,
+        clean_received: bool,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let mut sm = StateMachine {
@@ -157,10 +158,15 @@ impl StateMachine {
             on_split,
             expired_through: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
-        // Remove partial files of builds or transfers that did not finish.
+        // Remove partial files of builds or transfers that did not finish
+        // (when a parked group is loaded again, a snapshot being received
+        // right now is kept: only `clean_received` removes those).
         for entry in std::fs::read_dir(&sm.snapshot_dir)? {
             let p = entry?.path();
-            if p.extension().is_some_and(|e| e == "tmp") {
+            let received = p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("recv-"));
+            if p.extension().is_some_and(|e| e == "tmp") && (clean_received || !received) {
                 let _ = std::fs::remove_file(&p);
             }
         }
@@ -188,6 +194,14 @@ impl StateMachine {
     /// The range's descriptor, shared with the replica.
     pub fn meta(&self) -> SharedMeta {
         self.meta.clone()
+    }
+
+    /// Makes `shared` (the descriptor the replica's services already read)
+    /// this state machine's, holding what this one loaded from storage.
+    pub fn share_meta(&mut self, shared: SharedMeta) {
+        let loaded = self.meta.read().expect("meta lock").clone();
+        *shared.write().expect("meta lock") = loaded;
+        self.meta = shared;
     }
 
     fn stored_applied(&self) -> io::Result<Option<AppliedState>> {

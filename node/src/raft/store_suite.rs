@@ -31,6 +31,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
             dir.path().join("snapshots"),
             Duration::from_secs(60),
             Arc::new(|_| {}),
+            true,
         )
         .expect("open state machine");
         Ok((dir, log, sm))

@@ -109,6 +109,7 @@ impl Admin for AdminService {
                 snapshot_index: st.snapshot_index,
                 purged_index: st.purged_index,
                 fault: st.fault.unwrap_or_default(),
+                parked: st.parked,
             });
         }
         let me = node.node_id();
