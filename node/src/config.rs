@@ -53,6 +53,13 @@ pub struct FileConfig {
     /// Whether the placement driver moves range leaderships to even out the
     /// leaders per node (replica balance and repair are not affected).
     pub balance_leaders: bool,
+    /// What a node does when its store fails the checks at start-up
+    /// (damaged WAL, MANIFEST or SST, or durable writes lost): with `true`
+    /// it moves the store to `quarantine/` in the data dir once its peers
+    /// can spare its replicas, and rejoins empty to be rebuilt from them;
+    /// with `false` it exits and leaves the store as it is. Either way the
+    /// damaged store is never served.
+    pub recover_from_peers: bool,
 }
 
 impl Default for FileConfig {
@@ -80,6 +87,7 @@ impl Default for FileConfig {
             placement_interval_ms: 1_000,
             balance_tolerance: 0.2,
             balance_leaders: true,
+            recover_from_peers: true,
         }
     }
 }

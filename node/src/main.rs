@@ -50,6 +50,12 @@ struct Args {
     /// other nodes (overrides the config file; default 60).
     #[arg(long)]
     dead_node_timeout_s: Option<u64>,
+    /// Whether a node whose store is found damaged at start-up moves it to
+    /// quarantine/ and rejoins empty, to be rebuilt from its peers (true), or
+    /// exits leaving it as it is (false). Overrides the config file
+    /// (default true); the damaged store is never served either way.
+    #[arg(long)]
+    recover_from_peers: Option<bool>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -160,6 +166,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut file = file;
     if let Some(t) = args.dead_node_timeout_s {
         file.dead_node_timeout_s = t;
+    }
+    if let Some(r) = args.recover_from_peers {
+        file.recover_from_peers = r;
     }
     let cfg = NodeConfig {
         node_id: args.node_id,

@@ -3,13 +3,17 @@
 //! and how it reports to the meta range's leader.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use lmskv_proto::error::Error;
 use lmskv_proto::range::{spans_overlap, META_RANGE_ID};
 use lmskv_proto::v1::admin_client::AdminClient;
-use lmskv_proto::v1::{HeartbeatRequest, IdentifyRequest, RangeDescriptor, RangeStats};
+use lmskv_proto::v1::{
+    HeartbeatRequest, IdentifyRequest, NodeListRequest, RangeDescriptor, RangeListRequest,
+    RangeStats,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
@@ -51,7 +55,10 @@ type SpanSizes = (
     std::collections::HashMap<u64, (u64, Instant, u64, u64)>,
 );
 
-/// What a data dir remembers about its node.
+/// What a data dir remembers about its node. Kept twice: in the store and in
+/// [`IDENTITY_FILE`] beside it, so that a node whose store is damaged or gone
+/// still knows it was part of a cluster (and must not form a new one, nor
+/// take part in its old ranges' elections with an empty log).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct Identity {
     node_id: u64,
@@ -59,7 +66,39 @@ struct Identity {
     /// Set once the node is part of a cluster (formed or joined it).
     #[serde(default)]
     member: bool,
+    /// Set once this node lost a store while a member (see [`StoreLoss`]);
+    /// kept for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store_lost: Option<StoreLoss>,
 }
+
+/// The last time this node's store was found damaged or missing and the
+/// node started over with an empty one, rebuilt from its peers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreLoss {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// What was wrong with the store.
+    pub reason: String,
+    /// Where the damaged store was moved, if there was one.
+    pub quarantined: Option<String>,
+    /// How many times this node lost its store.
+    pub count: u32,
+}
+
+/// The identity file in the data dir, outside the store.
+const IDENTITY_FILE: &str = "identity.json";
+/// Where damaged stores are moved, in the data dir.
+const QUARANTINE_DIR: &str = "quarantine";
+/// Damaged stores kept in [`QUARANTINE_DIR`]; older ones are deleted.
+const QUARANTINE_KEEP: usize = 2;
+/// How often a node with a damaged store checks whether its peers can
+/// rebuild it yet.
+const RECOVERY_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one of those checks may wait for a peer.
+const RECOVERY_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Peers and leader hints one check follows at most.
+const RECOVERY_TARGETS_MAX: usize = 8;
 
 /// A running storage node.
 pub struct Node {
@@ -92,47 +131,128 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// Opens the data dir (checking the node's identity) and every range it hosts.
+    ///
+    /// A damaged store (see `storage::durability`) is never served. With
+    /// `recover_from_peers` on, and once the cluster can spare this node's
+    /// replicas (every range it is a voter of keeps a quorum on other live
+    /// nodes), the store is moved to `quarantine/` and the node starts over
+    /// with an empty one under the same id; otherwise it waits (or, with the
+    /// option off, exits) and leaves the store as it is.
+    ///
+    /// Why an empty store under the same id is safe: the node keeps knowing
+    /// it is a member (the identity file), so it never forms a new cluster;
+    /// it hosts no replica, so it casts no vote and acknowledges no entry in
+    /// any of its old ranges; Raft messages for a range it does not host are
+    /// refused, never answered by a new empty replica (the identity file
+    /// marks the loss for good); and [`Node::create_replica`] refuses a range
+    /// whose descriptor still lists this node as a voter. So a range only
+    /// gets a replica here again after the placement driver removed this
+    /// node from its voters (the missing-voter rule) and added it back as a
+    /// learner that catches up from the leader before it is promoted: the
+    /// node id never holds an empty log while it is a voter.
     pub async fn open(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
-        let engine = Arc::new(
-            Engine::open(&cfg.data_dir.join("db"), &cfg.engine_options()).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot open the storage in {}: {e}. If the data is damaged, wipe the data dir and restart the node with --join so it recovers from its peers",
-                    cfg.data_dir.display()
-                )
-            })?,
-        );
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display())
+        })?;
+        let db_dir = cfg.data_dir.join("db");
+        let from_file = read_identity_file(&cfg.data_dir)?;
         let mut me = Identity {
             node_id: cfg.node_id,
             address: cfg.advertise_addr(),
             member: false,
+            store_lost: None,
         };
+        if let Some(f) = &from_file {
+            check_identity(&cfg, f)?;
+            me.member = f.member;
+            me.store_lost = f.store_lost.clone();
+        }
+        let mut lost: Option<(String, Option<PathBuf>)> = None;
+        let mut engine = None;
+        if db_dir.join("CURRENT").exists() {
+            match Engine::open(&db_dir, &cfg.engine_options()) {
+                Ok(e) => engine = Some(e),
+                Err(e) if e.is_corruption() => {
+                    let reason = e.to_string();
+                    tracing::error!(data_dir = %cfg.data_dir.display(), error = %reason, "the store is damaged; it will not be served");
+                    // Membership unknown (a store from before the identity
+                    // file): counted as a member, which never forms a cluster.
+                    let member = from_file.as_ref().is_none_or(|f| f.member);
+                    if member {
+                        if !cfg.file.recover_from_peers {
+                            anyhow::bail!(
+                                "the store in {} is damaged: {reason}. It was left as it is and is not served. \
+                                 Restart with --recover-from-peers true to move it to {}/ and rebuild this node from its peers",
+                                db_dir.display(),
+                                cfg.data_dir.join(QUARANTINE_DIR).display()
+                            );
+                        }
+                        wait_until_peers_can_rebuild(&cfg).await?;
+                        me.member = true;
+                    }
+                    let moved = quarantine(&cfg.data_dir, &db_dir)?;
+                    tracing::error!(
+                        quarantined = %moved.display(),
+                        "moved the damaged store aside; starting over with an empty store"
+                    );
+                    if member {
+                        lost = Some((reason, Some(moved)));
+                    }
+                }
+                Err(e) => {
+                    anyhow::bail!("cannot open the storage in {}: {e}", cfg.data_dir.display())
+                }
+            }
+        } else if me.member {
+            // The identity says member but the store is gone (deleted, or a
+            // quarantine interrupted after the move).
+            tracing::error!(data_dir = %cfg.data_dir.display(), "this member node's store is missing; starting over with an empty store");
+            lost = Some(("the store is missing".to_string(), None));
+        }
+        let engine = match engine {
+            Some(e) => e,
+            None => Engine::open(&db_dir, &cfg.engine_options()).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create the storage in {}: {e}",
+                    cfg.data_dir.display()
+                )
+            })?,
+        };
+        let engine = Arc::new(engine);
         match engine.node_identity()? {
             Some(raw) => {
                 let stored: Identity = serde_json::from_slice(&raw)?;
-                if stored.node_id != me.node_id {
-                    anyhow::bail!(
-                        "data dir {} belongs to node {}, not node {}",
-                        cfg.data_dir.display(),
-                        stored.node_id,
-                        me.node_id
-                    );
-                }
-                if stored.address != me.address {
-                    anyhow::bail!(
-                        "node {} was created with address {}; start it with --listen {}",
-                        me.node_id,
-                        stored.address,
-                        stored.address
-                    );
-                }
-                me.member = stored.member;
+                check_identity(&cfg, &stored)?;
+                me.member |= stored.member;
                 tracing::info!(node_id = me.node_id, "restarting with existing data");
             }
-            None => {
-                engine.put_node_identity(&serde_json::to_vec(&me)?)?;
+            None if lost.is_none() && from_file.is_none() => {
                 tracing::info!(node_id = me.node_id, "initialized new data dir");
             }
+            None => {}
         }
+        if let Some((reason, moved)) = lost {
+            let count = me.store_lost.as_ref().map_or(0, |l| l.count) + 1;
+            let loss = StoreLoss {
+                at_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                reason,
+                quarantined: moved.map(|p| p.display().to_string()),
+                count,
+            };
+            tracing::error!(
+                node_id = me.node_id,
+                reason = %loss.reason,
+                quarantined = loss.quarantined.as_deref().unwrap_or("-"),
+                losses = count,
+                "STORE LOST: this node rejoins with an empty store; it hosts no replica and takes no part in its old ranges until the placement driver replaces them from the healthy peers"
+            );
+            me.member = true;
+            me.store_lost = Some(loss);
+        }
+        write_identity_file(&cfg.data_dir, &me)?;
+        engine.put_node_identity(&serde_json::to_vec(&me)?)?;
         let (split_tx, split_rx) = mpsc::channel(SPLIT_QUEUE_MAX);
         let pool = PeerPool::new(me.node_id, cfg.source_ip);
         let node = Arc::new(Node {
@@ -161,10 +281,16 @@ impl Node {
         tracing::info!(ranges = ids.len(), "opened local ranges");
         // Stray Raft messages for ranges this node does not know create them
         // (unless tombstoned); the right-hand halves of splits are opened here.
+        // Not on a node that lost its store: it may still be a voter of the
+        // range with an empty log (see `Node::open`), so it refuses instead.
         let weak = Arc::downgrade(&node);
+        let refuse_unknown = node.store_loss().is_some();
         node.replicas.set_creator(Arc::new(move |range_id| {
             let weak = weak.clone();
             Box::pin(async move {
+                if refuse_unknown {
+                    return Err(Error::RangeNotFound { range_id });
+                }
                 match weak.upgrade() {
                     Some(n) => n.open_replica(range_id).await,
                     None => Err(Error::unavailable("node is stopping")),
@@ -189,9 +315,33 @@ impl Node {
         let mut id = self.identity.lock().expect("identity lock");
         if !id.member {
             id.member = true;
+            write_identity_file(&self.cfg.data_dir, &id)?;
             self.engine.put_node_identity(&serde_json::to_vec(&*id)?)?;
         }
         Ok(())
+    }
+
+    /// When this node last lost its store and rebuilt it from its peers.
+    pub fn store_loss(&self) -> Option<StoreLoss> {
+        self.identity
+            .lock()
+            .expect("identity lock")
+            .store_lost
+            .clone()
+    }
+
+    /// One line on the last store loss, for status reports (empty: none).
+    pub fn store_loss_note(&self) -> String {
+        let Some(l) = self.store_loss() else {
+            return String::new();
+        };
+        format!(
+            "store lost {} time(s), last at unix ms {}: {}; damaged store kept in {}; replicas are rebuilt from peers",
+            l.count,
+            l.at_unix_ms,
+            l.reason,
+            l.quarantined.as_deref().unwrap_or("(none: it was missing)")
+        )
     }
 
     /// Opens (creating when new) this node's replica of `range_id`; returns
@@ -315,6 +465,19 @@ impl Node {
         if let Ok(r) = self.replicas.get(desc.range_id) {
             drop(r);
             return Ok(());
+        }
+        // An empty replica in a voter's seat could vote with an empty log
+        // (this node lost the range, e.g. with its store): it must be
+        // removed from the voters and come back as a learner first.
+        if desc.voters.contains(&self.node_id()) {
+            return Err(Error::invalid_argument(
+                "descriptor",
+                format!(
+                    "node {} is a voter of range {} but holds no replica of it; remove it from the voters first",
+                    self.node_id(),
+                    desc.range_id
+                ),
+            ));
         }
         for o in self.replicas.all() {
             let (s, e) = o.effective_span();
@@ -790,4 +953,210 @@ impl Node {
             tracing::warn!(error = %e, "flush on shutdown failed");
         }
     }
+}
+
+fn check_identity(cfg: &NodeConfig, stored: &Identity) -> anyhow::Result<()> {
+    if stored.node_id != cfg.node_id {
+        anyhow::bail!(
+            "data dir {} belongs to node {}, not node {}",
+            cfg.data_dir.display(),
+            stored.node_id,
+            cfg.node_id
+        );
+    }
+    if stored.address != cfg.advertise_addr() {
+        anyhow::bail!(
+            "node {} was created with address {}; start it with --listen {}",
+            cfg.node_id,
+            stored.address,
+            stored.address
+        );
+    }
+    Ok(())
+}
+
+/// The identity file of `data_dir`, if there is one. An unreadable one is an
+/// error: guessing could make a member node form a new cluster.
+fn read_identity_file(data_dir: &Path) -> anyhow::Result<Option<Identity>> {
+    let path = data_dir.join(IDENTITY_FILE);
+    match std::fs::read(&path) {
+        Ok(raw) => serde_json::from_slice(&raw).map(Some).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is damaged ({e}); fix it by hand (it names the node id, address and whether the node is a cluster member)",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Replaces the identity file durably (write, sync, rename, sync the dir).
+fn write_identity_file(data_dir: &Path, id: &Identity) -> anyhow::Result<()> {
+    let path = data_dir.join(IDENTITY_FILE);
+    let tmp = data_dir.join(format!("{IDENTITY_FILE}.tmp"));
+    let mut raw = serde_json::to_vec_pretty(id)?;
+    raw.push(b'\n');
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &raw)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(data_dir)?.sync_all()
+    };
+    write().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}
+
+/// Moves the store in `db_dir` to a new directory under `quarantine/` and
+/// deletes all but the newest [`QUARANTINE_KEEP`] stores there.
+fn quarantine(data_dir: &Path, db_dir: &Path) -> anyhow::Result<PathBuf> {
+    let qdir = data_dir.join(QUARANTINE_DIR);
+    std::fs::create_dir_all(&qdir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", qdir.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let to = qdir.join(format!("db-{stamp}"));
+    std::fs::rename(db_dir, &to).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot move the damaged store {} to {}: {e}",
+            db_dir.display(),
+            to.display()
+        )
+    })?;
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| anyhow::anyhow!("cannot sync {}: {e}", data_dir.display()))?;
+    let mut kept: Vec<PathBuf> = std::fs::read_dir(&qdir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("db-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // Names sort by time: the stamps have the same number of digits for
+    // centuries.
+    kept.sort();
+    while kept.len() > QUARANTINE_KEEP {
+        let old = kept.remove(0);
+        match std::fs::remove_dir_all(&old) {
+            Ok(()) => tracing::warn!(path = %old.display(), "deleted an older quarantined store"),
+            Err(e) => {
+                tracing::warn!(path = %old.display(), error = %e, "cannot delete an older quarantined store")
+            }
+        }
+    }
+    Ok(to)
+}
+
+/// Waits until the cluster can rebuild this node's replicas: its meta range
+/// answers, and every range that lists this node as a voter keeps a quorum
+/// of voters on other nodes that are up. A node whose peers are all down or
+/// damaged too keeps its store where it is and waits (logging why).
+async fn wait_until_peers_can_rebuild(cfg: &NodeConfig) -> anyhow::Result<()> {
+    let me = cfg.advertise_addr();
+    let peers: Vec<String> = cfg.join.iter().filter(|a| **a != me).cloned().collect();
+    if peers.is_empty() {
+        anyhow::bail!(
+            "the store in {} is damaged and this node has no peers (--join) to rebuild it from; it was left as it is",
+            cfg.data_dir.display()
+        );
+    }
+    let pool = PeerPool::new(cfg.node_id, cfg.source_ip);
+    let mut attempt = 0u64;
+    loop {
+        match peers_can_rebuild(cfg.node_id, &pool, &peers).await {
+            Ok(()) => return Ok(()),
+            Err(why) => {
+                if attempt.is_multiple_of(15) {
+                    tracing::warn!(reason = %why, "the damaged store stays in place until the peers can rebuild this node");
+                }
+            }
+        }
+        attempt += 1;
+        tokio::time::sleep(RECOVERY_CHECK_INTERVAL).await;
+    }
+}
+
+/// One check of [`wait_until_peers_can_rebuild`].
+async fn peers_can_rebuild(me: u64, pool: &PeerPool, peers: &[String]) -> Result<(), String> {
+    let mut targets: Vec<String> = peers.to_vec();
+    let mut tried = 0;
+    let mut last = "no peer answered".to_string();
+    while let Some(addr) = targets.first().cloned() {
+        targets.remove(0);
+        tried += 1;
+        if tried > RECOVERY_TARGETS_MAX {
+            break;
+        }
+        let Ok(ch) = pool.channel(&addr) else {
+            continue;
+        };
+        let mut c = AdminClient::new(ch);
+        let ranges =
+            match tokio::time::timeout(RECOVERY_CALL_TIMEOUT, c.range_list(RangeListRequest {}))
+                .await
+            {
+                Ok(Ok(r)) => r.into_inner().ranges,
+                Ok(Err(status)) => {
+                    if let Error::NotLeader {
+                        leader: Some(h), ..
+                    } = Error::from_status(&status)
+                    {
+                        if !h.address.is_empty() && !targets.contains(&h.address) {
+                            targets.insert(0, h.address);
+                        }
+                    }
+                    last = format!("{addr}: {}", status.message());
+                    continue;
+                }
+                Err(_) => {
+                    last = format!("{addr}: timed out");
+                    continue;
+                }
+            };
+        let nodes = match tokio::time::timeout(
+            RECOVERY_CALL_TIMEOUT,
+            c.node_list(NodeListRequest {}),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r.into_inner().nodes,
+            Ok(Err(s)) => return Err(format!("{addr}: {}", s.message())),
+            Err(_) => return Err(format!("{addr}: timed out")),
+        };
+        let up: std::collections::HashSet<u64> = nodes
+            .iter()
+            .filter(|n| n.state == "up" && n.node_id != me)
+            .map(|n| n.node_id)
+            .collect();
+        let mut short = Vec::new();
+        for r in &ranges {
+            let Some(d) = &r.descriptor else { continue };
+            let d = StoredDesc::from_proto(d);
+            if !d.voters.contains(&me) {
+                continue;
+            }
+            let others = d.voters.iter().filter(|v| up.contains(v)).count();
+            if others < d.voters.len() / 2 + 1 {
+                short.push(format!(
+                    "range {} (voters {:?}, up besides this node: {others})",
+                    d.range_id, d.voters
+                ));
+            }
+        }
+        if short.is_empty() {
+            return Ok(());
+        }
+        return Err(format!(
+            "ranges without a quorum on other live nodes: {}",
+            short.join(", ")
+        ));
+    }
+    Err(last)
 }

@@ -730,6 +730,40 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
                 .min_by_key(|c| (load.get(c).copied().unwrap_or(0), **c))
                 .copied()
             else {
+                // Every live node already is a voter (e.g. 3 nodes, 3
+                // replicas), and one of them lost its replica (its store was
+                // damaged and rebuilt empty): remove it first, so that a
+                // later round adds it back as a learner that catches up from
+                // the leader. It never votes with an empty log meanwhile: it
+                // hosts no replica, so it answers nothing for the range.
+                let lost: Vec<u64> = d
+                    .voters
+                    .iter()
+                    .copied()
+                    .filter(|v| missing.contains(&(d.range_id, *v)))
+                    .collect();
+                if lost.is_empty() {
+                    continue;
+                }
+                let mut voters: Vec<u64> = d
+                    .voters
+                    .iter()
+                    .copied()
+                    .filter(|v| !lost.contains(v))
+                    .collect();
+                voters.sort_unstable();
+                if start_op(
+                    node,
+                    PendingOp {
+                        range_id: d.range_id,
+                        voters,
+                        reason: format!(
+                            "remove the lost replica on node(s) {lost:?} to add it back empty (no other node can take it)"
+                        ),
+                    },
+                ) {
+                    started += 1;
+                }
                 continue;
             };
             voters.push(target);

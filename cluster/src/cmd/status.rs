@@ -214,6 +214,7 @@ mod tests {
             address: "127.0.0.1:7001".into(),
             initialized: true,
             cluster: None,
+            store_recovery: String::new(),
             nodes: vec![
                 NodeInfo {
                     node_id: 2,

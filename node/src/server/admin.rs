@@ -134,6 +134,7 @@ impl Admin for AdminService {
             ranges,
             initialized: node.is_member(),
             cluster,
+            store_recovery: node.store_loss_note(),
         }))
     }
 

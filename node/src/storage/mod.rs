@@ -5,6 +5,7 @@
 //! `node::raft`, and leave checksummed (see [`value`]). The on-disk layout is
 //! defined in [`keys`].
 
+pub mod durability;
 mod engine;
 mod group_commit;
 pub mod keys;
