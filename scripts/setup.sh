@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building lmskv needs and is missing: libclang (for RocksDB's
 # bindings), a C++ compiler, protoc (for the etcd client the benchmarks use),
-# for the benchmarks etcd itself and a font for the charts, and libfaketime
-# (the chaos runs' clock-skew nemesis).
+# for the benchmarks etcd itself and a font for the charts, libfaketime
+# (the chaos runs' clock-skew nemesis) and, for root, nftables (the chaos
+# runs' random packet loss between network namespaces).
 # Run as root to install; otherwise it only checks.
 set -euo pipefail
 
@@ -23,6 +24,11 @@ command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 # libfaketime, for the chaos runs' clock-skew nemesis.
 compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || compgen -G "/usr/lib/faketime/libfaketime.so.1" >/dev/null || missing+=(faketime)
+# nft, for packet loss between the network namespaces chaos runs use as root
+# (without root they run on TCP proxies and need no nft).
+if [ "$(id -u)" = "0" ]; then
+  command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

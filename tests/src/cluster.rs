@@ -1,11 +1,17 @@
 //! [`TestCluster`]: a cluster of real `lmskv-node` processes on 127.0.0.1,
 //! with free ports, a temporary data dir, and process-level faults (kill -9,
 //! SIGTERM, SIGSTOP/SIGCONT, restart). Everything is cleaned up on drop.
+//!
+//! Network faults ([`TestCluster::disrupt`], [`TestCluster::partition`])
+//! need one of two networks, chosen at start: every node in its own Linux
+//! network namespace ([`ClusterOptions::netns`], root only; faults act on IP
+//! packets), or a TCP proxy in front of every node
+//! ([`ClusterOptions::proxied`]; faults act on connections).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -16,6 +22,8 @@ use lmskv_proto::v1::{StatusRequest, StatusResponse};
 use rustix::process::{kill_process, Pid, Signal};
 use tonic::transport::Channel;
 
+use crate::netns::{Fabric, NODE_PORT};
+use crate::partition::{CutRoute, Fault, LinkFault};
 use crate::proxy::Proxy;
 
 static START: OnceLock<Instant> = OnceLock::new();
@@ -35,6 +43,11 @@ pub struct ClusterOptions {
     /// Put a [`Proxy`] in front of every node (the node advertises the
     /// proxy's address), for tests that lose replies or cut nodes off.
     pub proxied: bool,
+    /// Run every node in its own namespace of this fabric (which must have
+    /// a namespace for each node), listening on its fabric address. The
+    /// cluster must be started and used from the hub namespace
+    /// ([`Fabric::block_on`]). Takes precedence over `proxied`.
+    pub netns: Option<Arc<Fabric>>,
 }
 
 impl Default for ClusterOptions {
@@ -43,6 +56,7 @@ impl Default for ClusterOptions {
             nodes: 3,
             config: String::new(),
             proxied: false,
+            netns: None,
         }
     }
 }
@@ -69,6 +83,8 @@ pub struct TestCluster {
     pub nodes: Vec<NodeProc>,
     node_bin: PathBuf,
     config_path: PathBuf,
+    /// The namespaces the nodes run in; dropped after the nodes are killed.
+    fabric: Option<Arc<Fabric>>,
 }
 
 /// The directory the workspace's binaries are built into, next to the test binary.
@@ -127,6 +143,18 @@ impl TestCluster {
                 node_bin.display()
             );
         }
+        if let Some(f) = &opts.netns {
+            if opts.nodes > f.nodes() {
+                bail!(
+                    "the fabric has namespaces for {} nodes, not {}",
+                    f.nodes(),
+                    opts.nodes
+                );
+            }
+            if !f.in_hub() {
+                bail!("a cluster in network namespaces is started from the hub namespace (Fabric::block_on)");
+            }
+        }
         let dir = tempfile::Builder::new().prefix("lmskv-test-").tempdir()?;
         let config_path = dir.path().join("node.toml");
         // Short timeouts keep tests quick; tests may override any of them.
@@ -154,6 +182,19 @@ impl TestCluster {
         let mut nodes = Vec::new();
         let mut used = Vec::new();
         for i in 1..=opts.nodes as u64 {
+            if let Some(f) = &opts.netns {
+                let listen = format!("{}:{NODE_PORT}", f.node_ip(i));
+                nodes.push(NodeProc {
+                    id: i,
+                    addr: listen.clone(),
+                    listen,
+                    proxy: None,
+                    data_dir: dir.path().join(format!("node-{i}")),
+                    log_path: dir.path().join(format!("node-{i}.log")),
+                    child: None,
+                });
+                continue;
+            }
             let mut port = free_port()?;
             while used.contains(&port) {
                 port = free_port()?;
@@ -182,6 +223,7 @@ impl TestCluster {
             nodes,
             node_bin,
             config_path,
+            fabric: opts.netns.clone(),
         };
         for i in 1..=opts.nodes as u64 {
             c.spawn(i)?;
@@ -213,24 +255,81 @@ impl TestCluster {
         self.node(id).addr.clone()
     }
 
-    /// Partitions nodes `a` from nodes `b` (both ways; proxied clusters):
-    /// their connections to each other break and new ones are refused.
-    /// Clients still reach every node.
-    pub fn partition(&self, a: &[u64], b: &[u64]) {
-        for x in a {
-            for y in b {
-                self.proxy(*x).block(source_ip(*y));
-                self.proxy(*y).block(source_ip(*x));
-            }
+    /// The network the nodes talk over: `netns` (a namespace each),
+    /// `proxy` (a TCP proxy in front of each) or `loopback` (no network
+    /// faults possible).
+    pub fn network(&self) -> &'static str {
+        if self.fabric.is_some() {
+            "netns"
+        } else if self.nodes.iter().any(|n| n.proxy.is_some()) {
+            "proxy"
+        } else {
+            "loopback"
         }
     }
 
-    /// Ends every partition and cut.
-    pub fn heal_network(&self) {
+    /// The namespaces the nodes run in, for clusters started with `netns`.
+    pub fn fabric(&self) -> Option<&Arc<Fabric>> {
+        self.fabric.as_ref()
+    }
+
+    /// Partitions nodes `a` from nodes `b`, both ways: their connections to
+    /// each other break and new ones fail. Clients still reach every node.
+    /// Panics on a cluster with neither namespaces nor proxies.
+    pub fn partition(&self, a: &[u64], b: &[u64]) {
+        let mut faults = Vec::new();
+        for &x in a {
+            for &y in b {
+                for (from, to) in [(x, y), (y, x)] {
+                    faults.push(LinkFault {
+                        from,
+                        to,
+                        fault: Fault::Cut(CutRoute::Prohibit),
+                    });
+                }
+            }
+        }
+        self.disrupt(&faults).expect("partition the cluster");
+    }
+
+    /// Applies link faults between nodes (on top of those in place).
+    /// In namespaces a fault `from -> to` acts on IP packets from `from` to
+    /// `to`; behind proxies, on connections `from` opens to `to` (its
+    /// proxy refuses or stalls them).
+    pub fn disrupt(&self, faults: &[LinkFault]) -> anyhow::Result<()> {
+        if let Some(f) = &self.fabric {
+            return f.apply(faults);
+        }
+        if self.network() != "proxy" {
+            bail!("network faults need a cluster started with netns or proxied");
+        }
+        for lf in faults {
+            match lf.fault {
+                Fault::Cut(_) => self.proxy(lf.to).block(source_ip(lf.from)),
+                Fault::Loss(percent) => self.proxy(lf.to).lose(source_ip(lf.from), percent),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every partition, cut and loss; an error says which undo failed
+    /// (the others were still undone).
+    pub fn try_heal_network(&self) -> anyhow::Result<()> {
+        if let Some(f) = &self.fabric {
+            return f.heal();
+        }
         for n in &self.nodes {
             if let Some(p) = &n.proxy {
                 p.heal();
             }
+        }
+        Ok(())
+    }
+
+    /// Ends every partition, cut and loss (an error is logged).
+    pub fn heal_network(&self) {
+        if let Err(e) = self.try_heal_network() {
+            crate::phase!("heal network: {e:#}");
         }
     }
 
@@ -244,6 +343,9 @@ impl TestCluster {
 
     /// Adds a new node that joins the running cluster through `--join`; returns its id.
     pub fn add_node(&mut self) -> anyhow::Result<u64> {
+        if self.fabric.is_some() {
+            bail!("adding a node to a cluster in network namespaces is not supported");
+        }
         let id = self.nodes.len() as u64 + 1;
         let used: Vec<String> = self.endpoints();
         let mut port = free_port()?;
@@ -276,6 +378,10 @@ impl TestCluster {
         let join = self.endpoints().join(",");
         let bin = self.node_bin.clone();
         let cfg = self.config_path.clone();
+        let mut cmd = match &self.fabric {
+            Some(f) => f.command(id, &bin),
+            None => Command::new(&bin),
+        };
         let n = self.node_mut(id);
         if n.child.is_some() {
             bail!("node {id} is already running");
@@ -284,7 +390,6 @@ impl TestCluster {
             .create(true)
             .append(true)
             .open(&n.log_path)?;
-        let mut cmd = Command::new(&bin);
         if n.proxy.is_some() {
             cmd.arg("--advertise")
                 .arg(&n.addr)

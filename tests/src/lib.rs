@@ -1,11 +1,14 @@
 //! Test support for lmskv: a harness that runs real `lmskv-node` processes on
-//! loopback ports, and helpers the integration suites share.
+//! loopback ports (or, as root, each in its own network namespace), and
+//! helpers the integration suites share.
 //!
 //! The suites live in `tests/tests/*.rs`, one binary each.
 
 pub mod chaos;
 pub mod checker;
 pub mod cluster;
+pub mod netns;
+pub mod partition;
 pub mod proxy;
 pub mod router;
 

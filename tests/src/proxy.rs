@@ -14,9 +14,19 @@
 //!   Test nodes connect to each other from their own loopback address
 //!   (`--source-ip`), so blocking a peer's address in this node's proxy and
 //!   this node's address in the peer's proxy partitions the two both ways,
-//!   while clients (from 127.0.0.1) still reach both.
+//!   while clients (from 127.0.0.1) still reach both. Blocking it in one
+//!   proxy only cuts one direction: the peer cannot open connections to
+//!   this node, while this node's connections to the peer go through.
+//! - [`Proxy::lose`]: the proxy's stand-in for random packet loss on the
+//!   connections from one source address. It cannot drop bytes from a TCP
+//!   stream, so it does what TCP makes of a lost segment: each chunk it
+//!   forwards on such a connection, either way, is held for
+//!   [`LOSS_STALL`] (a retransmission timeout) with the given probability.
+//!
+//! Where the harness can use Linux network namespaces it partitions nodes at
+//! the IP level instead (see [`crate::netns`]); the proxy is the fallback.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +40,9 @@ use tokio::task::JoinHandle;
 /// How long a connection whose reply is lost keeps reading (and dropping)
 /// the node's answer before it is cut: long enough for a write to commit.
 const LOST_REPLY_HOLD: Duration = Duration::from_millis(1500);
+/// How long a "lost" chunk is held on a lossy connection: Linux's shortest
+/// TCP retransmission timeout.
+pub const LOSS_STALL: Duration = Duration::from_millis(200);
 /// Bytes a marker may straddle between two reads.
 const MARKER_BYTES_MAX: usize = 4096;
 
@@ -43,12 +56,26 @@ struct State {
     cut: AtomicBool,
     /// Source addresses whose connections are refused and broken.
     blocked: Mutex<HashSet<IpAddr>>,
+    /// Source addresses whose connections lose this percentage of chunks.
+    lossy: Mutex<HashMap<IpAddr, u8>>,
 }
 
 impl State {
     fn refuses(&self, from: IpAddr) -> bool {
         self.cut.load(Ordering::SeqCst)
             || self.blocked.lock().expect("blocked lock").contains(&from)
+    }
+
+    /// Whether the next chunk on a connection from `from` is "lost".
+    fn loses(&self, from: IpAddr) -> bool {
+        let percent = self
+            .lossy
+            .lock()
+            .expect("lossy lock")
+            .get(&from)
+            .copied()
+            .unwrap_or(0);
+        percent > 0 && rand::random::<u8>() % 100 < percent
     }
 }
 
@@ -134,9 +161,21 @@ impl Proxy {
         self.cut_tx.send_modify(|n| *n += 1);
     }
 
-    /// Accepts connections from every address again (and ends a cut).
+    /// Loses `percent` of the chunks on connections from `from` (see
+    /// [`LOSS_STALL`]); 0 ends it.
+    pub fn lose(&self, from: IpAddr, percent: u8) {
+        let mut lossy = self.state.lossy.lock().expect("lossy lock");
+        if percent == 0 {
+            lossy.remove(&from);
+        } else {
+            lossy.insert(from, percent.min(100));
+        }
+    }
+
+    /// Accepts connections from every address again, with no loss (and ends a cut).
     pub fn heal(&self) {
         self.state.blocked.lock().expect("blocked lock").clear();
+        self.state.lossy.lock().expect("lossy lock").clear();
         self.cut(false);
     }
 }
@@ -178,6 +217,9 @@ async fn serve(
                         tail.drain(..tail.len() - keep);
                     }
                 }
+                if st.loses(from) {
+                    tokio::time::sleep(LOSS_STALL).await;
+                }
                 if out_w.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
@@ -205,6 +247,9 @@ async fn serve(
                     }
                     st.lost.fetch_add(1, Ordering::SeqCst);
                     return;
+                }
+                if st.loses(from) {
+                    tokio::time::sleep(LOSS_STALL).await;
                 }
                 if in_w.write_all(&buf[..n]).await.is_err() {
                     return;

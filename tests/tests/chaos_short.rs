@@ -4,18 +4,22 @@
 //! register, set and bank workloads; the history must be linearizable, no
 //! acknowledged write lost and the bank's total kept. Four nodes, so that
 //! every range (3 replicas) has a node to move a replica to.
+//!
+//! As root the nodes run in network namespaces and partitions act on IP
+//! packets (checked below); elsewhere they run behind TCP proxies.
 
 use std::time::Duration;
 
-use lmskv_tests::chaos::{self, ChaosOptions, Linearizable, Nemesis, Workload};
-use lmskv_tests::phase;
+use lmskv_tests::chaos::{self, ChaosOptions, Linearizable, Nemesis, Network, Workload};
+use lmskv_tests::{netns, phase};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn short_chaos_run_is_linearizable_loses_nothing_and_keeps_the_bank() {
+#[test]
+fn short_chaos_run_is_linearizable_loses_nothing_and_keeps_the_bank() {
     let seed: u64 = rand::random();
     phase!("short chaos run, seed {seed}");
+    let namespaces = netns::available();
     let opts = ChaosOptions {
         nodes: 4,
         // Long enough for the nemesis to deal most runs every one of its
@@ -24,12 +28,18 @@ async fn short_chaos_run_is_linearizable_loses_nothing_and_keeps_the_bank() {
         nemeses: Nemesis::available(),
         workloads: vec![Workload::Register, Workload::Set, Workload::Bank],
         seed,
+        network: Network::Auto,
     };
-    let report = tokio::time::timeout(TEST_TIMEOUT, chaos::run(opts))
-        .await
-        .unwrap_or_else(|_| panic!("chaos run timed out (seed {seed})"))
+    let report = chaos::run_within(opts, TEST_TIMEOUT)
         .unwrap_or_else(|e| panic!("chaos run failed: {e:#} (seed {seed})"));
     phase!("\n{report}");
+    match &namespaces {
+        Ok(()) => assert_eq!(report.network, "netns", "root: the nodes ran in namespaces"),
+        Err(why) => {
+            phase!("network namespaces unavailable ({why}): the run used proxies");
+            assert_eq!(report.network, "proxy");
+        }
+    }
     assert!(
         report.ops_ok > 100,
         "the workloads made progress (seed {seed})"

@@ -3,6 +3,11 @@
 //! splits ranges and moves replicas, checks what clients observed, prints a summary and
 //! optionally writes a JSON report.
 //!
+//! Run as root, every node runs in its own network namespace and
+//! partitions act on IP packets; elsewhere (or with `--network proxy`) a TCP
+//! proxy in front of each node stands in. Ctrl-C stops the run and removes
+//! its nodes and namespaces.
+//!
 //! Exits 0 only when the register history is linearizable, the set lost no
 //! acknowledged write and the bank kept its total; otherwise prints the seed
 //! that reproduces the run.
@@ -13,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use lmskv_tests::chaos::{self, ChaosOptions};
+use lmskv_tests::chaos::{self, ChaosOptions, Network};
 
 /// Chaos test for lmskv: workloads, faults, checkers.
 #[derive(Debug, Parser)]
@@ -37,6 +42,11 @@ struct Args {
     /// Seed for every random choice; random when not given.
     #[arg(long)]
     seed: Option<u64>,
+    /// The network the nodes talk over: `netns` (a network namespace per
+    /// node, partitions on IP packets; needs root), `proxy` (a TCP proxy
+    /// in front of each node), or `auto` (netns where it works, else proxy).
+    #[arg(long, default_value = "auto", value_parser = Network::parse)]
+    network: Network,
     /// Where to write the JSON report.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -53,17 +63,7 @@ fn main() -> ExitCode {
     };
     locate_binaries();
     let seed = opts.seed;
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("lmskv-chaos: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let report = match runtime.block_on(chaos::run(opts)) {
+    let report = match chaos::run(opts) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lmskv-chaos: run failed: {e:#}\nrerun with --seed {seed}");
@@ -92,6 +92,7 @@ fn options(args: &Args) -> anyhow::Result<ChaosOptions> {
         nemeses: chaos::parse_nemeses(&args.nemesis)?,
         workloads: chaos::parse_workloads(&args.workload)?,
         seed: args.seed.unwrap_or_else(rand::random),
+        network: args.network,
     };
     opts.validate()?;
     Ok(opts)

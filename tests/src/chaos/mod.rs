@@ -9,6 +9,11 @@
 //! heal every node, read the final state and check it. Every fault and every
 //! workload choice comes from the run's seed, so a failing run prints the seed
 //! that reproduces its schedule.
+//!
+//! The nodes talk over one of two networks ([`Network`]): as root, each node
+//! runs in its own network namespace and partitions act on IP packets
+//! ([`crate::netns`]); elsewhere a TCP proxy in front of each node refuses
+//! or stalls connections ([`crate::proxy`]). The report names the one used.
 
 pub mod bank;
 mod failover;
@@ -25,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::netns::{self, Fabric};
 use crate::{phase, ClusterOptions, TestCluster};
 
 pub use bank::BankSummary;
@@ -51,8 +57,10 @@ pub enum Nemesis {
     Kill,
     /// SIGSTOP a node for 1–3 s, then SIGCONT it.
     Pause,
-    /// Partition one node, or a minority, from the rest for 1–3 s (both
-    /// ways, through the proxy in front of every node); clients still reach
+    /// Put the nodes in a partition shape for 1–3 s: one node isolated, a
+    /// minority cut from the majority, a ring (each node reaches only its
+    /// neighbours), a one-way cut, or random loss between a minority and
+    /// the rest (see [`crate::partition::Partition`]); clients still reach
     /// every node.
     Partition,
     /// Move a range's leadership to another of its voters through the
@@ -230,6 +238,49 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(d)
 }
 
+/// The network a chaos run's nodes talk over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// Namespaces where [`netns::available`] says they work (root), else proxies.
+    Auto,
+    /// Every node in its own network namespace; partitions act on IP
+    /// packets. Needs root and iproute2 (and nft for the loss shape).
+    Netns,
+    /// A TCP proxy in front of every node; partitions act on connections.
+    Proxy,
+}
+
+impl Network {
+    /// Parses `auto`, `netns` or `proxy`.
+    pub fn parse(s: &str) -> anyhow::Result<Network> {
+        match s.trim() {
+            "auto" => Ok(Network::Auto),
+            "netns" => Ok(Network::Netns),
+            "proxy" => Ok(Network::Proxy),
+            other => bail!("network `{other}` is not supported; supported: auto, netns, proxy"),
+        }
+    }
+
+    /// `Netns` or `Proxy`: what `Auto` comes to on this machine. `Netns`
+    /// asked for where namespaces do not work is an error with the reason.
+    pub fn resolve(self) -> anyhow::Result<Network> {
+        match self {
+            Network::Proxy => Ok(Network::Proxy),
+            Network::Netns => match netns::available() {
+                Ok(()) => Ok(Network::Netns),
+                Err(why) => bail!("--network netns: network namespaces are unavailable: {why}"),
+            },
+            Network::Auto => match netns::available() {
+                Ok(()) => Ok(Network::Netns),
+                Err(why) => {
+                    phase!("network: TCP proxies (network namespaces unavailable: {why})");
+                    Ok(Network::Proxy)
+                }
+            },
+        }
+    }
+}
+
 /// What a chaos run does.
 #[derive(Debug, Clone)]
 pub struct ChaosOptions {
@@ -243,6 +294,8 @@ pub struct ChaosOptions {
     pub workloads: Vec<Workload>,
     /// Seed for every random choice of the run.
     pub seed: u64,
+    /// The network the nodes talk over.
+    pub network: Network,
 }
 
 impl ChaosOptions {
@@ -266,10 +319,75 @@ impl ChaosOptions {
 
 /// Runs a chaos test as `opts` says and returns its report. An `Err` means the
 /// run itself could not be carried out (the cluster did not start or never
-/// healed); correctness failures are in the report.
-pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
+/// healed, or Ctrl-C or SIGTERM stopped it); correctness failures are in the
+/// report.
+///
+/// Blocking: the run gets its own runtime on its own thread (in the hub
+/// namespace when the nodes run in namespaces), so it may be called from
+/// any thread that is not driving a runtime. Nodes, namespaces and veth
+/// pairs are gone when it returns, whatever the outcome.
+pub fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
+    run_within(opts, DURATION_MAX * 2)
+}
+
+/// [`run`], stopped with an error (and cleaned up) if it takes longer than
+/// `limit` in all.
+pub fn run_within(opts: ChaosOptions, limit: Duration) -> anyhow::Result<ChaosReport> {
     opts.validate()?;
     let started = Instant::now();
+    let network = opts.network.resolve()?;
+    let fabric = match network {
+        Network::Netns => Some(Arc::new(
+            Fabric::create(opts.nodes).context("build the network namespaces")?,
+        )),
+        _ => None,
+    };
+    let result = match &fabric {
+        Some(f) => {
+            phase!(
+                "network: a namespace per node ({}-*), partitions at the IP level",
+                f.prefix()
+            );
+            f.block_on(interruptible(run_on(opts, fabric.clone(), started), limit))?
+        }
+        None => std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<ChaosReport> {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(interruptible(run_on(opts, None, started), limit))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the chaos run's thread panicked"))?
+        }),
+    };
+    // The cluster (and its nodes) went with the runtime; the namespaces go here.
+    drop(fabric);
+    result
+}
+
+/// Runs `fut` unless Ctrl-C, SIGTERM or the end of `limit` comes first;
+/// then drops it (which stops the nodes) and returns an error.
+async fn interruptible<T>(
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+    limit: Duration,
+) -> anyhow::Result<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
+    tokio::select! {
+        r = fut => r,
+        _ = int.recv() => bail!("interrupted (SIGINT)"),
+        _ = term.recv() => bail!("terminated (SIGTERM)"),
+        _ = tokio::time::sleep(limit) => bail!("the run took longer than {limit:?}"),
+    }
+}
+
+async fn run_on(
+    opts: ChaosOptions,
+    fabric: Option<Arc<Fabric>>,
+    started: Instant,
+) -> anyhow::Result<ChaosReport> {
     phase!(
         "chaos: {} nodes, {:?}, nemesis {:?}, workloads {:?}, seed {}",
         opts.nodes,
@@ -278,6 +396,7 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
         opts.workloads,
         opts.seed
     );
+    let proxied = fabric.is_none() && opts.nemeses.contains(&Nemesis::Partition);
     let mut cluster = TestCluster::start(ClusterOptions {
         nodes: opts.nodes,
         // The production default: leaders move while the nemesis runs. The
@@ -289,9 +408,11 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
             "balance_leaders = true\nelection_timeout_ms_min = 300\nelection_timeout_ms_max = 600\n{}\n",
             bank::BANK_SPLIT_ROW
         ),
-        proxied: opts.nemeses.contains(&Nemesis::Partition),
+        proxied,
+        netns: fabric,
     })
     .await?;
+    phase!("cluster network: {}", cluster.network());
 
     phase!("start workloads and nemesis");
     let stop = Arc::new(AtomicBool::new(false));
@@ -397,6 +518,7 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
         nemesis: counts,
         duration_s: started.elapsed().as_secs_f64(),
         nodes: opts.nodes,
+        network: cluster.network().to_string(),
     };
     phase!("chaos run done: {}", report.verdict_line());
     Ok(report)

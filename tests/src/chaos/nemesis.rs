@@ -4,14 +4,19 @@
 //! one comes up equally often and a short run still sees every one early.
 //!
 //! - Process and network faults (kill -9 and restart, SIGSTOP and SIGCONT, a
-//!   partition that cuts one node, or a minority holding it, off from the
-//!   rest) last 1–3 s and are healed before the next step. Faults are
-//!   sequential, one node (or one minority) at a time, so a majority is
-//!   always up: the "never fault more than a minority" rule holds for every
-//!   cluster of three or more. Half of them aim at the leader of a range
-//!   that carries workload writes, since leader faults are what exercise
-//!   failover; each such fault opens a failover probe for every active
-//!   range the node led (see [`super::failover`]).
+//!   partition) last 1–3 s and are healed before the next step. A partition
+//!   takes one of the shapes of [`Partition`], involving the target node:
+//!   it alone cut off, a minority holding it cut off, a ring, a one-way cut
+//!   between its minority and the rest, or random loss between them (the
+//!   loss shape where the network can do it: nft in namespaces). Faults
+//!   are sequential, one node (or one minority) at a time, and every shape
+//!   leaves a majority that reaches itself, so the "never fault more than
+//!   a minority" rule holds for every cluster of three or more. Half of
+//!   them aim at the leader of a range that carries workload writes, since
+//!   leader faults are what exercise failover; each such fault that cuts
+//!   the node off from a majority (a kill, a pause, a skew restart, an
+//!   isolation, a minority or one-way cut holding it) opens a failover
+//!   probe for every active range the node led (see [`super::failover`]).
 //! - Leader transfers move a range's leadership to another voter through
 //!   the operator API (`transfer_leader`), mostly for a range with workload
 //!   traffic, sometimes any range (the meta range included). They are no
@@ -48,7 +53,8 @@ use rand::{Rng, SeedableRng};
 
 use super::bank::{BANK_PREFIX, BANK_PREFIX_END};
 use super::{register, set, Nemesis, NemesisCounts, OpStats, Probes, Workload};
-use crate::{phase, TestCluster};
+use crate::partition::Partition;
+use crate::{netns, phase, TestCluster};
 
 /// Shortest and longest time a node stays faulted, in ms: past the 0.5–1 s
 /// election timeout, so a faulted leader is replaced.
@@ -94,6 +100,13 @@ pub async fn run(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut counts = NemesisCounts::default();
     let client = t.cluster.client();
+    let loss = match t.cluster.network() {
+        "netns" => netns::nft_available(),
+        network => network == "proxy",
+    };
+    if nemeses.contains(&Nemesis::Partition) && !loss {
+        phase!("nemesis: partition: the loss shape is left out: nft (Debian package nftables) is not installed");
+    }
     let deadline = Instant::now() + duration;
     let mut t = t;
     let mut deck: Vec<Nemesis> = Vec::new();
@@ -109,7 +122,7 @@ pub async fn run(
         let Some(kind) = deck.pop() else { break };
         match kind {
             Nemesis::Kill | Nemesis::Pause | Nemesis::Partition | Nemesis::Skew => {
-                fault(&mut t, &mut rng, kind, &mut counts).await
+                fault(&mut t, &mut rng, kind, loss, &mut counts).await
             }
             Nemesis::Transfer => transfer(&t, &client, &mut rng, &mut counts).await,
             Nemesis::Split => split(&t, &client, &mut rng, seed, &mut counts).await,
@@ -122,8 +135,15 @@ pub async fn run(
 }
 
 /// Kills, pauses, partitions or clock-skews one node (half the time the
-/// leader of an active range) for 1–3 s, then heals it.
-async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut NemesisCounts) {
+/// leader of an active range) for 1–3 s, then heals it. `loss` says whether
+/// a partition may take the loss shape.
+async fn fault(
+    t: &mut Target<'_>,
+    rng: &mut StdRng,
+    kind: Nemesis,
+    loss: bool,
+    counts: &mut NemesisCounts,
+) {
     let cluster = &mut *t.cluster;
     let nodes = cluster.nodes.len() as u64;
     // Every random choice is drawn up front, so the schedule depends on the
@@ -132,6 +152,7 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
     let random_node = rng.gen_range(1..=nodes);
     let pick: usize = rng.gen();
     let fault_for = Duration::from_millis(rng.gen_range(FAULT_MS_MIN..=FAULT_MS_MAX));
+    let mut shape_rng = StdRng::seed_from_u64(rng.gen());
     let skew_s = if kind == Nemesis::Skew {
         let s = rng.gen_range(1..=SKEW_S_MAX) as i64;
         if rng.gen_bool(0.5) {
@@ -158,6 +179,11 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
         .filter(|r| leaders.get(r) == Some(&target))
         .copied()
         .collect();
+    let shape =
+        (kind == Nemesis::Partition).then(|| Partition::pick(&mut shape_rng, nodes, target, loss));
+    // A partition that leaves the node a way to a majority (a ring, loss)
+    // need not move its leaderships: no failover to measure.
+    let cut_off = shape.as_ref().is_none_or(|p| p.cuts_off(target));
     phase!(
         "nemesis: {kind} node {target}{} for {fault_for:?}",
         if led.is_empty() {
@@ -177,17 +203,16 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
                 .and_then(|_| restart_skewed(cluster, target, skew_s))
         }
         _ => {
-            let (side, rest) = partition_sides(rng, nodes, target);
-            phase!("nemesis: partition {side:?} | {rest:?}");
-            cluster.partition(&side, &rest);
-            Ok(())
+            let shape = shape.as_ref().expect("a partition has a shape");
+            phase!("nemesis: partition: {shape}");
+            cluster.disrupt(&shape.faults())
         }
     };
     if let Err(e) = faulted {
         phase!("nemesis: {kind} node {target} failed: {e:#}");
         counts.errors += 1;
     } else {
-        if !led.is_empty() {
+        if !led.is_empty() && cut_off {
             t.probes.failover.leader_faulted(kind.name(), at, &led);
             counts.leader_faults += 1;
         }
@@ -195,7 +220,16 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
             Nemesis::Kill => counts.kill += 1,
             Nemesis::Pause => counts.pause += 1,
             Nemesis::Skew => counts.skew += 1,
-            _ => counts.partition += 1,
+            _ => {
+                counts.partition += 1;
+                match shape.as_ref().map(Partition::name) {
+                    Some("isolate") => counts.partition_isolate += 1,
+                    Some("halves") => counts.partition_halves += 1,
+                    Some("ring") => counts.partition_ring += 1,
+                    Some("asymmetric") => counts.partition_asymmetric += 1,
+                    _ => counts.partition_loss += 1,
+                }
+            }
         }
     }
     tokio::time::sleep(fault_for).await;
@@ -204,10 +238,7 @@ async fn fault(t: &mut Target<'_>, rng: &mut StdRng, kind: Nemesis, counts: &mut
         Nemesis::Pause => cluster.resume(target),
         // The process keeps the clock it started with: restart it.
         Nemesis::Skew => cluster.kill(target).and_then(|_| cluster.spawn(target)),
-        _ => {
-            cluster.heal_network();
-            Ok(())
-        }
+        _ => cluster.try_heal_network(),
     };
     if let Err(e) = healed {
         phase!("nemesis: healing node {target} failed: {e:#}");
@@ -536,26 +567,6 @@ fn admin_refused(counts: &mut NemesisCounts, what: &str, why: &str) {
     counts.admin_refused += 1;
 }
 
-/// The two sides of a partition of nodes `1..=nodes`: `target` alone, or a
-/// random minority holding `target`, against the rest (always a majority).
-fn partition_sides(rng: &mut StdRng, nodes: u64, target: u64) -> (Vec<u64>, Vec<u64>) {
-    let minority_max = (nodes - 1) / 2;
-    let size = if minority_max > 1 && rng.gen_bool(0.5) {
-        rng.gen_range(2..=minority_max)
-    } else {
-        1
-    };
-    let mut others: Vec<u64> = (1..=nodes).filter(|n| *n != target).collect();
-    let mut side = vec![target];
-    while side.len() < size as usize {
-        let i = rng.gen_range(0..others.len());
-        side.push(others.swap_remove(i));
-    }
-    side.sort_unstable();
-    others.sort_unstable();
-    (side, others)
-}
-
 /// Sleeps for a random rest, but not past `deadline`.
 async fn rest(rng: &mut StdRng, deadline: Instant) {
     let rest = Duration::from_millis(rng.gen_range(REST_MS_MIN..=REST_MS_MAX));
@@ -590,7 +601,7 @@ async fn leaders(cluster: &TestCluster) -> HashMap<u64, u64> {
 /// Makes sure every node runs: resumes any paused one and restarts any that
 /// exited, whatever the loop above left behind after an error.
 fn heal_all(cluster: &mut TestCluster) {
-    if cluster.nodes.iter().any(|n| n.proxy.is_some()) {
+    if cluster.network() != "loopback" {
         cluster.heal_network();
     }
     let ids: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
@@ -625,19 +636,6 @@ mod tests {
                 k.starts_with("reg/") || k.starts_with(set::SET_PREFIX) || k.starts_with("bank"),
                 "{k}"
             );
-        }
-    }
-
-    #[test]
-    fn partitions_keep_a_majority() {
-        let mut rng = StdRng::seed_from_u64(1);
-        for nodes in [3u64, 5, 7] {
-            for target in 1..=nodes {
-                let (side, rest) = partition_sides(&mut rng, nodes, target);
-                assert!(side.contains(&target));
-                assert!(rest.len() > side.len());
-                assert_eq!(side.len() + rest.len(), nodes as usize);
-            }
         }
     }
 }

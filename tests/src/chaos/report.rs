@@ -75,8 +75,18 @@ pub struct NemesisCounts {
     pub kill: u64,
     /// Nodes paused with SIGSTOP and resumed.
     pub pause: u64,
-    /// Partitions of a node or a minority from the rest, healed after.
+    /// Partitions (of any shape), healed after.
     pub partition: u64,
+    /// Partitions by shape: one node cut off from the rest.
+    pub partition_isolate: u64,
+    /// A minority of two or more cut off from the majority.
+    pub partition_halves: u64,
+    /// Nodes in a ring, each reaching only its neighbours.
+    pub partition_ring: u64,
+    /// One direction cut between a minority and the rest.
+    pub partition_asymmetric: u64,
+    /// Random loss between a minority and the rest.
+    pub partition_loss: u64,
     /// Leader transfers the cluster carried out.
     pub transfer: u64,
     /// Splits the cluster carried out.
@@ -146,6 +156,10 @@ pub struct ChaosReport {
     pub duration_s: f64,
     /// Cluster size.
     pub nodes: usize,
+    /// The network the nodes talked over: `netns` (a namespace each,
+    /// partitions on IP packets), `proxy` (a TCP proxy in front of each) or
+    /// `loopback` (no partition nemesis, no proxies).
+    pub network: String,
 }
 
 impl ChaosReport {
@@ -192,8 +206,8 @@ impl fmt::Display for ChaosReport {
         let opt = |v: Option<usize>| v.map_or("n/a".to_string(), |n| n.to_string());
         writeln!(
             f,
-            "chaos run: {} nodes, {:.1} s, seed {}",
-            self.nodes, self.duration_s, self.seed
+            "chaos run: {} nodes, {:.1} s, seed {}, network {}",
+            self.nodes, self.duration_s, self.seed, self.network
         )?;
         writeln!(
             f,
@@ -226,6 +240,17 @@ impl fmt::Display for ChaosReport {
             ),
             None => "none measured".to_string(),
         };
+        if n.partition > 0 {
+            writeln!(
+                f,
+                "  partitions:   {} isolate, {} halves, {} ring, {} asymmetric, {} loss",
+                n.partition_isolate,
+                n.partition_halves,
+                n.partition_ring,
+                n.partition_asymmetric,
+                n.partition_loss
+            )?;
+        }
         writeln!(
             f,
             "  failover:     {} ({} unmeasured)",
