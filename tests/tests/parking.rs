@@ -1,8 +1,9 @@
 //! Idle ranges: a range nobody uses hibernates (its leader stops heartbeats,
-//! its followers stop their election timers) and its followers then park
-//! (shut their Raft group down, keeping only what it last reported). A parked
-//! range must serve the next write and read at once, and must still fail
-//! over when its leader's node dies while it sleeps.
+//! its followers stop their election timers) and then every replica parks
+//! (shuts its Raft group down, keeping only what it last reported). A parked
+//! range must serve the next write and read at once (its leader campaigns
+//! again), and must still fail over when its leader's node dies while it
+//! sleeps.
 
 use std::time::Duration;
 
@@ -18,8 +19,9 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 /// a loaded machine.
 const PARK_WITHIN: Duration = Duration::from_secs(60);
 
-/// The user range's (leader, parked followers) as the nodes report them.
-async fn parked_followers(c: &TestCluster) -> Option<(u64, Vec<u64>)> {
+/// The user range's (leader, parked replicas) as the nodes report them (a
+/// parked leader reports the role it parked in).
+async fn parked_replicas(c: &TestCluster) -> Option<(u64, Vec<u64>)> {
     let mut leader = None;
     let mut parked = Vec::new();
     for id in c.running() {
@@ -27,22 +29,19 @@ async fn parked_followers(c: &TestCluster) -> Option<(u64, Vec<u64>)> {
         let r = user_range(&s)?;
         if r.local_role == "leader" {
             leader = Some(id);
-        } else if r.parked {
+        }
+        if r.parked {
             parked.push(id);
         }
     }
     Some((leader?, parked))
 }
 
-async fn wait_parked(c: &TestCluster, followers: usize) -> (u64, Vec<u64>) {
+async fn wait_parked(c: &TestCluster) -> (u64, Vec<u64>) {
     wait_for(
-        &format!("{followers} followers of the user range to park"),
+        "every replica of the user range to park",
         PARK_WITHIN,
-        || async {
-            parked_followers(c)
-                .await
-                .filter(|(_, p)| p.len() >= followers)
-        },
+        || async { parked_replicas(c).await.filter(|(_, p)| p.len() == 3) },
     )
     .await
     .unwrap()
@@ -66,7 +65,7 @@ async fn local_value(c: &TestCluster, node: u64, key: &str) -> Option<Bytes> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn parked_followers_serve_again_and_still_fail_over() {
+async fn parked_ranges_serve_again_and_still_fail_over() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         phase!("start 3 nodes and write 50 keys");
         let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
@@ -78,11 +77,11 @@ async fn parked_followers_serve_again_and_still_fail_over() {
                 .unwrap();
         }
 
-        phase!("leave the range idle until both followers park");
-        let (leader, parked) = wait_parked(&c, 2).await;
+        phase!("leave the range idle until every replica parks");
+        let (leader, parked) = wait_parked(&c).await;
         phase!("leader {leader}, parked {parked:?}");
 
-        phase!("a parked follower still answers reads of what it applied");
+        phase!("a parked replica still answers reads of what it applied");
         for node in &parked {
             assert_eq!(
                 local_value(&c, *node, "p/007").await,
@@ -91,8 +90,10 @@ async fn parked_followers_serve_again_and_still_fail_over() {
             );
         }
 
-        phase!("a write wakes the range and reaches every replica");
+        phase!("a write wakes the range (its leader campaigns) and reaches every replica");
+        let started = std::time::Instant::now();
         client.put("p/new", "fresh").await.unwrap();
+        phase!("written after {:?}", started.elapsed());
         for node in 1..=3u64 {
             wait_for(
                 &format!("node {node} to apply the write"),
@@ -112,8 +113,20 @@ async fn parked_followers_serve_again_and_still_fail_over() {
             .unwrap();
         assert_eq!(got.value, Bytes::from("fresh"));
 
-        phase!("idle again until the followers park, then kill -9 the leader");
-        let (leader, parked) = wait_parked(&c, 2).await;
+        phase!("a STRONG read of a parked range wakes it too");
+        let (_, parked) = wait_parked(&c).await;
+        phase!("parked {parked:?}");
+        let started = std::time::Instant::now();
+        let got = client
+            .get("p/003", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.value, Bytes::from("v3"));
+        phase!("read after {:?}", started.elapsed());
+
+        phase!("idle again until every replica parks, then kill -9 the leader");
+        let (leader, parked) = wait_parked(&c).await;
         phase!("leader {leader}, parked {parked:?}");
         c.kill(leader).unwrap();
         let started = std::time::Instant::now();

@@ -38,10 +38,11 @@ const LEARNER_LAG_OK: u64 = 16;
 /// How often a write waiting for commit checks whether its leader was cut off.
 const CUT_OFF_CHECK_EVERY: Duration = Duration::from_millis(100);
 
-/// A follower that has been dormant (its leader hibernates) for this long
-/// with every entry applied parks: its Raft group is shut down and loaded
-/// again by the next message or request that needs it.
-pub const PARK_DORMANT_AFTER: Duration = Duration::from_secs(10);
+/// A replica asleep this long with every entry applied parks: its Raft group
+/// is shut down and loaded again by the next message or request that needs
+/// it. Asleep: a leader that stopped its heartbeats (hibernating, every
+/// follower has every entry), or a follower told so (dormant).
+pub const PARK_ASLEEP_AFTER: Duration = Duration::from_secs(10);
 
 /// Raft timing and log retention, from the node config.
 #[derive(Debug, Clone)]
@@ -156,8 +157,11 @@ pub struct RangeReplica {
     /// Follower side: set while the election timer is off because the
     /// leader said it hibernates.
     dormant: AtomicBool,
-    /// When `dormant` was last set.
-    dormant_since: Mutex<std::time::Instant>,
+    /// When `dormant` or `hibernating` was last set.
+    asleep_since: Mutex<std::time::Instant>,
+    /// The group led its range when it parked: the next request that needs
+    /// a leader campaigns first.
+    led_when_parked: AtomicBool,
     /// When a client request or proposal last touched the range.
     last_activity: Mutex<std::time::Instant>,
     /// When this replica last accepted AppendEntries from a leader, and that
@@ -293,7 +297,8 @@ impl RangeReplica {
             served: std::sync::atomic::AtomicU64::new(0),
             hibernating,
             dormant: AtomicBool::new(false),
-            dormant_since: Mutex::new(std::time::Instant::now()),
+            asleep_since: Mutex::new(std::time::Instant::now()),
+            led_when_parked: AtomicBool::new(false),
             last_activity: Mutex::new(std::time::Instant::now()),
             leader_contact: Mutex::new(None),
         }))
@@ -341,6 +346,45 @@ impl RangeReplica {
         })
     }
 
+    /// The running group for a call that needs this replica to lead (a
+    /// write, a STRONG read, an operator change): a group that led its range
+    /// when it parked campaigns first (it restarted as a follower, and every
+    /// other replica sleeps), waiting at most two election timeouts.
+    async fn serving(&self) -> Result<InUse<'_>, Error> {
+        let held = self.raft().await?;
+        if !self.led_when_parked.swap(false, Ordering::SeqCst) {
+            return Ok(held);
+        }
+        let me = self.node_id;
+        let settled = |m: &RaftMetrics<TypeConfig>| {
+            m.state == ServerState::Leader || m.current_leader.is_some_and(|l| l != me)
+        };
+        let mut rx = held.metrics();
+        if settled(&rx.borrow_watched()) {
+            return Ok(held);
+        }
+        if let Err(e) = held.trigger().elect(false).await {
+            return Err(self.fatal(e));
+        }
+        let wait = Duration::from_millis(2 * self.tuning.election_timeout_ms_max);
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                if settled(&rx.borrow_and_update()) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        tracing::debug!(
+            range_id = self.range_id,
+            "parked leader loaded and campaigned"
+        );
+        Ok(held)
+    }
+
     /// Loads a parked group; returns the running one.
     async fn load(&self) -> Result<Raft, Error> {
         let _l = self.lifecycle.lock().await;
@@ -362,7 +406,11 @@ impl RangeReplica {
             Some(self.meta.clone()),
         )
         .await?;
-        if self.dormant.load(Ordering::Relaxed) {
+        if self.led_when_parked.load(Ordering::SeqCst) {
+            // It restarts as a follower; `serving` campaigns for a request,
+            // and its election timer runs meanwhile.
+            self.hibernating.store(false, Ordering::Relaxed);
+        } else if self.dormant.load(Ordering::Relaxed) {
             // Still waiting for a hibernating leader: no election timer until
             // the leader speaks without the mark (or its node goes silent).
             let rc = raft.runtime_config();
@@ -374,18 +422,35 @@ impl RangeReplica {
         Ok(raft)
     }
 
-    /// Whether this replica may park now: a dormant follower, idle for
-    /// `PARK_DORMANT_AFTER`, with every log entry applied and no fault.
+    /// Whether this replica may park now: asleep (a follower dormant, or a
+    /// leader hibernating with every follower holding every entry and no
+    /// learner) for `PARK_ASLEEP_AFTER`, idle as long, every log entry
+    /// applied, no fault. Never the meta range.
     fn parkable(&self, m: &RaftMetrics<TypeConfig>) -> bool {
-        self.range_id != lmskv_proto::range::META_RANGE_ID
-            && self.dormant.load(Ordering::Relaxed)
-            && self.dormant_since.lock().expect("dormant lock").elapsed() >= PARK_DORMANT_AFTER
-            && self.last_activity.lock().expect("activity lock").elapsed() >= PARK_DORMANT_AFTER
-            && m.state == ServerState::Follower
+        let settled = self.range_id != lmskv_proto::range::META_RANGE_ID
+            && self.asleep_since.lock().expect("asleep lock").elapsed() >= PARK_ASLEEP_AFTER
+            && self.last_activity.lock().expect("activity lock").elapsed() >= PARK_ASLEEP_AFTER
             && m.running_state.is_ok()
             && m.last_log_index.is_some()
             && m.last_applied.as_ref().map(|l| l.index()) == m.last_log_index
-            && self.fault.lock().expect("fault lock").is_none()
+            && self.fault.lock().expect("fault lock").is_none();
+        settled
+            && match m.state {
+                ServerState::Follower => self.dormant.load(Ordering::Relaxed),
+                ServerState::Leader => {
+                    self.hibernating.load(Ordering::Relaxed)
+                        && m.membership_config
+                            .membership()
+                            .learner_ids()
+                            .next()
+                            .is_none()
+                        && m.replication.as_ref().is_some_and(|rep| {
+                            rep.values()
+                                .all(|l| l.as_ref().map(|l| l.index()) == m.last_log_index)
+                        })
+                }
+                _ => false,
+            }
     }
 
     /// Shuts the group down if the replica is still parkable and no call
@@ -410,6 +475,8 @@ impl RangeReplica {
                 return;
             }
             let raft = raft.clone();
+            self.led_when_parked
+                .store(m.state == ServerState::Leader, Ordering::SeqCst);
             *g = Group::Parked(Arc::new(m));
             raft
         };
@@ -477,7 +544,7 @@ impl RangeReplica {
     /// sending them and its own ticks, so an idle range costs no messages
     /// and no timer wake-ups. Any request or proposal wakes it.
     ///
-    /// Follower side: a replica dormant for [`PARK_DORMANT_AFTER`] parks
+    /// Follower side: a replica dormant for [`PARK_ASLEEP_AFTER`] parks
     /// (its group is shut down until a message or request needs it).
     pub fn hibernate_tick(self: &Arc<Self>, idle_after: Duration) {
         let Some(raft) = self.live() else {
@@ -527,6 +594,7 @@ impl RangeReplica {
         }
         if !self.hibernating.swap(true, Ordering::Relaxed) {
             // This round's heartbeats carry the mark; the next round stops them.
+            *self.asleep_since.lock().expect("asleep lock") = std::time::Instant::now();
             return;
         }
         let rc = raft.runtime_config();
@@ -619,7 +687,7 @@ impl RangeReplica {
                 leader: self.leader_hint(),
             });
         }
-        let raft = self.raft().await?;
+        let raft = self.serving().await?;
         let mut added = Vec::new();
         for (id, addr) in &voters {
             if !status.voters.contains(id) && !status.learners.contains(id) {
@@ -729,7 +797,7 @@ impl RangeReplica {
         if status.voters.contains(&node_id) && status.nodes.get(&node_id) == Some(&addr) {
             return Ok(());
         }
-        let raft = self.raft().await?;
+        let raft = self.serving().await?;
         raft.add_learner(node_id, BasicNode { addr }, true)
             .await
             .map_err(|e| self.write_error(e))?;
@@ -804,7 +872,7 @@ impl RangeReplica {
         };
         let started = tokio::time::Instant::now();
         let deadline = started + self.tuning.write_timeout;
-        let raft = self.raft().await?;
+        let raft = self.serving().await?;
         let write = raft.client_write(cmd);
         tokio::pin!(write);
         let resp = loop {
@@ -932,7 +1000,7 @@ impl RangeReplica {
                 self.bounded_read(max_ms).await
             }
             ReadLevel::Strong | ReadLevel::BoundedStaleness { .. } => {
-                let raft = self.raft().await?;
+                let raft = self.serving().await?;
                 let fut = async {
                     match raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
                         Ok(r) => Ok(r),
@@ -1082,7 +1150,7 @@ impl RangeReplica {
     /// Hands the leadership to voter `to` and waits until it has it.
     pub async fn transfer_leader(&self, to: u64) -> Result<(), Error> {
         self.touch();
-        let raft = self.raft().await?;
+        let raft = self.serving().await?;
         let mut rx = raft.metrics();
         raft.trigger()
             .transfer_leader(to)
@@ -1156,7 +1224,7 @@ impl RangeReplica {
         let sleep = hibernate && req.entries.is_empty();
         let raft = self.raft().await?;
         if sleep && !self.dormant.swap(true, Ordering::Relaxed) {
-            *self.dormant_since.lock().expect("dormant lock") = std::time::Instant::now();
+            *self.asleep_since.lock().expect("asleep lock") = std::time::Instant::now();
             let rc = raft.runtime_config();
             rc.elect(false);
             rc.tick(false);

@@ -51,6 +51,11 @@ struct Row {
     /// Resident memory per range replica beyond the 1-range baseline (0 for the baseline).
     rss_bytes_per_replica_over_baseline: f64,
     split_seconds: f64,
+    /// Replicas the nodes reported at the end of the window, and how many of
+    /// them led their range or had their Raft group parked.
+    replicas: usize,
+    leaders: usize,
+    parked: usize,
 }
 
 /// CPU ticks (user + system) and resident bytes of a process.
@@ -116,12 +121,26 @@ async fn measure(n: usize, args: &Args) -> anyhow::Result<Row> {
     let ticks: u64 = before.iter().zip(&after).map(|(b, a)| a.0 - b.0).sum();
     let cpu = ticks as f64 / ticks_per_second() / args.window.as_secs_f64() * 100.0;
     let rss: u64 = after.iter().map(|a| a.1).sum();
+    let (mut replicas, mut leaders, mut parked) = (0, 0, 0);
+    for id in c.running() {
+        let st = c.status(id).await?;
+        replicas += st.ranges.len();
+        leaders += st
+            .ranges
+            .iter()
+            .filter(|r| r.local_role == "leader")
+            .count();
+        parked += st.ranges.iter().filter(|r| r.parked).count();
+    }
     Ok(Row {
         ranges: n,
         cpu_percent_of_one_core: cpu,
         rss_bytes_total: rss,
         rss_bytes_per_replica_over_baseline: 0.0,
         split_seconds,
+        replicas,
+        leaders,
+        parked,
     })
 }
 
@@ -137,11 +156,15 @@ fn main() -> ExitCode {
             Ok(r) => {
                 // Each result as it comes: a later, larger count may fail.
                 eprintln!(
-                    "  {} ranges: cpu {:.2}% of one core (3 nodes), rss {:.1} MiB, split {:.1}s",
+                    "  {} ranges: cpu {:.2}% of one core (3 nodes), rss {:.1} MiB, split {:.1}s, \
+                     {} replicas: {} leaders, {} parked",
                     r.ranges,
                     r.cpu_percent_of_one_core,
                     r.rss_bytes_total as f64 / (1 << 20) as f64,
-                    r.split_seconds
+                    r.split_seconds,
+                    r.replicas,
+                    r.leaders,
+                    r.parked
                 );
                 rows.push(r)
             }
@@ -162,17 +185,20 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "ranges  cpu%(1 core, 3 nodes)  per node  rss total   rss/replica over 1-range  split time"
+        "ranges  cpu%(1 core, 3 nodes)  per node  rss total   rss/replica over 1-range  split time  replicas  leaders  parked"
     );
     for r in &rows {
         println!(
-            "{:>6}  {:>21.2}  {:>8.2}  {:>7.1} MiB  {:>21.1} KiB  {:>8.1}s",
+            "{:>6}  {:>21.2}  {:>8.2}  {:>7.1} MiB  {:>21.1} KiB  {:>8.1}s  {:>8}  {:>7}  {:>6}",
             r.ranges,
             r.cpu_percent_of_one_core,
             r.cpu_percent_of_one_core / 3.0,
             r.rss_bytes_total as f64 / (1 << 20) as f64,
             r.rss_bytes_per_replica_over_baseline / 1024.0,
-            r.split_seconds
+            r.split_seconds,
+            r.replicas,
+            r.leaders,
+            r.parked
         );
     }
     if let Some(p) = &args.json {
