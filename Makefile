@@ -65,17 +65,20 @@ clean:
 	$(CARGO) clean
 
 # Chaos runs: the register, set and bank workloads against a real cluster
-# under kill, pause, partition, leader-transfer and split nemeses, checked
-# for linearizability, lost writes and the bank's total; the report lands in
-# bench/.
+# under kill, pause, partition, leader-transfer, split, replica-move and
+# clock-skew nemeses, checked for linearizability, lost writes and the bank's
+# total; the report lands in bench/. CHAOS_NETWORK=auto runs every node in its
+# own network namespace as root (partitions on IP packets), behind TCP proxies
+# otherwise; netns or proxy forces one.
+CHAOS_NETWORK ?= auto
 .PHONY: chaos chaos-short
 chaos: build
 	@mkdir -p bench
-	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 5 --duration 1800s --report bench/chaos-report.json
+	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 5 --duration 1800s --network $(CHAOS_NETWORK) --report bench/chaos-report.json
 
 chaos-short: build
 	@mkdir -p bench
-	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 4 --duration 30s --report bench/chaos-report.json
+	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 4 --duration 30s --network $(CHAOS_NETWORK) --report bench/chaos-report.json
 
 # lmskv against etcd on this machine: 3 members each on loopback, every
 # workload at 1/16/64/256 clients in interleaved pairs. BENCH_* variables

@@ -6,7 +6,8 @@
 //! - real nodes run in their own namespaces, and a partition there makes
 //!   the cluster elect a leader on the majority side;
 //! - dropping a fabric leaves no namespace (nor interface) behind, and one
-//!   left by a dead process is removed by the next fabric;
+//!   left by a dead process is removed by the next fabric; `lmskv-chaos`
+//!   stopped with SIGINT stops its nodes and deletes its namespaces;
 //! - behind proxies, every shape refuses exactly the connections it names.
 //!
 //! The namespace tests need root; elsewhere they say so and check nothing
@@ -459,4 +460,110 @@ async fn each_partition_shape_refuses_exactly_its_connections_behind_proxies() {
         at.elapsed() >= lmskv_tests::proxy::LOSS_STALL,
         "the chunk was held"
     );
+}
+
+/// Pids of the processes whose network namespace is the one named `ns`.
+fn processes_in(ns: &str) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(want) = std::fs::metadata(format!("/var/run/netns/{ns}")) else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(m) = std::fs::metadata(format!("/proc/{pid}/ns/net")) {
+            if m.ino() == want.ino() && m.dev() == want.dev() {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+#[test]
+fn an_interrupted_chaos_run_stops_its_nodes_and_deletes_its_namespaces() {
+    if !namespaces_or_skip("interrupted chaos run") {
+        return;
+    }
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lmskv-chaos"))
+        .args([
+            "--nodes",
+            "3",
+            "--duration",
+            "60s",
+            "--nemesis",
+            "kill,pause",
+        ])
+        .args(["--network", "netns", "--seed", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start lmskv-chaos");
+    let pid = child.id();
+    let prefix = format!("{}{pid}-", netns::NAMESPACE_PREFIX);
+    // Wait (bounded) until its workloads run, i.e. its nodes are up.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let started = line.contains("start workloads and nemesis");
+            eprintln!("  | {line}");
+            if started {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the chaos run started its workloads");
+    let node_namespaces: Vec<String> = netns::namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix) && !n.ends_with("-hub"))
+        .collect();
+    assert_eq!(
+        node_namespaces.len(),
+        3,
+        "a namespace per node: {node_namespaces:?}"
+    );
+    let nodes: Vec<u32> = node_namespaces
+        .iter()
+        .flat_map(|n| processes_in(n))
+        .collect();
+    assert_eq!(
+        nodes.len(),
+        3,
+        "a node process in each namespace: {nodes:?}"
+    );
+
+    phase!("SIGINT to lmskv-chaos (pid {pid})");
+    let p = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    rustix::process::kill_process(p, rustix::process::Signal::INT).expect("SIGINT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("lmskv-chaos did not exit within 60 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "an interrupted run fails: {status}");
+    let left: Vec<String> = netns::namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    for node in nodes {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{node}")).exists(),
+            "node process {node} is gone"
+        );
+    }
 }
