@@ -82,14 +82,22 @@ pub fn address(id: u64) -> String {
     format!("{}:{RAFT_PORT}", host_name(id))
 }
 
+/// Log entries between snapshots when a run takes them.
+const SNAPSHOT_LOGS_SINCE_LAST: u64 = 64;
+
 /// Raft timing for the simulation: the node's defaults, shortened so that
-/// a simulated minute holds many elections and snapshots.
-pub fn tuning() -> RaftTuning {
+/// a simulated minute holds many elections and (with `snapshots`) many
+/// snapshots, purges and installs.
+pub fn tuning(snapshots: bool) -> RaftTuning {
     RaftTuning {
         election_timeout_ms_min: 150,
         election_timeout_ms_max: 300,
         heartbeat_interval_ms: 50,
-        snapshot_logs_since_last: 64,
+        snapshot_logs_since_last: if snapshots {
+            SNAPSHOT_LOGS_SINCE_LAST
+        } else {
+            u64::MAX / 2
+        },
         snapshot_logs_to_keep: 16,
         write_timeout: Duration::from_secs(2),
         read_timeout: Duration::from_secs(1),
@@ -98,16 +106,23 @@ pub fn tuning() -> RaftTuning {
 }
 
 /// Boots node `id` from `dir`: the host's software, run again by every restart.
-pub async fn boot(id: u64, dir: PathBuf, shared: Arc<Shared>) -> turmoil::Result {
+pub async fn boot(id: u64, dir: PathBuf, shared: Arc<Shared>, snapshots: bool) -> turmoil::Result {
     let opts = EngineOptions {
         block_cache_bytes: 4 << 20,
         write_buffer_bytes: 4 << 20,
     };
     let engine = Arc::new(Engine::open_inline_sync(&dir.join("db"), &opts)?);
     let pool = PeerPool::with_channel_maker(id, channel_maker());
-    let replica = RangeReplica::open(engine, pool, RANGE_ID, &dir, tuning(), Arc::new(|_| {}))
-        .await
-        .map_err(|e| format!("node {id}: open replica: {e}"))?;
+    let replica = RangeReplica::open(
+        engine,
+        pool,
+        RANGE_ID,
+        &dir,
+        tuning(snapshots),
+        Arc::new(|_| {}),
+    )
+    .await
+    .map_err(|e| format!("node {id}: open replica: {e}"))?;
     let replicas = Arc::new(ReplicaMap::default());
     replicas.insert(replica.clone());
     tokio::spawn(async move {

@@ -19,7 +19,19 @@
 //!
 //! [`run_seed`] runs one seed; the `lmskv-sim` binary runs many. A failing
 //! run prints its seed; `lmskv-sim --seed N` (or `make sim SEED=N`) replays
-//! it. What is and is not deterministic is said in [`SimReport::fingerprint`].
+//! it.
+//!
+//! Determinism: everything a run chooses comes from its seed — the faults
+//! and their times, the clients' operations, turmoil's message latencies and
+//! losses, and openraft's election timeouts (through
+//! `lmskv_node::raft::runtime::seed_thread`). All hosts run on one thread in
+//! simulated time, and log syncs run inline (`Engine::open_inline_sync`), so
+//! the RocksDB WAL thread plays no part. Left outside the seed: the blocking
+//! thread a snapshot is built or installed on (see [`SimOptions::snapshots`]),
+//! and the order in which tasks woken in the same simulated instant run
+//! (tokio picks among ready `select!` branches at random), which now and
+//! then sends a replay another way. RocksDB's background flushes and
+//! compactions change no result.
 
 pub mod host;
 pub mod nemesis;
@@ -56,6 +68,14 @@ pub struct SimOptions {
     /// Simulated time the healed cluster gets before the final checks.
     pub settle: Duration,
     pub nemeses: Nemeses,
+    /// Whether replicas snapshot and purge their logs (every 64 entries),
+    /// so that lagging and new replicas catch up by snapshot install. A
+    /// snapshot is built and installed on a blocking thread, whose finish
+    /// the simulation cannot place at a fixed point, so a replay with
+    /// snapshots keeps the faults, workload and network of the first run
+    /// but its interleaving soon parts from it; without snapshots most
+    /// replays go exactly the same way (see [`SimReport::fingerprint`]).
+    pub snapshots: bool,
 }
 
 impl Default for SimOptions {
@@ -68,6 +88,7 @@ impl Default for SimOptions {
             duration: Duration::from_secs(15),
             settle: Duration::from_secs(2),
             nemeses: Nemeses::all(),
+            snapshots: true,
         }
     }
 }
@@ -92,13 +113,8 @@ pub struct SimReport {
     pub simulated: Duration,
     /// Wall-clock time the run took.
     pub wall: Duration,
-    /// A hash of the run's history and final state. Two runs of one seed
-    /// have the same faults at the same simulated times, the same client
-    /// choices and the same network latencies and losses; they may still
-    /// differ in what openraft draws from its own random source (election
-    /// timeouts), in tokio's choice among ready branches, and in RocksDB's
-    /// background threads, so the fingerprint tells whether a replay went
-    /// the same way.
+    /// A hash of the run's history (ordered by time) and final state, to
+    /// tell whether a replay went the same way as the first run.
     pub fingerprint: u64,
 }
 
@@ -279,7 +295,11 @@ fn final_checks(result: &WorkloadResult, shared: &Shared) {
 
 fn fingerprint(result: &WorkloadResult) -> u64 {
     let mut h = DefaultHasher::new();
-    for op in result.history.ops() {
+    // Operations by time and client: tasks woken in the same simulated
+    // instant may record theirs in either order.
+    let mut ops: Vec<_> = result.history.ops().iter().collect();
+    ops.sort_by_key(|o| (o.complete_at, o.invoke_at, o.client));
+    for op in ops {
         format!("{op}").hash(&mut h);
     }
     for (node, applied, dump) in &result.dumps {
@@ -295,6 +315,8 @@ fn fingerprint(result: &WorkloadResult) -> u64 {
 pub fn run_seed(seed: u64, opts: &SimOptions) -> std::io::Result<SimReport> {
     let wall = Instant::now();
     let root = data_root()?;
+    // Every simulated host runs on this thread: openraft's draws follow the seed.
+    lmskv_node::raft::runtime::seed_thread(Some(seed));
     let shared = Arc::new(Shared::new(opts.hosts, opts.voters));
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
@@ -307,8 +329,9 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> std::io::Result<SimReport> {
     for id in shared.ids() {
         let dir = root.path().join(format!("n{id}"));
         let shared = shared.clone();
+        let snapshots = opts.snapshots;
         sim.host(host::host_name(id), move || {
-            host::boot(id, dir.clone(), shared.clone())
+            host::boot(id, dir.clone(), shared.clone(), snapshots)
         });
     }
     let result = Arc::new(std::sync::Mutex::new(None));
@@ -352,12 +375,22 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> std::io::Result<SimReport> {
     }
     // Stop every host (closing its RocksDB) before the directories go.
     drop(sim);
+    lmskv_node::raft::runtime::seed_thread(None);
     let result = result
         .lock()
         .expect("result lock")
         .take()
         .unwrap_or_default();
     final_checks(&result, &shared);
+    if let Ok(path) = std::env::var("SIM_HISTORY") {
+        let text: String = result
+            .history
+            .ops()
+            .iter()
+            .map(|op| format!("{op}\n"))
+            .collect();
+        std::fs::write(path, text)?;
+    }
     let applied = result.dumps.first().map(|d| d.1).unwrap_or(0);
     let leaders = *shared.elections.lock().expect("elections lock");
     Ok(SimReport {
@@ -381,6 +414,7 @@ pub fn init_logging() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_writer(std::io::stderr)
+            .without_time()
             .try_init();
     }
 }

@@ -10,6 +10,7 @@ pub mod command;
 mod log_store;
 mod network;
 mod replica;
+pub mod runtime;
 mod service;
 mod state_machine;
 #[cfg(test)]
@@ -26,4 +27,5 @@ openraft::declare_raft_types!(
         R = command::CommandResponse,
         NodeId = u64,
         Node = openraft::impls::BasicNode,
+        AsyncRuntime = runtime::NodeRuntime,
 );

@@ -4,6 +4,7 @@
 //! ```text
 //! lmskv-sim --seeds 1000 [--first 1]   # seeds first..first+999, progress on stdout
 //! lmskv-sim --seed 42                   # one seed, e.g. a failure's, again
+//! lmskv-sim --seed 42 --no-snapshots    # replicas never snapshot: exact replay
 //! ```
 //! Exits non-zero when any seed broke an invariant, after listing them.
 
@@ -27,6 +28,9 @@ struct Args {
     /// Simulated seconds of clients and faults per seed.
     #[arg(long, default_value_t = 15)]
     duration_s: u64,
+    /// Replicas never snapshot: every run replays exactly (see SimOptions::snapshots).
+    #[arg(long)]
+    no_snapshots: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +38,7 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let opts = SimOptions {
         duration: std::time::Duration::from_secs(args.duration_s),
+        snapshots: !args.no_snapshots,
         ..SimOptions::default()
     };
     let seeds: Vec<u64> = match args.seed {
