@@ -397,6 +397,7 @@ impl RangeReplica {
                 self.range_id
             )));
         }
+        self.check_fault()?;
         let (raft, _) = start_group(
             self.range_id,
             &self.engine,
@@ -405,7 +406,10 @@ impl RangeReplica {
             &self.hibernating,
             Some(self.meta.clone()),
         )
-        .await?;
+        .await
+        // Recorded as the replica's fault: status reports it, and the
+        // replica refuses requests instead of retrying the load each time.
+        .map_err(|e| self.fatal(e))?;
         if self.led_when_parked.load(Ordering::SeqCst) {
             // It restarts as a follower; `serving` campaigns for a request,
             // and its election timer runs meanwhile.
