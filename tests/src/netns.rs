@@ -352,17 +352,10 @@ impl Fabric {
         for f in faults {
             match f.fault {
                 Fault::Cut(route) => {
-                    let a = Applied::Route {
-                        node: f.from,
-                        peer: f.to,
-                        route,
-                    };
-                    if applied.contains(&a) {
-                        continue;
-                    }
-                    // One route per destination: a second cut of another type
-                    // would be refused as a duplicate.
-                    if applied.iter().any(|x| matches!(x, Applied::Route { node, peer, .. } if *node == f.from && *peer == f.to)) {
+                    // One route per destination: a second cut of the same
+                    // link (of any type) is already in place.
+                    let cut = |x: &Applied| matches!(x, Applied::Route { node, peer, .. } if *node == f.from && *peer == f.to);
+                    if applied.iter().any(cut) {
                         continue;
                     }
                     ip(&[
@@ -373,7 +366,11 @@ impl Fabric {
                         route.name(),
                         &format!("{}/32", self.node_ip(f.to)),
                     ])?;
-                    applied.insert(a);
+                    applied.insert(Applied::Route {
+                        node: f.from,
+                        peer: f.to,
+                        route,
+                    });
                 }
                 Fault::Loss(percent) => loss.entry(f.from).or_default().push((f.to, percent)),
             }
