@@ -28,6 +28,7 @@ help:
 	@echo "make build  - debug build of every binary"
 	@echo "make fmt    - format the code"
 	@echo "make bench  - lmskv vs etcd (YCSB A-F, put, get), report in bench/report.md"
+	@echo "make sim    - deterministic simulation over SIM_SEEDS seeds (default 1000); SEED=N replays one"
 
 setup:
 	@./scripts/setup.sh
@@ -79,6 +80,17 @@ chaos: build
 chaos-short: build
 	@mkdir -p bench
 	$(CARGO) run -p lmskv-tests --bin lmskv-chaos -- --nodes 4 --duration 30s --network $(CHAOS_NETWORK) --report bench/chaos-report.json
+
+# Deterministic simulation (crate lmskv-sim): 5 simulated hosts running the
+# node's real replica code over turmoil's network, with seeded partitions,
+# connection loss, crashes and replica moves; SIM_SEEDS seeds from SIM_FIRST,
+# one line per seed. `make sim SEED=N` replays one seed (a failure prints its
+# own). A short version (16 seeds) runs in `make test` as lmskv-sim's tests.
+SIM_SEEDS ?= 1000
+SIM_FIRST ?= 1
+.PHONY: sim
+sim: build
+	$(CARGO_TARGET_DIR)/debug/lmskv-sim $(if $(SEED),--seed $(SEED),--seeds $(SIM_SEEDS) --first $(SIM_FIRST))
 
 # lmskv against etcd on this machine: 3 members each on loopback, every
 # workload at 1/16/64/256 clients in interleaved pairs. BENCH_* variables

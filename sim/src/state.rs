@@ -23,6 +23,8 @@ pub struct HostView {
     pub applied_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// Why the replica refuses to serve, if it does (its Raft group stopped).
+    pub fault: Option<String>,
 }
 
 impl HostView {
@@ -35,6 +37,7 @@ impl HostView {
             applied_index: s.applied_index,
             voters: s.voters.clone(),
             learners: s.learners.clone(),
+            fault: s.fault.clone(),
         }
     }
 }
