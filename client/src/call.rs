@@ -39,6 +39,12 @@ pub const META_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Refusals healed from the error itself that are resent at once; beyond
 /// this many in a row the call backs off (the cluster is mid-change).
 const HEALED_RETRIES_BEFORE_BACKOFF: u32 = 3;
+/// A `NotLeader` hint naming a node whose last try just timed out is most
+/// likely stale (a follower that has not yet heard of the new leader): it
+/// is not followed at once, but at most this many times in a row the call
+/// asks another replica first; after that the hint is followed (the node
+/// may really lead again, e.g. after a short pause).
+const SUSPECT_HINTS_SKIPPED_MAX: u32 = 3;
 
 /// The retry budget of one logical call, shared by every request it makes.
 #[derive(Debug, Clone)]
@@ -340,6 +346,7 @@ impl Client {
         let policy = &self.retry;
         let mut replica_tries = 0usize;
         let mut healed_in_a_row = 0u32;
+        let mut suspect_hints = 0u32;
         loop {
             budget.attempt()?;
             let range = match self.locate(anchor, reverse, budget.deadline).await {
@@ -402,6 +409,21 @@ impl Client {
             match &err {
                 ServerError::NotLeader { leader, .. } => {
                     healed_in_a_row += 1;
+                    let hinted_suspect = leader.as_ref().is_some_and(|h| {
+                        !h.address.is_empty() && self.inner.replicas.is_suspect(&h.address)
+                    });
+                    if hinted_suspect && suspect_hints < SUSPECT_HINTS_SKIPPED_MAX {
+                        // The hinted node just timed out on this client: ask
+                        // another replica (after a short backoff) instead of
+                        // waiting a whole try on it again.
+                        suspect_hints += 1;
+                        if let Some(h) = leader {
+                            self.inner.routes.clear_leader(range_id, h.node_id);
+                        }
+                        budget.failed(err);
+                        budget.backoff(policy).await?;
+                        continue;
+                    }
                     let useful = healed && leader.as_ref().is_some_and(|h| h.node_id != node_id);
                     if !(weak || useful && healed_in_a_row <= HEALED_RETRIES_BEFORE_BACKOFF) {
                         budget.failed(err);

@@ -58,6 +58,15 @@ impl ReplicaSelector {
         }
     }
 
+    /// Whether `addr` failed a try within [`REPLICA_SUSPECT_FOR`].
+    pub fn is_suspect(&self, addr: &str) -> bool {
+        self.suspects
+            .lock()
+            .expect("suspects lock")
+            .get(addr)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
     /// `addr` answered: stop skipping it.
     pub fn clear(&self, addr: &str) {
         self.suspects.lock().expect("suspects lock").remove(addr);
