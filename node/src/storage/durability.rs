@@ -27,7 +27,7 @@
 //! Every failure is a [`StorageError::Corruption`]: the caller (the node)
 //! refuses to serve the store and rebuilds it from its peers.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::Path;
 use std::time::Instant;
 
@@ -60,22 +60,56 @@ pub const VERIFY_ON_OPEN_SST_BYTES_MAX: u64 = 8 << 30;
 /// makes the check weaker, never wrong. Best effort: a mark that cannot be
 /// written leaves the previous one, which is still a true lower bound.
 pub fn record_synced(dir: &Path, seq: u64) {
-    let mut buf = [0u8; 16];
-    buf[..8].copy_from_slice(&seq.to_le_bytes());
-    buf[8..12].copy_from_slice(&SYNCED_SEQ_MAGIC.to_le_bytes());
-    let crc = crc32fast::hash(&buf[..12]);
-    buf[12..].copy_from_slice(&crc.to_le_bytes());
-    let res = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join(SYNCED_SEQ_FILE))
-        .and_then(|mut f| {
-            f.seek(SeekFrom::Start(0))?;
-            f.write_all(&buf)
-        });
-    if let Err(e) = res {
-        tracing::debug!(error = %e, "cannot record the synced WAL sequence");
+    SyncedMark::new(dir).record(seq);
+}
+
+/// The synced-sequence mark file of one database, kept open by the writer
+/// that records a mark after every WAL sync (one `pwrite` each, instead of
+/// opening the file every time).
+#[derive(Debug)]
+pub struct SyncedMark {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl SyncedMark {
+    /// The mark of the database in `dir` (the file is opened on first use).
+    pub fn new(dir: &Path) -> Self {
+        SyncedMark {
+            path: dir.join(SYNCED_SEQ_FILE),
+            file: None,
+        }
+    }
+
+    /// Records `seq` as synced; see [`record_synced`]. A failed write drops
+    /// the handle, so the next mark opens the file again.
+    pub fn record(&mut self, seq: u64) {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 16];
+        buf[..8].copy_from_slice(&seq.to_le_bytes());
+        buf[8..12].copy_from_slice(&SYNCED_SEQ_MAGIC.to_le_bytes());
+        let crc = crc32fast::hash(&buf[..12]);
+        buf[12..].copy_from_slice(&crc.to_le_bytes());
+        if self.file.is_none() {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&self.path)
+            {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot record the synced WAL sequence");
+                    return;
+                }
+            }
+        }
+        if let Some(f) = &self.file {
+            if let Err(e) = f.write_all_at(&buf, 0) {
+                tracing::debug!(error = %e, "cannot record the synced WAL sequence");
+                self.file = None;
+            }
+        }
     }
 }
 

@@ -8,9 +8,10 @@
 //! durably covers it.
 
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::durability::SyncedMark;
 use super::StorageError;
 
 /// A callback completed once the writes made before it was queued are durable.
@@ -27,7 +28,7 @@ pub struct GroupCommit {
     thread: Option<JoinHandle<()>>,
     /// Set in inline mode: every sync runs on the caller's thread, so a
     /// simulation's clock sees it happen at a definite point (no thread).
-    inline: Option<Arc<rocksdb::DB>>,
+    inline: Option<(Arc<rocksdb::DB>, Mutex<SyncedMark>)>,
 }
 
 impl GroupCommit {
@@ -51,14 +52,15 @@ impl GroupCommit {
         GroupCommit {
             tx: None,
             thread: None,
-            inline: Some(db),
+            inline: Some((db.clone(), Mutex::new(SyncedMark::new(db.path())))),
         }
     }
 
     /// Queues `done` to be completed after the next WAL sync.
     pub fn sync(&self, done: SyncCallback) {
-        if let Some(db) = &self.inline {
-            done(sync_wal(db));
+        if let Some((db, mark)) = &self.inline {
+            let mut mark = mark.lock().expect("mark lock");
+            done(sync_wal(db, &mut mark));
             return;
         }
         let Some(tx) = &self.tx else {
@@ -88,19 +90,20 @@ impl Drop for GroupCommit {
 }
 
 /// One WAL fsync, between the fail points around it.
-fn sync_wal(db: &rocksdb::DB) -> Result<(), StorageError> {
+fn sync_wal(db: &rocksdb::DB, mark: &mut SyncedMark) -> Result<(), StorageError> {
     // Read before the sync: every write up to it is durable once the sync
     // returns, and is marked so before any of them is acknowledged.
     let seq = db.latest_sequence_number();
     crate::fail_point!("log-sync-before");
     db.flush_wal(true)?;
     crate::fail_point!("log-sync-after");
-    super::durability::record_synced(db.path(), seq);
+    mark.record(seq);
     Ok(())
 }
 
 fn run(db: Arc<rocksdb::DB>, rx: Receiver<SyncCallback>) {
     let mut group: Vec<SyncCallback> = Vec::with_capacity(256);
+    let mut mark = SyncedMark::new(db.path());
     while let Ok(first) = rx.recv() {
         group.push(first);
         while group.len() < SYNC_GROUP_CALLBACKS_MAX {
@@ -109,7 +112,7 @@ fn run(db: Arc<rocksdb::DB>, rx: Receiver<SyncCallback>) {
                 Err(_) => break,
             }
         }
-        let res = sync_wal(&db).map_err(|e| e.to_string());
+        let res = sync_wal(&db, &mut mark).map_err(|e| e.to_string());
         for cb in group.drain(..) {
             cb(res.clone().map_err(StorageError::Rocks));
         }
