@@ -29,6 +29,7 @@ help:
 	@echo "make fmt    - format the code"
 	@echo "make bench  - lmskv vs etcd (YCSB A-F, put, get), report in bench/report.md"
 	@echo "make sim    - deterministic simulation over SIM_SEEDS seeds (default 1000); SEED=N replays one"
+	@echo "make chaos  - 30-minute chaos run, 5 nodes, every nemesis (make chaos-short: 30 s); report in bench/chaos-report.json"
 
 setup:
 	@./scripts/setup.sh
