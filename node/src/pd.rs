@@ -215,6 +215,19 @@ impl Pd {
         let Some(pos) = pos else {
             return Vec::new();
         };
+        // While a split registers its halves one at a time, the range found
+        // may end before `key` (the right half is not known yet): answer
+        // nothing rather than a range that does not hold the key.
+        let end = &descs[pos].end;
+        let holds = end.is_empty()
+            || if reverse {
+                key.is_empty() || end.as_ref() >= key
+            } else {
+                end.as_ref() > key
+            };
+        if !holds {
+            return Vec::new();
+        }
         let pick: Vec<&StoredDesc> = if reverse {
             descs[..=pos]
                 .iter()

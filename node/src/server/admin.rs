@@ -199,7 +199,10 @@ impl Admin for AdminService {
         let mut ranges = self.node.pd.locate(&req.key, prefetch, req.reverse);
         fill_addresses(&self.node, &mut ranges);
         if ranges.is_empty() {
-            return Err(Error::unavailable("the meta range has no descriptors yet").into());
+            return Err(Error::unavailable(
+                "no range is registered for this key yet (a split may be being registered); retry",
+            )
+            .into());
         }
         Ok(Response::new(LocateResponse { ranges }))
     }

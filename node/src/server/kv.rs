@@ -426,8 +426,23 @@ impl Kv for KvService {
         } else {
             self.route(&req.header, &[])?
         };
-        // Serve only the part of the scan inside this range.
+        // Serve only the part of the scan inside this range; a scan that
+        // starts past the range's end (forward) or ends at or before its start
+        // (reverse) was routed by a stale or wrong view and is refused, never
+        // answered with an empty page the caller would read as "no keys".
         let m = r.meta();
+        let outside = if req.reverse {
+            !end.is_empty() && end.as_slice() <= m.start.as_ref()
+        } else {
+            !m.end.is_empty() && start.as_slice() >= m.end.as_ref()
+        };
+        if outside {
+            return Err(Error::KeyNotInRange {
+                range_id: r.range_id(),
+                current: Some(self.node.descriptor(&r)),
+            }
+            .into());
+        }
         if start.as_slice() < m.start.as_ref() {
             start = m.start.to_vec();
         }
