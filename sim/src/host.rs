@@ -112,7 +112,7 @@ pub async fn boot(id: u64, dir: PathBuf, shared: Arc<Shared>, snapshots: bool) -
         write_buffer_bytes: 4 << 20,
     };
     let engine = Arc::new(Engine::open_inline_sync(&dir.join("db"), &opts)?);
-    let pool = PeerPool::with_channel_maker(id, channel_maker());
+    let pool = PeerPool::with_channel_maker(id, channel_maker(), true);
     let replica = RangeReplica::open(
         engine,
         pool,

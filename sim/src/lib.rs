@@ -25,13 +25,23 @@
 //! and their times, the clients' operations, turmoil's message latencies and
 //! losses, and openraft's election timeouts (through
 //! `lmskv_node::raft::runtime::seed_thread`). All hosts run on one thread in
-//! simulated time, and log syncs run inline (`Engine::open_inline_sync`), so
-//! the RocksDB WAL thread plays no part. Left outside the seed: the blocking
-//! thread a snapshot is built or installed on (see [`SimOptions::snapshots`]),
-//! and the order in which tasks woken in the same simulated instant run
-//! (tokio picks among ready `select!` branches at random), which now and
-//! then sends a replay another way. RocksDB's background flushes and
-//! compactions change no result.
+//! simulated time. Log syncs run inline (`Engine::open_inline_sync`), and so
+//! does the snapshot work a node hands to blocking threads: building and
+//! installing a snapshot (`Engine::runs_inline`), and reading and writing
+//! its file during a transfer (`PeerPool::with_channel_maker`), so neither
+//! the RocksDB WAL thread nor a blocking thread decides when anything
+//! finishes. Left outside the seed: the order in which tasks woken in the
+//! same simulated instant run. Tokio draws from its runtime's generator to
+//! pick among ready `select!` branches and to spread the waiters of a
+//! `watch` channel over its notifiers, so two tasks woken by one change run
+//! in either order (seen: openraft's replication streams to two followers,
+//! both woken by one commit, sending their appends in either order, while
+//! turmoil draws each message's latency in the order they are sent).
+//! Turmoil seeds that generator from the run's seed only in a build with
+//! `--cfg tokio_unstable`, which this workspace does not use; so a replay
+//! has the seed's faults, workload and network, and often, not always, its
+//! interleaving (compare [`SimReport::fingerprint`]). RocksDB's background
+//! flushes and compactions change no result.
 
 pub mod host;
 pub mod nemesis;
@@ -69,12 +79,10 @@ pub struct SimOptions {
     pub settle: Duration,
     pub nemeses: Nemeses,
     /// Whether replicas snapshot and purge their logs (every 64 entries),
-    /// so that lagging and new replicas catch up by snapshot install. A
-    /// snapshot is built and installed on a blocking thread, whose finish
-    /// the simulation cannot place at a fixed point, so a replay with
-    /// snapshots keeps the faults, workload and network of the first run
-    /// but its interleaving soon parts from it; without snapshots most
-    /// replays go exactly the same way (see [`SimReport::fingerprint`]).
+    /// so that lagging and new replicas catch up by snapshot install.
+    /// Snapshots are built, sent, received and installed on the simulation's
+    /// thread, so they replay like everything else (see the crate's notes
+    /// on determinism).
     pub snapshots: bool,
 }
 

@@ -42,6 +42,9 @@ pub struct PeerPool {
     channels: Mutex<HashMap<String, Channel>>,
     /// How channels connect; `None`: TCP.
     maker: Option<ChannelMaker>,
+    /// Snapshot files are read on the sending task instead of blocking
+    /// threads (the simulation: see `Engine::runs_inline`).
+    inline_reads: bool,
 }
 
 impl std::fmt::Debug for PeerPool {
@@ -61,17 +64,22 @@ impl PeerPool {
             source_ip,
             channels: Mutex::new(HashMap::new()),
             maker: None,
+            inline_reads: false,
         })
     }
 
     /// An empty pool for the node `local_id` whose channels `maker` connects
-    /// (the same endpoint settings, another transport).
-    pub fn with_channel_maker(local_id: u64, maker: ChannelMaker) -> Arc<Self> {
+    /// (the same endpoint settings, another transport). With `inline_reads`,
+    /// a snapshot being sent is read from its file on the sending task, not
+    /// on blocking threads, so that each read finishes at a definite point
+    /// of a simulation's time.
+    pub fn with_channel_maker(local_id: u64, maker: ChannelMaker, inline_reads: bool) -> Arc<Self> {
         Arc::new(PeerPool {
             local_id,
             source_ip: None,
             channels: Mutex::new(HashMap::new()),
             maker: Some(maker),
+            inline_reads,
         })
     }
 
@@ -122,6 +130,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             from: self.pool.local_id(),
             target,
             hibernating: self.hibernating.clone(),
+            inline_reads: self.pool.inline_reads,
         }
     }
 }
@@ -133,6 +142,32 @@ pub struct PeerClient {
     from: u64,
     target: u64,
     hibernating: Arc<std::sync::atomic::AtomicBool>,
+    /// See [`PeerPool::with_channel_maker`].
+    inline_reads: bool,
+}
+
+/// A snapshot file being sent: read through tokio (each read on a blocking
+/// thread), or with plain reads on the sending task (inline).
+enum SnapshotReader {
+    Threaded(tokio::fs::File),
+    Inline(std::fs::File),
+}
+
+impl SnapshotReader {
+    async fn open(path: &std::path::Path, inline: bool) -> std::io::Result<Self> {
+        Ok(if inline {
+            SnapshotReader::Inline(std::fs::File::open(path)?)
+        } else {
+            SnapshotReader::Threaded(tokio::fs::File::open(path).await?)
+        })
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            SnapshotReader::Threaded(f) => f.read(buf).await,
+            SnapshotReader::Inline(f) => std::io::Read::read(f, buf),
+        }
+    }
 }
 
 fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
@@ -269,8 +304,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(SNAPSHOT_STREAM_CHUNKS_MAX);
         let (range_id, from, to) = (self.range_id, self.from, self.target);
         let path = snapshot.snapshot.path.clone();
+        let inline = self.inline_reads;
         let reader = tokio::spawn(async move {
-            let mut file = tokio::fs::File::open(&path).await?;
+            let mut file = SnapshotReader::open(&path, inline).await?;
             let mut offset = 0u64;
             let mut header = Some(Bytes::from(header));
             loop {

@@ -136,23 +136,24 @@ impl Raft for RaftService {
             return Err(Error::invalid_argument("header", "first chunk carries no header").into());
         }
         let path = replica.incoming_snapshot_path();
-        let received = receive_chunks(first, &mut stream, &path).await;
+        let inline = replica.engine().runs_inline();
+        let received = receive_chunks(first, &mut stream, &path, inline).await;
         let bytes = match received {
             Ok(b) => b,
             Err(e) => {
-                let _ = tokio::fs::remove_file(&path).await;
+                remove_file(&path, inline).await;
                 return Err(e.into());
             }
         };
         tracing::info!(range_id = replica.range_id(), bytes, "received snapshot");
         if let Err(e) = self.check_snapshot_span(&replica, &path) {
-            let _ = tokio::fs::remove_file(&path).await;
+            remove_file(&path, inline).await;
             return Err(e.into());
         }
         let result = replica.handle_snapshot(&header, path.clone()).await;
         // On success the state machine moved the file; on failure drop it.
         if result.is_err() {
-            let _ = tokio::fs::remove_file(&path).await;
+            remove_file(&path, inline).await;
         }
         let payload = result?;
         Ok(Response::new(RaftMessage {
@@ -166,14 +167,57 @@ impl Raft for RaftService {
     }
 }
 
-/// Writes the chunks of one snapshot stream to `path`, checking order and checksums.
+/// Removes a received snapshot file that will not be installed (inline: on
+/// this task, see `Engine::runs_inline`).
+async fn remove_file(path: &std::path::Path, inline: bool) {
+    if inline {
+        let _ = std::fs::remove_file(path);
+    } else {
+        let _ = tokio::fs::remove_file(path).await;
+    }
+}
+
+/// A snapshot file being received: written through tokio (each write on a
+/// blocking thread), or with plain writes on the receiving task (inline).
+enum SnapshotWriter {
+    Threaded(tokio::fs::File),
+    Inline(std::fs::File),
+}
+
+impl SnapshotWriter {
+    async fn create(path: &std::path::Path, inline: bool) -> std::io::Result<Self> {
+        Ok(if inline {
+            SnapshotWriter::Inline(std::fs::File::create(path)?)
+        } else {
+            SnapshotWriter::Threaded(tokio::fs::File::create(path).await?)
+        })
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            SnapshotWriter::Threaded(f) => f.write_all(data).await,
+            SnapshotWriter::Inline(f) => std::io::Write::write_all(f, data),
+        }
+    }
+
+    async fn sync_all(&mut self) -> std::io::Result<()> {
+        match self {
+            SnapshotWriter::Threaded(f) => f.sync_all().await,
+            SnapshotWriter::Inline(f) => f.sync_all(),
+        }
+    }
+}
+
+/// Writes the chunks of one snapshot stream to `path`, checking order and
+/// checksums; `inline` as in `Engine::runs_inline`.
 async fn receive_chunks(
     first: SnapshotChunk,
     stream: &mut Streaming<SnapshotChunk>,
     path: &std::path::Path,
+    inline: bool,
 ) -> Result<u64, Error> {
     let io = |e: std::io::Error| Error::internal(format!("writing snapshot: {e}"));
-    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    let mut file = SnapshotWriter::create(path, inline).await.map_err(io)?;
     let mut offset = 0u64;
     let mut chunk = first;
     loop {

@@ -30,6 +30,23 @@ use crate::storage::{ApplyBatch, Engine, StorageError};
 /// Dedup records expired per apply call at most, so expiry never stalls apply.
 const DEDUP_EXPIRE_PER_APPLY_MAX: usize = 256;
 
+/// Runs `work`, which blocks on files and RocksDB, on a blocking thread; or,
+/// when `inline` (an engine opened for the simulation, see
+/// [`Engine::runs_inline`]), on the calling task, so that it finishes at a
+/// definite point of simulated time.
+async fn run_blocking<T, F>(inline: bool, work: F) -> io::Result<T>
+where
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    if inline {
+        return work();
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(io::Error::other)?
+}
+
 /// A snapshot: a file in the range's snapshot directory, streamed in chunks.
 #[derive(Debug, Clone)]
 pub struct SnapshotFile {
@@ -488,7 +505,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        run_blocking(self.engine.runs_inline(), move || {
             let tmp = this
                 .snapshot_dir
                 .join(format!("build-{}.tmp", rand::random::<u64>()));
@@ -531,7 +548,6 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             })
         })
         .await
-        .map_err(io::Error::other)?
     }
 }
 
@@ -665,9 +681,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let this = self.clone();
         let meta2 = meta.clone();
         let fp = final_path.clone();
-        tokio::task::spawn_blocking(move || this.import(&meta2, &fp))
-            .await
-            .map_err(io::Error::other)??;
+        run_blocking(self.engine.runs_inline(), move || this.import(&meta2, &fp)).await?;
         tracing::info!(range_id = self.range_id, last_log_id = ?meta.last_log_id, "installed snapshot");
         Ok(())
     }

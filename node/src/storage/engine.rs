@@ -55,6 +55,8 @@ pub struct Engine {
     group_commit: GroupCommit,
     db: Arc<DB>,
     path: PathBuf,
+    /// Opened by [`Engine::open_inline_sync`]: see [`Engine::runs_inline`].
+    inline: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -134,7 +136,17 @@ impl Engine {
             },
             db,
             path: path.to_path_buf(),
+            inline: inline_sync,
         })
+    }
+
+    /// Whether this engine was opened with [`Engine::open_inline_sync`] (the
+    /// simulation). Work the node otherwise hands to a blocking thread
+    /// (building and installing a range's snapshot, writing a received one)
+    /// then runs on the calling task, so that it finishes at a definite
+    /// point of simulated time.
+    pub fn runs_inline(&self) -> bool {
+        self.inline
     }
 
     /// The directory the engine lives in.

@@ -4,7 +4,7 @@
 //! ```text
 //! lmskv-sim --seeds 1000 [--first 1]   # seeds first..first+999, progress on stdout
 //! lmskv-sim --seed 42                   # one seed, e.g. a failure's, again
-//! lmskv-sim --seed 42 --no-snapshots    # replicas never snapshot: exact replay
+//! lmskv-sim --seed 42 --no-snapshots    # replicas never snapshot
 //! ```
 //! Exits non-zero when any seed broke an invariant, after listing them.
 
@@ -28,7 +28,7 @@ struct Args {
     /// Simulated seconds of clients and faults per seed.
     #[arg(long, default_value_t = 15)]
     duration_s: u64,
-    /// Replicas never snapshot: every run replays exactly (see SimOptions::snapshots).
+    /// Replicas never snapshot (see SimOptions::snapshots).
     #[arg(long)]
     no_snapshots: bool,
 }
