@@ -85,7 +85,11 @@ fn apply_batch(c: &mut Criterion) {
                 for _ in 0..n {
                     let key = format!("user{:020}", index % 100_000);
                     let request_id = index.to_be_bytes();
-                    if batch.dedup_get(&request_id).expect("dedup get").is_none() {
+                    if batch
+                        .dedup_get(&request_id, index)
+                        .expect("dedup get")
+                        .is_none()
+                    {
                         batch.put(key.as_bytes(), index, value.clone());
                         batch.dedup_put(&request_id, index + 600_000, record.clone());
                     }
@@ -99,46 +103,5 @@ fn apply_batch(c: &mut Criterion) {
     g.finish();
 }
 
-/// Apply batches once dedup records expire (after `dedup_window_s` of
-/// writes): every batch deletes the records that expired, as the state
-/// machine does. Each batch's iterator starts at the beginning of the
-/// expiry span, so deleted records left behind as tombstones are walked
-/// again by later batches until a compaction drops them. The state machine
-/// now passes where the previous expiry stopped (`from_ms`), which this
-/// benchmark does too.
-fn apply_batch_expiring(c: &mut Criterion) {
-    let (_dir, e) = engine();
-    let value = Bytes::from(vec![b'v'; 256]);
-    let applied = vec![0u8; 24];
-    let record = vec![1u8; 16];
-    let mut index = 1u64;
-    let mut expired_through = 0u64;
-    let mut g = c.benchmark_group("apply_batch_expiring");
-    g.measurement_time(Duration::from_secs(4))
-        .warm_up_time(Duration::from_secs(1))
-        .sample_size(30);
-    let n = 16u64;
-    g.throughput(Throughput::Elements(n));
-    g.bench_function("puts_with_dedup_expire_16", |b| {
-        b.iter(|| {
-            let mut batch = e.apply_batch(RANGE);
-            for _ in 0..n {
-                let key = format!("user{:020}", index % 100_000);
-                batch.put(key.as_bytes(), index, value.clone());
-                // Expires as soon as the next batch runs.
-                batch.dedup_put(&index.to_be_bytes(), index, record.clone());
-                index += 1;
-            }
-            let (_, next) = batch
-                .dedup_expire(index - n, expired_through, 256)
-                .expect("expire");
-            expired_through = next;
-            batch.set_applied(&applied);
-            batch.commit().expect("commit");
-        })
-    });
-    g.finish();
-}
-
-criterion_group!(benches, log_append, apply_batch, apply_batch_expiring);
+criterion_group!(benches, log_append, apply_batch);
 criterion_main!(benches);

@@ -44,6 +44,12 @@ pub enum Op {
         new_range_id: u64,
         version: u64,
     },
+    /// Independent client writes proposed together as one log entry (see
+    /// `raft::proposals`). Each keeps its own request id, is deduplicated on
+    /// its own and gets its own response; no two touch the same key, so each
+    /// key's version (the entry's index) still names one write. Never holds
+    /// a split or another group.
+    Group(Vec<Command>),
 }
 
 /// What a range replica knows about its own range: the span and the epoch.
@@ -131,6 +137,8 @@ pub enum CommandResponse {
     /// The write touches keys the range no longer holds (it split after the
     /// write was proposed); nothing was applied.
     KeyNotInRange,
+    /// The responses of an [`Op::Group`]'s commands, in order.
+    Group(Vec<CommandResponse>),
 }
 
 impl Op {
@@ -145,11 +153,50 @@ impl Op {
                 }),
             )),
             Op::Split { .. } => Box::new(std::iter::empty()),
+            Op::Group(cmds) => Box::new(cmds.iter().flat_map(|c| c.op.keys())),
+        }
+    }
+
+    /// Bytes of keys and values the operation carries (what it adds to a
+    /// log entry, roughly).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Put { key, value } => key.len() + value.len(),
+            Op::Delete { key } => key.len(),
+            Op::CompareAndSwap { compare, new_value } => {
+                compare.payload_bytes() + new_value.as_ref().map_or(0, |v| v.len())
+            }
+            Op::Batch { conditions, ops } => {
+                conditions
+                    .iter()
+                    .map(Condition::payload_bytes)
+                    .sum::<usize>()
+                    + ops
+                        .iter()
+                        .map(|o| match o {
+                            WriteOp::Put { key, value } => key.len() + value.len(),
+                            WriteOp::Delete { key } => key.len(),
+                        })
+                        .sum::<usize>()
+            }
+            Op::Split { split_key, .. } => split_key.len(),
+            Op::Group(cmds) => cmds
+                .iter()
+                .map(|c| c.request_id.len() + c.op.payload_bytes())
+                .sum(),
         }
     }
 }
 
 impl Condition {
+    fn payload_bytes(&self) -> usize {
+        self.key.len()
+            + match &self.expect {
+                Expect::Value(v) => v.len(),
+                Expect::Version(_) => 8,
+            }
+    }
+
     /// Whether the condition holds for a key whose current state is `current`
     /// (`None`: the key does not exist).
     pub fn holds(&self, current: Option<(&[u8], u64)>) -> bool {
@@ -182,6 +229,7 @@ impl std::fmt::Display for Command {
                 new_range_id,
                 ..
             } => write!(f, "split at {} into range {new_range_id}", key(split_key)),
+            Op::Group(cmds) => write!(f, "group of {} writes", cmds.len()),
         }
     }
 }

@@ -9,6 +9,7 @@ mod codec;
 pub mod command;
 mod log_store;
 mod network;
+pub mod proposals;
 mod replica;
 pub mod runtime;
 mod service;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use super::command::RangeMeta;
 use super::command::{Command, CommandResponse, Op};
 use super::log_store::LogStore;
 use super::network::{NetworkFactory, PeerPool};
+use super::proposals::{self, Admission, Answer, Proposals, Waiting};
 use super::state_machine::{SharedMeta, SnapshotFile, SplitHook, StateMachine};
 use super::TypeConfig;
 use crate::storage::Engine;
@@ -94,6 +95,10 @@ pub struct ReplicaStatus {
     pub fault: Option<String>,
     /// The group is parked (shut down while dormant; loaded on demand).
     pub parked: bool,
+    /// Client writes (and splits) this replica proposed since it opened,
+    /// and the log entries they went in: many writes share an entry under load.
+    pub writes_proposed: u64,
+    pub entries_proposed: u64,
 }
 
 /// A replica's Raft group: running, or parked with the metrics it last
@@ -168,6 +173,23 @@ pub struct RangeReplica {
     /// leader's commit index then: a follower's proof of freshness for
     /// bounded-staleness reads.
     leader_contact: Mutex<Option<(std::time::Instant, u64)>>,
+    /// Proposal slots and the writes waiting for one (many writes per entry).
+    proposals: Mutex<Proposals>,
+    /// This replica, for the tasks that propose queued writes as a group.
+    me: Weak<RangeReplica>,
+    /// Client writes proposed, and the log entries they went in.
+    writes_proposed: std::sync::atomic::AtomicU64,
+    entries_proposed: std::sync::atomic::AtomicU64,
+}
+
+/// A proposal slot held while a proposal is in flight; giving it up starts
+/// the next group of waiting writes (also when the holder is dropped).
+struct Slot<'a>(&'a RangeReplica);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.slot_done();
+    }
 }
 
 impl std::fmt::Debug for RangeReplica {
@@ -281,7 +303,7 @@ impl RangeReplica {
         let (raft, meta) =
             start_group(range_id, &engine, &reopen, &tuning, &hibernating, None).await?;
         let snapshot_dir = snapshot_dir_of(data_dir, range_id);
-        Ok(Arc::new(RangeReplica {
+        Ok(Arc::new_cyclic(|me| RangeReplica {
             range_id,
             node_id,
             group: RwLock::new(Group::Live(raft)),
@@ -301,6 +323,10 @@ impl RangeReplica {
             led_when_parked: AtomicBool::new(false),
             last_activity: Mutex::new(std::time::Instant::now()),
             leader_contact: Mutex::new(None),
+            proposals: Mutex::new(Proposals::default()),
+            me: me.clone(),
+            writes_proposed: std::sync::atomic::AtomicU64::new(0),
+            entries_proposed: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -860,7 +886,8 @@ impl RangeReplica {
 
     /// Proposes a write, waits until it is committed and applied on this
     /// leader (and, with `all`, replicated to every voter), and returns its log
-    /// index and outcome.
+    /// index and outcome. Under load the write may share its log entry with
+    /// others (see [`proposals`]).
     pub async fn propose(
         &self,
         request_id: Bytes,
@@ -875,13 +902,70 @@ impl RangeReplica {
             op,
         };
         let started = tokio::time::Instant::now();
-        let deadline = started + self.tuning.write_timeout;
+        let (index, resp) = if matches!(cmd.op, Op::Split { .. }) {
+            // Splits never share an entry (nor take a slot).
+            self.propose_entry(cmd, started).await?
+        } else {
+            let admission = self.proposals.lock().expect("proposals lock").admit(cmd);
+            match admission {
+                Admission::Now(cmd) => {
+                    let _slot = Slot(self);
+                    self.propose_entry(cmd, started).await?
+                }
+                Admission::Queued(rx) => {
+                    let answer = async {
+                        rx.await.unwrap_or_else(|_| {
+                            Err(Error::unavailable(
+                                "the write's proposal was abandoned; outcome unknown, retry with the same request id",
+                            ))
+                        })
+                    };
+                    self.until_committed(answer, started).await?
+                }
+                Admission::Full => return Err(Error::Overloaded { retry_after_ms: 20 }),
+            }
+        };
+        if all {
+            self.wait_all_voters(index).await?;
+        }
+        Ok((index, resp))
+    }
+
+    /// Proposes one log entry and waits for its outcome.
+    async fn propose_entry(
+        &self,
+        cmd: Command,
+        started: tokio::time::Instant,
+    ) -> Result<(u64, CommandResponse), Error> {
         let raft = self.serving().await?;
-        let write = raft.client_write(cmd);
+        let writes = match &cmd.op {
+            Op::Group(cmds) => cmds.len() as u64,
+            _ => 1,
+        };
+        self.writes_proposed.fetch_add(writes, Ordering::Relaxed);
+        self.entries_proposed.fetch_add(1, Ordering::Relaxed);
+        let write = async {
+            raft.client_write(cmd)
+                .await
+                .map(|resp| (resp.log_id.index(), resp.data))
+                .map_err(|e| self.write_error(e))
+        };
+        self.until_committed(write, started).await
+    }
+
+    /// Waits for `write`, but no longer than the write timeout from
+    /// `started`, and gives up early when this leader was cut off from its
+    /// quorum since then.
+    async fn until_committed<T>(
+        &self,
+        write: impl std::future::Future<Output = Result<T, Error>>,
+        started: tokio::time::Instant,
+    ) -> Result<T, Error> {
+        let deadline = started + self.tuning.write_timeout;
         tokio::pin!(write);
-        let resp = loop {
+        loop {
             tokio::select! {
-                r = &mut write => break r.map_err(|e| self.write_error(e))?,
+                r = &mut write => return r,
                 _ = tokio::time::sleep(CUT_OFF_CHECK_EVERY) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(Error::Timeout {
@@ -901,12 +985,45 @@ impl RangeReplica {
                     }
                 }
             }
-        };
-        let index = resp.log_id.index();
-        if all {
-            self.wait_all_voters(index).await?;
         }
-        Ok((index, resp.data))
+    }
+
+    /// A proposal gave up its slot: the writes waiting now go out as the
+    /// next group, on their own task (a caller's request may be dropped at
+    /// any time; the group must not go with it).
+    fn slot_done(&self) {
+        let Some(group) = self.proposals.lock().expect("proposals lock").finish() else {
+            return;
+        };
+        let runtime = tokio::runtime::Handle::try_current();
+        match (self.me.upgrade(), runtime) {
+            (Some(me), Ok(rt)) => {
+                rt.spawn(async move { me.propose_group(group).await });
+            }
+            _ => {
+                // Shutting down: nothing will propose these.
+                for w in group {
+                    let _ = w.tx.send(Err(Error::unavailable(
+                        "the range is shutting down; outcome unknown, retry with the same request id",
+                    )));
+                }
+                self.proposals.lock().expect("proposals lock").release();
+            }
+        }
+    }
+
+    /// Proposes waiting writes as one entry and answers each of them.
+    async fn propose_group(self: Arc<Self>, group: Vec<Waiting>) {
+        let _slot = Slot(&self);
+        let started = tokio::time::Instant::now();
+        let (cmds, txs): (Vec<Command>, Vec<_>) = group.into_iter().map(|w| (w.cmd, w.tx)).unzip();
+        let count = cmds.len();
+        let outcome: Answer = self
+            .propose_entry(proposals::group_command(cmds, now_ms()), started)
+            .await;
+        for (tx, answer) in txs.into_iter().zip(proposals::answers(count, outcome)) {
+            let _ = tx.send(answer);
+        }
     }
 
     /// Whether this node still leads but no quorum has acknowledged it for
@@ -1147,6 +1264,8 @@ impl RangeReplica {
                 .clone()
                 .or_else(|| m.running_state.as_ref().err().map(|e| e.to_string())),
             parked,
+            writes_proposed: self.writes_proposed.load(Ordering::Relaxed),
+            entries_proposed: self.entries_proposed.load(Ordering::Relaxed),
         }
     }
 

@@ -27,9 +27,6 @@ use super::TypeConfig;
 use crate::storage::keys::RangeStateField;
 use crate::storage::{ApplyBatch, Engine, StorageError};
 
-/// Dedup records expired per apply call at most, so expiry never stalls apply.
-const DEDUP_EXPIRE_PER_APPLY_MAX: usize = 256;
-
 /// Runs `work`, which blocks on files and RocksDB, on a blocking thread; or,
 /// when `inline` (an engine opened for the simulation, see
 /// [`Engine::runs_inline`]), on the calling task, so that it finishes at a
@@ -136,9 +133,9 @@ pub struct StateMachine {
     dedup_window: Duration,
     current_snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
     on_split: SplitHook,
-    /// Expiry time up to which dedup records are known deleted (memory
-    /// only): expiry scans start here instead of walking tombstones.
-    expired_through: Arc<std::sync::atomic::AtomicU64>,
+    /// The latest proposal time applied here: compactions drop this range's
+    /// dedup records that expired well before it (see the engine).
+    dedup_clock: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -166,14 +163,14 @@ impl StateMachine {
     ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let mut sm = StateMachine {
-            engine,
+            engine: engine.clone(),
             range_id,
             meta: Arc::new(RwLock::new(initial_meta(range_id))),
             snapshot_dir,
             dedup_window,
             current_snapshot: Arc::new(Mutex::new(None)),
             on_split,
-            expired_through: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            dedup_clock: engine.dedup_clock(range_id),
         };
         // Remove partial files of builds or transfers that did not finish
         // (when a parked group is loaded again, a snapshot being received
@@ -401,6 +398,48 @@ impl StateMachine {
         ))))
     }
 
+    /// Applies one client command (alone or of a group) at `index`: answers
+    /// a retried request id from its dedup record, else executes it and
+    /// records its outcome under its request id.
+    fn apply_command(
+        &self,
+        batch: &mut ApplyBatch<'_>,
+        desc: &mut RangeMeta,
+        membership: &StoredMembershipOf<TypeConfig>,
+        splits: &mut Vec<u64>,
+        index: u64,
+        cmd: &Command,
+    ) -> Result<CommandResponse, io::Error> {
+        let seen = if cmd.request_id.is_empty() {
+            None
+        } else {
+            batch.dedup_get(&cmd.request_id, cmd.proposed_at_ms)?
+        };
+        if let Some(rec) = seen {
+            // A retry of a write already applied: answer as the first time.
+            return decode("dedup record", &rec);
+        }
+        let resp = match &cmd.op {
+            Op::Split {
+                split_key,
+                new_range_id,
+                version,
+            } => {
+                let r = self.split(batch, desc, membership, split_key, *new_range_id, *version)?;
+                if matches!(r, CommandResponse::Split(Ok(_))) {
+                    splits.push(*new_range_id);
+                }
+                r
+            }
+            _ => self.execute(batch, desc, index, cmd)?,
+        };
+        if !cmd.request_id.is_empty() && resp != CommandResponse::KeyNotInRange {
+            let expires = cmd.proposed_at_ms + self.dedup_window.as_millis() as u64;
+            batch.dedup_put(&cmd.request_id, expires, encode(&resp)?);
+        }
+        Ok(resp)
+    }
+
     fn execute(
         &self,
         batch: &mut ApplyBatch<'_>,
@@ -496,6 +535,12 @@ impl StateMachine {
                 }
             }
             Op::Split { .. } => CommandResponse::Split(Err("split applied as a write".into())),
+            // The proposer never nests groups nor puts a split in one.
+            Op::Group(_) => {
+                return Err(StorageError::Corruption(
+                    "a group of writes inside a group".into(),
+                ))
+            }
         })
     }
 }
@@ -585,61 +630,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     desc.conf_ver += 1;
                     CommandResponse::None
                 }
-                EntryPayload::Normal(cmd) => {
-                    last_time_ms = last_time_ms.max(cmd.proposed_at_ms);
-                    let seen = if cmd.request_id.is_empty() {
-                        None
-                    } else {
-                        batch.dedup_get(&cmd.request_id)?
-                    };
-                    match seen {
-                        // A retry of a write already applied: answer as the first time.
-                        Some(rec) => decode("dedup record", &rec)?,
-                        None => {
-                            let resp = match &cmd.op {
-                                Op::Split {
-                                    split_key,
-                                    new_range_id,
-                                    version,
-                                } => {
-                                    let r = self.split(
-                                        &mut batch,
-                                        &mut desc,
-                                        &membership,
-                                        split_key,
-                                        *new_range_id,
-                                        *version,
-                                    )?;
-                                    if matches!(r, CommandResponse::Split(Ok(_))) {
-                                        splits.push(*new_range_id);
-                                    }
-                                    r
-                                }
-                                _ => self.execute(&mut batch, &desc, index, cmd)?,
-                            };
-                            if !cmd.request_id.is_empty() && resp != CommandResponse::KeyNotInRange
-                            {
-                                let expires =
-                                    cmd.proposed_at_ms + self.dedup_window.as_millis() as u64;
-                                batch.dedup_put(&cmd.request_id, expires, encode(&resp)?);
-                            }
-                            resp
+                EntryPayload::Normal(cmd) => match &cmd.op {
+                    Op::Group(cmds) => {
+                        let mut resps = Vec::with_capacity(cmds.len());
+                        for c in cmds {
+                            last_time_ms = last_time_ms.max(c.proposed_at_ms);
+                            resps.push(self.apply_command(
+                                &mut batch,
+                                &mut desc,
+                                &membership,
+                                &mut splits,
+                                index,
+                                c,
+                            )?);
                         }
+                        CommandResponse::Group(resps)
                     }
-                }
+                    _ => {
+                        last_time_ms = last_time_ms.max(cmd.proposed_at_ms);
+                        self.apply_command(
+                            &mut batch,
+                            &mut desc,
+                            &membership,
+                            &mut splits,
+                            index,
+                            cmd,
+                        )?
+                    }
+                },
             };
             last_applied = Some(entry.log_id());
             if let Some(r) = responder {
                 responders.push((r, resp));
             }
-        }
-        if last_time_ms > 0 {
-            let from = self
-                .expired_through
-                .load(std::sync::atomic::Ordering::Relaxed);
-            let (_, next) = batch.dedup_expire(last_time_ms, from, DEDUP_EXPIRE_PER_APPLY_MAX)?;
-            self.expired_through
-                .store(next, std::sync::atomic::Ordering::Relaxed);
         }
         let desc = with_members(desc, &membership);
         batch.set_applied(&encode(&AppliedState {
@@ -650,6 +673,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         crate::fail_point!("apply-before-commit");
         batch.commit()?;
         crate::fail_point!("apply-after-commit");
+        self.dedup_clock
+            .fetch_max(last_time_ms, std::sync::atomic::Ordering::Relaxed);
         *self.meta.write().expect("meta lock") = desc;
         for id in splits {
             (self.on_split)(id);
@@ -673,8 +698,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if snapshot.path != final_path {
             std::fs::rename(&snapshot.path, &final_path)?;
         }
-        self.expired_through
-            .store(0, std::sync::atomic::Ordering::Relaxed);
         // Record the snapshot first: an interrupted import resumes from it.
         self.keep_snapshot(meta, &final_path)?;
         crate::fail_point!("snapshot-install");

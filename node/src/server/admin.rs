@@ -110,6 +110,8 @@ impl Admin for AdminService {
                 purged_index: st.purged_index,
                 fault: st.fault.unwrap_or_default(),
                 parked: st.parked,
+                writes_proposed: st.writes_proposed,
+                entries_proposed: st.entries_proposed,
             });
         }
         let me = node.node_id();

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use rocksdb::{
@@ -23,6 +24,66 @@ pub const MEMTABLE_MEASURE_MAX: usize = 20_000;
 /// Share of a memtable's size given to its whole-key bloom filter (data and
 /// range-state column families).
 const MEMTABLE_BLOOM_RATIO: f64 = 0.05;
+
+/// How long past its expiry a dedup record stays before a compaction may
+/// drop it. Whether a record still counts is decided by the log alone (its
+/// expiry against the applying command's proposal time), so dropping it is
+/// safe once no command applied later can carry an earlier proposal time
+/// than its expiry. A compaction drops a range's record only once a command
+/// proposed this long after the expiry was applied here; proposal times go
+/// back in log order only across leaders whose clocks disagree, so this must
+/// exceed any clock difference between nodes (chaos runs skew up to 300 s
+/// either way).
+pub const DEDUP_PURGE_GRACE_MS: u64 = 15 * 60 * 1000;
+
+/// Per range, the latest proposal time (ms) of a command its state machine
+/// applied on this node since it opened: the clock the compaction filter
+/// drops expired dedup records by. A range not here keeps every record.
+#[derive(Debug, Default)]
+pub struct DedupClocks(RwLock<HashMap<u64, Arc<AtomicU64>>>);
+
+impl DedupClocks {
+    fn get(&self, range_id: u64) -> Option<u64> {
+        self.0
+            .read()
+            .expect("dedup clocks lock")
+            .get(&range_id)
+            .map(|c| c.load(Ordering::Relaxed))
+    }
+
+    fn clock(&self, range_id: u64) -> Arc<AtomicU64> {
+        if let Some(c) = self.0.read().expect("dedup clocks lock").get(&range_id) {
+            return c.clone();
+        }
+        self.0
+            .write()
+            .expect("dedup clocks lock")
+            .entry(range_id)
+            .or_default()
+            .clone()
+    }
+
+    fn forget(&self, range_id: u64) {
+        self.0.write().expect("dedup clocks lock").remove(&range_id);
+    }
+}
+
+/// Whether the compaction filter drops this `range_state` entry: a dedup
+/// record whose expiry lies [`DEDUP_PURGE_GRACE_MS`] before its range's clock.
+fn dedup_record_dead(clocks: &DedupClocks, key: &[u8], value: &[u8]) -> bool {
+    let Some(range_id) = keys::dedup_key_range(key) else {
+        return false;
+    };
+    let Some(expires) = value
+        .get(4..12)
+        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+    else {
+        return false;
+    };
+    clocks
+        .get(range_id)
+        .is_some_and(|now| expires.saturating_add(DEDUP_PURGE_GRACE_MS) <= now)
+}
 
 /// Tunables of the engine, validated by the node config.
 #[derive(Debug, Clone)]
@@ -57,6 +118,7 @@ pub struct Engine {
     path: PathBuf,
     /// Opened by [`Engine::open_inline_sync`]: see [`Engine::runs_inline`].
     inline: bool,
+    dedup_clocks: Arc<DedupClocks>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -103,6 +165,7 @@ impl Engine {
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(256 << 20);
 
+        let dedup_clocks = Arc::new(DedupClocks::default());
         let cfs = keys::ALL_CFS.iter().map(|name| {
             let mut o = Options::default();
             o.set_block_based_table_factory(&block);
@@ -116,6 +179,21 @@ impl Engine {
                 // answers those misses without searching the skiplist.
                 o.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
                 o.set_memtable_whole_key_filtering(true);
+            }
+            if *name == keys::CF_RANGE_STATE {
+                // Expired dedup records leave by compaction: no expiry index
+                // to write per request, no deletes to apply.
+                let clocks = dedup_clocks.clone();
+                o.set_compaction_filter(
+                    "lmskv-dedup-expiry",
+                    move |_, key: &[u8], value: &[u8]| {
+                        if dedup_record_dead(&clocks, key, value) {
+                            rocksdb::CompactionDecision::Remove
+                        } else {
+                            rocksdb::CompactionDecision::Keep
+                        }
+                    },
+                );
             }
             ColumnFamilyDescriptor::new(*name, o)
         });
@@ -137,6 +215,7 @@ impl Engine {
             db,
             path: path.to_path_buf(),
             inline: inline_sync,
+            dedup_clocks,
         })
     }
 
@@ -438,19 +517,36 @@ impl Engine {
         Ok((out, false))
     }
 
-    /// The dedup record stored for a client request id, if any.
+    /// The dedup record of a client request id, if one is stored and has
+    /// not expired at `now_ms` (the applying command's proposal time).
     pub fn dedup_get(
         &self,
         range_id: u64,
         request_id: &[u8],
+        now_ms: u64,
     ) -> Result<Option<Vec<u8>>, StorageError> {
-        match self.db.get_cf(
+        let Some(raw) = self.db.get_pinned_cf(
             self.cf(keys::CF_RANGE_STATE),
             keys::dedup_key(range_id, request_id),
-        )? {
-            Some(raw) => Ok(Some(value::unframe("dedup record", &raw)?.to_vec())),
-            None => Ok(None),
+        )?
+        else {
+            return Ok(None);
+        };
+        let payload = value::unframe("dedup record", &raw)?;
+        let Some((expires, record)) = payload.split_first_chunk::<8>() else {
+            return Err(StorageError::Corruption("dedup record: too short".into()));
+        };
+        if u64::from_be_bytes(*expires) <= now_ms {
+            return Ok(None);
         }
+        Ok(Some(record.to_vec()))
+    }
+
+    /// The clock by which compactions drop `range_id`'s expired dedup
+    /// records: its state machine raises it to the latest proposal time it
+    /// applied.
+    pub fn dedup_clock(&self, range_id: u64) -> Arc<AtomicU64> {
+        self.dedup_clocks.clock(range_id)
     }
 
     /// Starts an atomic batch of state-machine changes for a range.
@@ -678,6 +774,7 @@ impl Engine {
             value::frame(b"removed"),
         );
         self.db.write_opt(b, &Self::sync_opts())?;
+        self.dedup_clocks.forget(range_id);
         Ok(())
     }
 
@@ -781,6 +878,14 @@ impl Engine {
     }
 }
 
+/// A stored dedup record: its expiry, then the record, framed.
+fn dedup_value(expires_at_ms: u64, record: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(8 + record.len());
+    payload.extend_from_slice(&expires_at_ms.to_be_bytes());
+    payload.extend_from_slice(record);
+    value::frame(&payload)
+}
+
 /// An atomic batch of state-machine changes for one range: data mutations,
 /// dedup records and the applied state are written together or not at all.
 ///
@@ -821,73 +926,28 @@ impl ApplyBatch<'_> {
         self.data.insert(key.to_vec(), None);
     }
 
-    /// The dedup record for a request id, seeing this batch's pending writes.
-    pub fn dedup_get(&self, request_id: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    /// The dedup record of a request id unexpired at `now_ms`, seeing this
+    /// batch's pending writes.
+    pub fn dedup_get(
+        &self,
+        request_id: &[u8],
+        now_ms: u64,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
         match self.dedup.get(request_id) {
-            Some((v, _)) => Ok(Some(v.clone())),
-            None => self.engine.dedup_get(self.range_id, request_id),
+            Some((v, expires)) => Ok((*expires > now_ms).then(|| v.clone())),
+            None => self.engine.dedup_get(self.range_id, request_id, now_ms),
         }
     }
 
     /// Records the outcome of a request id, kept until `expires_at_ms`.
     pub fn dedup_put(&mut self, request_id: &[u8], expires_at_ms: u64, record: Vec<u8>) {
-        let cf = self.engine.cf(keys::CF_RANGE_STATE);
         self.batch.put_cf(
-            cf,
+            self.engine.cf(keys::CF_RANGE_STATE),
             keys::dedup_key(self.range_id, request_id),
-            value::frame(&record),
-        );
-        self.batch.put_cf(
-            cf,
-            keys::dedup_expiry_key(self.range_id, expires_at_ms, request_id),
-            b"",
+            dedup_value(expires_at_ms, &record),
         );
         self.dedup
             .insert(request_id.to_vec(), (record, expires_at_ms));
-    }
-
-    /// Deletes up to `max` dedup records that expired before `now_ms`. The time
-    /// comes from the log entry, so every replica deletes the same records.
-    ///
-    /// `from_ms` is where the previous call stopped: the scan starts there,
-    /// so it never walks the tombstones of records it already deleted.
-    /// Returns how many were deleted and where the next call may start.
-    pub fn dedup_expire(
-        &mut self,
-        now_ms: u64,
-        from_ms: u64,
-        max: usize,
-    ) -> Result<(usize, u64), StorageError> {
-        let cf = self.engine.cf(keys::CF_RANGE_STATE);
-        let (xs, xe) = keys::dedup_expiry_span(self.range_id);
-        let mut lower = xs;
-        lower.extend_from_slice(&from_ms.to_be_bytes());
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(lower);
-        ro.set_iterate_upper_bound(xe);
-        let mut n = 0;
-        let mut next_from = from_ms;
-        for item in self.engine.db.iterator_cf_opt(cf, ro, IteratorMode::Start) {
-            if n >= max {
-                break;
-            }
-            let (k, _) = item?;
-            let Some((ts, request_id)) = keys::parse_dedup_expiry_key(self.range_id, &k) else {
-                return Err(StorageError::Corruption("bad dedup expiry key".into()));
-            };
-            if ts >= now_ms {
-                break;
-            }
-            next_from = ts;
-            if self.dedup.contains_key(request_id) {
-                continue;
-            }
-            self.batch
-                .delete_cf(cf, keys::dedup_key(self.range_id, request_id));
-            self.batch.delete_cf(cf, &k);
-            n += 1;
-        }
-        Ok((n, next_from))
     }
 
     /// Whether this node has state for `range_id` (applied state or tombstone).
@@ -943,12 +1003,7 @@ impl ApplyBatch<'_> {
             self.batch.put_cf(
                 cf_state,
                 keys::dedup_key(new_range_id, request_id),
-                value::frame(record),
-            );
-            self.batch.put_cf(
-                cf_state,
-                keys::dedup_expiry_key(new_range_id, *expires, request_id),
-                b"",
+                dedup_value(*expires, record),
             );
         }
         Ok(())
@@ -1067,17 +1122,52 @@ mod tests {
     }
 
     #[test]
-    fn dedup_records_expire_deterministically() {
+    fn dedup_records_expire_by_the_applying_time_and_leave_by_compaction() {
         let (_d, e) = engine();
         let mut b = e.apply_batch(1);
         b.dedup_put(b"r1", 100, b"one".to_vec());
-        b.dedup_put(b"r2", 200, b"two".to_vec());
+        b.dedup_put(b"r2", 200 + DEDUP_PURGE_GRACE_MS, b"two".to_vec());
+        b.set_applied(b"applied");
+        assert_eq!(b.dedup_get(b"r1", 99).unwrap().unwrap(), b"one");
+        assert!(
+            b.dedup_get(b"r1", 100).unwrap().is_none(),
+            "pending, expired"
+        );
         b.commit().unwrap();
-        let mut b = e.apply_batch(1);
-        assert_eq!(b.dedup_expire(150, 0, 10).unwrap(), (1, 100));
-        b.commit().unwrap();
-        assert!(e.dedup_get(1, b"r1").unwrap().is_none());
-        assert_eq!(e.dedup_get(1, b"r2").unwrap().unwrap(), b"two");
+        // Expiry is decided by the time asked about, whatever is stored.
+        assert_eq!(e.dedup_get(1, b"r1", 99).unwrap().unwrap(), b"one");
+        assert!(e.dedup_get(1, b"r1", 100).unwrap().is_none());
+        assert_eq!(e.dedup_get(1, b"r2", 150).unwrap().unwrap(), b"two");
+
+        // A compaction keeps records while the range's clock is not past
+        // their expiry by the grace, and drops them after.
+        let dedup_count = || {
+            let (s, end) = keys::dedup_span(1);
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_lower_bound(s);
+            ro.set_iterate_upper_bound(end);
+            e.db.iterator_cf_opt(e.cf(keys::CF_RANGE_STATE), ro, IteratorMode::Start)
+                .count()
+        };
+        let compact = || {
+            e.flush().unwrap();
+            e.db.compact_range_cf(e.cf(keys::CF_RANGE_STATE), None::<&[u8]>, None::<&[u8]>);
+        };
+        compact();
+        assert_eq!(dedup_count(), 2, "no clock: every record kept");
+        let clock = e.dedup_clock(1);
+        clock.store(100 + DEDUP_PURGE_GRACE_MS - 1, Ordering::Relaxed);
+        compact();
+        assert_eq!(dedup_count(), 2, "within the grace");
+        clock.store(100 + DEDUP_PURGE_GRACE_MS, Ordering::Relaxed);
+        compact();
+        assert_eq!(dedup_count(), 1, "r1 dropped");
+        assert_eq!(e.dedup_get(1, b"r2", 150).unwrap().unwrap(), b"two");
+        assert_eq!(
+            e.range_state(1, RangeStateField::Applied).unwrap().unwrap(),
+            b"applied",
+            "only dedup records are dropped"
+        );
     }
 
     #[test]
@@ -1099,8 +1189,8 @@ mod tests {
             .export_snapshot(1, |_| Ok((Vec::new(), Vec::new())), &path)
             .unwrap();
         assert_eq!(exp.applied.as_deref(), Some(&b"state-1"[..]));
-        // The applied state, 100 values, one dedup record and its expiry index entry.
-        assert_eq!(exp.records, 103);
+        // The applied state, 100 values and one dedup record.
+        assert_eq!(exp.records, 102);
         assert_eq!(
             Engine::snapshot_applied_state(&path).unwrap().as_deref(),
             Some(&b"state-1"[..])
@@ -1113,7 +1203,7 @@ mod tests {
         e2.import_snapshot(1, b"", b"", &path, b"state-2").unwrap();
         assert!(e2.get(b"stale").unwrap().is_none());
         assert_eq!(e2.get(b"k042").unwrap().unwrap().version, 43);
-        assert_eq!(e2.dedup_get(1, b"req").unwrap().unwrap(), b"rec");
+        assert_eq!(e2.dedup_get(1, b"req", 999).unwrap().unwrap(), b"rec");
         assert_eq!(
             e2.range_state(1, RangeStateField::Applied)
                 .unwrap()

@@ -8,8 +8,7 @@
 //! | `raft_state`  | range_id BE(8) · field(1)             | crc32 BE(4) · encoded vote/committed/purged |
 //! | `raft_state`  | `0xff 0xff` · `node`                  | crc32 BE(4) · node identity             |
 //! | `range_state` | range_id BE(8) · field(1)             | crc32 BE(4) · applied state, markers    |
-//! | `range_state` | range_id BE(8) · `0x10` · request id  | crc32 BE(4) · dedup record              |
-//! | `range_state` | range_id BE(8) · `0x11` · expiry BE(8) · request id | empty (dedup expiry index) |
+//! | `range_state` | range_id BE(8) · `0x10` · request id  | crc32 BE(4) · expiry BE(8) · dedup record |
 //!
 //! Data keys carry no range id: ranges partition the user key space, so a
 //! range's data is the key span `[start_key, end_key)` of the `data` family.
@@ -53,7 +52,6 @@ pub enum RangeStateField {
 }
 
 const DEDUP_RECORD: u8 = 0x10;
-const DEDUP_EXPIRY: u8 = 0x11;
 
 /// Key of one Raft log entry.
 pub fn raft_log_key(range_id: u64, index: u64) -> [u8; 16] {
@@ -90,6 +88,14 @@ pub fn range_state_key(range_id: u64, field: RangeStateField) -> [u8; 9] {
     k
 }
 
+/// The range id of a dedup record's key, when `key` is one.
+pub fn dedup_key_range(key: &[u8]) -> Option<u64> {
+    if key.len() < 9 || key[8] != DEDUP_RECORD {
+        return None;
+    }
+    Some(u64::from_be_bytes(key[..8].try_into().ok()?))
+}
+
 /// Key of a dedup record for a client request id.
 pub fn dedup_key(range_id: u64, request_id: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + request_id.len());
@@ -99,40 +105,12 @@ pub fn dedup_key(range_id: u64, request_id: &[u8]) -> Vec<u8> {
     k
 }
 
-/// Key of a dedup expiry index entry.
-pub fn dedup_expiry_key(range_id: u64, expires_at_ms: u64, request_id: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(17 + request_id.len());
-    k.extend_from_slice(&range_id.to_be_bytes());
-    k.push(DEDUP_EXPIRY);
-    k.extend_from_slice(&expires_at_ms.to_be_bytes());
-    k.extend_from_slice(request_id);
-    k
-}
-
-/// Splits a [`dedup_expiry_key`] into its expiry time and request id.
-pub fn parse_dedup_expiry_key(range_id: u64, key: &[u8]) -> Option<(u64, &[u8])> {
-    if key.len() < 17 || key[..8] != range_id.to_be_bytes() || key[8] != DEDUP_EXPIRY {
-        return None;
-    }
-    let ts = u64::from_be_bytes(key[9..17].try_into().ok()?);
-    Some((ts, &key[17..]))
-}
-
-/// The span of a range's dedup records and expiry index in `range_state`.
+/// The span of a range's dedup records in `range_state`.
 pub fn dedup_span(range_id: u64) -> (Vec<u8>, Vec<u8>) {
     let mut start = range_id.to_be_bytes().to_vec();
     start.push(DEDUP_RECORD);
     let mut end = range_id.to_be_bytes().to_vec();
-    end.push(DEDUP_EXPIRY + 1);
-    (start, end)
-}
-
-/// The span of a range's dedup expiry index in `range_state`.
-pub fn dedup_expiry_span(range_id: u64) -> (Vec<u8>, Vec<u8>) {
-    let mut start = range_id.to_be_bytes().to_vec();
-    start.push(DEDUP_EXPIRY);
-    let mut end = range_id.to_be_bytes().to_vec();
-    end.push(DEDUP_EXPIRY + 1);
+    end.push(DEDUP_RECORD + 1);
     (start, end)
 }
 
@@ -158,13 +136,11 @@ mod tests {
     fn dedup_keys_stay_inside_their_span() {
         let (s, e) = dedup_span(3);
         let k = dedup_key(3, b"req");
-        let x = dedup_expiry_key(3, 100, b"req");
         assert!(s.as_slice() <= k.as_slice() && k.as_slice() < e.as_slice());
-        assert!(s.as_slice() <= x.as_slice() && x.as_slice() < e.as_slice());
-        assert_eq!(parse_dedup_expiry_key(3, &x), Some((100, &b"req"[..])));
-        let (xs, xe) = dedup_expiry_span(3);
-        assert!(xs.as_slice() <= x.as_slice() && x.as_slice() < xe.as_slice());
-        assert!(!(xs.as_slice() <= k.as_slice() && k.as_slice() < xe.as_slice()));
+        assert_eq!(dedup_key_range(&k), Some(3));
+        let applied = range_state_key(3, RangeStateField::Applied);
+        assert!(!(s.as_slice() <= applied.as_slice() && applied.as_slice() < e.as_slice()));
+        assert_eq!(dedup_key_range(&applied), None);
     }
 
     #[test]
