@@ -1,6 +1,6 @@
 //! [`Engine`]: the node's single RocksDB and every operation on it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -555,8 +555,8 @@ impl Engine {
             engine: self,
             range_id,
             batch: WriteBatch::default(),
-            data: HashMap::new(),
-            dedup: HashMap::new(),
+            data: BTreeMap::new(),
+            dedup: BTreeMap::new(),
         }
     }
 
@@ -895,9 +895,13 @@ pub struct ApplyBatch<'e> {
     engine: &'e Engine,
     range_id: u64,
     batch: WriteBatch,
-    data: HashMap<Vec<u8>, Option<StoredValue>>,
-    /// Dedup records written by this batch: request id → (record, expiry).
-    dedup: HashMap<Vec<u8>, (Vec<u8>, u64)>,
+    /// Data writes of this batch, by key (`None`: delete). Written in key
+    /// order at commit: RocksDB's memtable inserts keys that follow the
+    /// previous insert cheaply, and random keys dearly.
+    data: BTreeMap<Vec<u8>, Option<StoredValue>>,
+    /// Dedup records written by this batch: request id → (record, expiry),
+    /// written in key order at commit as well.
+    dedup: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
 }
 
 impl ApplyBatch<'_> {
@@ -911,18 +915,12 @@ impl ApplyBatch<'_> {
 
     /// Sets a key's value and version.
     pub fn put(&mut self, key: &[u8], version: u64, value: Bytes) {
-        self.batch.put_cf(
-            self.engine.cf(keys::CF_DATA),
-            key,
-            value::encode_value(key, version, &value),
-        );
         self.data
             .insert(key.to_vec(), Some(StoredValue { version, value }));
     }
 
     /// Deletes a key.
     pub fn delete(&mut self, key: &[u8]) {
-        self.batch.delete_cf(self.engine.cf(keys::CF_DATA), key);
         self.data.insert(key.to_vec(), None);
     }
 
@@ -941,11 +939,6 @@ impl ApplyBatch<'_> {
 
     /// Records the outcome of a request id, kept until `expires_at_ms`.
     pub fn dedup_put(&mut self, request_id: &[u8], expires_at_ms: u64, record: Vec<u8>) {
-        self.batch.put_cf(
-            self.engine.cf(keys::CF_RANGE_STATE),
-            keys::dedup_key(self.range_id, request_id),
-            dedup_value(expires_at_ms, &record),
-        );
         self.dedup
             .insert(request_id.to_vec(), (record, expires_at_ms));
     }
@@ -1020,7 +1013,27 @@ impl ApplyBatch<'_> {
 
     /// Writes the batch atomically. It is not synced: the Raft log is, and a
     /// crash replays the log from the applied state written here.
-    pub fn commit(self) -> Result<(), StorageError> {
+    pub fn commit(mut self) -> Result<(), StorageError> {
+        // The other writes of the batch (applied state, a split's new range)
+        // touch other keys, so their order against these does not matter.
+        let data = self.engine.cf(keys::CF_DATA);
+        for (key, v) in &self.data {
+            match v {
+                Some(v) => {
+                    self.batch
+                        .put_cf(data, key, value::encode_value(key, v.version, &v.value))
+                }
+                None => self.batch.delete_cf(data, key),
+            }
+        }
+        let state = self.engine.cf(keys::CF_RANGE_STATE);
+        for (request_id, (record, expires)) in &self.dedup {
+            self.batch.put_cf(
+                state,
+                keys::dedup_key(self.range_id, request_id),
+                dedup_value(*expires, record),
+            );
+        }
         self.engine.db.write(self.batch)?;
         Ok(())
     }
