@@ -9,8 +9,10 @@
 //! partitions the network, breaks connections, crashes and restarts hosts
 //! and moves replicas between them.
 //!
-//! Checked as the run goes: at most one leader per term, applied indexes
-//! that never go back (even across a restart). Checked at the end, after the
+//! Checked as the run goes: applied indexes that never go back (even across
+//! a restart). One term may see two leaders: openraft's leader ids are
+//! (term, node id), and a candidate with a higher node id may win a term
+//! another already won. Checked at the end, after the
 //! faults are undone: every key reads back through the leader; the history
 //! of every client operation, final reads included, is linearizable (an
 //! acknowledged write that was lost cannot be placed); every replica of the

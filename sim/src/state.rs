@@ -2,7 +2,7 @@
 //! request channel and last published Raft state, and the invariants checked
 //! on every published state as the run goes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -84,8 +84,13 @@ pub struct Shared {
     hosts: Vec<HostSlot>,
     initial_voters: u64,
     bootstrapped: AtomicBool,
-    /// The leader seen in each term.
-    leaders: Mutex<BTreeMap<u64, u64>>,
+    /// The leaders seen in each term. openraft's leader ids (its default,
+    /// "advanced" mode) are (term, node id), totally ordered: two candidates
+    /// of one term may both win, the one with the higher node id second, so
+    /// one term may see several leaders, each its own leader id. Log ids
+    /// carry the leader id, which keeps their order total; that entries stay
+    /// committed is checked by the history and replica checks at the end.
+    leaders: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
     violations: Mutex<Vec<String>>,
     /// Times a leader was seen (for the run's summary).
     pub elections: Mutex<u64>,
@@ -147,26 +152,12 @@ impl Shared {
         lock(&self.violations).clone()
     }
 
-    /// Takes node `id`'s published state and checks it as it arrives: at
-    /// most one leader per term, and applied indexes that never go back.
+    /// Takes node `id`'s published state and checks it as it arrives:
+    /// applied indexes never go back; leaders are counted per leader id.
     pub fn observe(&self, id: u64, view: HostView) {
         let slot = self.host(id);
-        if view.leader {
-            let mut leaders = lock(&self.leaders);
-            match leaders.get(&view.term) {
-                Some(&other) if other != id => {
-                    drop(leaders);
-                    self.violation(format!(
-                        "two leaders in term {}: nodes {other} and {id}",
-                        view.term
-                    ));
-                }
-                Some(_) => {}
-                None => {
-                    leaders.insert(view.term, id);
-                    *lock(&self.elections) += 1;
-                }
-            }
+        if view.leader && lock(&self.leaders).entry(view.term).or_default().insert(id) {
+            *lock(&self.elections) += 1;
         }
         {
             let mut max = lock(&slot.applied_max);
