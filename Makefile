@@ -86,7 +86,8 @@ chaos-short: build
 # node's real replica code over turmoil's network, with seeded partitions,
 # connection loss, crashes and replica moves; SIM_SEEDS seeds from SIM_FIRST,
 # one line per seed. `make sim SEED=N` replays one seed (a failure prints its
-# own). A short version (16 seeds) runs in `make test` as lmskv-sim's tests.
+# own). A short version (16 seeds and the regression seeds) runs in `make test`
+# as lmskv-sim's tests.
 SIM_SEEDS ?= 1000
 SIM_FIRST ?= 1
 .PHONY: sim
