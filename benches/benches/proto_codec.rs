@@ -39,6 +39,7 @@ fn codecs(c: &mut Criterion) {
             conf_ver: 1,
             version: 1,
         }),
+        ..Default::default()
     };
     let put = v1::PutRequest {
         header: Some(header),

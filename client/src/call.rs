@@ -46,6 +46,14 @@ const HEALED_RETRIES_BEFORE_BACKOFF: u32 = 3;
 /// may really lead again, e.g. after a short pause).
 const SUSPECT_HINTS_SKIPPED_MAX: u32 = 3;
 
+/// How long a try that names a suspect leader lets the replica hold it
+/// for a new leader: most of the try's time, leaving room for the answer
+/// (a replica that holds it the whole try would look unreachable too).
+fn leader_wait_ms(try_time: Duration) -> u32 {
+    let ms = try_time.as_millis().saturating_mul(3) / 4;
+    u32::try_from(ms).unwrap_or(u32::MAX)
+}
+
 /// The retry budget of one logical call, shared by every request it makes.
 #[derive(Debug, Clone)]
 pub(crate) struct Budget {
@@ -347,6 +355,10 @@ impl Client {
         let mut replica_tries = 0usize;
         let mut healed_in_a_row = 0u32;
         let mut suspect_hints = 0u32;
+        // A node this call's last try on the leader could not reach (or a
+        // hint named after that): the next tries ask the other replicas to
+        // hold the request until an election replaces it.
+        let mut suspect = 0u64;
         loop {
             budget.attempt()?;
             let range = match self.locate(anchor, reverse, budget.deadline).await {
@@ -376,10 +388,6 @@ impl Client {
             if weak {
                 replica_tries += 1;
             }
-            let header = v1::RequestHeader {
-                range_id,
-                epoch: Some(epoch(&range.desc)),
-            };
             let now = Instant::now();
             let until = if weak {
                 budget
@@ -387,6 +395,17 @@ impl Client {
                     .min(now + self.inner.replica_attempt_timeout)
             } else {
                 budget.deadline.min(now + self.inner.leader_attempt_timeout)
+            };
+            let asks_elsewhere = !weak && suspect != 0 && suspect != node_id;
+            let header = v1::RequestHeader {
+                range_id,
+                epoch: Some(epoch(&range.desc)),
+                suspect_leader: if asks_elsewhere { suspect } else { 0 },
+                leader_wait_ms: if asks_elsewhere {
+                    leader_wait_ms(until.saturating_duration_since(now))
+                } else {
+                    0
+                },
             };
             let client = self.kv_client(&addr)?;
             let err = match send(&addr, until, f(client, header)).await {
@@ -413,15 +432,23 @@ impl Client {
                         !h.address.is_empty() && self.inner.replicas.is_suspect(&h.address)
                     });
                     if hinted_suspect && suspect_hints < SUSPECT_HINTS_SKIPPED_MAX {
-                        // The hinted node just timed out on this client: ask
-                        // another replica (after a short backoff) instead of
-                        // waiting a whole try on it again.
+                        // The hinted node just failed on this client: ask
+                        // another replica instead of waiting a whole try on
+                        // it again. A replica that was asked to hold the
+                        // request for a new leader (and still names this
+                        // one) has paced the call already; otherwise back
+                        // off first.
                         suspect_hints += 1;
+                        let waited =
+                            asks_elsewhere && leader.as_ref().is_some_and(|h| h.node_id == suspect);
                         if let Some(h) = leader {
                             self.inner.routes.clear_leader(range_id, h.node_id);
+                            suspect = h.node_id;
                         }
                         budget.failed(err);
-                        budget.backoff(policy).await?;
+                        if !waited {
+                            budget.backoff(policy).await?;
+                        }
                         continue;
                     }
                     let useful = healed && leader.as_ref().is_some_and(|h| h.node_id != node_id);
@@ -455,6 +482,9 @@ impl Client {
                     // to fail a read another replica can serve.
                     self.inner.replicas.suspect(&addr);
                     self.inner.routes.clear_leader(range_id, node_id);
+                    if !weak {
+                        suspect = node_id;
+                    }
                     // With some replica's address unknown the next try could
                     // only pick this node again: locate the range afresh,
                     // which brings every replica's address.

@@ -65,9 +65,12 @@ pub struct FileConfig {
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            election_timeout_ms_min: 300,
-            election_timeout_ms_max: 600,
-            heartbeat_interval_ms: 100,
+            // A follower calls an election after hearing nothing for the
+            // leader's lease (election_timeout_ms_max) plus a random election
+            // timeout: 600-800 ms of silence, a dozen missed heartbeats.
+            election_timeout_ms_min: 200,
+            election_timeout_ms_max: 400,
+            heartbeat_interval_ms: 50,
             snapshot_logs_since_last: 20_000,
             snapshot_logs_to_keep: 5_000,
             write_timeout_ms: 10_000,

@@ -151,6 +151,7 @@ impl TestCluster {
                     let header = RequestHeader {
                         range_id: d.range_id,
                         epoch: d.epoch,
+                        ..Default::default()
                     };
                     let mut targets: Vec<String> = Vec::new();
                     if let Some(a) = info.addresses.get(&info.leader_id) {
@@ -245,6 +246,7 @@ impl TestCluster {
             let header = RequestHeader {
                 range_id: d.range_id,
                 epoch: d.epoch,
+                ..Default::default()
             };
             let mut targets: Vec<String> = Vec::new();
             if let Some(a) = info.addresses.get(&info.leader_id) {

@@ -140,6 +140,7 @@ async fn replica_state(c: &TestCluster, id: u64) -> anyhow::Result<Replica> {
                     header: Some(RequestHeader {
                         range_id: d.range_id,
                         epoch: None,
+                        ..Default::default()
                     }),
                     start_key: Bytes::from_static(PREFIX),
                     end_key: Bytes::from_static(PREFIX_END),

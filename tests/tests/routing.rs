@@ -4,7 +4,8 @@
 //! batch_get, batch_put, scans in both directions); an atomic batch across
 //! two ranges is refused; and a write whose reply was lost is retried with
 //! its request id and applied once (both a reply the caller dropped and one
-//! a proxy in front of the leader lost on the network).
+//! a proxy in front of the leader lost on the network). A follower asked
+//! for a leader the client lost holds the request until another is elected.
 
 use std::time::Duration;
 
@@ -233,6 +234,7 @@ async fn a_write_whose_reply_was_lost_is_applied_once() {
                 header: Some(RequestHeader {
                     range_id: range.range_id,
                     epoch: range.epoch,
+                    ..Default::default()
                 }),
                 key: k.clone(),
                 value: "first".into(),
@@ -324,6 +326,117 @@ async fn a_write_sent_to_a_stopped_leader_moves_on_to_the_new_leader() {
         .await
         .unwrap();
         assert_eq!(v.value, Bytes::from_static(b"2"));
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A raw put of `key` to node `to`, naming `suspect` as the leader the
+/// client lost (0: none) and letting the node hold it up to `wait_ms`.
+async fn raw_put(
+    c: &TestCluster,
+    to: u64,
+    range: &lmskv_proto::v1::RangeDescriptor,
+    key: &Bytes,
+    suspect: u64,
+    wait_ms: u32,
+) -> Result<u64, lmskv_proto::error::Error> {
+    c.kv(to)
+        .put(PutRequest {
+            header: Some(RequestHeader {
+                range_id: range.range_id,
+                epoch: range.epoch,
+                suspect_leader: suspect,
+                leader_wait_ms: wait_ms,
+            }),
+            key: key.clone(),
+            value: "v".into(),
+            write: Some(lmskv_proto::v1::WriteOptions {
+                request_id: Bytes::from(format!("suspect-{to}-{suspect}")),
+                durability: 0,
+            }),
+        })
+        .await
+        .map(|r| r.into_inner().version)
+        .map_err(|s| lmskv_proto::error::Error::from_status(&s))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_holds_a_request_naming_a_lost_leader_until_another_is_elected() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+        let k = Bytes::from_static(b"suspect/k");
+        client.put(k.clone(), "0").await.unwrap();
+        let leader = c
+            .wait_range_leader(&k, Duration::from_secs(20))
+            .await
+            .unwrap();
+        let range = client.range_for_key(&k).await.unwrap();
+        let follower = range
+            .replicas
+            .iter()
+            .map(|r| r.node_id)
+            .find(|&n| n != leader)
+            .expect("a follower");
+
+        phase!("a follower names the live leader at once, suspect or not");
+        let started = std::time::Instant::now();
+        for suspect in [0, leader] {
+            let err = raw_put(&c, follower, &range, &k, suspect, 20_000)
+                .await
+                .expect_err("a follower does not take writes");
+            let lmskv_proto::error::Error::NotLeader { leader: hint, .. } = &err else {
+                panic!("expected NOT_LEADER, got {err}");
+            };
+            assert_eq!(hint.as_ref().map(|h| h.node_id), Some(leader), "{err}");
+        }
+        // Not a timing assertion on the cluster: the 20 s the request allowed
+        // were not used while the leader kept sending heartbeats.
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        phase!("pause the leader (node {leader}); ask follower {follower} at once");
+        c.pause(leader).unwrap();
+        let plain = raw_put(&c, follower, &range, &k, 0, 0).await;
+        let held_at = std::time::Instant::now();
+        let held = raw_put(&c, follower, &range, &k, leader, 9_000).await;
+        phase!(
+            "held request answered after {:?}: {held:?}",
+            held_at.elapsed()
+        );
+        c.resume(leader).unwrap();
+        // Without a suspect the follower answers with what it knows, which
+        // (well inside the election timeout) is the stopped leader.
+        match plain {
+            Err(lmskv_proto::error::Error::NotLeader { leader: hint, .. }) => {
+                assert_eq!(hint.map(|h| h.node_id), Some(leader));
+            }
+            other => panic!("expected NOT_LEADER naming node {leader}, got {other:?}"),
+        }
+        // Naming the stopped leader, the request was held until an election:
+        // the follower either won it and took the write, or names the winner
+        // (or, caught between the votes and the new leader's first message,
+        // no leader), but not the stopped leader, as the plain request did.
+        match held {
+            Ok(version) => assert!(version > 0),
+            Err(lmskv_proto::error::Error::NotLeader { leader: hint, .. }) => {
+                assert_ne!(
+                    hint.map(|h| h.node_id),
+                    Some(leader),
+                    "the held request came back naming the stopped leader"
+                );
+            }
+            Err(e) => panic!("expected the write or NOT_LEADER, got {e}"),
+        }
+
+        phase!("the client still writes and reads the key");
+        let w = client.put(k.clone(), "1").await.unwrap();
+        let r = client
+            .get(k.clone(), ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.version, w.version);
     })
     .await
     .expect("test timed out");

@@ -1213,6 +1213,66 @@ impl RangeReplica {
         })
     }
 
+    /// Follower side: waits, at most `max`, while this replica names no
+    /// leader or names `suspect`, whom a client could not reach. Returns as
+    /// soon as an election names another leader (or this replica), or that
+    /// leader is heard from after the wait began (it is alive; a heartbeat
+    /// comes every heartbeat interval): the request then goes on as usual,
+    /// and answers NOT_LEADER with the current leader when it is not this
+    /// replica.
+    ///
+    /// Without this a client that lost its leader polls the followers, each
+    /// answer naming the lost leader, with backoff until one names the new
+    /// leader; the backoff sleep came on top of the election.
+    ///
+    /// A replica whose leader put it to sleep (dormant, its election timer
+    /// off) or whose group is parked does not wait: no election would come
+    /// before the node's liveness check wakes it.
+    pub async fn await_leader_other_than(&self, suspect: u64, max: Duration) {
+        if self.dormant.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(raft) = self.live() else {
+            return;
+        };
+        let me = self.node_id;
+        let began = std::time::Instant::now();
+        let recheck = Duration::from_millis(self.tuning.heartbeat_interval_ms.max(1));
+        let deadline = tokio::time::Instant::now() + max;
+        let mut rx = raft.metrics();
+        loop {
+            let moved = {
+                let m = rx.borrow_and_update();
+                m.state == ServerState::Leader
+                    || m.current_leader.is_some_and(|l| l != suspect && l != me)
+                    || (m.current_leader == Some(suspect) && self.heard_from_leader_since(began))
+            };
+            if moved {
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return;
+            }
+            // Metrics change with the election; heartbeats alone do not
+            // change them, so look again every heartbeat interval.
+            if let Ok(Err(_)) =
+                tokio::time::timeout_at(deadline.min(now + recheck), rx.changed()).await
+            {
+                return;
+            }
+        }
+    }
+
+    /// Whether this replica accepted AppendEntries (a heartbeat at least)
+    /// received after `since`.
+    fn heard_from_leader_since(&self, since: std::time::Instant) -> bool {
+        self.leader_contact
+            .lock()
+            .expect("contact lock")
+            .is_some_and(|(at, _)| at > since)
+    }
+
     /// Every member's (voters' and learners') node id and address, as the
     /// replica's membership records them.
     pub fn member_addresses(&self) -> Vec<(u64, String)> {

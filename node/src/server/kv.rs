@@ -6,6 +6,7 @@
 //! writes nothing.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use lmskv_proto::error::Error;
@@ -37,6 +38,9 @@ pub struct KvService {
 
 /// Delay suggested to clients turned away because too many requests are in flight.
 const OVERLOADED_RETRY_AFTER_MS: u64 = 50;
+/// Longest a request naming a suspect leader is held for a new one,
+/// whatever the client asked (clients ask for most of one try's time).
+pub const LEADER_WAIT_MAX: Duration = Duration::from_secs(10);
 
 impl KvService {
     /// A service for `node`.
@@ -60,7 +64,14 @@ impl KvService {
     /// Finds the replica for a request touching `keys` and checks the
     /// client's view of it: a stale epoch or a key outside the range is
     /// refused with the current descriptors, never served.
-    fn route(
+    ///
+    /// A request that names a leader the client suspects is gone
+    /// (`suspect_leader`) may be held here, for at most `leader_wait_ms`
+    /// (and [`LEADER_WAIT_MAX`]), until this replica learns of another
+    /// leader (see [`RangeReplica::await_leader_other_than`]): the client
+    /// then finds the new leader as soon as it is elected, instead of
+    /// polling the followers with backoff.
+    async fn route(
         &self,
         header: &Option<RequestHeader>,
         keys: &[&[u8]],
@@ -93,6 +104,12 @@ impl KvService {
                     current: Some(self.node.descriptor(&replica)),
                 });
             }
+        }
+        if h.suspect_leader != 0 && h.leader_wait_ms > 0 {
+            let wait = Duration::from_millis(u64::from(h.leader_wait_ms)).min(LEADER_WAIT_MAX);
+            replica
+                .await_leader_other_than(h.suspect_leader, wait)
+                .await;
         }
         replica.count_request();
         Ok(replica)
@@ -254,7 +271,7 @@ impl Kv for KvService {
         let req = req.into_inner();
         validate_user_key("key", &req.key)?;
         let level = read_level(&req.read)?;
-        let r = self.route(&req.header, &[&req.key])?;
+        let r = self.route(&req.header, &[&req.key]).await?;
         let applied = r.read_barrier(level).await?;
         let found = r.engine().get(&req.key).map_err(|e| r.refuse(&e))?;
         Ok(Response::new(GetResponse {
@@ -291,7 +308,7 @@ impl Kv for KvService {
         }
         let level = read_level(&req.read)?;
         let keys: Vec<&[u8]> = req.keys.iter().map(|k| k.as_ref()).collect();
-        let r = self.route(&req.header, &keys)?;
+        let r = self.route(&req.header, &keys).await?;
         let applied = r.read_barrier(level).await?;
         let mut kvs = Vec::new();
         let mut bytes = 0usize;
@@ -326,7 +343,7 @@ impl Kv for KvService {
         validate_user_key("key", &req.key)?;
         check_value("value", &req.value)?;
         let (request_id, all) = check_request_id(&req.write)?;
-        let r = self.route(&req.header, &[&req.key])?;
+        let r = self.route(&req.header, &[&req.key]).await?;
         let op = Op::Put {
             key: req.key,
             value: req.value,
@@ -349,7 +366,7 @@ impl Kv for KvService {
         let req = req.into_inner();
         validate_user_key("key", &req.key)?;
         let (request_id, all) = check_request_id(&req.write)?;
-        let r = self.route(&req.header, &[&req.key])?;
+        let r = self.route(&req.header, &[&req.key]).await?;
         let (index, resp) = self
             .propose(&r, request_id, Op::Delete { key: req.key }, all)
             .await?;
@@ -420,11 +437,14 @@ impl Kv for KvService {
                 &Some(RequestHeader {
                     range_id: r.range_id(),
                     epoch: h.epoch,
+                    suspect_leader: h.suspect_leader,
+                    leader_wait_ms: h.leader_wait_ms,
                 }),
                 &[],
-            )?
+            )
+            .await?
         } else {
-            self.route(&req.header, &[])?
+            self.route(&req.header, &[]).await?
         };
         // Serve only the part of the scan inside this range; a scan that
         // starts past the range's end (forward) or ends at or before its start
@@ -502,7 +522,7 @@ impl Kv for KvService {
             check_value("new_value", &req.new_value)?;
         }
         let (request_id, all) = check_request_id(&req.write)?;
-        let r = self.route(&req.header, &[&cond.key])?;
+        let r = self.route(&req.header, &[&cond.key]).await?;
         let op = Op::CompareAndSwap {
             compare: cond,
             new_value: (!req.delete).then(|| req.new_value.clone()),
@@ -594,7 +614,7 @@ impl Kv for KvService {
             })
             .chain(conditions.iter().map(|c| c.key.as_ref()))
             .collect();
-        let r = self.route(&req.header, &keys)?;
+        let r = self.route(&req.header, &keys).await?;
         let (index, resp) = self
             .propose(&r, request_id, Op::Batch { conditions, ops }, all)
             .await?;

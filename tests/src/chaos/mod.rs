@@ -31,6 +31,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::netns::{self, Fabric};
+
+/// The node's default Raft timing (`FileConfig::default` in the node crate),
+/// written out because the test harness runs slower elections otherwise.
+const SHIPPED_RAFT_TIMING: &str =
+    "election_timeout_ms_min = 200\nelection_timeout_ms_max = 400\nheartbeat_interval_ms = 50\n";
 use crate::{phase, ClusterOptions, TestCluster};
 
 pub use bank::BankSummary;
@@ -404,8 +409,9 @@ async fn run_on(
         // cuts them apart (the nemesis's own splits avoid them too).
         // The node's default Raft timing (the test harness otherwise runs
         // slower elections), so failover is measured as shipped.
+        // `LMSKV_TEST_NODE_CONFIG` still overrides it.
         config: format!(
-            "balance_leaders = true\nelection_timeout_ms_min = 300\nelection_timeout_ms_max = 600\n{}\n",
+            "balance_leaders = true\n{SHIPPED_RAFT_TIMING}{}\n",
             bank::BANK_SPLIT_ROW
         ),
         proxied,
