@@ -40,14 +40,16 @@ pub const ENDPOINTS_MAX: usize = 64;
 /// read moves on to another replica.
 pub const REPLICA_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
 /// How long one try on a range's leader may take by default before the call
-/// looks for the leader again: longer than the silence after which a node's
-/// followers elect another leader by default (the 400 ms lease plus a
-/// 200-400 ms election timeout), so a stopped (paused) leader has usually
-/// been replaced by then; it would otherwise hold a call until its deadline.
-/// The next try asks another replica to hold it until that election is
-/// over. Retried writes keep their request id, so a try given up on is
-/// never applied twice.
-pub const LEADER_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
+/// looks for the leader again. A node's followers elect another leader after
+/// 600-800 ms without hearing from it by default (the 400 ms lease plus a
+/// 200-400 ms election timeout); a try given up on after 700 ms goes to
+/// another replica, which holds it until that election is over (see
+/// `RequestHeader.suspect_leader`), so a stopped (paused) leader costs a call
+/// about the election and no more. A live leader slower than this costs a
+/// retry: the replica asked names it again as soon as it hears from it.
+/// Retried writes keep their request id, so a try given up on is never
+/// applied twice.
+pub const LEADER_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_millis(700);
 /// Longest overall deadline a call may be given.
 pub const CALL_DEADLINE_MAX: Duration = Duration::from_secs(600);
 
