@@ -32,18 +32,18 @@
 //! installing a snapshot (`Engine::runs_inline`), and reading and writing
 //! its file during a transfer (`PeerPool::with_channel_maker`), so neither
 //! the RocksDB WAL thread nor a blocking thread decides when anything
-//! finishes. Left outside the seed: the order in which tasks woken in the
-//! same simulated instant run. Tokio draws from its runtime's generator to
+//! finishes. The order in which tasks woken in the same simulated instant
+//! run comes from the seed too: tokio draws from its runtime's generator to
 //! pick among ready `select!` branches and to spread the waiters of a
-//! `watch` channel over its notifiers, so two tasks woken by one change run
-//! in either order (seen: openraft's replication streams to two followers,
-//! both woken by one commit, sending their appends in either order, while
-//! turmoil draws each message's latency in the order they are sent).
-//! Turmoil seeds that generator from the run's seed only in a build with
-//! `--cfg tokio_unstable`, which this workspace does not use; so a replay
-//! has the seed's faults, workload and network, and often, not always, its
-//! interleaving (compare [`SimReport::fingerprint`]). RocksDB's background
-//! flushes and compactions change no result.
+//! `watch` channel over its notifiers (so two of openraft's replication
+//! streams woken by one commit may send their appends in either order, and
+//! turmoil draws each message's latency in the order they are sent), and
+//! turmoil seeds each host's generator from the run's seed. Tokio offers
+//! that seed only under `--cfg tokio_unstable`, which the workspace sets in
+//! `.cargo/config.toml` ([`EXACT_REPLAY`] says whether this build has it).
+//! So a replay is the same run: the same history, the same final replicas
+//! (compare [`SimReport::fingerprint`]). RocksDB's background flushes and
+//! compactions change no result.
 
 pub mod host;
 pub mod nemesis;
@@ -102,6 +102,12 @@ impl Default for SimOptions {
         }
     }
 }
+
+/// Whether this build replays a seed exactly: tokio's generator is seeded
+/// only in a build with `--cfg tokio_unstable` (see the crate docs); without
+/// it a replay has the seed's faults, workload and network, but tasks woken
+/// in one instant may run in another order.
+pub const EXACT_REPLAY: bool = cfg!(tokio_unstable);
 
 /// What a run did, and whether it broke an invariant.
 #[derive(Debug, Clone)]

@@ -3,7 +3,8 @@
 //! leader reports them.
 //!
 //! The node report ([`StatusResponse`]) is turned into a [`StatusView`], whose
-//! JSON shape is stable; the table form adds the key span of each range.
+//! JSON shape is stable (fields are only added); the table form adds the key
+//! span of each range.
 
 use clap::Args;
 use lmskv_proto::v1::StatusResponse;
@@ -17,8 +18,9 @@ use crate::output::{self, bytes_text, OutputFormat, Table};
 pub struct StatusArgs {}
 
 /// The cluster status as printed, in a stable JSON shape:
-/// `{"nodes":[…],"ranges":[…],"cluster":{…}}` (`cluster` only when the
-/// answering node could read the meta range).
+/// `{"nodes":[…],"ranges":[…],"cluster":{…},"store_recovery":"…"}`
+/// (`cluster` only when the answering node could read the meta range,
+/// `store_recovery` only when it rebuilt its store from its peers).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StatusView {
     /// Every node of the cluster, by id.
@@ -28,6 +30,11 @@ pub struct StatusView {
     /// The cluster-wide summary from the meta range.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterView>,
+    /// Set when the answering node found its store damaged or missing at
+    /// start-up and rebuilt it from its peers: when, why, and where the
+    /// damaged store was kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_recovery: Option<String>,
     /// The node that answered, `(node_id, address)`; shown in the table only.
     #[serde(skip)]
     pub reporter: (u64, String),
@@ -74,6 +81,12 @@ pub struct RangeView {
     pub commit_index: u64,
     /// The highest log index applied to the state machine.
     pub applied_index: u64,
+    /// Client writes the answering node proposed for this range as its
+    /// leader since it started.
+    pub writes_proposed: u64,
+    /// The log entries those writes went in (many writes share one entry
+    /// under load).
+    pub entries_proposed: u64,
     /// Inclusive start key, escaped; shown in the table only.
     #[serde(skip)]
     pub start_key: String,
@@ -106,6 +119,8 @@ impl From<&StatusResponse> for StatusView {
                     replicas: d.replicas.iter().map(|rep| rep.node_id).collect(),
                     commit_index: r.commit_index,
                     applied_index: r.applied_index,
+                    writes_proposed: r.writes_proposed,
+                    entries_proposed: r.entries_proposed,
                     start_key: bytes_text(&d.start_key),
                     end_key: bytes_text(&d.end_key),
                 }
@@ -123,6 +138,7 @@ impl From<&StatusResponse> for StatusView {
             nodes,
             ranges,
             cluster,
+            store_recovery: (!s.store_recovery.is_empty()).then(|| s.store_recovery.clone()),
             reporter: (s.node_id, s.address.clone()),
         }
     }
@@ -140,7 +156,15 @@ impl StatusView {
             ]);
         }
         let mut ranges = Table::new(&[
-            "RANGE", "START", "END", "LEADER", "TERM", "REPLICAS", "COMMIT", "APPLIED",
+            "RANGE",
+            "START",
+            "END",
+            "LEADER",
+            "TERM",
+            "REPLICAS",
+            "COMMIT",
+            "APPLIED",
+            "WRITES/ENTRIES",
         ]);
         for r in &self.ranges {
             let replicas: Vec<String> = r.replicas.iter().map(u64::to_string).collect();
@@ -165,6 +189,11 @@ impl StatusView {
                 replicas.join(","),
                 r.commit_index.to_string(),
                 r.applied_index.to_string(),
+                if r.entries_proposed == 0 {
+                    "-".into()
+                } else {
+                    format!("{}/{}", r.writes_proposed, r.entries_proposed)
+                },
             ]);
         }
         let (id, addr) = &self.reporter;
@@ -183,8 +212,12 @@ impl StatusView {
             ),
             None => String::new(),
         };
+        let recovery = match &self.store_recovery {
+            Some(note) => format!("store recovered from peers: {note}\n"),
+            None => String::new(),
+        };
         format!(
-            "{summary}{}\n{}\nreported by node {id} at {addr}\n",
+            "{summary}{}\n{}\nreported by node {id} at {addr}\n{recovery}",
             nodes.render(),
             ranges.render()
         )
@@ -255,6 +288,8 @@ mod tests {
                 commit_index: 10,
                 applied_index: 9,
                 local_role: "leader".into(),
+                writes_proposed: 40,
+                entries_proposed: 8,
                 ..Default::default()
             }],
         }
@@ -266,7 +301,7 @@ mod tests {
         let text = output::json(&view).expect("json");
         assert_eq!(
             text,
-            r#"{"nodes":[{"node_id":1,"address":"127.0.0.1:7001","state":"up"},{"node_id":2,"address":"127.0.0.1:7002","state":"down"}],"ranges":[{"range_id":1,"leader":1,"term":3,"replicas":[1,2,3],"commit_index":10,"applied_index":9}]}"#
+            r#"{"nodes":[{"node_id":1,"address":"127.0.0.1:7001","state":"up"},{"node_id":2,"address":"127.0.0.1:7002","state":"down"}],"ranges":[{"range_id":1,"leader":1,"term":3,"replicas":[1,2,3],"commit_index":10,"applied_index":9,"writes_proposed":40,"entries_proposed":8}]}"#
         );
     }
 
@@ -280,6 +315,26 @@ mod tests {
         assert!(lines[5].contains("\\x00"), "{table}");
         assert!(lines[5].contains("(max)"), "{table}");
         assert!(lines[5].contains("1,2,3"), "{table}");
+        assert!(lines[4].ends_with("WRITES/ENTRIES"), "{table}");
+        assert!(lines[5].ends_with("40/8"), "{table}");
+        assert!(!table.contains("store recovered"), "{table}");
+    }
+
+    #[test]
+    fn a_store_rebuilt_from_peers_is_reported() {
+        let mut s = sample();
+        s.store_recovery = "at 2026-11-30T10:00:00Z: WAL damaged; kept in /data/damaged-1".into();
+        let view = StatusView::from(&s);
+        let text = output::json(&view).expect("json");
+        assert!(
+            text.contains(r#""store_recovery":"at 2026-11-30T10:00:00Z: WAL damaged; kept in /data/damaged-1""#),
+            "{text}"
+        );
+        let table = view.render_table();
+        assert!(
+            table.ends_with("store recovered from peers: at 2026-11-30T10:00:00Z: WAL damaged; kept in /data/damaged-1\n"),
+            "{table}"
+        );
     }
 
     #[test]
