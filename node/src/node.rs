@@ -764,7 +764,13 @@ impl Node {
     /// whose leader's node stopped answering, so that a hibernating range
     /// still fails over when its leader dies.
     async fn liveness_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let dead_after = Duration::from_millis(self.cfg.file.election_timeout_ms_max);
+        // A live node answers a ping every LIVENESS_PING_EVERY, checked every
+        // LIVENESS_TICK: silence shorter than two ping rounds is no sign of
+        // death (with the 400 ms default lease alone, every live leader
+        // looked dead between two answers and its dormant ranges held
+        // elections over and over).
+        let dead_after =
+            Duration::from_millis(self.cfg.file.election_timeout_ms_max) + 2 * LIVENESS_PING_EVERY;
         let mut n = 0u64;
         loop {
             tokio::select! {

@@ -27,6 +27,12 @@ use crate::storage::SNAPSHOT_CHUNK_BYTES;
 
 /// Snapshot chunks buffered between the file reader and the gRPC stream.
 const SNAPSHOT_STREAM_CHUNKS_MAX: usize = 4;
+/// Shortest time a Raft RPC is given. openraft asks for the heartbeat
+/// interval (50 ms by default) for every AppendEntries; an append that
+/// waits on a follower's fsync a little longer was then abandoned and sent
+/// again, its work wasted. openraft's heartbeat worker keeps its own
+/// timeout, so heartbeats are unaffected.
+const RAFT_RPC_TIMEOUT_MIN: Duration = Duration::from_millis(500);
 
 /// Makes the channel to a peer from its configured endpoint, in place of a
 /// TCP connection: the simulation (crate `lmskv-sim`) carries Raft traffic
@@ -210,12 +216,12 @@ impl PeerClient {
         let client = self.client()?;
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let msg = self.message(payload);
-        let resp = match tokio::time::timeout(option.hard_ttl(), f(client, msg)).await {
+        let ttl = option.hard_ttl().max(RAFT_RPC_TIMEOUT_MIN);
+        let resp = match tokio::time::timeout(ttl, f(client, msg)).await {
             Err(_) => {
                 return Err(RPCError::Network(NetworkError::from_string(format!(
-                    "raft rpc to node {} timed out after {:?}",
+                    "raft rpc to node {} timed out after {ttl:?}",
                     self.target,
-                    option.hard_ttl()
                 ))))
             }
             Ok(Err(status)) => return Err(status_to_rpc_error(status)),
