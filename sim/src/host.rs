@@ -106,13 +106,19 @@ pub fn tuning(snapshots: bool) -> RaftTuning {
 }
 
 /// Boots node `id` from `dir`: the host's software, run again by every restart.
-pub async fn boot(id: u64, dir: PathBuf, shared: Arc<Shared>, snapshots: bool) -> turmoil::Result {
+pub async fn boot(
+    id: u64,
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    snapshots: bool,
+    rpc_timeout_min: Duration,
+) -> turmoil::Result {
     let opts = EngineOptions {
         block_cache_bytes: 4 << 20,
         write_buffer_bytes: 4 << 20,
     };
     let engine = Arc::new(Engine::open_inline_sync(&dir.join("db"), &opts)?);
-    let pool = PeerPool::with_channel_maker(id, channel_maker(), true);
+    let pool = PeerPool::with_channel_maker(id, channel_maker(), true, rpc_timeout_min);
     let replica = RangeReplica::open(
         engine,
         pool,

@@ -9,8 +9,16 @@
 //! partitions the network, breaks connections, crashes and restarts hosts
 //! and moves replicas between them.
 //!
+//! Odd seeds give Raft RPCs no more time than openraft asks for (appends
+//! time out after the heartbeat interval), even seeds the node's 500 ms
+//! floor, so runs reach both the paths a timed-out append takes and those
+//! the node normally runs ([`SimOptions::rpc_timeout_min`]).
+//!
 //! Checked as the run goes: applied indexes that never go back (even across
-//! a restart). One term may see two leaders: openraft's leader ids are
+//! a restart); every replica applies the same log id at an index, and the
+//! leader ids of applied entries never decrease along the log (each
+//! replica's last applied log id, sampled every 2 simulated ms, against all
+//! seen before). One term may see two leaders: openraft's leader ids are
 //! (term, node id), and a candidate with a higher node id may win a term
 //! another already won. Checked at the end, after the
 //! faults are undone: every key reads back through the leader; the history
@@ -86,6 +94,22 @@ pub struct SimOptions {
     /// thread, so they replay like everything else (see the crate's notes
     /// on determinism).
     pub snapshots: bool,
+    /// The shortest time a Raft RPC gets (see `PeerPool::with_channel_maker`);
+    /// `None`: by seed, odd seeds zero (appends time out after openraft's
+    /// heartbeat interval, as the node's did before its 500 ms floor, so runs
+    /// reach the paths an abandoned append takes), even seeds the node's own.
+    pub rpc_timeout_min: Option<Duration>,
+}
+
+impl SimOptions {
+    /// The RPC floor a run of `seed` uses.
+    pub fn rpc_timeout_min_for(&self, seed: u64) -> Duration {
+        self.rpc_timeout_min.unwrap_or(if seed % 2 == 1 {
+            Duration::ZERO
+        } else {
+            lmskv_node::raft::RAFT_RPC_TIMEOUT_MIN
+        })
+    }
 }
 
 impl Default for SimOptions {
@@ -99,6 +123,7 @@ impl Default for SimOptions {
             settle: Duration::from_secs(2),
             nemeses: Nemeses::all(),
             snapshots: true,
+            rpc_timeout_min: None,
         }
     }
 }
@@ -125,6 +150,9 @@ pub struct SimReport {
     pub leaders: u64,
     /// The index every replica applied at the end.
     pub applied: u64,
+    /// Snapshots a follower answered without installing (its log already
+    /// held their last entry; see `RangeReplica::handle_snapshot`).
+    pub snapshots_not_installed: u64,
     /// Simulated time the run took.
     pub simulated: Duration,
     /// Wall-clock time the run took.
@@ -145,7 +173,7 @@ impl std::fmt::Display for SimReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed={} {} ops={} unknown={} faults={} leaders={} applied={} simulated={:.1}s wall={:.1}s fingerprint={:016x}",
+            "seed={} {} ops={} unknown={} faults={} leaders={} applied={} snapshots_not_installed={} simulated={:.1}s wall={:.1}s fingerprint={:016x}",
             self.seed,
             if self.passed() { "PASS" } else { "FAIL" },
             self.ops,
@@ -153,6 +181,7 @@ impl std::fmt::Display for SimReport {
             self.faults,
             self.leaders,
             self.applied,
+            self.snapshots_not_installed,
             self.simulated.as_secs_f64(),
             self.wall.as_secs_f64(),
             self.fingerprint
@@ -346,8 +375,9 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> std::io::Result<SimReport> {
         let dir = root.path().join(format!("n{id}"));
         let shared = shared.clone();
         let snapshots = opts.snapshots;
+        let rpc_timeout_min = opts.rpc_timeout_min_for(seed);
         sim.host(host::host_name(id), move || {
-            host::boot(id, dir.clone(), shared.clone(), snapshots)
+            host::boot(id, dir.clone(), shared.clone(), snapshots, rpc_timeout_min)
         });
     }
     let result = Arc::new(std::sync::Mutex::new(None));
@@ -409,6 +439,10 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> std::io::Result<SimReport> {
     }
     let applied = result.dumps.first().map(|d| d.1).unwrap_or(0);
     let leaders = *shared.elections.lock().expect("elections lock");
+    let snapshots_not_installed = *shared
+        .snapshots_not_installed
+        .lock()
+        .expect("snapshots lock");
     Ok(SimReport {
         seed,
         violations: shared.violations(),
@@ -417,6 +451,7 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> std::io::Result<SimReport> {
         faults,
         leaders,
         applied,
+        snapshots_not_installed,
         simulated,
         wall: wall.elapsed(),
         fingerprint: fingerprint(&result),

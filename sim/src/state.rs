@@ -13,6 +13,8 @@ use crate::host::Request;
 
 /// Violations kept per run at most (the first ones explain it).
 const VIOLATIONS_MAX: usize = 32;
+/// Applied log ids remembered per run at most (a run applies a few thousand).
+const APPLIED_LOG_IDS_MAX: usize = 200_000;
 
 /// One host's replica state, as last published.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,10 +23,14 @@ pub struct HostView {
     pub leader: bool,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// Leader (term, node id) of the last applied entry.
+    pub applied_leader: Option<(u64, u64)>,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
     /// Why the replica refuses to serve, if it does (its Raft group stopped).
     pub fault: Option<String>,
+    /// Snapshots answered without installing since the host booted.
+    pub snapshots_not_installed: u64,
 }
 
 impl HostView {
@@ -35,9 +41,11 @@ impl HostView {
             leader: s.role == "leader",
             commit_index: s.commit_index,
             applied_index: s.applied_index,
+            applied_leader: s.applied_leader,
             voters: s.voters.clone(),
             learners: s.learners.clone(),
             fault: s.fault.clone(),
+            snapshots_not_installed: s.snapshots_not_installed,
         }
     }
 }
@@ -50,6 +58,8 @@ pub struct HostSlot {
     /// Highest applied index the host ever published, over all its boots:
     /// applied state is persisted with the data, so it never goes back.
     applied_max: Mutex<u64>,
+    /// The host's count of snapshots not installed, as last seen this boot.
+    not_installed_seen: Mutex<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -66,6 +76,7 @@ impl HostSlot {
     pub fn stopped(&self) {
         lock(&self.requests).take();
         lock(&self.view).take();
+        *lock(&self.not_installed_seen) = 0;
     }
 
     /// The host's request channel, while it runs.
@@ -92,8 +103,15 @@ pub struct Shared {
     /// committed is checked by the history and replica checks at the end.
     leaders: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
     violations: Mutex<Vec<String>>,
+    /// Log ids seen applied, by any replica: index -> leader (term, node id)
+    /// that proposed the entry there. Every replica applies one log, so an
+    /// index is applied with one leader id everywhere, and leader ids never
+    /// decrease along the log.
+    applied: Mutex<BTreeMap<u64, (u64, u64)>>,
     /// Times a leader was seen (for the run's summary).
     pub elections: Mutex<u64>,
+    /// Snapshots answered without installing, over every host and boot.
+    pub snapshots_not_installed: Mutex<u64>,
 }
 
 impl Shared {
@@ -106,7 +124,9 @@ impl Shared {
             bootstrapped: AtomicBool::new(false),
             leaders: Mutex::new(BTreeMap::new()),
             violations: Mutex::new(Vec::new()),
+            applied: Mutex::new(BTreeMap::new()),
             elections: Mutex::new(0),
+            snapshots_not_installed: Mutex::new(0),
         }
     }
 
@@ -152,10 +172,60 @@ impl Shared {
         lock(&self.violations).clone()
     }
 
+    /// Checks the log id node `id` reports as last applied against those
+    /// seen before (State Machine Safety): the same leader id at an index on
+    /// every replica, and none older at a higher index or newer at a lower.
+    fn check_applied(&self, id: u64, index: u64, leader: (u64, u64)) {
+        let mut applied = lock(&self.applied);
+        let found = if let Some(other) = applied.get(&index) {
+            (*other != leader).then(|| format!("another replica applied it from leader {other:?}"))
+        } else {
+            let below = applied
+                .range(..index)
+                .next_back()
+                .filter(|(_, l)| **l > leader);
+            let above = applied
+                .range(index + 1..)
+                .next()
+                .filter(|(_, l)| **l < leader);
+            match (below, above) {
+                (Some((i, l)), _) => {
+                    Some(format!("index {i} was applied from the newer leader {l:?}"))
+                }
+                (_, Some((i, l))) => {
+                    Some(format!("index {i} was applied from the older leader {l:?}"))
+                }
+                _ => {
+                    if applied.len() < APPLIED_LOG_IDS_MAX {
+                        applied.insert(index, leader);
+                    }
+                    None
+                }
+            }
+        };
+        drop(applied);
+        if let Some(why) = found {
+            self.violation(format!(
+                "node {id} applied index {index} from leader {leader:?}, but {why}"
+            ));
+        }
+    }
+
     /// Takes node `id`'s published state and checks it as it arrives:
-    /// applied indexes never go back; leaders are counted per leader id.
+    /// applied indexes never go back; every replica applies the same log id
+    /// at an index; leaders are counted per leader id.
     pub fn observe(&self, id: u64, view: HostView) {
         let slot = self.host(id);
+        if let (Some(leader), true) = (view.applied_leader, view.applied_index > 0) {
+            self.check_applied(id, view.applied_index, leader);
+        }
+        {
+            let mut seen = lock(&slot.not_installed_seen);
+            if view.snapshots_not_installed > *seen {
+                *lock(&self.snapshots_not_installed) += view.snapshots_not_installed - *seen;
+                *seen = view.snapshots_not_installed;
+            }
+        }
         if view.leader && lock(&self.leaders).entry(view.term).or_default().insert(id) {
             *lock(&self.elections) += 1;
         }
@@ -174,5 +244,53 @@ impl Shared {
             }
         }
         *lock(&slot.view) = Some(view);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared::new(3, 3)
+    }
+
+    #[test]
+    fn one_log_applied_everywhere_passes() {
+        let s = shared();
+        s.check_applied(1, 5, (1, 1));
+        s.check_applied(2, 5, (1, 1));
+        s.check_applied(2, 9, (2, 3));
+        s.check_applied(3, 7, (2, 3));
+        s.check_applied(1, 3, (1, 1));
+        assert!(s.violations().is_empty(), "{:?}", s.violations());
+    }
+
+    #[test]
+    fn another_leader_id_at_an_applied_index_is_a_violation() {
+        let s = shared();
+        s.check_applied(1, 5, (1, 1));
+        s.check_applied(2, 5, (2, 2));
+        let v = s.violations();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].contains("node 2 applied index 5 from leader (2, 2)"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn leader_ids_going_back_along_the_log_are_a_violation() {
+        let s = shared();
+        s.check_applied(1, 5, (2, 2));
+        // An older leader's entry above an index a newer leader wrote.
+        s.check_applied(2, 6, (1, 1));
+        // A newer leader's entry below one an older leader wrote.
+        s.check_applied(3, 10, (3, 1));
+        s.check_applied(3, 8, (4, 2));
+        let v = s.violations();
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(v[0].contains("newer leader (2, 2)"), "{v:?}");
+        assert!(v[1].contains("older leader (3, 1)"), "{v:?}");
     }
 }

@@ -13,10 +13,18 @@ const SHORT_SEEDS_WITHOUT_SNAPSHOTS: std::ops::Range<u64> = 101..105;
 
 /// Seeds that once broke an invariant, with what they found; each must
 /// pass now (and replays the same run, see [`a_seed_replays_exactly`]).
-const REGRESSION_SEEDS: &[(u64, &str)] = &[(
-    237,
-    "nodes 3 and 5 both led term 2 (openraft's (term, node) leader ids allow it) and the checker called it a violation",
-)];
+const REGRESSION_SEEDS: &[(u64, &str)] = &[
+    (
+        237,
+        "nodes 3 and 5 both led term 2 (openraft's (term, node) leader ids allow it) and the checker called it a violation",
+    ),
+    (
+        917,
+        "with 50 ms append timeouts, node 3 was sent a snapshot at 256 while its log already held 257; openraft applied 257 \
+         before the queued install, and its debug check aborted (submitted 257, then 256). Followers now answer such a \
+         snapshot without installing it (`RangeReplica::handle_snapshot`)",
+    ),
+];
 
 fn run_all(seeds: impl IntoIterator<Item = u64>, opts: &SimOptions) {
     lmskv_sim::init_logging();

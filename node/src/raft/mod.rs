@@ -17,7 +17,7 @@ mod state_machine;
 #[cfg(test)]
 mod store_suite;
 
-pub use network::{ChannelMaker, PeerPool};
+pub use network::{ChannelMaker, PeerPool, RAFT_RPC_TIMEOUT_MIN};
 pub use replica::{RaftTuning, RangeReplica, ReadLevel, ReplicaMap, ReplicaStatus};
 pub use service::RaftService;
 

@@ -32,7 +32,7 @@ const SNAPSHOT_STREAM_CHUNKS_MAX: usize = 4;
 /// waits on a follower's fsync a little longer was then abandoned and sent
 /// again, its work wasted. openraft's heartbeat worker keeps its own
 /// timeout, so heartbeats are unaffected.
-const RAFT_RPC_TIMEOUT_MIN: Duration = Duration::from_millis(500);
+pub const RAFT_RPC_TIMEOUT_MIN: Duration = Duration::from_millis(500);
 
 /// Makes the channel to a peer from its configured endpoint, in place of a
 /// TCP connection: the simulation (crate `lmskv-sim`) carries Raft traffic
@@ -51,6 +51,8 @@ pub struct PeerPool {
     /// Snapshot files are read on the sending task instead of blocking
     /// threads (the simulation: see `Engine::runs_inline`).
     inline_reads: bool,
+    /// The shortest time a Raft RPC is given (see [`RAFT_RPC_TIMEOUT_MIN`]).
+    rpc_timeout_min: Duration,
 }
 
 impl std::fmt::Debug for PeerPool {
@@ -71,6 +73,7 @@ impl PeerPool {
             channels: Mutex::new(HashMap::new()),
             maker: None,
             inline_reads: false,
+            rpc_timeout_min: RAFT_RPC_TIMEOUT_MIN,
         })
     }
 
@@ -78,14 +81,23 @@ impl PeerPool {
     /// (the same endpoint settings, another transport). With `inline_reads`,
     /// a snapshot being sent is read from its file on the sending task, not
     /// on blocking threads, so that each read finishes at a definite point
-    /// of a simulation's time.
-    pub fn with_channel_maker(local_id: u64, maker: ChannelMaker, inline_reads: bool) -> Arc<Self> {
+    /// of a simulation's time. Every Raft RPC gets at least `rpc_timeout_min`
+    /// (the node uses [`RAFT_RPC_TIMEOUT_MIN`]; zero leaves openraft's own
+    /// timeouts, the heartbeat interval for appends, which a simulation uses
+    /// to reach the paths that abandoned appends take).
+    pub fn with_channel_maker(
+        local_id: u64,
+        maker: ChannelMaker,
+        inline_reads: bool,
+        rpc_timeout_min: Duration,
+    ) -> Arc<Self> {
         Arc::new(PeerPool {
             local_id,
             source_ip: None,
             channels: Mutex::new(HashMap::new()),
             maker: Some(maker),
             inline_reads,
+            rpc_timeout_min,
         })
     }
 
@@ -137,6 +149,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             hibernating: self.hibernating.clone(),
             inline_reads: self.pool.inline_reads,
+            rpc_timeout_min: self.pool.rpc_timeout_min,
         }
     }
 }
@@ -150,6 +163,8 @@ pub struct PeerClient {
     hibernating: Arc<std::sync::atomic::AtomicBool>,
     /// See [`PeerPool::with_channel_maker`].
     inline_reads: bool,
+    /// See [`PeerPool::with_channel_maker`].
+    rpc_timeout_min: Duration,
 }
 
 /// A snapshot file being sent: read through tokio (each read on a blocking
@@ -216,7 +231,7 @@ impl PeerClient {
         let client = self.client()?;
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let msg = self.message(payload);
-        let ttl = option.hard_ttl().max(RAFT_RPC_TIMEOUT_MIN);
+        let ttl = option.hard_ttl().max(self.rpc_timeout_min);
         let resp = match tokio::time::timeout(ttl, f(client, msg)).await {
             Err(_) => {
                 return Err(RPCError::Network(NetworkError::from_string(format!(

@@ -27,6 +27,8 @@ pub const PROBES_OPEN_MAX: usize = 64;
 pub const SAMPLES_MAX: usize = 100_000;
 /// A probe no write closed within this long is dropped unmeasured.
 pub const PROBE_TTL: Duration = Duration::from_secs(30);
+/// A sample at least this long is logged as it is taken.
+pub const SLOW_FAILOVER: Duration = Duration::from_millis(1_000);
 /// A range that took a write within this long is active.
 pub const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
 /// Most ranges whose last write the tracker remembers.
@@ -130,9 +132,19 @@ impl FailoverTracker {
             .partition(|p| p.at <= sent_at && p.ranges.contains(&range_id));
         st.open = open;
         for p in closed {
+            let took = acked_at.saturating_duration_since(p.at);
+            if took >= SLOW_FAILOVER {
+                // Logged with the fault's time, to find it in the node logs.
+                let since = Instant::now().saturating_duration_since(p.at);
+                crate::phase!(
+                    "failover: slow: range {range_id} took {} ms after the {} at {:.3}s",
+                    took.as_millis(),
+                    p.kind,
+                    crate::cluster::elapsed_s() - since.as_secs_f64(),
+                );
+            }
             if st.samples.len() < SAMPLES_MAX {
-                st.samples
-                    .push((p.kind, acked_at.saturating_duration_since(p.at)));
+                st.samples.push((p.kind, took));
             }
         }
     }

@@ -420,7 +420,14 @@ async fn run_on(
     .await?;
     phase!("cluster network: {}", cluster.network());
 
-    phase!("start workloads and nemesis");
+    // Node logs carry wall-clock times; this line maps the run's own.
+    phase!(
+        "start workloads and nemesis (wall clock {})",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| format!("{:.3} s since the epoch", d.as_secs_f64()))
+            .unwrap_or_else(|_| "unknown".into())
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(OpStats::default());
     let probes = Arc::new(Probes::default());
