@@ -426,10 +426,7 @@ impl RangeReplica {
             return Ok(r);
         }
         if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::unavailable(format!(
-                "range {} is shut down on this node",
-                self.range_id
-            )));
+            return Err(self.shut_down());
         }
         self.check_fault()?;
         let (raft, _) = start_group(
@@ -846,7 +843,18 @@ impl RangeReplica {
         Ok(())
     }
 
+    /// The answer of a replica shut down for good (removed from this node):
+    /// retryable, the range lives on elsewhere.
+    fn shut_down(&self) -> Error {
+        Error::unavailable(format!("range {} is shut down on this node", self.range_id))
+    }
+
     fn fatal(&self, f: impl std::fmt::Display) -> Error {
+        // A call that outlived the replica's shutdown sees its group
+        // stopped: that is no fault of the range's data.
+        if self.closed.load(Ordering::SeqCst) {
+            return self.shut_down();
+        }
         let reason = format!("range {} stopped: {f}", self.range_id);
         let mut fault = self.fault.lock().expect("fault lock");
         if fault.is_none() {
@@ -866,6 +874,9 @@ impl RangeReplica {
     }
 
     fn check_fault(&self) -> Result<(), Error> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(self.shut_down());
+        }
         if let Some(reason) = self.fault.lock().expect("fault lock").clone() {
             return Err(Error::Corruption { reason });
         }

@@ -342,8 +342,8 @@ async fn transfer(
                 stats.ok();
                 kvs
             }
-            _ => {
-                stats.failed();
+            other => {
+                stats.failed_with("bank: read", other.as_ref().and_then(|r| r.as_ref().err()));
                 return Transfer::Failed;
             }
         };
@@ -383,7 +383,7 @@ async fn transfer(
         }
         Some(Err(e)) if !e.is_outcome_unknown() => {
             phase!("bank: transfer {from} -> {to} refused: {e}");
-            stats.failed();
+            stats.failed_with("bank: transfer", Some(&e));
             Transfer::Failed
         }
         _ => {
@@ -398,15 +398,15 @@ async fn read_all(client: &Client, method: ReadMethod, stats: &OpStats) -> Optio
     let read = match method {
         ReadMethod::BatchGet => bounded(client.batch_get(all_keys(), ReadConsistency::Strong))
             .await
-            .map(|r| r.map_err(|e| e.to_string())),
+            .map(|r| r.map_err(Some)),
         ReadMethod::Scan => bounded(client.scan(&scan_options()))
             .await
             .map(|r| match r {
                 // One page holds every account; more would mean the prefix
                 // holds keys nobody wrote, which the check reports.
                 Ok(page) if page.next_page_token.is_none() => Ok(page.kvs),
-                Ok(_) => Err("the scan of the accounts needs more than one page".into()),
-                Err(e) => Err(e.to_string()),
+                Ok(_) => Err(None),
+                Err(e) => Err(Some(e)),
             }),
     };
     match read {
@@ -414,8 +414,14 @@ async fn read_all(client: &Client, method: ReadMethod, stats: &OpStats) -> Optio
             stats.ok();
             Some(kvs)
         }
-        _ => {
-            stats.failed();
+        other => {
+            stats.failed_with(
+                "bank: snapshot",
+                other
+                    .as_ref()
+                    .and_then(|r| r.as_ref().err())
+                    .and_then(Option::as_ref),
+            );
             None
         }
     }

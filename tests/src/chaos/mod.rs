@@ -512,6 +512,7 @@ async fn run_on(
         ops_ok: ops.ok,
         ops_failed: ops.failed,
         ops_unknown: ops.unknown,
+        ops_corruption: ops.corruption,
         lost_writes: set_result.as_ref().map(|s| s.lost),
         phantom_writes: set_result.as_ref().map(|s| s.phantom),
         set_acknowledged: set_result.as_ref().map(|s| s.acknowledged),

@@ -103,8 +103,11 @@ pub fn start(
                                     rec.complete(inv, Outcome::Ok(Ret::Read(last_seen.clone())))
                                 }
                                 // A failed read has no effect.
-                                _ => {
-                                    stats.failed();
+                                other => {
+                                    stats.failed_with(
+                                        "register: read",
+                                        other.as_ref().and_then(|r| r.as_ref().err()),
+                                    );
                                     rec.discard(inv)
                                 }
                             }
@@ -115,8 +118,11 @@ pub fn start(
                                 failover.write_acked(sent_at, Instant::now(), w.range_id);
                                 rec.complete(inv, Outcome::Ok(Ret::Write))
                             }
-                            _ => {
-                                stats.unknown();
+                            other => {
+                                stats.unknown_with(
+                                    "register: write",
+                                    other.as_ref().and_then(|r| r.as_ref().err()),
+                                );
                                 rec.complete(inv, Outcome::Unknown)
                             }
                         },
@@ -137,8 +143,11 @@ pub fn start(
                                         }),
                                     )
                                 }
-                                _ => {
-                                    stats.unknown();
+                                other => {
+                                    stats.unknown_with(
+                                        "register: compare-and-swap",
+                                        other.as_ref().and_then(|r| r.as_ref().err()),
+                                    );
                                     rec.complete(inv, Outcome::Unknown)
                                 }
                             }

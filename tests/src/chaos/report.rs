@@ -120,6 +120,9 @@ pub struct ChaosReport {
     pub ops_failed: u64,
     /// Writes whose outcome is unknown.
     pub ops_unknown: u64,
+    /// Operations (failed or unknown) a node answered with a data-corruption
+    /// error. The run damages no data, so any fails it.
+    pub ops_corruption: u64,
     /// Acknowledged set adds missing from the final read; `None` without the
     /// set workload.
     pub lost_writes: Option<usize>,
@@ -172,6 +175,7 @@ impl ChaosReport {
             && self.lost_writes.unwrap_or(0) == 0
             && self.phantom_writes.unwrap_or(0) == 0
             && self.bank_ok != Some(false)
+            && self.ops_corruption == 0
     }
 
     /// One line: PASS or FAIL and why.
@@ -197,6 +201,12 @@ impl ChaosReport {
                 b.anomalies_batch_get, b.anomalies_scan
             ));
         }
+        if self.ops_corruption > 0 {
+            why.push(format!(
+                "{} operation(s) answered with a data-corruption error (no data was damaged)",
+                self.ops_corruption
+            ));
+        }
         format!("FAIL: {}; rerun with --seed {}", why.join("; "), self.seed)
     }
 }
@@ -211,8 +221,8 @@ impl fmt::Display for ChaosReport {
         )?;
         writeln!(
             f,
-            "  ops:          {} ok, {} failed, {} unknown",
-            self.ops_ok, self.ops_failed, self.ops_unknown
+            "  ops:          {} ok, {} failed, {} unknown, {} answered as data corruption",
+            self.ops_ok, self.ops_failed, self.ops_unknown, self.ops_corruption
         )?;
         let n = &self.nemesis;
         writeln!(

@@ -96,7 +96,8 @@ pub fn start(
                         .unknown
                         .insert(element.clone());
                     let sent_at = Instant::now();
-                    let acked = match bounded(client.put(key, "1")).await {
+                    let put = bounded(client.put(key, "1")).await;
+                    let acked = match &put {
                         Some(Ok(w)) => Some(w.range_id),
                         _ => None,
                     };
@@ -107,7 +108,7 @@ pub fn start(
                         a.unknown.remove(&element);
                         a.acknowledged.insert(element);
                     } else {
-                        stats.unknown();
+                        stats.unknown_with("set: add", put.as_ref().and_then(|r| r.as_ref().err()));
                     }
                 }
             })

@@ -10,6 +10,7 @@ pub struct OpStats {
     ok: AtomicU64,
     failed: AtomicU64,
     unknown: AtomicU64,
+    corruption: AtomicU64,
 }
 
 /// A point-in-time copy of [`OpStats`].
@@ -21,6 +22,9 @@ pub struct OpCounts {
     pub failed: u64,
     /// Writes whose effect the client could not learn.
     pub unknown: u64,
+    /// Failed operations a node answered with a data-corruption error. A
+    /// chaos run damages no data, so each is a false alarm (or worse).
+    pub corruption: u64,
 }
 
 impl OpStats {
@@ -34,6 +38,32 @@ impl OpStats {
         self.failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts an operation that had no effect, with the error the client
+    /// gave (none: it timed out); notes a data-corruption error apart.
+    pub fn failed_with(&self, what: &str, e: Option<&lmskv_client::ClientError>) {
+        self.failed();
+        self.note_corruption(what, e);
+    }
+
+    /// Counts an operation with an unknown outcome, with the error the
+    /// client gave (none: it timed out); notes a data-corruption error apart.
+    pub fn unknown_with(&self, what: &str, e: Option<&lmskv_client::ClientError>) {
+        self.unknown();
+        self.note_corruption(what, e);
+    }
+
+    fn note_corruption(&self, what: &str, e: Option<&lmskv_client::ClientError>) {
+        if let Some(e) = e.filter(|e| {
+            matches!(
+                e.server_error(),
+                Some(lmskv_client::ServerError::Corruption { .. })
+            )
+        }) {
+            self.corruption.fetch_add(1, Ordering::Relaxed);
+            crate::phase!("{what}: a node reported data corruption: {e}");
+        }
+    }
+
     /// Counts an operation with an unknown outcome.
     pub fn unknown(&self) {
         self.unknown.fetch_add(1, Ordering::Relaxed);
@@ -45,6 +75,7 @@ impl OpStats {
             ok: self.ok.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             unknown: self.unknown.load(Ordering::Relaxed),
+            corruption: self.corruption.load(Ordering::Relaxed),
         }
     }
 
@@ -52,5 +83,31 @@ impl OpStats {
     pub fn total(&self) -> u64 {
         let c = self.snapshot();
         c.ok + c.failed + c.unknown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmskv_client::{ClientError, ServerError};
+
+    #[test]
+    fn data_corruption_answers_are_counted_apart() {
+        let stats = OpStats::default();
+        let corrupt = ClientError::Server(ServerError::Corruption {
+            reason: "range 2 stopped".into(),
+        });
+        let behind_deadline = ClientError::DeadlineExceeded {
+            deadline_ms: 10,
+            attempts: 2,
+            last: Box::new(corrupt.clone()),
+        };
+        let unavailable = ClientError::Server(ServerError::unavailable("no leader"));
+        stats.failed_with("read", Some(&corrupt));
+        stats.unknown_with("write", Some(&behind_deadline));
+        stats.failed_with("read", Some(&unavailable));
+        stats.unknown_with("write", None);
+        let c = stats.snapshot();
+        assert_eq!((c.failed, c.unknown, c.corruption), (2, 2, 2));
     }
 }
