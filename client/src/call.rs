@@ -46,6 +46,20 @@ const HEALED_RETRIES_BEFORE_BACKOFF: u32 = 3;
 /// may really lead again, e.g. after a short pause).
 const SUSPECT_HINTS_SKIPPED_MAX: u32 = 3;
 
+/// The shortest try that asks a replica to hold the request until a leader
+/// other than the suspect is elected. Such a replica answers as soon as the
+/// election is decided, so a long try costs nothing when it goes well; it
+/// must outlast the election, which openraft calls only after the lease and
+/// an election timeout of silence (600-800 ms after the lost leader's last
+/// heartbeat with the node's default 200-400 ms timeouts), or the replica
+/// answers with the lost leader's name just before and the call spends
+/// another try.
+pub const HELD_ATTEMPT_TIMEOUT_MIN: Duration = Duration::from_millis(1_500);
+
+/// Replicas of one cached descriptor a call skips after each answered
+/// that it does not hold the range, before it looks the range up again.
+const NOT_FOUND_TRIED_MAX: usize = 4;
+
 /// How long a try that names a suspect leader lets the replica hold it
 /// for a new leader: most of the try's time, leaving room for the answer
 /// (a replica that holds it the whole try would look unreachable too).
@@ -301,12 +315,13 @@ impl Client {
     /// The node to send a try to, and its address: a replica in rotation for
     /// a weak read, else the leader (or, when unknown, some replica, which
     /// answers with a hint).
-    fn pick(&self, range: &CachedRange, weak: bool) -> Option<(u64, String)> {
+    fn pick(&self, range: &CachedRange, weak: bool, skip: &[u64]) -> Option<(u64, String)> {
         let routes = &self.inner.routes;
         let known: Vec<(u64, String)> = range
             .desc
             .replicas
             .iter()
+            .filter(|r| !skip.contains(&r.node_id))
             .filter_map(|r| routes.address(r.node_id).map(|a| (r.node_id, a)))
             .collect();
         if weak {
@@ -315,7 +330,7 @@ impl Client {
                 return known.into_iter().find(|(_, k)| *k == a);
             }
         }
-        if range.leader_id != 0 {
+        if range.leader_id != 0 && !skip.contains(&range.leader_id) {
             if let Some(a) = routes.address(range.leader_id) {
                 return Some((range.leader_id, a));
             }
@@ -359,6 +374,10 @@ impl Client {
         // hint named after that): the next tries ask the other replicas to
         // hold the request until an election replaces it.
         let mut suspect = 0u64;
+        // Replicas of the cached descriptor that answered that they do not
+        // hold the range (it moved away from them): the others are tried
+        // before the route is looked up again.
+        let mut not_found: Vec<u64> = Vec::new();
         loop {
             budget.attempt()?;
             let range = match self.locate(anchor, reverse, budget.deadline).await {
@@ -376,7 +395,7 @@ impl Client {
             }
             let range_id = range.desc.range_id;
             let weak = route == Route::AnyReplica && replica_tries < REPLICA_TRIES_MAX;
-            let Some((node_id, addr)) = self.pick(&range, weak) else {
+            let Some((node_id, addr)) = self.pick(&range, weak, &not_found) else {
                 // No replica's address is known: ask the meta range again.
                 self.inner.routes.evict(range_id);
                 budget.failed(ServerError::unavailable(format!(
@@ -389,14 +408,20 @@ impl Client {
                 replica_tries += 1;
             }
             let now = Instant::now();
+            let asks_elsewhere = !weak && suspect != 0 && suspect != node_id;
             let until = if weak {
                 budget
                     .deadline
                     .min(now + self.inner.replica_attempt_timeout)
+            } else if asks_elsewhere {
+                let held = self
+                    .inner
+                    .leader_attempt_timeout
+                    .max(HELD_ATTEMPT_TIMEOUT_MIN);
+                budget.deadline.min(now + held)
             } else {
                 budget.deadline.min(now + self.inner.leader_attempt_timeout)
             };
-            let asks_elsewhere = !weak && suspect != 0 && suspect != node_id;
             let header = v1::RequestHeader {
                 range_id,
                 epoch: Some(epoch(&range.desc)),
@@ -424,7 +449,10 @@ impl Client {
                 Err(e) => e,
             };
             tracing::debug!(range_id, node_id, %addr, leader_id = range.leader_id, weak, error = %err, "range call try failed");
-            let healed = self.inner.routes.heal(&err, node_id);
+            // A replica that no longer holds the range does not drop the
+            // cached route at once (see the `RangeNotFound` arm below).
+            let healed = !matches!(err, ServerError::RangeNotFound { .. })
+                && self.inner.routes.heal(&err, node_id);
             match &err {
                 ServerError::NotLeader { leader, .. } => {
                     healed_in_a_row += 1;
@@ -467,6 +495,22 @@ impl Client {
                     }
                 }
                 ServerError::RangeNotFound { .. } => {
+                    // The descriptor is stale, but its other replicas most
+                    // likely still hold the range (a replica move changes
+                    // one at a time): ask them before the meta range, whose
+                    // own leader may be what just failed.
+                    let others_left = range.desc.replicas.iter().any(|r| {
+                        r.node_id != node_id
+                            && !not_found.contains(&r.node_id)
+                            && self.inner.routes.address(r.node_id).is_some()
+                    });
+                    if others_left && not_found.len() < NOT_FOUND_TRIED_MAX {
+                        not_found.push(node_id);
+                        budget.failed(err);
+                        continue;
+                    }
+                    not_found.clear();
+                    self.inner.routes.evict(range_id);
                     budget.failed(err);
                     budget.backoff(policy).await?;
                     continue;

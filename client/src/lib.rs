@@ -44,7 +44,7 @@ mod scan;
 mod session_token;
 
 pub use admin::{ADMIN_ATTEMPT_TIMEOUT, MOVE_REPLICA_ATTEMPT_TIMEOUT, STATUS_TIMEOUT};
-pub use call::{LOCATE_PREFETCH, META_ATTEMPT_TIMEOUT};
+pub use call::{HELD_ATTEMPT_TIMEOUT_MIN, LOCATE_PREFETCH, META_ATTEMPT_TIMEOUT};
 pub use client::{
     BatchOp, BatchOutcome, CasOutcome, Client, ClientBuilder, Compare, Durability, GetOutcome,
     KeyValue, ReadConsistency, ScanOptions, ScanPage, ServedBy, WriteOptions, WriteResult,

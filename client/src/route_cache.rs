@@ -16,7 +16,9 @@
 //! Routing errors heal the cache without another lookup where they carry the
 //! answer: `NotLeader` names the leader, `EpochMismatch` and `KeyNotInRange`
 //! carry the current descriptors. `RangeNotFound` says the node left the
-//! range: the entry is dropped and the next call locates it again.
+//! range: `heal` drops the entry and the next call locates it again (a range
+//! call first asks the descriptor's other replicas, and drops it only when
+//! none of them is left).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;

@@ -1650,3 +1650,81 @@ impl ReplicaMap {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::EngineOptions;
+
+    fn tuning() -> RaftTuning {
+        RaftTuning {
+            election_timeout_ms_min: 150,
+            election_timeout_ms_max: 300,
+            heartbeat_interval_ms: 50,
+            snapshot_logs_since_last: 10_000,
+            snapshot_logs_to_keep: 1_000,
+            write_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            dedup_window: Duration::from_secs(600),
+        }
+    }
+
+    fn put(n: u32) -> Op {
+        Op::Put {
+            key: Bytes::from(format!("k{n}")),
+            value: Bytes::from_static(b"v"),
+        }
+    }
+
+    /// Calls that reach a replica after it was shut down for good (removed
+    /// from its node) find its Raft group stopped. They are answered as
+    /// "shut down on this node", which a client retries elsewhere, every
+    /// time: the stop is not recorded as a fault of the range's data, which
+    /// the replica would then report as data corruption to every later call.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_after_shutdown_are_answered_as_shut_down_not_as_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EngineOptions {
+            block_cache_bytes: 4 << 20,
+            write_buffer_bytes: 4 << 20,
+        };
+        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
+        let r = RangeReplica::open(
+            engine,
+            PeerPool::new(1, None),
+            lmskv_proto::range::META_RANGE_ID,
+            dir.path(),
+            tuning(),
+            Arc::new(|_| {}),
+        )
+        .await
+        .unwrap();
+        r.initialize([(1, "127.0.0.1:1".to_string())].into())
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while r
+            .propose(Bytes::from_static(b"first"), put(0), false)
+            .await
+            .is_err()
+        {
+            assert!(tokio::time::Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        r.shutdown().await;
+        for n in 1..=3 {
+            let id = Bytes::from(format!("after-{n}"));
+            for e in [
+                r.propose(id, put(n), false).await.unwrap_err(),
+                r.read_barrier(ReadLevel::Strong).await.unwrap_err(),
+            ] {
+                assert!(
+                    matches!(&e, Error::Unavailable { reason } if reason.contains("shut down on this node")),
+                    "call {n} after shutdown answered {e}"
+                );
+            }
+        }
+        assert!(r.fault.lock().unwrap().is_none());
+    }
+}
