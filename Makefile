@@ -98,8 +98,9 @@ sim: build
 # workload at 1/16/64/256 clients in interleaved pairs. BENCH_* variables
 # (see benches/src/suite/mod.rs) shorten it, e.g.
 #   BENCH_DURATION=10s BENCH_WORKLOADS=put,get make bench
-bench: setup
-	$(CARGO) build --release -p lmskv-node -p lmskv-bench
+# The same release build as `make run` (a narrower -p selection unifies
+# features differently and would compile RocksDB a second time).
+bench: build-release
 	$(CARGO_TARGET_DIR)/release/lmskv-bench-suite
 
 # The same suite for a second per workload on the debug build, as a smoke

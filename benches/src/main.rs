@@ -67,6 +67,10 @@ struct Args {
     /// Seed of the clients' random choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// lmskv: send every request as its own call, never bundled with
+    /// others to the same node.
+    #[arg(long)]
+    no_bundle: bool,
     /// Write the result as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -129,6 +133,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         load: !args.skip_load,
         server_pids: (!args.server_pids.is_empty()).then_some(args.server_pids),
         seed: args.seed,
+        bundle: !args.no_bundle,
     };
     let report = runner::run(cfg).await?;
     print_summary(&report);

@@ -50,6 +50,8 @@ pub struct RunConfig {
     /// Server processes to measure; `None` finds them from the endpoints.
     pub server_pids: Option<Vec<u32>>,
     pub seed: u64,
+    /// lmskv: whether the client bundles concurrent requests to one node.
+    pub bundle: bool,
 }
 
 impl RunConfig {
@@ -238,7 +240,7 @@ fn progress_bar(cfg: &RunConfig) -> ProgressBar {
 /// Runs the load phase (if asked), the warm-up and the measured window.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<RunReport> {
     cfg.validate()?;
-    let target = Target::connect(cfg.target, &cfg.endpoints).await?;
+    let target = Target::connect(cfg.target, &cfg.endpoints, cfg.bundle).await?;
     let values = ValuePool::new(cfg.value_bytes(), cfg.seed);
 
     let mut load_s = 0.0;
@@ -376,6 +378,7 @@ mod tests {
             load: true,
             server_pids: None,
             seed: 1,
+            bundle: true,
         }
     }
 

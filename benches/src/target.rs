@@ -113,12 +113,19 @@ fn etcd_url(endpoint: &str) -> String {
 
 impl Target {
     /// Connects to `endpoints`.
-    pub async fn connect(kind: TargetKind, endpoints: &[String]) -> anyhow::Result<Target> {
+    /// `bundle`: whether the lmskv client bundles concurrent requests to
+    /// one node (see `lmskv_client::ClientBuilder::bundle_requests`).
+    pub async fn connect(
+        kind: TargetKind,
+        endpoints: &[String],
+        bundle: bool,
+    ) -> anyhow::Result<Target> {
         match kind {
             TargetKind::Lmskv => Ok(Target::Lmskv(
                 Client::builder()
                     .endpoints(endpoints.to_vec())
                     .deadline(OP_DEADLINE)
+                    .bundle_requests(bundle)
                     .build()
                     .context("lmskv client")?,
             )),

@@ -21,11 +21,11 @@ use bytes::Bytes;
 use lmskv_proto::error::Error as ServerError;
 use lmskv_proto::range::epoch;
 use lmskv_proto::v1::admin_client::AdminClient;
-use lmskv_proto::v1::kv_client::KvClient;
 use lmskv_proto::v1::{self, LocateRequest, RangeDescriptor, RangeInfo};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+use crate::bundle::Conn;
 use crate::client::{Client, Route, Served};
 use crate::error::ClientError;
 use crate::replica_selector::REPLICA_TRIES_MAX;
@@ -363,7 +363,7 @@ impl Client {
     ) -> Result<(T, RangeDescriptor), RangeCallError>
     where
         T: Served,
-        F: FnMut(KvClient<Channel>, v1::RequestHeader) -> Fut,
+        F: FnMut(Conn, v1::RequestHeader) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let policy = &self.retry;
@@ -432,7 +432,7 @@ impl Client {
                     0
                 },
             };
-            let client = self.kv_client(&addr)?;
+            let client = self.conn(&addr, until)?;
             let err = match send(&addr, until, f(client, header)).await {
                 Ok(resp) => {
                     if let Some(h) = resp.header() {
@@ -562,7 +562,7 @@ impl Client {
     ) -> Result<T, ClientError>
     where
         T: Served,
-        F: FnMut(KvClient<Channel>, v1::RequestHeader) -> Fut,
+        F: FnMut(Conn, v1::RequestHeader) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut budget = Budget::new(&self.retry);

@@ -26,6 +26,7 @@ use lmskv_proto::v1::{self, batch_op, compare, RangeDescriptor};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::bundle::{BundleStats, Bundles, Conn};
 use crate::call::{Budget, RangeCallError};
 use crate::error::ClientError;
 use crate::read_cache::{fresh_at, CacheStats, CachedRead, ReadCache, ReadCacheConfig};
@@ -330,6 +331,7 @@ pub struct ClientBuilder {
     read_cache: Option<ReadCacheConfig>,
     replica_attempt_timeout: Duration,
     leader_attempt_timeout: Duration,
+    bundle_requests: bool,
 }
 
 impl Default for ClientBuilder {
@@ -340,6 +342,7 @@ impl Default for ClientBuilder {
             read_cache: Some(ReadCacheConfig::default()),
             replica_attempt_timeout: REPLICA_ATTEMPT_TIMEOUT_DEFAULT,
             leader_attempt_timeout: LEADER_ATTEMPT_TIMEOUT_DEFAULT,
+            bundle_requests: true,
         }
     }
 }
@@ -396,6 +399,14 @@ impl ClientBuilder {
     /// another replica who leads (see [`LEADER_ATTEMPT_TIMEOUT_DEFAULT`]).
     pub fn leader_attempt_timeout(mut self, d: Duration) -> Self {
         self.leader_attempt_timeout = d;
+        self
+    }
+
+    /// Whether concurrent puts, deletes and gets to one node may share one
+    /// call (on by default; see [`crate::bundle`]). Off, every request is
+    /// its own call.
+    pub fn bundle_requests(mut self, on: bool) -> Self {
+        self.bundle_requests = on;
         self
     }
 
@@ -456,6 +467,7 @@ impl ClientBuilder {
                 next: AtomicUsize::new(0),
                 cache: self.read_cache.as_ref().map(ReadCache::new),
                 session: Mutex::new(SessionToken::new()),
+                bundles: self.bundle_requests.then(Bundles::default),
             }),
         })
     }
@@ -491,6 +503,8 @@ pub(crate) struct Inner {
     pub cache: Option<ReadCache>,
     /// What this client has seen: grows with every response.
     pub session: Mutex<SessionToken>,
+    /// Per-node lanes that bundle concurrent requests; `None` when off.
+    pub bundles: Option<Bundles>,
 }
 
 /// A response that says where it was served.
@@ -633,6 +647,25 @@ impl Client {
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
     }
 
+    /// The connection one try of a call uses on the node at `target`, until
+    /// `until`: with bundling on, its puts, deletes and gets may share a
+    /// call with other requests to that node (see [`crate::bundle`]).
+    pub(crate) fn conn(&self, target: &str, until: Instant) -> Result<Conn, ClientError> {
+        let kv = self.kv_client(target)?;
+        let lanes = self.inner.bundles.as_ref().map(|b| b.lanes(target, &kv));
+        Ok(Conn::new(kv, lanes, until))
+    }
+
+    /// How this client's puts, deletes and gets went out so far: alone or in
+    /// bundles (all zero when bundling is off).
+    pub fn bundle_stats(&self) -> BundleStats {
+        self.inner
+            .bundles
+            .as_ref()
+            .map(Bundles::stats)
+            .unwrap_or_default()
+    }
+
     /// Adds a response's applied index to the client's session token.
     pub(crate) fn observe(&self, header: Option<&v1::ResponseHeader>) {
         if let Some(h) = header {
@@ -728,7 +761,7 @@ impl Client {
     async fn write_key<T, F, Fut>(&self, key: &Bytes, f: F) -> Result<(T, StdInstant), ClientError>
     where
         T: Served,
-        F: FnMut(KvClient<Channel>, v1::RequestHeader) -> Fut,
+        F: FnMut(Conn, v1::RequestHeader) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.invalidate(std::slice::from_ref(key));

@@ -32,6 +32,7 @@
 //! ```
 
 mod admin;
+mod bundle;
 mod call;
 mod client;
 mod error;
@@ -44,6 +45,10 @@ mod scan;
 mod session_token;
 
 pub use admin::{ADMIN_ATTEMPT_TIMEOUT, MOVE_REPLICA_ATTEMPT_TIMEOUT, STATUS_TIMEOUT};
+pub use bundle::{
+    BundleStats, BUNDLE_BYTES_MAX, BUNDLE_CALLS_PER_LANE_MAX, BUNDLE_ITEM_BYTES_MAX,
+    BUNDLE_QUEUE_MAX, BUNDLE_REQUESTS_CLIENT_MAX, BUNDLE_SLOT_HOLD_MAX,
+};
 pub use call::{HELD_ATTEMPT_TIMEOUT_MIN, LOCATE_PREFETCH, META_ATTEMPT_TIMEOUT};
 pub use client::{
     BatchOp, BatchOutcome, CasOutcome, Client, ClientBuilder, Compare, Durability, GetOutcome,

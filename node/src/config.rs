@@ -27,6 +27,9 @@ pub struct FileConfig {
     pub block_cache_bytes: usize,
     pub write_buffer_bytes: usize,
     pub inflight_requests_max: usize,
+    /// Proposals (single writes or groups of writes that queued meanwhile)
+    /// a range's leader keeps in flight at once.
+    pub proposals_in_flight_max: usize,
     /// A node silent for longer than this has its replicas re-created elsewhere.
     pub dead_node_timeout_s: u64,
     /// Voters per range.
@@ -79,6 +82,7 @@ impl Default for FileConfig {
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 32 << 20,
             inflight_requests_max: 10_000,
+            proposals_in_flight_max: crate::raft::proposals::PROPOSALS_IN_FLIGHT_MAX,
             dead_node_timeout_s: 60,
             replication_factor: 3,
             split_size_bytes: 64 << 20,
@@ -167,6 +171,14 @@ impl NodeConfig {
         if f.snapshot_logs_since_last < 10 {
             return Err("snapshot_logs_since_last must be at least 10".into());
         }
+        if f.proposals_in_flight_max == 0
+            || f.proposals_in_flight_max > crate::raft::proposals::PROPOSALS_IN_FLIGHT_LIMIT
+        {
+            return Err(format!(
+                "proposals_in_flight_max must be 1 to {}",
+                crate::raft::proposals::PROPOSALS_IN_FLIGHT_LIMIT
+            ));
+        }
         if f.write_timeout_ms < 100 || f.read_timeout_ms < 100 {
             return Err("write_timeout_ms and read_timeout_ms must be at least 100".into());
         }
@@ -254,6 +266,7 @@ impl NodeConfig {
             write_timeout: Duration::from_millis(f.write_timeout_ms),
             read_timeout: Duration::from_millis(f.read_timeout_ms),
             dedup_window: Duration::from_secs(f.dedup_window_s),
+            proposals_in_flight_max: f.proposals_in_flight_max,
         }
     }
 
@@ -329,6 +342,20 @@ mod tests {
         c.advertise = Some("proxy.local:9001".into());
         assert!(c.validate().is_ok());
         assert_eq!(c.advertise_addr(), "proxy.local:9001");
+    }
+
+    #[test]
+    fn proposals_in_flight_must_be_within_bounds() {
+        for (n, ok) in [(0, false), (1, true), (2, true), (64, true), (65, false)] {
+            let mut c = cfg();
+            c.file.proposals_in_flight_max = n;
+            assert_eq!(c.validate().is_ok(), ok, "proposals_in_flight_max = {n}");
+        }
+        let f: FileConfig = toml::from_str("proposals_in_flight_max = 8").unwrap();
+        assert_eq!(f.proposals_in_flight_max, 8);
+        let mut c = cfg();
+        c.file = f;
+        assert_eq!(c.raft_tuning().proposals_in_flight_max, 8);
     }
 
     #[test]

@@ -20,5 +20,7 @@ pub const SCAN_LIMIT_DEFAULT: u32 = 1_000;
 pub const SCAN_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Largest client request id, in bytes.
 pub const REQUEST_ID_BYTES_MAX: usize = 64;
+/// Most requests in one bundle (`Kv.Bundle`).
+pub const BUNDLE_REQUESTS_MAX: usize = 1_024;
 /// Largest gRPC message a node or client accepts, in bytes.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;

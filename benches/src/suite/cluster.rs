@@ -191,7 +191,7 @@ impl Cluster {
         while Instant::now() < deadline {
             self.check_running()?;
             let probe = async {
-                let mut t = Target::connect(self.kind, &self.endpoints).await?;
+                let mut t = Target::connect(self.kind, &self.endpoints, true).await?;
                 t.write(Bytes::from_static(b"bench-ready"), Bytes::from_static(b"1"))
                     .await
             };

@@ -29,8 +29,11 @@ use tokio::sync::oneshot;
 
 use super::command::{Command, CommandResponse, Op};
 
-/// Proposals of one range in flight at once (alone or as a group).
+/// Proposals of one range in flight at once (alone or as a group), unless
+/// the node's `proposals_in_flight_max` says otherwise.
 pub const PROPOSALS_IN_FLIGHT_MAX: usize = 2;
+/// The most a node may be configured to keep in flight per range.
+pub const PROPOSALS_IN_FLIGHT_LIMIT: usize = 64;
 /// Writes that may wait for a slot; more are refused with `Overloaded`.
 pub const PROPOSAL_QUEUE_MAX: usize = 8_192;
 /// Writes in one group at most.
@@ -60,16 +63,31 @@ pub enum Admission {
 }
 
 /// The proposal slots and waiting writes of one range.
-#[derive(Default)]
 pub struct Proposals {
     queue: VecDeque<Waiting>,
     in_flight: usize,
+    slots: usize,
+}
+
+impl Default for Proposals {
+    fn default() -> Self {
+        Proposals::with_slots(PROPOSALS_IN_FLIGHT_MAX)
+    }
 }
 
 impl Proposals {
+    /// At most `slots` proposals in flight (1 to [`PROPOSALS_IN_FLIGHT_LIMIT`]).
+    pub fn with_slots(slots: usize) -> Self {
+        Proposals {
+            queue: VecDeque::new(),
+            in_flight: 0,
+            slots: slots.clamp(1, PROPOSALS_IN_FLIGHT_LIMIT),
+        }
+    }
+
     /// Takes a slot for `cmd`, or queues it.
     pub fn admit(&mut self, cmd: Command) -> Admission {
-        if self.in_flight < PROPOSALS_IN_FLIGHT_MAX && self.queue.is_empty() {
+        if self.in_flight < self.slots && self.queue.is_empty() {
             self.in_flight += 1;
             return Admission::Now(cmd);
         }
@@ -210,6 +228,24 @@ mod tests {
         }
         assert!(p.finish().is_none(), "finishing more than was admitted");
         assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_slot_count_is_configurable_within_bounds() {
+        for (asked, got) in [(0, 1), (1, 1), (4, 4), (1_000, PROPOSALS_IN_FLIGHT_LIMIT)] {
+            let mut p = Proposals::with_slots(asked);
+            for i in 0..got {
+                assert!(
+                    matches!(
+                        p.admit(put(&format!("r{i}"), &format!("k{i}"), 1)),
+                        Admission::Now(_)
+                    ),
+                    "slot {i} of {got} (asked {asked})"
+                );
+            }
+            let _rx = queued(p.admit(put("w", "kw", 1)));
+            assert_eq!(p.in_flight(), got);
+        }
     }
 
     #[test]

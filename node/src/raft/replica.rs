@@ -61,6 +61,8 @@ pub struct RaftTuning {
     pub read_timeout: Duration,
     /// How long the outcome of a request id is remembered for retries.
     pub dedup_window: Duration,
+    /// Proposals (single writes or groups) a range's leader keeps in flight.
+    pub proposals_in_flight_max: usize,
 }
 
 /// How a read must be made consistent before it is served locally.
@@ -310,6 +312,7 @@ impl RangeReplica {
         let (raft, meta) =
             start_group(range_id, &engine, &reopen, &tuning, &hibernating, None).await?;
         let snapshot_dir = snapshot_dir_of(data_dir, range_id);
+        let slots = tuning.proposals_in_flight_max;
         Ok(Arc::new_cyclic(|me| RangeReplica {
             range_id,
             node_id,
@@ -330,7 +333,7 @@ impl RangeReplica {
             led_when_parked: AtomicBool::new(false),
             last_activity: Mutex::new(std::time::Instant::now()),
             leader_contact: Mutex::new(None),
-            proposals: Mutex::new(Proposals::default()),
+            proposals: Mutex::new(Proposals::with_slots(slots)),
             me: me.clone(),
             writes_proposed: std::sync::atomic::AtomicU64::new(0),
             snapshots_not_installed: std::sync::atomic::AtomicU64::new(0),
@@ -1666,6 +1669,7 @@ mod tests {
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
             dedup_window: Duration::from_secs(600),
+            proposals_in_flight_max: crate::raft::proposals::PROPOSALS_IN_FLIGHT_MAX,
         }
     }
 

@@ -12,12 +12,13 @@ use bytes::Bytes;
 use lmskv_proto::error::Error;
 use lmskv_proto::keys::{validate_scan_bound, validate_user_key};
 use lmskv_proto::limits::{
-    BATCH_BYTES_MAX, BATCH_CONDITIONS_MAX, BATCH_OPS_MAX, REQUEST_ID_BYTES_MAX, SCAN_BYTES_MAX,
-    SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX, VALUE_BYTES_MAX,
+    BATCH_BYTES_MAX, BATCH_CONDITIONS_MAX, BATCH_OPS_MAX, BUNDLE_REQUESTS_MAX,
+    REQUEST_ID_BYTES_MAX, SCAN_BYTES_MAX, SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX, VALUE_BYTES_MAX,
 };
 use lmskv_proto::v1::kv_server::Kv;
 use lmskv_proto::v1::{
     self, batch_op, compare, BatchGetRequest, BatchGetResponse, BatchRequest, BatchResponse,
+    BundleRequest, BundleResponse, BundledRequest, BundledResponse, BundledStatus,
     CompareAndSwapRequest, CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse,
     Durability, GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, ReadOptions,
     RequestHeader, ResponseHeader, ScanRequest, ScanResponse, WriteOptions,
@@ -630,6 +631,102 @@ impl Kv for KvService {
                 version,
             })),
             other => Err(unexpected(other)),
+        }
+    }
+
+    type BundleStream = futures::stream::BoxStream<'static, Result<BundleResponse, Status>>;
+
+    async fn bundle(
+        &self,
+        req: Request<BundleRequest>,
+    ) -> Result<Response<Self::BundleStream>, Status> {
+        use futures::{FutureExt, StreamExt};
+        let req = req.into_inner();
+        if req.requests.len() > BUNDLE_REQUESTS_MAX {
+            return Err(Error::invalid_argument(
+                "requests",
+                format!(
+                    "{} requests exceed the bundle limit {BUNDLE_REQUESTS_MAX}",
+                    req.requests.len()
+                ),
+            )
+            .into());
+        }
+        // Every request runs as if it had come alone (its own admission,
+        // routing, checks and proposal), all at once: the writes among them
+        // meet in their ranges' proposal queues and share log entries there.
+        // Answers go out as they are ready, those ready together in one
+        // message. The client dropping the stream drops what is unanswered,
+        // as it would drop a unary call.
+        let pending: futures::stream::FuturesUnordered<_> = req
+            .requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let svc = self.clone();
+                async move { svc.bundled(i as u32, r).await }.boxed()
+            })
+            .collect();
+        let stream = futures::stream::unfold(pending, |mut pending| async move {
+            let first = pending.next().await?;
+            let mut responses = vec![first];
+            while let Some(Some(r)) = pending.next().now_or_never() {
+                responses.push(r);
+            }
+            Some((Ok(BundleResponse { responses }), pending))
+        });
+        Ok(Response::new(stream.boxed()))
+    }
+}
+
+impl KvService {
+    /// Serves one request of a bundle by the handler that serves it alone.
+    async fn bundled(&self, index: u32, req: BundledRequest) -> BundledResponse {
+        use v1::bundled_request::Request as In;
+        use v1::bundled_response::Response as Out;
+        fn held(h: &Option<RequestHeader>) -> Result<(), Status> {
+            if h.as_ref().is_some_and(|h| h.suspect_leader != 0) {
+                return Err(Error::invalid_argument(
+                    "header.suspect_leader",
+                    "a request held for a new leader must be sent alone, not in a bundle",
+                )
+                .into());
+            }
+            Ok(())
+        }
+        let out = match req.request {
+            Some(In::Put(r)) => match held(&r.header) {
+                Ok(()) => self
+                    .put(Request::new(r))
+                    .await
+                    .map(|r| Out::Put(r.into_inner())),
+                Err(e) => Err(e),
+            },
+            Some(In::Delete(r)) => match held(&r.header) {
+                Ok(()) => self
+                    .delete(Request::new(r))
+                    .await
+                    .map(|r| Out::Delete(r.into_inner())),
+                Err(e) => Err(e),
+            },
+            Some(In::Get(r)) => match held(&r.header) {
+                Ok(()) => self
+                    .get(Request::new(r))
+                    .await
+                    .map(|r| Out::Get(r.into_inner())),
+                Err(e) => Err(e),
+            },
+            None => Err(Error::invalid_argument("requests[].request", "empty request").into()),
+        };
+        BundledResponse {
+            index,
+            response: Some(out.unwrap_or_else(|status| {
+                Out::Error(BundledStatus {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                    details: Bytes::copy_from_slice(status.details()),
+                })
+            })),
         }
     }
 }
