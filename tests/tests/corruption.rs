@@ -57,8 +57,11 @@ fn start_writers(
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    if client.put(key_of(w, i), value_of(w, i)).await.is_ok() {
-                        acked.lock().unwrap().insert(key_of(w, i), value_of(w, i));
+                    match client.put(key_of(w, i), value_of(w, i)).await {
+                        Ok(_) => {
+                            acked.lock().unwrap().insert(key_of(w, i), value_of(w, i));
+                        }
+                        Err(e) => phase!("put {:?} failed: {e}", key_of(w, i)),
                     }
                 }
             })
