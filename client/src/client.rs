@@ -342,7 +342,7 @@ impl Default for ClientBuilder {
             read_cache: Some(ReadCacheConfig::default()),
             replica_attempt_timeout: REPLICA_ATTEMPT_TIMEOUT_DEFAULT,
             leader_attempt_timeout: LEADER_ATTEMPT_TIMEOUT_DEFAULT,
-            bundle_requests: false,
+            bundle_requests: true,
         }
     }
 }
@@ -403,10 +403,8 @@ impl ClientBuilder {
     }
 
     /// Whether concurrent puts, deletes and gets to one node may share one
-    /// call (see [`crate::bundle`]). Off by default for now: with it on, a
-    /// put in a test that splits a range under load once kept getting
-    /// NotLeader for 20 s (not yet understood). Off, every request is its
-    /// own call.
+    /// call (on by default; see [`crate::bundle`]). Off, every request is
+    /// its own call.
     pub fn bundle_requests(mut self, on: bool) -> Self {
         self.bundle_requests = on;
         self

@@ -239,14 +239,7 @@ async fn a_slow_request_does_not_hold_up_the_others() {
 async fn the_client_bundles_concurrent_requests_and_each_behaves_alone() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
-        let client = Arc::new(
-            lmskv_client::Client::builder()
-                .endpoints(c.endpoints())
-                .deadline(Duration::from_secs(20))
-                .bundle_requests(true)
-                .build()
-                .unwrap(),
-        );
+        let client = Arc::new(c.client());
         client.put("c/warm", "up").await.unwrap();
         let before = client.bundle_stats();
 
