@@ -60,6 +60,23 @@ pub const HELD_ATTEMPT_TIMEOUT_MIN: Duration = Duration::from_millis(1_500);
 /// that it does not hold the range, before it looks the range up again.
 const NOT_FOUND_TRIED_MAX: usize = 4;
 
+/// Takes off the replicas a call skips (see [`NOT_FOUND_TRIED_MAX`]) those
+/// an answer other than `RangeNotFound` shows to hold the range after all:
+/// the leader a `NotLeader` names (right after a split the new range opens
+/// on each node a moment apart, so a node that had not opened it yet may
+/// lead it a moment later), and every one once the answer brings a new
+/// descriptor (`EpochMismatch`, `KeyNotInRange`). Without this a call kept
+/// asking a follower that named the skipped leader until its deadline.
+fn unskip(not_found: &mut Vec<u64>, err: &ServerError) {
+    match err {
+        ServerError::NotLeader {
+            leader: Some(h), ..
+        } => not_found.retain(|n| *n != h.node_id),
+        ServerError::EpochMismatch { .. } | ServerError::KeyNotInRange { .. } => not_found.clear(),
+        _ => {}
+    }
+}
+
 /// How long a try that names a suspect leader lets the replica hold it
 /// for a new leader: most of the try's time, leaving room for the answer
 /// (a replica that holds it the whole try would look unreachable too).
@@ -453,6 +470,7 @@ impl Client {
             // cached route at once (see the `RangeNotFound` arm below).
             let healed = !matches!(err, ServerError::RangeNotFound { .. })
                 && self.inner.routes.heal(&err, node_id);
+            unskip(&mut not_found, &err);
             match &err {
                 ServerError::NotLeader { leader, .. } => {
                     healed_in_a_row += 1;
@@ -576,5 +594,61 @@ impl Client {
                 "a one-key request cannot span ranges",
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmskv_proto::error::LeaderHint;
+
+    fn not_leader(leader: Option<u64>) -> ServerError {
+        ServerError::NotLeader {
+            range_id: 3,
+            leader: leader.map(|node_id| LeaderHint {
+                node_id,
+                address: format!("127.0.0.1:{}", 7000 + node_id),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_skipped_replica_named_leader_is_asked_again() {
+        // Node 1 had not opened the new range yet; node 2 then names it leader.
+        let mut skipped = vec![1, 3];
+        unskip(&mut skipped, &not_leader(Some(1)));
+        assert_eq!(skipped, vec![3]);
+        // A hint naming another node, or none, leaves the list as it is.
+        unskip(&mut skipped, &not_leader(Some(2)));
+        unskip(&mut skipped, &not_leader(None));
+        assert_eq!(skipped, vec![3]);
+        unskip(&mut skipped, &ServerError::unavailable("busy"));
+        assert_eq!(skipped, vec![3]);
+    }
+
+    #[test]
+    fn a_new_descriptor_ends_every_skip() {
+        let mut skipped = vec![1, 2];
+        unskip(
+            &mut skipped,
+            &ServerError::EpochMismatch {
+                range_id: 3,
+                current: Vec::new(),
+            },
+        );
+        assert!(skipped.is_empty());
+        let mut skipped = vec![2];
+        unskip(
+            &mut skipped,
+            &ServerError::KeyNotInRange {
+                range_id: 3,
+                current: None,
+            },
+        );
+        assert!(skipped.is_empty());
+        // A RangeNotFound answer is what adds to the list, never removes.
+        let mut skipped = vec![2];
+        unskip(&mut skipped, &ServerError::RangeNotFound { range_id: 3 });
+        assert_eq!(skipped, vec![2]);
     }
 }
