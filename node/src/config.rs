@@ -63,6 +63,9 @@ pub struct FileConfig {
     /// with `false` it exits and leaves the store as it is. Either way the
     /// damaged store is never served.
     pub recover_from_peers: bool,
+    /// Whether the appends (and heartbeats) of every range to a peer share
+    /// one long-lived gRPC stream; with `false` each is its own call.
+    pub raft_append_stream: bool,
 }
 
 impl Default for FileConfig {
@@ -95,6 +98,7 @@ impl Default for FileConfig {
             balance_tolerance: 0.2,
             balance_leaders: true,
             recover_from_peers: true,
+            raft_append_stream: true,
         }
     }
 }

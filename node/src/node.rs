@@ -254,7 +254,7 @@ impl Node {
         write_identity_file(&cfg.data_dir, &me)?;
         engine.put_node_identity(&serde_json::to_vec(&me)?)?;
         let (split_tx, split_rx) = mpsc::channel(SPLIT_QUEUE_MAX);
-        let pool = PeerPool::new(me.node_id, cfg.source_ip);
+        let pool = PeerPool::new(me.node_id, cfg.source_ip, cfg.file.raft_append_stream);
         let node = Arc::new(Node {
             pd: Pd::new(&cfg),
             cfg,
@@ -1073,7 +1073,7 @@ async fn wait_until_peers_can_rebuild(cfg: &NodeConfig) -> anyhow::Result<()> {
             cfg.data_dir.display()
         );
     }
-    let pool = PeerPool::new(cfg.node_id, cfg.source_ip);
+    let pool = PeerPool::new(cfg.node_id, cfg.source_ip, false);
     let mut attempt = 0u64;
     loop {
         match peers_can_rebuild(cfg.node_id, &pool, &peers).await {

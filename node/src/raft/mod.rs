@@ -16,6 +16,7 @@ mod service;
 mod state_machine;
 #[cfg(test)]
 mod store_suite;
+mod stream;
 
 pub use network::{ChannelMaker, PeerPool, RAFT_RPC_TIMEOUT_MIN};
 pub use proposals::PROPOSALS_IN_FLIGHT_MAX;

@@ -22,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::codec::{decode, encode};
 use super::state_machine::SnapshotFile;
+use super::stream::{is_refusal, AppendStream, APPEND_STREAM_PAYLOAD_BYTES_MAX};
 use super::TypeConfig;
 use crate::storage::SNAPSHOT_CHUNK_BYTES;
 
@@ -53,6 +54,9 @@ pub struct PeerPool {
     inline_reads: bool,
     /// The shortest time a Raft RPC is given (see [`RAFT_RPC_TIMEOUT_MIN`]).
     rpc_timeout_min: Duration,
+    /// Whether appends go over one stream per peer (see [`super::stream`]).
+    append_stream: bool,
+    streams: Mutex<HashMap<String, Arc<AppendStream>>>,
 }
 
 impl std::fmt::Debug for PeerPool {
@@ -65,8 +69,13 @@ impl std::fmt::Debug for PeerPool {
 }
 
 impl PeerPool {
-    /// An empty pool for the node `local_id`.
-    pub fn new(local_id: u64, source_ip: Option<std::net::IpAddr>) -> Arc<Self> {
+    /// An empty pool for the node `local_id`; with `append_stream`, appends
+    /// to each peer share one long-lived stream (see [`super::stream`]).
+    pub fn new(
+        local_id: u64,
+        source_ip: Option<std::net::IpAddr>,
+        append_stream: bool,
+    ) -> Arc<Self> {
         Arc::new(PeerPool {
             local_id,
             source_ip,
@@ -74,6 +83,8 @@ impl PeerPool {
             maker: None,
             inline_reads: false,
             rpc_timeout_min: RAFT_RPC_TIMEOUT_MIN,
+            append_stream,
+            streams: Mutex::new(HashMap::new()),
         })
     }
 
@@ -98,6 +109,8 @@ impl PeerPool {
             maker: Some(maker),
             inline_reads,
             rpc_timeout_min,
+            append_stream: false,
+            streams: Mutex::new(HashMap::new()),
         })
     }
 
@@ -123,6 +136,23 @@ impl PeerPool {
         Ok(ch)
     }
 
+    /// The append stream to `addr`, started on first use; `None` when
+    /// appends go alone.
+    fn stream(&self, addr: &str) -> Option<Arc<AppendStream>> {
+        if !self.append_stream {
+            return None;
+        }
+        let mut map = self.streams.lock().expect("stream map lock");
+        if let Some(s) = map.get(addr) {
+            return Some(s.clone());
+        }
+        let channel = self.channel(addr).ok()?;
+        tokio::runtime::Handle::try_current().ok()?;
+        let s = Arc::new(AppendStream::start(channel));
+        map.insert(addr.to_string(), s.clone());
+        Some(s)
+    }
+
     /// This node's id.
     pub fn local_id(&self) -> u64 {
         self.local_id
@@ -144,6 +174,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: u64, node: &openraft::impls::BasicNode) -> PeerClient {
         PeerClient {
             channel: self.pool.channel(&node.addr),
+            stream: self.pool.stream(&node.addr),
             range_id: self.range_id,
             from: self.pool.local_id(),
             target,
@@ -157,6 +188,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 /// Sends one range's Raft messages to one peer.
 pub struct PeerClient {
     channel: Result<Channel, String>,
+    /// The peer's append stream, when appends use one.
+    stream: Option<Arc<AppendStream>>,
     range_id: u64,
     from: u64,
     target: u64,
@@ -274,8 +307,20 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let hibernate =
             rpc.entries.is_empty() && self.hibernating.load(std::sync::atomic::Ordering::Relaxed);
+        let stream = self.stream.clone();
         self.call(&rpc, &option, |mut c, mut m| async move {
             m.hibernate = hibernate;
+            if let Some(s) = stream.filter(|_| m.payload.len() <= APPEND_STREAM_PAYLOAD_BYTES_MAX) {
+                if let Some(rx) = s.call(m.clone()) {
+                    match rx.await {
+                        Ok(Ok(reply)) => return Ok(tonic::Response::new(reply)),
+                        Ok(Err(status)) if !is_refusal(&status) => return Err(status),
+                        // Refused (the stream is full) or the driver is
+                        // gone: the append goes alone.
+                        _ => {}
+                    }
+                }
+            }
             c.append_entries(m).await
         })
         .await

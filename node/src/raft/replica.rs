@@ -1695,7 +1695,7 @@ mod tests {
         let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
         let r = RangeReplica::open(
             engine,
-            PeerPool::new(1, None),
+            PeerPool::new(1, None, false),
             lmskv_proto::range::META_RANGE_ID,
             dir.path(),
             tuning(),

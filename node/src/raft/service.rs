@@ -6,12 +6,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use lmskv_proto::error::Error;
 use lmskv_proto::v1::raft_server::Raft;
-use lmskv_proto::v1::{RaftMessage, SnapshotChunk};
+use lmskv_proto::v1::{RaftMessage, RaftStreamFrame, SnapshotChunk};
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::replica::{RangeReplica, ReplicaMap};
+
+/// Appends of one `AppendStream` served at once; the stream is read no
+/// further until one is done (back-pressure on the sending peer).
+const APPEND_STREAM_CALLS_MAX: usize = 512;
+/// Replies of one `AppendStream` waiting to be written to it.
+const APPEND_STREAM_REPLIES_MAX: usize = 512;
 
 /// Serves Raft messages for every range hosted by this node.
 #[derive(Debug, Clone)]
@@ -82,8 +88,72 @@ impl RaftService {
     }
 }
 
+impl RaftService {
+    /// Serves one frame of an append stream as a unary AppendEntries.
+    async fn stream_append(&self, frame: RaftStreamFrame) -> RaftStreamFrame {
+        let call_id = frame.call_id;
+        let served = match frame.message {
+            Some(msg) => Raft::append_entries(self, Request::new(msg))
+                .await
+                .map(Response::into_inner),
+            None => Err(Error::invalid_argument("message", "frame carries no message").into()),
+        };
+        match served {
+            Ok(m) => RaftStreamFrame {
+                call_id,
+                message: Some(m),
+                error_code: 0,
+                error_message: String::new(),
+            },
+            Err(s) => RaftStreamFrame {
+                call_id,
+                message: None,
+                error_code: s.code() as i32,
+                error_message: s.message().to_string(),
+            },
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Raft for RaftService {
+    type AppendStreamStream = futures::stream::BoxStream<'static, Result<RaftStreamFrame, Status>>;
+
+    async fn append_stream(
+        &self,
+        req: Request<Streaming<RaftStreamFrame>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        use futures::stream::FuturesUnordered;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(APPEND_STREAM_REPLIES_MAX);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut running = FuturesUnordered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    f = inbound.next(), if open && running.len() < APPEND_STREAM_CALLS_MAX => match f {
+                        Some(Ok(frame)) => {
+                            let svc = svc.clone();
+                            running.push(async move { svc.stream_append(frame).await });
+                        }
+                        // The peer closed or broke its side: finish what runs.
+                        Some(Err(_)) | None => open = false,
+                    },
+                    Some(reply) = running.next(), if !running.is_empty() => {
+                        if tx.send(Ok(reply)).await.is_err() {
+                            return;
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+        Ok(Response::new(futures::StreamExt::boxed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn append_entries(
         &self,
         req: Request<RaftMessage>,

@@ -1,0 +1,332 @@
+//! Outgoing appends over one long-lived stream per peer (`Raft.AppendStream`).
+//!
+//! Every range's AppendEntries to a peer (entries and heartbeats) share one
+//! bidirectional gRPC stream instead of one HTTP/2 request each: a request is
+//! a frame on the stream, its reply a frame back, paired by a call id. This
+//! saves the per-request work of both ends (HTTP/2 stream set-up, headers
+//! and trailers, a server task per request). The peer serves the frames of a
+//! stream concurrently, as it serves unary calls, so ranges do not wait for
+//! one another.
+//!
+//! A driver task per peer owns the stream, opens it on first use and again
+//! after it breaks (the calls in flight on a broken stream fail; openraft
+//! retries them). Everything is bounded: a call that finds the driver's
+//! queue full, too many calls waiting for replies, or a peer without the
+//! streaming call is sent alone (unary) instead.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lmskv_proto::limits::GRPC_MESSAGE_BYTES_MAX;
+use lmskv_proto::v1::raft_client::RaftClient;
+use lmskv_proto::v1::{RaftMessage, RaftStreamFrame};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Status;
+
+/// Larger appends go alone, so a big batch of entries for one range does not
+/// hold up the heartbeats of others queued behind it on the stream.
+pub const APPEND_STREAM_PAYLOAD_BYTES_MAX: usize = 1 << 20;
+/// Calls waiting for the driver task; more go alone.
+const STREAM_QUEUE_MAX: usize = 1_024;
+/// Calls sent on a stream and not answered yet; more go alone.
+const STREAM_PENDING_MAX: usize = 4_096;
+/// Frames buffered between the driver and the HTTP/2 stream; when full the
+/// call goes alone (the driver never blocks on the peer, so it always
+/// reads the replies that free the peer's side).
+const STREAM_FRAMES_MAX: usize = 512;
+/// How long opening a stream may take before the calls on it fail.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a streamed call comes back with: the peer's reply or its refusal.
+pub type Reply = Result<RaftMessage, Status>;
+
+type Call = (RaftMessage, oneshot::Sender<Reply>);
+
+/// The append stream to one peer.
+#[derive(Debug)]
+pub struct AppendStream {
+    calls: mpsc::Sender<Call>,
+    /// Set when the peer does not serve `AppendStream`: every call goes alone.
+    unsupported: Arc<AtomicBool>,
+}
+
+impl AppendStream {
+    /// Starts the driver task for the peer behind `channel`; must be called
+    /// within a tokio runtime.
+    pub fn start(channel: Channel) -> Self {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE_MAX);
+        let unsupported = Arc::new(AtomicBool::new(false));
+        tokio::spawn(drive(channel, rx, unsupported.clone()));
+        AppendStream {
+            calls: tx,
+            unsupported,
+        }
+    }
+
+    /// Queues `msg` on the stream; `None` when it must go alone instead.
+    pub fn call(&self, msg: RaftMessage) -> Option<oneshot::Receiver<Reply>> {
+        if self.unsupported.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.calls.try_send((msg, tx)).ok()?;
+        Some(rx)
+    }
+}
+
+/// A refusal that means "send it alone": the stream could not take the call.
+pub fn is_refusal(s: &Status) -> bool {
+    s.code() == tonic::Code::ResourceExhausted && s.message().starts_with(REFUSAL)
+}
+
+const REFUSAL: &str = "append stream full";
+
+fn refuse(tx: oneshot::Sender<Reply>) {
+    let _ = tx.send(Err(Status::resource_exhausted(REFUSAL)));
+}
+
+fn fail_all(pending: &mut HashMap<u64, oneshot::Sender<Reply>>, status: &Status) {
+    for (_, tx) in pending.drain() {
+        let _ = tx.send(Err(Status::new(status.code(), status.message())));
+    }
+}
+
+/// The peer's reply frame as the caller's result.
+fn reply_of(frame: RaftStreamFrame) -> Reply {
+    if frame.error_code != 0 {
+        return Err(Status::new(
+            tonic::Code::from(frame.error_code),
+            frame.error_message,
+        ));
+    }
+    frame
+        .message
+        .ok_or_else(|| Status::internal("append stream reply carries no message"))
+}
+
+/// Sends one call's frame, or refuses it (the caller then sends it alone).
+fn send(
+    out: &mpsc::Sender<RaftStreamFrame>,
+    pending: &mut HashMap<u64, oneshot::Sender<Reply>>,
+    next_id: &mut u64,
+    (msg, tx): Call,
+) {
+    if tx.is_closed() {
+        return;
+    }
+    if pending.len() >= STREAM_PENDING_MAX {
+        // Calls whose callers gave up (timed out) free their places.
+        pending.retain(|_, tx| !tx.is_closed());
+        if pending.len() >= STREAM_PENDING_MAX {
+            return refuse(tx);
+        }
+    }
+    *next_id += 1;
+    let frame = RaftStreamFrame {
+        call_id: *next_id,
+        message: Some(msg),
+        error_code: 0,
+        error_message: String::new(),
+    };
+    match out.try_send(frame) {
+        Ok(()) => {
+            pending.insert(*next_id, tx);
+        }
+        Err(_) => refuse(tx),
+    }
+}
+
+async fn drive(channel: Channel, mut calls: mpsc::Receiver<Call>, unsupported: Arc<AtomicBool>) {
+    let mut next_id = 0u64;
+    loop {
+        // A stream is opened when there is something to send.
+        let Some(first) = calls.recv().await else {
+            return;
+        };
+        if unsupported.load(Ordering::Relaxed) {
+            refuse(first.1);
+            continue;
+        }
+        let (out, out_rx) = mpsc::channel::<RaftStreamFrame>(STREAM_FRAMES_MAX);
+        let mut pending: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
+        send(&out, &mut pending, &mut next_id, first);
+        let mut client = RaftClient::new(channel.clone())
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        let opened = tokio::time::timeout(
+            STREAM_OPEN_TIMEOUT,
+            client.append_stream(tokio_stream::wrappers::ReceiverStream::new(out_rx)),
+        )
+        .await;
+        let mut inbound = match opened {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                if status.code() == tonic::Code::Unimplemented {
+                    // An older peer: send everything alone from now on.
+                    unsupported.store(true, Ordering::Relaxed);
+                    for (_, tx) in pending.drain() {
+                        refuse(tx);
+                    }
+                } else {
+                    fail_all(&mut pending, &status);
+                }
+                continue;
+            }
+            Err(_) => {
+                fail_all(
+                    &mut pending,
+                    &Status::unavailable("the append stream did not open in time"),
+                );
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                c = calls.recv() => match c {
+                    Some(c) => send(&out, &mut pending, &mut next_id, c),
+                    None => return,
+                },
+                r = inbound.next() => match r {
+                    Some(Ok(frame)) => {
+                        if let Some(tx) = pending.remove(&frame.call_id) {
+                            let _ = tx.send(reply_of(frame));
+                        }
+                    }
+                    Some(Err(status)) => {
+                        tracing::debug!(error = %status, "append stream broke");
+                        fail_all(&mut pending, &status);
+                        break;
+                    }
+                    None => {
+                        fail_all(&mut pending, &Status::unavailable("the append stream ended"));
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::replica::ReplicaMap;
+    use crate::raft::service::RaftService;
+    use bytes::Bytes;
+    use lmskv_proto::v1::raft_server::RaftServer;
+    use std::net::SocketAddr;
+    use tonic::transport::Endpoint;
+
+    /// Serves node 2's Raft service (hosting no range) on `addr` from its
+    /// own runtime on a thread; sending on the returned channel stops it and
+    /// drops every connection at once.
+    fn serve(addr: SocketAddr) -> std::sync::mpsc::Sender<()> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+                ready_tx.send(()).unwrap();
+                let svc = RaftService::new(2, Arc::new(ReplicaMap::default()));
+                let server = tonic::transport::Server::builder()
+                    .add_service(RaftServer::new(svc))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+                let stop = tokio::task::spawn_blocking(move || stopped.recv());
+                tokio::select! {
+                    _ = server => {}
+                    _ = stop => {}
+                }
+            });
+            // Dropping the runtime drops the server and its connections.
+        });
+        ready.recv().unwrap();
+        stop
+    }
+
+    fn message(range_id: u64, to_node: u64) -> RaftMessage {
+        let payload = Bytes::from_static(b"not a raft message");
+        RaftMessage {
+            range_id,
+            from_node: 1,
+            to_node,
+            crc32: crc32fast::hash(&payload),
+            payload,
+            hibernate: false,
+        }
+    }
+
+    async fn answer(s: &AppendStream, m: RaftMessage) -> Reply {
+        let rx = s.call(m).expect("the stream takes the call");
+        tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("answered in time")
+            .expect("the driver answers every call")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replies_pair_with_their_calls_and_a_broken_stream_is_opened_again() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let stop = serve(addr);
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let s = AppendStream::start(channel);
+
+        // Many calls at once, each refused for naming another node: every
+        // reply is the one for its own call.
+        let calls: Vec<_> = (0..300u64)
+            .map(|i| (i, s.call(message(7, 100 + i)).expect("queued")))
+            .collect();
+        for (i, rx) in calls {
+            let status = rx.await.unwrap().unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status
+                    .message()
+                    .contains(&format!("message for node {} reached node 2", 100 + i)),
+                "call {i} got {status:?}"
+            );
+        }
+        // The peer's own answers come back as they are, not as refusals.
+        let status = answer(&s, message(77, 2)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        assert!(!is_refusal(&status));
+        let mut corrupt = message(7, 2);
+        corrupt.crc32 ^= 1;
+        let status = answer(&s, corrupt).await.unwrap_err();
+        assert!(status.message().contains("checksum"), "{status:?}");
+
+        // The peer goes away: calls fail instead of hanging.
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = answer(&s, message(77, 2)).await.unwrap_err();
+        assert_ne!(status.code(), tonic::Code::NotFound, "{status:?}");
+
+        // It comes back on the same address: a new stream serves again.
+        let _stop = serve(addr);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = answer(&s, message(77, 2)).await;
+            if matches!(&r, Err(st) if st.code() == tonic::Code::NotFound) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stream did not serve again: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
