@@ -3,6 +3,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Failed or unknown operations a run prints with their errors, the first
+/// ones only (a long partition can fail thousands).
+pub const OUTCOMES_LOGGED_MAX: u64 = 20;
+
 /// Operation counts by outcome. Atomic, so workload tasks update it without a
 /// lock.
 #[derive(Debug, Default)]
@@ -11,6 +15,7 @@ pub struct OpStats {
     failed: AtomicU64,
     unknown: AtomicU64,
     corruption: AtomicU64,
+    logged: AtomicU64,
 }
 
 /// A point-in-time copy of [`OpStats`].
@@ -42,6 +47,7 @@ impl OpStats {
     /// gave (none: it timed out); notes a data-corruption error apart.
     pub fn failed_with(&self, what: &str, e: Option<&lmskv_client::ClientError>) {
         self.failed();
+        self.log_outcome("failed", what, e);
         self.note_corruption(what, e);
     }
 
@@ -49,7 +55,19 @@ impl OpStats {
     /// client gave (none: it timed out); notes a data-corruption error apart.
     pub fn unknown_with(&self, what: &str, e: Option<&lmskv_client::ClientError>) {
         self.unknown();
+        self.log_outcome("outcome unknown", what, e);
         self.note_corruption(what, e);
+    }
+
+    /// Prints one of the first [`OUTCOMES_LOGGED_MAX`] failed or unknown
+    /// operations with its error, so a run's report can say why.
+    fn log_outcome(&self, outcome: &str, what: &str, e: Option<&lmskv_client::ClientError>) {
+        let n = self.logged.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > OUTCOMES_LOGGED_MAX {
+            return;
+        }
+        let why = e.map_or_else(|| "timed out".to_string(), |e| e.to_string());
+        crate::phase!("{what}: {outcome} ({n} of the first {OUTCOMES_LOGGED_MAX} logged): {why}");
     }
 
     fn note_corruption(&self, what: &str, e: Option<&lmskv_client::ClientError>) {
