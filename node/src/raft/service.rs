@@ -86,9 +86,7 @@ impl RaftService {
             hibernate: false,
         })
     }
-}
 
-impl RaftService {
     /// Serves one frame of an append stream as a unary AppendEntries.
     async fn stream_append(&self, frame: RaftStreamFrame) -> RaftStreamFrame {
         let call_id = frame.call_id;
@@ -102,14 +100,13 @@ impl RaftService {
             Ok(m) => RaftStreamFrame {
                 call_id,
                 message: Some(m),
-                error_code: 0,
-                error_message: String::new(),
+                ..Default::default()
             },
             Err(s) => RaftStreamFrame {
                 call_id,
-                message: None,
                 error_code: s.code() as i32,
                 error_message: s.message().to_string(),
+                ..Default::default()
             },
         }
     }

@@ -129,8 +129,7 @@ fn send(
     let frame = RaftStreamFrame {
         call_id: *next_id,
         message: Some(msg),
-        error_code: 0,
-        error_message: String::new(),
+        ..Default::default()
     };
     match out.try_send(frame) {
         Ok(()) => {
