@@ -36,7 +36,9 @@ pub struct FileConfig {
     pub replication_factor: usize,
     /// A range larger than this is split.
     pub split_size_bytes: u64,
-    /// A range serving more than this many requests per second ...
+    /// A range serving more than this many requests per second ... (0: no
+    /// splits by load, e.g. when every node shares one host, where a split
+    /// spreads no load and only shrinks each range's write groups)
     pub split_qps: f64,
     /// ... for this long is split.
     pub split_qps_duration_s: u64,
@@ -204,6 +206,12 @@ impl NodeConfig {
         if f.split_size_bytes < (64 << 10) {
             return Err("split_size_bytes must be at least 64 KiB".into());
         }
+        if !f.split_qps.is_finite() || f.split_qps < 0.0 {
+            return Err("split_qps must be a number of requests per second, at least 0 (0: no splits by load)".into());
+        }
+        if f.split_qps_duration_s == 0 {
+            return Err("split_qps_duration_s must be positive".into());
+        }
         if f.node_heartbeat_ms < 50 || f.placement_interval_ms < 50 {
             return Err("node_heartbeat_ms and placement_interval_ms must be at least 50".into());
         }
@@ -360,6 +368,24 @@ mod tests {
         let mut c = cfg();
         c.file = f;
         assert_eq!(c.raft_tuning().proposals_in_flight_max, 8);
+    }
+
+    #[test]
+    fn split_qps_is_a_rate_or_zero_for_off() {
+        for (qps, ok) in [
+            (0.0, true),
+            (2_500.0, true),
+            (-1.0, false),
+            (f64::NAN, false),
+            (f64::INFINITY, false),
+        ] {
+            let mut c = cfg();
+            c.file.split_qps = qps;
+            assert_eq!(c.validate().is_ok(), ok, "split_qps = {qps}");
+        }
+        let mut c = cfg();
+        c.file.split_qps_duration_s = 0;
+        assert!(c.validate().unwrap_err().contains("split_qps_duration_s"));
     }
 
     #[test]

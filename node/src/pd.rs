@@ -407,7 +407,8 @@ pub async fn handle_heartbeat(
                 continue;
             }
             let Some(d) = &r.descriptor else { continue };
-            let hot = r.qps > node.cfg.file.split_qps;
+            let limit = node.cfg.file.split_qps;
+            let hot = limit > 0.0 && r.qps > limit;
             let prev = st.ranges.get(&d.range_id).and_then(|x| x.hot_since);
             st.ranges.insert(
                 d.range_id,

@@ -33,6 +33,14 @@ pub fn elapsed_s() -> f64 {
     START.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
+/// Worker threads for each of `nodes` nodes sharing this host, the share
+/// `lmskv local up` gives them: the host's cores divided among them, at
+/// least one each.
+pub fn shared_host_worker_threads(nodes: usize) -> u16 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u16::try_from((cores / nodes.max(1)).clamp(1, 1024)).unwrap_or(1)
+}
+
 /// How a test cluster is started.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -48,6 +56,9 @@ pub struct ClusterOptions {
     /// cluster must be started and used from the hub namespace
     /// ([`Fabric::block_on`]). Takes precedence over `proxied`.
     pub netns: Option<Arc<Fabric>>,
+    /// `lmskv-node --worker-threads` of every node (`None`: the node's
+    /// default, one per core).
+    pub worker_threads: Option<u16>,
 }
 
 impl Default for ClusterOptions {
@@ -57,6 +68,7 @@ impl Default for ClusterOptions {
             config: String::new(),
             proxied: false,
             netns: None,
+            worker_threads: None,
         }
     }
 }
@@ -85,6 +97,7 @@ pub struct TestCluster {
     config_path: PathBuf,
     /// The namespaces the nodes run in; dropped after the nodes are killed.
     fabric: Option<Arc<Fabric>>,
+    worker_threads: Option<u16>,
 }
 
 /// The directory the workspace's binaries are built into, next to the test binary.
@@ -224,6 +237,7 @@ impl TestCluster {
             node_bin,
             config_path,
             fabric: opts.netns.clone(),
+            worker_threads: opts.worker_threads,
         };
         for i in 1..=opts.nodes as u64 {
             c.spawn(i)?;
@@ -382,6 +396,9 @@ impl TestCluster {
             Some(f) => f.command(id, &bin),
             None => Command::new(&bin),
         };
+        if let Some(w) = self.worker_threads {
+            cmd.arg("--worker-threads").arg(w.to_string());
+        }
         let n = self.node_mut(id);
         if n.child.is_some() {
             bail!("node {id} is already running");

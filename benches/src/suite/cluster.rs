@@ -37,6 +37,20 @@ fn free_port() -> anyhow::Result<u16> {
     bail!("no free port found on 127.0.0.1")
 }
 
+/// The lmskv nodes' configuration file. Load-based splits are off: all three
+/// nodes share this host's cores, so splitting a hot range spreads no load;
+/// it would only turn one range's large write groups into smaller groups on
+/// several ranges (more entries, appends and fsync waits for the same puts)
+/// and move leaders in the middle of a run. etcd is one Raft group too.
+pub const LMSKV_BENCH_CONFIG: &str = "split_qps = 0.0\n";
+
+/// Worker threads of each lmskv node: the host's cores shared among the
+/// members, at least one each (etcd keeps its default, one per core).
+pub fn lmskv_worker_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / MEMBERS).max(1)
+}
+
 /// A running three-member cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -69,6 +83,9 @@ impl Cluster {
             logs: Vec::new(),
             dir,
         };
+        let worker_threads = lmskv_worker_threads();
+        let config = c.dir.path().join("node.toml");
+        std::fs::write(&config, LMSKV_BENCH_CONFIG)?;
         for (i, addr) in endpoints.iter().enumerate() {
             let id = i + 1;
             let log = c.dir.path().join(format!("node-{id}.log"));
@@ -81,6 +98,13 @@ impl Cluster {
                 .arg(c.dir.path().join(format!("node-{id}")))
                 .arg("--join")
                 .arg(endpoints.join(","))
+                // The members share this host's cores, as `lmskv local up`
+                // shares them: a node with more threads than its share
+                // wakes idle threads, a context switch each.
+                .arg("--worker-threads")
+                .arg(worker_threads.to_string())
+                .arg("--config")
+                .arg(&config)
                 .env("LMSKV_LOG", "warn");
             c.spawn(cmd, log)?;
         }

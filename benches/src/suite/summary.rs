@@ -264,6 +264,17 @@ impl Summary {
         let _ = writeln!(s, "- etcd: {}", etcd_version(&cfg.etcd_bin));
         let _ = writeln!(
             s,
+            "- servers: 3 etcd members with default settings (Go uses every core); 3 lmskv \
+             nodes with `--worker-threads {}` (the cores shared among them) and the config \
+             `{}` (no splits by load: the nodes share one host's cores, so a split spreads \
+             no load; etcd is one Raft group too)",
+            super::cluster::lmskv_worker_threads(),
+            super::cluster::LMSKV_BENCH_CONFIG
+                .trim()
+                .replace('\n', "; ")
+        );
+        let _ = writeln!(
+            s,
             "- per run: {:?} warm-up, {:?} measured; {} records loaded once per workload \
              and system; put/get values {} B, YCSB records 10 fields x 100 B; reads {} \
              (etcd: linearizable for strong, serializable otherwise)",

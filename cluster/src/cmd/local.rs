@@ -91,6 +91,21 @@ pub struct UpArgs {
     /// node up, e.g. 60s.
     #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
     pub ready_timeout: Duration,
+    /// Worker threads of each node (`lmskv-node --worker-threads`). Default:
+    /// the host's CPU cores shared out among the nodes, at least one each,
+    /// since the nodes all run on this host.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024), value_name = "N")]
+    pub worker_threads: Option<u16>,
+}
+
+/// Worker threads for each of `nodes` nodes that share this host: its CPU
+/// cores divided among them, at least one each. A node with more threads
+/// than its share wakes idle threads for work another node's thread could
+/// have run, and each wake-up is a context switch.
+pub fn shared_host_worker_threads(nodes: u16) -> u16 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = cores / usize::from(nodes.max(1));
+    u16::try_from(share.clamp(1, 1024)).unwrap_or(1)
 }
 
 /// Runs one `lmskv local` subcommand.
@@ -316,6 +331,7 @@ impl Cluster {
         config: Option<&Path>,
         plan: &NodePlan,
         join: &str,
+        worker_threads: u16,
     ) -> Result<(), CmdError> {
         let open_log = || -> std::io::Result<(File, File)> {
             let mut log = OpenOptions::new()
@@ -350,6 +366,8 @@ impl Cluster {
             .arg(&plan.data_dir)
             .arg("--join")
             .arg(join)
+            .arg("--worker-threads")
+            .arg(worker_threads.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -622,14 +640,17 @@ async fn up(ctx: &Context, args: UpArgs) -> Result<(), CmdError> {
     let join = addresses.join(",");
     let node_ids: Vec<u64> = plans.iter().map(|p| p.node_id).collect();
     let (mut cluster, mut exits) = Cluster::new();
+    let workers = args
+        .worker_threads
+        .unwrap_or_else(|| shared_host_worker_threads(args.nodes));
     output::progress(&format!(
-        "starting {} node(s) from {} with data in {}\n",
+        "starting {} node(s) from {} with data in {}, {workers} worker thread(s) each\n",
         plans.len(),
         bin.display(),
         data_dir.display()
     ));
     for p in &plans {
-        if let Err(e) = cluster.spawn(&bin, config.as_deref(), p, &join) {
+        if let Err(e) = cluster.spawn(&bin, config.as_deref(), p, &join, workers) {
             cluster.stop(&mut signals).await;
             return Err(e);
         }
@@ -754,6 +775,27 @@ mod tests {
     use lmskv_proto::v1::{NodeInfo, RangeStatus};
 
     use super::*;
+
+    #[test]
+    fn nodes_on_one_host_share_its_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for nodes in 1..=NODES_MAX {
+            let each = usize::from(shared_host_worker_threads(nodes));
+            assert!(each >= 1, "{nodes} nodes get no thread");
+            if usize::from(nodes) <= cores {
+                assert!(
+                    each * usize::from(nodes) <= cores,
+                    "{nodes} nodes get {each} each"
+                );
+                assert!(
+                    (each + 1) * usize::from(nodes) > cores,
+                    "{nodes} nodes leave cores idle"
+                );
+            } else {
+                assert_eq!(each, 1);
+            }
+        }
+    }
 
     #[test]
     fn plan_lays_out_ports_dirs_and_logs() {

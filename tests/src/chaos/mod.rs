@@ -36,6 +36,7 @@ use crate::netns::{self, Fabric};
 /// written out because the test harness runs slower elections otherwise.
 const SHIPPED_RAFT_TIMING: &str =
     "election_timeout_ms_min = 200\nelection_timeout_ms_max = 400\nheartbeat_interval_ms = 50\n";
+use crate::cluster::shared_host_worker_threads;
 use crate::{phase, ClusterOptions, TestCluster};
 
 pub use bank::BankSummary;
@@ -416,6 +417,10 @@ async fn run_on(
         ),
         proxied,
         netns: fabric,
+        // The nodes share this host's cores, as `lmskv local up` shares
+        // them, so the nemesis also runs against nodes with one worker
+        // thread each on a small host.
+        worker_threads: Some(shared_host_worker_threads(opts.nodes)),
     })
     .await?;
     phase!("cluster network: {}", cluster.network());
