@@ -30,19 +30,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::netns::{self, Fabric};
-
-/// The node's default Raft timing (`FileConfig::default` in the node crate),
-/// written out because the test harness runs slower elections otherwise.
-const SHIPPED_RAFT_TIMING: &str =
-    "election_timeout_ms_min = 200\nelection_timeout_ms_max = 400\nheartbeat_interval_ms = 50\n";
 use crate::cluster::shared_host_worker_threads;
+use crate::netns::{self, Fabric};
 use crate::{phase, ClusterOptions, TestCluster};
 
 pub use bank::BankSummary;
 pub use failover::{FailoverTracker, Probes};
 pub use report::{ChaosReport, FailoverStats, Linearizable, NemesisCounts};
 pub use stats::OpStats;
+
+/// The node's default Raft timing (`FileConfig::default` in the node crate),
+/// written out because the test harness runs slower elections otherwise.
+const SHIPPED_RAFT_TIMING: &str =
+    "election_timeout_ms_min = 200\nelection_timeout_ms_max = 400\nheartbeat_interval_ms = 50\n";
 
 /// Longest run the options accept.
 pub const DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
