@@ -68,6 +68,10 @@ pub struct FileConfig {
     /// Whether the appends (and heartbeats) of every range to a peer share
     /// one long-lived gRPC stream; with `false` each is its own call.
     pub raft_append_stream: bool,
+    /// Appends of one range a leader keeps in flight to a peer on that
+    /// stream: the next reaches the follower while it syncs the last
+    /// (1: one at a time, each sent when the last is answered).
+    pub raft_append_pipeline: usize,
 }
 
 impl Default for FileConfig {
@@ -101,9 +105,13 @@ impl Default for FileConfig {
             balance_leaders: true,
             recover_from_peers: true,
             raft_append_stream: true,
+            raft_append_pipeline: RAFT_APPEND_PIPELINE_DEFAULT,
         }
     }
 }
+
+/// See [`FileConfig::raft_append_pipeline`].
+pub const RAFT_APPEND_PIPELINE_DEFAULT: usize = 4;
 
 /// Longest `id_len` of a [`SplitRow`].
 pub const SPLIT_ROW_ID_BYTES_MAX: usize = 256;
@@ -183,6 +191,13 @@ impl NodeConfig {
             return Err(format!(
                 "proposals_in_flight_max must be 1 to {}",
                 crate::raft::proposals::PROPOSALS_IN_FLIGHT_LIMIT
+            ));
+        }
+        if f.raft_append_pipeline == 0 || f.raft_append_pipeline > crate::raft::APPEND_PIPELINE_MAX
+        {
+            return Err(format!(
+                "raft_append_pipeline must be 1 to {}",
+                crate::raft::APPEND_PIPELINE_MAX
             ));
         }
         if f.write_timeout_ms < 100 || f.read_timeout_ms < 100 {
@@ -386,6 +401,23 @@ mod tests {
         let mut c = cfg();
         c.file.split_qps_duration_s = 0;
         assert!(c.validate().unwrap_err().contains("split_qps_duration_s"));
+    }
+
+    #[test]
+    fn raft_append_pipeline_is_1_to_its_max() {
+        for (n, ok) in [(0, false), (1, true), (4, true), (32, true), (33, false)] {
+            let mut c = cfg();
+            c.file.raft_append_pipeline = n;
+            let r = c.validate();
+            assert_eq!(r.is_ok(), ok, "raft_append_pipeline = {n}");
+            if !ok {
+                assert!(r
+                    .unwrap_err()
+                    .contains("raft_append_pipeline must be 1 to 32"));
+            }
+        }
+        let f: FileConfig = toml::from_str("raft_append_pipeline = 1").unwrap();
+        assert_eq!(f.raft_append_pipeline, 1);
     }
 
     #[test]

@@ -254,7 +254,12 @@ impl Node {
         write_identity_file(&cfg.data_dir, &me)?;
         engine.put_node_identity(&serde_json::to_vec(&me)?)?;
         let (split_tx, split_rx) = mpsc::channel(SPLIT_QUEUE_MAX);
-        let pool = PeerPool::new(me.node_id, cfg.source_ip, cfg.file.raft_append_stream);
+        let pool = PeerPool::new(
+            me.node_id,
+            cfg.source_ip,
+            cfg.file.raft_append_stream,
+            cfg.file.raft_append_pipeline,
+        );
         let node = Arc::new(Node {
             pd: Pd::new(&cfg),
             cfg,
@@ -1073,7 +1078,7 @@ async fn wait_until_peers_can_rebuild(cfg: &NodeConfig) -> anyhow::Result<()> {
             cfg.data_dir.display()
         );
     }
-    let pool = PeerPool::new(cfg.node_id, cfg.source_ip, false);
+    let pool = PeerPool::new(cfg.node_id, cfg.source_ip, false, 1);
     let mut attempt = 0u64;
     loop {
         match peers_can_rebuild(cfg.node_id, &pool, &peers).await {

@@ -18,7 +18,7 @@ mod state_machine;
 mod store_suite;
 mod stream;
 
-pub use network::{ChannelMaker, PeerPool, RAFT_RPC_TIMEOUT_MIN};
+pub use network::{ChannelMaker, PeerPool, APPEND_PIPELINE_MAX, RAFT_RPC_TIMEOUT_MIN};
 pub use proposals::PROPOSALS_IN_FLIGHT_MAX;
 pub use replica::{RaftTuning, RangeReplica, ReadLevel, ReplicaMap, ReplicaStatus};
 pub use service::RaftService;

@@ -1,22 +1,26 @@
 //! Outgoing Raft transport: one HTTP/2 channel per peer node, shared by every
 //! range, with the range id in every message.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use lmskv_proto::limits::GRPC_MESSAGE_BYTES_MAX;
 use lmskv_proto::v1::raft_client::RaftClient;
 use lmskv_proto::v1::{RaftMessage, SnapshotChunk};
-use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::alias::{LogIdOf, SnapshotOf, VoteOf};
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::entry::RaftEntry;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
-use openraft::RaftNetworkV2;
+use openraft::{OptionalSend, RaftNetworkV2};
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint};
 
@@ -34,6 +38,8 @@ const SNAPSHOT_STREAM_CHUNKS_MAX: usize = 4;
 /// again, its work wasted. openraft's heartbeat worker keeps its own
 /// timeout, so heartbeats are unaffected.
 pub const RAFT_RPC_TIMEOUT_MIN: Duration = Duration::from_millis(500);
+/// Most appends of one range a leader keeps in flight to a peer.
+pub const APPEND_PIPELINE_MAX: usize = 32;
 
 /// Makes the channel to a peer from its configured endpoint, in place of a
 /// TCP connection: the simulation (crate `lmskv-sim`) carries Raft traffic
@@ -56,6 +62,9 @@ pub struct PeerPool {
     rpc_timeout_min: Duration,
     /// Whether appends go over one stream per peer (see [`super::stream`]).
     append_stream: bool,
+    /// Appends of one range kept in flight to a peer on its stream (1: one
+    /// at a time, each sent when the last is answered).
+    append_pipeline: usize,
     streams: Mutex<HashMap<String, Arc<AppendStream>>>,
 }
 
@@ -70,11 +79,14 @@ impl std::fmt::Debug for PeerPool {
 
 impl PeerPool {
     /// An empty pool for the node `local_id`; with `append_stream`, appends
-    /// to each peer share one long-lived stream (see [`super::stream`]).
+    /// to each peer share one long-lived stream (see [`super::stream`]), on
+    /// which each range keeps up to `append_pipeline` appends in flight
+    /// (at least 1, at most [`APPEND_PIPELINE_MAX`]).
     pub fn new(
         local_id: u64,
         source_ip: Option<std::net::IpAddr>,
         append_stream: bool,
+        append_pipeline: usize,
     ) -> Arc<Self> {
         Arc::new(PeerPool {
             local_id,
@@ -84,6 +96,7 @@ impl PeerPool {
             inline_reads: false,
             rpc_timeout_min: RAFT_RPC_TIMEOUT_MIN,
             append_stream,
+            append_pipeline: append_pipeline.clamp(1, APPEND_PIPELINE_MAX),
             streams: Mutex::new(HashMap::new()),
         })
     }
@@ -110,6 +123,7 @@ impl PeerPool {
             inline_reads,
             rpc_timeout_min,
             append_stream: false,
+            append_pipeline: 1,
             streams: Mutex::new(HashMap::new()),
         })
     }
@@ -181,6 +195,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             hibernating: self.hibernating.clone(),
             inline_reads: self.pool.inline_reads,
             rpc_timeout_min: self.pool.rpc_timeout_min,
+            pipeline: self.pool.append_pipeline,
         }
     }
 }
@@ -198,6 +213,8 @@ pub struct PeerClient {
     inline_reads: bool,
     /// See [`PeerPool::with_channel_maker`].
     rpc_timeout_min: Duration,
+    /// Appends kept in flight on the stream (see [`PeerPool::new`]).
+    pipeline: usize,
 }
 
 /// A snapshot file being sent: read through tokio (each read on a blocking
@@ -284,6 +301,212 @@ impl PeerClient {
     }
 }
 
+/// One append's outcome as openraft's streams carry it.
+type Appended = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+
+/// An append ready to go: its message and the log ids it covers.
+struct Outgoing {
+    msg: RaftMessage,
+    prev: Option<LogIdOf<TypeConfig>>,
+    last: Option<LogIdOf<TypeConfig>>,
+}
+
+/// An append sent and not answered yet.
+struct InFlight {
+    prev: Option<LogIdOf<TypeConfig>>,
+    last: Option<LogIdOf<TypeConfig>>,
+    deadline: tokio::time::Instant,
+    reply: Pending,
+}
+
+/// Where an append's answer comes from.
+enum Pending {
+    /// A frame on the peer's append stream.
+    Streamed(tokio::sync::oneshot::Receiver<super::stream::Reply>),
+    /// A call of its own.
+    Alone(futures::future::BoxFuture<'static, Result<RaftMessage, tonic::Status>>),
+}
+
+/// One range's appends to one peer, up to `PeerClient::pipeline` in
+/// flight on the peer's append stream, their results yielded in the order
+/// they were sent (the peer's `AppendPipe` serves them in that order).
+///
+/// The leader's next append thus reaches the follower while it still
+/// syncs the last one, instead of a round trip after. An append too large
+/// for the stream, or one the stream cannot take, goes alone once every
+/// append before it is answered, and the next waits for it: the order
+/// holds either way. The stream ends after an error, a refusal (conflict,
+/// higher vote) or a partial success; openraft starts a new one from the
+/// answer.
+struct Pipeline<'s, S> {
+    peer: &'s PeerClient,
+    stream: Arc<AppendStream>,
+    input: S,
+    input_done: bool,
+    /// Longest an append may wait for its answer once sent.
+    ttl: Duration,
+    in_flight: VecDeque<InFlight>,
+    /// An append to send alone once `in_flight` is empty.
+    held: Option<Outgoing>,
+}
+
+impl<'s, S> Pipeline<'s, S>
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin + Send + 's,
+{
+    fn into_stream(self) -> BoxStream<'s, Appended> {
+        Box::pin(futures::stream::unfold(Some(self), |p| async move {
+            let mut p = p?;
+            let (item, more) = p.next_result().await?;
+            Some((item, more.then_some(p)))
+        }))
+    }
+
+    /// The next append's result, and whether the stream goes on after it;
+    /// `None` once the input is done and every append answered.
+    async fn next_result(&mut self) -> Option<(Appended, bool)> {
+        loop {
+            if self.in_flight.is_empty() {
+                if let Some(out) = self.held.take() {
+                    if let Err(e) = self.send_alone(out) {
+                        return Some((Err(e), false));
+                    }
+                }
+            }
+            let alone_first = matches!(
+                self.in_flight.front(),
+                Some(InFlight {
+                    reply: Pending::Alone(_),
+                    ..
+                })
+            );
+            let fill = !self.input_done
+                && self.held.is_none()
+                && !alone_first
+                && self.in_flight.len() < self.peer.pipeline;
+            if self.in_flight.is_empty() && !fill {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                answered = first_answer(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    let sent = self.in_flight.pop_front().expect("the first append was answered");
+                    return Some(self.result_of(sent, answered));
+                }
+                next = self.input.next(), if fill => match next {
+                    None => self.input_done = true,
+                    Some(req) => {
+                        if let Err(e) = self.send(req) {
+                            return Some((Err(e), false));
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn send(&mut self, req: AppendEntriesRequest<TypeConfig>) -> Result<(), RPCError<TypeConfig>> {
+        let prev = req.prev_log_id;
+        let last = req.entries.last().map(|e| e.log_id()).or(prev);
+        let hibernate = req.entries.is_empty()
+            && self
+                .peer
+                .hibernating
+                .load(std::sync::atomic::Ordering::Relaxed);
+        let payload = encode(&req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut msg = self.peer.message(payload);
+        msg.hibernate = hibernate;
+        let out = Outgoing { msg, prev, last };
+        if out.msg.payload.len() <= APPEND_STREAM_PAYLOAD_BYTES_MAX {
+            if let Some(rx) = self.stream.call(out.msg.clone()) {
+                self.in_flight.push_back(InFlight {
+                    prev: out.prev,
+                    last: out.last,
+                    deadline: tokio::time::Instant::now() + self.ttl,
+                    reply: Pending::Streamed(rx),
+                });
+                return Ok(());
+            }
+        }
+        if self.in_flight.is_empty() {
+            self.send_alone(out)
+        } else {
+            self.held = Some(out);
+            Ok(())
+        }
+    }
+
+    fn send_alone(&mut self, out: Outgoing) -> Result<(), RPCError<TypeConfig>> {
+        let mut client = self.peer.client()?;
+        let msg = out.msg;
+        self.in_flight.push_back(InFlight {
+            prev: out.prev,
+            last: out.last,
+            deadline: tokio::time::Instant::now() + self.ttl,
+            reply: Pending::Alone(Box::pin(async move {
+                client
+                    .append_entries(msg)
+                    .await
+                    .map(tonic::Response::into_inner)
+            })),
+        });
+        Ok(())
+    }
+
+    /// What the peer's answer (`None`: none in time) to `sent` means.
+    fn result_of(
+        &self,
+        sent: InFlight,
+        answered: Option<Result<RaftMessage, tonic::Status>>,
+    ) -> (Appended, bool) {
+        let failed = |e: String| (Err(RPCError::Network(NetworkError::from_string(e))), false);
+        let target = self.peer.target;
+        let reply = match answered {
+            None => {
+                return failed(format!(
+                    "raft append to node {target} timed out after {:?}",
+                    self.ttl
+                ))
+            }
+            Some(Err(status)) if is_refusal(&status) => {
+                return failed(format!("the append stream to node {target} is full"))
+            }
+            Some(Err(status)) => return (Err(status_to_rpc_error(status)), false),
+            Some(Ok(reply)) => reply,
+        };
+        if crc32fast::hash(&reply.payload) != reply.crc32 {
+            return failed("raft response checksum mismatch".into());
+        }
+        let resp: AppendEntriesResponse<TypeConfig> = match decode("raft response", &reply.payload)
+        {
+            Ok(r) => r,
+            Err(e) => return (Err(RPCError::Network(NetworkError::new(&e))), false),
+        };
+        let partial = match &resp {
+            AppendEntriesResponse::PartialSuccess(l) => Some(*l),
+            _ => None,
+        };
+        let result = resp.into_stream_result(sent.prev, sent.last);
+        let more = result.is_ok() && partial.is_none_or(|p| p == sent.last);
+        (Ok(result), more)
+    }
+}
+
+/// The answer to the first append in flight; `None` when its time is up.
+async fn first_answer(
+    in_flight: &mut VecDeque<InFlight>,
+) -> Option<Result<RaftMessage, tonic::Status>> {
+    let first = in_flight.front_mut().expect("an append in flight");
+    let deadline = first.deadline;
+    let answer = match &mut first.reply {
+        Pending::Streamed(rx) => tokio::time::timeout_at(deadline, rx).await.map(|r| {
+            r.unwrap_or_else(|_| Err(tonic::Status::unavailable("the append stream stopped")))
+        }),
+        Pending::Alone(call) => tokio::time::timeout_at(deadline, call).await,
+    };
+    answer.ok()
+}
+
 fn status_to_rpc_error(status: tonic::Status) -> RPCError<TypeConfig> {
     match status.code() {
         tonic::Code::Unavailable | tonic::Code::NotFound => RPCError::Unreachable(unreachable(
@@ -299,6 +522,33 @@ fn status_to_rpc_error(status: tonic::Status) -> RPCError<TypeConfig> {
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotFile;
+
+    /// With a pipeline deeper than one on the peer's append stream, the
+    /// range's appends go as [`Pipeline`] sends them; otherwise one at a
+    /// time, each when the last is answered (openraft's sequential way).
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Appended>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        let stream = match &self.stream {
+            Some(s) if self.pipeline > 1 => s.clone(),
+            _ => return stream_append_sequential(self, input, option),
+        };
+        let pipeline = Pipeline {
+            ttl: option.hard_ttl().max(self.rpc_timeout_min),
+            peer: self,
+            stream,
+            input,
+            input_done: false,
+            in_flight: VecDeque::new(),
+            held: None,
+        };
+        Box::pin(async move { Ok(pipeline.into_stream()) })
+    }
 
     async fn append_entries(
         &mut self,

@@ -145,6 +145,120 @@ impl std::ops::Deref for InUse<'_> {
     }
 }
 
+/// Appends an [`AppendPipe`] holds, queued or in the group; more are refused.
+const APPEND_PIPE_MAX: usize = 64;
+
+/// What an append sent into a pipe comes back with: the encoded
+/// `AppendEntriesResponse`, or why it was not served.
+pub type PipedReply = tokio::sync::oneshot::Receiver<Result<Vec<u8>, Error>>;
+
+/// A follower's ordered intake for the appends of one range that arrive on
+/// one append stream. openraft's `Raft::stream_append` hands them to the
+/// group in arrival order and answers them in that order, each once its
+/// entries are durable. A leader that keeps several appends of a range in
+/// flight (`raft_append_pipeline`) thus has the next one queued here while
+/// this replica syncs the last; served one by one, concurrently, appends
+/// could reach the group out of order and be refused as conflicts.
+pub struct AppendPipe {
+    raft: Raft,
+    /// The group load this pipe feeds (see `RangeReplica::loads`).
+    load: u64,
+    requests: tokio::sync::mpsc::Sender<AppendEntriesRequest<TypeConfig>>,
+    /// One entry per append, in the same order, entered before the append.
+    waiting: tokio::sync::mpsc::Sender<PipedAppend>,
+}
+
+impl std::fmt::Debug for AppendPipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppendPipe")
+            .field("load", &self.load)
+            .finish()
+    }
+}
+
+/// An append in a pipe, waiting for its answer.
+struct PipedAppend {
+    reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, Error>>,
+    /// An entry-less append from a hibernating leader (see `handle_append`).
+    sleep: bool,
+    received: std::time::Instant,
+    leader_commit: u64,
+    /// The group is not parked while an append runs.
+    _user: User,
+}
+
+/// Counts as a call holding the live group (see `RangeReplica::users`)
+/// until dropped.
+struct User(Arc<RangeReplica>);
+
+impl Drop for User {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Why an append did not enter a pipe.
+#[derive(Debug)]
+pub enum PipeRefusal {
+    /// The pipe ended, or its group was parked or loaded again since it
+    /// opened: the append needs another pipe (or to be served alone).
+    Ended,
+    /// The append is answered with this error.
+    Refused(Error),
+}
+
+impl AppendPipe {
+    /// Sends the append `payload` of `replica` (the one this pipe was
+    /// opened on) into the pipe, behind the appends sent before it.
+    pub fn send(
+        &self,
+        replica: &Arc<RangeReplica>,
+        payload: &[u8],
+        hibernate: bool,
+    ) -> Result<PipedReply, PipeRefusal> {
+        // Counted before the group is looked at, as in `RangeReplica::raft`.
+        replica.users.fetch_add(1, Ordering::SeqCst);
+        let user = User(replica.clone());
+        if self.waiting.is_closed()
+            || replica.loads.load(Ordering::SeqCst) != self.load
+            || replica.is_parked()
+        {
+            return Err(PipeRefusal::Ended);
+        }
+        let req: AppendEntriesRequest<TypeConfig> = decode("append entries", payload)
+            .map_err(|e| PipeRefusal::Refused(Error::invalid_argument("payload", e.to_string())))?;
+        let sleep = hibernate && req.entries.is_empty();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let waiting = PipedAppend {
+            reply,
+            sleep,
+            received: std::time::Instant::now(),
+            leader_commit: req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0),
+            _user: user,
+        };
+        match self.waiting.try_send(waiting) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                return Err(PipeRefusal::Ended)
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                return Err(PipeRefusal::Refused(Error::unavailable(format!(
+                    "range {}: {APPEND_PIPE_MAX} appends are waiting already; send again",
+                    replica.range_id
+                ))))
+            }
+        }
+        if sleep {
+            replica.fall_asleep(&self.raft);
+        }
+        // Never full: every append in `requests` has its entry in
+        // `waiting`, which had room for this one. When the group's side has
+        // closed, the pipe answers the entry just made.
+        let _ = self.requests.try_send(req);
+        Ok(answer)
+    }
+}
+
 /// This node's replica of one range.
 pub struct RangeReplica {
     range_id: u64,
@@ -174,6 +288,9 @@ pub struct RangeReplica {
     /// The group led its range when it parked: the next request that needs
     /// a leader campaigns first.
     led_when_parked: AtomicBool,
+    /// Times the group was loaded after parking: an append pipe feeds the
+    /// group that was live when it opened (see [`AppendPipe`]).
+    loads: std::sync::atomic::AtomicU64,
     /// When a client request or proposal last touched the range.
     last_activity: Mutex<std::time::Instant>,
     /// When this replica last accepted AppendEntries from a leader, and that
@@ -331,6 +448,7 @@ impl RangeReplica {
             dormant: AtomicBool::new(false),
             asleep_since: Mutex::new(std::time::Instant::now()),
             led_when_parked: AtomicBool::new(false),
+            loads: std::sync::atomic::AtomicU64::new(0),
             last_activity: Mutex::new(std::time::Instant::now()),
             leader_contact: Mutex::new(None),
             proposals: Mutex::new(Proposals::with_slots(slots)),
@@ -455,6 +573,7 @@ impl RangeReplica {
             rc.elect(false);
             rc.tick(false);
         }
+        self.loads.fetch_add(1, Ordering::SeqCst);
         *self.group.write().expect("group lock") = Group::Live(raft.clone());
         tracing::debug!(range_id = self.range_id, "range group loaded");
         Ok(raft)
@@ -1433,11 +1552,8 @@ impl RangeReplica {
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
         let sleep = hibernate && req.entries.is_empty();
         let raft = self.raft().await?;
-        if sleep && !self.dormant.swap(true, Ordering::Relaxed) {
-            *self.asleep_since.lock().expect("asleep lock") = std::time::Instant::now();
-            let rc = raft.runtime_config();
-            rc.elect(false);
-            rc.tick(false);
+        if sleep {
+            self.fall_asleep(&raft);
         }
         let received = std::time::Instant::now();
         let leader_commit = req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0);
@@ -1454,6 +1570,82 @@ impl RangeReplica {
             *self.leader_contact.lock().expect("contact lock") = Some((received, leader_commit));
         }
         encode(&resp).map_err(|e| Error::internal(e.to_string()))
+    }
+
+    /// A pipe into the live group for the appends of one append stream
+    /// (see [`AppendPipe`]); `None` while the group is parked (the append
+    /// is then served alone, which loads it).
+    pub fn open_append_pipe(self: &Arc<Self>) -> Option<AppendPipe> {
+        let load = self.loads.load(Ordering::SeqCst);
+        let raft = self.live()?;
+        let (requests, requests_rx) = tokio::sync::mpsc::channel(APPEND_PIPE_MAX);
+        let (waiting, waiting_rx) = tokio::sync::mpsc::channel(APPEND_PIPE_MAX);
+        tokio::spawn(
+            self.clone()
+                .run_append_pipe(raft.clone(), requests_rx, waiting_rx),
+        );
+        Some(AppendPipe {
+            raft,
+            load,
+            requests,
+            waiting,
+        })
+    }
+
+    /// Feeds a pipe's appends to the group in order and answers each, in
+    /// the same order, once the group has made its entries durable. Ends
+    /// when the group refuses one (a conflict or a higher vote: the leader
+    /// starts over from the answer), when the group stops, or when the
+    /// stream that opened the pipe is gone; appends still waiting then are
+    /// answered as unavailable, to be sent again.
+    async fn run_append_pipe(
+        self: Arc<Self>,
+        raft: Raft,
+        requests: tokio::sync::mpsc::Receiver<AppendEntriesRequest<TypeConfig>>,
+        mut waiting: tokio::sync::mpsc::Receiver<PipedAppend>,
+    ) {
+        use futures::StreamExt;
+        let answers = raft.stream_append(tokio_stream::wrappers::ReceiverStream::new(requests));
+        let mut answers = std::pin::pin!(answers);
+        while let Some(answer) = answers.next().await {
+            // Every append enters `waiting` before the group sees it.
+            let Some(w) = waiting.recv().await else {
+                break;
+            };
+            let reply = match answer {
+                Ok(result) => {
+                    if !w.sleep {
+                        self.wake_follower_in(&raft);
+                    }
+                    if result.is_ok() {
+                        *self.leader_contact.lock().expect("contact lock") =
+                            Some((w.received, w.leader_commit));
+                    }
+                    encode(&AppendEntriesResponse::<TypeConfig>::from(result))
+                        .map_err(|e| Error::internal(e.to_string()))
+                }
+                Err(fatal) => Err(self.fatal(fatal)),
+            };
+            let _ = w.reply.send(reply);
+        }
+        waiting.close();
+        while let Some(w) = waiting.recv().await {
+            let _ = w.reply.send(Err(Error::unavailable(format!(
+                "range {}: the append pipe ended; send again",
+                self.range_id
+            ))));
+        }
+    }
+
+    /// A follower told by its leader that the range hibernates stops its
+    /// election timer (see `handle_append`).
+    fn fall_asleep(&self, raft: &Raft) {
+        if !self.dormant.swap(true, Ordering::Relaxed) {
+            *self.asleep_since.lock().expect("asleep lock") = std::time::Instant::now();
+            let rc = raft.runtime_config();
+            rc.elect(false);
+            rc.tick(false);
+        }
     }
 
     /// Handles a Vote payload.
@@ -1695,7 +1887,7 @@ mod tests {
         let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
         let r = RangeReplica::open(
             engine,
-            PeerPool::new(1, None, false),
+            PeerPool::new(1, None, false, 1),
             lmskv_proto::range::META_RANGE_ID,
             dir.path(),
             tuning(),

@@ -1,9 +1,11 @@
 //! Incoming Raft transport: the gRPC `Raft` service, which routes each message
 //! to the replica of the range it names.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use lmskv_proto::error::Error;
 use lmskv_proto::v1::raft_server::Raft;
 use lmskv_proto::v1::{RaftMessage, RaftStreamFrame, SnapshotChunk};
@@ -11,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::replica::{RangeReplica, ReplicaMap};
+use super::replica::{AppendPipe, PipeRefusal, PipedReply, RangeReplica, ReplicaMap};
 
 /// Appends of one `AppendStream` served at once; the stream is read no
 /// further until one is done (back-pressure on the sending peer).
@@ -89,26 +91,106 @@ impl RaftService {
 
     /// Serves one frame of an append stream as a unary AppendEntries.
     async fn stream_append(&self, frame: RaftStreamFrame) -> RaftStreamFrame {
-        let call_id = frame.call_id;
         let served = match frame.message {
             Some(msg) => Raft::append_entries(self, Request::new(msg))
                 .await
                 .map(Response::into_inner),
             None => Err(Error::invalid_argument("message", "frame carries no message").into()),
         };
-        match served {
-            Ok(m) => RaftStreamFrame {
-                call_id,
-                message: Some(m),
-                ..Default::default()
-            },
-            Err(s) => RaftStreamFrame {
-                call_id,
-                error_code: s.code() as i32,
-                error_message: s.message().to_string(),
-                ..Default::default()
-            },
+        frame_of(frame.call_id, served)
+    }
+
+    /// Serves one frame of an append stream: through the pipe of its range
+    /// when the range's group is live, so that its appends reach the group
+    /// in the order they came; alone otherwise (a parked group is loaded,
+    /// a range this node does not host yet is created, a bad frame is
+    /// answered with its error).
+    fn serve_frame(
+        &self,
+        frame: RaftStreamFrame,
+        pipes: &mut Pipes,
+    ) -> BoxFuture<'static, RaftStreamFrame> {
+        let call_id = frame.call_id;
+        if let Some(msg) = &frame.message {
+            if let Some(sent) = self.pipe(msg, pipes) {
+                let (range_id, to_node) = (msg.range_id, msg.from_node);
+                let me = self.node_id;
+                return Box::pin(async move {
+                    let served = match sent {
+                        Ok(answer) => match answer.await {
+                            Ok(Ok(payload)) => Ok(RaftMessage {
+                                range_id,
+                                from_node: me,
+                                to_node,
+                                crc32: crc32fast::hash(&payload),
+                                payload: Bytes::from(payload),
+                                hibernate: false,
+                            }),
+                            Ok(Err(e)) => Err(e.into()),
+                            Err(_) => {
+                                Err(Status::unavailable("the append pipe dropped the append"))
+                            }
+                        },
+                        Err(status) => Err(status),
+                    };
+                    frame_of(call_id, served)
+                });
+            }
         }
+        let svc = self.clone();
+        Box::pin(async move { svc.stream_append(frame).await })
+    }
+
+    /// Sends `msg` into its range's pipe, opening one when needed; `None`
+    /// when it is to be served alone.
+    fn pipe(&self, msg: &RaftMessage, pipes: &mut Pipes) -> Option<Result<PipedReply, Status>> {
+        // A message that `route` refuses is served alone, to be refused there.
+        if msg.to_node != self.node_id || crc32fast::hash(&msg.payload) != msg.crc32 {
+            return None;
+        }
+        let replica = self.replicas.get(msg.range_id).ok()?;
+        for _ in 0..2 {
+            let stale = pipes
+                .get(&msg.range_id)
+                .is_some_and(|(r, _)| !Arc::ptr_eq(r, &replica));
+            if stale || !pipes.contains_key(&msg.range_id) {
+                let pipe = replica.open_append_pipe()?;
+                // Pipes of ranges this node no longer hosts go with them.
+                pipes.retain(|id, (r, _)| {
+                    self.replicas.get(*id).is_ok_and(|now| Arc::ptr_eq(r, &now))
+                });
+                pipes.insert(msg.range_id, (replica.clone(), pipe));
+            }
+            let (_, pipe) = pipes.get(&msg.range_id)?;
+            match pipe.send(&replica, &msg.payload, msg.hibernate) {
+                Ok(answer) => return Some(Ok(answer)),
+                Err(PipeRefusal::Refused(e)) => return Some(Err(e.into())),
+                Err(PipeRefusal::Ended) => {
+                    pipes.remove(&msg.range_id);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The append pipes of one append stream, by range.
+type Pipes = HashMap<u64, (Arc<RangeReplica>, AppendPipe)>;
+
+/// The reply frame of call `call_id`.
+fn frame_of(call_id: u64, served: Result<RaftMessage, Status>) -> RaftStreamFrame {
+    match served {
+        Ok(m) => RaftStreamFrame {
+            call_id,
+            message: Some(m),
+            ..Default::default()
+        },
+        Err(s) => RaftStreamFrame {
+            call_id,
+            error_code: s.code() as i32,
+            error_message: s.message().to_string(),
+            ..Default::default()
+        },
     }
 }
 
@@ -126,14 +208,12 @@ impl Raft for RaftService {
         let svc = self.clone();
         tokio::spawn(async move {
             let mut running = FuturesUnordered::new();
+            let mut pipes = Pipes::new();
             let mut open = true;
             loop {
                 tokio::select! {
                     f = inbound.next(), if open && running.len() < APPEND_STREAM_CALLS_MAX => match f {
-                        Some(Ok(frame)) => {
-                            let svc = svc.clone();
-                            running.push(async move { svc.stream_append(frame).await });
-                        }
+                        Some(Ok(frame)) => running.push(svc.serve_frame(frame, &mut pipes)),
                         // The peer closed or broke its side: finish what runs.
                         Some(Err(_)) | None => open = false,
                     },
@@ -322,4 +402,151 @@ async fn receive_chunks(
     }
     file.sync_all().await.map_err(io)?;
     Ok(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::codec::{decode, encode};
+    use crate::raft::replica::RaftTuning;
+    use crate::raft::stream::AppendStream;
+    use crate::raft::{PeerPool, TypeConfig};
+    use crate::storage::{Engine, EngineOptions};
+    use lmskv_proto::v1::raft_server::RaftServer;
+    use openraft::alias::{EntryOf, LeaderIdOf, LogIdOf, VoteOf};
+    use openraft::entry::RaftEntry;
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+    use openraft::vote::RaftLeaderId;
+    use std::time::Duration;
+
+    const RANGE: u64 = 7;
+
+    fn tuning() -> RaftTuning {
+        RaftTuning {
+            election_timeout_ms_min: 150,
+            election_timeout_ms_max: 300,
+            heartbeat_interval_ms: 50,
+            snapshot_logs_since_last: 10_000,
+            snapshot_logs_to_keep: 1_000,
+            write_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            dedup_window: Duration::from_secs(600),
+            proposals_in_flight_max: crate::raft::proposals::PROPOSALS_IN_FLIGHT_MAX,
+        }
+    }
+
+    fn log_id(index: u64) -> LogIdOf<TypeConfig> {
+        LogIdOf::<TypeConfig>::new(LeaderIdOf::<TypeConfig>::new(1, 1).to_committed(), index)
+    }
+
+    /// Node 1's append to node 2 of the blank entries `first..=last`,
+    /// after `prev`, as leader of term 1.
+    fn append(prev: Option<u64>, first: u64, last: u64) -> RaftMessage {
+        let req = AppendEntriesRequest::<TypeConfig> {
+            vote: VoteOf::<TypeConfig>::new_committed(1, 1),
+            prev_log_id: prev.map(log_id),
+            entries: (first..=last)
+                .map(|i| EntryOf::<TypeConfig>::new_blank(log_id(i)))
+                .collect(),
+            leader_commit: None,
+        };
+        let payload = Bytes::from(encode(&req).unwrap());
+        RaftMessage {
+            range_id: RANGE,
+            from_node: 1,
+            to_node: 2,
+            crc32: crc32fast::hash(&payload),
+            payload,
+            hibernate: false,
+        }
+    }
+
+    async fn answer(rx: tokio::sync::oneshot::Receiver<super::super::stream::Reply>) -> String {
+        let reply = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("answered in time")
+            .expect("the driver answers every call")
+            .expect("the follower serves the append");
+        let resp: AppendEntriesResponse<TypeConfig> =
+            decode("append response", &reply.payload).unwrap();
+        resp.to_string()
+    }
+
+    /// A leader's appends of one range, sent back to back on an append
+    /// stream without waiting for answers (a pipelined leader), reach the
+    /// follower's group in the order they were sent: every one is accepted,
+    /// none refused as a conflict for a gap a later append would leave if
+    /// it overtook an earlier one. An append the group refuses ends the
+    /// range's pipe, and the next append, in order again, is served by a
+    /// new one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_streams_appends_reach_the_group_in_the_order_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EngineOptions {
+            block_cache_bytes: 4 << 20,
+            write_buffer_bytes: 4 << 20,
+        };
+        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
+        let replica = RangeReplica::open(
+            engine,
+            PeerPool::new(2, None, false, 1),
+            RANGE,
+            dir.path(),
+            tuning(),
+            Arc::new(|_| {}),
+        )
+        .await
+        .unwrap();
+        let replicas = Arc::new(ReplicaMap::default());
+        replicas.insert(replica.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServer::new(RaftService::new(2, replicas)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let stream = AppendStream::start(channel);
+
+        // As many at once as a leader keeps in flight at most.
+        const APPENDS: u64 = 10 * crate::raft::APPEND_PIPELINE_MAX as u64;
+        for burst in (0..APPENDS).step_by(crate::raft::APPEND_PIPELINE_MAX) {
+            let sent: Vec<_> = (burst..burst + crate::raft::APPEND_PIPELINE_MAX as u64)
+                .map(|i| {
+                    let m = append(i.checked_sub(1), i, i);
+                    (i, stream.call(m).expect("the stream takes the append"))
+                })
+                .collect();
+            for (i, rx) in sent {
+                let a = answer(rx).await;
+                assert_eq!(a, "Success", "append {i} was answered {a}");
+            }
+        }
+        assert_eq!(replica.status().last_log_index, APPENDS - 1);
+
+        // An append after entries the follower lacks is refused; the pipe
+        // that served it has ended.
+        let gap = answer(
+            stream
+                .call(append(Some(APPENDS + 10), APPENDS + 11, APPENDS + 11))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(gap, "Conflict");
+        // The next ones, in order, are served (by a new pipe).
+        for i in APPENDS..APPENDS + 3 {
+            let a = answer(stream.call(append(Some(i - 1), i, i)).unwrap()).await;
+            assert_eq!(
+                a, "Success",
+                "append {i} after the refusal was answered {a}"
+            );
+        }
+        assert_eq!(replica.status().last_log_index, APPENDS + 2);
+
+        replica.shutdown().await;
+        server.abort();
+    }
 }

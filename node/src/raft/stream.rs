@@ -5,8 +5,9 @@
 //! a frame on the stream, its reply a frame back, paired by a call id. This
 //! saves the per-request work of both ends (HTTP/2 stream set-up, headers
 //! and trailers, a server task per request). The peer serves the frames of a
-//! stream concurrently, as it serves unary calls, so ranges do not wait for
-//! one another.
+//! stream concurrently, so ranges do not wait for one another, and each
+//! range's in the order they came (see `AppendPipe`), so a leader may keep
+//! several appends of a range in flight (see `Pipeline` in `network.rs`).
 //!
 //! A driver task per peer owns the stream, opens it on first use and again
 //! after it breaks (the calls in flight on a broken stream fail; openraft
