@@ -110,8 +110,11 @@ impl Default for FileConfig {
     }
 }
 
-/// See [`FileConfig::raft_append_pipeline`].
-pub const RAFT_APPEND_PIPELINE_DEFAULT: usize = 4;
+/// See [`FileConfig::raft_append_pipeline`]. One at a time: on one host
+/// (loopback round trips far shorter than an fsync) a deeper pipeline cost
+/// CPU per put at 64 clients for no throughput (bench/findings.md); it is
+/// for links where the round trip matters.
+pub const RAFT_APPEND_PIPELINE_DEFAULT: usize = 1;
 
 /// Longest `id_len` of a [`SplitRow`].
 pub const SPLIT_ROW_ID_BYTES_MAX: usize = 256;

@@ -77,7 +77,15 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
         // Leader balancing off: the first node leads both the meta range and
         // the data range, so the kill also takes the placement driver down
         // while clients still need it to find the new leader.
-        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        // Leaders pipeline their appends (the default sends them one at a
+        // time), so a failover is also checked with several appends of a
+        // range in flight to the killed node and to the survivors.
+        let mut c = TestCluster::start(ClusterOptions {
+            config: "raft_append_pipeline = 4\n".into(),
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
         let old_leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
         let client = c.client();
 
