@@ -208,6 +208,11 @@ pub enum PipeRefusal {
 }
 
 impl AppendPipe {
+    /// Whether the pipe has ended (see `RangeReplica::run_append_pipe`).
+    pub fn is_ended(&self) -> bool {
+        self.waiting.is_closed()
+    }
+
     /// Sends the append `payload` of `replica` (the one this pipe was
     /// opened on) into the pipe, behind the appends sent before it.
     pub fn send(

@@ -20,6 +20,9 @@ use super::replica::{AppendPipe, PipeRefusal, PipedReply, RangeReplica, ReplicaM
 const APPEND_STREAM_CALLS_MAX: usize = 512;
 /// Replies of one `AppendStream` waiting to be written to it.
 const APPEND_STREAM_REPLIES_MAX: usize = 512;
+/// How often an `AppendStream` drops the append pipes of parked, removed
+/// or ended ranges.
+const APPEND_PIPES_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves Raft messages for every range hosted by this node.
 #[derive(Debug, Clone)]
@@ -155,10 +158,6 @@ impl RaftService {
                 .is_some_and(|(r, _)| !Arc::ptr_eq(r, &replica));
             if stale || !pipes.contains_key(&msg.range_id) {
                 let pipe = replica.open_append_pipe()?;
-                // Pipes of ranges this node no longer hosts go with them.
-                pipes.retain(|id, (r, _)| {
-                    self.replicas.get(*id).is_ok_and(|now| Arc::ptr_eq(r, &now))
-                });
                 pipes.insert(msg.range_id, (replica.clone(), pipe));
             }
             let (_, pipe) = pipes.get(&msg.range_id)?;
@@ -171,6 +170,17 @@ impl RaftService {
             }
         }
         None
+    }
+
+    /// Drops the pipes of ranges this node no longer hosts, of parked
+    /// groups and those that ended, so that idle ranges keep no pipe (and
+    /// no task) for long.
+    fn prune_pipes(&self, pipes: &mut Pipes) {
+        pipes.retain(|id, (r, pipe)| {
+            !pipe.is_ended()
+                && !r.is_parked()
+                && self.replicas.get(*id).is_ok_and(|now| Arc::ptr_eq(r, &now))
+        });
     }
 }
 
@@ -209,6 +219,8 @@ impl Raft for RaftService {
         tokio::spawn(async move {
             let mut running = FuturesUnordered::new();
             let mut pipes = Pipes::new();
+            let mut prune = tokio::time::interval(APPEND_PIPES_PRUNE_EVERY);
+            prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut open = true;
             loop {
                 tokio::select! {
@@ -217,6 +229,7 @@ impl Raft for RaftService {
                         // The peer closed or broke its side: finish what runs.
                         Some(Err(_)) | None => open = false,
                     },
+                    _ = prune.tick(), if open => svc.prune_pipes(&mut pipes),
                     Some(reply) = running.next(), if !running.is_empty() => {
                         if tx.send(Ok(reply)).await.is_err() {
                             return;
