@@ -1852,11 +1852,12 @@ impl ReplicaMap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::storage::EngineOptions;
 
-    fn tuning() -> RaftTuning {
+    /// Fast Raft timing for replicas in unit tests.
+    pub(crate) fn tuning() -> RaftTuning {
         RaftTuning {
             election_timeout_ms_min: 150,
             election_timeout_ms_max: 300,

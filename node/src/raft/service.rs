@@ -82,14 +82,12 @@ impl RaftService {
     }
 
     fn reply(&self, msg: &RaftMessage, payload: Vec<u8>) -> Response<RaftMessage> {
-        Response::new(RaftMessage {
-            range_id: msg.range_id,
-            from_node: self.node_id,
-            to_node: msg.from_node,
-            crc32: crc32fast::hash(&payload),
-            payload: Bytes::from(payload),
-            hibernate: false,
-        })
+        Response::new(reply_message(
+            msg.range_id,
+            self.node_id,
+            msg.from_node,
+            payload,
+        ))
     }
 
     /// Serves one frame of an append stream as a unary AppendEntries.
@@ -121,14 +119,7 @@ impl RaftService {
                 return Box::pin(async move {
                     let served = match sent {
                         Ok(answer) => match answer.await {
-                            Ok(Ok(payload)) => Ok(RaftMessage {
-                                range_id,
-                                from_node: me,
-                                to_node,
-                                crc32: crc32fast::hash(&payload),
-                                payload: Bytes::from(payload),
-                                hibernate: false,
-                            }),
+                            Ok(Ok(payload)) => Ok(reply_message(range_id, me, to_node, payload)),
                             Ok(Err(e)) => Err(e.into()),
                             Err(_) => {
                                 Err(Status::unavailable("the append pipe dropped the append"))
@@ -186,6 +177,18 @@ impl RaftService {
 
 /// The append pipes of one append stream, by range.
 type Pipes = HashMap<u64, (Arc<RangeReplica>, AppendPipe)>;
+
+/// A reply of node `from_node` to `to_node` about range `range_id`.
+fn reply_message(range_id: u64, from_node: u64, to_node: u64, payload: Vec<u8>) -> RaftMessage {
+    RaftMessage {
+        range_id,
+        from_node,
+        to_node,
+        crc32: crc32fast::hash(&payload),
+        payload: Bytes::from(payload),
+        hibernate: false,
+    }
+}
 
 /// The reply frame of call `call_id`.
 fn frame_of(call_id: u64, served: Result<RaftMessage, Status>) -> RaftStreamFrame {
@@ -316,14 +319,12 @@ impl Raft for RaftService {
             remove_file(&path, inline).await;
         }
         let payload = result?;
-        Ok(Response::new(RaftMessage {
-            range_id: replica.range_id(),
-            from_node: self.node_id,
-            to_node: 0,
-            crc32: crc32fast::hash(&payload),
-            payload: Bytes::from(payload),
-            hibernate: false,
-        }))
+        Ok(Response::new(reply_message(
+            replica.range_id(),
+            self.node_id,
+            0,
+            payload,
+        )))
     }
 }
 
@@ -421,7 +422,7 @@ async fn receive_chunks(
 mod tests {
     use super::*;
     use crate::raft::codec::{decode, encode};
-    use crate::raft::replica::RaftTuning;
+    use crate::raft::replica::tests::tuning;
     use crate::raft::stream::AppendStream;
     use crate::raft::{PeerPool, TypeConfig};
     use crate::storage::{Engine, EngineOptions};
@@ -433,20 +434,6 @@ mod tests {
     use std::time::Duration;
 
     const RANGE: u64 = 7;
-
-    fn tuning() -> RaftTuning {
-        RaftTuning {
-            election_timeout_ms_min: 150,
-            election_timeout_ms_max: 300,
-            heartbeat_interval_ms: 50,
-            snapshot_logs_since_last: 10_000,
-            snapshot_logs_to_keep: 1_000,
-            write_timeout: Duration::from_secs(5),
-            read_timeout: Duration::from_secs(5),
-            dedup_window: Duration::from_secs(600),
-            proposals_in_flight_max: crate::raft::proposals::PROPOSALS_IN_FLIGHT_MAX,
-        }
-    }
 
     fn log_id(index: u64) -> LogIdOf<TypeConfig> {
         LogIdOf::<TypeConfig>::new(LeaderIdOf::<TypeConfig>::new(1, 1).to_committed(), index)
