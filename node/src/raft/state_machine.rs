@@ -136,6 +136,11 @@ pub struct StateMachine {
     /// The latest proposal time applied here: compactions drop this range's
     /// dedup records that expired well before it (see the engine).
     dedup_clock: Arc<std::sync::atomic::AtomicU64>,
+    /// The applied state as last written by this state machine (or read
+    /// from the engine), so that an apply does not read it back from
+    /// RocksDB. Only this state machine writes its range's applied state
+    /// while the group runs (apply, snapshot install).
+    applied_cache: Arc<Mutex<Option<AppliedState>>>,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -171,6 +176,7 @@ impl StateMachine {
             current_snapshot: Arc::new(Mutex::new(None)),
             on_split,
             dedup_clock: engine.dedup_clock(range_id),
+            applied_cache: Arc::new(Mutex::new(None)),
         };
         // Remove partial files of builds or transfers that did not finish
         // (when a parked group is loaded again, a snapshot being received
@@ -262,10 +268,19 @@ impl StateMachine {
     }
 
     fn applied(&self) -> io::Result<AppliedState> {
-        Ok(self.stored_applied()?.unwrap_or_else(|| AppliedState {
-            desc: self.meta.read().expect("meta lock").clone(),
-            ..Default::default()
-        }))
+        if let Some(a) = self.applied_cache.lock().expect("applied lock").as_ref() {
+            return Ok(a.clone());
+        }
+        match self.stored_applied()? {
+            Some(a) => {
+                *self.applied_cache.lock().expect("applied lock") = Some(a.clone());
+                Ok(a)
+            }
+            None => Ok(AppliedState {
+                desc: self.meta.read().expect("meta lock").clone(),
+                ..Default::default()
+            }),
+        }
     }
 
     /// Makes `path` (with `meta`) the range's current snapshot and deletes older ones.
@@ -323,7 +338,9 @@ impl StateMachine {
             path,
             &encode(&applied)?,
         )?;
-        *self.meta.write().expect("meta lock") = with_members(applied.desc, &applied.membership);
+        *self.meta.write().expect("meta lock") =
+            with_members(applied.desc.clone(), &applied.membership);
+        *self.applied_cache.lock().expect("applied lock") = Some(applied);
         Ok(())
     }
 
@@ -665,14 +682,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let desc = with_members(desc, &membership);
-        batch.set_applied(&encode(&AppliedState {
+        let applied = AppliedState {
             last_applied,
             membership,
             desc: desc.clone(),
-        })?);
+        };
+        batch.set_applied(&encode(&applied)?);
         crate::fail_point!("apply-before-commit");
         batch.commit()?;
         crate::fail_point!("apply-after-commit");
+        *self.applied_cache.lock().expect("applied lock") = Some(applied);
         self.dedup_clock
             .fetch_max(last_time_ms, std::sync::atomic::Ordering::Relaxed);
         *self.meta.write().expect("meta lock") = desc;
