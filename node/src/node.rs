@@ -721,7 +721,7 @@ impl Node {
         // after a flush or compaction, or after a while: measuring every
         // idle range every heartbeat would cost more than the range itself.
         // A busy range is measured at most once every
-        // SIZE_MEASURES_HEARTBEATS heartbeats: a measurement walks its
+        // SIZE_MEASURE_HEARTBEATS heartbeats: a measurement walks its
         // memtable entries (old versions included), which under a steady
         // write load cost some 5% of the node's CPU when done every second.
         let measure_every = Duration::from_millis(

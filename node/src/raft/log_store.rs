@@ -50,7 +50,9 @@ static LOG_CACHE_TOTAL_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// The newest entries of one range's log, in memory: always a contiguous
 /// run that ends at the last entry appended (or empty), so a read starting
-/// inside it is answered from it alone.
+/// inside it is answered from it alone. Each entry owns its bytes, so the
+/// encoded sizes it counts are what it holds. The process-wide budget is
+/// checked without a lock and may be passed by the appends in flight.
 #[derive(Debug, Default)]
 pub struct LogCache {
     /// Entries in index order, each with its encoded size.
@@ -310,7 +312,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut cached = Vec::new();
         for e in entries {
             let payload = encode(&e)?;
-            cached.push((e.clone(), payload.len()));
+            // The cache keeps a copy decoded from the payload rather than the
+            // entry itself: a leader's entries hold keys and values that
+            // share the buffers its requests arrived in, which the cache
+            // would keep alive beyond what it counts.
+            let copy: EntryOf<TypeConfig> = decode("raft log entry", &payload)?;
+            cached.push((copy, payload.len()));
             batch.push((e.index(), payload));
         }
         if let Err(e) = self.engine.log_append(self.range_id, &batch) {
