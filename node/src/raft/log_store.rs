@@ -69,17 +69,21 @@ impl LogCache {
         self.entries.back().map(|(e, _)| e.index())
     }
 
+    /// Uncounts an entry of `n` encoded bytes that left the cache.
+    fn forget(&mut self, n: usize) {
+        self.bytes -= n;
+        LOG_CACHE_TOTAL_BYTES.fetch_sub(n, Ordering::Relaxed);
+    }
+
     fn pop_front(&mut self) {
         if let Some((_, n)) = self.entries.pop_front() {
-            self.bytes -= n;
-            LOG_CACHE_TOTAL_BYTES.fetch_sub(n, Ordering::Relaxed);
+            self.forget(n);
         }
     }
 
     fn pop_back(&mut self) {
         if let Some((_, n)) = self.entries.pop_back() {
-            self.bytes -= n;
-            LOG_CACHE_TOTAL_BYTES.fetch_sub(n, Ordering::Relaxed);
+            self.forget(n);
         }
     }
 
@@ -382,6 +386,24 @@ mod tests {
             .collect()
     }
 
+    /// A log store of `range_id` on a fresh engine (the directory lives
+    /// as long as the returned guard).
+    fn open_store(range_id: u64) -> (tempfile::TempDir, Arc<Engine>, LogStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(
+            Engine::open(&dir.path().join("db"), &EngineOptions::default()).expect("engine"),
+        );
+        let store = LogStore::new(engine.clone(), range_id);
+        (dir, engine, store)
+    }
+
+    async fn append_blanks(store: &mut LogStore, term: u64, from: u64, to: u64) {
+        store
+            .append(blanks(term, from, to), IOFlushed::noop())
+            .await
+            .expect("append");
+    }
+
     /// Every read through the cached store must return what the same read
     /// returns from the engine alone (a store without a cache of its own).
     async fn assert_reads_match(store: &mut LogStore, engine: &Arc<Engine>, last: u64) {
@@ -403,25 +425,15 @@ mod tests {
 
     #[tokio::test]
     async fn cached_reads_match_the_log_through_appends_truncations_and_purges() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let engine = Arc::new(
-            Engine::open(&dir.path().join("db"), &EngineOptions::default()).expect("engine"),
-        );
-        let mut store = LogStore::new(engine.clone(), 3);
-        store
-            .append(blanks(1, 1, 300), IOFlushed::noop())
-            .await
-            .expect("append");
+        let (_dir, engine, mut store) = open_store(3);
+        append_blanks(&mut store, 1, 1, 300).await;
         assert_reads_match(&mut store, &engine, 300).await;
         // A new leader overwrites the tail.
         store
             .truncate_after(Some(log_id(1, 250)))
             .await
             .expect("truncate");
-        store
-            .append(blanks(2, 251, 270), IOFlushed::noop())
-            .await
-            .expect("append");
+        append_blanks(&mut store, 2, 251, 270).await;
         assert_reads_match(&mut store, &engine, 270).await;
         let tail = store.try_get_log_entries(260..300).await.expect("read");
         assert_eq!(ids(&tail), (260..=270).map(|i| (2, i)).collect::<Vec<_>>());
@@ -432,27 +444,17 @@ mod tests {
         // Appends that do not follow the cached entries (after a snapshot
         // moved the log on) replace them.
         store.purge(log_id(2, 270)).await.expect("purge");
-        store
-            .append(blanks(3, 500, 510), IOFlushed::noop())
-            .await
-            .expect("append");
+        append_blanks(&mut store, 3, 500, 510).await;
         let read = store.try_get_log_entries(500..600).await.expect("read");
         assert_eq!(ids(&read), (500..=510).map(|i| (3, i)).collect::<Vec<_>>());
     }
 
     #[tokio::test]
     async fn the_cache_keeps_only_the_newest_entries_and_older_ones_come_from_the_engine() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let engine = Arc::new(
-            Engine::open(&dir.path().join("db"), &EngineOptions::default()).expect("engine"),
-        );
-        let mut store = LogStore::new(engine.clone(), 4);
+        let (_dir, engine, mut store) = open_store(4);
         let n = (LOG_CACHE_ENTRIES_MAX as u64) * 2 + 10;
         for from in (1..=n).step_by(100) {
-            store
-                .append(blanks(1, from, (from + 99).min(n)), IOFlushed::noop())
-                .await
-                .expect("append");
+            append_blanks(&mut store, 1, from, (from + 99).min(n)).await;
         }
         {
             let cache = store.cache();
