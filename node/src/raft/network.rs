@@ -15,7 +15,7 @@ use openraft::alias::{LogIdOf, SnapshotOf, VoteOf};
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::entry::RaftEntry;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory};
+use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
     VoteResponse,
@@ -40,6 +40,10 @@ const SNAPSHOT_STREAM_CHUNKS_MAX: usize = 4;
 pub const RAFT_RPC_TIMEOUT_MIN: Duration = Duration::from_millis(500);
 /// Most appends of one range a leader keeps in flight to a peer.
 pub const APPEND_PIPELINE_MAX: usize = 32;
+/// Longest an entry-less append that only tells a follower the new commit
+/// index waits for the range's next append, which carries that index too
+/// and goes in its place (see [`one_at_a_time`]).
+pub const COMMIT_NOTICE_WAIT: Duration = Duration::from_millis(1);
 
 /// Makes the channel to a peer from its configured endpoint, in place of a
 /// TCP connection: the simulation (crate `lmskv-sim`) carries Raft traffic
@@ -507,6 +511,74 @@ async fn first_answer(
     answer.ok()
 }
 
+/// A range's appends to one peer one at a time, each sent when the last is
+/// answered, as openraft's own sequential stream does, with one change: an
+/// entry-less append that only carries a new commit index waits up to
+/// [`COMMIT_NOTICE_WAIT`] for the range's next append and is dropped when
+/// one comes.
+///
+/// On a steady leader every commit is followed by such a notice, and the
+/// next append (the next client write) often comes a fraction of a
+/// millisecond later. Sent at once, the notice is a round trip of its own
+/// that the next append has to wait behind; dropped, the next append
+/// carries the newer commit index instead (openraft fills in the latest one
+/// when it makes the request) and its answer acknowledges both: the
+/// notice's log id is the next append's previous one, and openraft's
+/// in-flight queue drains every request an answer covers. A follower
+/// therefore learns of a commit up to [`COMMIT_NOTICE_WAIT`] later when no
+/// write follows. Hibernation heartbeats are never held, and neither is a
+/// notice that ends the input (a one-request probe).
+fn one_at_a_time<'s, S>(
+    peer: &'s mut PeerClient,
+    input: S,
+    option: RPCOption,
+) -> BoxFuture<'s, Result<BoxStream<'s, Appended>, RPCError<TypeConfig>>>
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+{
+    let strm = futures::stream::unfold(Some((peer, input)), move |state| {
+        let option = option.clone();
+        async move {
+            let (peer, mut input) = state?;
+            let mut req = input.next().await?;
+            let mut input_done = false;
+            if req.entries.is_empty()
+                && !peer.hibernating.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let until = tokio::time::Instant::now() + COMMIT_NOTICE_WAIT;
+                while req.entries.is_empty() {
+                    match tokio::time::timeout_at(until, input.next()).await {
+                        // A later request carries a commit index at least
+                        // as new, from the same previous log id on.
+                        Ok(Some(next)) => req = next,
+                        Ok(None) => {
+                            input_done = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let prev = req.prev_log_id;
+            let last = req.entries.last().map(|e| e.log_id()).or(prev);
+            match peer.append_entries(req, option).await {
+                Ok(resp) => {
+                    let partial = match &resp {
+                        AppendEntriesResponse::PartialSuccess(l) => Some(*l),
+                        _ => None,
+                    };
+                    let result = resp.into_stream_result(prev, last);
+                    let more = !input_done && result.is_ok() && partial.is_none_or(|p| p == last);
+                    Some((Ok(result), more.then_some((peer, input))))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        }
+    });
+    let strm: BoxStream<'s, Appended> = Box::pin(strm);
+    Box::pin(async move { Ok(strm) })
+}
+
 fn status_to_rpc_error(status: tonic::Status) -> RPCError<TypeConfig> {
     match status.code() {
         tonic::Code::Unavailable | tonic::Code::NotFound => RPCError::Unreachable(unreachable(
@@ -536,7 +608,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     {
         let stream = match &self.stream {
             Some(s) if self.pipeline > 1 => s.clone(),
-            _ => return stream_append_sequential(self, input, option),
+            _ => return one_at_a_time(self, input, option),
         };
         let pipeline = Pipeline {
             ttl: option.hard_ttl().max(self.rpc_timeout_min),
@@ -704,5 +776,153 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         }
         decode("snapshot response", &resp.payload)
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::replica::tests::tuning;
+    use crate::raft::replica::{RangeReplica, ReplicaMap};
+    use crate::raft::service::RaftService;
+    use crate::storage::{Engine, EngineOptions};
+    use lmskv_proto::v1::raft_server::RaftServer;
+    use openraft::alias::{EntryOf, LeaderIdOf};
+    use openraft::vote::RaftLeaderId;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const RANGE: u64 = 9;
+
+    fn log_id(index: u64) -> LogIdOf<TypeConfig> {
+        LogIdOf::<TypeConfig>::new(LeaderIdOf::<TypeConfig>::new(1, 1).to_committed(), index)
+    }
+
+    /// Node 1's append, as leader of term 1, of the blank entries
+    /// `entries` after `prev`, telling the follower `commit` is committed.
+    fn append(
+        prev: Option<u64>,
+        entries: std::ops::Range<u64>,
+        commit: Option<u64>,
+    ) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: VoteOf::<TypeConfig>::new_committed(1, 1),
+            prev_log_id: prev.map(log_id),
+            entries: entries
+                .map(|i| EntryOf::<TypeConfig>::new_blank(log_id(i)))
+                .collect(),
+            leader_commit: commit.map(log_id),
+        }
+    }
+
+    /// The index the follower acknowledged, or what went wrong.
+    async fn next_ack(results: &mut BoxStream<'_, Appended>) -> Result<Option<u64>, String> {
+        let r = tokio::time::timeout(Duration::from_secs(10), results.next())
+            .await
+            .map_err(|_| "no answer in time".to_string())?
+            .ok_or("the result stream ended")?;
+        match r {
+            Ok(Ok(matching)) => Ok(matching.map(|l| l.index)),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    /// A leader's entry-less commit notice is dropped when the range's next
+    /// append is already waiting (that append carries the commit index and
+    /// its answer covers both), is sent on its own when nothing follows,
+    /// and is never held while the leader hibernates. The follower is node
+    /// 2's real replica behind its real Raft service.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_notice_gives_way_to_the_next_append_and_goes_alone_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EngineOptions {
+            block_cache_bytes: 4 << 20,
+            write_buffer_bytes: 4 << 20,
+        };
+        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
+        let follower = RangeReplica::open(
+            engine,
+            PeerPool::new(2, None, false, 1),
+            RANGE,
+            dir.path(),
+            tuning(),
+            Arc::new(|_| {}),
+        )
+        .await
+        .unwrap();
+        let replicas = Arc::new(ReplicaMap::default());
+        replicas.insert(follower.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServer::new(RaftService::new(2, replicas)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let hibernating = Arc::new(AtomicBool::new(false));
+        let mut peer = PeerClient {
+            stream: Some(Arc::new(AppendStream::start(channel.clone()))),
+            channel: Ok(channel),
+            range_id: RANGE,
+            from: 1,
+            target: 2,
+            hibernating: hibernating.clone(),
+            inline_reads: false,
+            rpc_timeout_min: RAFT_RPC_TIMEOUT_MIN,
+            pipeline: 1,
+        };
+        let (input, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut results = one_at_a_time(
+            &mut peer,
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            RPCOption::new(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+
+        // Entries 0..=4, then a notice that 4 is committed with the next
+        // append (5..=9, committing 4 as well) already queued behind it: the
+        // next answer is the append's.
+        input.send(append(None, 0..5, None)).unwrap();
+        input.send(append(Some(4), 5..5, Some(4))).unwrap();
+        input.send(append(Some(4), 5..10, Some(4))).unwrap();
+        assert_eq!(next_ack(&mut results).await, Ok(Some(4)));
+        assert_eq!(
+            next_ack(&mut results).await,
+            Ok(Some(9)),
+            "the notice went on its own"
+        );
+        let s = follower.status();
+        assert_eq!((s.last_log_index, s.commit_index), (9, 4));
+
+        // Two notices and nothing after them: the newer one goes, after
+        // the wait, and the follower learns that 9 is committed.
+        input.send(append(Some(9), 10..10, Some(8))).unwrap();
+        input.send(append(Some(9), 10..10, Some(9))).unwrap();
+        assert_eq!(next_ack(&mut results).await, Ok(Some(9)));
+        assert_eq!(follower.status().commit_index, 9);
+
+        // While the leader hibernates a notice goes at once, even with an
+        // append queued behind it: each is answered on its own.
+        hibernating.store(true, Ordering::Relaxed);
+        input.send(append(Some(9), 10..10, Some(9))).unwrap();
+        input.send(append(Some(9), 10..12, Some(9))).unwrap();
+        assert_eq!(next_ack(&mut results).await, Ok(Some(9)));
+        assert_eq!(next_ack(&mut results).await, Ok(Some(11)));
+
+        // A notice that ends the input goes at once, and the results end
+        // with its answer.
+        hibernating.store(false, Ordering::Relaxed);
+        input.send(append(Some(11), 12..12, Some(11))).unwrap();
+        drop(input);
+        assert_eq!(next_ack(&mut results).await, Ok(Some(11)));
+        assert_eq!(follower.status().commit_index, 11);
+        assert!(results.next().await.is_none());
+
+        drop(results);
+        follower.shutdown().await;
+        server.abort();
     }
 }
