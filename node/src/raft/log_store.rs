@@ -165,6 +165,10 @@ impl Drop for LogCache {
 pub struct LogStore {
     engine: Arc<Engine>,
     range_id: u64,
+    /// The node keeping this log: appends of entries it made (as leader)
+    /// are synced by the syncer thread, others where they are made when the
+    /// syncer is idle (see `append`).
+    node_id: Option<u64>,
     /// Shared by the store and its readers (replication streams).
     cache: Arc<Mutex<LogCache>>,
     /// When the committed log id was last written.
@@ -174,11 +178,13 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// The log of `range_id` in `engine`.
-    pub fn new(engine: Arc<Engine>, range_id: u64) -> Self {
+    /// The log of `range_id` in `engine`, kept by node `node_id` (`None`:
+    /// every append is synced by the syncer thread).
+    pub fn new(engine: Arc<Engine>, range_id: u64, node_id: Option<u64>) -> Self {
         LogStore {
             engine,
             range_id,
+            node_id,
             cache: Arc::new(Mutex::new(LogCache::default())),
             committed_saved_at: None,
             committed: None,
@@ -314,7 +320,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = Vec::new();
         let mut cached = Vec::new();
+        // Whether this replica made the entries (it leads) or received them.
+        let mut own = false;
         for e in entries {
+            own |= self.node_id == Some(e.log_id().leader_id.node_id);
             let payload = encode(&e)?;
             // The cache keeps a copy decoded from the payload rather than the
             // entry itself: a leader's entries hold keys and values that
@@ -330,9 +339,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Err(e.into());
         }
         self.cache().append(cached);
-        self.engine.sync_then(Box::new(move |res| {
+        let done: crate::storage::SyncCallback = Box::new(move |res| {
             callback.io_completed(res.map_err(io::Error::from));
-        }));
+        });
+        if own {
+            // A leader goes on at once (its appends reach the followers
+            // while it syncs), and shares the syncer's fsyncs.
+            self.engine.sync_then(done);
+        } else {
+            // A follower answers only once synced, and has nothing else to
+            // do for the range meanwhile: sync here when the syncer is idle.
+            self.engine.sync_here_when_idle(done);
+        }
         Ok(())
     }
 
@@ -393,7 +411,7 @@ mod tests {
         let engine = Arc::new(
             Engine::open(&dir.path().join("db"), &EngineOptions::default()).expect("engine"),
         );
-        let store = LogStore::new(engine.clone(), range_id);
+        let store = LogStore::new(engine.clone(), range_id, None);
         (dir, engine, store)
     }
 
@@ -402,6 +420,36 @@ mod tests {
             .append(blanks(term, from, to), IOFlushed::noop())
             .await
             .expect("append");
+    }
+
+    /// A follower's append (entries another node made) is durable and
+    /// reported flushed before `append` returns when the syncer is idle;
+    /// the leader's own append is reported by the syncer thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_followers_append_is_reported_flushed_before_it_returns() {
+        let (_dir, engine, _) = open_store(3);
+        // `blanks` are entries node 1 made: node 2 follows.
+        let mut follower = LogStore::new(engine.clone(), 3, Some(2));
+        let (tx, mut rx) = <openraft_rt_tokio::TokioOneshot as openraft_rt::Oneshot>::channel();
+        follower
+            .append(blanks(1, 1, 3), IOFlushed::signal(tx))
+            .await
+            .expect("append");
+        assert!(
+            matches!(rx.try_recv(), Ok(Ok(()))),
+            "not reported flushed when append returned"
+        );
+
+        let mut leader = LogStore::new(engine.clone(), 4, Some(1));
+        let (tx, rx) = <openraft_rt_tokio::TokioOneshot as openraft_rt::Oneshot>::channel();
+        leader
+            .append(blanks(1, 1, 3), IOFlushed::signal(tx))
+            .await
+            .expect("append");
+        let flushed = tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+            .await
+            .expect("reported in time");
+        assert!(matches!(flushed, Ok(Ok(()))), "{flushed:?}");
     }
 
     /// Every read through the cached store must return what the same read
@@ -417,7 +465,7 @@ mod tests {
         .chain((0..=last + 1).step_by(37).map(|s| (s, s + 50)))
         {
             let cached = store.try_get_log_entries(start..end).await.expect("read");
-            let mut plain = LogStore::new(engine.clone(), store.range_id);
+            let mut plain = LogStore::new(engine.clone(), store.range_id, None);
             let stored = plain.try_get_log_entries(start..end).await.expect("read");
             assert_eq!(ids(&cached), ids(&stored), "entries {start}..{end}");
         }

@@ -400,7 +400,7 @@ async fn start_group(
         sm.share_meta(shared);
     }
     let meta = sm.meta();
-    let log = LogStore::new(engine.clone(), range_id);
+    let log = LogStore::new(engine.clone(), range_id, Some(reopen.pool.local_id()));
     let net = NetworkFactory {
         pool: reopen.pool.clone(),
         range_id,

@@ -24,7 +24,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
             write_buffer_bytes: 4 << 20,
         };
         let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).expect("open engine"));
-        let log = LogStore::new(engine.clone(), 7);
+        let log = LogStore::new(engine.clone(), 7, Some(1));
         let sm = StateMachine::open(
             engine,
             7,

@@ -251,6 +251,13 @@ impl Engine {
         self.group_commit.sync(done);
     }
 
+    /// As [`Engine::sync_then`], but syncs on the caller's thread, `done`
+    /// completed before returning, when no other sync is queued or running
+    /// (see [`GroupCommit::sync_here_when_idle`]).
+    pub fn sync_here_when_idle(&self, done: SyncCallback) {
+        self.group_commit.sync_here_when_idle(done);
+    }
+
     /// Flushes memtables to SST files, e.g. before a clean shutdown, so a restart
     /// does not replay the WAL.
     pub fn flush(&self) -> Result<(), StorageError> {
