@@ -15,8 +15,8 @@
 //!
 //! | name                      | where                                                        |
 //! |---------------------------|--------------------------------------------------------------|
-//! | `log-sync-before`         | WAL syncer, before the fsync that makes log appends durable  |
-//! | `log-sync-after`          | WAL syncer, after the fsync, before appends are reported     |
+//! | `log-sync-before`         | WAL sync, before the fsync that makes log appends durable    |
+//! | `log-sync-after`          | WAL sync, after the fsync, before appends are reported       |
 //! | `apply-before-commit`     | apply, before the batch (data + applied id) is written       |
 //! | `apply-after-commit`      | apply, after the batch is written, before clients are told   |
 //! | `snapshot-build`          | snapshot build, file written, not yet renamed or recorded    |
