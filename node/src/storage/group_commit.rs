@@ -73,8 +73,8 @@ impl GroupCommit {
     /// Queues `done` to be completed after the next WAL sync.
     pub fn sync(&self, done: SyncCallback) {
         let Some(tx) = &self.tx else {
-            let mut mark = self.mark.lock().expect("mark lock");
-            done(sync_wal(&self.db, &mut mark));
+            let res = sync_wal(&self.db, &mut self.mark.lock().expect("mark lock"));
+            done(res);
             return;
         };
         self.queued.fetch_add(1, Ordering::SeqCst);
@@ -102,7 +102,10 @@ impl GroupCommit {
     pub fn sync_here_when_idle(&self, done: SyncCallback) {
         if self.tx.is_some() && self.queued.load(Ordering::SeqCst) == 0 {
             if let Ok(mut mark) = self.mark.try_lock() {
-                done(sync_wal(&self.db, &mut mark));
+                let res = sync_wal(&self.db, &mut mark);
+                // Not held while `done` runs, which may queue more work.
+                drop(mark);
+                done(res);
                 return;
             }
         }
