@@ -476,9 +476,27 @@ impl TestCluster {
         }
     }
 
-    /// Pauses node `id` (SIGSTOP).
+    /// Pauses node `id` (SIGSTOP) and returns once every thread of it has
+    /// stopped. `kill(2)` returns before that: a thread that is running, or
+    /// inside a system call such as an fsync, goes on until it next leaves
+    /// the kernel, and could still answer a request sent after the signal.
     pub fn pause(&self, id: u64) -> anyhow::Result<()> {
-        self.signal(id, Signal::STOP)
+        self.signal(id, Signal::STOP)?;
+        let pid = self
+            .node(id)
+            .child
+            .as_ref()
+            .context("node not running")?
+            .id();
+        let deadline = Instant::now() + PAUSE_TAKES_EFFECT_MAX;
+        while !all_threads_stopped(pid) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {id} (pid {pid}) did not stop within {PAUSE_TAKES_EFFECT_MAX:?} of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Resumes node `id` (SIGCONT).
@@ -693,5 +711,27 @@ pub fn user_range(s: &StatusResponse) -> Option<&lmskv_proto::v1::RangeStatus> {
             d.range_id != lmskv_proto::range::META_RANGE_ID
                 && lmskv_proto::range::contains(d, b"\x01")
         })
+    })
+}
+
+/// Longest [`TestCluster::pause`] waits for a node's threads to stop.
+const PAUSE_TAKES_EFFECT_MAX: Duration = Duration::from_secs(10);
+
+/// Whether every thread of process `pid` is stopped (or gone): the state in
+/// each `/proc/PID/task/TID/stat` is `T` or `t`, or the thread has exited.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            return true;
+        };
+        // The state follows the command name, which is in parentheses and
+        // may itself hold spaces or parentheses.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        matches!(state, Some('T' | 't' | 'Z' | 'X'))
     })
 }
