@@ -782,11 +782,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::replica::tests::tuning;
-    use crate::raft::replica::{RangeReplica, ReplicaMap};
-    use crate::raft::service::RaftService;
-    use crate::storage::{Engine, EngineOptions};
-    use lmskv_proto::v1::raft_server::RaftServer;
+    use crate::raft::service::tests::serve_follower;
     use openraft::alias::{EntryOf, LeaderIdOf};
     use openraft::vote::RaftLeaderId;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -833,34 +829,8 @@ mod tests {
     /// 2's real replica behind its real Raft service.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_notice_gives_way_to_the_next_append_and_goes_alone_otherwise() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = EngineOptions {
-            block_cache_bytes: 4 << 20,
-            write_buffer_bytes: 4 << 20,
-        };
-        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
-        let follower = RangeReplica::open(
-            engine,
-            PeerPool::new(2, None, false, 1),
-            RANGE,
-            dir.path(),
-            tuning(),
-            Arc::new(|_| {}),
-        )
-        .await
-        .unwrap();
-        let replicas = Arc::new(ReplicaMap::default());
-        replicas.insert(follower.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RaftServer::new(RaftService::new(2, replicas)))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
+        let f = serve_follower(RANGE).await;
+        let (follower, server, channel) = (f.replica.clone(), f.server, f.channel);
         let hibernating = Arc::new(AtomicBool::new(false));
         let mut peer = PeerClient {
             stream: Some(Arc::new(AppendStream::start(channel.clone()))),

@@ -419,7 +419,7 @@ async fn receive_chunks(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::raft::codec::{decode, encode};
     use crate::raft::replica::tests::tuning;
@@ -434,6 +434,55 @@ mod tests {
     use std::time::Duration;
 
     const RANGE: u64 = 7;
+
+    /// Node 2 with a fresh replica of `range` (not initialized: it follows
+    /// whichever leader appends first), behind its real Raft service on a
+    /// free loopback port.
+    pub(crate) struct Follower {
+        /// Holds the replica's data; removed when the follower is dropped.
+        pub _dir: tempfile::TempDir,
+        pub replica: Arc<RangeReplica>,
+        pub server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+        /// A lazily connecting channel to the service.
+        pub channel: tonic::transport::Channel,
+    }
+
+    pub(crate) async fn serve_follower(range: u64) -> Follower {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EngineOptions {
+            block_cache_bytes: 4 << 20,
+            write_buffer_bytes: 4 << 20,
+        };
+        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
+        let replica = RangeReplica::open(
+            engine,
+            PeerPool::new(2, None, false, 1),
+            range,
+            dir.path(),
+            tuning(),
+            Arc::new(|_| {}),
+        )
+        .await
+        .unwrap();
+        let replicas = Arc::new(ReplicaMap::default());
+        replicas.insert(replica.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServer::new(RaftService::new(2, replicas)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        Follower {
+            _dir: dir,
+            replica,
+            server,
+            channel,
+        }
+    }
 
     fn log_id(index: u64) -> LogIdOf<TypeConfig> {
         LogIdOf::<TypeConfig>::new(LeaderIdOf::<TypeConfig>::new(1, 1).to_committed(), index)
@@ -481,35 +530,9 @@ mod tests {
     /// new one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_streams_appends_reach_the_group_in_the_order_sent() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = EngineOptions {
-            block_cache_bytes: 4 << 20,
-            write_buffer_bytes: 4 << 20,
-        };
-        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
-        let replica = RangeReplica::open(
-            engine,
-            PeerPool::new(2, None, false, 1),
-            RANGE,
-            dir.path(),
-            tuning(),
-            Arc::new(|_| {}),
-        )
-        .await
-        .unwrap();
-        let replicas = Arc::new(ReplicaMap::default());
-        replicas.insert(replica.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RaftServer::new(RaftService::new(2, replicas)))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
-        let stream = AppendStream::start(channel);
+        let f = serve_follower(RANGE).await;
+        let (replica, server) = (f.replica.clone(), f.server);
+        let stream = AppendStream::start(f.channel);
 
         // As many at once as a leader keeps in flight at most.
         const APPENDS: u64 = 10 * crate::raft::APPEND_PIPELINE_MAX as u64;
