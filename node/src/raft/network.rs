@@ -410,8 +410,7 @@ where
     }
 
     fn send(&mut self, req: AppendEntriesRequest<TypeConfig>) -> Result<(), RPCError<TypeConfig>> {
-        let prev = req.prev_log_id;
-        let last = req.entries.last().map(|e| e.log_id()).or(prev);
+        let (prev, last) = covered(&req);
         let hibernate = req.entries.is_empty()
             && self
                 .peer
@@ -486,14 +485,34 @@ where
             Ok(r) => r,
             Err(e) => return (Err(RPCError::Network(NetworkError::new(&e))), false),
         };
-        let partial = match &resp {
-            AppendEntriesResponse::PartialSuccess(l) => Some(*l),
-            _ => None,
-        };
-        let result = resp.into_stream_result(sent.prev, sent.last);
-        let more = result.is_ok() && partial.is_none_or(|p| p == sent.last);
+        let (result, more) = stream_result(resp, sent.prev, sent.last);
         (Ok(result), more)
     }
+}
+
+/// The log ids an append covers: the one before its entries and its last
+/// (the one before, for an entry-less append).
+fn covered(
+    req: &AppendEntriesRequest<TypeConfig>,
+) -> (Option<LogIdOf<TypeConfig>>, Option<LogIdOf<TypeConfig>>) {
+    let prev = req.prev_log_id;
+    (prev, req.entries.last().map(|e| e.log_id()).or(prev))
+}
+
+/// An append's answer as openraft's streams carry it, and whether the
+/// stream may go on after it: not after a refusal or a partial success.
+fn stream_result(
+    resp: AppendEntriesResponse<TypeConfig>,
+    prev: Option<LogIdOf<TypeConfig>>,
+    last: Option<LogIdOf<TypeConfig>>,
+) -> (StreamAppendResult<TypeConfig>, bool) {
+    let partial = match &resp {
+        AppendEntriesResponse::PartialSuccess(l) => Some(*l),
+        _ => None,
+    };
+    let result = resp.into_stream_result(prev, last);
+    let more = result.is_ok() && partial.is_none_or(|p| p == last);
+    (result, more)
 }
 
 /// The answer to the first append in flight; `None` when its time is up.
@@ -559,16 +578,11 @@ where
                     }
                 }
             }
-            let prev = req.prev_log_id;
-            let last = req.entries.last().map(|e| e.log_id()).or(prev);
+            let (prev, last) = covered(&req);
             match peer.append_entries(req, option).await {
                 Ok(resp) => {
-                    let partial = match &resp {
-                        AppendEntriesResponse::PartialSuccess(l) => Some(*l),
-                        _ => None,
-                    };
-                    let result = resp.into_stream_result(prev, last);
-                    let more = !input_done && result.is_ok() && partial.is_none_or(|p| p == last);
+                    let (result, more) = stream_result(resp, prev, last);
+                    let more = more && !input_done;
                     Some((Ok(result), more.then_some((peer, input))))
                 }
                 Err(e) => Some((Err(e), None)),
