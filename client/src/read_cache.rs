@@ -10,8 +10,14 @@
 //! The client's own writes invalidate a key before they are sent and store
 //! the acknowledged state afterwards. A per-key fence stops a read that was
 //! in flight across such an invalidation from putting the older state back.
-//! Every change of an entry goes through moka's per-key compute lock, so a
-//! fill and an invalidation of one key are serialised.
+//! Every change of an entry happens under the lock of the key's fence slot,
+//! so a fill and an invalidation of one key are serialised. An entry carries
+//! the fence count it was stored under and is used only while the count is
+//! unchanged, so invalidating is a counter bump, not a removal: a put costs
+//! the cache one insert (its acknowledged state). (moka's per-key compute
+//! lock, used before, adds and removes an entry of a second concurrent map
+//! per call, and removing then reinserting every written key kept moka's map
+//! rehashing; together about a third of the client's CPU under puts.)
 //!
 //! Both the entry count and the bytes are bounded: each entry is charged at
 //! least `bytes_max / entries_max` of the byte capacity, so neither bound can
@@ -21,12 +27,11 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lmskv_proto::limits::{KEY_BYTES_MAX, VALUE_BYTES_MAX};
-use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
@@ -44,9 +49,10 @@ pub const READ_CACHE_TTL_MAX: Duration = Duration::from_secs(3_600);
 const ENTRY_OVERHEAD_BYTES: u64 = 96;
 /// The largest charge of one entry: the largest key and value plus bookkeeping.
 const ENTRY_BYTES_MAX: u64 = KEY_BYTES_MAX as u64 + VALUE_BYTES_MAX as u64 + ENTRY_OVERHEAD_BYTES;
-/// Fence slots; keys share a slot by hash, so a write to one key may, rarely,
-/// stop a concurrent fill of another, which only costs a later miss.
-const FENCE_SLOTS: usize = 4_096;
+/// Fence slots; keys share a slot (and its lock) by hash, so a write to one
+/// key also retires the cached entries of the keys sharing its slot and may
+/// stop a concurrent fill of one, which only costs later misses.
+const FENCE_SLOTS: usize = 16_384;
 
 /// The bounds of a client's read cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,10 +178,26 @@ pub(crate) struct Fence {
     value: u64,
 }
 
+/// A fence slot.
+#[derive(Default)]
+struct FenceSlot {
+    /// Held across every change of an entry of the slot.
+    lock: Mutex<()>,
+    /// How many of the client's writes touched a key of the slot; changed
+    /// only under `lock`.
+    writes: AtomicU64,
+}
+
+/// A cached state and the fence count of its slot when it was stored.
+struct Entry {
+    read: CachedRead,
+    stamp: u64,
+}
+
 /// The client's read cache.
 pub(crate) struct ReadCache {
-    cache: Cache<Bytes, Arc<CachedRead>>,
-    fences: Box<[AtomicU64]>,
+    cache: Cache<Bytes, Arc<Entry>>,
+    fences: Box<[FenceSlot]>,
     fence_hasher: RandomState,
     ttl: Duration,
     hits: AtomicU64,
@@ -201,8 +223,8 @@ impl ReadCache {
         let (charge_min, capacity) = cfg.charge_min_and_capacity();
         let cache = Cache::builder()
             .max_capacity(capacity)
-            .weigher(move |k: &Bytes, v: &Arc<CachedRead>| {
-                let charge = CachedRead::bytes(k, v).max(charge_min);
+            .weigher(move |k: &Bytes, v: &Arc<Entry>| {
+                let charge = CachedRead::bytes(k, &v.read).max(charge_min);
                 u32::try_from(charge).unwrap_or(u32::MAX)
             })
             .time_to_live(cfg.ttl)
@@ -210,7 +232,7 @@ impl ReadCache {
             .build();
         ReadCache {
             cache,
-            fences: (0..FENCE_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            fences: (0..FENCE_SLOTS).map(|_| FenceSlot::default()).collect(),
             fence_hasher: RandomState::new(),
             ttl: cfg.ttl,
             hits: AtomicU64::new(0),
@@ -220,6 +242,34 @@ impl ReadCache {
 
     fn slot(&self, key: &[u8]) -> usize {
         (self.fence_hasher.hash_one(key) % self.fences.len() as u64) as usize
+    }
+
+    fn lock(&self, slot: usize) -> MutexGuard<'_, ()> {
+        // The lock guards no data of its own: poisoning is moot.
+        self.fences[slot]
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The fence count of `slot` now.
+    fn writes(&self, slot: usize) -> u64 {
+        self.fences[slot].writes.load(Ordering::Acquire)
+    }
+
+    /// Counts a write in `slot`, retiring its entries; the caller holds its
+    /// lock. Returns the new count.
+    fn bump(&self, slot: usize) -> u64 {
+        self.fences[slot].writes.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Stores `new` for `key` unless the cache holds newer current state;
+    /// the caller holds the key's slot lock and `stamp` is the slot's count.
+    fn store(&self, key: Bytes, new: CachedRead, stamp: u64) {
+        let existing = self.cache.get(&key).filter(|e| e.stamp == stamp);
+        if let Some(read) = newer(existing.as_deref().map(|e| &e.read), new) {
+            self.cache.insert(key, Arc::new(Entry { read, stamp }));
+        }
     }
 
     /// The cached state of `key` if `level` may be served from the cache and
@@ -239,10 +289,11 @@ impl ReadCache {
         ) {
             return None;
         }
+        let writes = self.writes(self.slot(key));
         match self.cache.get(key) {
-            Some(e) if usable(&e) => {
+            Some(e) if e.stamp == writes && usable(&e.read) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                Some(e.kv.clone())
+                Some(e.read.kv.clone())
             }
             _ => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
@@ -256,41 +307,34 @@ impl ReadCache {
         let slot = self.slot(key);
         Fence {
             slot,
-            value: self.fences[slot].load(Ordering::Acquire),
+            value: self.writes(slot),
         }
     }
 
     /// Stores a read's result unless one of the client's writes touched the
     /// key since `fence` was taken, or the cache already holds newer state.
     pub fn fill(&self, key: Bytes, fence: Fence, read: CachedRead) {
-        let fences = &self.fences;
-        self.cache.entry(key).and_compute_with(|existing| {
-            if fences[fence.slot].load(Ordering::Acquire) != fence.value {
-                return Op::Nop;
-            }
-            store_op(existing.map(|e| e.into_value()), read)
-        });
+        let _slot = self.lock(fence.slot);
+        if self.writes(fence.slot) == fence.value {
+            self.store(key, read, fence.value);
+        }
     }
 
-    /// Forgets `key`, and stops fills of reads already in flight.
+    /// Forgets `key` (and retires the entries sharing its slot), and stops
+    /// fills of reads already in flight.
     pub fn invalidate(&self, key: &Bytes) {
         let slot = self.slot(key);
-        let fences = &self.fences;
-        self.cache.entry(key.clone()).and_compute_with(|_| {
-            fences[slot].fetch_add(1, Ordering::AcqRel);
-            Op::Remove
-        });
+        let _slot = self.lock(slot);
+        self.bump(slot);
     }
 
     /// Records the state the client's own acknowledged write left `key` in
     /// (replacing older state), and stops fills of reads already in flight.
     pub fn store_written(&self, key: Bytes, state: CachedRead) {
         let slot = self.slot(&key);
-        let fences = &self.fences;
-        self.cache.entry(key).and_compute_with(|existing| {
-            fences[slot].fetch_add(1, Ordering::AcqRel);
-            store_op(existing.map(|e| e.into_value()), state)
-        });
+        let _slot = self.lock(slot);
+        let stamp = self.bump(slot);
+        self.store(key, state, stamp);
     }
 
     /// Hit and miss counters, and what the cache holds now.
@@ -303,19 +347,19 @@ impl ReadCache {
             bytes: self
                 .cache
                 .iter()
-                .map(|(k, v)| CachedRead::bytes(&k, &v))
+                .map(|(k, v)| CachedRead::bytes(&k, &v.read))
                 .sum(),
         }
     }
 }
 
-/// Replaces `existing` by `new` unless `existing` is newer state. When both
-/// hold the same version of the key, the value is known current at the later
-/// of their `fresh_at` times.
-fn store_op(existing: Option<Arc<CachedRead>>, mut new: CachedRead) -> Op<Arc<CachedRead>> {
+/// The entry that replaces `existing`, or `None` when `existing` is newer
+/// state. When both hold the same version of the key, the value is known
+/// current at the later of their `fresh_at` times.
+fn newer(existing: Option<&CachedRead>, mut new: CachedRead) -> Option<CachedRead> {
     if let Some(old) = existing {
         if old.range_id > new.range_id {
-            return Op::Nop;
+            return None;
         }
         if old.range_id == new.range_id {
             let older_version = matches!(
@@ -323,14 +367,14 @@ fn store_op(existing: Option<Arc<CachedRead>>, mut new: CachedRead) -> Op<Arc<Ca
                 (Some(o), Some(n)) if o > n
             );
             if old.as_of > new.as_of || older_version {
-                return Op::Nop;
+                return None;
             }
         }
         if old.range_id == new.range_id && old.version() == new.version() {
             new.fresh_at = new.fresh_at.max(old.fresh_at);
         }
     }
-    Op::Put(Arc::new(new))
+    Some(new)
 }
 
 #[cfg(test)]
@@ -597,6 +641,61 @@ mod tests {
         // An acknowledged delete is cached as absent.
         c.store_written(key(), CachedRead::new(None, 1, 11, None));
         assert_eq!(c.lookup(&key(), &ReadConsistency::Eventual), Some(None));
+    }
+
+    #[test]
+    fn concurrent_fills_never_bring_back_state_older_than_a_finished_write() {
+        use std::sync::atomic::AtomicBool;
+        // One writer and three readers of one key. The "server" holds the
+        // latest applied version; every fourth write has an unknown outcome
+        // (applied, but the client only forgets the key). Once a write has
+        // finished, the cache may miss, but never serve an older version.
+        let c = Arc::new(cache(100, 1 << 20, Duration::from_secs(60)));
+        let server = Arc::new(AtomicU64::new(0));
+        let finished = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = |v: u64| {
+            let kv = (v > 0).then(|| kv("k", "v", v)).flatten();
+            CachedRead::new(kv, 1, v, Some(Instant::now()))
+        };
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (c, server, finished, stop) =
+                    (c.clone(), server.clone(), finished.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut hits = 0u64;
+                    while !stop.load(Ordering::Acquire) {
+                        let fence = c.fence(&key());
+                        let read = state(server.load(Ordering::Acquire));
+                        std::thread::yield_now();
+                        c.fill(key(), fence, read);
+                        let floor = finished.load(Ordering::Acquire);
+                        if let Some(got) = c.lookup(&key(), &ReadConsistency::Eventual) {
+                            hits += 1;
+                            let v = got.map_or(0, |kv| kv.version);
+                            assert!(
+                                v >= floor,
+                                "served version {v} after write {floor} finished"
+                            );
+                        }
+                    }
+                    hits
+                })
+            })
+            .collect();
+        for v in 1..=20_000u64 {
+            c.invalidate(&key());
+            server.store(v, Ordering::Release);
+            if v % 4 == 0 {
+                c.invalidate(&key());
+            } else {
+                c.store_written(key(), state(v));
+            }
+            finished.store(v, Ordering::Release);
+        }
+        stop.store(true, Ordering::Release);
+        let hits: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        assert!(hits > 0, "the readers never hit the cache");
     }
 
     #[test]
