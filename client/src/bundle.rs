@@ -4,13 +4,18 @@
 //! a task on both sides, whatever it carries; under load that is a large
 //! share of what a small put or get costs a node and the client. So each
 //! node has two lanes (writes, reads), each with at most
-//! [`BUNDLE_CALLS_PER_LANE_MAX`] calls in flight. A request that finds a free
-//! call slot and nobody waiting goes at once, alone, as a plain unary call:
-//! a lone caller pays nothing extra. Requests that arrive while every slot is
-//! taken wait in the lane's bounded queue; when a call finishes, the
-//! requests waiting then go out together as one `Bundle` (at most
-//! [`BUNDLE_REQUESTS_CLIENT_MAX`] requests and [`BUNDLE_BYTES_MAX`] bytes),
-//! sent by a task of the lane, and each caller gets exactly what its request
+//! [`BUNDLE_CALLS_PER_LANE_MAX`] calls in flight. A request that finds the
+//! lane idle (no call in flight, nobody waiting) goes at once, alone, as a
+//! plain unary call: a lone caller pays nothing extra. Requests that arrive
+//! while every slot is taken wait in the lane's bounded queue; when a call
+//! finishes, the requests waiting then go out together as one `Bundle` (at
+//! most [`BUNDLE_REQUESTS_CLIENT_MAX`] requests and [`BUNDLE_BYTES_MAX`]
+//! bytes), sent by a task of the lane. A request that finds a free slot
+//! while another call is in flight takes the slot but queues too, and its
+//! bundle leaves once the lane's task has yielded to the callers woken with
+//! it (those a finished bundle just answered), so that they go along instead
+//! of waiting a round behind a call that carries one request. Each caller
+//! gets exactly what its request
 //! alone would have got: the node serves every request of a bundle on its
 //! own and streams each answer back as soon as it is ready, so a slow one
 //! (a range without a leader) holds up nobody else. Writes and reads keep
@@ -187,7 +192,7 @@ impl Lane {
         until: Instant,
     ) -> Result<Admission, Status> {
         let mut st = self.state.lock().expect("lane lock");
-        if st.calls < BUNDLE_CALLS_PER_LANE_MAX && st.queue.is_empty() {
+        if st.calls == 0 && st.queue.is_empty() {
             st.calls += 1;
             return Ok(Admission::Alone(req));
         }
@@ -204,8 +209,9 @@ impl Lane {
             tx,
         });
         st.queued_bytes += bytes;
-        // A slot may be free while others wait only between a call's end
-        // and the next bundle's start: start one now if so.
+        // A slot is free: another call is in flight, or one just ended and
+        // its successor has not started yet. Take it for a bundle that
+        // leaves shortly (see `submit`).
         let start = st.calls < BUNDLE_CALLS_PER_LANE_MAX;
         if start {
             st.calls += 1;
@@ -358,6 +364,27 @@ impl Drop for AloneSlot<'_> {
     fn drop(&mut self) {
         if let Some(group) = self.lanes.lane(self.kind).release() {
             spawn_or_fail(self.lanes.clone(), self.kind, group);
+        }
+    }
+}
+
+/// Sends the bundle of a slot taken by a queued request from a task that
+/// first yields, so that the callers already woken (by the answers of a
+/// bundle that just finished) queue their requests and go along.
+fn gather_soon(lanes: Arc<NodeLanes>, kind: Kind) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn(async move {
+                tokio::task::yield_now().await;
+                if let Some(group) = lanes.lane(kind).release() {
+                    run_bundles(lanes, kind, group).await;
+                }
+            });
+        }
+        Err(_) => {
+            if let Some(group) = lanes.lane(kind).release() {
+                spawn_or_fail(lanes, kind, group);
+            }
         }
     }
 }
@@ -551,9 +578,7 @@ where
         }
         Admission::Queued(rx, start) => {
             if start {
-                if let Some(group) = lane.release() {
-                    spawn_or_fail(lanes.clone(), kind, group);
-                }
+                gather_soon(lanes.clone(), kind);
             }
             rx.await.unwrap_or_else(|_| {
                 Err(Status::unavailable(
@@ -589,15 +614,74 @@ mod tests {
         Instant::now() + Duration::from_secs(5)
     }
 
-    #[tokio::test]
-    async fn lone_requests_go_alone_until_the_slots_are_taken_then_queue_in_order() {
-        let lane = Lane::default();
-        for i in 0..BUNDLE_CALLS_PER_LANE_MAX {
-            assert!(matches!(
-                lane.admit(req(&format!("a{i}")), 1, until()).unwrap(),
-                Admission::Alone(_)
-            ));
+    /// Takes every slot of `lane` as callers would: one request alone, the
+    /// others by requests whose bundles (of one) have left.
+    fn fill_slots(lane: &Lane) -> Vec<oneshot::Receiver<Result<Out, Status>>> {
+        assert!(matches!(
+            lane.admit(req("a0"), 1, until()).unwrap(),
+            Admission::Alone(_)
+        ));
+        let mut rxs = Vec::new();
+        for i in 1..BUNDLE_CALLS_PER_LANE_MAX {
+            let Admission::Queued(rx, true) =
+                lane.admit(req(&format!("a{i}")), 1, until()).unwrap()
+            else {
+                panic!("slot {i} was not free")
+            };
+            assert_eq!(lane.release().expect("its bundle").len(), 1);
+            rxs.push(rx);
         }
+        assert_eq!(lane.state.lock().unwrap().calls, BUNDLE_CALLS_PER_LANE_MAX);
+        rxs
+    }
+
+    #[tokio::test]
+    async fn a_request_to_an_idle_lane_goes_alone_and_a_free_slot_gathers_the_ones_behind_it() {
+        let lane = Lane::default();
+        assert!(matches!(
+            lane.admit(req("a"), 1, until()).unwrap(),
+            Admission::Alone(_)
+        ));
+        // A call is in flight: requests that find a free slot take it but
+        // queue, and those after the last free slot queue without one.
+        let mut rxs = Vec::new();
+        for i in 0..BUNDLE_CALLS_PER_LANE_MAX {
+            match lane.admit(req(&format!("q{i}")), 1, until()).unwrap() {
+                Admission::Queued(rx, start) => {
+                    assert_eq!(start, i + 1 < BUNDLE_CALLS_PER_LANE_MAX, "request {i}");
+                    rxs.push(rx);
+                }
+                Admission::Alone(_) => panic!("went alone while a call was in flight"),
+            }
+        }
+        // The first taken slot's bundle carries every waiting request, in
+        // order; the other taken slots find nothing left and are freed.
+        let group = lane.release().expect("the waiting requests");
+        assert_eq!(
+            group.iter().map(key_of).collect::<Vec<_>>(),
+            (0..BUNDLE_CALLS_PER_LANE_MAX)
+                .map(|i| format!("q{i}"))
+                .collect::<Vec<_>>()
+        );
+        for _ in 2..BUNDLE_CALLS_PER_LANE_MAX {
+            assert!(lane.release().is_none());
+        }
+        assert_eq!(lane.state.lock().unwrap().calls, 2);
+        // Both calls end with nothing waiting: the lane is idle again.
+        assert!(lane.release().is_none());
+        assert!(lane.release().is_none());
+        assert!(!lane.busy());
+        assert!(matches!(
+            lane.admit(req("b"), 1, until()).unwrap(),
+            Admission::Alone(_)
+        ));
+        drop(rxs);
+    }
+
+    #[tokio::test]
+    async fn requests_queue_in_order_while_every_slot_is_taken() {
+        let lane = Lane::default();
+        let _slots = fill_slots(&lane);
         let mut rxs = Vec::new();
         for i in 0..3 {
             match lane.admit(req(&format!("q{i}")), 1, until()).unwrap() {
@@ -620,19 +704,13 @@ mod tests {
             assert!(lane.release().is_none());
         }
         assert!(!lane.busy());
-        assert!(matches!(
-            lane.admit(req("b"), 1, until()).unwrap(),
-            Admission::Alone(_)
-        ));
         drop(rxs);
     }
 
     #[tokio::test]
     async fn a_bundle_skips_callers_that_gave_up_and_keeps_to_its_bounds() {
         let lane = Lane::default();
-        for i in 0..BUNDLE_CALLS_PER_LANE_MAX {
-            let _ = lane.admit(req(&format!("a{i}")), 1, until()).unwrap();
-        }
+        let _slots = fill_slots(&lane);
         let mut kept = Vec::new();
         for i in 0..(2 * BUNDLE_REQUESTS_CLIENT_MAX + 30) {
             let Admission::Queued(rx, _) =
@@ -673,9 +751,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_refuses_with_overloaded() {
         let lane = Lane::default();
-        for i in 0..BUNDLE_CALLS_PER_LANE_MAX {
-            let _ = lane.admit(req(&format!("a{i}")), 1, until()).unwrap();
-        }
+        let _slots = fill_slots(&lane);
         let mut rxs = Vec::new();
         for _ in 0..BUNDLE_QUEUE_MAX {
             let Admission::Queued(rx, _) = lane.admit(req("q"), 1, until()).unwrap() else {

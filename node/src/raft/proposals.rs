@@ -1,12 +1,18 @@
 //! Many client writes per Raft entry.
 //!
 //! A range's replica keeps at most [`PROPOSALS_IN_FLIGHT_MAX`] proposals
-//! between `client_write` and their answer. A write that finds a free slot
-//! and nobody waiting is proposed alone at once, so a lone writer pays
-//! nothing extra. Writes that arrive while every slot is taken wait in a
-//! bounded queue; when a proposal finishes, the writes waiting then (up to
-//! [`GROUP_COMMANDS_MAX`] and [`GROUP_BYTES_MAX`]) go out as one log entry,
-//! an [`Op::Group`]. Under load a range's log thus holds one entry per group,
+//! between `client_write` and their answer. A write that finds the range
+//! idle (nothing in flight, nobody waiting) is proposed alone at once, so a
+//! lone writer pays nothing extra. Writes that arrive while every slot is
+//! taken wait in a bounded queue; when a proposal finishes, the writes
+//! waiting then (up to [`GROUP_COMMANDS_MAX`] and [`GROUP_BYTES_MAX`]) go
+//! out as one log entry, an [`Op::Group`]. A write that finds a free slot
+//! while another proposal is in flight takes the slot but waits in the
+//! queue too, and the group it leads is formed a moment later, once the
+//! writes that came with it (the rest of a client's bundle, served by the
+//! same task) have queued behind it: under load a free slot would otherwise
+//! carry one write for a whole round while the writes right behind it wait
+//! for the next. Under load a range's log thus holds one entry per group,
 //! not per write: one log key, one encode and decode, one apply call and one
 //! response channel per group on every replica.
 //!
@@ -56,6 +62,11 @@ pub enum Admission {
     /// A slot was free and nothing waited: propose it alone, now, and call
     /// [`Proposals::finish`] when done.
     Now(Command),
+    /// A slot was free but another proposal is in flight: the slot is taken
+    /// for the group this write leads, and the write queued. Call
+    /// [`Proposals::finish`] soon, once the writes arriving with this one
+    /// have queued, to form that group; the answer comes on this channel.
+    Gather(oneshot::Receiver<Answer>),
     /// Queued: the answer comes on this channel.
     Queued(oneshot::Receiver<Answer>),
     /// The queue is full.
@@ -87,7 +98,8 @@ impl Proposals {
 
     /// Takes a slot for `cmd`, or queues it.
     pub fn admit(&mut self, cmd: Command) -> Admission {
-        if self.in_flight < self.slots && self.queue.is_empty() {
+        let free = self.in_flight < self.slots && self.queue.is_empty();
+        if free && self.in_flight == 0 {
             self.in_flight += 1;
             return Admission::Now(cmd);
         }
@@ -96,10 +108,15 @@ impl Proposals {
         }
         let (tx, rx) = oneshot::channel();
         self.queue.push_back(Waiting { cmd, tx });
+        if free {
+            self.in_flight += 1;
+            return Admission::Gather(rx);
+        }
         Admission::Queued(rx)
     }
 
-    /// A proposal finished and gives up its slot. Returns the next group to
+    /// A proposal finished and gives up its slot (or a slot taken by
+    /// [`Admission::Gather`] is to be used). Returns the next group to
     /// propose, which keeps the slot, or `None` (the slot is freed).
     pub fn finish(&mut self) -> Option<Vec<Waiting>> {
         let group = self.take_group();
@@ -206,15 +223,57 @@ mod tests {
         }
     }
 
+    /// Fills every slot as the replica would: the first write goes at once,
+    /// each later one takes a slot and its group is formed right away.
+    fn fill_slots(p: &mut Proposals, prefix: &str) -> Vec<oneshot::Receiver<Answer>> {
+        let mut rxs = Vec::new();
+        for i in 0..p.slots {
+            match p.admit(put(&format!("{prefix}{i}"), &format!("{prefix}{i}"), 1)) {
+                Admission::Now(_) => assert_eq!(i, 0, "only the first write goes at once"),
+                Admission::Gather(rx) => {
+                    assert!(i > 0, "the first write finds the range idle");
+                    assert_eq!(p.finish().expect("the gathered write").len(), 1);
+                    rxs.push(rx);
+                }
+                _ => panic!("slot {i} of {} was not free", p.slots),
+            }
+        }
+        assert_eq!(p.in_flight(), p.slots);
+        rxs
+    }
+
+    #[test]
+    fn a_write_to_an_idle_range_goes_at_once_and_a_free_slot_gathers_the_writes_behind_it() {
+        let mut p = Proposals::default();
+        assert!(matches!(p.admit(put("a", "ka", 1)), Admission::Now(_)));
+        // A slot is free but a proposal is in flight: the write takes the
+        // slot and waits, and so do the writes that come right after it.
+        let _b = match p.admit(put("b", "kb", 1)) {
+            Admission::Gather(rx) => rx,
+            _ => panic!("expected the write to gather a group"),
+        };
+        assert_eq!(p.in_flight(), 2);
+        let _c = queued(p.admit(put("c", "kc", 1)));
+        let _d = queued(p.admit(put("d", "kd", 1)));
+        // The gathered slot's group holds all three.
+        let ids: Vec<Bytes> = p
+            .finish()
+            .expect("a group")
+            .into_iter()
+            .map(|w| w.cmd.request_id)
+            .collect();
+        assert_eq!(ids, vec!["b", "c", "d"]);
+        assert_eq!(p.in_flight(), 2);
+        // Both finish with nobody waiting: the range is idle again.
+        assert!(p.finish().is_none());
+        assert!(p.finish().is_none());
+        assert!(matches!(p.admit(put("e", "ke", 1)), Admission::Now(_)));
+    }
+
     #[test]
     fn a_lone_write_goes_at_once_and_later_ones_wait_for_a_slot() {
         let mut p = Proposals::default();
-        for i in 0..PROPOSALS_IN_FLIGHT_MAX {
-            assert!(matches!(
-                p.admit(put(&format!("r{i}"), &format!("k{i}"), 1)),
-                Admission::Now(_)
-            ));
-        }
+        let _slots = fill_slots(&mut p, "r");
         let _rx = queued(p.admit(put("w", "kw", 1)));
         assert_eq!(p.waiting(), 1);
         // The finishing proposal hands its slot to the waiting write.
@@ -234,15 +293,8 @@ mod tests {
     fn the_slot_count_is_configurable_within_bounds() {
         for (asked, got) in [(0, 1), (1, 1), (4, 4), (1_000, PROPOSALS_IN_FLIGHT_LIMIT)] {
             let mut p = Proposals::with_slots(asked);
-            for i in 0..got {
-                assert!(
-                    matches!(
-                        p.admit(put(&format!("r{i}"), &format!("k{i}"), 1)),
-                        Admission::Now(_)
-                    ),
-                    "slot {i} of {got} (asked {asked})"
-                );
-            }
+            assert_eq!(p.slots, got, "asked {asked}");
+            let _slots = fill_slots(&mut p, "r");
             let _rx = queued(p.admit(put("w", "kw", 1)));
             assert_eq!(p.in_flight(), got);
         }
@@ -251,9 +303,7 @@ mod tests {
     #[test]
     fn a_group_holds_distinct_keys_in_queue_order() {
         let mut p = Proposals::default();
-        for i in 0..PROPOSALS_IN_FLIGHT_MAX {
-            let _ = p.admit(put(&format!("s{i}"), &format!("s{i}"), 1));
-        }
+        let _slots = fill_slots(&mut p, "s");
         let mut rxs = Vec::new();
         for (id, key) in [("a", "k1"), ("b", "k2"), ("c", "k1"), ("d", "k3")] {
             rxs.push(queued(p.admit(put(id, key, 1))));
@@ -268,9 +318,7 @@ mod tests {
     #[test]
     fn groups_are_bounded_and_skip_writes_whose_caller_left() {
         let mut p = Proposals::default();
-        for i in 0..PROPOSALS_IN_FLIGHT_MAX {
-            let _ = p.admit(put(&format!("s{i}"), &format!("s{i}"), 1));
-        }
+        let _slots = fill_slots(&mut p, "s");
         let mut rxs = Vec::new();
         for i in 0..GROUP_COMMANDS_MAX + 10 {
             rxs.push(queued(p.admit(put(&format!("r{i}"), &format!("k{i}"), 1))));
@@ -296,9 +344,7 @@ mod tests {
     #[test]
     fn a_full_queue_refuses() {
         let mut p = Proposals::default();
-        for i in 0..PROPOSALS_IN_FLIGHT_MAX {
-            let _ = p.admit(put(&format!("s{i}"), &format!("s{i}"), 1));
-        }
+        let _slots = fill_slots(&mut p, "s");
         let mut rxs = Vec::new();
         for i in 0..PROPOSAL_QUEUE_MAX {
             rxs.push(queued(p.admit(put(&format!("r{i}"), "k", 1))));

@@ -1053,12 +1053,15 @@ impl RangeReplica {
             self.propose_entry(cmd, started).await?
         } else {
             let admission = self.proposals.lock().expect("proposals lock").admit(cmd);
+            if matches!(admission, Admission::Gather(_)) {
+                self.gather_soon();
+            }
             match admission {
                 Admission::Now(cmd) => {
                     let _slot = Slot(self);
                     self.propose_entry(cmd, started).await?
                 }
-                Admission::Queued(rx) => {
+                Admission::Gather(rx) | Admission::Queued(rx) => {
                     let answer = async {
                         rx.await.unwrap_or_else(|_| {
                             Err(Error::unavailable(
@@ -1131,6 +1134,19 @@ impl RangeReplica {
                     }
                 }
             }
+        }
+    }
+
+    /// Forms the group of a slot taken by [`Admission::Gather`] on a task of
+    /// its own, which runs once the current task yields: by then the writes
+    /// that came with the gathering one (the rest of a client's bundle,
+    /// served by the current task) have queued behind it.
+    fn gather_soon(&self) {
+        match (self.me.upgrade(), tokio::runtime::Handle::try_current()) {
+            (Some(me), Ok(rt)) => {
+                rt.spawn(async move { me.slot_done() });
+            }
+            _ => self.slot_done(),
         }
     }
 
