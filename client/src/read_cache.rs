@@ -263,10 +263,13 @@ impl ReadCache {
         self.fences[slot].writes.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// Stores `new` for `key` unless the cache holds newer current state;
-    /// the caller holds the key's slot lock and `stamp` is the slot's count.
+    /// Stores `new` for `key` unless the cache holds newer state; the caller
+    /// holds the key's slot lock and `stamp` is the slot's count. A retired
+    /// entry still counts as newer state: it keeps an older write's
+    /// acknowledgement or a lagging replica's read from replacing what the
+    /// client has already seen (the key then misses until a newer state comes).
     fn store(&self, key: Bytes, new: CachedRead, stamp: u64) {
-        let existing = self.cache.get(&key).filter(|e| e.stamp == stamp);
+        let existing = self.cache.get(&key);
         if let Some(read) = newer(existing.as_deref().map(|e| &e.read), new) {
             self.cache.insert(key, Arc::new(Entry { read, stamp }));
         }
@@ -610,8 +613,12 @@ mod tests {
             c.lookup(&key(), &ReadConsistency::Eventual),
             Some(kv("k", "v2", 7))
         );
-        // Invalidating another key leaves this one.
-        c.invalidate(&Bytes::from_static(b"other"));
+        // Invalidating another key (of another fence slot) leaves this one.
+        let other = (0..)
+            .map(|i| Bytes::from(format!("other{i}")))
+            .find(|o| c.slot(o) != c.slot(&key()))
+            .expect("a key of another slot");
+        c.invalidate(&other);
         assert!(c.lookup(&key(), &ReadConsistency::Eventual).is_some());
     }
 
@@ -641,6 +648,28 @@ mod tests {
         // An acknowledged delete is cached as absent.
         c.store_written(key(), CachedRead::new(None, 1, 11, None));
         assert_eq!(c.lookup(&key(), &ReadConsistency::Eventual), Some(None));
+    }
+
+    #[test]
+    fn state_older_than_what_the_client_saw_never_comes_back_after_a_write() {
+        let c = cache(100, 1 << 20, Duration::from_secs(60));
+        let seen = |c: &ReadCache| {
+            c.lookup(&key(), &ReadConsistency::Eventual)
+                .map(|kv| kv.map_or(0, |kv| kv.version))
+        };
+        // Two concurrent writes of the key, answered out of order: the older
+        // one's acknowledgement does not replace the newer one's state.
+        c.invalidate(&key());
+        c.invalidate(&key());
+        c.store_written(key(), CachedRead::new(kv("k", "v11", 11), 1, 11, None));
+        c.store_written(key(), CachedRead::new(kv("k", "v10", 10), 1, 10, None));
+        assert!(matches!(seen(&c), None | Some(11)), "got {:?}", seen(&c));
+        // Nor does a read sent afterwards that a lagging replica served.
+        fill(&c, "k", CachedRead::new(kv("k", "v9", 9), 1, 9, None));
+        assert!(matches!(seen(&c), None | Some(11)), "got {:?}", seen(&c));
+        // A newer read fills the key again.
+        fill(&c, "k", CachedRead::new(kv("k", "v12", 12), 1, 12, None));
+        assert_eq!(seen(&c), Some(12));
     }
 
     #[test]
