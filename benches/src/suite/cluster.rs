@@ -20,6 +20,10 @@ use crate::target::{Target, TargetKind};
 pub const MEMBERS: usize = 3;
 /// How long a new cluster may take to accept a write.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a new lmskv cluster may take to spread its range leaders over
+/// its nodes (`BENCH_SETTLE` sets it; the placement moves a leader only to a
+/// node that has been up for 10 s).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Lines of each member's log printed when a cluster fails.
 const LOG_TAIL_LINES: usize = 20;
 
@@ -233,6 +237,38 @@ impl Cluster {
         )
     }
 
+    /// Waits until the cluster's placement has spread the range leaders: no
+    /// node leads two ranges more than another, the point at which the
+    /// placement stops moving leaders. A fresh cluster starts with every
+    /// leader on the node that bootstrapped it, and a leader moved in the
+    /// middle of a measured run stalls its writes while the clients find
+    /// the new one; the runs measure the settled cluster a user runs.
+    /// Returns whether the leaders spread within `timeout` (etcd: at once).
+    pub async fn wait_leaders_spread(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        if self.kind != TargetKind::Lmskv || timeout.is_zero() {
+            return Ok(true);
+        }
+        let Target::Lmskv(client) = Target::connect(self.kind, &self.endpoints, false).await?
+        else {
+            return Ok(true);
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_running()?;
+            if let Ok(Ok(ranges)) =
+                tokio::time::timeout(Duration::from_secs(5), client.range_list()).await
+            {
+                if leaders_spread(ranges.iter().map(|r| r.leader_id)) {
+                    return Ok(true);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Kills every member, waits for it and removes the data dirs.
     pub async fn stop(mut self) {
         for c in &mut self.children {
@@ -243,6 +279,22 @@ impl Cluster {
         }
         self.children.clear();
     }
+}
+
+/// Whether ranges led by these nodes (0: no leader known) have their leaders
+/// spread over the members as far as the placement takes them: every range
+/// has a leader, and no member leads two or more ranges than another.
+fn leaders_spread(leaders: impl Iterator<Item = u64>) -> bool {
+    let mut count = [0usize; MEMBERS];
+    for l in leaders {
+        match usize::try_from(l).ok().and_then(|l| l.checked_sub(1)) {
+            Some(i) if i < MEMBERS => count[i] += 1,
+            _ => return false,
+        }
+    }
+    let most = count.iter().max().copied().unwrap_or(0);
+    let least = count.iter().min().copied().unwrap_or(0);
+    most < least + 2
 }
 
 impl Drop for Cluster {
@@ -260,5 +312,23 @@ impl Drop for Cluster {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaders_are_spread_when_no_node_leads_two_more_than_another() {
+        // A fresh cluster: node 1 leads the meta range and the data range.
+        assert!(!leaders_spread([1, 1].into_iter()));
+        assert!(leaders_spread([1, 2].into_iter()));
+        assert!(leaders_spread([2, 2, 1, 3].into_iter()));
+        assert!(!leaders_spread([2, 2, 1].into_iter()));
+        // A range without a known leader (0) or led by a stranger is not settled.
+        assert!(!leaders_spread([1, 0].into_iter()));
+        assert!(!leaders_spread([1, 9].into_iter()));
+        assert!(leaders_spread(std::iter::empty()));
     }
 }

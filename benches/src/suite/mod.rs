@@ -42,6 +42,9 @@ pub struct SuiteConfig {
     pub pairs: usize,
     pub duration: Duration,
     pub warmup: Duration,
+    /// How long a fresh lmskv cluster may take to spread its range leaders
+    /// before its first run (zero: do not wait).
+    pub settle: Duration,
     pub records: u64,
     pub value_size: usize,
     pub consistency: Consistency,
@@ -88,6 +91,7 @@ impl SuiteConfig {
     /// | `BENCH_PAIRS` | `3` | runs of each system per setting |
     /// | `BENCH_DURATION` | `30s` | measured window per run |
     /// | `BENCH_WARMUP` | `5s` | unmeasured warm-up per run |
+    /// | `BENCH_SETTLE` | `45s` | longest wait for a fresh lmskv cluster's range leaders to spread (`0s`: none) |
     /// | `BENCH_RECORDS` | `10000` | records loaded |
     /// | `BENCH_VALUE_SIZE` | `256` | value bytes of put and get |
     /// | `BENCH_CONSISTENCY` | `strong` | read consistency |
@@ -145,6 +149,11 @@ impl SuiteConfig {
             .map_err(|e| anyhow::anyhow!("BENCH_DURATION: {e}"))?;
         let warmup = crate::parse_duration(&env_or("BENCH_WARMUP", "5s"))
             .map_err(|e| anyhow::anyhow!("BENCH_WARMUP: {e}"))?;
+        let settle = crate::parse_duration(&env_or(
+            "BENCH_SETTLE",
+            &format!("{}s", cluster::SETTLE_TIMEOUT.as_secs()),
+        ))
+        .map_err(|e| anyhow::anyhow!("BENCH_SETTLE: {e}"))?;
         let records = env_or("BENCH_RECORDS", "10000")
             .parse()
             .context("BENCH_RECORDS must be a number")?;
@@ -174,6 +183,7 @@ impl SuiteConfig {
             pairs,
             duration,
             warmup,
+            settle,
             records,
             value_size,
             consistency,
@@ -433,7 +443,22 @@ pub async fn run(cfg: SuiteConfig) -> anyhow::Result<()> {
         let mut clusters: BTreeMap<TargetKind, Cluster> = BTreeMap::new();
         for t in &cfg.targets {
             let c = match t {
-                TargetKind::Lmskv => Cluster::start_lmskv(&cfg.bin_dir.join("lmskv-node")).await?,
+                TargetKind::Lmskv => {
+                    let mut c = Cluster::start_lmskv(&cfg.bin_dir.join("lmskv-node")).await?;
+                    let started = std::time::Instant::now();
+                    if c.wait_leaders_spread(cfg.settle).await? {
+                        eprintln!(
+                            "bench: lmskv's range leaders spread in {:.1}s",
+                            started.elapsed().as_secs_f64()
+                        );
+                    } else {
+                        eprintln!(
+                            "bench: lmskv's range leaders did not spread within {:?}; a leader may move during a run",
+                            cfg.settle
+                        );
+                    }
+                    c
+                }
                 TargetKind::Etcd => Cluster::start_etcd(&cfg.etcd_bin).await?,
             };
             clusters.insert(*t, c);

@@ -267,11 +267,12 @@ impl Summary {
             "- servers: 3 etcd members with default settings (Go uses every core); 3 lmskv \
              nodes with `--worker-threads {}` (the cores shared among them) and the config \
              `{}` (no splits by load: the nodes share one host's cores, so a split spreads \
-             no load; etcd is one Raft group too)",
+             no load; etcd is one Raft group too); fresh clusters per workload, lmskv's              first run once its placement has spread the range leaders over the nodes              (waiting up to {:?}), so that no leader moves during a run",
             super::cluster::lmskv_worker_threads(),
             super::cluster::LMSKV_BENCH_CONFIG
                 .trim()
-                .replace('\n', "; ")
+                .replace('\n', "; "),
+            cfg.settle
         );
         let _ = writeln!(
             s,
@@ -434,6 +435,7 @@ fn settings_json(cfg: &SuiteConfig) -> serde_json::Value {
         "pairs": cfg.pairs,
         "duration_s": cfg.duration.as_secs_f64(),
         "warmup_s": cfg.warmup.as_secs_f64(),
+        "settle_max_s": cfg.settle.as_secs_f64(),
         "records": cfg.records,
         "value_size": cfg.value_size,
         "consistency": cfg.consistency.name(),

@@ -1144,7 +1144,14 @@ impl RangeReplica {
     fn gather_soon(&self) {
         match (self.me.upgrade(), tokio::runtime::Handle::try_current()) {
             (Some(me), Ok(rt)) => {
-                rt.spawn(async move { me.slot_done() });
+                // The group is formed and proposed on this one task: no
+                // second hop through `slot_done`'s spawn.
+                rt.spawn(async move {
+                    let group = me.proposals.lock().expect("proposals lock").finish();
+                    if let Some(group) = group {
+                        me.propose_group(group).await;
+                    }
+                });
             }
             _ => self.slot_done(),
         }
