@@ -267,7 +267,9 @@ impl Summary {
             "- servers: 3 etcd members with default settings (Go uses every core); 3 lmskv \
              nodes with `--worker-threads {}` (the cores shared among them) and the config \
              `{}` (no splits by load: the nodes share one host's cores, so a split spreads \
-             no load; etcd is one Raft group too); fresh clusters per workload, lmskv's              first run once its placement has spread the range leaders over the nodes              (waiting up to {:?}), so that no leader moves during a run",
+             no load; etcd is one Raft group too); fresh clusters per workload, lmskv's \
+             first run once its placement has spread the range leaders over the nodes \
+             (waiting up to {:?}), so that no leader moves during a run",
             super::cluster::lmskv_worker_threads(),
             super::cluster::LMSKV_BENCH_CONFIG
                 .trim()
