@@ -37,6 +37,13 @@ pub struct KvService {
     inflight: Arc<Semaphore>,
 }
 
+/// A request admitted: it holds one of the in-flight slots and marks the
+/// node as serving.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _serving: crate::storage::Foreground,
+}
+
 /// Delay suggested to clients turned away because too many requests are in flight.
 const OVERLOADED_RETRY_AFTER_MS: u64 = 50;
 /// Longest a request naming a suspect leader is held for a new one,
@@ -53,13 +60,23 @@ impl KvService {
         }
     }
 
-    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
-        self.inflight
+    /// Admits a request if fewer than the most allowed are in flight. While
+    /// any is, the node's appends as a follower are synced by the syncer
+    /// thread rather than in place (see [`Engine::foreground`]).
+    ///
+    /// [`Engine::foreground`]: crate::storage::Engine::foreground
+    fn admit(&self) -> Result<Admitted, Error> {
+        let permit = self
+            .inflight
             .clone()
             .try_acquire_owned()
             .map_err(|_| Error::Overloaded {
                 retry_after_ms: OVERLOADED_RETRY_AFTER_MS,
-            })
+            })?;
+        Ok(Admitted {
+            _permit: permit,
+            _serving: self.node.engine.foreground(),
+        })
     }
 
     /// Finds the replica for a request touching `keys` and checks the

@@ -253,9 +253,16 @@ impl Engine {
 
     /// As [`Engine::sync_then`], but syncs on the caller's thread, `done`
     /// completed before returning, when no other sync is queued or running
-    /// (see [`GroupCommit::sync_here_when_idle`]).
+    /// and no client request is being served (see
+    /// [`GroupCommit::sync_here_when_idle`]).
     pub fn sync_here_when_idle(&self, done: SyncCallback) {
         self.group_commit.sync_here_when_idle(done);
+    }
+
+    /// Marks a client request as being served while the guard lives: no
+    /// append is synced in place on the serving thread meanwhile.
+    pub fn foreground(&self) -> super::Foreground {
+        self.group_commit.foreground()
     }
 
     /// Flushes memtables to SST files, e.g. before a clean shutdown, so a restart

@@ -30,6 +30,8 @@ pub struct GroupCommit {
     mark: Arc<Mutex<SyncedMark>>,
     /// Callbacks queued for the thread and not completed yet.
     queued: Arc<AtomicUsize>,
+    /// Client requests the node is serving now (see [`Foreground`]).
+    foreground: Arc<AtomicUsize>,
     /// `None` in inline mode: every sync runs on the caller's thread, so a
     /// simulation's clock sees it happen at a definite point (no thread).
     tx: Option<SyncSender<SyncCallback>>,
@@ -53,6 +55,7 @@ impl GroupCommit {
             db,
             mark,
             queued,
+            foreground: Arc::default(),
             tx: Some(tx),
             thread: Some(thread),
         }
@@ -65,6 +68,7 @@ impl GroupCommit {
             mark: Arc::new(Mutex::new(SyncedMark::new(db.path()))),
             db,
             queued: Arc::new(AtomicUsize::new(0)),
+            foreground: Arc::default(),
             tx: None,
             thread: None,
         }
@@ -91,16 +95,22 @@ impl GroupCommit {
     }
 
     /// Syncs on the caller's thread when the syncer has nothing to do
-    /// (nothing queued, no sync running), and completes `done` before
-    /// returning; otherwise queues it as [`GroupCommit::sync`] does.
+    /// (nothing queued, no sync running) and the node serves no client
+    /// request, and completes `done` before returning; otherwise queues it
+    /// as [`GroupCommit::sync`] does.
     ///
     /// For a writer that has nothing else to do until its write is durable
     /// (a follower's append, answered only once synced): it saves the two
     /// thread hand-offs to the syncer and back (some 300 µs of a lone
     /// write's time on a follower, in a trace on a 2-core VM). Under load
-    /// the syncer is busy and the writes still share its fsyncs.
+    /// the syncer is busy and the writes still share its fsyncs. A node
+    /// serving client requests (it leads other ranges) does not block its
+    /// worker for the fsync: those requests would wait behind it.
     pub fn sync_here_when_idle(&self, done: SyncCallback) {
-        if self.tx.is_some() && self.queued.load(Ordering::SeqCst) == 0 {
+        if self.tx.is_some()
+            && self.queued.load(Ordering::SeqCst) == 0
+            && self.foreground.load(Ordering::SeqCst) == 0
+        {
             if let Ok(mut mark) = self.mark.try_lock() {
                 let res = sync_wal(&self.db, &mut mark);
                 // Not held while `done` runs, which may queue more work.
@@ -110,6 +120,24 @@ impl GroupCommit {
             }
         }
         self.sync(done);
+    }
+
+    /// Marks a client request as being served until the guard is dropped:
+    /// meanwhile no append is synced in place (see
+    /// [`GroupCommit::sync_here_when_idle`]).
+    pub fn foreground(&self) -> Foreground {
+        self.foreground.fetch_add(1, Ordering::SeqCst);
+        Foreground(self.foreground.clone())
+    }
+}
+
+/// A client request being served; see [`GroupCommit::foreground`].
+#[derive(Debug)]
+pub struct Foreground(Arc<AtomicUsize>);
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -213,5 +241,42 @@ mod tests {
             .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
             .collect();
         assert_eq!(got, [("queued", true), ("next", true)]);
+    }
+
+    /// While the node serves a client request, an idle syncer still takes
+    /// the write (the caller's thread is not blocked by the fsync); once
+    /// the request is done the caller syncs in place again.
+    #[test]
+    fn a_node_serving_requests_leaves_the_sync_to_the_syncer() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path());
+        let gc = GroupCommit::start(db.clone());
+        let here = std::thread::current().id();
+
+        let serving = gc.foreground();
+        let also = gc.foreground();
+        drop(also);
+        db.put(b"k1", b"v1").unwrap();
+        let (tx, rx) = channel();
+        gc.sync_here_when_idle(Box::new(move |r| {
+            tx.send((r.is_ok(), std::thread::current().id())).unwrap()
+        }));
+        let (ok, on) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(ok);
+        assert_ne!(on, here, "synced on the serving thread");
+
+        drop(serving);
+        // The syncer's count of queued callbacks drops once it has run them.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while gc.queued.load(Ordering::SeqCst) != 0 {
+            assert!(std::time::Instant::now() < until, "syncer never finished");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        db.put(b"k2", b"v2").unwrap();
+        let (tx, rx) = channel();
+        gc.sync_here_when_idle(Box::new(move |r| {
+            tx.send((r.is_ok(), std::thread::current().id())).unwrap()
+        }));
+        assert_eq!(rx.try_recv(), Ok((true, here)), "not synced in place");
     }
 }

@@ -13,7 +13,7 @@ mod snapshot;
 pub mod value;
 
 pub use engine::{ApplyBatch, Engine, EngineOptions, ScanItem};
-pub use group_commit::SyncCallback;
+pub use group_commit::{Foreground, SyncCallback};
 pub use snapshot::{SnapshotExport, SNAPSHOT_CHUNK_BYTES};
 pub use value::StoredValue;
 
