@@ -7,14 +7,15 @@
 //! by the client's own acknowledged writes; a value read from some replica's
 //! local state proves nothing and is good for EVENTUAL only).
 //!
-//! The client's own writes invalidate a key before they are sent and store
-//! the acknowledged state afterwards. A per-key fence stops a read that was
+//! The client's own writes invalidate a key before they are sent and, if the
+//! cache holds the key, store the acknowledged state afterwards (writes add
+//! no entries, so they never push out what the client reads). A per-key fence stops a read that was
 //! in flight across such an invalidation from putting the older state back.
 //! Every change of an entry happens under the lock of the key's fence slot,
 //! so a fill and an invalidation of one key are serialised. An entry carries
 //! the fence count it was stored under and is used only while the count is
 //! unchanged, so invalidating is a counter bump, not a removal: a put costs
-//! the cache one insert (its acknowledged state). (moka's per-key compute
+//! the cache one lookup, and one insert if the key is cached. (moka's per-key compute
 //! lock, used before, adds and removes an entry of a second concurrent map
 //! per call, and removing then reinserting every written key kept moka's map
 //! rehashing; together about a third of the client's CPU under puts.)
@@ -332,12 +333,18 @@ impl ReadCache {
     }
 
     /// Records the state the client's own acknowledged write left `key` in
-    /// (replacing older state), and stops fills of reads already in flight.
+    /// (replacing older state) if the cache holds the key, and stops fills
+    /// of reads already in flight. A write adds no entry: a stream of writes
+    /// does not push out what the client reads, and a write of a key the
+    /// client does not read costs the cache a counter bump and a lookup.
     pub fn store_written(&self, key: Bytes, state: CachedRead) {
         let slot = self.slot(&key);
         let _slot = self.lock(slot);
         let stamp = self.bump(slot);
-        self.store(key, state, stamp);
+        // `contains_key` does not count as a use of the entry.
+        if self.cache.contains_key(&key) {
+            self.store(key, state, stamp);
+        }
     }
 
     /// Hit and miss counters, and what the cache holds now.
@@ -625,6 +632,7 @@ mod tests {
     #[test]
     fn own_writes_replace_older_state_and_older_reads_never_replace_newer() {
         let c = cache(100, 1 << 20, Duration::from_secs(60));
+        fill(&c, "k", CachedRead::new(kv("k", "v0", 2), 1, 3, None));
         let in_flight = c.fence(&key());
         c.store_written(
             key(),
@@ -657,6 +665,7 @@ mod tests {
             c.lookup(&key(), &ReadConsistency::Eventual)
                 .map(|kv| kv.map_or(0, |kv| kv.version))
         };
+        fill(&c, "k", CachedRead::new(kv("k", "v8", 8), 1, 8, None));
         // Two concurrent writes of the key, answered out of order: the older
         // one's acknowledgement does not replace the newer one's state.
         c.invalidate(&key());
@@ -670,6 +679,34 @@ mod tests {
         // A newer read fills the key again.
         fill(&c, "k", CachedRead::new(kv("k", "v12", 12), 1, 12, None));
         assert_eq!(seen(&c), Some(12));
+    }
+
+    #[test]
+    fn writes_refresh_cached_keys_and_add_none() {
+        let c = cache(100, 1 << 20, Duration::from_secs(60));
+        let other = Bytes::from_static(b"other");
+        // A write of a key the cache does not hold adds nothing.
+        c.store_written(
+            other.clone(),
+            CachedRead::new(kv("other", "w", 5), 1, 5, None),
+        );
+        c.cache.run_pending_tasks();
+        assert_eq!(c.stats().entries, 0);
+        assert_eq!(c.lookup(&other, &ReadConsistency::Eventual), None);
+        // A write of a cached key refreshes it, with what the write proved.
+        fill(&c, "k", CachedRead::new(kv("k", "v1", 4), 1, 4, None));
+        let bounded = ReadConsistency::BoundedStaleness(Duration::from_secs(30));
+        assert_eq!(
+            c.lookup(&key(), &bounded),
+            None,
+            "a replica's read proves nothing"
+        );
+        c.store_written(
+            key(),
+            CachedRead::new(kv("k", "v2", 9), 1, 9, Some(Instant::now())),
+        );
+        assert_eq!(c.lookup(&key(), &bounded), Some(kv("k", "v2", 9)));
+        assert_eq!(c.stats().entries, 1);
     }
 
     #[test]
