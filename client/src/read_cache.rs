@@ -7,18 +7,19 @@
 //! by the client's own acknowledged writes; a value read from some replica's
 //! local state proves nothing and is good for EVENTUAL only).
 //!
-//! The client's own writes invalidate a key before they are sent and, if the
-//! cache holds the key, store the acknowledged state afterwards (writes add
-//! no entries, so they never push out what the client reads). A per-key fence stops a read that was
-//! in flight across such an invalidation from putting the older state back.
-//! Every change of an entry happens under the lock of the key's fence slot,
-//! so a fill and an invalidation of one key are serialised. An entry carries
-//! the fence count it was stored under and is used only while the count is
-//! unchanged, so invalidating is a counter bump, not a removal: a put costs
-//! the cache one lookup, and one insert if the key is cached. (moka's per-key compute
-//! lock, used before, adds and removes an entry of a second concurrent map
-//! per call, and removing then reinserting every written key kept moka's map
-//! rehashing; together about a third of the client's CPU under puts.)
+//! The client's own writes invalidate a key before they are sent and, if
+//! the cache holds the key, store the acknowledged state afterwards (writes
+//! add no entries, so they never push out what the client reads). A per-key
+//! fence stops a read that was in flight across such an invalidation from
+//! putting the older state back. Every change of an entry happens under the
+//! lock of the key's fence slot, so a fill and an invalidation of one key
+//! are serialised. An entry carries the fence count it was stored under and
+//! is used only while the count is unchanged, so invalidating is a counter
+//! bump, not a removal: a put costs the cache one lookup, and one insert if
+//! the key is cached. (moka's per-key compute lock, used before, adds and
+//! removes an entry of a second concurrent map per call, and removing then
+//! reinserting every written key kept moka's map rehashing; together about a
+//! third of the client's CPU under puts.)
 //!
 //! Both the entry count and the bytes are bounded: each entry is charged at
 //! least `bytes_max / entries_max` of the byte capacity, so neither bound can
