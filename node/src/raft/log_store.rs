@@ -514,4 +514,78 @@ mod tests {
         assert_eq!(ids(&old), (1..=10).map(|i| (1, i)).collect::<Vec<_>>());
         assert_reads_match(&mut store, &engine, n).await;
     }
+
+    /// Entries of 600 KiB: the range's byte budget, not the entry count,
+    /// bounds the cache; the entries it let go are read from the engine
+    /// with their payloads intact, and one larger than the whole budget is
+    /// not cached at all.
+    #[tokio::test]
+    async fn the_cache_keeps_to_its_byte_budget_and_evicted_entries_come_from_the_engine() {
+        use crate::raft::command::{Command, Op};
+        let (_dir, engine, mut store) = open_store(5);
+        let entry = |i: u64, len: usize| {
+            EntryOf::<TypeConfig>::new_normal(
+                log_id(1, i),
+                Command {
+                    request_id: bytes::Bytes::new(),
+                    proposed_at_ms: 0,
+                    op: Op::Put {
+                        key: bytes::Bytes::from(format!("k{i}")),
+                        value: bytes::Bytes::from(vec![i as u8; len]),
+                    },
+                },
+            )
+        };
+        let value_of = |e: &EntryOf<TypeConfig>| match &e.payload {
+            openraft::EntryPayload::Normal(Command {
+                op: Op::Put { value, .. },
+                ..
+            }) => value.clone(),
+            other => panic!("entry {} is not a put: {other:?}", e.index()),
+        };
+        let big = 600 << 10;
+        let n = 20u64;
+        for i in 1..=n {
+            store
+                .append(vec![entry(i, big)], IOFlushed::noop())
+                .await
+                .expect("append");
+        }
+        {
+            let cache = store.cache();
+            assert!(cache.bytes <= LOG_CACHE_RANGE_BYTES_MAX, "{}", cache.bytes);
+            assert!(cache.entries.len() < n as usize, "nothing was evicted");
+            assert!(
+                !cache.entries.is_empty(),
+                "the newest entries were not kept"
+            );
+            assert_eq!(cache.last_index(), Some(n));
+        }
+        let all = store.try_get_log_entries(1..=n).await.expect("read");
+        assert_eq!(ids(&all), (1..=n).map(|i| (1, i)).collect::<Vec<_>>());
+        for e in &all {
+            let v = value_of(e);
+            assert_eq!(v.len(), big, "entry {}", e.index());
+            assert!(
+                v.iter().all(|b| *b == e.index() as u8),
+                "entry {}",
+                e.index()
+            );
+        }
+
+        // Larger than the range's whole budget: the cache lets go of
+        // everything, and the entry is still read back from the engine.
+        let huge = n + 1;
+        store
+            .append(
+                vec![entry(huge, LOG_CACHE_RANGE_BYTES_MAX + 1)],
+                IOFlushed::noop(),
+            )
+            .await
+            .expect("append");
+        assert!(store.cache().entries.is_empty());
+        let read = store.try_get_log_entries(huge..=huge).await.expect("read");
+        assert_eq!(value_of(&read[0]).len(), LOG_CACHE_RANGE_BYTES_MAX + 1);
+        assert_reads_match(&mut store, &engine, huge).await;
+    }
 }
