@@ -26,7 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::codec::{decode, encode};
 use super::state_machine::SnapshotFile;
-use super::stream::{is_refusal, AppendStream, APPEND_STREAM_PAYLOAD_BYTES_MAX};
+use super::stream::{AppendStream, StreamError, APPEND_STREAM_PAYLOAD_BYTES_MAX};
 use super::TypeConfig;
 use crate::storage::SNAPSHOT_CHUNK_BYTES;
 
@@ -460,7 +460,7 @@ where
     fn result_of(
         &self,
         sent: InFlight,
-        answered: Option<Result<RaftMessage, tonic::Status>>,
+        answered: Option<super::stream::Reply>,
     ) -> (Appended, bool) {
         let failed = |e: String| (Err(RPCError::Network(NetworkError::from_string(e))), false);
         let target = self.peer.target;
@@ -471,10 +471,12 @@ where
                     self.ttl
                 ))
             }
-            Some(Err(status)) if is_refusal(&status) => {
+            Some(Err(StreamError::Refused)) => {
                 return failed(format!("the append stream to node {target} is full"))
             }
-            Some(Err(status)) => return (Err(status_to_rpc_error(status)), false),
+            Some(Err(StreamError::Failed(status))) => {
+                return (Err(status_to_rpc_error(status)), false)
+            }
             Some(Ok(reply)) => reply,
         };
         if crc32fast::hash(&reply.payload) != reply.crc32 {
@@ -516,16 +518,20 @@ fn stream_result(
 }
 
 /// The answer to the first append in flight; `None` when its time is up.
-async fn first_answer(
-    in_flight: &mut VecDeque<InFlight>,
-) -> Option<Result<RaftMessage, tonic::Status>> {
+async fn first_answer(in_flight: &mut VecDeque<InFlight>) -> Option<super::stream::Reply> {
     let first = in_flight.front_mut().expect("an append in flight");
     let deadline = first.deadline;
     let answer = match &mut first.reply {
         Pending::Streamed(rx) => tokio::time::timeout_at(deadline, rx).await.map(|r| {
-            r.unwrap_or_else(|_| Err(tonic::Status::unavailable("the append stream stopped")))
+            r.unwrap_or_else(|_| {
+                Err(StreamError::Failed(tonic::Status::unavailable(
+                    "the append stream stopped",
+                )))
+            })
         }),
-        Pending::Alone(call) => tokio::time::timeout_at(deadline, call).await,
+        Pending::Alone(call) => tokio::time::timeout_at(deadline, call)
+            .await
+            .map(|r| r.map_err(StreamError::Failed)),
     };
     answer.ok()
 }
@@ -650,7 +656,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 if let Some(rx) = s.call(m.clone()) {
                     match rx.await {
                         Ok(Ok(reply)) => return Ok(tonic::Response::new(reply)),
-                        Ok(Err(status)) if !is_refusal(&status) => return Err(status),
+                        Ok(Err(StreamError::Failed(status))) => return Err(status),
                         // Refused (the stream is full) or the driver is
                         // gone: the append goes alone.
                         _ => {}

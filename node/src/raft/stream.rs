@@ -42,8 +42,18 @@ const STREAM_FRAMES_MAX: usize = 512;
 /// How long opening a stream may take before the calls on it fail.
 const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What a streamed call comes back with: the peer's reply or its refusal.
-pub type Reply = Result<RaftMessage, Status>;
+/// What a streamed call comes back with.
+pub type Reply = Result<RaftMessage, StreamError>;
+
+/// Why a streamed call has no reply.
+#[derive(Debug)]
+pub enum StreamError {
+    /// The stream could not take the call (full, or the peer does not serve
+    /// streams): the caller sends it alone instead.
+    Refused,
+    /// The peer answered with an error, or the stream broke or did not open.
+    Failed(Status),
+}
 
 type Call = (RaftMessage, oneshot::Sender<Reply>);
 
@@ -79,34 +89,30 @@ impl AppendStream {
     }
 }
 
-/// A refusal that means "send it alone": the stream could not take the call.
-pub fn is_refusal(s: &Status) -> bool {
-    s.code() == tonic::Code::ResourceExhausted && s.message().starts_with(REFUSAL)
-}
-
-const REFUSAL: &str = "append stream full";
-
 fn refuse(tx: oneshot::Sender<Reply>) {
-    let _ = tx.send(Err(Status::resource_exhausted(REFUSAL)));
+    let _ = tx.send(Err(StreamError::Refused));
 }
 
 fn fail_all(pending: &mut HashMap<u64, oneshot::Sender<Reply>>, status: &Status) {
     for (_, tx) in pending.drain() {
-        let _ = tx.send(Err(Status::new(status.code(), status.message())));
+        let _ = tx.send(Err(StreamError::Failed(Status::new(
+            status.code(),
+            status.message(),
+        ))));
     }
 }
 
 /// The peer's reply frame as the caller's result.
 fn reply_of(frame: RaftStreamFrame) -> Reply {
     if frame.error_code != 0 {
-        return Err(Status::new(
+        return Err(StreamError::Failed(Status::new(
             tonic::Code::from(frame.error_code),
             frame.error_message,
-        ));
+        )));
     }
-    frame
-        .message
-        .ok_or_else(|| Status::internal("append stream reply carries no message"))
+    frame.message.ok_or_else(|| {
+        StreamError::Failed(Status::internal("append stream reply carries no message"))
+    })
 }
 
 /// Sends one call's frame, or refuses it (the caller then sends it alone).
@@ -225,6 +231,12 @@ mod tests {
     /// own runtime on a thread; sending on the returned channel stops it and
     /// drops every connection at once.
     fn serve(addr: SocketAddr) -> std::sync::mpsc::Sender<()> {
+        serve_with(addr, true)
+    }
+
+    /// As [`serve`]; without `raft`, a server that knows no Raft call, as a
+    /// peer without the streaming call answers it.
+    fn serve_with(addr: SocketAddr, raft: bool) -> std::sync::mpsc::Sender<()> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
@@ -238,7 +250,7 @@ mod tests {
                 ready_tx.send(()).unwrap();
                 let svc = RaftService::new(2, Arc::new(ReplicaMap::default()));
                 let server = tonic::transport::Server::builder()
-                    .add_service(RaftServer::new(svc))
+                    .add_optional_service(raft.then(|| RaftServer::new(svc)))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
                 let stop = tokio::task::spawn_blocking(move || stopped.recv());
                 tokio::select! {
@@ -261,6 +273,14 @@ mod tests {
             crc32: crc32fast::hash(&payload),
             payload,
             hibernate: false,
+        }
+    }
+
+    /// The peer's error in `r`; panics on a reply or a refusal.
+    fn failed(r: Reply) -> Status {
+        match r {
+            Err(StreamError::Failed(status)) => status,
+            other => panic!("expected the peer's error, got {other:?}"),
         }
     }
 
@@ -290,7 +310,7 @@ mod tests {
             .map(|i| (i, s.call(message(7, 100 + i)).expect("queued")))
             .collect();
         for (i, rx) in calls {
-            let status = rx.await.unwrap().unwrap_err();
+            let status = failed(rx.await.unwrap());
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert!(
                 status
@@ -300,18 +320,17 @@ mod tests {
             );
         }
         // The peer's own answers come back as they are, not as refusals.
-        let status = answer(&s, message(77, 2)).await.unwrap_err();
+        let status = failed(answer(&s, message(77, 2)).await);
         assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
-        assert!(!is_refusal(&status));
         let mut corrupt = message(7, 2);
         corrupt.crc32 ^= 1;
-        let status = answer(&s, corrupt).await.unwrap_err();
+        let status = failed(answer(&s, corrupt).await);
         assert!(status.message().contains("checksum"), "{status:?}");
 
         // The peer goes away: calls fail instead of hanging.
         stop.send(()).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let status = answer(&s, message(77, 2)).await.unwrap_err();
+        let status = failed(answer(&s, message(77, 2)).await);
         assert_ne!(status.code(), tonic::Code::NotFound, "{status:?}");
 
         // It comes back on the same address: a new stream serves again.
@@ -319,7 +338,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let r = answer(&s, message(77, 2)).await;
-            if matches!(&r, Err(st) if st.code() == tonic::Code::NotFound) {
+            if matches!(&r, Err(StreamError::Failed(st)) if st.code() == tonic::Code::NotFound) {
                 break;
             }
             assert!(
@@ -328,5 +347,24 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_without_the_streaming_call_gets_every_call_alone() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let _stop = serve_with(addr, false);
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let s = AppendStream::start(channel);
+        // The first call opens the stream, learns the peer cannot take it
+        // and is refused (the caller then sends it alone), not failed.
+        let r = answer(&s, message(7, 2)).await;
+        assert!(matches!(r, Err(StreamError::Refused)), "{r:?}");
+        // From then on the stream takes no call at all.
+        assert!(s.call(message(7, 2)).is_none());
     }
 }
