@@ -98,6 +98,8 @@ pub struct TestCluster {
     /// The namespaces the nodes run in; dropped after the nodes are killed.
     fabric: Option<Arc<Fabric>>,
     worker_threads: Option<u16>,
+    /// Panics in this process before the cluster started (see `Drop`).
+    panics_before: u64,
 }
 
 /// The directory the workspace's binaries are built into, next to the test binary.
@@ -238,6 +240,7 @@ impl TestCluster {
             config_path,
             fabric: opts.netns.clone(),
             worker_threads: opts.worker_threads,
+            panics_before: PANICS.load(std::sync::atomic::Ordering::Relaxed),
         };
         for i in 1..=opts.nodes as u64 {
             c.spawn(i)?;
@@ -656,15 +659,16 @@ impl TestCluster {
     }
 }
 
-static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Panics so far in this test process (every suite shares one process).
+static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Records that some thread of this test process panicked (for `Drop`).
+/// Counts the panics of every thread of this test process (for `Drop`).
 fn note_panics() {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            PANICKED.store(true, std::sync::atomic::Ordering::Relaxed);
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             prev(info);
         }));
     });
@@ -673,9 +677,10 @@ fn note_panics() {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         // A cluster shared with spawned tasks may be dropped on another
-        // thread after the test's own thread panicked.
-        let failed =
-            std::thread::panicking() || PANICKED.load(std::sync::atomic::Ordering::Relaxed);
+        // thread after the test's own thread panicked; a panic of an earlier
+        // test in this process is not this cluster's failure.
+        let failed = std::thread::panicking()
+            || PANICS.load(std::sync::atomic::Ordering::Relaxed) > self.panics_before;
         if failed {
             eprintln!("{}", self.log_tails(40));
         }

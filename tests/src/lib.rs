@@ -2,7 +2,8 @@
 //! loopback ports (or, as root, each in its own network namespace), and
 //! helpers the integration suites share.
 //!
-//! The suites live in `tests/tests/*.rs`, one binary each.
+//! The suites live in `tests/tests/cluster/*.rs`, one module each of one
+//! test binary (`--test cluster`).
 
 pub mod chaos;
 pub mod checker;

@@ -3,7 +3,7 @@
 //! handling, input validation, rate limits, capacity under concurrency,
 //! pagination, grading races, index repair and a node crash mid-flow.
 
-mod common;
+use super::common;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! between courses, so enrollments (an atomic batch of seat counter and
 //! member) and grading (CAS) keep working while their ranges split.
 
-mod common;
+use super::common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

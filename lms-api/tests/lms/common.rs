@@ -1,8 +1,6 @@
 //! Test support: a real lmskv cluster (node processes) with the LMS API
 //! served in-process on a loopback port, and a small HTTP client.
 
-#![allow(dead_code)]
-
 use std::time::Duration;
 
 use lms_api::accounts;

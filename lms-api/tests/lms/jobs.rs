@@ -5,7 +5,7 @@
 //! behind hundreds of jobs that are not due. Timings are configured short
 //! (lease 1 s, backoff 500 ms doubling to 1 s, 3 attempts).
 
-mod common;
+use super::common;
 
 use std::time::Duration;
 
