@@ -25,7 +25,7 @@ help:
 	@echo "make run    - build (release), start a local $(NODES)-node cluster and the LMS API with demo data (Ctrl-C stops them)"
 	@echo "make api-fuzz - run schemathesis against the LMS API's OpenAPI document ($(FUZZ_SECONDS)s)"
 	@echo "make test   - format check, clippy, unit and integration tests"
-	@echo "make build  - debug build of every binary"
+	@echo "make build  - debug build of every binary and test"
 	@echo "make fmt    - format the code"
 	@echo "make bench  - lmskv vs etcd (YCSB A-F, put, get), report in bench/report.md"
 	@echo "make sim    - deterministic simulation over SIM_SEEDS seeds (default 1000); SEED=N replays one"
@@ -34,8 +34,12 @@ help:
 setup:
 	@./scripts/setup.sh
 
+# Binaries and test targets in one invocation: building test targets turns
+# on the features that dev-dependencies ask of shared crates (tower, hyper-util
+# and others, through reqwest), so a build of the binaries alone would compile
+# every crate above them a second time for `cargo test`.
 build: setup
-	$(CARGO) build --workspace --bins $(TEST_FEATURES)
+	$(CARGO) build --workspace --bins --tests $(TEST_FEATURES)
 
 build-release: setup
 	$(CARGO) build --release --workspace --bins
@@ -55,7 +59,8 @@ fmt-check:
 lint: setup
 	$(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings
 
-# One `cargo test` over the whole workspace, so it reuses the build above.
+# One `cargo test` over the whole workspace, with the build's features, so it
+# compiles nothing more than the examples.
 # Cluster tests start real processes; one test at a time keeps 2-core machines honest.
 unit-test integration-test: build
 	$(CARGO) test --workspace $(TEST_FEATURES) -- --test-threads=1

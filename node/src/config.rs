@@ -26,6 +26,9 @@ pub struct FileConfig {
     pub dedup_window_s: u64,
     pub block_cache_bytes: usize,
     pub write_buffer_bytes: usize,
+    /// Bytes of recent Raft log entries all ranges keep in memory together
+    /// (0: none; reads then go to RocksDB).
+    pub log_cache_bytes: usize,
     pub inflight_requests_max: usize,
     /// Proposals (single writes or groups of writes that queued meanwhile)
     /// a range's leader keeps in flight at once.
@@ -90,6 +93,7 @@ impl Default for FileConfig {
             dedup_window_s: 600,
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 32 << 20,
+            log_cache_bytes: 256 << 20,
             inflight_requests_max: 10_000,
             proposals_in_flight_max: crate::raft::proposals::PROPOSALS_IN_FLIGHT_MAX,
             dead_node_timeout_s: 60,
@@ -305,6 +309,7 @@ impl NodeConfig {
         EngineOptions {
             block_cache_bytes: self.file.block_cache_bytes,
             write_buffer_bytes: self.file.write_buffer_bytes,
+            log_cache_bytes: self.file.log_cache_bytes,
         }
     }
 
@@ -421,6 +426,29 @@ mod tests {
         }
         let f: FileConfig = toml::from_str("raft_append_pipeline = 1").unwrap();
         assert_eq!(f.raft_append_pipeline, 1);
+    }
+
+    /// The README's example `--config` file (the TOML block that sets
+    /// `election_timeout_ms_min`) parses and passes the checks, and its
+    /// `log_cache_bytes` reaches the engine.
+    #[test]
+    fn the_readmes_example_config_parses_and_validates() {
+        let readme = include_str!("../../README.md");
+        let block = readme
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|b| b.split_once("```").map(|(toml, _)| toml))
+            .find(|b| b.contains("election_timeout_ms_min"))
+            .expect("the README has the example config");
+        let f: FileConfig = toml::from_str(block).expect("the example parses");
+        let mut c = cfg();
+        c.file = f;
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.engine_options().log_cache_bytes, 256 << 20);
+        let f: FileConfig = toml::from_str("log_cache_bytes = 0").unwrap();
+        c.file = f;
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.engine_options().log_cache_bytes, 0);
     }
 
     #[test]

@@ -117,6 +117,7 @@ pub async fn boot(
     let opts = EngineOptions {
         block_cache_bytes: 4 << 20,
         write_buffer_bytes: 4 << 20,
+        ..EngineOptions::default()
     };
     let engine = Arc::new(Engine::open_inline_sync(&dir.join("db"), &opts)?);
     let pool = PeerPool::with_channel_maker(id, channel_maker(), true, rpc_timeout_min);

@@ -14,7 +14,6 @@ use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use openraft::{OptionalSend, RaftLogReader};
 use super::codec::{decode, encode};
 use super::TypeConfig;
 use crate::storage::keys::RaftStateField;
-use crate::storage::Engine;
+use crate::storage::{ByteBudget, Engine};
 
 /// Entries read from the log in one call at most; openraft asks again for more.
 const LOG_READ_ENTRIES_MAX: u64 = 4_096;
@@ -35,32 +34,35 @@ const LOG_READ_ENTRIES_MAX: u64 = 4_096;
 pub const LOG_CACHE_ENTRIES_MAX: usize = 1_024;
 /// Encoded bytes of the entries one range keeps in its cache at most.
 pub const LOG_CACHE_RANGE_BYTES_MAX: usize = 4 << 20;
-/// Encoded bytes the caches of all ranges in the process hold at most; a
-/// range that would go beyond empties its own cache instead.
-pub const LOG_CACHE_TOTAL_BYTES_MAX: usize = 256 << 20;
-
 /// The committed log id is written at most this often: openraft reports
 /// every advance (one RocksDB write each, some 3% of a node's CPU under
 /// puts), and it is only a hint that lets a restarted node apply its log
 /// before a leader tells it the commit index. An older one is as safe.
 const COMMITTED_SAVE_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Encoded bytes held by every [`LogCache`] of the process.
-static LOG_CACHE_TOTAL_BYTES: AtomicUsize = AtomicUsize::new(0);
-
 /// The newest entries of one range's log, in memory: always a contiguous
 /// run that ends at the last entry appended (or empty), so a read starting
 /// inside it is answered from it alone. Each entry owns its bytes, so the
-/// encoded sizes it counts are what it holds. The process-wide budget is
-/// checked without a lock and may be passed by the appends in flight.
-#[derive(Debug, Default)]
+/// encoded sizes it counts are what it holds. Every range's cache on an
+/// engine takes its bytes from the engine's one [`ByteBudget`]
+/// (`log_cache_bytes`), so together they never hold more.
+#[derive(Debug)]
 pub struct LogCache {
     /// Entries in index order, each with its encoded size.
     entries: VecDeque<(EntryOf<TypeConfig>, usize)>,
     bytes: usize,
+    budget: Arc<ByteBudget>,
 }
 
 impl LogCache {
+    fn new(budget: Arc<ByteBudget>) -> Self {
+        LogCache {
+            entries: VecDeque::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
     fn first_index(&self) -> Option<u64> {
         self.entries.front().map(|(e, _)| e.index())
     }
@@ -72,7 +74,7 @@ impl LogCache {
     /// Uncounts an entry of `n` encoded bytes that left the cache.
     fn forget(&mut self, n: usize) {
         self.bytes -= n;
-        LOG_CACHE_TOTAL_BYTES.fetch_sub(n, Ordering::Relaxed);
+        self.budget.give_back(n);
     }
 
     fn pop_front(&mut self) {
@@ -88,7 +90,7 @@ impl LogCache {
     }
 
     fn clear(&mut self) {
-        LOG_CACHE_TOTAL_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.budget.give_back(self.bytes);
         self.entries.clear();
         self.bytes = 0;
     }
@@ -100,16 +102,14 @@ impl LogCache {
             if self.last_index().is_some_and(|l| l + 1 != e.index()) {
                 self.clear();
             }
-            if n > LOG_CACHE_RANGE_BYTES_MAX
-                || LOG_CACHE_TOTAL_BYTES.load(Ordering::Relaxed) + n > LOG_CACHE_TOTAL_BYTES_MAX
-            {
-                // Too large, or the process's budget is spent: this range
-                // stops caching until its next append.
+            if n > LOG_CACHE_RANGE_BYTES_MAX || !self.budget.try_take(n) {
+                // Too large, or the engine's budget is spent: this range
+                // lets its cache go (and its bytes to the other ranges)
+                // and caches again from its next append that fits.
                 self.clear();
                 continue;
             }
             self.bytes += n;
-            LOG_CACHE_TOTAL_BYTES.fetch_add(n, Ordering::Relaxed);
             self.entries.push_back((e, n));
             while self.entries.len() > LOG_CACHE_ENTRIES_MAX
                 || self.bytes > LOG_CACHE_RANGE_BYTES_MAX
@@ -181,11 +181,12 @@ impl LogStore {
     /// The log of `range_id` in `engine`, kept by node `node_id` (`None`:
     /// every append is synced by the syncer thread).
     pub fn new(engine: Arc<Engine>, range_id: u64, node_id: Option<u64>) -> Self {
+        let cache = LogCache::new(engine.log_cache_budget().clone());
         LogStore {
             engine,
             range_id,
             node_id,
-            cache: Arc::new(Mutex::new(LogCache::default())),
+            cache: Arc::new(Mutex::new(cache)),
             committed_saved_at: None,
             committed: None,
         }
@@ -415,6 +416,32 @@ mod tests {
         (dir, engine, store)
     }
 
+    /// A put of `len` bytes at index `i` (term 1); entries of one `len`
+    /// encode to one size.
+    fn put_entry(i: u64, len: usize) -> EntryOf<TypeConfig> {
+        use crate::raft::command::{Command, Op};
+        EntryOf::<TypeConfig>::new_normal(
+            log_id(1, i),
+            Command {
+                request_id: bytes::Bytes::new(),
+                proposed_at_ms: 0,
+                op: Op::Put {
+                    key: bytes::Bytes::from(format!("k{i:08}")),
+                    value: bytes::Bytes::from(vec![i as u8; len]),
+                },
+            },
+        )
+    }
+
+    async fn append_puts(store: &mut LogStore, from: u64, to: u64) {
+        for i in from..=to {
+            store
+                .append(vec![put_entry(i, 1_000)], IOFlushed::noop())
+                .await
+                .expect("append");
+        }
+    }
+
     async fn append_blanks(store: &mut LogStore, term: u64, from: u64, to: u64) {
         store
             .append(blanks(term, from, to), IOFlushed::noop())
@@ -523,19 +550,7 @@ mod tests {
     async fn the_cache_keeps_to_its_byte_budget_and_evicted_entries_come_from_the_engine() {
         use crate::raft::command::{Command, Op};
         let (_dir, engine, mut store) = open_store(5);
-        let entry = |i: u64, len: usize| {
-            EntryOf::<TypeConfig>::new_normal(
-                log_id(1, i),
-                Command {
-                    request_id: bytes::Bytes::new(),
-                    proposed_at_ms: 0,
-                    op: Op::Put {
-                        key: bytes::Bytes::from(format!("k{i}")),
-                        value: bytes::Bytes::from(vec![i as u8; len]),
-                    },
-                },
-            )
-        };
+        let entry = put_entry;
         let value_of = |e: &EntryOf<TypeConfig>| match &e.payload {
             openraft::EntryPayload::Normal(Command {
                 op: Op::Put { value, .. },
@@ -587,5 +602,82 @@ mod tests {
         let read = store.try_get_log_entries(huge..=huge).await.expect("read");
         assert_eq!(value_of(&read[0]).len(), LOG_CACHE_RANGE_BYTES_MAX + 1);
         assert_reads_match(&mut store, &engine, huge).await;
+    }
+
+    /// Every range's cache on an engine takes its bytes from the engine's
+    /// one budget (`log_cache_bytes`): the ranges together never hold
+    /// more; a range whose append finds the budget spent keeps nothing and
+    /// reads from the engine; bytes a range lets go (a purge, a closed
+    /// store) serve the others again; and a budget of 0 caches nothing.
+    #[tokio::test]
+    async fn the_ranges_of_an_engine_share_one_log_cache_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let max = 64 << 10;
+        let opts = EngineOptions {
+            log_cache_bytes: max,
+            ..EngineOptions::default()
+        };
+        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).expect("engine"));
+        let budget = engine.log_cache_budget().clone();
+        let mut a = LogStore::new(engine.clone(), 10, None);
+        let mut b = LogStore::new(engine.clone(), 11, None);
+
+        append_puts(&mut a, 1, 1).await;
+        let one = a.cache().bytes;
+        assert!(one > 1_000, "an entry encodes to {one} bytes");
+        // Range a takes the budget up to the last whole entry.
+        let fits = (max / one) as u64;
+        assert!(fits > 10 && fits < LOG_CACHE_ENTRIES_MAX as u64, "{fits}");
+        append_puts(&mut a, 2, fits).await;
+        assert_eq!(a.cache().entries.len() as u64, fits);
+        assert_eq!(budget.used(), fits as usize * one);
+
+        // Range b finds the budget spent: it caches nothing, and its reads
+        // come from the engine, whole.
+        append_puts(&mut b, 1, 5).await;
+        assert!(b.cache().entries.is_empty());
+        assert_eq!(budget.used(), fits as usize * one);
+        assert_reads_match(&mut b, &engine, 5).await;
+
+        // Range a's purge gives its older entries' bytes back, and range
+        // b's next appends are cached.
+        let half = fits / 2;
+        a.purge(log_id(1, half)).await.expect("purge");
+        assert_eq!(a.cache().first_index(), Some(half + 1));
+        append_puts(&mut b, 6, 10).await;
+        assert_eq!(b.cache().entries.len(), 5);
+        assert_eq!(b.cache().first_index(), Some(6));
+        assert_eq!(budget.used(), a.cache().bytes + b.cache().bytes);
+        assert!(budget.used() <= max);
+        assert_reads_match(&mut b, &engine, 10).await;
+
+        // A range that keeps appending never takes the sum past the budget:
+        // when its take fails it lets its own cache go and starts again.
+        for i in 11..=(3 * fits) {
+            append_puts(&mut b, i, i).await;
+            assert!(budget.used() <= max, "{} > {max} at {i}", budget.used());
+            assert_eq!(budget.used(), a.cache().bytes + b.cache().bytes);
+        }
+        assert_reads_match(&mut b, &engine, 3 * fits).await;
+        assert_reads_match(&mut a, &engine, fits).await;
+
+        // A closed store gives back all it held.
+        drop(a);
+        assert_eq!(budget.used(), b.cache().bytes);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+
+        // No budget: nothing is cached, every read comes from the engine.
+        let dir0 = tempfile::tempdir().expect("tempdir");
+        let opts = EngineOptions {
+            log_cache_bytes: 0,
+            ..EngineOptions::default()
+        };
+        let engine0 = Arc::new(Engine::open(&dir0.path().join("db"), &opts).expect("engine"));
+        let mut c = LogStore::new(engine0.clone(), 12, None);
+        append_puts(&mut c, 1, 20).await;
+        assert!(c.cache().entries.is_empty());
+        assert_eq!(engine0.log_cache_budget().used(), 0);
+        assert_reads_match(&mut c, &engine0, 20).await;
     }
 }

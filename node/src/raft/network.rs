@@ -26,7 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::codec::{decode, encode};
 use super::state_machine::SnapshotFile;
-use super::stream::{AppendStream, StreamError, APPEND_STREAM_PAYLOAD_BYTES_MAX};
+use super::stream::{AppendStream, Reply, StreamError, APPEND_STREAM_PAYLOAD_BYTES_MAX};
 use super::TypeConfig;
 use crate::storage::SNAPSHOT_CHUNK_BYTES;
 
@@ -326,7 +326,7 @@ struct InFlight {
 /// Where an append's answer comes from.
 enum Pending {
     /// A frame on the peer's append stream.
-    Streamed(tokio::sync::oneshot::Receiver<super::stream::Reply>),
+    Streamed(tokio::sync::oneshot::Receiver<Reply>),
     /// A call of its own.
     Alone(futures::future::BoxFuture<'static, Result<RaftMessage, tonic::Status>>),
 }
@@ -457,11 +457,7 @@ where
     }
 
     /// What the peer's answer (`None`: none in time) to `sent` means.
-    fn result_of(
-        &self,
-        sent: InFlight,
-        answered: Option<super::stream::Reply>,
-    ) -> (Appended, bool) {
+    fn result_of(&self, sent: InFlight, answered: Option<Reply>) -> (Appended, bool) {
         let failed = |e: String| (Err(RPCError::Network(NetworkError::from_string(e))), false);
         let target = self.peer.target;
         let reply = match answered {
@@ -518,7 +514,7 @@ fn stream_result(
 }
 
 /// The answer to the first append in flight; `None` when its time is up.
-async fn first_answer(in_flight: &mut VecDeque<InFlight>) -> Option<super::stream::Reply> {
+async fn first_answer(in_flight: &mut VecDeque<InFlight>) -> Option<Reply> {
     let first = in_flight.front_mut().expect("an append in flight");
     let deadline = first.deadline;
     let answer = match &mut first.reply {

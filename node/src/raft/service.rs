@@ -452,6 +452,7 @@ pub(crate) mod tests {
         let opts = EngineOptions {
             block_cache_bytes: 4 << 20,
             write_buffer_bytes: 4 << 20,
+            ..EngineOptions::default()
         };
         let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
         let replica = RangeReplica::open(

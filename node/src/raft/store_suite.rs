@@ -22,6 +22,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let opts = EngineOptions {
             block_cache_bytes: 4 << 20,
             write_buffer_bytes: 4 << 20,
+            ..EngineOptions::default()
         };
         let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).expect("open engine"));
         let log = LogStore::new(engine.clone(), 7, Some(1));

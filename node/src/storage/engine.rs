@@ -16,6 +16,7 @@ use super::group_commit::{GroupCommit, SyncCallback};
 use super::keys::{self, RaftStateField, RangeStateField};
 use super::snapshot::{self, SnapshotExport};
 use super::value::{self, StoredValue};
+use super::ByteBudget;
 use super::StorageError;
 
 /// Most memtable entries one [`Engine::approximate_span_size`] counts.
@@ -92,6 +93,9 @@ pub struct EngineOptions {
     pub block_cache_bytes: usize,
     /// Memtable size per column family, in bytes.
     pub write_buffer_bytes: usize,
+    /// Bytes of recent Raft log entries the ranges keep in memory together
+    /// (see [`Engine::log_cache_budget`]; `0`: none).
+    pub log_cache_bytes: usize,
 }
 
 impl Default for EngineOptions {
@@ -99,6 +103,7 @@ impl Default for EngineOptions {
         EngineOptions {
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 32 << 20,
+            log_cache_bytes: 256 << 20,
         }
     }
 }
@@ -119,6 +124,7 @@ pub struct Engine {
     /// Opened by [`Engine::open_inline_sync`]: see [`Engine::runs_inline`].
     inline: bool,
     dedup_clocks: Arc<DedupClocks>,
+    log_cache_budget: Arc<ByteBudget>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -216,6 +222,7 @@ impl Engine {
             path: path.to_path_buf(),
             inline: inline_sync,
             dedup_clocks,
+            log_cache_budget: Arc::new(ByteBudget::new(opts.log_cache_bytes)),
         })
     }
 
@@ -226,6 +233,12 @@ impl Engine {
     /// point of simulated time.
     pub fn runs_inline(&self) -> bool {
         self.inline
+    }
+
+    /// The bytes every range's in-memory log tail on this engine shares
+    /// (`EngineOptions::log_cache_bytes`).
+    pub fn log_cache_budget(&self) -> &Arc<ByteBudget> {
+        &self.log_cache_budget
     }
 
     /// The directory the engine lives in.

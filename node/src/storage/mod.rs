@@ -5,6 +5,7 @@
 //! `node::raft`, and leave checksummed (see [`value`]). The on-disk layout is
 //! defined in [`keys`].
 
+mod budget;
 pub mod durability;
 mod engine;
 mod group_commit;
@@ -12,6 +13,7 @@ pub mod keys;
 mod snapshot;
 pub mod value;
 
+pub use budget::ByteBudget;
 pub use engine::{ApplyBatch, Engine, EngineOptions, ScanItem};
 pub use group_commit::{Foreground, SyncCallback};
 pub use snapshot::{SnapshotExport, SNAPSHOT_CHUNK_BYTES};
