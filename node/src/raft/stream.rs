@@ -13,12 +13,14 @@
 //! after it breaks (the calls in flight on a broken stream fail; openraft
 //! retries them). Everything is bounded: a call that finds the driver's
 //! queue full, too many calls waiting for replies, or a peer without the
-//! streaming call is sent alone (unary) instead.
+//! streaming call is sent alone (unary) instead; such a peer is asked again
+//! every [`STREAM_UNSUPPORTED_RETRY`], so one upgraded in place gets its
+//! stream without a restart of this node.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lmskv_proto::limits::GRPC_MESSAGE_BYTES_MAX;
 use lmskv_proto::v1::raft_client::RaftClient;
@@ -41,6 +43,9 @@ const STREAM_PENDING_MAX: usize = 4_096;
 const STREAM_FRAMES_MAX: usize = 512;
 /// How long opening a stream may take before the calls on it fail.
 const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer that answered the streaming call `Unimplemented` gets every call
+/// alone for this long, then the next call tries the stream again.
+pub const STREAM_UNSUPPORTED_RETRY: Duration = Duration::from_secs(30);
 
 /// What a streamed call comes back with.
 pub type Reply = Result<RaftMessage, StreamError>;
@@ -57,30 +62,64 @@ pub enum StreamError {
 
 type Call = (RaftMessage, oneshot::Sender<Reply>);
 
+/// Whether the peer serves `AppendStream`, as last learned: until when
+/// (milliseconds after `since`) every call goes alone; 0 while it does.
+#[derive(Debug)]
+struct Support {
+    since: Instant,
+    alone_until_ms: AtomicU64,
+    retry: Duration,
+}
+
+impl Support {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether calls go alone now.
+    fn alone(&self) -> bool {
+        let until = self.alone_until_ms.load(Ordering::Relaxed);
+        until != 0 && self.now_ms() < until
+    }
+
+    /// The peer answered `Unimplemented`: calls go alone for `retry`.
+    fn refused_by_peer(&self) {
+        let retry = u64::try_from(self.retry.as_millis()).unwrap_or(u64::MAX);
+        let until = self.now_ms().saturating_add(retry).max(1);
+        self.alone_until_ms.store(until, Ordering::Relaxed);
+    }
+}
+
 /// The append stream to one peer.
 #[derive(Debug)]
 pub struct AppendStream {
     calls: mpsc::Sender<Call>,
-    /// Set when the peer does not serve `AppendStream`: every call goes alone.
-    unsupported: Arc<AtomicBool>,
+    support: Arc<Support>,
 }
 
 impl AppendStream {
     /// Starts the driver task for the peer behind `channel`; must be called
     /// within a tokio runtime.
     pub fn start(channel: Channel) -> Self {
+        Self::start_with(channel, STREAM_UNSUPPORTED_RETRY)
+    }
+
+    /// As [`AppendStream::start`], asking a peer that does not serve the
+    /// stream again after `retry`.
+    fn start_with(channel: Channel, retry: Duration) -> Self {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE_MAX);
-        let unsupported = Arc::new(AtomicBool::new(false));
-        tokio::spawn(drive(channel, rx, unsupported.clone()));
-        AppendStream {
-            calls: tx,
-            unsupported,
-        }
+        let support = Arc::new(Support {
+            since: Instant::now(),
+            alone_until_ms: AtomicU64::new(0),
+            retry,
+        });
+        tokio::spawn(drive(channel, rx, support.clone()));
+        AppendStream { calls: tx, support }
     }
 
     /// Queues `msg` on the stream; `None` when it must go alone instead.
     pub fn call(&self, msg: RaftMessage) -> Option<oneshot::Receiver<Reply>> {
-        if self.unsupported.load(Ordering::Relaxed) {
+        if self.support.alone() {
             return None;
         }
         let (tx, rx) = oneshot::channel();
@@ -146,14 +185,14 @@ fn send(
     }
 }
 
-async fn drive(channel: Channel, mut calls: mpsc::Receiver<Call>, unsupported: Arc<AtomicBool>) {
+async fn drive(channel: Channel, mut calls: mpsc::Receiver<Call>, support: Arc<Support>) {
     let mut next_id = 0u64;
     loop {
         // A stream is opened when there is something to send.
         let Some(first) = calls.recv().await else {
             return;
         };
-        if unsupported.load(Ordering::Relaxed) {
+        if support.alone() {
             refuse(first.1);
             continue;
         }
@@ -172,8 +211,8 @@ async fn drive(channel: Channel, mut calls: mpsc::Receiver<Call>, unsupported: A
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
                 if status.code() == tonic::Code::Unimplemented {
-                    // An older peer: send everything alone from now on.
-                    unsupported.store(true, Ordering::Relaxed);
+                    // An older peer: send everything alone for a while.
+                    support.refused_by_peer();
                     for (_, tx) in pending.drain() {
                         refuse(tx);
                     }
@@ -350,21 +389,56 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_peer_without_the_streaming_call_gets_every_call_alone() {
+    async fn a_peer_without_the_streaming_call_gets_calls_alone_until_it_serves_it() {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
-        let _stop = serve_with(addr, false);
+        let stop = serve_with(addr, false);
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
-        let s = AppendStream::start(channel);
+        let retry = Duration::from_millis(500);
+        let s = AppendStream::start_with(channel, retry);
         // The first call opens the stream, learns the peer cannot take it
         // and is refused (the caller then sends it alone), not failed.
         let r = answer(&s, message(7, 2)).await;
         assert!(matches!(r, Err(StreamError::Refused)), "{r:?}");
-        // From then on the stream takes no call at all.
+        // For a while the stream takes no call at all.
         assert!(s.call(message(7, 2)).is_none());
+
+        // Once that while is over, the next call asks the same peer again,
+        // which still does not serve streams.
+        tokio::time::sleep(retry + Duration::from_millis(100)).await;
+        let r = answer(&s, message(7, 2)).await;
+        assert!(matches!(r, Err(StreamError::Refused)), "{r:?}");
+        assert!(s.call(message(7, 2)).is_none());
+
+        // The peer is upgraded in place (same address, now with the Raft
+        // service): after the next wait the stream serves it.
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _stop = serve(addr);
+        tokio::time::sleep(retry + Duration::from_millis(100)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(rx) = s.call(message(77, 2)) {
+                let r = tokio::time::timeout(Duration::from_secs(10), rx)
+                    .await
+                    .expect("answered in time")
+                    .expect("the driver answers every call");
+                // Range 77 is not hosted there: the peer's own answer,
+                // carried by the stream.
+                if matches!(&r, Err(StreamError::Failed(st)) if st.code() == tonic::Code::NotFound)
+                {
+                    break;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the upgraded peer got no stream"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
