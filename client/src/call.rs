@@ -539,9 +539,12 @@ impl Client {
                     budget.sleep(d).await?;
                     continue;
                 }
-                e if e.is_retryable() || (weak && matches!(e, ServerError::Corruption { .. })) => {
+                e if e.is_retryable() || matches!(e, ServerError::Corruption { .. }) => {
                     // A replica that refuses its corrupt copy is no reason
-                    // to fail a read another replica can serve.
+                    // to fail a read another replica can serve; and a
+                    // leader that refuses one stops leading (its node stops
+                    // the range's group there), so a request that needs the
+                    // leader goes on to the one its peers elect.
                     self.inner.replicas.suspect(&addr);
                     self.inner.routes.clear_leader(range_id, node_id);
                     if !weak {

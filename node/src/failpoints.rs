@@ -23,6 +23,7 @@
 //! | `snapshot-install`        | snapshot install, file recorded, nothing imported yet        |
 //! | `snapshot-install-import` | snapshot import, old span cleared, new data not yet written  |
 //! | `split-apply`             | apply of a split, before the split's batch is built          |
+//! | `kv-get-read`             | a KV Get's read of its key from the store (`return(corrupt)`: the read finds the data corrupt) |
 
 /// The names of every fail point (for documentation and tests).
 pub const NAMES: &[&str] = &[
@@ -34,6 +35,7 @@ pub const NAMES: &[&str] = &[
     "snapshot-install",
     "snapshot-install-import",
     "split-apply",
+    "kv-get-read",
 ];
 
 /// A fail point. Its `return` action makes the enclosing function return

@@ -470,8 +470,25 @@ impl Node {
     /// by its leader (clears an old tombstone).
     pub async fn create_replica(&self, desc: &StoredDesc) -> Result<(), Error> {
         if let Ok(r) = self.replicas.get(desc.range_id) {
+            let faulted = r.fault();
             drop(r);
-            return Ok(());
+            match faulted {
+                None => return Ok(()),
+                // The faulted replica this one replaces: its data goes
+                // first, once it is no voter (checked below, as for a
+                // replica this node lost).
+                Some(reason) if !desc.voters.contains(&self.node_id()) => {
+                    tracing::info!(range_id = desc.range_id, %reason, "removing the faulted replica to add a fresh one");
+                    self.destroy_replica(desc.range_id).await?;
+                }
+                Some(reason) => {
+                    return Err(Error::unavailable(format!(
+                        "node {}'s replica of range {} refuses to serve ({reason}); remove it from the voters first",
+                        self.node_id(),
+                        desc.range_id
+                    )))
+                }
+            }
         }
         // An empty replica in a voter's seat could vote with an empty log
         // (this node lost the range, e.g. with its store): it must be
@@ -892,12 +909,20 @@ impl Node {
                     .cloned()
                     .collect()
             };
+            let faulted_range_ids: Vec<u64> = self
+                .replicas
+                .all()
+                .iter()
+                .filter(|r| r.fault().is_some())
+                .map(|r| r.range_id())
+                .collect();
             let req = HeartbeatRequest {
                 node_id: self.node_id(),
                 address: self.cfg.advertise_addr(),
                 ranges,
                 range_ids,
                 full,
+                faulted_range_ids,
             };
             let resp = if self.local_meta_leader().is_some() {
                 crate::pd::handle_heartbeat(&self, req).await.ok()

@@ -75,6 +75,8 @@ struct NodeLive {
     up_since: Instant,
     /// The ranges the node reported a ready replica of.
     ranges: HashSet<u64>,
+    /// Those of them whose replica there refuses to serve (faulted).
+    faulted: HashSet<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -283,20 +285,26 @@ impl Pd {
     }
 
     /// Voters whose (live, recently heard) node has not reported a replica of
-    /// the range for `MISSING_VOTER_GRACE`, as (range, node) pairs.
+    /// the range for `MISSING_VOTER_GRACE`, or reports it faulted, as
+    /// (range, node) pairs. A faulted replica is due at once: its node
+    /// stopped its group, and it never serves again.
     fn missing_voters(&self, descs: &[StoredDesc]) -> HashSet<(u64, u64)> {
         let mut st = self.state.lock().expect("pd lock");
         let now = Instant::now();
         let mut seen = HashSet::new();
+        let mut faulted = HashSet::new();
         for d in descs {
             if self.is_changing(d.range_id) {
                 continue;
             }
             for v in &d.voters {
-                let missing = st.nodes.get(v).is_some_and(|n| {
-                    n.last_heartbeat.elapsed() < NODE_UP_WITHIN && !n.ranges.contains(&d.range_id)
-                });
-                if missing {
+                let Some(n) = st.nodes.get(v) else { continue };
+                if n.last_heartbeat.elapsed() >= NODE_UP_WITHIN {
+                    continue;
+                }
+                if n.faulted.contains(&d.range_id) {
+                    faulted.insert((d.range_id, *v));
+                } else if !n.ranges.contains(&d.range_id) {
                     seen.insert((d.range_id, *v));
                 }
             }
@@ -309,6 +317,7 @@ impl Pd {
             .iter()
             .filter(|(_, t)| now.duration_since(**t) >= MISSING_VOTER_GRACE)
             .map(|(k, _)| *k)
+            .chain(faulted)
             .collect()
     }
 
@@ -400,6 +409,7 @@ pub async fn handle_heartbeat(
                 last_heartbeat: now,
                 up_since,
                 ranges: hosted,
+                faulted: req.faulted_range_ids.iter().copied().collect(),
             },
         );
         for r in &req.ranges {
@@ -712,7 +722,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         tracing::warn!(
             range_id,
             node_id = v,
-            "voter reports no replica of its range; replacing it"
+            "voter reports no replica of its range, or a faulted one; replacing it"
         );
     }
     let mut load: HashMap<u64, usize> = candidates.iter().map(|c| (*c, 0)).collect();
@@ -746,7 +756,8 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             else {
                 // Every live node already is a voter (e.g. 3 nodes, 3
                 // replicas), and one of them lost its replica (its store was
-                // damaged and rebuilt empty): remove it first, so that a
+                // damaged and rebuilt empty) or reports it faulted (its
+                // group stopped): remove it first, so that a
                 // later round adds it back as a learner that catches up from
                 // the leader. It never votes with an empty log meanwhile: it
                 // hosts no replica, so it answers nothing for the range.

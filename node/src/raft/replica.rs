@@ -579,7 +579,17 @@ impl RangeReplica {
             rc.tick(false);
         }
         self.loads.fetch_add(1, Ordering::SeqCst);
-        *self.group.write().expect("group lock") = Group::Live(raft.clone());
+        {
+            let mut g = self.group.write().expect("group lock");
+            // A fault recorded while the group started (a read of the
+            // parked range's data found it corrupt) keeps it stopped.
+            if self.fault.lock().expect("fault lock").is_some() {
+                drop(g);
+                let _ = raft.shutdown().await;
+                return Err(self.check_fault().expect_err("the replica is faulted"));
+            }
+            *g = Group::Live(raft.clone());
+        }
         tracing::debug!(range_id = self.range_id, "range group loaded");
         Ok(raft)
     }
@@ -983,15 +993,71 @@ impl RangeReplica {
             return self.shut_down();
         }
         let reason = format!("range {} stopped: {f}", self.range_id);
-        let mut fault = self.fault.lock().expect("fault lock");
-        if fault.is_none() {
-            tracing::error!(range_id = self.range_id, %reason, "range refuses to serve");
-            *fault = Some(reason.clone());
+        let first = {
+            let mut fault = self.fault.lock().expect("fault lock");
+            let first = fault.is_none();
+            if first {
+                tracing::error!(range_id = self.range_id, %reason, "range refuses to serve; its Raft group stops here and its peers go on without it");
+                *fault = Some(reason.clone());
+            }
+            first
+        };
+        if first {
+            self.stop_faulted_group();
         }
         if reason.contains("checksum") || reason.contains("orrupt") {
             Error::Corruption { reason }
         } else {
             Error::unavailable(reason)
+        }
+    }
+
+    /// Stops the Raft group of a replica that just faulted: it neither
+    /// leads nor votes any more, so a faulted leader's peers elect another
+    /// leader within an election timeout instead of following one that
+    /// refuses every request. Its data stays until the placement driver has
+    /// removed it from the range's members (see `pd::missing_voters`); the
+    /// node then deletes it, and a fresh replica may be added back.
+    fn stop_faulted_group(&self) {
+        let raft = {
+            let mut g = self.group.write().expect("group lock");
+            let Group::Live(raft) = &*g else {
+                // Parked: `load` refuses a faulted replica.
+                return;
+            };
+            let raft = raft.clone();
+            let mut m = raft.metrics().borrow_watched().clone();
+            m.state = ServerState::Shutdown;
+            m.current_leader = None;
+            *g = Group::Parked(Arc::new(m));
+            raft
+        };
+        let range_id = self.range_id;
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    // An error here is the group having stopped already.
+                    if let Err(e) = raft.shutdown().await {
+                        tracing::debug!(range_id, error = %e, "stopping a faulted group");
+                    }
+                });
+            }
+            // Outside a runtime (never on the serving paths): its last
+            // handle drops with the replica.
+            Err(_) => tracing::warn!(range_id, "faulted group not stopped: no runtime"),
+        }
+    }
+
+    /// The reason this replica refuses to serve, if it does: a fault it
+    /// recorded, or its Raft group having stopped on a storage error (which
+    /// records it now, and stops the group for good).
+    pub fn fault(&self) -> Option<String> {
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        match self.check_fault() {
+            Ok(()) => None,
+            Err(_) => self.fault.lock().expect("fault lock").clone(),
         }
     }
 
@@ -1457,7 +1523,8 @@ impl RangeReplica {
     /// The replica's Raft state now.
     pub fn status(&self) -> ReplicaStatus {
         // Borrowed, not cloned: heartbeats read every replica's status each second.
-        let parked = self.is_parked();
+        // A faulted replica's stopped group stands parked, but is not.
+        let parked = self.is_parked() && self.fault.lock().expect("fault lock").is_none();
         self.with_metrics(|m| self.status_of(m, parked))
     }
 

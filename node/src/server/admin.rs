@@ -168,6 +168,7 @@ impl Admin for AdminService {
                 ranges: vec![],
                 range_ids: vec![],
                 full: false,
+                faulted_range_ids: vec![],
             },
         )
         .await?;

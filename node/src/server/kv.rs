@@ -275,6 +275,15 @@ fn decode_page_token(token: &[u8], reverse: bool) -> Result<Option<&[u8]>, Error
     Ok(Some(&token[1..]))
 }
 
+/// A Get's read of its key from the store (fail point `kv-get-read`).
+fn read_key(
+    engine: &crate::storage::Engine,
+    key: &[u8],
+) -> Result<Option<crate::storage::StoredValue>, crate::storage::StorageError> {
+    crate::fail_point!("kv-get-read");
+    engine.get(key)
+}
+
 fn encode_page_token(resume: &[u8], reverse: bool) -> Bytes {
     let mut t = Vec::with_capacity(resume.len() + 1);
     t.push(if reverse { 2 } else { 1 });
@@ -291,7 +300,7 @@ impl Kv for KvService {
         let level = read_level(&req.read)?;
         let r = self.route(&req.header, &[&req.key]).await?;
         let applied = r.read_barrier(level).await?;
-        let found = r.engine().get(&req.key).map_err(|e| r.refuse(&e))?;
+        let found = read_key(r.engine(), &req.key).map_err(|e| r.refuse(&e))?;
         Ok(Response::new(GetResponse {
             header: self.header(&r, applied),
             kv: found.map(|v| KeyValue {

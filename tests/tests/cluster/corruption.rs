@@ -3,6 +3,12 @@
 //! refuse the damaged store (never serve from it), start over empty and be
 //! rebuilt from its peers: every range gets back to 3 healthy replicas that
 //! all hold every acknowledged write, and nothing acknowledged is lost.
+//!
+//! And corrupt data found while a node runs (a read that fails its
+//! checksum, injected by the `kv-get-read` fail point): the replica that
+//! found it refuses to serve and stops taking part in its range, even as
+//! its leader; the range goes on on its other replicas, and the placement
+//! driver replaces the faulted one.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
@@ -49,7 +55,18 @@ fn start_writers(
     stop: &Arc<AtomicBool>,
     acked: &Acked,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..WRITERS)
+    start_writers_from(0, client, per_writer, stop, acked)
+}
+
+/// [`start_writers`] for writers numbered from `first` (keys of their own).
+fn start_writers_from(
+    first: usize,
+    client: &Client,
+    per_writer: u32,
+    stop: &Arc<AtomicBool>,
+    acked: &Acked,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (first..first + WRITERS)
         .map(|w| {
             let (client, stop, acked) = (client.clone(), stop.clone(), acked.clone());
             tokio::spawn(async move {
@@ -215,6 +232,12 @@ async fn ranges_healthy(c: &TestCluster, ids: &[u64]) -> Result<usize, String> {
             }) else {
                 return Err(format!("voter {v} of range {range_id} hosts no replica"));
             };
+            if !mine.fault.is_empty() {
+                return Err(format!(
+                    "node {v}'s replica of range {range_id} is faulted: {}",
+                    mine.fault
+                ));
+            }
             if mine.applied_index < r.commit_index {
                 return Err(format!(
                     "node {v} applied {} of range {range_id}, the leader committed {}",
@@ -478,6 +501,156 @@ async fn a_cut_write_ahead_log_tail_is_refused_and_nothing_acknowledged_is_lost(
 
         phase!("every node's replica holds every acknowledged key");
         read_back_everywhere(&c, &acked).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The data range's replica on node `id`, from its status.
+async fn local_range(
+    c: &TestCluster,
+    id: u64,
+    range_id: u64,
+) -> Option<lmskv_proto::v1::RangeStatus> {
+    let s = c.status(id).await.ok()?;
+    s.ranges.into_iter().find(|r| {
+        r.descriptor
+            .as_ref()
+            .is_some_and(|d| d.range_id == range_id)
+    })
+}
+
+/// A leader whose read finds its data corrupt (the `kv-get-read` fail point
+/// returning a corruption error once) while clients write: the read is
+/// answered by the range's next leader, the faulted replica stops (its
+/// node reports the fault), writes go on, and the placement driver removes
+/// the faulted replica and adds a fresh one on the same node, which then
+/// holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_that_reads_corrupt_data_stops_and_its_replica_is_replaced() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 3 nodes and write 400 keys");
+        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+        let acked: Acked = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        for w in start_writers(&client, 100, &stop, &acked) {
+            w.await.unwrap();
+        }
+        assert_eq!(acked.lock().unwrap().len(), 400);
+        let probe = key_of(0, 0);
+        let leader = c.wait_range_leader(&probe, Duration::from_secs(10)).await.unwrap();
+        let range_id = c
+            .status(leader)
+            .await
+            .unwrap()
+            .ranges
+            .iter()
+            .filter_map(|r| r.descriptor.as_ref())
+            .find(|d| lmskv_proto::range::contains(d, &probe))
+            .map(|d| d.range_id)
+            .expect("the leader hosts the probe's range");
+        let meta_leader = c.status(leader).await.unwrap().ranges.iter().find_map(|r| {
+            let d = r.descriptor.as_ref()?;
+            (d.range_id == lmskv_proto::range::META_RANGE_ID && r.leader_id != 0)
+                .then_some(r.leader_id)
+        });
+
+        // The victim restarts with the fail point armed for one read, then
+        // leads the range (nothing reads a key with Get before). A node that
+        // leads neither range, so that leading one leaves the leaders spread
+        // and the placement has no reason to move it.
+        let victim = (1..=3)
+            .find(|id| *id != leader && Some(*id) != meta_leader)
+            .unwrap();
+        phase!("restart node {victim} with a read that will find corrupt data; make it lead range {range_id}");
+        assert_eq!(c.stop(victim).unwrap(), Some(0));
+        c.spawn_with_env(victim, &[("FAILPOINTS", "kv-get-read=1*return(corrupt block)")])
+            .unwrap();
+        wait_for(
+            "every replica to catch up",
+            Duration::from_secs(30),
+            || async { ranges_healthy(&c, &[1, 2, 3]).await.ok() },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
+        wait_for(
+            "the victim to lead the range",
+            Duration::from_secs(30),
+            || {
+                let client = client.clone();
+                let c = &c;
+                async move {
+                    let _ = client.transfer_leader(range_id, victim).await;
+                    let r = local_range(c, victim, range_id).await?;
+                    (r.local_role == "leader").then_some(())
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
+
+        phase!("write on; a STRONG read of {probe:?} reaches leader {victim}, which finds its data corrupt");
+        let more: Acked = Arc::default();
+        let writers = start_writers_from(WRITERS, &client, u32::MAX, &stop, &more);
+        let read = client
+            .get_detailed(probe.clone(), lmskv_client::ReadConsistency::Strong)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("the read failed instead of going to another replica: {e}\n{}", c.log_tails(30))
+            });
+        assert_eq!(
+            read.kv.map(|kv| kv.value),
+            Some(value_of(0, 0)),
+            "the read returns the acknowledged value"
+        );
+        let served = read.served_by.expect("a node served the read, not the cache");
+        assert_ne!(served.node_id, victim, "another replica answered");
+        let log_path = c.nodes[(victim - 1) as usize].log_path.clone();
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(
+            log.contains("range refuses to serve"),
+            "node {victim} logs the fault"
+        );
+        phase!("node {node} served it; node {victim} refuses range {range_id}", node = served.node_id);
+
+        phase!("the placement driver removes node {victim}'s faulted replica while clients write");
+        let at_fault = more.lock().unwrap().len();
+        let removed = format!("range_id={range_id}");
+        wait_for("the faulted replica to be removed", Duration::from_secs(60), || {
+            let (p, removed) = (log_path.clone(), removed.clone());
+            async move {
+                let log = std::fs::read_to_string(p).ok()?;
+                log.lines()
+                    .any(|l| l.contains("removed range replica") && l.contains(&removed))
+                    .then_some(())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.await.unwrap();
+        }
+        let written = more.lock().unwrap().len();
+        assert!(
+            written > at_fault,
+            "writes went on without the faulted replica ({at_fault} when it faulted, {written} when it was removed)"
+        );
+        phase!("{written} more writes acknowledged, {} after the fault", written - at_fault);
+
+        phase!("a fresh replica on node {victim} is brought up to date");
+        let mut all = acked.lock().unwrap().clone();
+        all.extend(more.lock().unwrap().clone());
+        let took = wait_rebuilt(&c, victim, &all).await;
+        let fresh = local_range(&c, victim, range_id)
+            .await
+            .unwrap_or_else(|| panic!("node {victim} hosts range {range_id} again"));
+        assert!(fresh.fault.is_empty(), "the new replica is healthy: {}", fresh.fault);
+        phase!("rebuilt in {:.1} s", took.as_secs_f64());
+
+        phase!("every node's replica holds every acknowledged key");
+        read_back_everywhere(&c, &all).await;
     })
     .await
     .expect("test timed out");
