@@ -1504,6 +1504,64 @@ pub fn row_split_key(
 mod tests {
     use super::*;
 
+    fn pd() -> Pd {
+        Pd {
+            state: Mutex::new(PdState::default()),
+            stage: Arc::new(Mutex::new(("idle", Instant::now()))),
+            inflight: Arc::new(Mutex::new(HashSet::new())),
+            slots: Arc::new(Semaphore::new(OPS_INFLIGHT_MAX)),
+            dead_after: Duration::from_secs(30),
+        }
+    }
+
+    fn heard(pd: &Pd, node: u64, ranges: &[u64], faulted: &[u64]) {
+        pd.state.lock().unwrap().nodes.insert(
+            node,
+            NodeLive {
+                last_heartbeat: Instant::now(),
+                up_since: Instant::now(),
+                ranges: ranges.iter().copied().collect(),
+                faulted: faulted.iter().copied().collect(),
+            },
+        );
+    }
+
+    /// A voter whose node reports its replica faulted is replaced at once;
+    /// one whose node reports no replica only after the grace, and not
+    /// while a change of its range is in flight.
+    #[test]
+    fn faulted_voters_are_missing_at_once_absent_ones_after_the_grace() {
+        let pd = pd();
+        let desc = |range_id| StoredDesc {
+            range_id,
+            start: Bytes::new(),
+            end: Bytes::new(),
+            version: 1,
+            conf_ver: 1,
+            voters: vec![1, 2, 3],
+            learners: vec![],
+        };
+        let descs = [desc(2), desc(3)];
+        heard(&pd, 1, &[2, 3], &[]);
+        heard(&pd, 2, &[2, 3], &[2]);
+        heard(&pd, 3, &[2], &[]);
+        let missing = pd.missing_voters(&descs);
+        assert_eq!(missing, HashSet::from([(2, 2)]));
+        // Node 3's lack of range 3 is being timed.
+        assert!(pd.state.lock().unwrap().missing.contains_key(&(3, 3)));
+        let long_ago = Instant::now() - MISSING_VOTER_GRACE;
+        pd.state.lock().unwrap().missing.insert((3, 3), long_ago);
+        assert_eq!(pd.missing_voters(&descs), HashSet::from([(2, 2), (3, 3)]));
+        // A change of range 2 in flight: its voters are left alone.
+        pd.inflight.lock().unwrap().insert(2);
+        assert_eq!(pd.missing_voters(&descs), HashSet::from([(3, 3)]));
+        pd.inflight.lock().unwrap().clear();
+        // A node whose fault is gone (its replica was replaced) is no longer
+        // missing.
+        heard(&pd, 2, &[2, 3], &[]);
+        assert_eq!(pd.missing_voters(&descs), HashSet::from([(3, 3)]));
+    }
+
     fn course(cid: u64, rest: &[u8]) -> Vec<u8> {
         let mut k = b"course/".to_vec();
         k.extend_from_slice(&cid.to_be_bytes());

@@ -992,15 +992,38 @@ impl RangeReplica {
         if self.closed.load(Ordering::SeqCst) {
             return self.shut_down();
         }
-        let reason = format!("range {} stopped: {f}", self.range_id);
-        let first = {
+        let what = f.to_string();
+        if what == openraft::errors::Fatal::<TypeConfig>::Stopped.to_string() {
+            // The group the call held stopped under it. Parking stops a
+            // group on purpose (the replica's group now is the parked one,
+            // or one loaded since: the call is sent again), as does a fault
+            // already recorded. A group that stopped on a storage error
+            // shows that error in its metrics, and that is the fault.
+            let now = self.with_metrics(|m| m.running_state.as_ref().err().cloned());
+            match now {
+                None if self.fault.lock().expect("fault lock").is_none() => {
+                    return Error::unavailable(format!(
+                        "range {}: its group stopped under the call (parked); send again",
+                        self.range_id
+                    ));
+                }
+                Some(e) if !matches!(e, openraft::errors::Fatal::Stopped) => {
+                    return self.fatal(e);
+                }
+                _ => {}
+            }
+        }
+        let reason = format!("range {} stopped: {what}", self.range_id);
+        // Answered with the fault recorded first: what later errors say is
+        // mostly that the group has stopped.
+        let (reason, first) = {
             let mut fault = self.fault.lock().expect("fault lock");
             let first = fault.is_none();
             if first {
                 tracing::error!(range_id = self.range_id, %reason, "range refuses to serve; its Raft group stops here and its peers go on without it");
-                *fault = Some(reason.clone());
+                *fault = Some(reason);
             }
-            first
+            (fault.clone().expect("recorded"), first)
         };
         if first {
             self.stop_faulted_group();
@@ -2019,5 +2042,82 @@ pub(crate) mod tests {
             }
         }
         assert!(r.fault.lock().unwrap().is_none());
+    }
+
+    /// A leader that refuses its data (corrupt on read) stops leading: its
+    /// group stops, status says so and names no leader, every later call
+    /// is refused with the fault, and the replica reports it (for the
+    /// node's heartbeat, so the placement driver replaces it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_faulted_leader_stops_its_group_and_refuses_every_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EngineOptions {
+            block_cache_bytes: 4 << 20,
+            write_buffer_bytes: 4 << 20,
+            ..EngineOptions::default()
+        };
+        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
+        let r = RangeReplica::open(
+            engine,
+            PeerPool::new(1, None, false, 1),
+            2,
+            dir.path(),
+            tuning(),
+            Arc::new(|_| {}),
+        )
+        .await
+        .unwrap();
+        r.initialize([(1, "127.0.0.1:1".to_string())].into())
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while r
+            .propose(Bytes::from_static(b"first"), put(0), false)
+            .await
+            .is_err()
+        {
+            assert!(tokio::time::Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(r.is_leader() && r.fault().is_none());
+        // A call whose group stopped under it while the replica's group
+        // runs (it was parked and loaded again meanwhile) is sent again:
+        // no fault.
+        let e = r.fatal(openraft::errors::Fatal::<TypeConfig>::Stopped);
+        assert!(matches!(e, Error::Unavailable { .. }), "answered {e}");
+        assert!(r.fault().is_none() && r.is_leader());
+
+        let e = r.refuse(&crate::storage::StorageError::Corruption(
+            "block checksum mismatch".into(),
+        ));
+        assert!(matches!(e, Error::Corruption { .. }), "answered {e}");
+        assert!(!r.is_leader(), "a faulted replica does not lead");
+        assert_eq!(r.leader_id(), 0);
+        let st = r.status();
+        assert_eq!(st.role, "shutdown");
+        assert!(!st.parked, "a faulted group is stopped, not parked");
+        assert!(st.fault.as_deref().is_some_and(|f| f.contains("checksum")));
+        assert!(r.fault().is_some_and(|f| f.contains("checksum")));
+        for n in 1..=3 {
+            let id = Bytes::from(format!("after-{n}"));
+            for e in [
+                r.propose(id, put(n), false).await.unwrap_err(),
+                r.read_barrier(ReadLevel::Strong).await.unwrap_err(),
+            ] {
+                assert!(
+                    matches!(&e, Error::Corruption { reason } if reason.contains("checksum")),
+                    "call {n} after the fault answered {e}"
+                );
+            }
+        }
+        // A call that raced the stop sees the group stopped: still the
+        // recorded fault, not a new one.
+        let e = r.fatal(openraft::errors::Fatal::<TypeConfig>::Stopped);
+        assert!(matches!(&e, Error::Corruption { reason } if reason.contains("checksum")));
+        r.shutdown().await;
+        assert!(
+            r.fault().is_none(),
+            "a replica shut down for good reports nothing"
+        );
     }
 }
