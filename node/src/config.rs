@@ -75,6 +75,13 @@ pub struct FileConfig {
     /// stream: the next reaches the follower while it syncs the last
     /// (1: one at a time, each sent when the last is answered).
     pub raft_append_pipeline: usize,
+    /// A range with no requests for this long hibernates: its leader stops
+    /// sending heartbeats and its followers their election timers.
+    pub range_hibernate_after_ms: u64,
+    /// A range asleep (hibernating, or dormant on a follower) and unused for
+    /// this long parks: its Raft group shuts down until a message or a
+    /// request needs it.
+    pub range_park_after_ms: u64,
 }
 
 impl Default for FileConfig {
@@ -110,6 +117,8 @@ impl Default for FileConfig {
             recover_from_peers: true,
             raft_append_stream: true,
             raft_append_pipeline: RAFT_APPEND_PIPELINE_DEFAULT,
+            range_hibernate_after_ms: 10_000,
+            range_park_after_ms: 10_000,
         }
     }
 }
@@ -210,6 +219,12 @@ impl NodeConfig {
         if f.write_timeout_ms < 100 || f.read_timeout_ms < 100 {
             return Err("write_timeout_ms and read_timeout_ms must be at least 100".into());
         }
+        if f.range_hibernate_after_ms < 1_000 || f.range_park_after_ms < 1_000 {
+            return Err(format!(
+                "range_hibernate_after_ms ({}) and range_park_after_ms ({}) must be at least 1000",
+                f.range_hibernate_after_ms, f.range_park_after_ms
+            ));
+        }
         if f.dedup_window_s < 10 {
             return Err("dedup_window_s must be at least 10 so retries stay deduplicated".into());
         }
@@ -301,6 +316,7 @@ impl NodeConfig {
             read_timeout: Duration::from_millis(f.read_timeout_ms),
             dedup_window: Duration::from_secs(f.dedup_window_s),
             proposals_in_flight_max: f.proposals_in_flight_max,
+            park_after: Duration::from_millis(f.range_park_after_ms),
         }
     }
 
@@ -377,6 +393,24 @@ mod tests {
         c.advertise = Some("proxy.local:9001".into());
         assert!(c.validate().is_ok());
         assert_eq!(c.advertise_addr(), "proxy.local:9001");
+    }
+
+    #[test]
+    fn idle_times_must_be_at_least_a_second_and_reach_the_replicas() {
+        for (hibernate, park, ok) in [
+            (999, 10_000, false),
+            (10_000, 0, false),
+            (1_000, 1_000, true),
+        ] {
+            let mut c = cfg();
+            c.file.range_hibernate_after_ms = hibernate;
+            c.file.range_park_after_ms = park;
+            assert_eq!(c.validate().is_ok(), ok, "{hibernate} / {park}");
+        }
+        let f: FileConfig = toml::from_str("range_park_after_ms = 2500").unwrap();
+        let mut c = cfg();
+        c.file = f;
+        assert_eq!(c.raft_tuning().park_after, Duration::from_millis(2_500));
     }
 
     #[test]

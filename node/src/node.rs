@@ -36,8 +36,6 @@ const HEARTBEATS_PER_FULL_REPORT: u32 = 10;
 const SPLIT_QUEUE_MAX: usize = 1_024;
 /// How often the node looks for ranges it has state for but has not opened.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
-/// A range with no request or proposal for this long stops its heartbeats.
-const HIBERNATE_IDLE_AFTER: Duration = Duration::from_secs(10);
 /// How often hibernation and the liveness of dormant ranges' leaders are checked.
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
 /// How often a node that dormant followers wait on is pinged.
@@ -806,6 +804,9 @@ impl Node {
         // elections over and over).
         let dead_after =
             Duration::from_millis(self.cfg.file.election_timeout_ms_max) + 2 * LIVENESS_PING_EVERY;
+        // A range with no request or proposal for this long stops its
+        // heartbeats.
+        let hibernate_after = Duration::from_millis(self.cfg.file.range_hibernate_after_ms);
         let mut n = 0u64;
         loop {
             tokio::select! {
@@ -817,7 +818,7 @@ impl Node {
             if n.is_multiple_of(4) {
                 for r in &replicas {
                     if r.range_id() != META_RANGE_ID {
-                        r.hibernate_tick(HIBERNATE_IDLE_AFTER);
+                        r.hibernate_tick(hibernate_after);
                     }
                 }
             }

@@ -103,6 +103,7 @@ pub fn tuning(snapshots: bool) -> RaftTuning {
         read_timeout: Duration::from_secs(1),
         dedup_window: Duration::from_secs(600),
         proposals_in_flight_max: lmskv_node::raft::PROPOSALS_IN_FLIGHT_MAX,
+        park_after: Duration::from_secs(10),
     }
 }
 

@@ -39,12 +39,6 @@ const LEARNER_LAG_OK: u64 = 16;
 /// How often a write waiting for commit checks whether its leader was cut off.
 const CUT_OFF_CHECK_EVERY: Duration = Duration::from_millis(100);
 
-/// A replica asleep this long with every entry applied parks: its Raft group
-/// is shut down and loaded again by the next message or request that needs
-/// it. Asleep: a leader that stopped its heartbeats (hibernating, every
-/// follower has every entry), or a follower told so (dormant).
-pub const PARK_ASLEEP_AFTER: Duration = Duration::from_secs(10);
-
 /// Raft timing and log retention, from the node config.
 #[derive(Debug, Clone)]
 pub struct RaftTuning {
@@ -63,6 +57,9 @@ pub struct RaftTuning {
     pub dedup_window: Duration,
     /// Proposals (single writes or groups) a range's leader keeps in flight.
     pub proposals_in_flight_max: usize,
+    /// A replica asleep and unused this long parks (see
+    /// [`RangeReplica::hibernate_tick`]).
+    pub park_after: Duration,
 }
 
 /// How a read must be made consistent before it is served locally.
@@ -596,12 +593,13 @@ impl RangeReplica {
 
     /// Whether this replica may park now: asleep (a follower dormant, or a
     /// leader hibernating with every follower holding every entry and no
-    /// learner) for `PARK_ASLEEP_AFTER`, idle as long, every log entry
+    /// learner) for `park_after` ([`RaftTuning`]), idle as long, every log entry
     /// applied, no fault. Never the meta range.
     fn parkable(&self, m: &RaftMetrics<TypeConfig>) -> bool {
         let settled = self.range_id != lmskv_proto::range::META_RANGE_ID
-            && self.asleep_since.lock().expect("asleep lock").elapsed() >= PARK_ASLEEP_AFTER
-            && self.last_activity.lock().expect("activity lock").elapsed() >= PARK_ASLEEP_AFTER
+            && self.asleep_since.lock().expect("asleep lock").elapsed() >= self.tuning.park_after
+            && self.last_activity.lock().expect("activity lock").elapsed()
+                >= self.tuning.park_after
             && m.running_state.is_ok()
             && m.last_log_index.is_some()
             && m.last_applied.as_ref().map(|l| l.index()) == m.last_log_index
@@ -716,7 +714,7 @@ impl RangeReplica {
     /// sending them and its own ticks, so an idle range costs no messages
     /// and no timer wake-ups. Any request or proposal wakes it.
     ///
-    /// Follower side: a replica dormant for [`PARK_ASLEEP_AFTER`] parks
+    /// Follower side: a replica dormant for `park_after` ([`RaftTuning`]) parks
     /// (its group is shut down until a message or request needs it).
     pub fn hibernate_tick(self: &Arc<Self>, idle_after: Duration) {
         let Some(raft) = self.live() else {
@@ -1981,6 +1979,7 @@ pub(crate) mod tests {
             read_timeout: Duration::from_secs(5),
             dedup_window: Duration::from_secs(600),
             proposals_in_flight_max: crate::raft::proposals::PROPOSALS_IN_FLIGHT_MAX,
+            park_after: Duration::from_secs(10),
         }
     }
 

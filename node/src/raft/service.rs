@@ -522,6 +522,19 @@ pub(crate) mod tests {
         resp.to_string()
     }
 
+    /// The replica's last log index once its metrics show `want`, or after
+    /// 5 s: the group answers an append before its metrics catch up.
+    async fn last_log_index_reaches(replica: &RangeReplica, want: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let last = replica.status().last_log_index;
+            if last >= want || tokio::time::Instant::now() >= deadline {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// A leader's appends of one range, sent back to back on an append
     /// stream without waiting for answers (a pipelined leader), reach the
     /// follower's group in the order they were sent: every one is accepted,
@@ -549,7 +562,10 @@ pub(crate) mod tests {
                 assert_eq!(a, "Success", "append {i} was answered {a}");
             }
         }
-        assert_eq!(replica.status().last_log_index, APPENDS - 1);
+        assert_eq!(
+            last_log_index_reaches(&replica, APPENDS - 1).await,
+            APPENDS - 1
+        );
 
         // An append after entries the follower lacks is refused; the pipe
         // that served it has ended.
@@ -568,7 +584,10 @@ pub(crate) mod tests {
                 "append {i} after the refusal was answered {a}"
             );
         }
-        assert_eq!(replica.status().last_log_index, APPENDS + 2);
+        assert_eq!(
+            last_log_index_reaches(&replica, APPENDS + 2).await,
+            APPENDS + 2
+        );
 
         replica.shutdown().await;
         server.abort();

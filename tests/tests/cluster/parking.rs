@@ -14,10 +14,12 @@ use lmskv_tests::cluster::user_range;
 use lmskv_tests::{phase, wait_for, ClusterOptions, TestCluster};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
-/// Idle for 10 s, hibernation marked and stopped over two liveness rounds,
-/// then dormant for 10 s: parked after about 25 s; the bound leaves room for
+/// Idle for 2 s, hibernation marked and stopped over two liveness rounds,
+/// then dormant for 2 s: parked after about 6 s; the bound leaves room for
 /// a loaded machine.
 const PARK_WITHIN: Duration = Duration::from_secs(60);
+/// Shorter idle times than the defaults (10 s each), so the test waits less.
+const CONFIG: &str = "range_hibernate_after_ms = 2000\nrange_park_after_ms = 2000\n";
 
 /// The user range's (leader, parked replicas) as the nodes report them (a
 /// parked leader reports the role it parked in).
@@ -68,7 +70,12 @@ async fn local_value(c: &TestCluster, node: u64, key: &str) -> Option<Bytes> {
 async fn parked_ranges_serve_again_and_still_fail_over() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         phase!("start 3 nodes and write 50 keys");
-        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let mut c = TestCluster::start(ClusterOptions {
+            config: CONFIG.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let client = c.client();
         for i in 0..50u32 {
             client
