@@ -595,11 +595,19 @@ where
     Box::pin(async move { Ok(strm) })
 }
 
+/// A peer that is down, hosts no replica of the range, or whose replica
+/// refuses to serve (it faulted: `DataLoss`) is unreachable for the range:
+/// openraft then backs off between tries instead of retrying at once, which
+/// for a faulted voter would spin until the placement driver removes it.
 fn status_to_rpc_error(status: tonic::Status) -> RPCError<TypeConfig> {
     match status.code() {
-        tonic::Code::Unavailable | tonic::Code::NotFound => RPCError::Unreachable(unreachable(
-            format!("{:?}: {}", status.code(), status.message()),
-        )),
+        tonic::Code::Unavailable | tonic::Code::NotFound | tonic::Code::DataLoss => {
+            RPCError::Unreachable(unreachable(format!(
+                "{:?}: {}",
+                status.code(),
+                status.message()
+            )))
+        }
         _ => RPCError::Network(NetworkError::from_string(format!(
             "{:?}: {}",
             status.code(),
@@ -798,6 +806,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::replica::tests::status_once;
     use crate::raft::service::tests::serve_follower;
     use openraft::alias::{EntryOf, LeaderIdOf};
     use openraft::vote::RaftLeaderId;
@@ -880,7 +889,7 @@ mod tests {
             Ok(Some(9)),
             "the notice went on its own"
         );
-        let s = follower.status();
+        let s = status_once(&follower, |s| s.last_log_index >= 9 && s.commit_index >= 4).await;
         assert_eq!((s.last_log_index, s.commit_index), (9, 4));
 
         // Two notices and nothing after them: the newer one goes, after
@@ -888,7 +897,8 @@ mod tests {
         input.send(append(Some(9), 10..10, Some(8))).unwrap();
         input.send(append(Some(9), 10..10, Some(9))).unwrap();
         assert_eq!(next_ack(&mut results).await, Ok(Some(9)));
-        assert_eq!(follower.status().commit_index, 9);
+        let s = status_once(&follower, |s| s.commit_index >= 9).await;
+        assert_eq!(s.commit_index, 9);
 
         // While the leader hibernates a notice goes at once, even with an
         // append queued behind it: each is answered on its own.
@@ -904,7 +914,8 @@ mod tests {
         input.send(append(Some(11), 12..12, Some(11))).unwrap();
         drop(input);
         assert_eq!(next_ack(&mut results).await, Ok(Some(11)));
-        assert_eq!(follower.status().commit_index, 11);
+        let s = status_once(&follower, |s| s.commit_index >= 11).await;
+        assert_eq!(s.commit_index, 11);
         assert!(results.next().await.is_none());
 
         drop(results);

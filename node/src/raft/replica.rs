@@ -1983,32 +1983,40 @@ pub(crate) mod tests {
         }
     }
 
-    fn put(n: u32) -> Op {
-        Op::Put {
-            key: Bytes::from(format!("k{n}")),
-            value: Bytes::from_static(b"v"),
+    /// The replica's status once `done` holds for it, or after 5 s: a group
+    /// answers an append or a commit notice before its metrics show it.
+    pub(crate) async fn status_once(
+        r: &RangeReplica,
+        done: impl Fn(&ReplicaStatus) -> bool,
+    ) -> ReplicaStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = r.status();
+            if done(&s) || tokio::time::Instant::now() >= deadline {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
-    /// Calls that reach a replica after it was shut down for good (removed
-    /// from its node) find its Raft group stopped. They are answered as
-    /// "shut down on this node", which a client retries elsewhere, every
-    /// time: the stop is not recorded as a fault of the range's data, which
-    /// the replica would then report as data corruption to every later call.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn calls_after_shutdown_are_answered_as_shut_down_not_as_corruption() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A small engine in `dir` for unit tests.
+    pub(crate) fn small_engine(dir: &std::path::Path) -> Arc<Engine> {
         let opts = EngineOptions {
             block_cache_bytes: 4 << 20,
             write_buffer_bytes: 4 << 20,
             ..EngineOptions::default()
         };
-        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
+        Arc::new(Engine::open(&dir.join("db"), &opts).unwrap())
+    }
+
+    /// Node 1's replica of `range_id` in `dir`, the one voter of its group,
+    /// once it leads and has committed a first write.
+    async fn lone_leader(dir: &std::path::Path, range_id: u64) -> Arc<RangeReplica> {
         let r = RangeReplica::open(
-            engine,
+            small_engine(dir),
             PeerPool::new(1, None, false, 1),
-            lmskv_proto::range::META_RANGE_ID,
-            dir.path(),
+            range_id,
+            dir,
             tuning(),
             Arc::new(|_| {}),
         )
@@ -2026,6 +2034,25 @@ pub(crate) mod tests {
             assert!(tokio::time::Instant::now() < deadline, "no leader");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        r
+    }
+
+    fn put(n: u32) -> Op {
+        Op::Put {
+            key: Bytes::from(format!("k{n}")),
+            value: Bytes::from_static(b"v"),
+        }
+    }
+
+    /// Calls that reach a replica after it was shut down for good (removed
+    /// from its node) find its Raft group stopped. They are answered as
+    /// "shut down on this node", which a client retries elsewhere, every
+    /// time: the stop is not recorded as a fault of the range's data, which
+    /// the replica would then report as data corruption to every later call.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_after_shutdown_are_answered_as_shut_down_not_as_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = lone_leader(dir.path(), lmskv_proto::range::META_RANGE_ID).await;
 
         r.shutdown().await;
         for n in 1..=3 {
@@ -2050,34 +2077,7 @@ pub(crate) mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_faulted_leader_stops_its_group_and_refuses_every_call() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = EngineOptions {
-            block_cache_bytes: 4 << 20,
-            write_buffer_bytes: 4 << 20,
-            ..EngineOptions::default()
-        };
-        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
-        let r = RangeReplica::open(
-            engine,
-            PeerPool::new(1, None, false, 1),
-            2,
-            dir.path(),
-            tuning(),
-            Arc::new(|_| {}),
-        )
-        .await
-        .unwrap();
-        r.initialize([(1, "127.0.0.1:1".to_string())].into())
-            .await
-            .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while r
-            .propose(Bytes::from_static(b"first"), put(0), false)
-            .await
-            .is_err()
-        {
-            assert!(tokio::time::Instant::now() < deadline, "no leader");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let r = lone_leader(dir.path(), 2).await;
         assert!(r.is_leader() && r.fault().is_none());
         // A call whose group stopped under it while the replica's group
         // runs (it was parked and loaded again meanwhile) is sent again:

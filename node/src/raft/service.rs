@@ -422,10 +422,9 @@ async fn receive_chunks(
 pub(crate) mod tests {
     use super::*;
     use crate::raft::codec::{decode, encode};
-    use crate::raft::replica::tests::tuning;
+    use crate::raft::replica::tests::{small_engine, status_once, tuning};
     use crate::raft::stream::AppendStream;
     use crate::raft::{PeerPool, TypeConfig};
-    use crate::storage::{Engine, EngineOptions};
     use lmskv_proto::v1::raft_server::RaftServer;
     use openraft::alias::{EntryOf, LeaderIdOf, LogIdOf, VoteOf};
     use openraft::entry::RaftEntry;
@@ -449,14 +448,8 @@ pub(crate) mod tests {
 
     pub(crate) async fn serve_follower(range: u64) -> Follower {
         let dir = tempfile::tempdir().unwrap();
-        let opts = EngineOptions {
-            block_cache_bytes: 4 << 20,
-            write_buffer_bytes: 4 << 20,
-            ..EngineOptions::default()
-        };
-        let engine = Arc::new(Engine::open(&dir.path().join("db"), &opts).unwrap());
         let replica = RangeReplica::open(
-            engine,
+            small_engine(dir.path()),
             PeerPool::new(2, None, false, 1),
             range,
             dir.path(),
@@ -522,19 +515,6 @@ pub(crate) mod tests {
         resp.to_string()
     }
 
-    /// The replica's last log index once its metrics show `want`, or after
-    /// 5 s: the group answers an append before its metrics catch up.
-    async fn last_log_index_reaches(replica: &RangeReplica, want: u64) -> u64 {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let last = replica.status().last_log_index;
-            if last >= want || tokio::time::Instant::now() >= deadline {
-                return last;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     /// A leader's appends of one range, sent back to back on an append
     /// stream without waiting for answers (a pipelined leader), reach the
     /// follower's group in the order they were sent: every one is accepted,
@@ -562,10 +542,8 @@ pub(crate) mod tests {
                 assert_eq!(a, "Success", "append {i} was answered {a}");
             }
         }
-        assert_eq!(
-            last_log_index_reaches(&replica, APPENDS - 1).await,
-            APPENDS - 1
-        );
+        let s = status_once(&replica, |s| s.last_log_index >= APPENDS - 1).await;
+        assert_eq!(s.last_log_index, APPENDS - 1);
 
         // An append after entries the follower lacks is refused; the pipe
         // that served it has ended.
@@ -584,10 +562,8 @@ pub(crate) mod tests {
                 "append {i} after the refusal was answered {a}"
             );
         }
-        assert_eq!(
-            last_log_index_reaches(&replica, APPENDS + 2).await,
-            APPENDS + 2
-        );
+        let s = status_once(&replica, |s| s.last_log_index >= APPENDS + 2).await;
+        assert_eq!(s.last_log_index, APPENDS + 2);
 
         replica.shutdown().await;
         server.abort();

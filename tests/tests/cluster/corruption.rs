@@ -648,6 +648,17 @@ async fn a_leader_that_reads_corrupt_data_stops_and_its_replica_is_replaced() {
             .unwrap_or_else(|| panic!("node {victim} hosts range {range_id} again"));
         assert!(fresh.fault.is_empty(), "the new replica is healthy: {}", fresh.fault);
         phase!("rebuilt in {:.1} s", took.as_secs_f64());
+        let refused: usize = (1..=3u64)
+            .filter(|id| *id != victim)
+            .map(|id| {
+                std::fs::read_to_string(&c.nodes[(id - 1) as usize].log_path)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("DataLoss"))
+                    .count()
+            })
+            .sum();
+        phase!("the other nodes logged {refused} calls the faulted replica refused");
 
         phase!("every node's replica holds every acknowledged key");
         read_back_everywhere(&c, &all).await;
