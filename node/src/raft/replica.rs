@@ -2037,6 +2037,18 @@ pub(crate) mod tests {
         r
     }
 
+    /// Three proposals and three STRONG read barriers on a replica that
+    /// must refuse them all, with their errors, numbered by round.
+    async fn refused_calls(r: &RangeReplica) -> Vec<(u32, Error)> {
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            let id = Bytes::from(format!("after-{n}"));
+            out.push((n, r.propose(id, put(n), false).await.unwrap_err()));
+            out.push((n, r.read_barrier(ReadLevel::Strong).await.unwrap_err()));
+        }
+        out
+    }
+
     fn put(n: u32) -> Op {
         Op::Put {
             key: Bytes::from(format!("k{n}")),
@@ -2055,17 +2067,11 @@ pub(crate) mod tests {
         let r = lone_leader(dir.path(), lmskv_proto::range::META_RANGE_ID).await;
 
         r.shutdown().await;
-        for n in 1..=3 {
-            let id = Bytes::from(format!("after-{n}"));
-            for e in [
-                r.propose(id, put(n), false).await.unwrap_err(),
-                r.read_barrier(ReadLevel::Strong).await.unwrap_err(),
-            ] {
-                assert!(
-                    matches!(&e, Error::Unavailable { reason } if reason.contains("shut down on this node")),
-                    "call {n} after shutdown answered {e}"
-                );
-            }
+        for (n, e) in refused_calls(&r).await {
+            assert!(
+                matches!(&e, Error::Unavailable { reason } if reason.contains("shut down on this node")),
+                "call {n} after shutdown answered {e}"
+            );
         }
         assert!(r.fault.lock().unwrap().is_none());
     }
@@ -2097,17 +2103,11 @@ pub(crate) mod tests {
         assert!(!st.parked, "a faulted group is stopped, not parked");
         assert!(st.fault.as_deref().is_some_and(|f| f.contains("checksum")));
         assert!(r.fault().is_some_and(|f| f.contains("checksum")));
-        for n in 1..=3 {
-            let id = Bytes::from(format!("after-{n}"));
-            for e in [
-                r.propose(id, put(n), false).await.unwrap_err(),
-                r.read_barrier(ReadLevel::Strong).await.unwrap_err(),
-            ] {
-                assert!(
-                    matches!(&e, Error::Corruption { reason } if reason.contains("checksum")),
-                    "call {n} after the fault answered {e}"
-                );
-            }
+        for (n, e) in refused_calls(&r).await {
+            assert!(
+                matches!(&e, Error::Corruption { reason } if reason.contains("checksum")),
+                "call {n} after the fault answered {e}"
+            );
         }
         // A call that raced the stop sees the group stopped: still the
         // recorded fault, not a new one.
