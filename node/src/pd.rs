@@ -38,6 +38,13 @@ const PLACEMENT_CALL_TIMEOUT: Duration = Duration::from_secs(40);
 /// Longest one replica change may run before its slot is freed for others
 /// (it is planned again in a later round if still needed).
 const OP_TIMEOUT: Duration = Duration::from_secs(45);
+/// A range whose replica change failed waits this long before the driver
+/// starts one again, doubled per failure in a row up to
+/// [`CHANGE_RETRY_WAIT_MAX`]: a change that keeps failing (say, a new
+/// replica on a node whose disk faults again) costs a try, and perhaps a
+/// snapshot, every 8 s instead of every round.
+const CHANGE_RETRY_WAIT_MIN: Duration = Duration::from_secs(1);
+const CHANGE_RETRY_WAIT_MAX: Duration = Duration::from_secs(8);
 /// How often the stage of a running placement round is checked ...
 const STAGE_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// ... and how long one step may take before it is reported.
@@ -119,6 +126,10 @@ pub struct Pd {
     /// between rounds), so a round stuck in one step is reported.
     stage: Arc<Mutex<(&'static str, Instant)>>,
     inflight: Arc<Mutex<HashSet<u64>>>,
+    /// Ranges whose last replica changes failed: how many in a row, and
+    /// when the next may start. Cleared by a change that succeeds; at most
+    /// one entry per range.
+    retry: Arc<Mutex<HashMap<u64, (u32, Instant)>>>,
     slots: Arc<Semaphore>,
     dead_after: Duration,
 }
@@ -130,6 +141,7 @@ impl Pd {
             state: Mutex::new(PdState::default()),
             stage: Arc::new(Mutex::new(("idle", Instant::now()))),
             inflight: Arc::new(Mutex::new(HashSet::new())),
+            retry: Arc::default(),
             slots: Arc::new(Semaphore::new(OPS_INFLIGHT_MAX)),
             dead_after: Duration::from_secs(cfg.file.dead_node_timeout_s),
         }
@@ -1044,6 +1056,16 @@ async fn balance(
 /// Starts a replica change unless one runs for the range or all slots are
 /// busy; returns whether it started.
 fn start_op(node: &Arc<Node>, op: PendingOp) -> bool {
+    if node
+        .pd
+        .retry
+        .lock()
+        .expect("retry lock")
+        .get(&op.range_id)
+        .is_some_and(|(_, next)| Instant::now() < *next)
+    {
+        return false;
+    }
     let Ok(permit) = node.pd.slots.clone().try_acquire_owned() else {
         return false;
     };
@@ -1074,13 +1096,38 @@ fn start_op(node: &Arc<Node>, op: PendingOp) -> bool {
         let range_id = op.range_id;
         tracing::info!(range_id, voters = ?op.voters, reason = %op.reason, "replica change");
         let r = tokio::time::timeout(OP_TIMEOUT, run_op(&node, &op)).await;
+        if let Ok(Ok(())) = r {
+            node.pd.retry.lock().expect("retry lock").remove(&range_id);
+            tracing::info!(range_id, voters = ?op.voters, "replica change done");
+            return;
+        }
+        let wait = {
+            let mut retry = node.pd.retry.lock().expect("retry lock");
+            let e = retry.entry(range_id).or_insert((0, Instant::now()));
+            e.0 = e.0.saturating_add(1);
+            let wait = change_retry_wait(e.0);
+            e.1 = Instant::now() + wait;
+            wait
+        };
         match r {
-            Ok(Ok(())) => tracing::info!(range_id, voters = ?op.voters, "replica change done"),
-            Ok(Err(e)) => tracing::warn!(range_id, error = %e, "replica change failed; will retry"),
-            Err(_) => tracing::warn!(range_id, "replica change timed out; will retry"),
+            Ok(Err(e)) => {
+                tracing::warn!(range_id, error = %e, retry_in_ms = wait.as_millis() as u64, "replica change failed; will retry")
+            }
+            _ => tracing::warn!(
+                range_id,
+                retry_in_ms = wait.as_millis() as u64,
+                "replica change timed out; will retry"
+            ),
         }
     });
     true
+}
+
+/// How long a range waits after its `failures`-th failed replica change in
+/// a row before the driver starts another.
+fn change_retry_wait(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (CHANGE_RETRY_WAIT_MIN * 2u32.pow(doublings)).min(CHANGE_RETRY_WAIT_MAX)
 }
 
 async fn admin(node: &Node, addr: &str) -> Result<AdminClient<tonic::transport::Channel>, Error> {
@@ -1509,6 +1556,7 @@ mod tests {
             state: Mutex::new(PdState::default()),
             stage: Arc::new(Mutex::new(("idle", Instant::now()))),
             inflight: Arc::new(Mutex::new(HashSet::new())),
+            retry: Arc::default(),
             slots: Arc::new(Semaphore::new(OPS_INFLIGHT_MAX)),
             dead_after: Duration::from_secs(30),
         }
@@ -1560,6 +1608,15 @@ mod tests {
         // missing.
         heard(&pd, 2, &[2, 3], &[]);
         assert_eq!(pd.missing_voters(&descs), HashSet::from([(3, 3)]));
+    }
+
+    /// A range's failed replica changes are tried again after 1, 2 and 4 s,
+    /// and then every 8 s.
+    #[test]
+    fn failed_changes_wait_longer_each_time_up_to_a_bound() {
+        let waits: Vec<u64> = (1..=7).map(|n| change_retry_wait(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 8, 8, 8]);
+        assert_eq!(change_retry_wait(u32::MAX), CHANGE_RETRY_WAIT_MAX);
     }
 
     fn course(cid: u64, rest: &[u8]) -> Vec<u8> {

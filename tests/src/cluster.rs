@@ -360,6 +360,12 @@ impl TestCluster {
 
     /// Adds a new node that joins the running cluster through `--join`; returns its id.
     pub fn add_node(&mut self) -> anyhow::Result<u64> {
+        self.add_node_with_env(&[])
+    }
+
+    /// [`TestCluster::add_node`] with extra environment variables for the
+    /// new node's process, e.g. `FAILPOINTS`.
+    pub fn add_node_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<u64> {
         if self.fabric.is_some() {
             bail!("adding a node to a cluster in network namespaces is not supported");
         }
@@ -379,7 +385,7 @@ impl TestCluster {
             log_path: self.dir.path().join(format!("node-{id}.log")),
             child: None,
         });
-        self.spawn(id)?;
+        self.spawn_with_env(id, env)?;
         Ok(id)
     }
 

@@ -177,6 +177,40 @@ impl PeerPool {
     }
 }
 
+/// Peers whose replica of one range answered that it refuses to serve
+/// (`DataLoss`: it faulted), each with when it last did. A leader adding a
+/// replica reads it to give up on a new replica that faulted instead of
+/// waiting for it to catch up (see `RangeReplica::change_voters`).
+#[derive(Debug, Default)]
+pub struct FaultedPeers(Mutex<HashMap<u64, std::time::Instant>>);
+
+/// Peers remembered per range at most; the oldest go first. A range has a
+/// handful of members, so this only bounds a range whose members kept
+/// changing while they faulted.
+const FAULTED_PEERS_MAX: usize = 64;
+
+impl FaultedPeers {
+    /// Records that `peer` refused as faulted just now.
+    pub fn note(&self, peer: u64) {
+        let mut m = self.0.lock().expect("faulted peers lock");
+        if m.len() >= FAULTED_PEERS_MAX && !m.contains_key(&peer) {
+            if let Some(oldest) = m.iter().min_by_key(|(_, t)| **t).map(|(id, _)| *id) {
+                m.remove(&oldest);
+            }
+        }
+        m.insert(peer, std::time::Instant::now());
+    }
+
+    /// Whether `peer` refused as faulted at or after `since`.
+    pub fn refused_since(&self, peer: u64, since: std::time::Instant) -> bool {
+        self.0
+            .lock()
+            .expect("faulted peers lock")
+            .get(&peer)
+            .is_some_and(|t| *t >= since)
+    }
+}
+
 /// Creates per-peer Raft clients for one range.
 #[derive(Debug, Clone)]
 pub struct NetworkFactory {
@@ -184,6 +218,8 @@ pub struct NetworkFactory {
     pub(crate) range_id: u64,
     /// Set while the range's leader hibernates (see `RangeReplica::hibernate`).
     pub(crate) hibernating: Arc<std::sync::atomic::AtomicBool>,
+    /// Peers that refused as faulted (shared with the replica).
+    pub(crate) faulted_peers: Arc<FaultedPeers>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -197,6 +233,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             from: self.pool.local_id(),
             target,
             hibernating: self.hibernating.clone(),
+            faulted_peers: self.faulted_peers.clone(),
             inline_reads: self.pool.inline_reads,
             rpc_timeout_min: self.pool.rpc_timeout_min,
             pipeline: self.pool.append_pipeline,
@@ -213,6 +250,7 @@ pub struct PeerClient {
     from: u64,
     target: u64,
     hibernating: Arc<std::sync::atomic::AtomicBool>,
+    faulted_peers: Arc<FaultedPeers>,
     /// See [`PeerPool::with_channel_maker`].
     inline_reads: bool,
     /// See [`PeerPool::with_channel_maker`].
@@ -250,6 +288,14 @@ fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
 }
 
 impl PeerClient {
+    /// The Raft error for a peer's refusal, noting a faulted peer's.
+    fn rpc_error(&self, status: tonic::Status) -> RPCError<TypeConfig> {
+        if status.code() == tonic::Code::DataLoss {
+            self.faulted_peers.note(self.target);
+        }
+        status_to_rpc_error(status)
+    }
+
     fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
         match &self.channel {
             Ok(c) => Ok(RaftClient::new(c.clone())
@@ -293,7 +339,7 @@ impl PeerClient {
                     self.target,
                 ))))
             }
-            Ok(Err(status)) => return Err(status_to_rpc_error(status)),
+            Ok(Err(status)) => return Err(self.rpc_error(status)),
             Ok(Ok(r)) => r.into_inner(),
         };
         if crc32fast::hash(&resp.payload) != resp.crc32 {
@@ -471,7 +517,7 @@ where
                 return failed(format!("the append stream to node {target} is full"))
             }
             Some(Err(StreamError::Failed(status))) => {
-                return (Err(status_to_rpc_error(status)), false)
+                return (Err(self.peer.rpc_error(status)), false)
             }
             Some(Ok(reply)) => reply,
         };
@@ -772,11 +818,14 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 )))
             }
             Ok(Err(status)) => {
+                if status.code() == tonic::Code::DataLoss {
+                    self.faulted_peers.note(to);
+                }
                 return Err(StreamingError::Network(NetworkError::from_string(format!(
                     "snapshot transfer failed: {:?}: {}",
                     status.code(),
                     status.message()
-                ))))
+                ))));
             }
             Ok(Ok(r)) => r.into_inner(),
         };
@@ -864,6 +913,7 @@ mod tests {
             from: 1,
             target: 2,
             hibernating: hibernating.clone(),
+            faulted_peers: Arc::default(),
             inline_reads: false,
             rpc_timeout_min: RAFT_RPC_TIMEOUT_MIN,
             pipeline: 1,
@@ -921,5 +971,75 @@ mod tests {
         drop(results);
         follower.shutdown().await;
         server.abort();
+    }
+
+    /// A follower whose replica faulted refuses appends as `DataLoss`: the
+    /// leader's side sees it unreachable (so openraft backs off) and notes
+    /// the peer as faulted, from that moment on, for a replica change
+    /// waiting on it; a healthy peer's answers note nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_faulted_peer_is_unreachable_and_noted_as_faulted() {
+        let f = serve_follower(RANGE).await;
+        let faulted_peers = Arc::new(FaultedPeers::default());
+        let mut peer = PeerClient {
+            stream: Some(Arc::new(AppendStream::start(f.channel.clone()))),
+            channel: Ok(f.channel.clone()),
+            range_id: RANGE,
+            from: 1,
+            target: 2,
+            hibernating: Arc::new(AtomicBool::new(false)),
+            faulted_peers: faulted_peers.clone(),
+            inline_reads: false,
+            rpc_timeout_min: RAFT_RPC_TIMEOUT_MIN,
+            pipeline: 1,
+        };
+        let opt = || RPCOption::new(Duration::from_secs(5));
+        let before = std::time::Instant::now();
+        peer.append_entries(append(None, 0..2, None), opt())
+            .await
+            .expect("a healthy follower takes the append");
+        assert!(!faulted_peers.refused_since(2, before));
+
+        let _ = f.replica.refuse(&crate::storage::StorageError::Corruption(
+            "injected by the test".into(),
+        ));
+        let faulted_at = std::time::Instant::now();
+        let e = peer
+            .append_entries(append(Some(1), 2..3, None), opt())
+            .await
+            .expect_err("a faulted follower refuses the append");
+        assert!(
+            matches!(e, RPCError::Unreachable(_)),
+            "unreachable, not {e:?}"
+        );
+        assert!(faulted_peers.refused_since(2, before));
+        assert!(faulted_peers.refused_since(2, faulted_at));
+        assert!(
+            !faulted_peers.refused_since(3, before),
+            "only the peer that refused"
+        );
+        assert!(
+            !faulted_peers.refused_since(2, std::time::Instant::now() + Duration::from_secs(1)),
+            "a refusal counts from when it came"
+        );
+        f.server.abort();
+    }
+
+    /// The record of faulted peers stays bounded: past its size the
+    /// oldest refusal goes first.
+    #[test]
+    fn faulted_peers_are_bounded_and_drop_the_oldest() {
+        let p = FaultedPeers::default();
+        let t0 = std::time::Instant::now();
+        p.note(0);
+        std::thread::sleep(Duration::from_millis(2));
+        for id in 1..FAULTED_PEERS_MAX as u64 {
+            p.note(id);
+        }
+        p.note(1_000);
+        assert_eq!(p.0.lock().unwrap().len(), FAULTED_PEERS_MAX);
+        assert!(p.refused_since(1_000, t0));
+        assert!(!p.refused_since(0, t0), "the oldest refusal was dropped");
+        assert!(p.refused_since(1, t0));
     }
 }

@@ -21,7 +21,7 @@ use super::codec::{decode, encode};
 use super::command::RangeMeta;
 use super::command::{Command, CommandResponse, Op};
 use super::log_store::LogStore;
-use super::network::{NetworkFactory, PeerPool};
+use super::network::{FaultedPeers, NetworkFactory, PeerPool};
 use super::proposals::{self, Admission, Answer, Proposals, Waiting};
 use super::state_machine::{SharedMeta, SnapshotFile, SplitHook, StateMachine};
 use super::TypeConfig;
@@ -29,10 +29,13 @@ use crate::storage::Engine;
 
 type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
-/// Longest a replica change waits for its new members to catch up.
 /// How long a leader transfer may take before it is reported as failed.
 const LEADER_TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a replica change waits for its new members to catch up.
 const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a membership change waiting for new replicas to catch up
+/// looks for one that faulted, when the metrics show nothing new.
+const LEARNER_FAULT_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// A learner this close to the leader's last log index counts as caught up.
 const LEARNER_LAG_OK: u64 = 16;
 
@@ -118,6 +121,8 @@ struct Reopen {
     pool: Arc<PeerPool>,
     data_dir: PathBuf,
     on_split: SplitHook,
+    /// Peers that refused as faulted, kept across parking.
+    faulted_peers: Arc<FaultedPeers>,
 }
 
 /// One call counted in a replica's `users` while it lives.
@@ -402,6 +407,7 @@ async fn start_group(
         pool: reopen.pool.clone(),
         range_id,
         hibernating: hibernating.clone(),
+        faulted_peers: reopen.faulted_peers.clone(),
     };
     let raft = Raft::new(node_id, Arc::new(config), net, log, sm)
         .await
@@ -427,6 +433,7 @@ impl RangeReplica {
             pool,
             data_dir: data_dir.to_path_buf(),
             on_split,
+            faulted_peers: Arc::default(),
         };
         let (raft, meta) =
             start_group(range_id, &engine, &reopen, &tuning, &hibernating, None).await?;
@@ -870,6 +877,7 @@ impl RangeReplica {
             }
         }
         // New members must have caught up (by snapshot and log) before they vote.
+        let started = std::time::Instant::now();
         let deadline = tokio::time::Instant::now() + LEARNER_CATCH_UP_TIMEOUT;
         let mut rx = raft.metrics();
         loop {
@@ -896,9 +904,26 @@ impl RangeReplica {
                     leader: self.leader_hint(),
                 });
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
+            // A new replica that faulted (it answers that it refuses to
+            // serve) never catches up: give up now, so that the caller can
+            // put a fresh replica in its place, rather than at the deadline.
+            let refused = self.reopen.faulted_peers.clone();
+            if let Some(id) = added.iter().find(|id| refused.refused_since(**id, started)) {
+                tracing::warn!(
+                    range_id = self.range_id,
+                    node_id = id,
+                    "new replica faulted while catching up; the change gives up on it"
+                );
+                return Err(Error::unavailable(format!(
+                    "the new replica of range {} on node {id} refuses to serve (it faulted); retry with a fresh one",
+                    self.range_id
+                )));
+            }
+            let wake = deadline.min(tokio::time::Instant::now() + LEARNER_FAULT_CHECK_EVERY);
+            match tokio::time::timeout_at(wake, rx.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(Error::unavailable("range shut down")),
+                Err(_) if tokio::time::Instant::now() < deadline => {}
                 Err(_) => {
                     return Err(Error::Timeout {
                         reason: format!(

@@ -8,7 +8,9 @@
 //! checksum, injected by the `kv-get-read` fail point): the replica that
 //! found it refuses to serve and stops taking part in its range, even as
 //! its leader; the range goes on on its other replicas, and the placement
-//! driver replaces the faulted one.
+//! driver replaces the faulted one. A new replica that faults while it is
+//! still a learner catching up (a snapshot install failing, injected by
+//! the `snapshot-install` fail point) is replaced by a fresh one too.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
@@ -662,6 +664,141 @@ async fn a_leader_that_reads_corrupt_data_stops_and_its_replica_is_replaced() {
 
         phase!("every node's replica holds every acknowledged key");
         read_back_everywhere(&c, &all).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Frequent snapshots and short logs (a new replica catches up by
+/// snapshot), and no rebalancing (only the operator's move adds a replica).
+const LEARNER_TEST_CONFIG: &str =
+    "snapshot_logs_since_last = 100\nsnapshot_logs_to_keep = 20\nbalance_tolerance = 10.0\n";
+
+/// A learner that faults while it catches up: node 4 joins a 3-node
+/// cluster with its first snapshot install failing (the `snapshot-install`
+/// fail point returning an I/O error once), and the operator moves the
+/// data range's replica from another node to it. The new replica faults
+/// while it is still a learner; the leader sees it refuse as faulted and
+/// the change gives up on it instead of waiting for it to catch up, and
+/// the placement driver's retry puts a fresh replica there. In the end
+/// the range has 3 healthy voters with node 4 among them, and node 4
+/// holds every acknowledged write, including those made meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_learner_that_faults_while_catching_up_is_replaced() {
+    tokio::time::timeout(Duration::from_secs(200), async {
+        phase!("start 3 nodes with frequent snapshots and write 800 keys");
+        let mut c = TestCluster::start(ClusterOptions {
+            config: LEARNER_TEST_CONFIG.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        let acked: Acked = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        for w in start_writers(&client, 200, &stop, &acked) {
+            w.await.unwrap();
+        }
+        assert_eq!(acked.lock().unwrap().len(), 800);
+        let probe = key_of(0, 0);
+        let leader = c.wait_range_leader(&probe, Duration::from_secs(10)).await.unwrap();
+        let desc = c
+            .status(leader)
+            .await
+            .unwrap()
+            .ranges
+            .iter()
+            .filter_map(|r| r.descriptor.clone())
+            .find(|d| lmskv_proto::range::contains(d, &probe))
+            .expect("the leader hosts the probe's range");
+        let range_id = desc.range_id;
+        let from = (1..=3).find(|id| *id != leader).unwrap();
+
+        phase!("node 4 joins with its first snapshot install failing");
+        let four = c
+            .add_node_with_env(&[("FAILPOINTS", "snapshot-install=1*return(injected)")])
+            .unwrap();
+        wait_for("node 4 to register", Duration::from_secs(30), || async {
+            let nodes = client.node_list().await.ok()?;
+            nodes.iter().any(|n| n.node_id == four).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
+
+        phase!("move range {range_id}'s replica from node {from} to node {four} while clients write");
+        let more: Acked = Arc::default();
+        let writers = start_writers_from(WRITERS, &client, u32::MAX, &stop, &more);
+        let moved_at = Instant::now();
+        let answer = client.move_replica(range_id, from, four).await;
+        phase!("the move answered {answer:?}");
+        let log_path = c.nodes[(four - 1) as usize].log_path.clone();
+        let four_log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(
+            four_log.contains("fail point snapshot-install") && four_log.contains("range refuses to serve"),
+            "node {four}'s first replica faulted installing its snapshot\n{}",
+            c.log_tails(30)
+        );
+        let noted = (1..=3u64).any(|id| {
+            std::fs::read_to_string(&c.nodes[(id - 1) as usize].log_path)
+                .unwrap_or_default()
+                .contains("new replica faulted while catching up")
+        });
+        assert!(
+            noted,
+            "the change gave up on the faulted learner (not a catch-up timeout)\n{}",
+            c.log_tails(30)
+        );
+
+        let all = [1, 2, 3, four];
+        wait_for(
+            &format!("range {range_id} to have 3 healthy voters, node {four} among them and not node {from}"),
+            RECOVERY_BOUND,
+            || async {
+                ranges_healthy(&c, &all).await.ok()?;
+                let r = local_range(&c, four, range_id).await?;
+                let d = r.descriptor.as_ref()?;
+                let voters: Vec<u64> = d
+                    .replicas
+                    .iter()
+                    .filter(|x| x.role == ReplicaRole::Voter as i32)
+                    .map(|x| x.node_id)
+                    .collect();
+                (r.fault.is_empty() && voters.contains(&four) && !voters.contains(&from))
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
+        phase!(
+            "node {four} holds a healthy voter of range {range_id} {:.1} s after the move began",
+            moved_at.elapsed().as_secs_f64()
+        );
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.await.unwrap();
+        }
+
+        let mut all_acked = acked.lock().unwrap().clone();
+        all_acked.extend(more.lock().unwrap().clone());
+        let d = local_range(&c, four, range_id)
+            .await
+            .and_then(|r| r.descriptor)
+            .expect("node 4 hosts the range");
+        let mut checked = 0;
+        for (k, v) in &all_acked {
+            if !lmskv_proto::range::contains(&d, k) {
+                continue;
+            }
+            let got = wait_for("node 4 to apply the key", Duration::from_secs(10), || async {
+                get_local(&c, four, k).await.ok().flatten()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("node {four} lacks the acknowledged key {k:?}: {e}"));
+            assert_eq!(&got, v, "node {four} holds the acknowledged value of {k:?}");
+            checked += 1;
+        }
+        assert!(checked >= 800, "the range holds the first 800 keys ({checked} checked)");
+        phase!("node {four} holds all {checked} acknowledged keys");
     })
     .await
     .expect("test timed out");
