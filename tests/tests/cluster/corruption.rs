@@ -508,6 +508,55 @@ async fn a_cut_write_ahead_log_tail_is_refused_and_nothing_acknowledged_is_lost(
     .expect("test timed out");
 }
 
+/// A started cluster after its first writes: every writer's keys acked.
+struct Loaded {
+    c: TestCluster,
+    client: Client,
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+    /// The first key written, and the leader and id of its range.
+    probe: Bytes,
+    leader: u64,
+    range_id: u64,
+}
+
+/// Starts a cluster with `opts` and has `WRITERS` writers put
+/// `per_writer` keys each, all acknowledged.
+async fn start_loaded(opts: ClusterOptions, per_writer: u32) -> Loaded {
+    let c = TestCluster::start(opts).await.unwrap();
+    let client = c.client();
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    for w in start_writers(&client, per_writer, &stop, &acked) {
+        w.await.unwrap();
+    }
+    assert_eq!(acked.lock().unwrap().len(), WRITERS * per_writer as usize);
+    let probe = key_of(0, 0);
+    let leader = c
+        .wait_range_leader(&probe, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let range_id = c
+        .status(leader)
+        .await
+        .unwrap()
+        .ranges
+        .iter()
+        .filter_map(|r| r.descriptor.as_ref())
+        .find(|d| lmskv_proto::range::contains(d, &probe))
+        .map(|d| d.range_id)
+        .expect("the leader hosts the probe's range");
+    Loaded {
+        c,
+        client,
+        acked,
+        stop,
+        probe,
+        leader,
+        range_id,
+    }
+}
+
 /// The data range's replica on node `id`, from its status.
 async fn local_range(
     c: &TestCluster,
@@ -532,26 +581,15 @@ async fn local_range(
 async fn a_leader_that_reads_corrupt_data_stops_and_its_replica_is_replaced() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         phase!("start 3 nodes and write 400 keys");
-        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
-        let client = c.client();
-        let acked: Acked = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        for w in start_writers(&client, 100, &stop, &acked) {
-            w.await.unwrap();
-        }
-        assert_eq!(acked.lock().unwrap().len(), 400);
-        let probe = key_of(0, 0);
-        let leader = c.wait_range_leader(&probe, Duration::from_secs(10)).await.unwrap();
-        let range_id = c
-            .status(leader)
-            .await
-            .unwrap()
-            .ranges
-            .iter()
-            .filter_map(|r| r.descriptor.as_ref())
-            .find(|d| lmskv_proto::range::contains(d, &probe))
-            .map(|d| d.range_id)
-            .expect("the leader hosts the probe's range");
+        let Loaded {
+            mut c,
+            client,
+            acked,
+            stop,
+            probe,
+            leader,
+            range_id,
+        } = start_loaded(ClusterOptions::default(), 100).await;
         let meta_leader = c.status(leader).await.unwrap().ranges.iter().find_map(|r| {
             let d = r.descriptor.as_ref()?;
             (d.range_id == lmskv_proto::range::META_RANGE_ID && r.leader_id != 0)
@@ -687,31 +725,22 @@ const LEARNER_TEST_CONFIG: &str =
 async fn a_learner_that_faults_while_catching_up_is_replaced() {
     tokio::time::timeout(Duration::from_secs(200), async {
         phase!("start 3 nodes with frequent snapshots and write 800 keys");
-        let mut c = TestCluster::start(ClusterOptions {
-            config: LEARNER_TEST_CONFIG.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let client = c.client();
-        let acked: Acked = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        for w in start_writers(&client, 200, &stop, &acked) {
-            w.await.unwrap();
-        }
-        assert_eq!(acked.lock().unwrap().len(), 800);
-        let probe = key_of(0, 0);
-        let leader = c.wait_range_leader(&probe, Duration::from_secs(10)).await.unwrap();
-        let desc = c
-            .status(leader)
-            .await
-            .unwrap()
-            .ranges
-            .iter()
-            .filter_map(|r| r.descriptor.clone())
-            .find(|d| lmskv_proto::range::contains(d, &probe))
-            .expect("the leader hosts the probe's range");
-        let range_id = desc.range_id;
+        let Loaded {
+            mut c,
+            client,
+            acked,
+            stop,
+            leader,
+            range_id,
+            ..
+        } = start_loaded(
+            ClusterOptions {
+                config: LEARNER_TEST_CONFIG.into(),
+                ..Default::default()
+            },
+            200,
+        )
+        .await;
         let from = (1..=3).find(|id| *id != leader).unwrap();
 
         phase!("node 4 joins with its first snapshot install failing");
