@@ -15,7 +15,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::impls::BasicNode;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
-use openraft::{Config, RaftMetrics, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{ChangeMembers, Config, RaftMetrics, ReadPolicy, ServerState, SnapshotPolicy};
 
 use super::codec::{decode, encode};
 use super::command::RangeMeta;
@@ -936,9 +936,24 @@ impl RangeReplica {
         }
         let want: BTreeSet<u64> = voters.keys().copied().collect();
         let have: BTreeSet<u64> = status.voters.iter().copied().collect();
-        if want != have || !status.learners.is_empty() {
+        if want != have {
             // `retain = false`: removed voters leave the group entirely.
-            raft.change_membership(want, false)
+            raft.change_membership(want.clone(), false)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        // Learners outside the new voter set (left by a change that did not
+        // finish) leave too: `retain = false` drops only removed voters, and
+        // the leader would otherwise replicate to them for good.
+        let stale: BTreeSet<u64> = status
+            .learners
+            .iter()
+            .copied()
+            .filter(|id| !want.contains(id))
+            .collect();
+        if !stale.is_empty() {
+            tracing::info!(range_id = self.range_id, learners = ?stale, "removing learners outside the voter set");
+            raft.change_membership(ChangeMembers::RemoveNodes(stale), false)
                 .await
                 .map_err(|e| self.write_error(e))?;
         }
@@ -2079,6 +2094,38 @@ pub(crate) mod tests {
             key: Bytes::from(format!("k{n}")),
             value: Bytes::from_static(b"v"),
         }
+    }
+
+    /// A learner left outside the voter set (by a change that did not
+    /// finish) is removed by the next change of the voters, even one that
+    /// keeps the same voters: the leader stops replicating to it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_voter_change_removes_learners_left_outside_the_voter_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = lone_leader(dir.path(), 7).await;
+        let raft = r.serving().await.unwrap();
+        raft.add_learner(
+            2,
+            BasicNode {
+                addr: "127.0.0.1:1".into(),
+            },
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status().learners, vec![2]);
+
+        r.change_voters([(1, "127.0.0.1:1".to_string())].into())
+            .await
+            .unwrap();
+        let st = r.status();
+        assert!(st.learners.is_empty(), "learners left: {:?}", st.learners);
+        assert_eq!(st.voters, vec![1]);
+        assert_eq!(
+            st.nodes.keys().copied().collect::<Vec<_>>(),
+            vec![1],
+            "node 2 is no longer a member"
+        );
     }
 
     /// Calls that reach a replica after it was shut down for good (removed
