@@ -288,11 +288,17 @@ fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
 }
 
 impl PeerClient {
-    /// The Raft error for a peer's refusal, noting a faulted peer's.
-    fn rpc_error(&self, status: tonic::Status) -> RPCError<TypeConfig> {
+    /// Notes the peer as faulted when `status` says its replica refuses to
+    /// serve (`DataLoss`).
+    fn note_refusal(&self, status: &tonic::Status) {
         if status.code() == tonic::Code::DataLoss {
             self.faulted_peers.note(self.target);
         }
+    }
+
+    /// The Raft error for a peer's refusal, noting a faulted peer's.
+    fn rpc_error(&self, status: tonic::Status) -> RPCError<TypeConfig> {
+        self.note_refusal(&status);
         status_to_rpc_error(status)
     }
 
@@ -818,9 +824,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 )))
             }
             Ok(Err(status)) => {
-                if status.code() == tonic::Code::DataLoss {
-                    self.faulted_peers.note(to);
-                }
+                self.note_refusal(&status);
                 return Err(StreamingError::Network(NetworkError::from_string(format!(
                     "snapshot transfer failed: {:?}: {}",
                     status.code(),

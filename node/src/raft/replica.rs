@@ -907,7 +907,7 @@ impl RangeReplica {
             // A new replica that faulted (it answers that it refuses to
             // serve) never catches up: give up now, so that the caller can
             // put a fresh replica in its place, rather than at the deadline.
-            let refused = self.reopen.faulted_peers.clone();
+            let refused = &self.reopen.faulted_peers;
             if let Some(id) = added.iter().find(|id| refused.refused_since(**id, started)) {
                 tracing::warn!(
                     range_id = self.range_id,

@@ -186,6 +186,15 @@ async fn statuses(c: &TestCluster, ids: &[u64]) -> Result<HashMap<u64, StatusRes
     Ok(out)
 }
 
+/// The node ids of a range's voters.
+fn voter_ids(d: &lmskv_proto::v1::RangeDescriptor) -> Vec<u64> {
+    d.replicas
+        .iter()
+        .filter(|x| x.role == ReplicaRole::Voter as i32)
+        .map(|x| x.node_id)
+        .collect()
+}
+
 /// Every range has a leader and 3 voters (no learner), and each voter
 /// hosts the range and has applied what the leader committed. Returns the
 /// number of ranges.
@@ -212,12 +221,7 @@ async fn ranges_healthy(c: &TestCluster, ids: &[u64]) -> Result<usize, String> {
     }
     for (range_id, (leader, r)) in &leaders {
         let d = r.descriptor.as_ref().unwrap();
-        let voters: Vec<u64> = d
-            .replicas
-            .iter()
-            .filter(|x| x.role == ReplicaRole::Voter as i32)
-            .map(|x| x.node_id)
-            .collect();
+        let voters = voter_ids(d);
         if voters.len() != 3 || d.replicas.len() != 3 {
             return Err(format!(
                 "range {range_id} (leader {leader}) has replicas {:?}",
@@ -785,13 +789,7 @@ async fn a_learner_that_faults_while_catching_up_is_replaced() {
             || async {
                 ranges_healthy(&c, &all).await.ok()?;
                 let r = local_range(&c, four, range_id).await?;
-                let d = r.descriptor.as_ref()?;
-                let voters: Vec<u64> = d
-                    .replicas
-                    .iter()
-                    .filter(|x| x.role == ReplicaRole::Voter as i32)
-                    .map(|x| x.node_id)
-                    .collect();
+                let voters = voter_ids(r.descriptor.as_ref()?);
                 (r.fault.is_empty() && voters.contains(&four) && !voters.contains(&from))
                     .then_some(())
             },
