@@ -61,6 +61,9 @@ const NODE_UP_WITHIN: Duration = Duration::from_secs(5);
 /// A voter whose live node has not reported a replica of its range for this
 /// long has lost it: it is replaced like a voter on a dead node.
 const MISSING_VOTER_GRACE: Duration = Duration::from_secs(10);
+/// A learner of a range with no replica change under way or pending (one
+/// left by a change that was given up) is removed after this long.
+const LEFTOVER_LEARNER_GRACE: Duration = Duration::from_secs(10);
 /// A replica outside its range's membership at the same membership version
 /// is removed after this long.
 const STRAY_REPLICA_GRACE: Duration = Duration::from_secs(5);
@@ -114,6 +117,9 @@ struct PdState {
     /// (range, node) pairs where the node reports a replica that is not a
     /// member at the same membership version, and since when.
     stray: HashMap<(u64, u64), Instant>,
+    /// (range, node) pairs where the node is a learner of a range with no
+    /// change under way or pending, and since when.
+    leftover: HashMap<(u64, u64), Instant>,
     /// The nodes the last round counted live, to log changes.
     live_last: Option<HashSet<u64>>,
 }
@@ -331,6 +337,43 @@ impl Pd {
             .map(|(k, _)| *k)
             .chain(faulted)
             .collect()
+    }
+
+    /// Learners left outside their range's voters by a change that was
+    /// given up (its target died or is draining, so its pending op was
+    /// dropped), by range: those seen for `LEFTOVER_LEARNER_GRACE` in a
+    /// range with no change in flight here and none pending (`pending`).
+    /// A change that starts restarts the range's grace.
+    fn leftover_learners(
+        &self,
+        descs: &[StoredDesc],
+        pending: &HashSet<u64>,
+        now: Instant,
+    ) -> BTreeMap<u64, Vec<u64>> {
+        let mut st = self.state.lock().expect("pd lock");
+        let mut seen = HashSet::new();
+        for d in descs {
+            if self.is_changing(d.range_id) || pending.contains(&d.range_id) {
+                continue;
+            }
+            for l in &d.learners {
+                seen.insert((d.range_id, *l));
+            }
+        }
+        st.leftover.retain(|k, _| seen.contains(k));
+        for k in &seen {
+            st.leftover.entry(*k).or_insert(now);
+        }
+        let mut out: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for ((range_id, node_id), since) in &st.leftover {
+            if now.saturating_duration_since(*since) >= LEFTOVER_LEARNER_GRACE {
+                out.entry(*range_id).or_default().push(*node_id);
+            }
+        }
+        for ls in out.values_mut() {
+            ls.sort_unstable();
+        }
+        out
     }
 
     fn note_descs(&self, descs: &[StoredDesc]) {
@@ -666,16 +709,29 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         }
     }
     node.pd.stage("decommissions and pending changes");
-    // Resume replica changes a previous leader started.
+    // Resume replica changes a previous leader started (or that failed),
+    // unless one of the voters they want is dead or a node they would add
+    // is draining: those are planned again from the current state.
+    let mut pending = HashSet::new();
     for op in meta.pending_ops()? {
+        let Some(d) = descs.iter().find(|d| d.range_id == op.range_id) else {
+            meta.delete_op(op.range_id).await?;
+            continue;
+        };
         let dead = {
             let st = pd.state.lock().expect("pd lock");
-            op.voters.iter().any(|v| !pd.is_live(&st, *v))
+            op.voters.iter().any(|v| {
+                let draining = !d.voters.contains(v)
+                    && records.get(v).is_some_and(|r| r.state != NodeState::Up);
+                draining || !pd.is_live(&st, *v)
+            })
         };
-        if dead || !descs.iter().any(|d| d.range_id == op.range_id) {
+        if dead {
+            tracing::info!(range_id = op.range_id, voters = ?op.voters, reason = %op.reason, "dropping a pending replica change: a voter it wants is dead or draining");
             meta.delete_op(op.range_id).await?;
             continue;
         }
+        pending.insert(op.range_id);
         start_op(node, op);
     }
     node.pd.stage("liveness and repair");
@@ -745,6 +801,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             }
         }
     }
+    let leftover = pd.leftover_learners(&descs, &pending, Instant::now());
     // Repair: every range gets `rf` voters on live, non-draining nodes.
     let mut started = 0;
 
@@ -818,6 +875,27 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         } else if d.voters.len() != keep.len() {
             reason = "remove replicas on dead, draining or lost nodes".to_string();
         } else {
+            // The voters are right; a learner a given-up change left behind
+            // goes by a change to the same voters (which drops learners
+            // outside them), or it would be replicated to for good and
+            // hold up its node's decommission.
+            if let Some(learners) = leftover.get(&d.range_id) {
+                let mut voters = d.voters.clone();
+                voters.sort_unstable();
+                let reason = format!(
+                    "remove the learner(s) on node(s) {learners:?} left by a change that did not finish"
+                );
+                if start_op(
+                    node,
+                    PendingOp {
+                        range_id: d.range_id,
+                        voters,
+                        reason,
+                    },
+                ) {
+                    started += 1;
+                }
+            }
             continue;
         }
         // Bad voters that are still live stay in while a new voter joins:
@@ -1608,6 +1686,48 @@ mod tests {
         // missing.
         heard(&pd, 2, &[2, 3], &[]);
         assert_eq!(pd.missing_voters(&descs), HashSet::from([(3, 3)]));
+    }
+
+    /// A learner is left over only once seen for the grace in a range with
+    /// no change in flight or pending; a change restarts the grace, and a
+    /// learner that leaves is forgotten.
+    #[test]
+    fn learners_are_left_over_after_the_grace_with_no_change_under_way() {
+        let pd = pd();
+        let desc = |range_id, learners: Vec<u64>| StoredDesc {
+            range_id,
+            start: Bytes::new(),
+            end: Bytes::new(),
+            version: 1,
+            conf_ver: 1,
+            voters: vec![1, 2, 3],
+            learners,
+        };
+        let t0 = Instant::now();
+        let later = t0 + LEFTOVER_LEARNER_GRACE;
+        let none = HashSet::new();
+        let descs = [desc(2, vec![5, 4]), desc(3, vec![]), desc(4, vec![4])];
+        assert!(pd.leftover_learners(&descs, &none, t0).is_empty());
+        assert_eq!(
+            pd.leftover_learners(&descs, &none, later),
+            BTreeMap::from([(2, vec![4, 5]), (4, vec![4])])
+        );
+        // A change of range 2 pending, and one of range 4 in flight: their
+        // learners are theirs, and their grace starts over afterwards.
+        pd.inflight.lock().unwrap().insert(4);
+        assert!(pd
+            .leftover_learners(&descs, &HashSet::from([2]), later)
+            .is_empty());
+        pd.inflight.lock().unwrap().clear();
+        assert!(pd.leftover_learners(&descs, &none, later).is_empty());
+        let much_later = later + LEFTOVER_LEARNER_GRACE;
+        // Range 2's learner 5 left meanwhile.
+        let descs = [desc(2, vec![4]), desc(3, vec![]), desc(4, vec![4])];
+        assert_eq!(
+            pd.leftover_learners(&descs, &none, much_later),
+            BTreeMap::from([(2, vec![4]), (4, vec![4])])
+        );
+        assert_eq!(pd.state.lock().unwrap().leftover.len(), 2);
     }
 
     /// A range's failed replica changes are tried again after 1, 2 and 4 s,

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lmskv_client::Client;
+use lmskv_client::{Client, ReadConsistency};
 use lmskv_proto::v1::{Consistency, GetRequest, ReadOptions, ReplicaRole, StatusResponse};
 use lmskv_tests::{phase, wait_for, ClusterOptions, TestCluster};
 
@@ -826,6 +826,131 @@ async fn a_learner_that_faults_while_catching_up_is_replaced() {
         }
         assert!(checked >= 800, "the range holds the first 800 keys ({checked} checked)");
         phase!("node {four} holds all {checked} acknowledged keys");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A learner left behind by a change that was given up: node 4 joins with
+/// every snapshot install failing, so the replica the operator moves there
+/// faults while still a learner, and the move fails with node 4 a learner
+/// of the range. The operator then decommissions node 4. The placement
+/// driver drops the pending change (it would add a draining node), removes
+/// the leftover learner once no change of the range is under way (before,
+/// it stayed a member, replicated to for good, and node 4's decommission
+/// never finished), and node 4 ends decommissioned with the range on its 3
+/// first nodes holding every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_learner_left_by_a_failed_move_is_removed_and_its_node_decommissions() {
+    tokio::time::timeout(Duration::from_secs(200), async {
+        phase!("start 3 nodes with frequent snapshots and write 800 keys");
+        let Loaded {
+            mut c,
+            client,
+            acked,
+            leader,
+            range_id,
+            ..
+        } = start_loaded(
+            ClusterOptions {
+                config: LEARNER_TEST_CONFIG.into(),
+                ..Default::default()
+            },
+            200,
+        )
+        .await;
+        let from = (1..=3).find(|id| *id != leader).unwrap();
+
+        phase!("node 4 joins with every snapshot install failing");
+        let four = c
+            .add_node_with_env(&[("FAILPOINTS", "snapshot-install=return(injected)")])
+            .unwrap();
+        wait_for("node 4 to register", Duration::from_secs(30), || async {
+            let nodes = client.node_list().await.ok()?;
+            nodes.iter().any(|n| n.node_id == four).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
+
+        phase!("move range {range_id}'s replica from node {from} to node {four}: it fails");
+        let answer = client.move_replica(range_id, from, four).await;
+        assert!(
+            answer.is_err(),
+            "a move to a node whose replica always faults fails: {answer:?}"
+        );
+        let learner_of = |d: &lmskv_proto::v1::RangeDescriptor| {
+            d.replicas
+                .iter()
+                .any(|x| x.node_id == four && x.role == ReplicaRole::Learner as i32)
+        };
+        let mut left = false;
+        for id in 1..=3 {
+            if let Some(d) = local_range(&c, id, range_id)
+                .await
+                .and_then(|r| r.descriptor)
+            {
+                left |= learner_of(&d);
+            }
+        }
+        assert!(
+            left,
+            "node {four} is left a learner of range {range_id}\n{}",
+            c.log_tails(30)
+        );
+
+        phase!("decommission node {four}");
+        let info = client.decommission(four).await.unwrap();
+        assert_eq!(info.state, "decommissioning");
+        let started = Instant::now();
+        wait_for(
+            &format!("node {four} to be decommissioned and range {range_id} to have no learner"),
+            RECOVERY_BOUND,
+            || async {
+                ranges_healthy(&c, &[1, 2, 3]).await.ok()?;
+                let nodes = client.node_list().await.ok()?;
+                nodes
+                    .iter()
+                    .any(|n| n.node_id == four && n.state == "decommissioned")
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
+        phase!(
+            "node {four} decommissioned {:.1} s after the request",
+            started.elapsed().as_secs_f64()
+        );
+        let removed = (1..=3u64).any(|id| {
+            std::fs::read_to_string(&c.nodes[(id - 1) as usize].log_path)
+                .unwrap_or_default()
+                .contains("removing learners outside the voter set")
+        });
+        assert!(removed, "a range leader removed the leftover learner");
+        for id in 1..=3 {
+            let d = local_range(&c, id, range_id)
+                .await
+                .and_then(|r| r.descriptor)
+                .expect("the range is on its 3 first nodes");
+            assert_eq!(voter_ids(&d).len(), 3);
+            assert!(
+                !learner_of(&d),
+                "node {id} still lists node {four} as a learner"
+            );
+        }
+
+        let all_acked = acked.lock().unwrap().clone();
+        let mut checked = 0;
+        for (k, v) in &all_acked {
+            let got = client
+                .get(k.clone(), ReadConsistency::Strong)
+                .await
+                .unwrap()
+                .map(|kv| kv.value);
+            assert_eq!(got.as_ref(), Some(v), "the acknowledged value of {k:?}");
+            checked += 1;
+        }
+        assert!(checked >= 800, "{checked} keys checked");
+        phase!("all {checked} acknowledged keys read back");
     })
     .await
     .expect("test timed out");
