@@ -874,28 +874,15 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             reason = format!("remove the extra replica on node {victim}");
         } else if d.voters.len() != keep.len() {
             reason = "remove replicas on dead, draining or lost nodes".to_string();
-        } else {
+        } else if let Some(learners) = leftover.get(&d.range_id) {
             // The voters are right; a learner a given-up change left behind
             // goes by a change to the same voters (which drops learners
             // outside them), or it would be replicated to for good and
             // hold up its node's decommission.
-            if let Some(learners) = leftover.get(&d.range_id) {
-                let mut voters = d.voters.clone();
-                voters.sort_unstable();
-                let reason = format!(
-                    "remove the learner(s) on node(s) {learners:?} left by a change that did not finish"
-                );
-                if start_op(
-                    node,
-                    PendingOp {
-                        range_id: d.range_id,
-                        voters,
-                        reason,
-                    },
-                ) {
-                    started += 1;
-                }
-            }
+            reason = format!(
+                "remove the learner(s) on node(s) {learners:?} left by a change that did not finish"
+            );
+        } else {
             continue;
         }
         // Bad voters that are still live stay in while a new voter joins:
@@ -910,7 +897,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         voters.sort_unstable();
         let mut cur = d.voters.clone();
         cur.sort_unstable();
-        if voters == cur {
+        if voters == cur && !leftover.contains_key(&d.range_id) {
             continue;
         }
         if start_op(

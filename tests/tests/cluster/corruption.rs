@@ -716,6 +716,31 @@ async fn a_leader_that_reads_corrupt_data_stops_and_its_replica_is_replaced() {
 const LEARNER_TEST_CONFIG: &str =
     "snapshot_logs_since_last = 100\nsnapshot_logs_to_keep = 20\nbalance_tolerance = 10.0\n";
 
+/// A 3-node cluster loaded like [`start_loaded`] (frequent snapshots,
+/// balancing off) with `WRITERS` x 200 keys, and a registered node 4 whose
+/// fail points are `failpoints`; returns it and node 4's id.
+async fn loaded_with_faulty_fourth(failpoints: &str) -> (Loaded, u64) {
+    let mut loaded = start_loaded(
+        ClusterOptions {
+            config: LEARNER_TEST_CONFIG.into(),
+            ..Default::default()
+        },
+        200,
+    )
+    .await;
+    let four = loaded
+        .c
+        .add_node_with_env(&[("FAILPOINTS", failpoints)])
+        .unwrap();
+    wait_for("node 4 to register", Duration::from_secs(30), || async {
+        let nodes = loaded.client.node_list().await.ok()?;
+        nodes.iter().any(|n| n.node_id == four).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", loaded.c.log_tails(30)));
+    (loaded, four)
+}
+
 /// A learner that faults while it catches up: node 4 joins a 3-node
 /// cluster with its first snapshot install failing (the `snapshot-install`
 /// fail point returning an I/O error once), and the operator moves the
@@ -728,35 +753,20 @@ const LEARNER_TEST_CONFIG: &str =
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_learner_that_faults_while_catching_up_is_replaced() {
     tokio::time::timeout(Duration::from_secs(200), async {
-        phase!("start 3 nodes with frequent snapshots and write 800 keys");
-        let Loaded {
-            mut c,
-            client,
-            acked,
-            stop,
-            leader,
-            range_id,
-            ..
-        } = start_loaded(
-            ClusterOptions {
-                config: LEARNER_TEST_CONFIG.into(),
-                ..Default::default()
+        phase!("start 3 nodes with frequent snapshots and write 800 keys, and node 4 with its first snapshot install failing");
+        let (
+            Loaded {
+                c,
+                client,
+                acked,
+                stop,
+                leader,
+                range_id,
+                ..
             },
-            200,
-        )
-        .await;
+            four,
+        ) = loaded_with_faulty_fourth("snapshot-install=1*return(injected)").await;
         let from = (1..=3).find(|id| *id != leader).unwrap();
-
-        phase!("node 4 joins with its first snapshot install failing");
-        let four = c
-            .add_node_with_env(&[("FAILPOINTS", "snapshot-install=1*return(injected)")])
-            .unwrap();
-        wait_for("node 4 to register", Duration::from_secs(30), || async {
-            let nodes = client.node_list().await.ok()?;
-            nodes.iter().any(|n| n.node_id == four).then_some(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
 
         phase!("move range {range_id}'s replica from node {from} to node {four} while clients write");
         let more: Acked = Arc::default();
@@ -843,34 +853,19 @@ async fn a_learner_that_faults_while_catching_up_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_learner_left_by_a_failed_move_is_removed_and_its_node_decommissions() {
     tokio::time::timeout(Duration::from_secs(200), async {
-        phase!("start 3 nodes with frequent snapshots and write 800 keys");
-        let Loaded {
-            mut c,
-            client,
-            acked,
-            leader,
-            range_id,
-            ..
-        } = start_loaded(
-            ClusterOptions {
-                config: LEARNER_TEST_CONFIG.into(),
-                ..Default::default()
+        phase!("start 3 nodes with frequent snapshots and write 800 keys, and node 4 with every snapshot install failing");
+        let (
+            Loaded {
+                c,
+                client,
+                acked,
+                leader,
+                range_id,
+                ..
             },
-            200,
-        )
-        .await;
+            four,
+        ) = loaded_with_faulty_fourth("snapshot-install=return(injected)").await;
         let from = (1..=3).find(|id| *id != leader).unwrap();
-
-        phase!("node 4 joins with every snapshot install failing");
-        let four = c
-            .add_node_with_env(&[("FAILPOINTS", "snapshot-install=return(injected)")])
-            .unwrap();
-        wait_for("node 4 to register", Duration::from_secs(30), || async {
-            let nodes = client.node_list().await.ok()?;
-            nodes.iter().any(|n| n.node_id == four).then_some(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
 
         phase!("move range {range_id}'s replica from node {from} to node {four}: it fails");
         let answer = client.move_replica(range_id, from, four).await;
