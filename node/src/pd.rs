@@ -1639,22 +1639,26 @@ mod tests {
         );
     }
 
-    /// A voter whose node reports its replica faulted is replaced at once;
-    /// one whose node reports no replica only after the grace, and not
-    /// while a change of its range is in flight.
-    #[test]
-    fn faulted_voters_are_missing_at_once_absent_ones_after_the_grace() {
-        let pd = pd();
-        let desc = |range_id| StoredDesc {
+    /// A whole-key-space range on voters 1, 2 and 3 with `learners`.
+    fn desc(range_id: u64, learners: Vec<u64>) -> StoredDesc {
+        StoredDesc {
             range_id,
             start: Bytes::new(),
             end: Bytes::new(),
             version: 1,
             conf_ver: 1,
             voters: vec![1, 2, 3],
-            learners: vec![],
-        };
-        let descs = [desc(2), desc(3)];
+            learners,
+        }
+    }
+
+    /// A voter whose node reports its replica faulted is replaced at once;
+    /// one whose node reports no replica only after the grace, and not
+    /// while a change of its range is in flight.
+    #[test]
+    fn faulted_voters_are_missing_at_once_absent_ones_after_the_grace() {
+        let pd = pd();
+        let descs = [desc(2, vec![]), desc(3, vec![])];
         heard(&pd, 1, &[2, 3], &[]);
         heard(&pd, 2, &[2, 3], &[2]);
         heard(&pd, 3, &[2], &[]);
@@ -1681,15 +1685,6 @@ mod tests {
     #[test]
     fn learners_are_left_over_after_the_grace_with_no_change_under_way() {
         let pd = pd();
-        let desc = |range_id, learners: Vec<u64>| StoredDesc {
-            range_id,
-            start: Bytes::new(),
-            end: Bytes::new(),
-            version: 1,
-            conf_ver: 1,
-            voters: vec![1, 2, 3],
-            learners,
-        };
         let t0 = Instant::now();
         let later = t0 + LEFTOVER_LEARNER_GRACE;
         let none = HashSet::new();
