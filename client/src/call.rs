@@ -36,6 +36,9 @@ use crate::route_cache::CachedRange;
 pub const LOCATE_PREFETCH: u32 = 16;
 /// How long one try of a `Locate` on one node may take.
 pub const META_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one route lookup (`Locate` calls to the meta range, retried)
+/// runs at most, whoever waits for it: the default deadline of a call.
+pub const LOCATE_DEADLINE: Duration = Duration::from_secs(15);
 /// Refusals healed from the error itself that are resent at once; beyond
 /// this many in a row the call backs off (the cluster is mid-change).
 const HEALED_RETRIES_BEFORE_BACKOFF: u32 = 3;
@@ -215,16 +218,27 @@ impl Client {
         reverse: bool,
         deadline: Instant,
     ) -> Result<CachedRange, ClientError> {
-        let this = self.clone();
+        // The lookup may be shared with other callers (clones of this client
+        // with other deadlines among them) and outlive this one, so it runs
+        // to a deadline of its own, not to this caller's.
+        let mut this = self.clone();
+        this.retry.deadline = LOCATE_DEADLINE;
         let k = Bytes::copy_from_slice(key);
         let lookup = self.inner.routes.locate(key, reverse, move || async move {
-            this.fetch_ranges(k, reverse, deadline).await
+            let until = Instant::now() + LOCATE_DEADLINE;
+            this.fetch_ranges(k, reverse, until).await
         });
-        match tokio::time::timeout_at(deadline, lookup).await {
-            Ok(r) => r,
-            Err(_) => Err(ClientError::Server(ServerError::Timeout {
+        let timed_out = || {
+            ClientError::Server(ServerError::Timeout {
                 reason: "locating the range took until the deadline".into(),
-            })),
+            })
+        };
+        match tokio::time::timeout_at(deadline, lookup).await {
+            // A shared lookup that ran out of its own time fails this caller
+            // only as one more try: it may have time for another.
+            Ok(Err(ClientError::DeadlineExceeded { .. })) => Err(timed_out()),
+            Ok(r) => r,
+            Err(_) => Err(timed_out()),
         }
     }
 

@@ -1091,6 +1091,17 @@ impl Client {
         {
             Ok((r, _)) => Ok(r),
             Err(RangeCallError::Failed(e)) => Err(e),
+            // The range split after a try whose outcome is unknown: that try
+            // may have been applied, so this is not the caller's bad input.
+            Err(RangeCallError::Regroup(d)) if budget.maybe_applied() => {
+                Err(ClientError::Server(ServerError::Timeout {
+                    reason: format!(
+                        "a try of the batch has an unknown outcome and range {} split since; \
+                         the batch may or may not be applied",
+                        d.range_id
+                    ),
+                }))
+            }
             Err(RangeCallError::Regroup(d)) => Err(ClientError::InvalidArgument {
                 field: "ops".into(),
                 reason: format!(

@@ -12,6 +12,11 @@
 //! for the same key share one call, and at most [`LOCATE_IN_FLIGHT_MAX`] calls
 //! run at once; a miss that waited for a slot first looks again, since an
 //! answer that arrived meanwhile (with its prefetched neighbours) may cover it.
+//! Each lookup runs on its own task, to its own deadline: a caller that gives
+//! up (its deadline passed, or it was cancelled) leaves the lookup to finish
+//! for the others and to free its slot. At most [`LOCATE_WAITING_MAX`] lookups
+//! are under way or waiting for a slot; a miss beyond that fails at once with
+//! a retryable error.
 //!
 //! Routing errors heal the cache without another lookup where they carry the
 //! answer: `NotLeader` names the leader, `EpochMismatch` and `KeyNotInRange`
@@ -39,6 +44,8 @@ use crate::error::ClientError;
 pub const ROUTE_CACHE_RANGES_MAX: usize = 100_000;
 /// `Locate` calls one client runs at once at most.
 pub const LOCATE_IN_FLIGHT_MAX: usize = 32;
+/// Lookups one client has under way or waiting for a `Locate` slot at most.
+pub const LOCATE_WAITING_MAX: usize = 1_024;
 /// Node addresses the cache remembers at most.
 pub const NODE_ADDRESSES_MAX: usize = 4_096;
 
@@ -274,6 +281,11 @@ impl RouteCache {
             let mut inflight = self.inflight.lock().expect("inflight lock");
             match inflight.get(&slot) {
                 Some((_, s)) => s.clone(),
+                None if inflight.len() >= LOCATE_WAITING_MAX => {
+                    return Err(ClientError::Server(ServerError::unavailable(format!(
+                        "{LOCATE_WAITING_MAX} range lookups are already under way"
+                    ))));
+                }
                 None => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let fut = self.locate_task(id, slot.clone(), fetch());
@@ -302,7 +314,10 @@ impl RouteCache {
         let inflight = self.inflight.clone();
         let permits = self.permits.clone();
         let locates = self.locates.clone();
-        async move {
+        // The lookup runs on its own task, so that it ends (and frees its
+        // slot and its entry in `inflight`) even when every caller waiting
+        // for it gave up; `fetch` bounds it in time.
+        let task = tokio::spawn(async move {
             let result = async {
                 let _permit = permits.acquire_owned().await.map_err(|_| {
                     ClientError::Server(ServerError::unavailable("client shutting down"))
@@ -327,6 +342,13 @@ impl RouteCache {
                 map.remove(&slot);
             }
             result
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(ClientError::Server(ServerError::unavailable(format!(
+                    "range lookup failed: {e}"
+                ))))
+            })
         }
         .boxed()
         .shared()
@@ -778,6 +800,71 @@ mod tests {
             .unwrap();
         assert_eq!(r.desc.range_id, 3);
         assert!(c.inflight.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn lookups_whose_callers_gave_up_still_finish_and_free_their_slots() {
+        let c = RouteCache::default();
+        // More callers than slots give up long before their lookups end.
+        for i in 0..LOCATE_IN_FLIGHT_MAX + 8 {
+            let key = format!("k{i}");
+            let r = tokio::time::timeout(
+                Duration::from_millis(20),
+                c.locate(key.as_bytes(), false, || async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Err(ClientError::Server(ServerError::unavailable("down")))
+                }),
+            )
+            .await;
+            assert!(r.is_err(), "the caller gave up");
+        }
+        // A new lookup still gets a slot once those end.
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.locate(b"fresh", false, || async {
+                Ok(vec![info(desc(2, "\x01", "", 1), 1)])
+            }),
+        )
+        .await
+        .expect("a slot is free again")
+        .unwrap();
+        assert_eq!(r.desc.range_id, 2);
+        for _ in 0..100 {
+            if c.inflight.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(c.inflight.lock().unwrap().is_empty(), "every lookup ended");
+        assert_eq!(c.permits.available_permits(), LOCATE_IN_FLIGHT_MAX);
+    }
+
+    #[tokio::test]
+    async fn lookups_beyond_the_bound_fail_at_once_and_retryably() {
+        let c = Arc::new(RouteCache::default());
+        let mut waiting = Vec::new();
+        for i in 0..LOCATE_WAITING_MAX {
+            let c = c.clone();
+            waiting.push(tokio::spawn(async move {
+                let key = format!("k{i}");
+                c.locate(key.as_bytes(), false, || async {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok(vec![info(desc(2, "\x01", "", 1), 1)])
+                })
+                .await
+            }));
+        }
+        while c.inflight.lock().unwrap().len() < LOCATE_WAITING_MAX {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let e = c
+            .locate(b"one more", false, || async { panic!("not called") })
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        for w in waiting {
+            assert_eq!(w.await.unwrap().unwrap().desc.range_id, 2);
+        }
     }
 
     #[tokio::test]

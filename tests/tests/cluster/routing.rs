@@ -331,6 +331,66 @@ async fn a_write_sent_to_a_stopped_leader_moves_on_to_the_new_leader() {
     .expect("test timed out");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn route_lookups_outlive_callers_that_gave_up_without_wedging_the_client() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        c.client().put("wedge/warm", "x").await.unwrap();
+        // A fresh client: every key below needs a route lookup.
+        let client = c.client();
+        let short = client.with_deadline(Duration::from_millis(300)).unwrap();
+        let nodes = c.running();
+
+        phase!("every node paused: callers with a 300 ms deadline give up on their lookups");
+        for id in &nodes {
+            c.pause(*id).unwrap();
+        }
+        let shared_get = {
+            let short = short.clone();
+            tokio::spawn(async move { short.get("wedge/shared", ReadConsistency::Strong).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A caller with the default deadline shares the lookup the short one started.
+        let put = {
+            let client = client.clone();
+            tokio::spawn(async move { client.put("wedge/shared", "v").await })
+        };
+        let gets = (0..lmskv_client::LOCATE_IN_FLIGHT_MAX + 8).map(|i| {
+            let short = short.clone();
+            async move {
+                short
+                    .get(format!("wedge/{i}"), ReadConsistency::Strong)
+                    .await
+            }
+        });
+        let results = futures::future::join_all(gets).await;
+        assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+        assert!(shared_get.await.unwrap().is_err());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        phase!("resumed: the long caller's write and new lookups go through");
+        for id in &nodes {
+            c.resume(*id).unwrap();
+        }
+        let w = put
+            .await
+            .unwrap()
+            .expect("the write outlived the short caller's lookup");
+        let got = client
+            .get("wedge/shared", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .expect("written");
+        assert_eq!(got.version, w.version);
+        client
+            .put("wedge/new", "n")
+            .await
+            .expect("a new key's lookup gets a slot");
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// A raw put of `key` to node `to`, naming `suspect` as the leader the
 /// client lost (0: none) and letting the node hold it up to `wait_ms`.
 async fn raw_put(
