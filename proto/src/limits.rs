@@ -22,5 +22,9 @@ pub const SCAN_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub const REQUEST_ID_BYTES_MAX: usize = 64;
 /// Most requests in one bundle (`Kv.Bundle`).
 pub const BUNDLE_REQUESTS_MAX: usize = 1_024;
+/// Encoded bytes of answers one bundle response message gathers before the
+/// rest go in the next (an answer larger than this goes alone), so that many
+/// large answers ready at once never make one message over the gRPC limit.
+pub const BUNDLE_RESPONSE_BYTES_TARGET: usize = 4 * 1024 * 1024;
 /// Largest gRPC message a node or client accepts, in bytes.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;

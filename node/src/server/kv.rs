@@ -13,7 +13,8 @@ use lmskv_proto::error::Error;
 use lmskv_proto::keys::{validate_scan_bound, validate_user_key};
 use lmskv_proto::limits::{
     BATCH_BYTES_MAX, BATCH_CONDITIONS_MAX, BATCH_OPS_MAX, BUNDLE_REQUESTS_MAX,
-    REQUEST_ID_BYTES_MAX, SCAN_BYTES_MAX, SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX, VALUE_BYTES_MAX,
+    BUNDLE_RESPONSE_BYTES_TARGET, REQUEST_ID_BYTES_MAX, SCAN_BYTES_MAX, SCAN_LIMIT_DEFAULT,
+    SCAN_LIMIT_MAX, VALUE_BYTES_MAX,
 };
 use lmskv_proto::v1::kv_server::Kv;
 use lmskv_proto::v1::{
@@ -667,6 +668,7 @@ impl Kv for KvService {
         req: Request<BundleRequest>,
     ) -> Result<Response<Self::BundleStream>, Status> {
         use futures::{FutureExt, StreamExt};
+        use prost::Message;
         let req = req.into_inner();
         if req.requests.len() > BUNDLE_REQUESTS_MAX {
             return Err(Error::invalid_argument(
@@ -693,13 +695,29 @@ impl Kv for KvService {
                 async move { svc.bundled(i as u32, r).await }.boxed()
             })
             .collect();
-        let stream = futures::stream::unfold(pending, |mut pending| async move {
-            let first = pending.next().await?;
+        // A message gathers ready answers up to BUNDLE_RESPONSE_BYTES_TARGET;
+        // an answer that would take it past that starts the next one.
+        let stream = futures::stream::unfold((pending, None), |(mut pending, carry)| async move {
+            let first: BundledResponse = match carry {
+                Some(r) => r,
+                None => pending.next().await?,
+            };
+            let mut bytes = first.encoded_len();
             let mut responses = vec![first];
-            while let Some(Some(r)) = pending.next().now_or_never() {
+            let mut carry = None;
+            while bytes < BUNDLE_RESPONSE_BYTES_TARGET {
+                let Some(Some(r)) = pending.next().now_or_never() else {
+                    break;
+                };
+                let n = r.encoded_len();
+                if bytes + n > BUNDLE_RESPONSE_BYTES_TARGET {
+                    carry = Some(r);
+                    break;
+                }
+                bytes += n;
                 responses.push(r);
             }
-            Some((Ok(BundleResponse { responses }), pending))
+            Some((Ok(BundleResponse { responses }), (pending, carry)))
         });
         Ok(Response::new(stream.boxed()))
     }

@@ -163,6 +163,60 @@ async fn each_request_of_a_bundle_is_answered_as_if_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_answers_ready_at_once_are_spread_over_messages_under_the_limit() {
+    use lmskv_proto::limits::{
+        BUNDLE_RESPONSE_BYTES_TARGET, GRPC_MESSAGE_BYTES_MAX, VALUE_BYTES_MAX,
+    };
+    use prost::Message;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+        let value = Bytes::from(vec![7u8; VALUE_BYTES_MAX]);
+        client.put("big/k", value.clone()).await.unwrap();
+        let leader = c
+            .wait_range_leader(b"big/", Duration::from_secs(20))
+            .await
+            .unwrap();
+        let mut kv = c
+            .kv(leader)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+
+        phase!("a bundle whose answers together exceed the gRPC message limit");
+        let n = GRPC_MESSAGE_BYTES_MAX / VALUE_BYTES_MAX + 6;
+        let requests = (0..n)
+            .map(|_| BundledRequest {
+                request: Some(get("big/k")),
+            })
+            .collect();
+        let mut stream = kv
+            .bundle(BundleRequest { requests })
+            .await
+            .unwrap()
+            .into_inner();
+        let (mut answered, mut messages) = (0, 0);
+        while let Some(msg) = stream.message().await.expect("every message arrives") {
+            messages += 1;
+            assert!(
+                msg.encoded_len() <= BUNDLE_RESPONSE_BYTES_TARGET + VALUE_BYTES_MAX,
+                "one message of {} bytes",
+                msg.encoded_len()
+            );
+            for r in msg.responses {
+                let Some(Out::Get(g)) = r.response else {
+                    panic!("{r:?}")
+                };
+                assert_eq!(g.kv.expect("the key exists").value, value);
+                answered += 1;
+            }
+        }
+        assert_eq!(answered, n);
+        assert!(messages >= n * VALUE_BYTES_MAX / (BUNDLE_RESPONSE_BYTES_TARGET + VALUE_BYTES_MAX));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_request_does_not_hold_up_the_others() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
