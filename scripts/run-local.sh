@@ -88,6 +88,7 @@ if [ -n "$FUZZ_SECONDS" ]; then
   # The fuzzer sends bursts; it tests handlers, not the rate limiter.
   export LMS_RATE_LIMIT_IP_PER_S=100000 LMS_RATE_LIMIT_IP_BURST=100000
   export LMS_RATE_LIMIT_USER_PER_S=100000 LMS_RATE_LIMIT_USER_BURST=100000
+  export LMS_LOGIN_ATTEMPTS_PER_MIN=1000000 LMS_LOGIN_ATTEMPTS_BURST=100000
 fi
 # Logs: JSON (the service's default, for log collectors) unless a person
 # watches this terminal (`make run`), who gets one readable line per event.

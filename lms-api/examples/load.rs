@@ -19,10 +19,11 @@
 //! The HTTP scenarios expect the demo data (`lms-api --seed-demo true`) and
 //! rate limits that do not refuse the load: 64 clients come from one IP, and
 //! the login scenario logs the 4 demo students in over and over, which the
-//! per-user limit (it also limits password guessing) would refuse. Raise
+//! per-account login limit (against password guessing) would refuse. Raise
 //! them for the run, e.g. `LMS_RATE_LIMIT_IP_PER_S=1000000
 //! LMS_RATE_LIMIT_IP_BURST=1000000 LMS_RATE_LIMIT_USER_PER_S=1000000
-//! LMS_RATE_LIMIT_USER_BURST=1000000` in the API's environment. Refused
+//! LMS_RATE_LIMIT_USER_BURST=1000000 LMS_LOGIN_ATTEMPTS_PER_MIN=100000000
+//! LMS_LOGIN_ATTEMPTS_BURST=1000000` in the API's environment. Refused
 //! requests are counted apart (`rate_limited`) and are not in the figures.
 
 use std::sync::Arc;

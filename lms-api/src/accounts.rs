@@ -66,6 +66,7 @@ pub async fn create_user(
         name: name.trim().to_string(),
         role,
         password_hash: hash,
+        session_generation: 0,
         created_at: now,
         updated_at: now,
     };

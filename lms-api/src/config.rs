@@ -62,6 +62,14 @@ pub struct Args {
     /// Burst allowed per signed-in user (default 100).
     #[arg(long, env = "LMS_RATE_LIMIT_USER_BURST")]
     pub rate_limit_user_burst: Option<u32>,
+    /// Login attempts per minute allowed per account, counted apart from
+    /// its requests, so that failed logins cannot lock its sessions out
+    /// (default 10).
+    #[arg(long, env = "LMS_LOGIN_ATTEMPTS_PER_MIN")]
+    pub login_attempts_per_min: Option<u32>,
+    /// Burst of login attempts allowed per account (default 10).
+    #[arg(long, env = "LMS_LOGIN_ATTEMPTS_BURST")]
+    pub login_attempts_burst: Option<u32>,
     /// Per-request timeout in milliseconds (default 15000).
     #[arg(long, env = "LMS_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
@@ -109,6 +117,8 @@ pub struct FileConfig {
     pub rate_limit_ip_burst: Option<u32>,
     pub rate_limit_user_per_s: Option<u32>,
     pub rate_limit_user_burst: Option<u32>,
+    pub login_attempts_per_min: Option<u32>,
+    pub login_attempts_burst: Option<u32>,
     pub request_timeout_ms: Option<u64>,
     pub lmskv_deadline_ms: Option<u64>,
     pub worker: Option<bool>,
@@ -140,6 +150,8 @@ pub struct Config {
     pub rate_limit_ip_burst: u32,
     pub rate_limit_user_per_s: u32,
     pub rate_limit_user_burst: u32,
+    pub login_attempts_per_min: u32,
+    pub login_attempts_burst: u32,
     pub request_timeout: Duration,
     pub lmskv_deadline: Duration,
     pub body_bytes_max: usize,
@@ -164,6 +176,8 @@ impl Config {
             rate_limit_ip_burst: 400,
             rate_limit_user_per_s: 50,
             rate_limit_user_burst: 100,
+            login_attempts_per_min: 10,
+            login_attempts_burst: 10,
             request_timeout: Duration::from_secs(15),
             lmskv_deadline: Duration::from_secs(10),
             body_bytes_max: BODY_BYTES_MAX_DEFAULT,
@@ -215,6 +229,12 @@ impl Config {
         }
         if let Some(v) = args.rate_limit_user_burst.or(file.rate_limit_user_burst) {
             c.rate_limit_user_burst = v;
+        }
+        if let Some(v) = args.login_attempts_per_min.or(file.login_attempts_per_min) {
+            c.login_attempts_per_min = v;
+        }
+        if let Some(v) = args.login_attempts_burst.or(file.login_attempts_burst) {
+            c.login_attempts_burst = v;
         }
         if let Some(v) = args.request_timeout_ms.or(file.request_timeout_ms) {
             c.request_timeout = Duration::from_millis(v);
@@ -273,6 +293,8 @@ impl Config {
             ("--rate-limit-ip-burst", self.rate_limit_ip_burst),
             ("--rate-limit-user-per-s", self.rate_limit_user_per_s),
             ("--rate-limit-user-burst", self.rate_limit_user_burst),
+            ("--login-attempts-per-min", self.login_attempts_per_min),
+            ("--login-attempts-burst", self.login_attempts_burst),
         ] {
             if v == 0 {
                 anyhow::bail!("{name} must be at least 1");

@@ -30,8 +30,23 @@ pub const SCAN_BATCH: u32 = 256;
 /// Keys a filtered list examines at most for one page; the page then ends
 /// early with a cursor, so a sparse filter cannot make one request unbounded.
 pub const PAGE_SCAN_KEYS_MAX: usize = 5_000;
-/// Records a full-prefix read (gradebook, export, repair pass) returns at most.
+/// Records a full-prefix read (gradebook, export) may return at most; a
+/// prefix holding more fails the read.
 pub const PREFIX_READ_MAX: usize = 100_000;
+
+/// The outcome of writing a derived copy (an index or catalogue entry)
+/// after its source committed. A failure is logged, not returned: the
+/// request's own write is done, and failing the request would make a client
+/// retry a write that happened; the repair task re-derives the copy.
+pub fn derived<T>(what: &'static str, r: AppResult<T>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, what, "writing a derived copy failed; the repair task will write it");
+            None
+        }
+    }
+}
 
 /// A decoded record and its lmskv version.
 #[derive(Debug, Clone)]
@@ -179,7 +194,8 @@ impl Db {
         })
     }
 
-    /// Reads every record under `prefix` (at most [`PREFIX_READ_MAX`]).
+    /// Reads every record under `prefix`; fails (never returns a part) when
+    /// there are more than [`PREFIX_READ_MAX`].
     pub async fn scan_prefix<T: DeserializeOwned>(
         &self,
         prefix: &Bytes,
@@ -192,7 +208,15 @@ impl Db {
             consistency: c,
             ..ScanOptions::default()
         };
-        let kvs = self.client.scan_all(&opts, PREFIX_READ_MAX).await?;
+        let kvs = self.client.scan_all(&opts, PREFIX_READ_MAX + 1).await?;
+        if kvs.len() > PREFIX_READ_MAX {
+            // A gradebook or an export built from part of its records would
+            // be wrong without saying so.
+            return Err(AppError::Internal(format!(
+                "more than {PREFIX_READ_MAX} records under {}: too many to read at once",
+                prefix.escape_ascii()
+            )));
+        }
         kvs.into_iter()
             .map(|kv| {
                 Ok(Row {

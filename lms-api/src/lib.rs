@@ -25,6 +25,18 @@
 //! | own profile, own course list, notifications | SESSION with `x-session-token`, else CONSISTENT_PREFIX | read-your-writes where the caller has written |
 //! | admin user list | CONSISTENT_PREFIX | an overview; `no-cache` → STRONG |
 //!
+//! # Roles and sessions
+//!
+//! A user's global role (admin, teacher, student) decides who may create
+//! courses and who administers the service. What a user may do inside a
+//! course is their membership in it (teacher, TA, student), as in other
+//! LMSs: changing the global role does not change existing memberships; an
+//! admin removes a member from a course through its enrollments. A password
+//! change ends every session of the account (access and refresh tokens carry
+//! the account's session generation, which the change raises). Login
+//! attempts are limited per account apart from the account's requests, so
+//! someone guessing its password cannot lock its sessions out.
+//!
 //! A session token is the lmskv log index a write returned (header
 //! `x-session-token`); it is valid for reads of the same resource (same
 //! range), which is how the API uses it.

@@ -25,6 +25,11 @@ pub struct User {
     pub name: String,
     pub role: Role,
     pub password_hash: String,
+    /// Raised whenever the account's sessions must end (its password
+    /// changed): access and refresh tokens issued under an older value are
+    /// refused. Records written before the field existed read as 0.
+    #[serde(default)]
+    pub session_generation: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -65,6 +70,9 @@ pub struct EmailClaim {
 pub struct RefreshToken {
     pub user_id: u64,
     pub expires_at: DateTime<Utc>,
+    /// The user's `session_generation` when the token was issued.
+    #[serde(default)]
+    pub session_generation: u64,
 }
 
 /// A course, at `course/<cid>/i` (and its catalogue copy at `catalog/<cid>`).

@@ -1,5 +1,7 @@
-//! Rate limits per client IP (every request) and per signed-in user (every
-//! authenticated request), with `governor`'s GCRA limiters. A refused request
+//! Rate limits per client IP (every request), per signed-in user (every
+//! authenticated request) and per account for login attempts (apart from
+//! its requests: failed logins by someone else must not lock the account's
+//! sessions out), with `governor`'s GCRA limiters. A refused request
 //! gets 429 with `Retry-After`. The key maps are bounded by
 //! [`RATE_LIMIT_KEYS_MAX`]: beyond it, keys whose limit has fully recovered
 //! are evicted.
@@ -21,11 +23,15 @@ use crate::error::{AppError, AppResult};
 pub struct RateLimits {
     ip: DefaultKeyedRateLimiter<IpAddr>,
     user: DefaultKeyedRateLimiter<u64>,
+    login: DefaultKeyedRateLimiter<u64>,
     clock: DefaultClock,
 }
 
+fn nz(v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v.max(1)).expect("non-zero")
+}
+
 fn quota(per_s: u32, burst: u32) -> Quota {
-    let nz = |v: u32| NonZeroU32::new(v.max(1)).expect("non-zero");
     Quota::per_second(nz(per_s)).allow_burst(nz(burst))
 }
 
@@ -35,6 +41,10 @@ impl RateLimits {
         RateLimits {
             ip: RateLimiter::keyed(quota(cfg.rate_limit_ip_per_s, cfg.rate_limit_ip_burst)),
             user: RateLimiter::keyed(quota(cfg.rate_limit_user_per_s, cfg.rate_limit_user_burst)),
+            login: RateLimiter::keyed(
+                Quota::per_minute(nz(cfg.login_attempts_per_min))
+                    .allow_burst(nz(cfg.login_attempts_burst)),
+            ),
             clock: DefaultClock::default(),
         }
     }
@@ -57,6 +67,20 @@ impl RateLimits {
             self.user.retain_recent();
         }
         self.user
+            .check_key(&uid)
+            .map_err(|nu| AppError::TooManyRequests {
+                retry_after: nu.wait_time_from(self.clock.now()),
+            })
+    }
+}
+
+impl RateLimits {
+    /// Counts one login attempt for account `uid`.
+    pub fn check_login(&self, uid: u64) -> AppResult<()> {
+        if self.login.len() > RATE_LIMIT_KEYS_MAX {
+            self.login.retain_recent();
+        }
+        self.login
             .check_key(&uid)
             .map_err(|nu| AppError::TooManyRequests {
                 retry_after: nu.wait_time_from(self.clock.now()),

@@ -5,21 +5,29 @@
 //! * `usercourse/<uid>/<cid>` must exist exactly for each `course/<cid>/m/<uid>`;
 //! * `catalog/<cid>` must equal `course/<cid>/i`.
 //!
-//! Every fix is an idempotent put or delete, and an entry is only deleted
-//! after a STRONG re-read shows its source is still gone, so a pass racing a
-//! live enrollment does no harm.
+//! A pass walks the tables a page at a time ([`REPAIR_PAGE`] keys), so its
+//! memory does not grow with the data: course by course (its record and
+//! its members, never its assignments or submissions), then the index and
+//! the catalogue, each page checked against its sources with one STRONG
+//! batch read. Every fix is an idempotent put or delete, or a
+//! compare-and-swap on the version read; an entry is only deleted when a
+//! STRONG read taken after the entry was read shows its source gone, so a
+//! pass racing a live enrollment or course creation does no harm.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
-use lmskv_client::ReadConsistency;
+use lmskv_client::{KeyValue, ReadConsistency, ScanOptions};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::db::{decode, Db, PREFIX_READ_MAX};
+use crate::db::{decode, Cas, Db};
 use crate::error::AppResult;
-use crate::keys::{self, CourseKey};
+use crate::keys;
 use crate::model::{Course, Member, UserCourse};
+
+/// Keys a pass reads per page (and per batch read).
+pub const REPAIR_PAGE: usize = 1_000;
 
 /// What one pass changed.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -30,86 +38,180 @@ pub struct RepairReport {
     pub catalog_removed: u64,
 }
 
-async fn scan_raw(db: &Db, prefix: &[u8]) -> AppResult<Vec<lmskv_client::KeyValue>> {
-    let prefix = Bytes::copy_from_slice(prefix);
-    let opts = lmskv_client::ScanOptions {
-        start: prefix.clone(),
-        end: keys::prefix_end(&prefix),
-        limit: 1_000,
-        consistency: ReadConsistency::Strong,
-        ..Default::default()
-    };
-    Ok(db.client().scan_all(&opts, PREFIX_READ_MAX).await?)
+/// A STRONG scan of `[start, end)`, read a page at a time.
+struct Pages {
+    opts: ScanOptions,
+    done: bool,
+}
+
+impl Pages {
+    fn new(prefix: Bytes, page: usize, keys_only: bool) -> Pages {
+        Pages {
+            opts: ScanOptions {
+                end: keys::prefix_end(&prefix),
+                start: prefix,
+                limit: u32::try_from(page).unwrap_or(u32::MAX),
+                keys_only,
+                consistency: ReadConsistency::Strong,
+                ..Default::default()
+            },
+            done: false,
+        }
+    }
+
+    async fn next(&mut self, db: &Db) -> AppResult<Option<Vec<KeyValue>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let p = db.client().scan(&self.opts).await?;
+        match p.next_page_token {
+            Some(t) => self.opts.page_token = t,
+            None => self.done = true,
+        }
+        Ok(Some(p.kvs))
+    }
+}
+
+/// The keys of `keys` that exist, with their versions and values, read STRONG.
+async fn read_many(db: &Db, keys: Vec<Bytes>) -> AppResult<HashMap<Bytes, KeyValue>> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let found = db.client().batch_get(keys, ReadConsistency::Strong).await?;
+    Ok(found.into_iter().map(|kv| (kv.key.clone(), kv)).collect())
 }
 
 /// One repair pass over all courses.
 pub async fn repair_once(db: &Db) -> AppResult<RepairReport> {
+    repair_with_page(db, REPAIR_PAGE).await
+}
+
+/// [`repair_once`] reading `page` keys at a time (at least 1, at most
+/// [`lmskv_client::BATCH_GET_KEYS_MAX`]).
+pub async fn repair_with_page(db: &Db, page: usize) -> AppResult<RepairReport> {
+    let page = page.clamp(1, lmskv_client::BATCH_GET_KEYS_MAX);
     let mut report = RepairReport::default();
-    let mut members: BTreeMap<(u64, u64), UserCourse> = BTreeMap::new();
-    let mut courses: BTreeMap<u64, Course> = BTreeMap::new();
-    for kv in scan_raw(db, keys::COURSE).await? {
-        match keys::parse_course_key(&kv.key) {
-            Some(CourseKey::Member { cid, uid }) => {
+    // Course by course: hop from one course's prefix to the next, reading
+    // one key name each time.
+    let courses_end = keys::prefix_end(keys::COURSE);
+    let mut from = Bytes::from_static(keys::COURSE);
+    loop {
+        let next = db
+            .client()
+            .scan(&ScanOptions {
+                start: from.clone(),
+                end: courses_end.clone(),
+                limit: 1,
+                keys_only: true,
+                consistency: ReadConsistency::Strong,
+                ..Default::default()
+            })
+            .await?;
+        let Some(kv) = next.kvs.first() else { break };
+        let Some(cid) = keys::id_at(&kv.key, keys::COURSE.len()) else {
+            // Not a course key (shorter than an id): step past it.
+            let mut k = kv.key.to_vec();
+            k.push(0);
+            from = Bytes::from(k);
+            continue;
+        };
+        repair_course(db, cid, page, &mut report).await?;
+        from = keys::prefix_end(&keys::course_prefix(cid));
+    }
+    // Index entries whose enrollment is gone: the membership is read after
+    // the entry, and an enrollment writes its membership before its entry.
+    let mut pages = Pages::new(Bytes::from_static(keys::USER_COURSE), page, true);
+    while let Some(kvs) = pages.next(db).await? {
+        let ids: Vec<(Bytes, Bytes)> = kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let rest = &kv.key[keys::USER_COURSE.len()..];
+                let member = keys::member(keys::id_at(rest, 9)?, keys::id_at(rest, 0)?);
+                Some((kv.key, member))
+            })
+            .collect();
+        let members = read_many(db, ids.iter().map(|(_, m)| m.clone()).collect()).await?;
+        for (entry, member) in ids {
+            if !members.contains_key(&member) {
+                db.delete(entry).await?;
+                report.index_removed += 1;
+            }
+        }
+    }
+    // Catalogue entries whose course is gone: the course is read after the
+    // entry, and a new course is written before its entry.
+    let mut pages = Pages::new(Bytes::from_static(keys::CATALOG), page, true);
+    while let Some(kvs) = pages.next(db).await? {
+        let ids: Vec<(Bytes, Bytes)> = kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let course = keys::course(keys::id_at(&kv.key, keys::CATALOG.len())?);
+                Some((kv.key, course))
+            })
+            .collect();
+        let courses = read_many(db, ids.iter().map(|(_, c)| c.clone()).collect()).await?;
+        for (entry, course) in ids {
+            if !courses.contains_key(&course) {
+                db.delete(entry).await?;
+                report.catalog_removed += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Brings one course's catalogue entry and its members' index entries in
+/// line with the course.
+async fn repair_course(db: &Db, cid: u64, page: usize, report: &mut RepairReport) -> AppResult<()> {
+    // The catalogue entry is read before the course: an update racing this
+    // pass writes the course first and its entry after, so either the
+    // course read here is the new one, or the entry's version has moved and
+    // the compare-and-swap below does nothing.
+    let entry = db
+        .get::<Course>(keys::catalog(cid), ReadConsistency::Strong)
+        .await?;
+    if let Some(course) = db
+        .get::<Course>(keys::course(cid), ReadConsistency::Strong)
+        .await?
+    {
+        if entry.as_ref().map(|e| &e.value) != Some(&course.value) {
+            let version = entry.as_ref().map_or(0, |e| e.version);
+            if let Cas::Done { .. } = db
+                .cas(keys::catalog(cid), version, Some(&course.value))
+                .await?
+            {
+                report.catalog_updated += 1;
+            }
+        }
+    }
+    let mut pages = Pages::new(keys::members(cid), page, false);
+    while let Some(kvs) = pages.next(db).await? {
+        let mut want: BTreeMap<Bytes, UserCourse> = BTreeMap::new();
+        for kv in kvs {
+            if let Some(keys::CourseKey::Member { cid, uid }) = keys::parse_course_key(&kv.key) {
                 let m: Member = decode(&kv.key, &kv.value)?;
-                members.insert(
-                    (uid, cid),
+                want.insert(
+                    keys::user_course(uid, cid),
                     UserCourse {
                         course_id: cid,
                         role: m.role,
                     },
                 );
             }
-            Some(CourseKey::Info { cid }) => {
-                courses.insert(cid, decode(&kv.key, &kv.value)?);
+        }
+        let have = read_many(db, want.keys().cloned().collect()).await?;
+        for (key, entry) in want {
+            let current = have
+                .get(&key)
+                .map(|kv| decode::<UserCourse>(&kv.key, &kv.value))
+                .transpose()?;
+            if current.as_ref() != Some(&entry) {
+                db.put(key, &entry).await?;
+                report.index_added += 1;
             }
-            _ => {}
         }
     }
-    let mut index: BTreeMap<(u64, u64), UserCourse> = BTreeMap::new();
-    for kv in scan_raw(db, keys::USER_COURSE).await? {
-        let rest = &kv.key[keys::USER_COURSE.len()..];
-        if let (Some(uid), Some(cid)) = (keys::id_at(rest, 0), keys::id_at(rest, 9)) {
-            index.insert((uid, cid), decode(&kv.key, &kv.value)?);
-        }
-    }
-    for (&(uid, cid), want) in &members {
-        if index.get(&(uid, cid)) != Some(want) {
-            db.put(keys::user_course(uid, cid), want).await?;
-            report.index_added += 1;
-        }
-    }
-    for &(uid, cid) in index.keys() {
-        if members.contains_key(&(uid, cid)) {
-            continue;
-        }
-        let still_gone = db
-            .get::<Member>(keys::member(cid, uid), ReadConsistency::Strong)
-            .await?
-            .is_none();
-        if still_gone {
-            db.delete(keys::user_course(uid, cid)).await?;
-            report.index_removed += 1;
-        }
-    }
-    let mut catalog: BTreeMap<u64, Course> = BTreeMap::new();
-    for kv in scan_raw(db, keys::CATALOG).await? {
-        if let Some(cid) = keys::id_at(&kv.key, keys::CATALOG.len()) {
-            catalog.insert(cid, decode(&kv.key, &kv.value)?);
-        }
-    }
-    for (cid, c) in &courses {
-        if catalog.get(cid) != Some(c) {
-            db.put(keys::catalog(*cid), c).await?;
-            report.catalog_updated += 1;
-        }
-    }
-    for cid in catalog.keys() {
-        if !courses.contains_key(cid) {
-            db.delete(keys::catalog(*cid)).await?;
-            report.catalog_removed += 1;
-        }
-    }
-    Ok(report)
+    Ok(())
 }
 
 /// Runs a pass every `interval` until the process ends.

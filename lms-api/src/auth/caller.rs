@@ -10,7 +10,8 @@ use crate::keys;
 use crate::model::{Role, User};
 
 /// The user a request acts for. Extracting it checks the bearer token, the
-/// per-user rate limit, and that the account still exists.
+/// per-user rate limit, that the account still exists, and that the token
+/// belongs to the account's current sessions (not ended by a password change).
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub user: User,
@@ -52,7 +53,7 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 AppError::Unauthorized("expected `Authorization: Bearer <token>`".into())
             })?;
-        let uid = state.tokens.verify(token.trim())?;
+        let (uid, sgen) = state.tokens.verify(token.trim())?;
         state.limits.check_user(uid)?;
         // STRONG: the account and its role decide what the request may do, so a
         // role an admin just revoked must not keep working from a stale replica.
@@ -61,6 +62,11 @@ impl FromRequestParts<AppState> for Caller {
             .get::<User>(keys::user(uid), ReadConsistency::Strong)
             .await?
             .ok_or_else(|| AppError::Unauthorized("the account no longer exists".into()))?;
+        if user.value.session_generation != sgen {
+            return Err(AppError::Unauthorized(
+                "the session has ended (the password was changed); sign in again".into(),
+            ));
+        }
         Ok(Caller { user: user.value })
     }
 }

@@ -49,8 +49,17 @@ impl Passwords {
 
     /// Hashes `password` into a PHC string.
     pub async fn hash(&self, password: String) -> AppResult<String> {
-        let _permit = self.permits.acquire().await.map_err(internal)?;
+        // The permit moves into the hashing thread: a request that times
+        // out drops its future, not the hash under way, which keeps its
+        // memory until it ends.
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(internal)?;
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let salt = SaltString::generate(&mut OsRng);
             hasher()
                 .hash_password(password.as_bytes(), &salt)
@@ -63,10 +72,16 @@ impl Passwords {
 
     /// Whether `password` matches `hash`; with no hash, spends the same time and says no.
     pub async fn verify(&self, password: String, hash: Option<String>) -> AppResult<bool> {
-        let _permit = self.permits.acquire().await.map_err(internal)?;
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(internal)?;
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
         let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let parsed = PasswordHash::new(&hash).map_err(internal)?;
             Ok::<bool, AppError>(
                 hasher()

@@ -25,6 +25,10 @@ pub struct Claims {
     pub iat: u64,
     pub exp: u64,
     pub iss: String,
+    /// The user's session generation at issue (see
+    /// [`crate::model::User::session_generation`]).
+    #[serde(default)]
+    pub sgen: u64,
 }
 
 /// Signs and checks access tokens.
@@ -55,21 +59,22 @@ impl Tokens {
         self.ttl
     }
 
-    /// A fresh access token for `user_id`.
-    pub fn issue(&self, user_id: u64) -> AppResult<String> {
+    /// A fresh access token for `user_id` in its session generation `sgen`.
+    pub fn issue(&self, user_id: u64, sgen: u64) -> AppResult<String> {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         let claims = Claims {
             sub: user_id.to_string(),
             iat: now,
             exp: now + self.ttl.as_secs(),
             iss: ISSUER.to_string(),
+            sgen,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AppError::Internal(format!("sign token: {e}")))
     }
 
-    /// The user id of a valid access token.
-    pub fn verify(&self, token: &str) -> AppResult<u64> {
+    /// The user id and session generation of a valid access token.
+    pub fn verify(&self, token: &str) -> AppResult<(u64, u64)> {
         if token.len() > TOKEN_BYTES_MAX {
             return Err(AppError::Unauthorized("token too long".into()));
         }
@@ -80,10 +85,12 @@ impl Tokens {
                 }
                 _ => AppError::Unauthorized("invalid access token".into()),
             })?;
-        data.claims
+        let uid = data
+            .claims
             .sub
             .parse()
-            .map_err(|_| AppError::Unauthorized("invalid access token".into()))
+            .map_err(|_| AppError::Unauthorized("invalid access token".into()))?;
+        Ok((uid, data.claims.sgen))
     }
 }
 
@@ -108,8 +115,8 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_reject_tampering() {
         let t = Tokens::new(&[7u8; 32], Duration::from_secs(60));
-        let tok = t.issue(42).unwrap();
-        assert_eq!(t.verify(&tok).unwrap(), 42);
+        let tok = t.issue(42, 3).unwrap();
+        assert_eq!(t.verify(&tok).unwrap(), (42, 3));
         let other = Tokens::new(&[8u8; 32], Duration::from_secs(60));
         assert!(other.verify(&tok).is_err());
         let mut bad = tok.clone();

@@ -1,7 +1,9 @@
 //! `/api/v1/auth`: register, login, refresh, logout, me.
 //!
 //! Access tokens are short-lived JWTs; refresh tokens are random, stored by
-//! hash, and rotated on every use (a used one never works again).
+//! hash, and rotated on every use (a used one never works again). Both carry
+//! the account's session generation, which a password change raises: every
+//! token issued before the change stops working at once.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -72,14 +74,15 @@ pub struct TokenResponse {
     pub expires_in: u64,
 }
 
-async fn issue_tokens(st: &AppState, user_id: u64) -> AppResult<TokenResponse> {
-    let access_token = st.tokens.issue(user_id)?;
+async fn issue_tokens(st: &AppState, user: &User) -> AppResult<TokenResponse> {
+    let access_token = st.tokens.issue(user.id, user.session_generation)?;
     let refresh_token = new_refresh_token();
     let ttl = chrono::Duration::from_std(st.cfg.refresh_token_ttl)
         .map_err(|e| AppError::Internal(e.to_string()))?;
     let rec = RefreshToken {
-        user_id,
+        user_id: user.id,
         expires_at: Utc::now() + ttl,
+        session_generation: user.session_generation,
     };
     st.db
         .put(keys::refresh(&refresh_token_hash(&refresh_token)), &rec)
@@ -119,15 +122,16 @@ pub async fn login(
 ) -> AppResult<Json<TokenResponse>> {
     let user = accounts::user_by_email(&st, &req.email).await?;
     if let Some(u) = &user {
-        // Guessing one account's password is limited like its requests.
-        st.limits.check_user(u.id)?;
+        // Guessing one account's password is limited per account, apart
+        // from its requests (its sessions keep working meanwhile).
+        st.limits.check_login(u.id)?;
     }
     let ok = st
         .passwords
         .verify(req.password, user.as_ref().map(|u| u.password_hash.clone()))
         .await?;
     match user {
-        Some(u) if ok => Ok(Json(issue_tokens(&st, u.id).await?)),
+        Some(u) if ok => Ok(Json(issue_tokens(&st, &u).await?)),
         _ => Err(AppError::Unauthorized("invalid e-mail or password".into())),
     }
 }
@@ -161,7 +165,11 @@ pub async fn refresh(
         .get::<User>(keys::user(rec.value.user_id), ReadConsistency::Strong)
         .await?
         .ok_or_else(invalid)?;
-    Ok(Json(issue_tokens(&st, user.value.id).await?))
+    // A password change since the token was issued ended its session.
+    if user.value.session_generation != rec.value.session_generation {
+        return Err(invalid());
+    }
+    Ok(Json(issue_tokens(&st, &user.value).await?))
 }
 
 /// Revokes a refresh token of the caller. The access token stays valid

@@ -18,7 +18,7 @@ use validator::Validate;
 
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::db::{encode, Cas, CAS_ATTEMPTS_MAX};
+use crate::db::{derived, encode, Cas, CAS_ATTEMPTS_MAX};
 use crate::error::{AppError, AppResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery};
 use crate::keys;
@@ -103,16 +103,22 @@ pub async fn create(st: &AppState, owner: &User, req: CreateCourseRequest) -> Ap
         )));
     }
     // Derived copies in other tables, written after the record (idempotent).
-    st.db.put(keys::catalog(cid), &course).await?;
-    st.db
-        .put(
-            keys::user_course(owner.id, cid),
-            &UserCourse {
-                course_id: cid,
-                role: CourseRole::Teacher,
-            },
-        )
-        .await?;
+    derived(
+        "catalogue entry",
+        st.db.put(keys::catalog(cid), &course).await,
+    );
+    derived(
+        "course index entry",
+        st.db
+            .put(
+                keys::user_course(owner.id, cid),
+                &UserCourse {
+                    course_id: cid,
+                    role: CourseRole::Teacher,
+                },
+            )
+            .await,
+    );
     Ok(course)
 }
 
@@ -249,7 +255,7 @@ pub async fn update_course(
             )
             .await?;
         if let Cas::Done { .. } = out {
-            st.db.put(keys::catalog(id), &c).await?;
+            derived("catalogue entry", st.db.put(keys::catalog(id), &c).await);
             return Ok(Json(c));
         }
     }

@@ -20,7 +20,7 @@ use validator::Validate;
 use crate::access::course_access;
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::db::{encode, Cas, CAS_ATTEMPTS_MAX};
+use crate::db::{derived, encode, Cas, CAS_ATTEMPTS_MAX};
 use crate::error::{AppError, AppResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery};
 use crate::keys;
@@ -95,7 +95,7 @@ pub async fn enroll_user(
                 ],
             )
             .await?;
-        if let Cas::Done { .. } = out {
+        if let Cas::Done { token, .. } = out {
             let index = st
                 .db
                 .put(
@@ -105,8 +105,13 @@ pub async fn enroll_user(
                         role,
                     },
                 )
-                .await?;
-            return Ok((member, index));
+                .await;
+            // Without its index entry the enrollment stands; the session
+            // token is then the enrollment's own.
+            return Ok((
+                member,
+                derived("course index entry", index).unwrap_or(token),
+            ));
         }
     }
     Err(AppError::Busy(
@@ -231,7 +236,10 @@ pub async fn unenroll(
             )
             .await?;
         if let Cas::Done { .. } = out {
-            st.db.delete(keys::user_course(uid, cid)).await?;
+            derived(
+                "course index entry",
+                st.db.delete(keys::user_course(uid, cid)).await,
+            );
             return Ok(StatusCode::NO_CONTENT);
         }
     }

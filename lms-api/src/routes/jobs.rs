@@ -1,5 +1,6 @@
 //! `/api/v1/jobs/{id}`: a job's state and result, for the user who started
-//! it and for admins (404 for anyone else).
+//! it and for admins (404 for anyone else); a gradebook export's result only
+//! while its reader may still export the course's gradebook (403 after).
 
 use axum::extract::State;
 use axum::http::header;
@@ -11,7 +12,7 @@ use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{AppError, AppResult, Problem};
 use crate::extract::AppPath;
-use crate::jobs::{self, Job, JobState, JobView};
+use crate::jobs::{self, Job, JobKind, JobState, JobView};
 use crate::keys;
 
 async fn own_job(st: &AppState, caller: &Caller, id: u64) -> AppResult<Job> {
@@ -39,14 +40,21 @@ pub async fn get_job(
 /// A finished export job's result (CSV).
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/result", tag = "jobs", security(("bearer" = [])),
     params(("id" = u64, Path, description = "job id")),
-    responses((status = 200, content_type = "text/csv", body = String), (status = 404, body = Problem),
-              (status = 409, body = Problem)))]
+    responses((status = 200, content_type = "text/csv", body = String), (status = 403, body = Problem),
+              (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn job_result(
     State(st): State<AppState>,
     caller: Caller,
     AppPath(id): AppPath<u64>,
 ) -> AppResult<impl IntoResponse> {
     let job = own_job(&st, &caller, id).await?;
+    // The result is the course's gradebook: only who may export it now may
+    // read it (a TA removed from the course since the export loses it).
+    if let JobKind::GradebookExport { course_id } = job.kind {
+        crate::access::course_access(&st, &caller, course_id)
+            .await?
+            .require_staff("read the course's gradebook export")?;
+    }
     if job.state != JobState::Succeeded {
         return Err(AppError::Conflict("the job has not succeeded (yet)".into()));
     }

@@ -31,7 +31,9 @@ pub struct UpdateUserRequest {
     pub name: Option<String>,
     /// Admins only.
     pub role: Option<Role>,
-    /// The caller's own new password; needs `current_password`.
+    /// The caller's own new password; needs `current_password`. Changing
+    /// it ends every session of the account (all access and refresh tokens,
+    /// the caller's included): sign in again with the new password.
     #[schema(min_length = 8, max_length = 128)]
     #[validate(custom(function = "crate::validate::password"))]
     pub password: Option<String>,
@@ -105,6 +107,7 @@ pub async fn get_user(
 }
 
 /// Edits a user: the user their name and password, admins name and role.
+/// A password change ends every session of the account.
 #[utoipa::path(patch, path = "/api/v1/users/{id}", tag = "users", security(("bearer" = [])),
     params(("id" = u64, Path, description = "user id")), request_body = UpdateUserRequest,
     responses((status = 200, body = UserView), (status = 403, body = Problem),
@@ -156,6 +159,9 @@ pub async fn update_user(
         }
         if let Some(h) = &new_hash {
             u.password_hash = h.clone();
+            // Every session of the account ends, this one included: a
+            // stolen token must not outlive the password it was got with.
+            u.session_generation = u.session_generation.wrapping_add(1);
         }
         u.updated_at = Utc::now();
         if let Cas::Done { token, .. } = st.db.cas(keys::user(id), cur.version, Some(&u)).await? {

@@ -422,7 +422,7 @@ async fn every_role_is_refused_what_it_may_not_do() {
     )
     .await
     .expect(201);
-    let ta = api.st.tokens.issue(other).unwrap();
+    let ta = api.st.tokens.issue(other, 0).unwrap();
     api.call(
         Method::PUT,
         &format!("{sub}/{sid}/grade"),
@@ -439,6 +439,30 @@ async fn every_role_is_refused_what_it_may_not_do() {
     )
     .await
     .problem(403);
+
+    phase!("a TA's gradebook export is theirs only while they assist");
+    let export = api
+        .post(
+            &format!("/api/v1/courses/{cid}/gradebook/export"),
+            &ta,
+            json!({}),
+        )
+        .await
+        .expect(202);
+    let job_id = export.body["id"].as_u64().unwrap();
+    let job = finished_job(&api, &ta, job_id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let result = job["result_url"].as_str().unwrap().to_string();
+    api.get(&result, &ta).await.expect(200);
+    api.call(
+        Method::DELETE,
+        &format!("/api/v1/courses/{cid}/enrollments/{other}"),
+        Some(&t1),
+        None,
+    )
+    .await
+    .expect(204);
+    api.get(&result, &ta).await.problem(403);
 
     phase!("admin may do all of it");
     api.get("/api/v1/users", &admin).await.expect(200);
@@ -704,6 +728,90 @@ async fn expired_and_tampered_tokens_are_refused() {
 
     phase!("the real token still works");
     api.get("/api/v1/auth/me", &good).await.expect(200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_change_ends_every_session() {
+    let api = Api::start().await;
+    let (uid, _) = api.register_login("u@t.io", "U").await;
+    let login = |password: &'static str| {
+        let a = &api;
+        async move {
+            a.call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                Some(json!({"email": "u@t.io", "password": password})),
+            )
+            .await
+        }
+    };
+    let refresh = |rt: String| {
+        let a = &api;
+        async move {
+            a.call(
+                Method::POST,
+                "/api/v1/auth/refresh",
+                None,
+                Some(json!({ "refresh_token": rt })),
+            )
+            .await
+        }
+    };
+    let tokens = |r: Resp| {
+        let r = r.expect(200);
+        (
+            r.body["access_token"].as_str().unwrap().to_string(),
+            r.body["refresh_token"].as_str().unwrap().to_string(),
+        )
+    };
+    // Two sessions, say a laptop and a stolen copy on someone else's.
+    let (at_a, rt_a) = tokens(login(common::PASSWORD).await);
+    let (at_b, rt_b) = tokens(login(common::PASSWORD).await);
+    let user = format!("/api/v1/users/{uid}");
+
+    phase!("a name change ends no session");
+    api.call(
+        Method::PATCH,
+        &user,
+        Some(&at_a),
+        Some(json!({"name": "New Name"})),
+    )
+    .await
+    .expect(200);
+    api.get("/api/v1/auth/me", &at_b).await.expect(200);
+
+    phase!("the password changes");
+    api.call(
+        Method::PATCH,
+        &user,
+        Some(&at_a),
+        Some(json!({"password": "a brand new password", "current_password": common::PASSWORD})),
+    )
+    .await
+    .expect(200);
+    for at in [&at_a, &at_b] {
+        let r = api.get("/api/v1/auth/me", at).await.problem(401);
+        assert!(
+            r.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("session has ended"),
+            "{}",
+            r.text
+        );
+    }
+    for rt in [rt_a, rt_b] {
+        refresh(rt).await.problem(401);
+    }
+    login(common::PASSWORD).await.problem(401);
+
+    phase!("a new sign-in works, refresh included");
+    let (at, rt) = tokens(login("a brand new password").await);
+    let me = api.get("/api/v1/auth/me", &at).await.expect(200);
+    assert_eq!(me.body["name"], "New Name");
+    let (at2, _) = tokens(refresh(rt).await);
+    api.get("/api/v1/auth/me", &at2).await.expect(200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1053,6 +1161,46 @@ async fn rate_limits_answer_429_with_retry_after() {
         .await;
     assert_eq!(health.status, 200, "health probes are not rate limited");
     server.abort();
+
+    phase!("per account logins, apart from the account's requests");
+    let mut cfg = common::config(api.cluster.endpoints());
+    cfg.login_attempts_per_min = 1;
+    cfg.login_attempts_burst = 3;
+    let (_st, base, server) = common::serve(cfg).await;
+    let login = |password: &'static str| {
+        let a = &api;
+        let base = base.clone();
+        async move {
+            a.call(
+                Method::POST,
+                &format!("{base}/api/v1/auth/login"),
+                None,
+                Some(json!({"email": "u@t.io", "password": password})),
+            )
+            .await
+        }
+    };
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let r = login("a wrong guess").await;
+        if r.status == 429 {
+            assert!(r.header("retry-after").is_some());
+        }
+        codes.push(r.status.as_u16());
+    }
+    assert_eq!(codes, [401, 401, 401, 429, 429, 429]);
+    // The guesses used up the account's logins, not its requests: its
+    // session goes on.
+    api.call(
+        Method::GET,
+        &format!("{base}/api/v1/auth/me"),
+        Some(tok.as_str()),
+        None,
+    )
+    .await
+    .expect(200);
+    login(common::PASSWORD).await.problem(429);
+    server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1306,6 +1454,88 @@ async fn repair_restores_a_lost_index_entry() {
     .await
     .unwrap();
     assert_eq!(list[0]["course"]["id"], cid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_pages_through_every_course_and_fixes_only_what_is_wrong() {
+    use lms_api::keys;
+    use lms_api::model::{Course, CourseRole, UserCourse};
+    let api = Api::start().await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let mut students = Vec::new();
+    for i in 0..5 {
+        students.push(
+            api.user_with_role(&format!("s{i}@t.io"), "S", Role::Student)
+                .await,
+        );
+    }
+    let mut courses = Vec::new();
+    for i in 0..3 {
+        let cid = api.course(&t, &format!("C{i}"), 10).await;
+        for (_, s) in &students {
+            api.post(&format!("/api/v1/courses/{cid}/enrollments"), s, json!({}))
+                .await
+                .expect(201);
+        }
+        courses.push(cid);
+    }
+    let db = &api.st.db;
+    // Keys of a course that a pass must never read (they are not JSON).
+    for (sid, _) in &students {
+        db.put_raw(keys::submission(courses[1], 77, *sid), "not json".into())
+            .await
+            .unwrap();
+    }
+    let pairs = |snap: Vec<(Vec<u8>, Vec<u8>, u64)>| -> Vec<(Vec<u8>, Vec<u8>)> {
+        snap.into_iter().map(|(k, v, _)| (k, v)).collect()
+    };
+    let before = pairs(api.snapshot().await);
+
+    phase!("break the index and the catalogue");
+    let (s0, s1, s2, s4) = (students[0].0, students[1].0, students[2].0, students[4].0);
+    let (c0, c1, c2) = (courses[0], courses[1], courses[2]);
+    db.delete(keys::user_course(s0, c0)).await.unwrap();
+    db.delete(keys::user_course(s4, c2)).await.unwrap();
+    let wrong_role = UserCourse {
+        course_id: c1,
+        role: CourseRole::Ta,
+    };
+    db.put(keys::user_course(s1, c1), &wrong_role)
+        .await
+        .unwrap();
+    let orphan = UserCourse {
+        course_id: c2 + 1000,
+        role: CourseRole::Student,
+    };
+    db.put(keys::user_course(s2, c2 + 1000), &orphan)
+        .await
+        .unwrap();
+    db.delete(keys::catalog(c1)).await.unwrap();
+    let mut stale = db
+        .get::<Course>(keys::course(c2), lmskv_client::ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    stale.title = "stale".into();
+    db.put(keys::catalog(c2), &stale).await.unwrap();
+    stale.id = c2 + 1000;
+    db.put(keys::catalog(c2 + 1000), &stale).await.unwrap();
+
+    phase!("a pass two keys at a time fixes exactly that");
+    let report = lms_api::repair::repair_with_page(db, 2).await.unwrap();
+    assert_eq!(
+        report,
+        lms_api::repair::RepairReport {
+            index_added: 3,
+            index_removed: 1,
+            catalog_updated: 2,
+            catalog_removed: 1,
+        }
+    );
+    assert_eq!(pairs(api.snapshot().await), before);
+    let again = lms_api::repair::repair_with_page(db, 2).await.unwrap();
+    assert_eq!(again, lms_api::repair::RepairReport::default());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
