@@ -51,37 +51,28 @@ impl RateLimits {
 
     /// Counts one request from `ip`.
     pub fn check_ip(&self, ip: IpAddr) -> AppResult<()> {
-        if self.ip.len() > RATE_LIMIT_KEYS_MAX {
-            self.ip.retain_recent();
-        }
-        self.ip
-            .check_key(&ip)
-            .map_err(|nu| AppError::TooManyRequests {
-                retry_after: nu.wait_time_from(self.clock.now()),
-            })
+        self.check(&self.ip, ip)
     }
 
     /// Counts one request by user `uid`.
     pub fn check_user(&self, uid: u64) -> AppResult<()> {
-        if self.user.len() > RATE_LIMIT_KEYS_MAX {
-            self.user.retain_recent();
-        }
-        self.user
-            .check_key(&uid)
-            .map_err(|nu| AppError::TooManyRequests {
-                retry_after: nu.wait_time_from(self.clock.now()),
-            })
+        self.check(&self.user, uid)
     }
-}
 
-impl RateLimits {
     /// Counts one login attempt for account `uid`.
     pub fn check_login(&self, uid: u64) -> AppResult<()> {
-        if self.login.len() > RATE_LIMIT_KEYS_MAX {
-            self.login.retain_recent();
+        self.check(&self.login, uid)
+    }
+
+    fn check<K>(&self, limiter: &DefaultKeyedRateLimiter<K>, key: K) -> AppResult<()>
+    where
+        K: std::hash::Hash + Eq + Clone,
+    {
+        if limiter.len() > RATE_LIMIT_KEYS_MAX {
+            limiter.retain_recent();
         }
-        self.login
-            .check_key(&uid)
+        limiter
+            .check_key(&key)
             .map_err(|nu| AppError::TooManyRequests {
                 retry_after: nu.wait_time_from(self.clock.now()),
             })

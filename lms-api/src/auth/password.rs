@@ -47,11 +47,14 @@ impl Passwords {
         }
     }
 
-    /// Hashes `password` into a PHC string.
-    pub async fn hash(&self, password: String) -> AppResult<String> {
-        // The permit moves into the hashing thread: a request that times
-        // out drops its future, not the hash under way, which keeps its
-        // memory until it ends.
+    /// Runs `f` on a blocking thread once one of the hashing permits is
+    /// free. The permit moves into the thread: a request that times out
+    /// drops its future, not the hash under way, which keeps its memory (and
+    /// its permit) until it ends.
+    async fn on_hash_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> AppResult<T> + Send + 'static,
+    ) -> AppResult<T> {
         let permit = self
             .permits
             .clone()
@@ -60,6 +63,15 @@ impl Passwords {
             .map_err(internal)?;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            f()
+        })
+        .await
+        .map_err(internal)?
+    }
+
+    /// Hashes `password` into a PHC string.
+    pub async fn hash(&self, password: String) -> AppResult<String> {
+        self.on_hash_thread(move || {
             let salt = SaltString::generate(&mut OsRng);
             hasher()
                 .hash_password(password.as_bytes(), &salt)
@@ -67,30 +79,20 @@ impl Passwords {
                 .map_err(internal)
         })
         .await
-        .map_err(internal)?
     }
 
     /// Whether `password` matches `hash`; with no hash, spends the same time and says no.
     pub async fn verify(&self, password: String, hash: Option<String>) -> AppResult<bool> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(internal)?;
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
-        let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let parsed = PasswordHash::new(&hash).map_err(internal)?;
-            Ok::<bool, AppError>(
-                hasher()
+        let ok = self
+            .on_hash_thread(move || {
+                let parsed = PasswordHash::new(&hash).map_err(internal)?;
+                Ok(hasher()
                     .verify_password(password.as_bytes(), &parsed)
-                    .is_ok(),
-            )
-        })
-        .await
-        .map_err(internal)??;
+                    .is_ok())
+            })
+            .await?;
         Ok(ok && known)
     }
 }
