@@ -64,7 +64,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("route_locate_hit_10k_ranges", |b| {
         b.iter(|| {
             n = (n + 1) % probes.len();
-            rt.block_on(cache.locate(&probes[n], false, || async {
+            rt.block_on(cache.locate(&probes[n], false, |_| async {
                 unreachable!("every probe is cached")
             }))
             .expect("hit")

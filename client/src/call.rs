@@ -30,15 +30,12 @@ use crate::client::{Client, Route, Served};
 use crate::error::ClientError;
 use crate::replica_selector::REPLICA_TRIES_MAX;
 use crate::retry::RetryPolicy;
-use crate::route_cache::CachedRange;
+use crate::route_cache::{CachedRange, LOCATE_DEADLINE};
 
 /// Ranges a `Locate` asks for beyond the one holding the key.
 pub const LOCATE_PREFETCH: u32 = 16;
 /// How long one try of a `Locate` on one node may take.
 pub const META_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long one route lookup (`Locate` calls to the meta range, retried)
-/// runs at most, whoever waits for it: the default deadline of a call.
-pub const LOCATE_DEADLINE: Duration = Duration::from_secs(15);
 /// Refusals healed from the error itself that are resent at once; beyond
 /// this many in a row the call backs off (the cluster is mid-change).
 const HEALED_RETRIES_BEFORE_BACKOFF: u32 = 3;
@@ -158,6 +155,12 @@ impl Budget {
         self.last = Some(e);
     }
 
+    /// Records why a call could not send its try at all (the route lookup
+    /// failed): the error is reported, but nothing can have been applied.
+    pub fn unsent(&mut self, e: ServerError) {
+        self.last = Some(e);
+    }
+
     /// Whether some try of this budget may have been applied although it
     /// failed (a timeout, a lost connection).
     pub fn maybe_applied(&self) -> bool {
@@ -224,10 +227,12 @@ impl Client {
         let mut this = self.clone();
         this.retry.deadline = LOCATE_DEADLINE;
         let k = Bytes::copy_from_slice(key);
-        let lookup = self.inner.routes.locate(key, reverse, move || async move {
-            let until = Instant::now() + LOCATE_DEADLINE;
-            this.fetch_ranges(k, reverse, until).await
-        });
+        let lookup = self
+            .inner
+            .routes
+            .locate(key, reverse, move |until| async move {
+                this.fetch_ranges(k, reverse, until).await
+            });
         let timed_out = || {
             ClientError::Server(ServerError::Timeout {
                 reason: "locating the range took until the deadline".into(),
@@ -415,7 +420,7 @@ impl Client {
                 Ok(r) => r,
                 Err(ClientError::Server(e)) if e.is_retryable() => {
                     tracing::debug!(error = %e, "locate failed");
-                    budget.failed(e);
+                    budget.unsent(e);
                     budget.backoff(policy).await?;
                     continue;
                 }
@@ -429,7 +434,7 @@ impl Client {
             let Some((node_id, addr)) = self.pick(&range, weak, &not_found) else {
                 // No replica's address is known: ask the meta range again.
                 self.inner.routes.evict(range_id);
-                budget.failed(ServerError::unavailable(format!(
+                budget.unsent(ServerError::unavailable(format!(
                     "no address known for a replica of range {range_id}"
                 )));
                 budget.backoff(policy).await?;

@@ -49,7 +49,7 @@ pub use bundle::{
     BundleStats, BUNDLE_BYTES_MAX, BUNDLE_CALLS_PER_LANE_MAX, BUNDLE_ITEM_BYTES_MAX,
     BUNDLE_QUEUE_MAX, BUNDLE_REQUESTS_CLIENT_MAX, BUNDLE_SLOT_HOLD_MAX,
 };
-pub use call::{HELD_ATTEMPT_TIMEOUT_MIN, LOCATE_DEADLINE, LOCATE_PREFETCH, META_ATTEMPT_TIMEOUT};
+pub use call::{HELD_ATTEMPT_TIMEOUT_MIN, LOCATE_PREFETCH, META_ATTEMPT_TIMEOUT};
 pub use client::{
     BatchOp, BatchOutcome, CasOutcome, Client, ClientBuilder, Compare, Durability, GetOutcome,
     KeyValue, ReadConsistency, ScanOptions, ScanPage, ServedBy, WriteOptions, WriteResult,
@@ -71,7 +71,8 @@ pub use read_cache::{
 pub use replica_selector::{REPLICA_SUSPECTS_MAX, REPLICA_SUSPECT_FOR, REPLICA_TRIES_MAX};
 pub use retry::RetryPolicy;
 pub use route_cache::{
-    LOCATE_IN_FLIGHT_MAX, LOCATE_WAITING_MAX, NODE_ADDRESSES_MAX, ROUTE_CACHE_RANGES_MAX,
+    LOCATE_DEADLINE, LOCATE_IN_FLIGHT_MAX, LOCATE_WAITING_MAX, NODE_ADDRESSES_MAX,
+    ROUTE_CACHE_RANGES_MAX,
 };
 pub use scan::SCAN_FANOUT_CONCURRENCY_MAX;
 pub use session_token::{

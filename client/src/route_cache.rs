@@ -30,6 +30,7 @@ use std::future::Future;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -37,6 +38,7 @@ use lmskv_proto::error::Error as ServerError;
 use lmskv_proto::range::{epoch, is_newer, spans_overlap};
 use lmskv_proto::v1::{RangeDescriptor, RangeInfo};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::error::ClientError;
 
@@ -46,6 +48,10 @@ pub const ROUTE_CACHE_RANGES_MAX: usize = 100_000;
 pub const LOCATE_IN_FLIGHT_MAX: usize = 32;
 /// Lookups one client has under way or waiting for a `Locate` slot at most.
 pub const LOCATE_WAITING_MAX: usize = 1_024;
+/// How long one route lookup (the wait for a `Locate` slot and the calls to
+/// the meta range, retried) runs at most, whoever waits for it: the default
+/// deadline of a call.
+pub const LOCATE_DEADLINE: Duration = Duration::from_secs(15);
 /// Node addresses the cache remembers at most.
 pub const NODE_ADDRESSES_MAX: usize = 4_096;
 
@@ -261,8 +267,8 @@ impl RouteCache {
     }
 
     /// The range holding `key` (`reverse`: just below `key`), from the cache
-    /// or, on a miss, from `fetch` (a `Locate` call). Concurrent misses for the
-    /// same key share one fetch.
+    /// or, on a miss, from `fetch` (a `Locate` call, given the lookup's
+    /// deadline). Concurrent misses for the same key share one fetch.
     pub async fn locate<F, Fut>(
         &self,
         key: &[u8],
@@ -270,7 +276,7 @@ impl RouteCache {
         fetch: F,
     ) -> Result<CachedRange, ClientError>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Instant) -> Fut,
         Fut: Future<Output = Result<Vec<RangeInfo>, ClientError>> + Send + 'static,
     {
         if let Some(r) = self.get(key, reverse) {
@@ -288,7 +294,8 @@ impl RouteCache {
                 }
                 None => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let fut = self.locate_task(id, slot.clone(), fetch());
+                    let until = Instant::now() + LOCATE_DEADLINE;
+                    let fut = self.locate_task(id, slot.clone(), until, fetch(until));
                     inflight.insert(slot, (id, fut.clone()));
                     fut
                 }
@@ -306,7 +313,13 @@ impl RouteCache {
             })
     }
 
-    fn locate_task<Fut>(&self, id: u64, slot: (Bytes, bool), fetch: Fut) -> SharedLocate
+    fn locate_task<Fut>(
+        &self,
+        id: u64,
+        slot: (Bytes, bool),
+        until: Instant,
+        fetch: Fut,
+    ) -> SharedLocate
     where
         Fut: Future<Output = Result<Vec<RangeInfo>, ClientError>> + Send + 'static,
     {
@@ -314,10 +327,32 @@ impl RouteCache {
         let inflight = self.inflight.clone();
         let permits = self.permits.clone();
         let locates = self.locates.clone();
+        /// Takes the lookup out of `inflight` however its task ends (a panic
+        /// or the runtime's shutdown included), unless a newer one took its
+        /// place.
+        struct Forget {
+            inflight: Arc<Mutex<Inflight>>,
+            slot: (Bytes, bool),
+            id: u64,
+        }
+        impl Drop for Forget {
+            fn drop(&mut self) {
+                if let Ok(mut map) = self.inflight.lock() {
+                    if map.get(&self.slot).is_some_and(|(i, _)| *i == self.id) {
+                        map.remove(&self.slot);
+                    }
+                }
+            }
+        }
         // The lookup runs on its own task, so that it ends (and frees its
-        // slot and its entry in `inflight`) even when every caller waiting
-        // for it gave up; `fetch` bounds it in time.
+        // slot and its entry in `inflight`) by `until` even when every caller
+        // waiting for it gave up.
         let task = tokio::spawn(async move {
+            let _forget = Forget {
+                inflight,
+                slot: slot.clone(),
+                id,
+            };
             let result = async {
                 let _permit = permits.acquire_owned().await.map_err(|_| {
                     ClientError::Server(ServerError::unavailable("client shutting down"))
@@ -335,13 +370,14 @@ impl RouteCache {
                 let infos = fetch.await?;
                 let ranges = state.write().expect("route cache lock").insert_infos(infos);
                 Ok(Arc::new(ranges))
-            }
-            .await;
-            let mut map = inflight.lock().expect("inflight lock");
-            if map.get(&slot).is_some_and(|(i, _)| *i == id) {
-                map.remove(&slot);
-            }
-            result
+            };
+            tokio::time::timeout_at(until, result)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::Server(ServerError::Timeout {
+                        reason: format!("the range lookup ran out of its {LOCATE_DEADLINE:?}"),
+                    }))
+                })
         });
         async move {
             task.await.unwrap_or_else(|e| {
@@ -776,7 +812,7 @@ mod tests {
         for _ in 0..50 {
             let (c, calls) = (c.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
-                c.locate(b"user/1", false, move || async move {
+                c.locate(b"user/1", false, move |_| async move {
                     calls.fetch_add(1, Ordering::SeqCst);
                     // Long enough that every task joins the one in flight.
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -795,7 +831,7 @@ mod tests {
         assert_eq!(c.locates(), 1);
         // The prefetched neighbour answers without another call.
         let r = c
-            .locate(b"w", false, || async { panic!("no locate expected") })
+            .locate(b"w", false, |_| async { panic!("no locate expected") })
             .await
             .unwrap();
         assert_eq!(r.desc.range_id, 3);
@@ -810,7 +846,7 @@ mod tests {
             let key = format!("k{i}");
             let r = tokio::time::timeout(
                 Duration::from_millis(20),
-                c.locate(key.as_bytes(), false, || async {
+                c.locate(key.as_bytes(), false, |_| async {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     Err(ClientError::Server(ServerError::unavailable("down")))
                 }),
@@ -821,7 +857,7 @@ mod tests {
         // A new lookup still gets a slot once those end.
         let r = tokio::time::timeout(
             Duration::from_secs(5),
-            c.locate(b"fresh", false, || async {
+            c.locate(b"fresh", false, |_| async {
                 Ok(vec![info(desc(2, "\x01", "", 1), 1)])
             }),
         )
@@ -842,26 +878,33 @@ mod tests {
     #[tokio::test]
     async fn lookups_beyond_the_bound_fail_at_once_and_retryably() {
         let c = Arc::new(RouteCache::default());
+        // The fetches wait for this gate, so every lookup stays under way.
+        let gate = Arc::new(Semaphore::new(0));
         let mut waiting = Vec::new();
         for i in 0..LOCATE_WAITING_MAX {
-            let c = c.clone();
+            let (c, gate) = (c.clone(), gate.clone());
             waiting.push(tokio::spawn(async move {
                 let key = format!("k{i}");
-                c.locate(key.as_bytes(), false, || async {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                c.locate(key.as_bytes(), false, move |_| async move {
+                    let _open = gate.acquire().await;
                     Ok(vec![info(desc(2, "\x01", "", 1), 1)])
                 })
                 .await
             }));
         }
-        while c.inflight.lock().unwrap().len() < LOCATE_WAITING_MAX {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while c.inflight.lock().unwrap().len() < LOCATE_WAITING_MAX {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("every lookup registered");
         let e = c
-            .locate(b"one more", false, || async { panic!("not called") })
+            .locate(b"one more", false, |_| async { panic!("not called") })
             .await
             .unwrap_err();
         assert!(e.is_retryable(), "{e}");
+        gate.add_permits(LOCATE_WAITING_MAX);
         for w in waiting {
             assert_eq!(w.await.unwrap().unwrap().desc.range_id, 2);
         }
@@ -871,13 +914,13 @@ mod tests {
     async fn a_failed_locate_is_not_cached() {
         let c = RouteCache::default();
         let r = c
-            .locate(b"a", false, || async {
+            .locate(b"a", false, |_| async {
                 Err(ClientError::Server(ServerError::unavailable("down")))
             })
             .await;
         assert!(r.is_err());
         let r = c
-            .locate(b"a", false, || async {
+            .locate(b"a", false, |_| async {
                 Ok(vec![info(desc(2, "\x01", "", 1), 1)])
             })
             .await

@@ -3,8 +3,8 @@
 //! A REST API under `/api/v1` for users, courses, enrollments, assignments,
 //! submissions, grades and background jobs, on [`lmskv_client`]. It is also
 //! the system's gateway: authentication (argon2id, JWT with refresh),
-//! role-based and object-level authorization, per-IP and per-user rate
-//! limits, validation, request logging, RFC 9457 errors and an OpenAPI 3
+//! role-based and object-level authorization, per-IP, per-user and
+//! per-account login rate limits, validation, request logging, RFC 9457 errors and an OpenAPI 3
 //! document (`/openapi.json`, Swagger UI at `/docs`).
 //!
 //! # Data layout and consistency
@@ -34,8 +34,9 @@
 //! admin removes a member from a course through its enrollments. A password
 //! change ends every session of the account (access and refresh tokens carry
 //! the account's session generation, which the change raises). Login
-//! attempts are limited per account apart from the account's requests, so
-//! someone guessing its password cannot lock its sessions out.
+//! attempts are limited per account apart from the account's requests:
+//! someone guessing its password can hold its logins at 429, not its
+//! sessions' requests.
 //!
 //! A session token is the lmskv log index a write returned (header
 //! `x-session-token`); it is valid for reads of the same resource (same

@@ -19,7 +19,7 @@ use crate::app::AppState;
 use crate::config::{Config, RATE_LIMIT_KEYS_MAX};
 use crate::error::{AppError, AppResult};
 
-/// The per-IP and per-user limiters.
+/// The per-IP, per-user and per-account login limiters.
 pub struct RateLimits {
     ip: DefaultKeyedRateLimiter<IpAddr>,
     user: DefaultKeyedRateLimiter<u64>,

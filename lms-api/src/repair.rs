@@ -9,10 +9,12 @@
 //! memory does not grow with the data: course by course (its record and
 //! its members, never its assignments or submissions), then the index and
 //! the catalogue, each page checked against its sources with one STRONG
-//! batch read. Every fix is an idempotent put or delete, or a
-//! compare-and-swap on the version read; an entry is only deleted when a
-//! STRONG read taken after the entry was read shows its source gone, so a
-//! pass racing a live enrollment or course creation does no harm.
+//! batch read. Every fix is an idempotent put, or a compare-and-swap on the
+//! version read; an entry is only deleted when a STRONG read taken after the
+//! entry was read shows its source gone, and only if it is still the version
+//! read, so a pass racing a live enrollment or course creation removes
+//! nothing they wrote. (A pass can still re-add the index entry of a member
+//! removed while it ran; the next pass removes it.)
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -81,6 +83,15 @@ async fn read_many(db: &Db, keys: Vec<Bytes>) -> AppResult<HashMap<Bytes, KeyVal
     Ok(found.into_iter().map(|kv| (kv.key.clone(), kv)).collect())
 }
 
+/// Deletes a derived copy if it is still the version the pass read: one
+/// written meanwhile (a new enrollment's entry) stays.
+async fn remove(db: &Db, key: Bytes, version: u64) -> AppResult<bool> {
+    Ok(matches!(
+        db.cas::<UserCourse>(key, version, None).await?,
+        Cas::Done { .. }
+    ))
+}
+
 /// One repair pass over all courses.
 pub async fn repair_once(db: &Db) -> AppResult<RepairReport> {
     repair_with_page(db, REPAIR_PAGE).await
@@ -122,18 +133,17 @@ pub async fn repair_with_page(db: &Db, page: usize) -> AppResult<RepairReport> {
     // the entry, and an enrollment writes its membership before its entry.
     let mut pages = Pages::new(Bytes::from_static(keys::USER_COURSE), page, true);
     while let Some(kvs) = pages.next(db).await? {
-        let ids: Vec<(Bytes, Bytes)> = kvs
+        let ids: Vec<(Bytes, u64, Bytes)> = kvs
             .into_iter()
             .filter_map(|kv| {
                 let rest = &kv.key[keys::USER_COURSE.len()..];
                 let member = keys::member(keys::id_at(rest, 9)?, keys::id_at(rest, 0)?);
-                Some((kv.key, member))
+                Some((kv.key, kv.version, member))
             })
             .collect();
-        let members = read_many(db, ids.iter().map(|(_, m)| m.clone()).collect()).await?;
-        for (entry, member) in ids {
-            if !members.contains_key(&member) {
-                db.delete(entry).await?;
+        let members = read_many(db, ids.iter().map(|(_, _, m)| m.clone()).collect()).await?;
+        for (entry, version, member) in ids {
+            if !members.contains_key(&member) && remove(db, entry, version).await? {
                 report.index_removed += 1;
             }
         }
@@ -142,17 +152,16 @@ pub async fn repair_with_page(db: &Db, page: usize) -> AppResult<RepairReport> {
     // entry, and a new course is written before its entry.
     let mut pages = Pages::new(Bytes::from_static(keys::CATALOG), page, true);
     while let Some(kvs) = pages.next(db).await? {
-        let ids: Vec<(Bytes, Bytes)> = kvs
+        let ids: Vec<(Bytes, u64, Bytes)> = kvs
             .into_iter()
             .filter_map(|kv| {
                 let course = keys::course(keys::id_at(&kv.key, keys::CATALOG.len())?);
-                Some((kv.key, course))
+                Some((kv.key, kv.version, course))
             })
             .collect();
-        let courses = read_many(db, ids.iter().map(|(_, c)| c.clone()).collect()).await?;
-        for (entry, course) in ids {
-            if !courses.contains_key(&course) {
-                db.delete(entry).await?;
+        let courses = read_many(db, ids.iter().map(|(_, _, c)| c.clone()).collect()).await?;
+        for (entry, version, course) in ids {
+            if !courses.contains_key(&course) && remove(db, entry, version).await? {
                 report.catalog_removed += 1;
             }
         }

@@ -1,6 +1,7 @@
 //! `/api/v1/jobs/{id}`: a job's state and result, for the user who started
 //! it and for admins (404 for anyone else); a gradebook export's result only
-//! while its reader may still export the course's gradebook (403 after).
+//! while its reader may still export the course's gradebook (403 after, or
+//! 404 when the course is no longer visible to them).
 
 use axum::extract::State;
 use axum::http::header;

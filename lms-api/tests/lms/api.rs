@@ -1480,7 +1480,8 @@ async fn repair_pages_through_every_course_and_fixes_only_what_is_wrong() {
         courses.push(cid);
     }
     let db = &api.st.db;
-    // Keys of a course that a pass must never read (they are not JSON).
+    // Keys of a course the pass has no business with; raw junk, so that
+    // decoding one would fail the pass.
     for (sid, _) in &students {
         db.put_raw(keys::submission(courses[1], 77, *sid), "not json".into())
             .await

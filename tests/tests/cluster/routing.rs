@@ -385,7 +385,7 @@ async fn route_lookups_outlive_callers_that_gave_up_without_wedging_the_client()
         client
             .put("wedge/new", "n")
             .await
-            .expect("a new key's lookup gets a slot");
+            .expect("the client still writes after the wedge");
     })
     .await
     .expect("test timed out");
