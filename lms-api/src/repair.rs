@@ -92,6 +92,34 @@ async fn remove(db: &Db, key: Bytes, version: u64) -> AppResult<bool> {
     ))
 }
 
+/// Deletes the copies under `table` whose source (`source_of` the copy's
+/// key) is gone, a page at a time; returns how many it deleted.
+async fn remove_orphans(
+    db: &Db,
+    table: &'static [u8],
+    page: usize,
+    source_of: impl Fn(&[u8]) -> Option<Bytes>,
+) -> AppResult<u64> {
+    let mut removed = 0;
+    let mut pages = Pages::new(Bytes::from_static(table), page, true);
+    while let Some(kvs) = pages.next(db).await? {
+        let ids: Vec<(Bytes, u64, Bytes)> = kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let source = source_of(&kv.key)?;
+                Some((kv.key, kv.version, source))
+            })
+            .collect();
+        let sources = read_many(db, ids.iter().map(|(_, _, s)| s.clone()).collect()).await?;
+        for (copy, version, source) in ids {
+            if !sources.contains_key(&source) && remove(db, copy, version).await? {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// One repair pass over all courses.
 pub async fn repair_once(db: &Db) -> AppResult<RepairReport> {
     repair_with_page(db, REPAIR_PAGE).await
@@ -131,41 +159,17 @@ pub async fn repair_with_page(db: &Db, page: usize) -> AppResult<RepairReport> {
     }
     // Index entries whose enrollment is gone: the membership is read after
     // the entry, and an enrollment writes its membership before its entry.
-    let mut pages = Pages::new(Bytes::from_static(keys::USER_COURSE), page, true);
-    while let Some(kvs) = pages.next(db).await? {
-        let ids: Vec<(Bytes, u64, Bytes)> = kvs
-            .into_iter()
-            .filter_map(|kv| {
-                let rest = &kv.key[keys::USER_COURSE.len()..];
-                let member = keys::member(keys::id_at(rest, 9)?, keys::id_at(rest, 0)?);
-                Some((kv.key, kv.version, member))
-            })
-            .collect();
-        let members = read_many(db, ids.iter().map(|(_, _, m)| m.clone()).collect()).await?;
-        for (entry, version, member) in ids {
-            if !members.contains_key(&member) && remove(db, entry, version).await? {
-                report.index_removed += 1;
-            }
-        }
-    }
+    report.index_removed = remove_orphans(db, keys::USER_COURSE, page, |key| {
+        let rest = &key[keys::USER_COURSE.len()..];
+        Some(keys::member(keys::id_at(rest, 9)?, keys::id_at(rest, 0)?))
+    })
+    .await?;
     // Catalogue entries whose course is gone: the course is read after the
     // entry, and a new course is written before its entry.
-    let mut pages = Pages::new(Bytes::from_static(keys::CATALOG), page, true);
-    while let Some(kvs) = pages.next(db).await? {
-        let ids: Vec<(Bytes, u64, Bytes)> = kvs
-            .into_iter()
-            .filter_map(|kv| {
-                let course = keys::course(keys::id_at(&kv.key, keys::CATALOG.len())?);
-                Some((kv.key, kv.version, course))
-            })
-            .collect();
-        let courses = read_many(db, ids.iter().map(|(_, _, c)| c.clone()).collect()).await?;
-        for (entry, version, course) in ids {
-            if !courses.contains_key(&course) && remove(db, entry, version).await? {
-                report.catalog_removed += 1;
-            }
-        }
-    }
+    report.catalog_removed = remove_orphans(db, keys::CATALOG, page, |key| {
+        Some(keys::course(keys::id_at(key, keys::CATALOG.len())?))
+    })
+    .await?;
     Ok(report)
 }
 
