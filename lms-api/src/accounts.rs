@@ -69,6 +69,7 @@ pub async fn create_user(
         session_generation: 0,
         created_at: now,
         updated_at: now,
+        unknown: Default::default(),
     };
     st.db.put(keys::user(uid), &user).await?;
     Ok(user)

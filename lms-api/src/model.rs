@@ -32,6 +32,12 @@ pub struct User {
     pub session_generation: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Fields this version does not know, kept as read so that rewriting
+    /// the record (a name change) does not drop them: during a rolling
+    /// upgrade an older process must not erase what a newer one added (a
+    /// newer session field, say). Empty for records this version wrote.
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A user as the API shows it.
@@ -178,4 +184,27 @@ pub struct Notification {
     pub course_id: u64,
     pub assignment_id: Option<u64>,
     pub created_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_record_keeps_fields_it_does_not_know_when_rewritten() {
+        let stored = r#"{"id":7,"email":"a@example.com","name":"A","role":"student",
+            "password_hash":"h","session_generation":3,
+            "created_at":"2026-01-01T00:00:00Z","updated_at":"2026-01-01T00:00:00Z",
+            "mfa_generation":9,"later":{"x":[1,2]}}"#;
+        let mut u: User = serde_json::from_str(stored).unwrap();
+        assert_eq!(u.session_generation, 3);
+        u.name = "B".into();
+        let back: serde_json::Value = serde_json::to_value(&u).unwrap();
+        assert_eq!(back["mfa_generation"], 9);
+        assert_eq!(back["later"]["x"][1], 2);
+        assert_eq!(back["name"], "B");
+        assert_eq!(back["session_generation"], 3);
+        // Known fields are not doubled into the unknown ones.
+        assert_eq!(u.unknown.len(), 2, "{:?}", u.unknown);
+    }
 }

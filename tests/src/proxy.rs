@@ -48,8 +48,9 @@ const MARKER_BYTES_MAX: usize = 4096;
 
 #[derive(Debug, Default)]
 struct State {
-    /// The marker of a reply still to lose.
-    lose_marker: Mutex<Option<Vec<u8>>>,
+    /// The marker of a reply still to lose, and how long its connection
+    /// is held before it is cut.
+    lose_marker: Mutex<Option<(Vec<u8>, Duration)>>,
     /// Replies lost so far.
     lost: AtomicU64,
     /// Connections refused and broken while set.
@@ -136,8 +137,15 @@ impl Proxy {
 
     /// Loses the reply on the next connection that sends `marker` to the node.
     pub fn lose_reply_to(&self, marker: &[u8]) {
+        self.lose_reply_to_holding(marker, LOST_REPLY_HOLD);
+    }
+
+    /// [`Proxy::lose_reply_to`], holding the connection (reading and
+    /// dropping everything the node sends on it) for `hold` before it is
+    /// cut: its sender hears nothing on it for that long.
+    pub fn lose_reply_to_holding(&self, marker: &[u8], hold: Duration) {
         assert!(!marker.is_empty() && marker.len() <= MARKER_BYTES_MAX);
-        *self.state.lose_marker.lock().expect("marker lock") = Some(marker.to_vec());
+        *self.state.lose_marker.lock().expect("marker lock") = Some((marker.to_vec(), hold));
     }
 
     /// Replies lost so far.
@@ -192,8 +200,9 @@ async fn serve(
     cut.borrow_and_update();
     let (mut in_r, mut in_w) = inbound.into_split();
     let (mut out_r, mut out_w) = outbound.into_split();
-    // Set once this connection carried the marker: its replies are dropped.
-    let losing = Arc::new(AtomicBool::new(false));
+    // Set once this connection carried the marker: its replies are dropped
+    // for the hold (in ms) stored here, then it is cut.
+    let losing = Arc::new(AtomicU64::new(0));
     let to_node = {
         let (st, losing) = (st.clone(), losing.clone());
         async move {
@@ -207,11 +216,11 @@ async fn serve(
                 };
                 {
                     let mut m = st.lose_marker.lock().expect("marker lock");
-                    if let Some(marker) = m.as_ref() {
+                    if let Some((marker, hold)) = m.as_ref() {
                         tail.extend_from_slice(&buf[..n]);
                         if tail.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                            losing.store(hold.as_millis().max(1) as u64, Ordering::SeqCst);
                             *m = None;
-                            losing.store(true, Ordering::SeqCst);
                         }
                         let keep = tail.len().min(MARKER_BYTES_MAX);
                         tail.drain(..tail.len() - keep);
@@ -235,17 +244,20 @@ async fn serve(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
-                if losing.load(Ordering::SeqCst) {
+                let hold_ms = losing.load(Ordering::SeqCst);
+                if hold_ms > 0 {
                     // Read the node's answer for a while, forward none of it,
                     // then cut the connection.
-                    let until = tokio::time::Instant::now() + LOST_REPLY_HOLD;
+                    // Counted now: the sender may give up on the connection
+                    // (and end it) before the hold does.
+                    st.lost.fetch_add(1, Ordering::SeqCst);
+                    let until = tokio::time::Instant::now() + Duration::from_millis(hold_ms);
                     while let Ok(Ok(n)) = tokio::time::timeout_at(until, out_r.read(&mut buf)).await
                     {
                         if n == 0 {
                             break;
                         }
                     }
-                    st.lost.fetch_add(1, Ordering::SeqCst);
                     return;
                 }
                 if st.loses(from) {

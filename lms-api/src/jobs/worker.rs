@@ -22,9 +22,24 @@ pub const WORKER_IDLE_POLL: Duration = Duration::from_millis(250);
 /// Largest export result; larger gradebooks fail permanently.
 pub const EXPORT_BYTES_MAX: usize = 1024 * 1024 - 1024;
 
+/// How a task's failure is recorded: what it says and whether a later run
+/// could succeed. An unavailable or slow store heals; an internal error (too
+/// many records to read at once, corrupt stored data, a refused key) does not,
+/// so its job is dead-lettered at once instead of spending its attempts.
+pub fn job_failure(e: AppError) -> (String, Failure) {
+    match e {
+        AppError::Internal(detail) => (detail, Failure::Permanent),
+        AppError::Unavailable(source) => (
+            format!("the database is unavailable: {source}"),
+            Failure::Retryable,
+        ),
+        other => (other.to_string(), Failure::Retryable),
+    }
+}
+
 /// Runs one job's task. Tasks are idempotent: a rerun writes the same keys.
 pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
-    let retry = |e: AppError| (e.to_string(), Failure::Retryable);
+    let retry = job_failure;
     match l.job.kind {
         JobKind::GradebookExport { course_id } => {
             let g = build_gradebook(db, course_id).await.map_err(retry)?;
@@ -131,5 +146,26 @@ pub async fn run(st: crate::app::AppState) {
             _ = st.jobs_enqueued.notified() => {}
             _ = tokio::time::sleep(WORKER_IDLE_POLL) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_that_cannot_heal_are_permanent_and_keep_their_detail() {
+        let (msg, kind) = job_failure(AppError::Internal(
+            "more than 100000 records under course/1/: too many to read at once".into(),
+        ));
+        assert_eq!(kind, Failure::Permanent);
+        assert!(msg.contains("too many to read at once"), "{msg}");
+
+        let (msg, kind) = job_failure(AppError::Timeout(Duration::from_secs(1)));
+        assert_eq!(kind, Failure::Retryable);
+        assert!(msg.contains("1000 ms"), "{msg}");
+
+        let (_, kind) = job_failure(AppError::Busy("contended".into()));
+        assert_eq!(kind, Failure::Retryable);
     }
 }

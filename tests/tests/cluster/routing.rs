@@ -4,7 +4,9 @@
 //! batch_get, batch_put, scans in both directions); an atomic batch across
 //! two ranges is refused; and a write whose reply was lost is retried with
 //! its request id and applied once (both a reply the caller dropped and one
-//! a proxy in front of the leader lost on the network). A follower asked
+//! a proxy in front of the leader lost on the network). An atomic batch
+//! whose reply was lost while its range split is reported as of unknown
+//! outcome, not as bad input. A follower asked
 //! for a leader the client lost holds the request until another is elected.
 
 use std::time::Duration;
@@ -551,6 +553,85 @@ async fn a_create_whose_reply_is_lost_on_the_network_is_retried_by_the_client_an
             created.current.map(|kv| kv.version),
             "the key was written again after the create"
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_atomic_batch_whose_reply_is_lost_while_its_range_splits_is_reported_as_unknown() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions {
+            proxied: true,
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        let watcher = c.client();
+        // Caches the range, so the next message to carry the marker is the batch.
+        client.put("lostsplit/warmup", "x").await.unwrap();
+        let leader = c
+            .wait_range_leader(b"lostsplit/a", Duration::from_secs(20))
+            .await
+            .unwrap();
+
+        phase!(
+            "the batch's reply is lost and its connection held for 5 s; the range splits meanwhile"
+        );
+        c.proxy(leader)
+            .lose_reply_to_holding(b"lostsplit/a", Duration::from_secs(5));
+        let batch = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .batch(
+                        Vec::new(),
+                        vec![
+                            BatchOp::Put(Bytes::from_static(b"lostsplit/a"), Bytes::from("1")),
+                            BatchOp::Put(Bytes::from_static(b"lostsplit/z"), Bytes::from("1")),
+                        ],
+                        &WriteOptions::default(),
+                    )
+                    .await
+            })
+        };
+        // The batch was applied (its reply is what gets lost).
+        loop {
+            let got = watcher
+                .get("lostsplit/z", ReadConsistency::Strong)
+                .await
+                .unwrap();
+            if got.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        c.split_at(b"lostsplit/m").await.unwrap();
+        assert!(
+            !batch.is_finished(),
+            "the batch ended before the split: the test proves nothing"
+        );
+
+        phase!("the retry finds the keys in two ranges: the outcome is unknown, not bad input");
+        let out = batch.await.unwrap();
+        assert_eq!(
+            c.proxy(leader).lost_replies(),
+            1,
+            "the fault was not injected: the test proves nothing"
+        );
+        match out {
+            Err(ClientError::Server(lmskv_proto::error::Error::Timeout { reason })) => {
+                assert!(reason.contains("may or may not be applied"), "{reason}");
+            }
+            other => panic!("expected an outcome-unknown timeout, got {other:?}"),
+        }
+        let a = watcher
+            .get("lostsplit/a", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.value, "1", "the batch was applied whole");
     })
     .await
     .expect("test timed out");
