@@ -138,6 +138,11 @@ pub struct Pd {
     retry: Arc<Mutex<HashMap<u64, (u32, Instant)>>>,
     slots: Arc<Semaphore>,
     dead_after: Duration,
+    /// How many times the driver gave up a pending change of each range (a
+    /// node it would add started draining or died): a change of the range
+    /// that is running stops at once (see [`Pd::until_given_up`]), so it
+    /// cannot finish adding that node. One entry per range given up.
+    given_up: watch::Sender<HashMap<u64, u64>>,
 }
 
 impl Pd {
@@ -150,6 +155,31 @@ impl Pd {
             retry: Arc::default(),
             slots: Arc::new(Semaphore::new(OPS_INFLIGHT_MAX)),
             dead_after: Duration::from_secs(cfg.file.dead_node_timeout_s),
+            given_up: watch::Sender::new(HashMap::new()),
+        }
+    }
+
+    /// Gives up the changes of `range_id` under way: each resolves its
+    /// [`Pd::until_given_up`].
+    fn give_up(&self, range_id: u64) {
+        self.given_up
+            .send_modify(|m| *m.entry(range_id).or_insert(0) += 1);
+    }
+
+    /// Resolves once the driver gives up the change of `range_id` started
+    /// now (not one it gave up before).
+    fn until_given_up(&self, range_id: u64) -> impl std::future::Future<Output = ()> + Send {
+        let mut rx = self.given_up.subscribe();
+        let at_start = rx.borrow_and_update().get(&range_id).copied().unwrap_or(0);
+        async move {
+            let ended = rx
+                .wait_for(|m| m.get(&range_id).copied().unwrap_or(0) > at_start)
+                .await
+                .is_err();
+            if ended {
+                // The driver is gone (never while a node runs): never resolve.
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -729,6 +759,9 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         if dead {
             tracing::info!(range_id = op.range_id, voters = ?op.voters, reason = %op.reason, "dropping a pending replica change: a voter it wants is dead or draining");
             meta.delete_op(op.range_id).await?;
+            // A change of the range running now (started by an earlier
+            // round or an operator's move) must not go on to add the node.
+            pd.give_up(op.range_id);
             continue;
         }
         pending.insert(op.range_id);
@@ -1201,7 +1234,22 @@ async fn admin(node: &Node, addr: &str) -> Result<AdminClient<tonic::transport::
     ))
 }
 
+/// Runs a replica change until it is done, fails, or the driver gives it up
+/// (its wanted voters turned dead or draining while it ran). Stopping drops
+/// the call to the range leader, which ends its wait for the new replicas
+/// to catch up before any membership change.
 async fn run_op(node: &Arc<Node>, op: &PendingOp) -> Result<(), Error> {
+    let given_up = node.pd.until_given_up(op.range_id);
+    tokio::select! {
+        r = run_op_steps(node, op) => r,
+        () = given_up => Err(Error::unavailable(format!(
+            "the replica change of range {} was given up: a node it wants is dead or draining",
+            op.range_id
+        ))),
+    }
+}
+
+async fn run_op_steps(node: &Arc<Node>, op: &PendingOp) -> Result<(), Error> {
     let meta = meta_store(node)?;
     meta.put_op(op).await?;
     let desc = node.pd.desc_of(op.range_id).ok_or(Error::RangeNotFound {
@@ -1624,7 +1672,34 @@ mod tests {
             retry: Arc::default(),
             slots: Arc::new(Semaphore::new(OPS_INFLIGHT_MAX)),
             dead_after: Duration::from_secs(30),
+            given_up: watch::Sender::new(HashMap::new()),
         }
+    }
+
+    #[tokio::test]
+    async fn a_change_given_up_stops_and_later_changes_do_not() {
+        let pd = pd();
+        let first = pd.until_given_up(7);
+        let other = pd.until_given_up(8);
+        tokio::pin!(first, other);
+        let quiet = Duration::from_millis(50);
+        assert!(tokio::time::timeout(quiet, &mut first).await.is_err());
+        pd.give_up(7);
+        tokio::time::timeout(Duration::from_secs(5), &mut first)
+            .await
+            .expect("the running change of range 7 is given up");
+        assert!(
+            tokio::time::timeout(quiet, &mut other).await.is_err(),
+            "giving up range 7 stopped a change of range 8"
+        );
+        // A change started after the give-up is not stopped by it.
+        let later = pd.until_given_up(7);
+        tokio::pin!(later);
+        assert!(tokio::time::timeout(quiet, &mut later).await.is_err());
+        pd.give_up(7);
+        tokio::time::timeout(Duration::from_secs(5), &mut later)
+            .await
+            .expect("a second give-up stops the later change");
     }
 
     fn heard(pd: &Pd, node: u64, ranges: &[u64], faulted: &[u64]) {

@@ -27,8 +27,9 @@ use super::TypeConfig;
 use crate::storage::keys::RaftStateField;
 use crate::storage::{ByteBudget, Engine};
 
-/// Entries read from the log in one call at most; openraft asks again for more.
-const LOG_READ_ENTRIES_MAX: u64 = 4_096;
+/// Entries read from the log in one bounded read at most: a replication
+/// read (openraft asks again for more) or one page of the apply stream.
+pub const LOG_READ_ENTRIES_MAX: u64 = 4_096;
 
 /// Entries one range keeps in its [`LogCache`] at most.
 pub const LOG_CACHE_ENTRIES_MAX: usize = 1_024;
@@ -207,22 +208,25 @@ impl LogStore {
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
-        let start = match range.start_bound() {
-            Bound::Included(x) => *x,
-            Bound::Excluded(x) => *x + 1,
-            Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(x) => *x + 1,
-            Bound::Excluded(x) => *x,
-            Bound::Unbounded => u64::MAX,
-        };
-        let end = end.min(start.saturating_add(LOG_READ_ENTRIES_MAX));
+/// The `[start, end)` indexes `range` covers.
+fn index_bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(x) => *x,
+        Bound::Excluded(x) => x.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(x) => x.saturating_add(1),
+        Bound::Excluded(x) => *x,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl LogStore {
+    /// The entries in `[start, end)` that the log holds, from the cache
+    /// when it has them all.
+    fn read_entries(&self, start: u64, end: u64) -> io::Result<Vec<EntryOf<TypeConfig>>> {
         if let Some(hit) = self.cache().read(start, end) {
             return Ok(hit);
         }
@@ -243,6 +247,80 @@ impl RaftLogReader<TypeConfig> for LogStore {
             out.push(entry);
         }
         Ok(out)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    /// Every entry of `range` the log holds: openraft's contract for this
+    /// call (the apply path reads committed entries through it) allows no
+    /// early stop. Replication reads through the bounded
+    /// [`RaftLogReader::limited_get_log_entries`], and apply through the
+    /// paged [`RaftLogReader::entries_stream`].
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
+        let (start, end) = index_bounds(&range);
+        self.read_entries(start, end)
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
+        self.read_entries(start, end.min(start.saturating_add(LOG_READ_ENTRIES_MAX)))
+    }
+
+    /// The entries of `range`, read [`LOG_READ_ENTRIES_MAX`] at a time (a
+    /// node applying a long backlog holds one page of it in memory, not all
+    /// of it). A page that comes back short before the range's end is a
+    /// hole in the log and ends the stream with an error, never silently.
+    async fn entries_stream<RB>(
+        &mut self,
+        range: RB,
+    ) -> impl futures::Stream<Item = Result<EntryOf<TypeConfig>, io::Error>> + OptionalSend
+    where
+        RB: RangeBounds<u64> + Clone + Debug + OptionalSend,
+    {
+        use futures::StreamExt;
+        let (start, end) = index_bounds(&range);
+        let this = self.clone();
+        futures::stream::unfold(Some(start), move |from| {
+            let this = this.clone();
+            async move {
+                let from = from?;
+                if from >= end {
+                    return None;
+                }
+                let to = end.min(from.saturating_add(LOG_READ_ENTRIES_MAX));
+                let page = match this.read_entries(from, to) {
+                    Ok(page) => page,
+                    Err(e) => return Some((futures::stream::iter(vec![Err(e)]), None)),
+                };
+                let next = page.last().map(|e| e.index() + 1);
+                let short = next.is_none_or(|n| n < to);
+                if short && to < end {
+                    // Entries are missing inside the range: the caller must
+                    // not take the range as read whole.
+                    let e = io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "range {}: log entries missing between {} and {to} (reading up to {end})",
+                            this.range_id,
+                            next.unwrap_or(from)
+                        ),
+                    );
+                    let mut items: Vec<_> = page.into_iter().map(Ok).collect();
+                    items.push(Err(e));
+                    return Some((futures::stream::iter(items), None));
+                }
+                let more = if short { None } else { next };
+                let items: Vec<_> = page.into_iter().map(Ok).collect();
+                Some((futures::stream::iter(items), more))
+            }
+        })
+        .flatten()
     }
 
     async fn read_vote(&mut self) -> Result<Option<VoteOf<TypeConfig>>, io::Error> {
@@ -477,6 +555,54 @@ mod tests {
             .await
             .expect("reported in time");
         assert!(matches!(flushed, Ok(Ok(()))), "{flushed:?}");
+    }
+
+    /// The apply path reads committed entries with one
+    /// `try_get_log_entries` or `entries_stream` call, which must return
+    /// the whole range however long; only replication's read is bounded.
+    #[tokio::test]
+    async fn long_reads_return_every_entry_and_a_hole_is_an_error() {
+        use futures::StreamExt;
+        let (_dir, engine, mut store) = open_store(3);
+        let last = 2 * LOG_READ_ENTRIES_MAX + 500;
+        append_blanks(&mut store, 1, 1, last).await;
+        let all = store.try_get_log_entries(1..=last).await.expect("read");
+        assert_eq!(ids(&all), (1..=last).map(|i| (1, i)).collect::<Vec<_>>());
+        let limited = store
+            .limited_get_log_entries(1, last + 1)
+            .await
+            .expect("read");
+        assert_eq!(limited.len() as u64, LOG_READ_ENTRIES_MAX);
+        let streamed: Vec<_> = store
+            .entries_stream(1..last + 1)
+            .await
+            .map(|e| e.expect("entry"))
+            .collect()
+            .await;
+        assert_eq!(ids(&streamed), ids(&all));
+        // Past the log's end the stream ends with the last entry.
+        let tail: Vec<_> = store
+            .entries_stream(last - 2..last + 100)
+            .await
+            .collect()
+            .await;
+        assert_eq!(tail.len(), 3);
+
+        // A log with a hole (entry 5,000 missing) in range 4.
+        let raw: Vec<(u64, Vec<u8>)> = (1..=10_000u64)
+            .filter(|i| *i != 5_000)
+            .map(|i| (i, encode(&blanks(1, i, i)[0]).expect("encode")))
+            .collect();
+        engine.log_append(4, &raw).expect("append");
+        let mut holed = LogStore::new(engine.clone(), 4, None);
+        let read: Vec<_> = holed.entries_stream(1..10_001).await.collect().await;
+        let ok = read.iter().take_while(|e| e.is_ok()).count();
+        assert_eq!(ok, 4_999, "entries before the hole");
+        assert!(
+            read.last().is_some_and(|e| e.is_err()),
+            "the stream ends with an error at the hole"
+        );
+        assert_eq!(read.len(), 5_000);
     }
 
     /// Every read through the cached store must return what the same read

@@ -287,6 +287,9 @@ pub struct RangeReplica {
     served: std::sync::atomic::AtomicU64,
     /// Leader side: set while the range is idle and its heartbeats are off.
     hibernating: Arc<AtomicBool>,
+    /// The state machine's snapshot-install sequence (odd while an install
+    /// runs); see [`RangeReplica::read_local`].
+    install_seq: Arc<std::sync::atomic::AtomicU64>,
     /// Follower side: set while the election timer is off because the
     /// leader said it hibernates.
     dormant: AtomicBool,
@@ -365,6 +368,7 @@ async fn start_group(
     reopen: &Reopen,
     tuning: &RaftTuning,
     hibernating: &Arc<AtomicBool>,
+    install_seq: &Arc<std::sync::atomic::AtomicU64>,
     meta: Option<SharedMeta>,
 ) -> Result<(Raft, SharedMeta), Error> {
     let node_id = reopen.pool.local_id();
@@ -401,6 +405,7 @@ async fn start_group(
     if let Some(shared) = meta {
         sm.share_meta(shared);
     }
+    sm.share_install_seq(install_seq.clone());
     let meta = sm.meta();
     let log = LogStore::new(engine.clone(), range_id, Some(reopen.pool.local_id()));
     let net = NetworkFactory {
@@ -429,14 +434,23 @@ impl RangeReplica {
     ) -> Result<Arc<Self>, Error> {
         let node_id = pool.local_id();
         let hibernating = Arc::new(AtomicBool::new(false));
+        let install_seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reopen = Reopen {
             pool,
             data_dir: data_dir.to_path_buf(),
             on_split,
             faulted_peers: Arc::default(),
         };
-        let (raft, meta) =
-            start_group(range_id, &engine, &reopen, &tuning, &hibernating, None).await?;
+        let (raft, meta) = start_group(
+            range_id,
+            &engine,
+            &reopen,
+            &tuning,
+            &hibernating,
+            &install_seq,
+            None,
+        )
+        .await?;
         let snapshot_dir = snapshot_dir_of(data_dir, range_id);
         let slots = tuning.proposals_in_flight_max;
         Ok(Arc::new_cyclic(|me| RangeReplica {
@@ -454,6 +468,7 @@ impl RangeReplica {
             fault: Mutex::new(None),
             served: std::sync::atomic::AtomicU64::new(0),
             hibernating,
+            install_seq,
             dormant: AtomicBool::new(false),
             asleep_since: Mutex::new(std::time::Instant::now()),
             led_when_parked: AtomicBool::new(false),
@@ -565,6 +580,7 @@ impl RangeReplica {
             &self.reopen,
             &self.tuning,
             &self.hibernating,
+            &self.install_seq,
             Some(self.meta.clone()),
         )
         .await
@@ -671,6 +687,40 @@ impl RangeReplica {
     /// The range's span and epoch as this replica last applied them.
     pub fn meta(&self) -> RangeMeta {
         self.meta.read().expect("meta lock").clone()
+    }
+
+    /// The range's span version (raised by every split), without copying
+    /// the rest of its metadata.
+    pub fn span_version(&self) -> u64 {
+        self.meta.read().expect("meta lock").version
+    }
+
+    /// Runs `read` on this replica's store unless a snapshot install
+    /// overlapped it: an install first deletes the range's data and then
+    /// writes the snapshot's back in batches, so a read between the two saw
+    /// neither the old state nor the new one (a key missing, a scan with a
+    /// hole). Such a read is refused (retryable) instead of answered.
+    pub fn read_local<T>(&self, read: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+        let before = self.install_seq.load(Ordering::SeqCst);
+        let out = if before.is_multiple_of(2) {
+            Some(read()?)
+        } else {
+            None
+        };
+        match out {
+            Some(v) if self.install_seq.load(Ordering::SeqCst) == before => Ok(v),
+            _ => Err(Error::unavailable(format!(
+                "range {} is installing a snapshot on this node; retry",
+                self.range_id
+            ))),
+        }
+    }
+
+    /// Whether every key of `keys` is in the range's span now (without
+    /// copying its metadata).
+    pub fn spans_all(&self, keys: &[&[u8]]) -> bool {
+        let m = self.meta.read().expect("meta lock");
+        keys.iter().all(|k| m.contains(k))
     }
 
     /// The span this replica may hold data in: its own, except that the meta

@@ -141,6 +141,10 @@ pub struct StateMachine {
     /// RocksDB. Only this state machine writes its range's applied state
     /// while the group runs (apply, snapshot install).
     applied_cache: Arc<Mutex<Option<AppliedState>>>,
+    /// Raised when a snapshot install starts and again when it ends (odd:
+    /// one is under way), shared with the replica: a local read that saw
+    /// it change read a store the install was clearing and refilling.
+    install_seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -177,6 +181,7 @@ impl StateMachine {
             on_split,
             dedup_clock: engine.dedup_clock(range_id),
             applied_cache: Arc::new(Mutex::new(None)),
+            install_seq: Arc::default(),
         };
         // Remove partial files of builds or transfers that did not finish
         // (when a parked group is loaded again, a snapshot being received
@@ -222,6 +227,12 @@ impl StateMachine {
         let loaded = self.meta.read().expect("meta lock").clone();
         *shared.write().expect("meta lock") = loaded;
         self.meta = shared;
+    }
+
+    /// Makes `shared` (the replica's, kept across parking) this state
+    /// machine's install sequence.
+    pub fn share_install_seq(&mut self, shared: Arc<std::sync::atomic::AtomicU64>) {
+        self.install_seq = shared;
     }
 
     fn stored_applied(&self) -> io::Result<Option<AppliedState>> {
@@ -283,14 +294,41 @@ impl StateMachine {
         }
     }
 
-    /// Makes `path` (with `meta`) the range's current snapshot and deletes older ones.
-    fn keep_snapshot(&self, meta: &SnapshotMetaOf<TypeConfig>, path: &Path) -> io::Result<()> {
+    /// Makes `path` (with `meta`) the range's current snapshot and deletes
+    /// older ones; returns the current snapshot after the call. A snapshot
+    /// this replica built (`built`) that is older than the current one (an
+    /// install landed while it was being built) is deleted instead: it must
+    /// not replace, and so delete, the newer snapshot the install is
+    /// importing or has imported.
+    fn keep_snapshot(
+        &self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        path: &Path,
+        built: bool,
+    ) -> io::Result<CurrentSnapshot> {
         let framed = crate::storage::value::frame(&encode(meta)?);
         let mp = meta_path(path);
         let tmp = mp.with_extension("meta.tmp");
-        std::fs::write(&tmp, framed)?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&framed)?;
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, &mp)?;
+        // The snapshot's and its meta's names (both just renamed into
+        // place) must survive a power cut before an install's synced
+        // marker names the snapshot.
+        std::fs::File::open(&self.snapshot_dir)?.sync_all()?;
         let mut cur = self.current_snapshot.lock().expect("snapshot lock");
+        let index = |m: &SnapshotMetaOf<TypeConfig>| m.last_log_id.as_ref().map(|l| l.index());
+        if let Some((cur_meta, cur_path)) = cur.as_ref() {
+            if built && index(cur_meta) > index(meta) && cur_path != path {
+                let _ = std::fs::remove_file(&mp);
+                let _ = std::fs::remove_file(path);
+                return Ok((cur_meta.clone(), cur_path.clone()));
+            }
+        }
         let old = cur.replace((meta.clone(), path.to_path_buf()));
         if let Some((_, old_path)) = old {
             if old_path != path {
@@ -298,7 +336,7 @@ impl StateMachine {
                 let _ = std::fs::remove_file(&old_path);
             }
         }
-        Ok(())
+        Ok((meta.clone(), path.to_path_buf()))
     }
 
     fn snapshot_file_name(meta: &SnapshotMetaOf<TypeConfig>) -> String {
@@ -596,7 +634,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             let path = this.snapshot_dir.join(Self::snapshot_file_name(&meta));
             std::fs::rename(&tmp, &path)?;
-            this.keep_snapshot(&meta, &path)?;
+            let (meta, path) = this.keep_snapshot(&meta, &path, true)?;
             tracing::info!(
                 range_id = this.range_id,
                 records = export.records,
@@ -718,11 +756,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             std::fs::rename(&snapshot.path, &final_path)?;
         }
         // Record the snapshot first: an interrupted import resumes from it.
-        self.keep_snapshot(meta, &final_path)?;
+        self.keep_snapshot(meta, &final_path, false)?;
         crate::fail_point!("snapshot-install");
         let this = self.clone();
         let meta2 = meta.clone();
         let fp = final_path.clone();
+        /// Marks the install under way until it ends, however it ends.
+        struct Installing(Arc<std::sync::atomic::AtomicU64>);
+        impl Drop for Installing {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        self.install_seq
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _installing = Installing(self.install_seq.clone());
         run_blocking(self.engine.runs_inline(), move || this.import(&meta2, &fp)).await?;
         tracing::info!(range_id = self.range_id, last_log_id = ?meta.last_log_id, "installed snapshot");
         Ok(())
@@ -748,6 +796,60 @@ mod tests {
     use openraft::impls::BasicNode;
 
     use super::*;
+
+    #[test]
+    fn a_snapshot_built_while_a_newer_one_was_installed_does_not_replace_it() {
+        use openraft::alias::LeaderIdOf;
+        use openraft::vote::RaftLeaderId;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(
+            Engine::open(
+                &dir.path().join("db"),
+                &crate::storage::EngineOptions::default(),
+            )
+            .expect("engine"),
+        );
+        let sm = StateMachine::open(
+            engine,
+            5,
+            dir.path().join("snap"),
+            Duration::from_secs(60),
+            Arc::new(|_| {}),
+            true,
+        )
+        .expect("state machine");
+        let meta = |index: u64| SnapshotMetaOf::<TypeConfig> {
+            last_log_id: Some(LogIdOf::<TypeConfig>::new(
+                LeaderIdOf::<TypeConfig>::new(1, 1).to_committed(),
+                index,
+            )),
+            last_membership: Default::default(),
+        };
+        let file = |index: u64| {
+            let p = sm
+                .snapshot_dir
+                .join(StateMachine::snapshot_file_name(&meta(index)));
+            std::fs::write(&p, b"snapshot").expect("write");
+            p
+        };
+        let index = |m: &SnapshotMetaOf<TypeConfig>| m.last_log_id.as_ref().map(|l| l.index());
+
+        // An install of index 10 lands while a build at index 5 runs.
+        let installed = file(10);
+        sm.keep_snapshot(&meta(10), &installed, false)
+            .expect("keep");
+        let built = file(5);
+        let (m, p) = sm.keep_snapshot(&meta(5), &built, true).expect("keep");
+        assert_eq!((index(&m), &p), (Some(10), &installed));
+        assert!(installed.exists(), "the installed snapshot was deleted");
+        assert!(!built.exists(), "the older build was kept");
+
+        // A newer build replaces it as before.
+        let newer = file(12);
+        let (m, p) = sm.keep_snapshot(&meta(12), &newer, true).expect("keep");
+        assert_eq!((index(&m), &p), (Some(12), &newer));
+        assert!(!installed.exists());
+    }
 
     fn nodes(ids: &[u64]) -> BTreeMap<u64, BasicNode> {
         ids.iter()

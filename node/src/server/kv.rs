@@ -134,6 +134,29 @@ impl KvService {
         Ok(replica)
     }
 
+    /// Refuses a read whose range changed shape while it waited for its
+    /// read barrier: `keys` were in the range before the barrier, and
+    /// `version` (when given) is the span version the read was cut to. A
+    /// split the barrier applied (a new leader catching up with it, say)
+    /// can have moved keys to the new range, whose writes since the split
+    /// this replica's engine may not hold yet. The caller refreshes its
+    /// route and reads from the range holding the keys now.
+    fn unchanged_since_route(
+        &self,
+        r: &Arc<RangeReplica>,
+        keys: &[&[u8]],
+        version: Option<u64>,
+    ) -> Result<(), Error> {
+        let same_span = version.is_none_or(|v| r.span_version() == v);
+        if same_span && r.spans_all(keys) {
+            return Ok(());
+        }
+        Err(Error::EpochMismatch {
+            range_id: r.range_id(),
+            current: self.node.current_descriptors(r),
+        })
+    }
+
     fn header(&self, r: &RangeReplica, applied_index: u64) -> Option<ResponseHeader> {
         Some(ResponseHeader {
             range_id: r.range_id(),
@@ -301,7 +324,8 @@ impl Kv for KvService {
         let level = read_level(&req.read)?;
         let r = self.route(&req.header, &[&req.key]).await?;
         let applied = r.read_barrier(level).await?;
-        let found = read_key(r.engine(), &req.key).map_err(|e| r.refuse(&e))?;
+        self.unchanged_since_route(&r, &[&req.key], None)?;
+        let found = r.read_local(|| read_key(r.engine(), &req.key).map_err(|e| r.refuse(&e)))?;
         Ok(Response::new(GetResponse {
             header: self.header(&r, applied),
             kv: found.map(|v| KeyValue {
@@ -338,10 +362,11 @@ impl Kv for KvService {
         let keys: Vec<&[u8]> = req.keys.iter().map(|k| k.as_ref()).collect();
         let r = self.route(&req.header, &keys).await?;
         let applied = r.read_barrier(level).await?;
+        self.unchanged_since_route(&r, &keys, None)?;
         let mut kvs = Vec::new();
         let mut bytes = 0usize;
         // One snapshot for every key: the keys are read as of one applied state.
-        let values = r.engine().get_many(&req.keys).map_err(|e| r.refuse(&e))?;
+        let values = r.read_local(|| r.engine().get_many(&req.keys).map_err(|e| r.refuse(&e)))?;
         for (k, v) in req.keys.iter().zip(values) {
             if let Some(v) = v {
                 bytes += k.len() + v.value.len();
@@ -498,12 +523,16 @@ impl Kv for KvService {
             end = m.end.to_vec();
         }
         let applied = r.read_barrier(level).await?;
+        // The span was cut to the range before the barrier.
+        self.unchanged_since_route(&r, &[], Some(m.version))?;
         let (items, more) = if !end.is_empty() && start >= end {
             (Vec::new(), false)
         } else {
-            r.engine()
-                .scan(&start, &end, limit, req.reverse, SCAN_BYTES_MAX)
-                .map_err(|e| r.refuse(&e))?
+            r.read_local(|| {
+                r.engine()
+                    .scan(&start, &end, limit, req.reverse, SCAN_BYTES_MAX)
+                    .map_err(|e| r.refuse(&e))
+            })?
         };
         let next_page_token = match (more, items.last()) {
             (true, Some(last)) => {

@@ -1,7 +1,7 @@
 //! Replication and durability of a 3-node cluster of real processes:
 //! every write reaches every replica, survives the loss of the leader and a
 //! full restart, and a follower that fell behind a compacted log catches up
-//! by snapshot.
+//! by snapshot, refusing local reads while the snapshot is installed.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -346,6 +346,101 @@ async fn a_new_node_joins_the_running_cluster() {
         let st = c.status(id).await.unwrap();
         assert_eq!(st.nodes.len(), 4);
         assert!(st.nodes.iter().all(|n| n.state == "up"));
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A follower installing a snapshot first deletes its copy of the range
+/// and then writes the snapshot's data back: a local read in between
+/// (CONSISTENT_PREFIX here; SESSION and EVENTUAL read the same way) must be
+/// refused, never answered from the half-cleared store. The install is
+/// held for 3 s after the delete (`snapshot-install-import` fail point)
+/// while the test reads a key the follower held before it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_refuses_local_reads_while_it_installs_a_snapshot() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        phase!("start 3 nodes that compact their logs every 100 entries");
+        let mut c = TestCluster::start(ClusterOptions {
+            nodes: 3,
+            config: "snapshot_logs_since_last = 100\nsnapshot_logs_to_keep = 20\n".into(),
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        client.put("held/base", "kept").await.unwrap();
+        let leader = c
+            .wait_range_leader(b"held/base", Duration::from_secs(20))
+            .await
+            .unwrap();
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        // The follower has the key before it stops.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while local_get(&c, follower, b"held/base").await.ok().flatten().is_none() {
+            assert!(Instant::now() < deadline, "the follower never got the key");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        phase!("stop follower {follower}, then write 600 keys so the log moves past it");
+        c.stop(follower).unwrap();
+        let mut last = 0;
+        for i in 0..600u32 {
+            last = client
+                .put(format!("held/{i:05}"), vec![b'x'; 100])
+                .await
+                .unwrap()
+                .index;
+        }
+
+        phase!("restart it with its snapshot install held after the delete; read all along");
+        c.spawn_with_env(
+            follower,
+            &[("FAILPOINTS", "snapshot-install-import=1*sleep(3000)")],
+        )
+        .unwrap();
+        let (mut refused, mut served, mut missing) = (0u32, 0u32, 0u32);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match local_get(&c, follower, b"held/base").await {
+                Ok(Some((v, _))) => {
+                    assert_eq!(v, "kept");
+                    served += 1;
+                }
+                Ok(None) => missing += 1,
+                Err(e) if e.to_string().contains("installing a snapshot") => refused += 1,
+                Err(_) => {} // not up yet, or the range not open yet
+            }
+            let caught_up = c
+                .status(follower)
+                .await
+                .ok()
+                .and_then(|st| lmskv_tests::cluster::user_range(&st).map(|r| r.applied_index))
+                .is_some_and(|applied| applied >= last);
+            if caught_up && refused > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no catch-up with a refused read seen (refused {refused}, served {served}, missing {missing})\n{}",
+                c.log_tails(20)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        phase!("reads: {served} served, {refused} refused during the install, {missing} missing");
+        assert_eq!(
+            missing, 0,
+            "a local read during the install answered from the half-cleared store"
+        );
+        let log = std::fs::read_to_string(&c.nodes[(follower - 1) as usize].log_path).unwrap();
+        assert!(
+            log.contains("installed snapshot"),
+            "the follower caught up by a snapshot"
+        );
+        assert_eq!(
+            local_get(&c, follower, b"held/base").await.unwrap().map(|(v, _)| v),
+            Some(Bytes::from("kept"))
+        );
     })
     .await
     .expect("test timed out");
