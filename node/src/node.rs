@@ -445,12 +445,17 @@ impl Node {
             tracing::warn!(range_id, "replica shutdown took longer than {REPLICA_SHUTDOWN_TIMEOUT:?}; removing its data anyway");
         }
         let meta = r.meta();
-        // Delete the data span only when no other local range holds any of it.
-        let overlaps = self.replicas.all().iter().any(|o| {
-            let (s, e) = o.effective_span();
-            o.is_ready() && lmskv_proto::range::spans_overlap((&s, &e), (&meta.start, &meta.end))
-        });
-        let span = (r.is_ready() && !overlaps).then_some((&meta.start[..], &meta.end[..]));
+        // Delete the data span only when no other local range holds any of
+        // it or is installing into it; the claim keeps installs out of the
+        // span until the data is gone.
+        let claim = if r.is_ready() {
+            self.replicas
+                .claim_span(range_id, &meta.start, &meta.end)
+                .ok()
+        } else {
+            None
+        };
+        let span = claim.as_ref().map(|_| (&meta.start[..], &meta.end[..]));
         self.engine
             .destroy_range(range_id, span)
             .map_err(|e| Error::internal(e.to_string()))?;

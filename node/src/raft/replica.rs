@@ -1977,6 +1977,24 @@ pub type ReplicaCreator = Arc<
 pub struct ReplicaMap {
     inner: RwLock<HashMap<u64, Arc<RangeReplica>>>,
     creator: std::sync::OnceLock<ReplicaCreator>,
+    /// Data spans being rewritten whole (a snapshot install) or deleted (a
+    /// removed replica's data), by range: see [`ReplicaMap::claim_span`].
+    span_claims: Arc<Mutex<HashMap<u64, (Bytes, Bytes)>>>,
+}
+
+/// A range's claim on a data span of this node's store; released on drop.
+#[derive(Debug)]
+pub struct SpanClaim {
+    claims: Arc<Mutex<HashMap<u64, (Bytes, Bytes)>>>,
+    range_id: u64,
+}
+
+impl Drop for SpanClaim {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.claims.lock() {
+            c.remove(&self.range_id);
+        }
+    }
 }
 
 impl std::fmt::Debug for ReplicaMap {
@@ -2038,6 +2056,40 @@ impl ReplicaMap {
             .insert(r.range_id(), r);
     }
 
+    /// Claims `[start, end)` of the shared data column family for
+    /// `range_id` to rewrite or delete whole. Refused (with the range in
+    /// the way) while another range is ready here with data in the span,
+    /// or holds a claim on part of it: two installs arriving together on a
+    /// fresh node (an old snapshot of a split range's left half, still
+    /// covering the whole old span, and one of its right half) must not
+    /// both run, and a removed replica's data must not be deleted under
+    /// another range's install. Claims are taken and checked under one
+    /// lock.
+    pub fn claim_span(&self, range_id: u64, start: &Bytes, end: &Bytes) -> Result<SpanClaim, u64> {
+        let mut claims = self.span_claims.lock().expect("span claims lock");
+        // A claim of the same range (its install racing its removal) is in
+        // the way too.
+        if let Some((other, _)) = claims.iter().find(|(id, (s, e))| {
+            **id == range_id || lmskv_proto::range::spans_overlap((s, e), (start, end))
+        }) {
+            return Err(*other);
+        }
+        for other in self.all() {
+            if other.range_id() == range_id || !other.is_ready() {
+                continue;
+            }
+            let (s, e) = other.effective_span();
+            if lmskv_proto::range::spans_overlap((&s, &e), (start, end)) {
+                return Err(other.range_id());
+            }
+        }
+        claims.insert(range_id, (start.clone(), end.clone()));
+        Ok(SpanClaim {
+            claims: self.span_claims.clone(),
+            range_id,
+        })
+    }
+
     /// Every replica, ordered by range id.
     pub fn all(&self) -> Vec<Arc<RangeReplica>> {
         let mut v: Vec<_> = self
@@ -2056,6 +2108,23 @@ impl ReplicaMap {
 pub(crate) mod tests {
     use super::*;
     use crate::storage::EngineOptions;
+
+    #[test]
+    fn span_claims_exclude_overlapping_installs_and_removals_until_released() {
+        let map = ReplicaMap::default();
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        // An old snapshot of a left half still covering the whole old span.
+        let left = map.claim_span(7, &b("a"), &b("c")).expect("claim");
+        assert_eq!(map.claim_span(8, &b("b"), &b("c")).unwrap_err(), 7);
+        assert_eq!(map.claim_span(7, &b("x"), &b("y")).unwrap_err(), 7);
+        let apart = map.claim_span(9, &b("c"), &b("d")).expect("no overlap");
+        drop(left);
+        let right = map.claim_span(8, &b("b"), &b("c")).expect("released");
+        // An empty end is the end of the key space.
+        assert_eq!(map.claim_span(10, &b("cz"), &b("")).unwrap_err(), 9);
+        drop((right, apart));
+        map.claim_span(10, &b("a"), &b("")).expect("all released");
+    }
 
     /// Fast Raft timing for replicas in unit tests.
     pub(crate) fn tuning() -> RaftTuning {

@@ -54,31 +54,28 @@ impl RaftService {
         Ok(self.replicas.get_or_create(msg.range_id).await?)
     }
 
-    /// Refuses a snapshot whose span overlaps another ready range on this
-    /// node: that range has not applied the split that created this one yet,
-    /// and installing now would let its older entries overwrite newer data.
-    /// The sender retries; by then the other range has caught up.
-    fn check_snapshot_span(
+    /// Claims the snapshot's span for its install, refusing it while the
+    /// span overlaps another range that is ready on this node (it has not
+    /// applied the split that created this one yet, and installing now would
+    /// let its older entries overwrite newer data) or that is being
+    /// installed or removed here right now (two installs of overlapping
+    /// spans, or a removal deleting data under an install). The sender
+    /// retries; by then the other range has caught up or finished.
+    fn claim_snapshot_span(
         &self,
         replica: &RangeReplica,
         path: &std::path::Path,
-    ) -> Result<(), Error> {
+    ) -> Result<super::replica::SpanClaim, Error> {
         let incoming = super::state_machine::snapshot_meta(path)
             .map_err(|e| Error::invalid_argument("snapshot", e.to_string()))?;
-        for other in self.replicas.all() {
-            if other.range_id() == replica.range_id() || !other.is_ready() {
-                continue;
-            }
-            let m = other.effective_span();
-            if lmskv_proto::range::spans_overlap((&m.0, &m.1), (&incoming.start, &incoming.end)) {
-                return Err(Error::unavailable(format!(
-                    "snapshot of range {} overlaps local range {} that has not caught up yet; retry",
+        self.replicas
+            .claim_span(replica.range_id(), &incoming.start, &incoming.end)
+            .map_err(|other| {
+                Error::unavailable(format!(
+                    "snapshot of range {} overlaps local range {other}, which has not caught up yet or is being installed or removed; retry",
                     replica.range_id(),
-                    other.range_id()
-                )));
-            }
-        }
-        Ok(())
+                ))
+            })
     }
 
     fn reply(&self, msg: &RaftMessage, payload: Vec<u8>) -> Response<RaftMessage> {
@@ -309,10 +306,13 @@ impl Raft for RaftService {
             }
         };
         tracing::info!(range_id = replica.range_id(), bytes, "received snapshot");
-        if let Err(e) = self.check_snapshot_span(&replica, &path) {
-            remove_file(&path, inline).await;
-            return Err(e.into());
-        }
+        let _claim = match self.claim_snapshot_span(&replica, &path) {
+            Ok(claim) => claim,
+            Err(e) => {
+                remove_file(&path, inline).await;
+                return Err(e.into());
+            }
+        };
         let result = replica.handle_snapshot(&header, path.clone()).await;
         // On success the state machine moved the file; on failure drop it.
         if result.is_err() {
