@@ -212,9 +212,9 @@ impl Db {
         if kvs.len() > PREFIX_READ_MAX {
             // A gradebook or an export built from part of its records would
             // be wrong without saying so.
-            return Err(AppError::Internal(format!(
-                "more than {PREFIX_READ_MAX} records under {}: too many to read at once",
-                prefix.escape_ascii()
+            tracing::warn!(prefix = %prefix.escape_ascii(), "more than {PREFIX_READ_MAX} records under one prefix");
+            return Err(AppError::TooManyRecords(format!(
+                "more than {PREFIX_READ_MAX} records: too many to read at once"
             )));
         }
         kvs.into_iter()

@@ -88,6 +88,11 @@ pub enum AppError {
     /// A bug or corrupt stored data.
     #[error("internal error")]
     Internal(String),
+    /// More records than one read may hold (a gradebook or export of a
+    /// course beyond [`crate::db::PREFIX_READ_MAX`] records). Retrying does
+    /// not help.
+    #[error("{0}")]
+    TooManyRecords(String),
 }
 
 impl AppError {
@@ -114,7 +119,9 @@ impl AppError {
             AppError::Timeout(_) | AppError::Unavailable(_) | AppError::Busy(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::Internal(_) | AppError::TooManyRecords(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -134,6 +141,7 @@ impl AppError {
             AppError::Unavailable(_) => "unavailable",
             AppError::Busy(_) => "busy",
             AppError::Internal(_) => "internal",
+            AppError::TooManyRecords(_) => "too-many-records",
         }
     }
 }
@@ -161,6 +169,7 @@ impl IntoResponse for AppError {
         match &self {
             AppError::Unavailable(e) => tracing::warn!(error = %e, "lmskv unavailable"),
             AppError::Internal(e) => tracing::error!(error = %e, "internal error"),
+            AppError::TooManyRecords(e) => tracing::error!(error = %e, "too many records"),
             _ => {}
         }
         let (detail, errors) = match &self {

@@ -408,7 +408,7 @@ impl Node {
                             // The left range's current snapshot still covers
                             // the old span; new members need one of the new.
                             if let Ok(l) = n.replicas.get(left) {
-                                l.trigger_snapshot().await;
+                                tokio::spawn(async move { l.snapshot_after_split().await });
                             }
                         }
                         Err(e) => tracing::warn!(left, right, error = %e, "cannot open split range"),

@@ -166,6 +166,11 @@ impl Pd {
             .send_modify(|m| *m.entry(range_id).or_insert(0) += 1);
     }
 
+    /// How many times the driver gave up a change of `range_id`.
+    fn given_up_count(&self, range_id: u64) -> u64 {
+        self.given_up.borrow().get(&range_id).copied().unwrap_or(0)
+    }
+
     /// Resolves once the driver gives up the change of `range_id` started
     /// now (not one it gave up before).
     fn until_given_up(&self, range_id: u64) -> impl std::future::Future<Output = ()> + Send {
@@ -1193,10 +1198,17 @@ fn start_op(node: &Arc<Node>, op: PendingOp) -> bool {
         let _permit = permit;
         let range_id = op.range_id;
         tracing::info!(range_id, voters = ?op.voters, reason = %op.reason, "replica change");
+        let given_up_before = node.pd.given_up_count(range_id);
         let r = tokio::time::timeout(OP_TIMEOUT, run_op(&node, &op)).await;
         if let Ok(Ok(())) = r {
             node.pd.retry.lock().expect("retry lock").remove(&range_id);
             tracing::info!(range_id, voters = ?op.voters, "replica change done");
+            return;
+        }
+        if node.pd.given_up_count(range_id) > given_up_before {
+            // Not a failure of the range: the next round plans it again at
+            // once, without a backoff.
+            tracing::info!(range_id, voters = ?op.voters, "replica change given up");
             return;
         }
         let wait = {

@@ -23,26 +23,33 @@ pub const WORKER_IDLE_POLL: Duration = Duration::from_millis(250);
 pub const EXPORT_BYTES_MAX: usize = 1024 * 1024 - 1024;
 
 /// How a task's failure is recorded: what it says and whether a later run
-/// could succeed. An unavailable or slow store heals; an internal error (too
-/// many records to read at once, corrupt stored data, a refused key) does not,
-/// so its job is dead-lettered at once instead of spending its attempts.
+/// could succeed. A course with more records than one read may hold does
+/// not shrink by itself, so its job is dead-lettered at once instead of
+/// spending its attempts. Everything else is retried: an unavailable or
+/// slow store heals, and so may an internal error (a record a newer
+/// version wrote during a rolling upgrade reads once this process is
+/// upgraded). An internal error's detail stays in the log, not in the job.
 pub fn job_failure(e: AppError) -> (String, Failure) {
     match e {
-        AppError::Internal(detail) => (detail, Failure::Permanent),
+        AppError::TooManyRecords(detail) => (detail, Failure::Permanent),
         AppError::Unavailable(source) => (
             format!("the database is unavailable: {source}"),
             Failure::Retryable,
         ),
+        AppError::Internal(detail) => {
+            tracing::warn!(error = %detail, "job task failed with an internal error");
+            ("internal error".to_string(), Failure::Retryable)
+        }
         other => (other.to_string(), Failure::Retryable),
     }
 }
 
 /// Runs one job's task. Tasks are idempotent: a rerun writes the same keys.
 pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
-    let retry = job_failure;
+    let fail = job_failure;
     match l.job.kind {
         JobKind::GradebookExport { course_id } => {
-            let g = build_gradebook(db, course_id).await.map_err(retry)?;
+            let g = build_gradebook(db, course_id).await.map_err(fail)?;
             let csv = gradebook_csv(&g);
             if csv.len() > EXPORT_BYTES_MAX {
                 return Err((
@@ -55,7 +62,7 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
             }
             db.put_raw(keys::export(l.job.id), csv.into())
                 .await
-                .map_err(retry)?;
+                .map_err(fail)?;
             Ok(())
         }
         JobKind::GradeNotifications {
@@ -68,7 +75,7 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
                     ReadConsistency::Strong,
                 )
                 .await
-                .map_err(retry)?
+                .map_err(fail)?
                 .ok_or_else(|| {
                     (
                         "the assignment no longer exists".to_string(),
@@ -82,7 +89,7 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
                     ReadConsistency::Strong,
                 )
                 .await
-                .map_err(retry)?;
+                .map_err(fail)?;
             for s in subs.into_iter().filter(|s| s.value.grade.is_some()) {
                 let uid = s.value.student_id;
                 // One notification per (student, job): the key is fixed, so a
@@ -97,7 +104,7 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
                 };
                 db.put(keys::notification(uid, l.job.id), &n)
                     .await
-                    .map_err(retry)?;
+                    .map_err(fail)?;
             }
             Ok(())
         }
@@ -154,18 +161,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failures_that_cannot_heal_are_permanent_and_keep_their_detail() {
-        let (msg, kind) = job_failure(AppError::Internal(
-            "more than 100000 records under course/1/: too many to read at once".into(),
+    fn only_failures_that_cannot_heal_are_permanent() {
+        let (msg, kind) = job_failure(AppError::TooManyRecords(
+            "more than 100000 records: too many to read at once".into(),
         ));
         assert_eq!(kind, Failure::Permanent);
         assert!(msg.contains("too many to read at once"), "{msg}");
 
+        // An undecodable record may be one a newer version wrote: retried,
+        // and its detail is not shown in the job.
+        let (msg, kind) = job_failure(AppError::Internal("undecodable record at user/7".into()));
+        assert_eq!(kind, Failure::Retryable);
+        assert!(!msg.contains("user/7"), "{msg}");
+
         let (msg, kind) = job_failure(AppError::Timeout(Duration::from_secs(1)));
         assert_eq!(kind, Failure::Retryable);
         assert!(msg.contains("1000 ms"), "{msg}");
-
-        let (_, kind) = job_failure(AppError::Busy("contended".into()));
-        assert_eq!(kind, Failure::Retryable);
     }
 }

@@ -252,10 +252,10 @@ impl LogStore {
 
 impl RaftLogReader<TypeConfig> for LogStore {
     /// Every entry of `range` the log holds: openraft's contract for this
-    /// call (the apply path reads committed entries through it) allows no
-    /// early stop. Replication reads through the bounded
+    /// call allows no early stop (its default `entries_stream` reads a whole
+    /// apply range through it). Replication reads through the bounded
     /// [`RaftLogReader::limited_get_log_entries`], and apply through the
-    /// paged [`RaftLogReader::entries_stream`].
+    /// paged [`RaftLogReader::entries_stream`] below.
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -274,8 +274,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
 
     /// The entries of `range`, read [`LOG_READ_ENTRIES_MAX`] at a time (a
     /// node applying a long backlog holds one page of it in memory, not all
-    /// of it). A page that comes back short before the range's end is a
-    /// hole in the log and ends the stream with an error, never silently.
+    /// of it). A page that comes back short before the range's end, or
+    /// (after the first) starts late, is a hole in the log and ends the
+    /// stream with an error, never silently; entries missing at the range's
+    /// start (purged) or end (not appended yet) are left out, as openraft's
+    /// contract allows.
     async fn entries_stream<RB>(
         &mut self,
         range: RB,
@@ -300,18 +303,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 };
                 let next = page.last().map(|e| e.index() + 1);
                 let short = next.is_none_or(|n| n < to);
-                if short && to < end {
+                // Only the range's first page may start late (entries purged
+                // before it); a later page starting late skipped a hole.
+                let late = from != start && page.first().is_some_and(|e| e.index() != from);
+                if (short && to < end) || late {
                     // Entries are missing inside the range: the caller must
                     // not take the range as read whole.
+                    let missing_from = if late { from } else { next.unwrap_or(from) };
                     let e = io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!(
-                            "range {}: log entries missing between {} and {to} (reading up to {end})",
+                            "range {}: log entries missing from {missing_from} (reading {start} to {end})",
                             this.range_id,
-                            next.unwrap_or(from)
                         ),
                     );
-                    let mut items: Vec<_> = page.into_iter().map(Ok).collect();
+                    // Entries after a hole are not handed out.
+                    let mut items: Vec<_> = if late {
+                        Vec::new()
+                    } else {
+                        page.into_iter().map(Ok).collect()
+                    };
                     items.push(Err(e));
                     return Some((futures::stream::iter(items), None));
                 }
@@ -603,6 +614,22 @@ mod tests {
             "the stream ends with an error at the hole"
         );
         assert_eq!(read.len(), 5_000);
+
+        // A hole at a page's first entry.
+        let first_of_page2 = LOG_READ_ENTRIES_MAX + 1;
+        let raw: Vec<(u64, Vec<u8>)> = (1..=10_000u64)
+            .filter(|i| *i != first_of_page2)
+            .map(|i| (i, encode(&blanks(1, i, i)[0]).expect("encode")))
+            .collect();
+        engine.log_append(5, &raw).expect("append");
+        let mut holed = LogStore::new(engine.clone(), 5, None);
+        let read: Vec<_> = holed.entries_stream(1..10_001).await.collect().await;
+        let ok = read.iter().take_while(|e| e.is_ok()).count() as u64;
+        assert_eq!(ok, LOG_READ_ENTRIES_MAX, "entries before the hole");
+        assert!(
+            read.last().is_some_and(|e| e.is_err()),
+            "the stream ends with an error at a hole on a page boundary"
+        );
     }
 
     /// Every read through the cached store must return what the same read

@@ -30,6 +30,9 @@ use crate::storage::Engine;
 type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// How long a leader transfer may take before it is reported as failed.
+/// Tries (a second apart) to get a range's snapshot rebuilt after a split;
+/// see [`RangeReplica::snapshot_after_split`].
+pub const SPLIT_SNAPSHOT_TRIES: u32 = 30;
 const LEADER_TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a replica change waits for its new members to catch up.
 const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1722,15 +1725,40 @@ impl RangeReplica {
         }
     }
 
-    /// Builds a fresh snapshot (after a split, so that the snapshot sent to
-    /// new members covers the range's current span).
-    pub async fn trigger_snapshot(&self) {
-        let Ok(raft) = self.raft().await else {
-            return;
-        };
-        if let Err(e) = raft.trigger().snapshot().await {
-            tracing::debug!(range_id = self.range_id, error = %e, "snapshot trigger");
+    /// After a split of this range: makes its current snapshot one of its
+    /// new (smaller) span. Until then the snapshot it sends new members
+    /// still covers the old span, and a node where the right half is ready
+    /// refuses it, so the range could not gain a replica there. openraft
+    /// ignores a trigger while a build runs (one that may have started
+    /// before the split), so this asks again, once a second, until the
+    /// current snapshot covers the new span or [`SPLIT_SNAPSHOT_TRIES`]
+    /// tries pass.
+    pub async fn snapshot_after_split(&self) {
+        for _ in 0..SPLIT_SNAPSHOT_TRIES {
+            {
+                let Ok(raft) = self.raft().await else {
+                    return;
+                };
+                let Ok(current) = raft.get_snapshot().await else {
+                    return;
+                };
+                let m = self.meta();
+                let fits = current
+                    .and_then(|s| super::state_machine::snapshot_meta(&s.snapshot.path).ok())
+                    .is_some_and(|span| span.start == m.start && span.end == m.end);
+                if fits {
+                    return;
+                }
+                if let Err(e) = raft.trigger().snapshot().await {
+                    tracing::debug!(range_id = self.range_id, error = %e, "snapshot trigger");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        tracing::warn!(
+            range_id = self.range_id,
+            "the range's snapshot still covers its span before the split"
+        );
     }
 
     /// Whether this replica is the range's leader.
@@ -1991,9 +2019,10 @@ pub struct SpanClaim {
 
 impl Drop for SpanClaim {
     fn drop(&mut self) {
-        if let Ok(mut c) = self.claims.lock() {
-            c.remove(&self.range_id);
-        }
+        self.claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.range_id);
     }
 }
 
@@ -2066,7 +2095,10 @@ impl ReplicaMap {
     /// another range's install. Claims are taken and checked under one
     /// lock.
     pub fn claim_span(&self, range_id: u64, start: &Bytes, end: &Bytes) -> Result<SpanClaim, u64> {
-        let mut claims = self.span_claims.lock().expect("span claims lock");
+        let mut claims = self
+            .span_claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // A claim of the same range (its install racing its removal) is in
         // the way too.
         if let Some((other, _)) = claims.iter().find(|(id, (s, e))| {

@@ -306,14 +306,25 @@ impl Raft for RaftService {
             }
         };
         tracing::info!(range_id = replica.range_id(), bytes, "received snapshot");
-        let _claim = match self.claim_snapshot_span(&replica, &path) {
+        let claim = match self.claim_snapshot_span(&replica, &path) {
             Ok(claim) => claim,
             Err(e) => {
                 remove_file(&path, inline).await;
                 return Err(e.into());
             }
         };
-        let result = replica.handle_snapshot(&header, path.clone()).await;
+        // The install runs on its own task holding the claim: a sender that
+        // gives up drops this call, but openraft has queued the install by
+        // then and it goes on, so the claim must last as long as it does.
+        let result = {
+            let (replica, path) = (replica.clone(), path.clone());
+            tokio::spawn(async move {
+                let _claim = claim;
+                replica.handle_snapshot(&header, path).await
+            })
+            .await
+            .unwrap_or_else(|e| Err(Error::internal(format!("snapshot install task: {e}"))))
+        };
         // On success the state machine moved the file; on failure drop it.
         if result.is_err() {
             remove_file(&path, inline).await;

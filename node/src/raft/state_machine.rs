@@ -761,17 +761,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let this = self.clone();
         let meta2 = meta.clone();
         let fp = final_path.clone();
-        /// Marks the install under way until it ends, however it ends.
-        struct Installing(Arc<std::sync::atomic::AtomicU64>);
-        impl Drop for Installing {
-            fn drop(&mut self) {
-                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Odd while the import runs. The blocking import goes on even if
+        // this future is dropped, so it ends the mark itself, and only when
+        // it succeeded: a failed import leaves the store half-written, and
+        // local reads stay refused (the replica faults on the error).
+        let seq = self.install_seq.clone();
+        seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        run_blocking(self.engine.runs_inline(), move || {
+            let imported = this.import(&meta2, &fp);
+            if imported.is_ok() {
+                seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
-        }
-        self.install_seq
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let _installing = Installing(self.install_seq.clone());
-        run_blocking(self.engine.runs_inline(), move || this.import(&meta2, &fp)).await?;
+            imported
+        })
+        .await?;
         tracing::info!(range_id = self.range_id, last_log_id = ?meta.last_log_id, "installed snapshot");
         Ok(())
     }
