@@ -20,7 +20,7 @@ mod stream;
 
 pub use network::{ChannelMaker, PeerPool, APPEND_PIPELINE_MAX, RAFT_RPC_TIMEOUT_MIN};
 pub use proposals::PROPOSALS_IN_FLIGHT_MAX;
-pub use replica::{RaftTuning, RangeReplica, ReadLevel, ReplicaMap, ReplicaStatus};
+pub use replica::{RaftTuning, RangeReplica, ReadLevel, ReplicaMap, ReplicaStatus, SpanMismatch};
 pub use service::RaftService;
 
 openraft::declare_raft_types!(

@@ -30,6 +30,16 @@ use crate::storage::Engine;
 type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// How long a leader transfer may take before it is reported as failed.
+/// How a request's view of a range differs from the range (see
+/// [`RangeReplica::check_span`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanMismatch {
+    /// The span version differs: a split the caller did not see.
+    Version,
+    /// A key is outside the span.
+    Key,
+}
+
 /// Tries (a second apart) to get a range's snapshot rebuilt after a split;
 /// see [`RangeReplica::snapshot_after_split`].
 pub const SPLIT_SNAPSHOT_TRIES: u32 = 30;
@@ -692,10 +702,18 @@ impl RangeReplica {
         self.meta.read().expect("meta lock").clone()
     }
 
-    /// The range's span version (raised by every split), without copying
-    /// the rest of its metadata.
-    pub fn span_version(&self) -> u64 {
-        self.meta.read().expect("meta lock").version
+    /// Whether the range's span is still at `version` (when given; raised
+    /// by every split) and holds every key of `keys`, checked under the
+    /// metadata lock without copying the metadata (every request asks).
+    pub fn check_span(&self, keys: &[&[u8]], version: Option<u64>) -> Result<(), SpanMismatch> {
+        let m = self.meta.read().expect("meta lock");
+        if version.is_some_and(|v| v != m.version) {
+            return Err(SpanMismatch::Version);
+        }
+        if keys.iter().any(|k| !m.contains(k)) {
+            return Err(SpanMismatch::Key);
+        }
+        Ok(())
     }
 
     /// Runs `read` on this replica's store unless a snapshot install
@@ -717,13 +735,6 @@ impl RangeReplica {
                 self.range_id
             ))),
         }
-    }
-
-    /// Whether every key of `keys` is in the range's span now (without
-    /// copying its metadata).
-    pub fn spans_all(&self, keys: &[&[u8]]) -> bool {
-        let m = self.meta.read().expect("meta lock");
-        keys.iter().all(|k| m.contains(k))
     }
 
     /// The span this replica may hold data in: its own, except that the meta

@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 
 use crate::node::Node;
 use crate::raft::command::{CommandResponse, Condition, Expect, KvRecord, Op, WriteOp};
-use crate::raft::{RangeReplica, ReadLevel};
+use crate::raft::{RangeReplica, ReadLevel, SpanMismatch};
 
 /// Serves key-value requests.
 #[derive(Debug, Clone)]
@@ -106,24 +106,7 @@ impl KvService {
             }
             _ => self.node.replica(h.range_id)?,
         };
-        let meta = replica.meta();
-        // The hot path builds no descriptor: only errors carry one.
-        if let Some(want) = &h.epoch {
-            if want.version != meta.version {
-                return Err(Error::EpochMismatch {
-                    range_id: replica.range_id(),
-                    current: self.node.current_descriptors(&replica),
-                });
-            }
-        }
-        for k in keys {
-            if !meta.contains(k) {
-                return Err(Error::KeyNotInRange {
-                    range_id: replica.range_id(),
-                    current: Some(self.node.descriptor(&replica)),
-                });
-            }
-        }
+        self.check_span(&replica, keys, h.epoch.map(|e| e.version))?;
         if h.suspect_leader != 0 && h.leader_wait_ms > 0 {
             let wait = Duration::from_millis(u64::from(h.leader_wait_ms)).min(LEADER_WAIT_MAX);
             replica
@@ -134,27 +117,31 @@ impl KvService {
         Ok(replica)
     }
 
-    /// Refuses a read whose range changed shape while it waited for its
-    /// read barrier: `keys` were in the range before the barrier, and
-    /// `version` (when given) is the span version the read was cut to. A
-    /// split the barrier applied (a new leader catching up with it, say)
-    /// can have moved keys to the new range, whose writes since the split
-    /// this replica's engine may not hold yet. The caller refreshes its
-    /// route and reads from the range holding the keys now.
-    fn unchanged_since_route(
+    /// Refuses a request whose view of the range is not the range's now:
+    /// `version` (when given) is the span version it was routed or cut by,
+    /// `keys` must be in the span. Checked when a request is routed, and
+    /// again by reads after their read barrier: a split the barrier applied
+    /// (a new leader catching up with it, say) can have moved keys to the
+    /// new range, whose writes since the split this replica's engine may
+    /// not hold yet. Either way the caller refreshes its route and retries.
+    fn check_span(
         &self,
         r: &Arc<RangeReplica>,
         keys: &[&[u8]],
         version: Option<u64>,
     ) -> Result<(), Error> {
-        let same_span = version.is_none_or(|v| r.span_version() == v);
-        if same_span && r.spans_all(keys) {
-            return Ok(());
+        // The hot path builds no descriptor: only errors carry one.
+        match r.check_span(keys, version) {
+            Ok(()) => Ok(()),
+            Err(SpanMismatch::Version) => Err(Error::EpochMismatch {
+                range_id: r.range_id(),
+                current: self.node.current_descriptors(r),
+            }),
+            Err(SpanMismatch::Key) => Err(Error::KeyNotInRange {
+                range_id: r.range_id(),
+                current: Some(self.node.descriptor(r)),
+            }),
         }
-        Err(Error::EpochMismatch {
-            range_id: r.range_id(),
-            current: self.node.current_descriptors(r),
-        })
     }
 
     fn header(&self, r: &RangeReplica, applied_index: u64) -> Option<ResponseHeader> {
@@ -324,7 +311,7 @@ impl Kv for KvService {
         let level = read_level(&req.read)?;
         let r = self.route(&req.header, &[&req.key]).await?;
         let applied = r.read_barrier(level).await?;
-        self.unchanged_since_route(&r, &[&req.key], None)?;
+        self.check_span(&r, &[&req.key], None)?;
         let found = r.read_local(|| read_key(r.engine(), &req.key).map_err(|e| r.refuse(&e)))?;
         Ok(Response::new(GetResponse {
             header: self.header(&r, applied),
@@ -362,7 +349,7 @@ impl Kv for KvService {
         let keys: Vec<&[u8]> = req.keys.iter().map(|k| k.as_ref()).collect();
         let r = self.route(&req.header, &keys).await?;
         let applied = r.read_barrier(level).await?;
-        self.unchanged_since_route(&r, &keys, None)?;
+        self.check_span(&r, &keys, None)?;
         let mut kvs = Vec::new();
         let mut bytes = 0usize;
         // One snapshot for every key: the keys are read as of one applied state.
@@ -524,7 +511,7 @@ impl Kv for KvService {
         }
         let applied = r.read_barrier(level).await?;
         // The span was cut to the range before the barrier.
-        self.unchanged_since_route(&r, &[], Some(m.version))?;
+        self.check_span(&r, &[], Some(m.version))?;
         let (items, more) = if !end.is_empty() && start >= end {
             (Vec::new(), false)
         } else {
