@@ -42,6 +42,11 @@ const LIVENESS_TICK: Duration = Duration::from_millis(250);
 const LIVENESS_PING_EVERY: Duration = Duration::from_millis(500);
 /// How long a removed replica's Raft group may take to stop.
 const REPLICA_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often, and how long apart, a removal asks again for its data span
+/// while its own snapshot install still holds it (the install lets go a
+/// moment after its import ended).
+const OWN_CLAIM_WAITS_MAX: u32 = 100;
+const OWN_CLAIM_WAIT: Duration = Duration::from_millis(20);
 /// A range that applied nothing new has its on-disk size measured again
 /// after this long (compactions change it without writes).
 const SIZE_REMEASURE_AFTER: Duration = Duration::from_secs(30);
@@ -437,6 +442,9 @@ impl Node {
         let Some(r) = self.replicas.remove(range_id) else {
             return Ok(());
         };
+        // Before the shutdown: an install openraft has queued must not
+        // begin its import once the group is gone.
+        r.abort_installs();
         // Bounded: everything that opens a replica waits for this lock.
         if tokio::time::timeout(REPLICA_SHUTDOWN_TIMEOUT, r.shutdown())
             .await
@@ -444,14 +452,34 @@ impl Node {
         {
             tracing::warn!(range_id, "replica shutdown took longer than {REPLICA_SHUTDOWN_TIMEOUT:?}; removing its data anyway");
         }
+        // An import under way stops at its next batch (deleting what it
+        // wrote); its data, state and marker must not outlive the removal.
+        let waited = std::time::Instant::now();
+        r.stop_installs().await;
+        if waited.elapsed() > REPLICA_SHUTDOWN_TIMEOUT {
+            tracing::warn!(
+                range_id,
+                waited_ms = waited.elapsed().as_millis() as u64,
+                "waited long for the replica's snapshot import to stop"
+            );
+        }
         let meta = r.meta();
         // Delete the data span only when no other local range holds any of
         // it or is installing into it; the claim keeps installs out of the
-        // span until the data is gone.
+        // span until the data is gone. This range's own install releases
+        // its claim a moment after its import ended.
         let claim = if r.is_ready() {
-            self.replicas
-                .claim_span(range_id, &meta.start, &meta.end)
-                .ok()
+            let mut tries = 0;
+            loop {
+                match self.replicas.claim_span(range_id, &meta.start, &meta.end) {
+                    Ok(c) => break Some(c),
+                    Err(owner) if owner == range_id && tries < OWN_CLAIM_WAITS_MAX => {
+                        tries += 1;
+                        tokio::time::sleep(OWN_CLAIM_WAIT).await;
+                    }
+                    Err(_) => break None,
+                }
+            }
         } else {
             None
         };

@@ -12,6 +12,7 @@ use lmskv_proto::limits::GRPC_MESSAGE_BYTES_MAX;
 use lmskv_proto::v1::raft_client::RaftClient;
 use lmskv_proto::v1::{RaftMessage, SnapshotChunk};
 use openraft::alias::{LogIdOf, SnapshotOf, VoteOf};
+use openraft::async_runtime::WatchReceiver;
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::entry::RaftEntry;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -20,6 +21,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
     VoteResponse,
 };
+use openraft::vote::RaftLeaderId;
 use openraft::{OptionalSend, RaftNetworkV2};
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint};
@@ -211,6 +213,25 @@ impl FaultedPeers {
     }
 }
 
+/// A group's metrics channel.
+pub(crate) type MetricsRx =
+    openraft::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>;
+
+/// A group's metrics, once the group is built (see
+/// [`NetworkFactory::metrics`]).
+#[derive(Clone, Default)]
+pub(crate) struct GroupMetrics(pub(crate) Arc<std::sync::OnceLock<MetricsRx>>);
+
+impl std::fmt::Debug for GroupMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "GroupMetrics(set)"
+        } else {
+            "GroupMetrics(unset)"
+        })
+    }
+}
+
 /// Creates per-peer Raft clients for one range.
 #[derive(Debug, Clone)]
 pub struct NetworkFactory {
@@ -220,6 +241,9 @@ pub struct NetworkFactory {
     pub(crate) hibernating: Arc<std::sync::atomic::AtomicBool>,
     /// Peers that refused as faulted (shared with the replica).
     pub(crate) faulted_peers: Arc<FaultedPeers>,
+    /// The group's metrics, set once the group is built: each append says
+    /// how long ago a quorum last acknowledged this leader.
+    pub(crate) metrics: GroupMetrics,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -234,6 +258,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             hibernating: self.hibernating.clone(),
             faulted_peers: self.faulted_peers.clone(),
+            metrics: self.metrics.clone(),
             inline_reads: self.pool.inline_reads,
             rpc_timeout_min: self.pool.rpc_timeout_min,
             pipeline: self.pool.append_pipeline,
@@ -251,6 +276,8 @@ pub struct PeerClient {
     target: u64,
     hibernating: Arc<std::sync::atomic::AtomicBool>,
     faulted_peers: Arc<FaultedPeers>,
+    /// See [`NetworkFactory::metrics`].
+    metrics: GroupMetrics,
     /// See [`PeerPool::with_channel_maker`].
     inline_reads: bool,
     /// See [`PeerPool::with_channel_maker`].
@@ -319,7 +346,48 @@ impl PeerClient {
             crc32: crc32fast::hash(&payload),
             payload: Bytes::from(payload),
             hibernate: false,
+            quorum_acked_age_us: None,
         }
+    }
+
+    /// When a quorum last acknowledged this leader, if the append `req`
+    /// may carry it as its proof of freshness (see
+    /// `RaftMessage::quorum_acked_age_us`, and [`stream::stamp`], which
+    /// turns it into an age as the append leaves). The follower that
+    /// accepts the append treats every write acknowledged before that
+    /// moment as at or below `req`'s commit index, so there is no proof:
+    /// - while the commit index is not of the leader's own term: a new
+    ///   leader's can be behind writes its predecessor committed and
+    ///   acknowledged, until an entry of its own commits;
+    /// - when the group had committed past it by the acknowledgement it
+    ///   reports: openraft read the commit index into `req` earlier (and
+    ///   may have waited out a backoff since), and writes acknowledged in
+    ///   between are not in it.
+    ///
+    /// Also `None` before the group is built, when it does not lead in
+    /// `req`'s term, and for appends that go as unary calls (their age
+    /// would be taken before tonic waits for a connection; they are rare,
+    /// and the follower keeps its last proof meanwhile).
+    ///
+    /// [`stream::stamp`]: super::stream::stamp
+    fn quorum_proof(&self, req: &AppendEntriesRequest<TypeConfig>) -> Option<tokio::time::Instant> {
+        let commit = req.leader_commit.as_ref()?;
+        if *commit.committed_leader_id() != req.vote.leader_id().to_committed() {
+            return None;
+        }
+        let rx = self.metrics.0.get()?;
+        let m = rx.borrow_watched();
+        if m.vote.leader_id() != req.vote.leader_id() {
+            return None;
+        }
+        let newer = |c: &Option<LogIdOf<TypeConfig>>| {
+            c.as_ref().is_some_and(|c| c.index() > commit.index())
+        };
+        if newer(&m.local_committed) || newer(&m.cluster_committed) {
+            return None;
+        }
+        let at = m.last_quorum_acked.as_ref()?;
+        tokio::time::Instant::now().checked_sub(openraft::Instant::elapsed(&**at))
     }
 
     async fn call<Req, Resp, F, Fut>(
@@ -365,6 +433,8 @@ struct Outgoing {
     msg: RaftMessage,
     prev: Option<LogIdOf<TypeConfig>>,
     last: Option<LogIdOf<TypeConfig>>,
+    /// See [`PeerClient::quorum_proof`].
+    proof: Option<tokio::time::Instant>,
 }
 
 /// An append sent and not answered yet.
@@ -463,6 +533,7 @@ where
 
     fn send(&mut self, req: AppendEntriesRequest<TypeConfig>) -> Result<(), RPCError<TypeConfig>> {
         let (prev, last) = covered(&req);
+        let proof = self.peer.quorum_proof(&req);
         let hibernate = req.entries.is_empty()
             && self
                 .peer
@@ -471,9 +542,14 @@ where
         let payload = encode(&req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut msg = self.peer.message(payload);
         msg.hibernate = hibernate;
-        let out = Outgoing { msg, prev, last };
+        let out = Outgoing {
+            msg,
+            prev,
+            last,
+            proof,
+        };
         if out.msg.payload.len() <= APPEND_STREAM_PAYLOAD_BYTES_MAX {
-            if let Some(rx) = self.stream.call(out.msg.clone()) {
+            if let Some(rx) = self.stream.call(out.msg.clone(), out.proof) {
                 self.in_flight.push_back(InFlight {
                     prev: out.prev,
                     last: out.last,
@@ -493,6 +569,7 @@ where
 
     fn send_alone(&mut self, out: Outgoing) -> Result<(), RPCError<TypeConfig>> {
         let mut client = self.peer.client()?;
+        // No proof of freshness on a unary call (see `quorum_proof`).
         let msg = out.msg;
         self.in_flight.push_back(InFlight {
             prev: out.prev,
@@ -706,10 +783,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let hibernate =
             rpc.entries.is_empty() && self.hibernating.load(std::sync::atomic::Ordering::Relaxed);
         let stream = self.stream.clone();
+        let proof = self.quorum_proof(&rpc);
         self.call(&rpc, &option, |mut c, mut m| async move {
             m.hibernate = hibernate;
             if let Some(s) = stream.filter(|_| m.payload.len() <= APPEND_STREAM_PAYLOAD_BYTES_MAX) {
-                if let Some(rx) = s.call(m.clone()) {
+                if let Some(rx) = s.call(m.clone(), proof) {
                     match rx.await {
                         Ok(Ok(reply)) => return Ok(tonic::Response::new(reply)),
                         Ok(Err(StreamError::Failed(status))) => return Err(status),
@@ -719,6 +797,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                     }
                 }
             }
+            // No proof of freshness on a unary call (see `quorum_proof`).
             c.append_entries(m).await
         })
         .await
@@ -918,6 +997,7 @@ mod tests {
             target: 2,
             hibernating: hibernating.clone(),
             faulted_peers: Arc::default(),
+            metrics: GroupMetrics::default(),
             inline_reads: false,
             rpc_timeout_min: RAFT_RPC_TIMEOUT_MIN,
             pipeline: 1,
@@ -993,6 +1073,7 @@ mod tests {
             target: 2,
             hibernating: Arc::new(AtomicBool::new(false)),
             faulted_peers: faulted_peers.clone(),
+            metrics: GroupMetrics::default(),
             inline_reads: false,
             rpc_timeout_min: RAFT_RPC_TIMEOUT_MIN,
             pipeline: 1,

@@ -23,7 +23,7 @@ use super::command::{Command, CommandResponse, Op};
 use super::log_store::LogStore;
 use super::network::{FaultedPeers, NetworkFactory, PeerPool};
 use super::proposals::{self, Admission, Answer, Proposals, Waiting};
-use super::state_machine::{SharedMeta, SnapshotFile, SplitHook, StateMachine};
+use super::state_machine::{Installs, SharedMeta, SnapshotFile, SplitHook, StateMachine};
 use super::TypeConfig;
 use crate::storage::Engine;
 
@@ -191,13 +191,49 @@ impl std::fmt::Debug for AppendPipe {
     }
 }
 
+/// A follower's last accepted AppendEntries from a leader: its proof of
+/// freshness for bounded-staleness reads.
+#[derive(Debug, Clone, Copy)]
+struct LeaderContact {
+    /// When the append arrived (tokio's clock, as everything here).
+    received: tokio::time::Instant,
+    /// When a quorum last acknowledged a leader, by the last append that
+    /// said (its arrival less the age it gave, `RaftMessage::quorum_acked_age_us`),
+    /// with that append's commit index: every write acknowledged before
+    /// then is at or below it. A leader cut off from the majority still
+    /// reaches the followers on its side, but this stays in the past.
+    /// Tokio's clock, as the leader's proof (the simulation pauses it).
+    proof: Option<(tokio::time::Instant, u64)>,
+}
+
+impl LeaderContact {
+    /// The contact an append makes, taken as it arrives (before the group
+    /// is loaded, which can take a while for a parked one).
+    fn new(payload_commit: u64, quorum_acked_age_us: Option<u64>) -> LeaderContact {
+        let received = tokio::time::Instant::now();
+        LeaderContact {
+            received,
+            proof: quorum_acked_age_us
+                .and_then(|us| received.checked_sub(Duration::from_micros(us)))
+                .map(|at| (at, payload_commit)),
+        }
+    }
+
+    /// Records this accepted append in `slot`: an append without a proof
+    /// keeps the proof before it (still true, with its own commit index).
+    fn record(self, slot: &Mutex<Option<LeaderContact>>) {
+        let mut slot = slot.lock().expect("contact lock");
+        let proof = self.proof.or_else(|| slot.and_then(|c| c.proof));
+        *slot = Some(LeaderContact { proof, ..self });
+    }
+}
+
 /// An append in a pipe, waiting for its answer.
 struct PipedAppend {
     reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, Error>>,
     /// An entry-less append from a hibernating leader (see `handle_append`).
     sleep: bool,
-    received: std::time::Instant,
-    leader_commit: u64,
+    contact: LeaderContact,
     /// The group is not parked while an append runs.
     _user: User,
 }
@@ -230,11 +266,13 @@ impl AppendPipe {
 
     /// Sends the append `payload` of `replica` (the one this pipe was
     /// opened on) into the pipe, behind the appends sent before it.
+    /// `hibernate` and `quorum_acked_age_us` are the message's.
     pub fn send(
         &self,
         replica: &Arc<RangeReplica>,
         payload: &[u8],
         hibernate: bool,
+        quorum_acked_age_us: Option<u64>,
     ) -> Result<PipedReply, PipeRefusal> {
         // Counted before the group is looked at, as in `RangeReplica::raft`.
         replica.users.fetch_add(1, Ordering::SeqCst);
@@ -252,8 +290,10 @@ impl AppendPipe {
         let waiting = PipedAppend {
             reply,
             sleep,
-            received: std::time::Instant::now(),
-            leader_commit: req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0),
+            contact: LeaderContact::new(
+                req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0),
+                quorum_acked_age_us,
+            ),
             _user: user,
         };
         match self.waiting.try_send(waiting) {
@@ -300,9 +340,10 @@ pub struct RangeReplica {
     served: std::sync::atomic::AtomicU64,
     /// Leader side: set while the range is idle and its heartbeats are off.
     hibernating: Arc<AtomicBool>,
-    /// The state machine's snapshot-install sequence (odd while an install
-    /// runs); see [`RangeReplica::read_local`].
-    install_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The state machine's snapshot installs: their sequence (odd while one
+    /// runs; see [`RangeReplica::read_local`]), and the import's own lock
+    /// and stop flag (see [`RangeReplica::stop_installs`]).
+    installs: Arc<Installs>,
     /// Follower side: set while the election timer is off because the
     /// leader said it hibernates.
     dormant: AtomicBool,
@@ -316,10 +357,9 @@ pub struct RangeReplica {
     loads: std::sync::atomic::AtomicU64,
     /// When a client request or proposal last touched the range.
     last_activity: Mutex<std::time::Instant>,
-    /// When this replica last accepted AppendEntries from a leader, and that
-    /// leader's commit index then: a follower's proof of freshness for
-    /// bounded-staleness reads.
-    leader_contact: Mutex<Option<(std::time::Instant, u64)>>,
+    /// What this replica last accepted AppendEntries from a leader (see
+    /// [`LeaderContact`]).
+    leader_contact: Mutex<Option<LeaderContact>>,
     /// Proposal slots and the writes waiting for one (many writes per entry).
     proposals: Mutex<Proposals>,
     /// This replica, for the tasks that propose queued writes as a group.
@@ -381,7 +421,7 @@ async fn start_group(
     reopen: &Reopen,
     tuning: &RaftTuning,
     hibernating: &Arc<AtomicBool>,
-    install_seq: &Arc<std::sync::atomic::AtomicU64>,
+    installs: &Arc<Installs>,
     meta: Option<SharedMeta>,
 ) -> Result<(Raft, SharedMeta), Error> {
     let node_id = reopen.pool.local_id();
@@ -411,6 +451,7 @@ async fn start_group(
         tuning.dedup_window,
         reopen.on_split.clone(),
         !reloading,
+        installs.clone(),
     )
     .map_err(|e| Error::Corruption {
         reason: format!("range {range_id} state machine: {e}"),
@@ -418,7 +459,6 @@ async fn start_group(
     if let Some(shared) = meta {
         sm.share_meta(shared);
     }
-    sm.share_install_seq(install_seq.clone());
     let meta = sm.meta();
     let log = LogStore::new(engine.clone(), range_id, Some(reopen.pool.local_id()));
     let net = NetworkFactory {
@@ -426,12 +466,15 @@ async fn start_group(
         range_id,
         hibernating: hibernating.clone(),
         faulted_peers: reopen.faulted_peers.clone(),
+        metrics: Default::default(),
     };
+    let metrics = net.metrics.0.clone();
     let raft = Raft::new(node_id, Arc::new(config), net, log, sm)
         .await
         .map_err(|e| Error::Corruption {
             reason: format!("range {range_id} failed to start: {e}"),
         })?;
+    let _ = metrics.set(raft.metrics());
     Ok((raft, meta))
 }
 
@@ -447,7 +490,7 @@ impl RangeReplica {
     ) -> Result<Arc<Self>, Error> {
         let node_id = pool.local_id();
         let hibernating = Arc::new(AtomicBool::new(false));
-        let install_seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let installs = Arc::new(Installs::default());
         let reopen = Reopen {
             pool,
             data_dir: data_dir.to_path_buf(),
@@ -460,7 +503,7 @@ impl RangeReplica {
             &reopen,
             &tuning,
             &hibernating,
-            &install_seq,
+            &installs,
             None,
         )
         .await?;
@@ -481,7 +524,7 @@ impl RangeReplica {
             fault: Mutex::new(None),
             served: std::sync::atomic::AtomicU64::new(0),
             hibernating,
-            install_seq,
+            installs,
             dormant: AtomicBool::new(false),
             asleep_since: Mutex::new(std::time::Instant::now()),
             led_when_parked: AtomicBool::new(false),
@@ -593,7 +636,7 @@ impl RangeReplica {
             &self.reopen,
             &self.tuning,
             &self.hibernating,
-            &self.install_seq,
+            &self.installs,
             Some(self.meta.clone()),
         )
         .await
@@ -722,14 +765,14 @@ impl RangeReplica {
     /// neither the old state nor the new one (a key missing, a scan with a
     /// hole). Such a read is refused (retryable) instead of answered.
     pub fn read_local<T>(&self, read: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
-        let before = self.install_seq.load(Ordering::SeqCst);
+        let before = self.installs.seq.load(Ordering::SeqCst);
         let out = if before.is_multiple_of(2) {
             Some(read()?)
         } else {
             None
         };
         match out {
-            Some(v) if self.install_seq.load(Ordering::SeqCst) == before => Ok(v),
+            Some(v) if self.installs.seq.load(Ordering::SeqCst) == before => Ok(v),
             _ => Err(Error::unavailable(format!(
                 "range {} is installing a snapshot on this node; retry",
                 self.range_id
@@ -757,6 +800,35 @@ impl RangeReplica {
     /// snapshot or the bootstrap), so it can serve requests for its span.
     pub fn is_ready(&self) -> bool {
         self.meta.read().expect("meta lock").version > 0
+    }
+
+    /// Waits until no snapshot import of this replica runs. The import goes
+    /// on in a blocking task after openraft's install call returns or is
+    /// dropped, so whoever keeps others off its span waits for this first.
+    pub async fn installs_idle(&self) {
+        let installs = self.installs.clone();
+        if self.engine.runs_inline() {
+            // Imports run inline too: none can be under way here.
+            installs.wait_idle();
+        } else {
+            let _ = tokio::task::spawn_blocking(move || installs.wait_idle()).await;
+        }
+    }
+
+    /// Stops this replica's snapshot imports from here on, without waiting
+    /// (see [`RangeReplica::stop_installs`]).
+    pub fn abort_installs(&self) {
+        self.installs.abort();
+    }
+
+    /// Stops this replica's snapshot imports for good (one not begun will
+    /// not begin; one under way stops at its next batch and deletes what it
+    /// wrote) and waits until none runs: the replica is being removed, and
+    /// an import going on after its data and state were deleted would leave
+    /// data, an applied state or an install marker behind.
+    pub async fn stop_installs(&self) {
+        self.installs.abort();
+        self.installs_idle().await;
     }
 
     /// Counts a served request (for load statistics) and wakes the range.
@@ -1531,7 +1603,8 @@ impl RangeReplica {
                 self.range_id, self.node_id
             ),
         };
-        let Some((at, commit)) = *self.leader_contact.lock().expect("contact lock") else {
+        let contact = *self.leader_contact.lock().expect("contact lock");
+        let Some((at, commit)) = contact.and_then(|c| c.proof) else {
             return Err(refuse());
         };
         if at.elapsed() > bound {
@@ -1596,7 +1669,7 @@ impl RangeReplica {
             return;
         };
         let me = self.node_id;
-        let began = std::time::Instant::now();
+        let began = tokio::time::Instant::now();
         let recheck = Duration::from_millis(self.tuning.heartbeat_interval_ms.max(1));
         let deadline = tokio::time::Instant::now() + max;
         let mut rx = raft.metrics();
@@ -1626,11 +1699,11 @@ impl RangeReplica {
 
     /// Whether this replica accepted AppendEntries (a heartbeat at least)
     /// received after `since`.
-    fn heard_from_leader_since(&self, since: std::time::Instant) -> bool {
+    fn heard_from_leader_since(&self, since: tokio::time::Instant) -> bool {
         self.leader_contact
             .lock()
             .expect("contact lock")
-            .is_some_and(|(at, _)| at > since)
+            .is_some_and(|c| c.received > since)
     }
 
     /// Every member's (voters' and learners') node id and address, as the
@@ -1792,16 +1865,24 @@ impl RangeReplica {
     // ---- incoming Raft messages (payloads encoded by the peer's `network`) ----
 
     /// Handles an AppendEntries payload; returns the encoded response.
-    pub async fn handle_append(&self, payload: &[u8], hibernate: bool) -> Result<Vec<u8>, Error> {
+    /// `hibernate` and `quorum_acked_age_us` are the message's.
+    pub async fn handle_append(
+        &self,
+        payload: &[u8],
+        hibernate: bool,
+        quorum_acked_age_us: Option<u64>,
+    ) -> Result<Vec<u8>, Error> {
         let req: AppendEntriesRequest<TypeConfig> = decode("append entries", payload)
             .map_err(|e| Error::invalid_argument("payload", e.to_string()))?;
         let sleep = hibernate && req.entries.is_empty();
+        let contact = LeaderContact::new(
+            req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0),
+            quorum_acked_age_us,
+        );
         let raft = self.raft().await?;
         if sleep {
             self.fall_asleep(&raft);
         }
-        let received = std::time::Instant::now();
-        let leader_commit = req.leader_commit.as_ref().map(|l| l.index()).unwrap_or(0);
         let resp = raft.append_entries(req).await.map_err(|e| self.fatal(e))?;
         if !sleep {
             // After the append renewed the leader's lease here, so the
@@ -1812,7 +1893,7 @@ impl RangeReplica {
             resp,
             AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)
         ) {
-            *self.leader_contact.lock().expect("contact lock") = Some((received, leader_commit));
+            contact.record(&self.leader_contact);
         }
         encode(&resp).map_err(|e| Error::internal(e.to_string()))
     }
@@ -1863,8 +1944,7 @@ impl RangeReplica {
                         self.wake_follower_in(&raft);
                     }
                     if result.is_ok() {
-                        *self.leader_contact.lock().expect("contact lock") =
-                            Some((w.received, w.leader_commit));
+                        w.contact.record(&self.leader_contact);
                     }
                     encode(&AppendEntriesResponse::<TypeConfig>::from(result))
                         .map_err(|e| Error::internal(e.to_string()))

@@ -149,7 +149,12 @@ impl RaftService {
                 pipes.insert(msg.range_id, (replica.clone(), pipe));
             }
             let (_, pipe) = pipes.get(&msg.range_id)?;
-            match pipe.send(&replica, &msg.payload, msg.hibernate) {
+            match pipe.send(
+                &replica,
+                &msg.payload,
+                msg.hibernate,
+                msg.quorum_acked_age_us,
+            ) {
                 Ok(answer) => return Some(Ok(answer)),
                 Err(PipeRefusal::Refused(e)) => return Some(Err(e.into())),
                 Err(PipeRefusal::Ended) => {
@@ -184,6 +189,7 @@ fn reply_message(range_id: u64, from_node: u64, to_node: u64, payload: Vec<u8>) 
         crc32: crc32fast::hash(&payload),
         payload: Bytes::from(payload),
         hibernate: false,
+        quorum_acked_age_us: None,
     }
 }
 
@@ -250,7 +256,9 @@ impl Raft for RaftService {
     ) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
         let r = self.route(&msg).await?;
-        let out = r.handle_append(&msg.payload, msg.hibernate).await?;
+        let out = r
+            .handle_append(&msg.payload, msg.hibernate, msg.quorum_acked_age_us)
+            .await?;
         Ok(self.reply(&msg, out))
     }
 
@@ -320,7 +328,11 @@ impl Raft for RaftService {
             let (replica, path) = (replica.clone(), path.clone());
             tokio::spawn(async move {
                 let _claim = claim;
-                replica.handle_snapshot(&header, path).await
+                let result = replica.handle_snapshot(&header, path).await;
+                // openraft's call can end (its group shut down) while the
+                // blocking import still writes into the span.
+                replica.installs_idle().await;
+                result
             })
             .await
             .unwrap_or_else(|e| Err(Error::internal(format!("snapshot install task: {e}"))))
@@ -512,6 +524,7 @@ pub(crate) mod tests {
             crc32: crc32fast::hash(&payload),
             payload,
             hibernate: false,
+            quorum_acked_age_us: None,
         }
     }
 
@@ -545,7 +558,10 @@ pub(crate) mod tests {
             let sent: Vec<_> = (burst..burst + crate::raft::APPEND_PIPELINE_MAX as u64)
                 .map(|i| {
                     let m = append(i.checked_sub(1), i, i);
-                    (i, stream.call(m).expect("the stream takes the append"))
+                    (
+                        i,
+                        stream.call(m, None).expect("the stream takes the append"),
+                    )
                 })
                 .collect();
             for (i, rx) in sent {
@@ -560,14 +576,14 @@ pub(crate) mod tests {
         // that served it has ended.
         let gap = answer(
             stream
-                .call(append(Some(APPENDS + 10), APPENDS + 11, APPENDS + 11))
+                .call(append(Some(APPENDS + 10), APPENDS + 11, APPENDS + 11), None)
                 .unwrap(),
         )
         .await;
         assert_eq!(gap, "Conflict");
         // The next ones, in order, are served (by a new pipe).
         for i in APPENDS..APPENDS + 3 {
-            let a = answer(stream.call(append(Some(i - 1), i, i)).unwrap()).await;
+            let a = answer(stream.call(append(Some(i - 1), i, i), None).unwrap()).await;
             assert_eq!(
                 a, "Success",
                 "append {i} after the refusal was answered {a}"

@@ -141,10 +141,43 @@ pub struct StateMachine {
     /// RocksDB. Only this state machine writes its range's applied state
     /// while the group runs (apply, snapshot install).
     applied_cache: Arc<Mutex<Option<AppliedState>>>,
-    /// Raised when a snapshot install starts and again when it ends (odd:
-    /// one is under way), shared with the replica: a local read that saw
-    /// it change read a store the install was clearing and refilling.
-    install_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The range's snapshot installs, shared with the replica.
+    installs: Arc<Installs>,
+}
+
+/// A range's snapshot installs, shared by its state machine and its replica
+/// (and kept across parking).
+#[derive(Debug, Default)]
+pub struct Installs {
+    /// Raised when a snapshot install starts and again when its import
+    /// succeeded (odd: one is under way, or one failed): a local read that
+    /// saw it change read a store the install was clearing and refilling.
+    pub seq: std::sync::atomic::AtomicU64,
+    /// Held by the blocking import for as long as it runs, which can be
+    /// longer than openraft's install call (that future may be dropped).
+    running: Mutex<()>,
+    /// Set when the replica is being removed: an import not yet begun
+    /// refuses to begin, and one under way stops at its next batch and
+    /// deletes what it wrote (see [`Engine::import_snapshot`]).
+    abort: std::sync::atomic::AtomicBool,
+}
+
+impl Installs {
+    /// Marks an install under way (`seq` odd; it may be odd already, after
+    /// one that failed).
+    fn begin(&self) {
+        self.seq.fetch_or(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stops imports from here on (the replica is being removed).
+    pub fn abort(&self) {
+        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Blocks until no import runs; call off the async threads.
+    pub fn wait_idle(&self) {
+        drop(self.running.lock().unwrap_or_else(|e| e.into_inner()));
+    }
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -161,7 +194,9 @@ fn meta_path(snap: &Path) -> PathBuf {
 
 impl StateMachine {
     /// Opens the state machine of `range_id`, finishing a snapshot install
-    /// that a crash interrupted.
+    /// that a crash interrupted, with the replica's install state (kept
+    /// across parking): an interrupted install resumed here is one the
+    /// replica's removal can stop and wait for, like any other.
     pub fn open(
         engine: Arc<Engine>,
         range_id: u64,
@@ -169,6 +204,7 @@ impl StateMachine {
         dedup_window: Duration,
         on_split: SplitHook,
         clean_received: bool,
+        installs: Arc<Installs>,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let mut sm = StateMachine {
@@ -181,7 +217,7 @@ impl StateMachine {
             on_split,
             dedup_clock: engine.dedup_clock(range_id),
             applied_cache: Arc::new(Mutex::new(None)),
-            install_seq: Arc::default(),
+            installs,
         };
         // Remove partial files of builds or transfers that did not finish
         // (when a parked group is loaded again, a snapshot being received
@@ -196,6 +232,11 @@ impl StateMachine {
             }
         }
         let current = sm.latest_snapshot_on_disk()?;
+        // Under the import lock: an import of this replica may still run
+        // (its group was shut down and loaded again meanwhile); the marker
+        // is read once it ended.
+        let installs = sm.installs.clone();
+        let _running = installs.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(path) = sm.engine.pending_snapshot_install(range_id)? {
             let Some((meta, cur_path)) = current.clone().filter(|(_, p)| *p == path) else {
                 return Err(io::Error::new(
@@ -207,7 +248,11 @@ impl StateMachine {
                 ));
             };
             tracing::warn!(range_id, path = %cur_path.display(), "resuming interrupted snapshot install");
+            installs.begin();
             sm.import(&meta, &cur_path)?;
+            installs
+                .seq
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         *sm.current_snapshot.lock().expect("snapshot lock") = current;
         if let Some(a) = sm.stored_applied()? {
@@ -227,12 +272,6 @@ impl StateMachine {
         let loaded = self.meta.read().expect("meta lock").clone();
         *shared.write().expect("meta lock") = loaded;
         self.meta = shared;
-    }
-
-    /// Makes `shared` (the replica's, kept across parking) this state
-    /// machine's install sequence.
-    pub fn share_install_seq(&mut self, shared: Arc<std::sync::atomic::AtomicU64>) {
-        self.install_seq = shared;
     }
 
     fn stored_applied(&self) -> io::Result<Option<AppliedState>> {
@@ -375,6 +414,7 @@ impl StateMachine {
             &applied.desc.end,
             path,
             &encode(&applied)?,
+            &self.installs.abort,
         )?;
         *self.meta.write().expect("meta lock") =
             with_members(applied.desc.clone(), &applied.membership);
@@ -765,12 +805,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // this future is dropped, so it ends the mark itself, and only when
         // it succeeded: a failed import leaves the store half-written, and
         // local reads stay refused (the replica faults on the error).
-        let seq = self.install_seq.clone();
-        seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let installs = self.installs.clone();
+        installs.begin();
         run_blocking(self.engine.runs_inline(), move || {
+            let _running = installs.running.lock().unwrap_or_else(|e| e.into_inner());
             let imported = this.import(&meta2, &fp);
             if imported.is_ok() {
-                seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                installs
+                    .seq
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             imported
         })
@@ -819,6 +862,7 @@ mod tests {
             Duration::from_secs(60),
             Arc::new(|_| {}),
             true,
+            Arc::default(),
         )
         .expect("state machine");
         let meta = |index: u64| SnapshotMetaOf::<TypeConfig> {

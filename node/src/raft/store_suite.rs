@@ -33,6 +33,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
             Duration::from_secs(60),
             Arc::new(|_| {}),
             true,
+            Arc::default(),
         )
         .expect("open state machine");
         Ok((dir, log, sm))

@@ -60,7 +60,26 @@ pub enum StreamError {
     Failed(Status),
 }
 
-type Call = (RaftMessage, oneshot::Sender<Reply>);
+/// A message, when a quorum last acknowledged its sender (see
+/// [`stamp`]), and where its reply goes.
+type Call = (
+    RaftMessage,
+    Option<tokio::time::Instant>,
+    oneshot::Sender<Reply>,
+);
+
+/// A frame waiting to go out, with its message's proof (see [`stamp`]).
+type OutFrame = (RaftStreamFrame, Option<tokio::time::Instant>);
+
+/// Sets `msg`'s `quorum_acked_age_us` from `proof` (when a quorum last
+/// acknowledged the sending leader, or `None`: no proof) as the message
+/// leaves: the receiver dates its contact with the leader back by this age
+/// from arrival, so the age must not be taken before a wait. Tokio's clock,
+/// like openraft's (the simulation pauses it).
+pub(crate) fn stamp(msg: &mut RaftMessage, proof: Option<tokio::time::Instant>) {
+    msg.quorum_acked_age_us =
+        proof.map(|p| u64::try_from(p.elapsed().as_micros()).unwrap_or(u64::MAX));
+}
 
 /// Whether the peer serves `AppendStream`, as last learned: until when
 /// (milliseconds after `since`) every call goes alone; 0 while it does.
@@ -117,13 +136,18 @@ impl AppendStream {
         AppendStream { calls: tx, support }
     }
 
-    /// Queues `msg` on the stream; `None` when it must go alone instead.
-    pub fn call(&self, msg: RaftMessage) -> Option<oneshot::Receiver<Reply>> {
+    /// Queues `msg` on the stream, its age of `proof` stamped when its
+    /// frame is sent (see [`stamp`]); `None` when it must go alone instead.
+    pub fn call(
+        &self,
+        msg: RaftMessage,
+        proof: Option<tokio::time::Instant>,
+    ) -> Option<oneshot::Receiver<Reply>> {
         if self.support.alone() {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        self.calls.try_send((msg, tx)).ok()?;
+        self.calls.try_send((msg, proof, tx)).ok()?;
         Some(rx)
     }
 }
@@ -156,10 +180,10 @@ fn reply_of(frame: RaftStreamFrame) -> Reply {
 
 /// Sends one call's frame, or refuses it (the caller then sends it alone).
 fn send(
-    out: &mpsc::Sender<RaftStreamFrame>,
+    out: &mpsc::Sender<OutFrame>,
     pending: &mut HashMap<u64, oneshot::Sender<Reply>>,
     next_id: &mut u64,
-    (msg, tx): Call,
+    (msg, proof, tx): Call,
 ) {
     if tx.is_closed() {
         return;
@@ -177,7 +201,7 @@ fn send(
         message: Some(msg),
         ..Default::default()
     };
-    match out.try_send(frame) {
+    match out.try_send((frame, proof)) {
         Ok(()) => {
             pending.insert(*next_id, tx);
         }
@@ -193,10 +217,10 @@ async fn drive(channel: Channel, mut calls: mpsc::Receiver<Call>, support: Arc<S
             return;
         };
         if support.alone() {
-            refuse(first.1);
+            refuse(first.2);
             continue;
         }
-        let (out, out_rx) = mpsc::channel::<RaftStreamFrame>(STREAM_FRAMES_MAX);
+        let (out, out_rx) = mpsc::channel::<OutFrame>(STREAM_FRAMES_MAX);
         let mut pending: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
         send(&out, &mut pending, &mut next_id, first);
         let mut client = RaftClient::new(channel.clone())
@@ -204,7 +228,17 @@ async fn drive(channel: Channel, mut calls: mpsc::Receiver<Call>, support: Arc<S
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
         let opened = tokio::time::timeout(
             STREAM_OPEN_TIMEOUT,
-            client.append_stream(tokio_stream::wrappers::ReceiverStream::new(out_rx)),
+            // Each frame's age is taken as the body hands it to the
+            // transport: after the stream opened, and after any wait in
+            // the frames buffer.
+            client.append_stream(tokio_stream::wrappers::ReceiverStream::new(out_rx).map(
+                |(mut frame, proof)| {
+                    if let Some(m) = frame.message.as_mut() {
+                        stamp(m, proof);
+                    }
+                    frame
+                },
+            )),
         )
         .await;
         let mut inbound = match opened {
@@ -312,6 +346,7 @@ mod tests {
             crc32: crc32fast::hash(&payload),
             payload,
             hibernate: false,
+            quorum_acked_age_us: None,
         }
     }
 
@@ -324,7 +359,7 @@ mod tests {
     }
 
     async fn answer(s: &AppendStream, m: RaftMessage) -> Reply {
-        let rx = s.call(m).expect("the stream takes the call");
+        let rx = s.call(m, None).expect("the stream takes the call");
         tokio::time::timeout(Duration::from_secs(10), rx)
             .await
             .expect("answered in time")
@@ -346,7 +381,7 @@ mod tests {
         // Many calls at once, each refused for naming another node: every
         // reply is the one for its own call.
         let calls: Vec<_> = (0..300u64)
-            .map(|i| (i, s.call(message(7, 100 + i)).expect("queued")))
+            .map(|i| (i, s.call(message(7, 100 + i), None).expect("queued")))
             .collect();
         for (i, rx) in calls {
             let status = failed(rx.await.unwrap());
@@ -405,14 +440,14 @@ mod tests {
         let r = answer(&s, message(7, 2)).await;
         assert!(matches!(r, Err(StreamError::Refused)), "{r:?}");
         // For a while the stream takes no call at all.
-        assert!(s.call(message(7, 2)).is_none());
+        assert!(s.call(message(7, 2), None).is_none());
 
         // Once that while is over, the next call asks the same peer again,
         // which still does not serve streams.
         tokio::time::sleep(retry + Duration::from_millis(100)).await;
         let r = answer(&s, message(7, 2)).await;
         assert!(matches!(r, Err(StreamError::Refused)), "{r:?}");
-        assert!(s.call(message(7, 2)).is_none());
+        assert!(s.call(message(7, 2), None).is_none());
 
         // The peer is upgraded in place (same address, now with the Raft
         // service): after the next wait the stream serves it.
@@ -422,7 +457,7 @@ mod tests {
         tokio::time::sleep(retry + Duration::from_millis(100)).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(rx) = s.call(message(77, 2)) {
+            if let Some(rx) = s.call(message(77, 2), None) {
                 let r = tokio::time::timeout(Duration::from_secs(10), rx)
                     .await
                     .expect("answered in time")

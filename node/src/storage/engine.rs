@@ -647,6 +647,14 @@ impl Engine {
     /// content and sets its applied state to `applied`. Crash-safe: a marker
     /// naming the file is written first, and [`Engine::pending_snapshot_install`]
     /// tells the caller to redo an interrupted install.
+    ///
+    /// `abort` is looked at before the range is touched and after every
+    /// batch: once set, the import stops with [`StorageError::Aborted`],
+    /// first deleting the data and dedup records it wrote, so a replica
+    /// being removed leaves none behind. The marker stays until the
+    /// removal deletes the range's state: if the node stops before that,
+    /// the install is resumed when the range opens, rather than the range
+    /// opening with its old applied state over an emptied span.
     pub fn import_snapshot(
         &self,
         range_id: u64,
@@ -654,9 +662,14 @@ impl Engine {
         end: &[u8],
         path: &Path,
         applied: &[u8],
+        abort: &std::sync::atomic::AtomicBool,
     ) -> Result<(), StorageError> {
+        let aborted = || abort.load(std::sync::atomic::Ordering::SeqCst);
         // Verify the whole file before touching the range.
         snapshot::SnapshotReader::open(path)?.verify()?;
+        if aborted() {
+            return Err(StorageError::Aborted);
+        }
 
         let cf_state = self.cf(keys::CF_RANGE_STATE);
         let cf_data = self.cf(keys::CF_DATA);
@@ -664,7 +677,7 @@ impl Engine {
         let mut b = WriteBatch::default();
         b.put_cf(
             cf_state,
-            marker,
+            marker.as_slice(),
             value::frame(path.to_string_lossy().as_bytes()),
         );
         let end_bound = if end.is_empty() {
@@ -677,6 +690,13 @@ impl Engine {
         b.delete_range_cf(cf_state, &ds[..], &de[..]);
         self.db.write_opt(b, &Self::sync_opts())?;
         crate::fail_point!("snapshot-install-import");
+        let undo = || -> Result<(), StorageError> {
+            let mut b = WriteBatch::default();
+            b.delete_range_cf(cf_data, start, &end_bound[..]);
+            b.delete_range_cf(cf_state, &ds[..], &de[..]);
+            self.db.write_opt(b, &Self::sync_opts())?;
+            Err(StorageError::Aborted)
+        };
 
         let mut reader = snapshot::SnapshotReader::open(path)?;
         let mut b = WriteBatch::default();
@@ -695,14 +715,20 @@ impl Engine {
             if batch_bytes >= 4 << 20 {
                 self.db.write(std::mem::take(&mut b))?;
                 batch_bytes = 0;
+                if aborted() {
+                    return undo();
+                }
             }
+        }
+        if aborted() {
+            return undo();
         }
         b.put_cf(
             cf_state,
             keys::range_state_key(range_id, RangeStateField::Applied),
             value::frame(applied),
         );
-        b.delete_cf(cf_state, marker);
+        b.delete_cf(cf_state, marker.as_slice());
         self.db.write_opt(b, &Self::sync_opts())?;
         Ok(())
     }
@@ -1210,6 +1236,67 @@ mod tests {
         );
     }
 
+    /// An import stopped because its replica is being removed: stopped
+    /// before it begins, nothing is touched; stopped under way, the data and
+    /// dedup records it wrote are deleted and the install marker stays (a
+    /// restart before the removal ends resumes the install).
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_stopped_import_leaves_nothing_behind() {
+        use std::sync::atomic::AtomicBool;
+        let (dir, e) = engine();
+        let mut b = e.apply_batch(1);
+        for i in 0..50u32 {
+            b.put(format!("k{i:03}").as_bytes(), 1, Bytes::from(vec![1u8; 10]));
+        }
+        b.dedup_put(b"req", 1000, b"rec".to_vec());
+        b.set_applied(b"state-1");
+        b.commit().unwrap();
+        let path = dir.path().join("snap");
+        e.export_snapshot(1, |_| Ok((Vec::new(), Vec::new())), &path)
+            .unwrap();
+
+        let (_d2, e2) = engine();
+        let mut b = e2.apply_batch(1);
+        b.put(b"k000", 9, Bytes::from_static(b"old"));
+        b.set_applied(b"state-0");
+        b.commit().unwrap();
+        let stopped = AtomicBool::new(true);
+        assert!(matches!(
+            e2.import_snapshot(1, b"", b"", &path, b"state-2", &stopped),
+            Err(StorageError::Aborted)
+        ));
+        assert_eq!(e2.get(b"k000").unwrap().unwrap().version, 9, "untouched");
+        assert!(e2.pending_snapshot_install(1).unwrap().is_none());
+
+        // Stopped after the span was cleared and the marker written.
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        fail::cfg_callback("snapshot-install-import", move || {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst)
+        })
+        .unwrap();
+        let r = e2.import_snapshot(1, b"", b"", &path, b"state-2", &stop);
+        fail::remove("snapshot-install-import");
+        assert!(matches!(r, Err(StorageError::Aborted)), "{r:?}");
+        assert_eq!(
+            e2.pending_snapshot_install(1).unwrap().as_deref(),
+            Some(path.as_path()),
+            "the marker stays for the removal to delete"
+        );
+        for i in 0..50u32 {
+            assert!(e2.get(format!("k{i:03}").as_bytes()).unwrap().is_none());
+        }
+        assert!(e2.dedup_get(1, b"req", 0).unwrap().is_none(), "no dedup");
+        assert_eq!(
+            e2.range_state(1, RangeStateField::Applied)
+                .unwrap()
+                .unwrap(),
+            b"state-0",
+            "the applied state is the removal's to delete"
+        );
+    }
+
     #[test]
     fn snapshot_export_import_replaces_the_span() {
         let (dir, e) = engine();
@@ -1240,7 +1327,8 @@ mod tests {
         let mut b = e2.apply_batch(1);
         b.put(b"stale", 1, Bytes::from_static(b"gone"));
         b.commit().unwrap();
-        e2.import_snapshot(1, b"", b"", &path, b"state-2").unwrap();
+        e2.import_snapshot(1, b"", b"", &path, b"state-2", &Default::default())
+            .unwrap();
         assert!(e2.get(b"stale").unwrap().is_none());
         assert_eq!(e2.get(b"k042").unwrap().unwrap().version, 43);
         assert_eq!(e2.dedup_get(1, b"req", 999).unwrap().unwrap(), b"rec");

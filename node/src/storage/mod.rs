@@ -34,6 +34,9 @@ pub enum StorageError {
     /// The engine is shutting down.
     #[error("storage is shutting down")]
     Closed,
+    /// A snapshot import was stopped because its replica is being removed.
+    #[error("snapshot import stopped: the replica is being removed")]
+    Aborted,
 }
 
 impl StorageError {

@@ -2,7 +2,9 @@
 //! value older than a write acknowledged before it started, even when asked of
 //! a deposed leader that was paused past its lease; SESSION reads see the
 //! session's own writes on a follower; a leader partitioned from the majority
-//! (proxies in front of every node) refuses STRONG reads and loses nothing.
+//! (proxies in front of every node) refuses STRONG reads and loses nothing;
+//! a follower left beside such a leader (five replicas) refuses bounded reads
+//! once their bound is past.
 
 use std::time::Duration;
 
@@ -181,6 +183,203 @@ async fn a_follower_serves_bounded_staleness_reads_only_while_it_can_prove_the_b
         let err = r.expect_err("a follower cut off from its leader served a bounded read");
         assert!(Error::from_status(&err).is_retryable(), "{err:?}");
         c.resume(leader).unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// With five replicas a deposed leader can keep a follower company on the
+/// minority side of a partition: the follower goes on accepting its
+/// heartbeats (their term is still the newest it knows) while the majority
+/// elects another leader and takes writes. The follower must not count
+/// those heartbeats as proof that it is within a bound of the range's
+/// state: a leader's appends say how long ago a quorum last acknowledged
+/// it, and that age grows on the cut-off side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_beside_a_cut_off_leader_refuses_bounded_reads() {
+    tokio::time::timeout(Duration::from_secs(180), async {
+        let c = TestCluster::start(ClusterOptions {
+            nodes: 5,
+            proxied: true,
+            config: "replication_factor = 5".into(),
+            worker_threads: Some(lmskv_tests::cluster::shared_host_worker_threads(5)),
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        client.put("b", "v1").await.unwrap();
+
+        phase!("wait for five voters");
+        let leader = lmskv_tests::wait_for("five voters", Duration::from_secs(60), || async {
+            let l = c.wait_leader(Duration::from_secs(5)).await.ok()?;
+            let st = c.status(l).await.ok()?;
+            let voters = lmskv_tests::cluster::user_range(&st)?
+                .descriptor
+                .as_ref()?
+                .replicas
+                .iter()
+                .filter(|r| r.role == lmskv_proto::v1::ReplicaRole::Voter as i32)
+                .count();
+            (voters == 5).then_some(l)
+        })
+        .await
+        .unwrap();
+        let follower = (1..=5).find(|id| *id != leader).unwrap();
+        let bounded = |max_ms| GetRequest {
+            header: None,
+            key: "b".into(),
+            read: Some(ReadOptions {
+                consistency: Consistency::BoundedStaleness as i32,
+                max_staleness_ms: max_ms,
+                min_applied_index: 0,
+            }),
+        };
+        let v = lmskv_tests::wait_for(
+            "a bounded read on the follower",
+            Duration::from_secs(10),
+            || {
+                let mut kv = c.kv(follower);
+                let req = bounded(1_000);
+                async move { kv.get(req).await.ok()?.into_inner().kv }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(v.value, Bytes::from_static(b"v1"));
+
+        let others: Vec<u64> = (1..=5)
+            .filter(|id| *id != leader && *id != follower)
+            .collect();
+        phase!("partition leader {leader} and follower {follower} from nodes {others:?}");
+        c.partition(&[leader, follower], &others);
+        let new_leader = new_leader_among(&c, &others).await;
+        phase!("the majority's leader (node {new_leader}) takes v2");
+        let w = client.put("b", "v2").await.unwrap();
+        let acked = std::time::Instant::now();
+        let st = c.status(leader).await.unwrap();
+        let old = lmskv_tests::cluster::user_range(&st).unwrap();
+        assert_eq!(
+            old.local_role, "leader",
+            "node {leader} still believes it leads (the case under test)"
+        );
+
+        phase!("past the bound, the follower beside the old leader is asked");
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        for _ in 0..5 {
+            let asked = std::time::Instant::now();
+            match c.kv(follower).get(bounded(1_000)).await {
+                Ok(r) => {
+                    let v = r.into_inner().kv.map(|kv| kv.value);
+                    panic!(
+                        "a bounded read (1,000 ms) on node {follower} answered {v:?} {:?} after \
+                         v2 was acknowledged",
+                        asked - acked
+                    );
+                }
+                Err(s) => {
+                    let e = Error::from_status(&s);
+                    assert!(e.is_retryable(), "refused with a retryable error: {e}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        phase!("heal; the follower serves bounded reads again, with v2");
+        c.heal_network();
+        c.wait_applied(follower, w.index, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let v = lmskv_tests::wait_for(
+            "a bounded read on the follower after the heal",
+            Duration::from_secs(30),
+            || {
+                let mut kv = c.kv(follower);
+                let req = bounded(1_000);
+                async move { kv.get(req).await.ok()?.into_inner().kv }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(v.value, Bytes::from_static(b"v2"));
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A session token travels between clients (the LMS API hands it to the
+/// browser, and any API process may serve the next request). Readers whose
+/// route caches still map a key to the range it was split from read it at
+/// a token of a write made after the split, with a follower that has not
+/// applied the split (partitioned from the other nodes, reachable by
+/// clients): none may answer without the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_token_from_another_client_sees_its_write_across_a_split() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions {
+            proxied: true,
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let writer = c.client();
+        let w0 = writer.put("s/k", "old").await.unwrap();
+        for id in 1..=3 {
+            c.wait_applied(id, w0.index, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+        phase!("twelve readers learn the key's range before the split");
+        let readers: Vec<lmskv_client::Client> = (0..12).map(|_| c.client()).collect();
+        for r in &readers {
+            let v = r
+                .get("s/k", lmskv_client::ReadConsistency::Strong)
+                .await
+                .unwrap();
+            assert_eq!(v.unwrap().value, Bytes::from_static(b"old"));
+        }
+        let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        let st = c.status(leader).await.unwrap();
+        let meta_leader = st
+            .ranges
+            .iter()
+            .find(|r| {
+                r.descriptor.as_ref().map(|d| d.range_id) == Some(lmskv_proto::range::META_RANGE_ID)
+            })
+            .map(|r| r.leader_id)
+            .unwrap();
+        let lagging = (1..=3)
+            .find(|id| *id != leader && *id != meta_leader)
+            .unwrap();
+        let others: Vec<u64> = (1..=3).filter(|id| *id != lagging).collect();
+        phase!("cut node {lagging} off from nodes {others:?}, split at s/ and write s/k");
+        c.partition(&[lagging], &others);
+        c.split_at(b"s/").await.unwrap();
+        let w = writer.put("s/k", "new").await.unwrap();
+        assert_ne!(w.range_id, w0.range_id, "the write went to the new range");
+        let token = w.session_token();
+
+        phase!("each reader reads s/k at the writer's token {token}");
+        let mut from_lagging = 0;
+        for (n, r) in readers.iter().enumerate() {
+            let got = r
+                .get_detailed("s/k", token.read_consistency())
+                .await
+                .unwrap();
+            let by = got.served_by.expect("a read from a node");
+            if by.node_id == lagging {
+                from_lagging += 1;
+            }
+            assert_eq!(
+                got.kv.map(|kv| kv.value),
+                Some(Bytes::from_static(b"new")),
+                "reader {n} (served by node {}, range {}) missed the token's write",
+                by.node_id,
+                by.range_id
+            );
+        }
+        phase!("every reader saw the write ({from_lagging} served by node {lagging})");
+        c.heal_network();
     })
     .await
     .expect("test timed out");
