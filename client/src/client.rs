@@ -666,6 +666,64 @@ impl Client {
             .unwrap_or_default()
     }
 
+    /// Where a read at `consistency` goes first: as
+    /// [`ReadConsistency::route`], but a SESSION read whose token names a
+    /// range this client's route cache does not hold goes to the leader
+    /// (see [`Client::read_options`]).
+    pub(crate) fn read_route(&self, consistency: &ReadConsistency) -> Route {
+        match consistency {
+            ReadConsistency::Session(t)
+                if !self.inner.routes.holds_all(t.iter().map(|(r, _)| r)) =>
+            {
+                Route::Leader
+            }
+            c => c.route(),
+        }
+    }
+
+    /// The read options of a try addressed under `header` at `consistency`.
+    ///
+    /// A SESSION read sends the range only its own index from the token. If
+    /// the token also names a range with a higher id than the addressed
+    /// one, that range may have been split from it (range ids only grow,
+    /// and a split's new range takes a new one), and the token may record a
+    /// write to a key this try still routes to the addressed range: a
+    /// replica that has not applied the split would serve the key without
+    /// that write. Unless the route cache holds, at one moment, the
+    /// addressed range at the try's split version and every such range
+    /// (cached ranges never overlap, so none of them was then split from
+    /// the range as addressed), the try is sent STRONG: the leader applies
+    /// the split in its read barrier and answers `KeyNotInRange` with the
+    /// new descriptors, and the client reads the range that holds the key.
+    pub(crate) fn read_options(
+        &self,
+        consistency: &ReadConsistency,
+        header: &v1::RequestHeader,
+    ) -> v1::ReadOptions {
+        let range_id = header.range_id;
+        match consistency {
+            // A truncated token may have dropped the very range split from
+            // this one: only STRONG is sure to see the session's writes.
+            ReadConsistency::Session(t) if t.is_truncated() => {
+                ReadConsistency::Strong.to_proto(range_id)
+            }
+            ReadConsistency::Session(t) if t.iter().any(|(r, _)| r > range_id) => {
+                let version = header.epoch.map(|e| e.version).unwrap_or_default();
+                let newer = t.iter().map(|(r, _)| r).filter(|r| *r > range_id);
+                if self
+                    .inner
+                    .routes
+                    .holds_at_version_and_all(range_id, version, newer)
+                {
+                    consistency.to_proto(range_id)
+                } else {
+                    ReadConsistency::Strong.to_proto(range_id)
+                }
+            }
+            c => c.to_proto(range_id),
+        }
+    }
+
     /// Adds a response's applied index to the client's session token.
     pub(crate) fn observe(&self, header: Option<&v1::ResponseHeader>) {
         if let Some(h) = header {
@@ -837,9 +895,9 @@ impl Client {
         let fence = cache.map(|c| c.fence(&key));
         let started = StdInstant::now();
         let resp = self
-            .key_call(&key, consistency.route(), |mut c, header| {
+            .key_call(&key, self.read_route(&consistency), |mut c, header| {
                 let req = v1::GetRequest {
-                    read: Some(consistency.to_proto(header.range_id)),
+                    read: Some(self.read_options(&consistency, &header)),
                     header: Some(header),
                     key: key.clone(),
                 };
@@ -1178,6 +1236,65 @@ mod tests {
             level.to_proto(9).consistency,
             v1::Consistency::Strong as i32
         );
+    }
+
+    #[test]
+    fn a_session_token_naming_a_range_the_cache_lacks_reads_older_ranges_strong() {
+        let c = builder().build().unwrap();
+        let desc =
+            |id: u64, start: &'static [u8], end: &'static [u8], version: u64| RangeDescriptor {
+                range_id: id,
+                start_key: Bytes::from_static(start),
+                end_key: Bytes::from_static(end),
+                epoch: Some(v1::RangeEpoch {
+                    conf_ver: 1,
+                    version,
+                }),
+                replicas: Vec::new(),
+            };
+        // The client knows range 2 before its split; another client wrote
+        // at range 7, which this one has never seen.
+        c.inner.routes.insert(desc(2, b"a", b"z", 1));
+        let mut t = SessionToken::for_range(2, 40);
+        t.observe(7, 3);
+        let level = ReadConsistency::Session(t);
+        let (session, strong) = (
+            v1::Consistency::Session as i32,
+            v1::Consistency::Strong as i32,
+        );
+        let h = |range_id: u64, version: u64| v1::RequestHeader {
+            range_id,
+            epoch: Some(v1::RangeEpoch {
+                conf_ver: 1,
+                version,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(c.read_route(&level), Route::Leader);
+        assert_eq!(c.read_options(&level, &h(2, 1)).consistency, strong);
+        // Range 9 is newer than range 7: 7 cannot have been split from it.
+        let o = c.read_options(&level, &h(9, 1));
+        assert_eq!((o.consistency, o.min_applied_index), (session, 0));
+
+        // Once the cache holds range 7 (the split's new range), the token
+        // is read as usual: the cache no longer routes 7's keys to 2.
+        c.inner.routes.insert(desc(2, b"a", b"m", 2));
+        c.inner.routes.insert(desc(7, b"m", b"z", 1));
+        assert_eq!(c.read_route(&level), Route::AnyReplica);
+        let o = c.read_options(&level, &h(2, 2));
+        assert_eq!((o.consistency, o.min_applied_index), (session, 40));
+        let o = c.read_options(&level, &h(7, 1));
+        assert_eq!((o.consistency, o.min_applied_index), (session, 3));
+        // A try still addressed to range 2 as it was before the split (a
+        // stale answer the cache refused) goes STRONG.
+        assert_eq!(c.read_options(&level, &h(2, 1)).consistency, strong);
+        // A truncated token may have dropped a range split from any other.
+        let truncated = ReadConsistency::Session("2:40,7:3,*".parse().unwrap());
+        assert_eq!(c.read_options(&truncated, &h(7, 1)).consistency, strong);
+        assert_eq!(c.read_route(&truncated), Route::Leader);
+        // Other levels are untouched.
+        assert_eq!(c.read_route(&ReadConsistency::Eventual), Route::AnyReplica);
+        assert_eq!(c.read_route(&ReadConsistency::Strong), Route::Leader);
     }
 
     #[test]

@@ -132,7 +132,7 @@ impl Client {
             });
         }
         let budget = Budget::new(&self.retry);
-        let route = consistency.route();
+        let route = self.read_route(&consistency);
         let consistency = &consistency;
         let mut pending = keys;
         let mut rounds = 0;
@@ -171,7 +171,7 @@ impl Client {
                                     &fits,
                                     |mut c, header| {
                                         let req = v1::BatchGetRequest {
-                                            read: Some(consistency.to_proto(header.range_id)),
+                                            read: Some(self.read_options(consistency, &header)),
                                             header: Some(header),
                                             keys: g.keys.clone(),
                                         };

@@ -139,6 +139,28 @@ impl RouteCache {
         self.read().by_id(range_id).cloned()
     }
 
+    /// Whether the cache holds every range in `ids`.
+    pub fn holds_all(&self, mut ids: impl Iterator<Item = u64>) -> bool {
+        let map = self.read();
+        ids.all(|id| map.by_id(id).is_some())
+    }
+
+    /// Whether, at one moment, the cache holds range `range_id` at split
+    /// version `version` and every range in `ids`. Cached ranges never
+    /// overlap, so a range split (directly or not) from `range_id` after
+    /// that version is then not among `ids`.
+    pub fn holds_at_version_and_all(
+        &self,
+        range_id: u64,
+        version: u64,
+        mut ids: impl Iterator<Item = u64>,
+    ) -> bool {
+        let map = self.read();
+        map.by_id(range_id)
+            .is_some_and(|r| epoch(&r.desc).version == version)
+            && ids.all(|id| map.by_id(id).is_some())
+    }
+
     /// Start keys of cached ranges strictly inside `(lo, hi)` (`hi` empty:
     /// no upper bound), in key order, at most `max`. Cached ranges never
     /// overlap, so these cut the span into pieces that each start a range.

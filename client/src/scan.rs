@@ -316,11 +316,11 @@ impl Client {
                     &mut range_budget,
                     &anchor,
                     opts.reverse,
-                    opts.consistency.route(),
+                    self.read_route(&opts.consistency),
                     &|_| true,
                     |mut c, header| {
                         let req = v1::ScanRequest {
-                            read: Some(opts.consistency.to_proto(header.range_id)),
+                            read: Some(self.read_options(&opts.consistency, &header)),
                             header: Some(header),
                             ..req.clone()
                         };
