@@ -35,6 +35,13 @@ pub struct EnrollRequest {
     /// Who to enroll; the caller when absent. Enrolling others needs the
     /// course's teacher or an admin.
     pub user_id: Option<u64>,
+    /// The e-mail address of the user to enroll: required when a teacher
+    /// (not an admin) enrolls another user, and must match theirs. The
+    /// member record shows staff the member's name and e-mail, so a teacher
+    /// enrolls only people whose address they know already, not any user
+    /// id they try.
+    #[validate(length(max = 254))]
+    pub email: Option<String>,
     /// The role in the course; `student` when absent.
     pub role: Option<CourseRole>,
 }
@@ -143,11 +150,23 @@ pub async fn enroll(
     } else if !access.course.value.published && !access.is_teacher() {
         return Err(AppError::NotFound("course"));
     }
+    let other = target != caller.id();
+    if other && !caller.is_admin() && req.email.is_none() {
+        return Err(AppError::field(
+            "email",
+            "is required to enroll another user: give their e-mail address",
+        ));
+    }
     // STRONG: the user must exist now, and their role decides what they may teach.
     let user = st
         .db
         .get::<User>(keys::user(target), ReadConsistency::Strong)
         .await?
+        .filter(|u| match &req.email {
+            // A wrong address answers as an absent user: ids cannot be probed.
+            Some(e) if other => e.trim().eq_ignore_ascii_case(u.value.email.trim()),
+            _ => true,
+        })
         .ok_or(AppError::NotFound("user"))?
         .value;
     if role == CourseRole::Teacher && !matches!(user.role, Role::Teacher | Role::Admin) {

@@ -414,11 +414,28 @@ async fn every_role_is_refused_what_it_may_not_do() {
         .await
         .problem(403);
 
+    phase!("a teacher enrolls another user only with their e-mail address");
+    let enroll = format!("/api/v1/courses/{cid}/enrollments");
+    let p = api
+        .post(&enroll, &t1, json!({"user_id": other, "role": "ta"}))
+        .await
+        .problem(422);
+    assert_eq!(p.body["errors"][0]["field"], "email", "{}", p.text);
+    for (uid, email) in [(other, "x@t.io"), (other, "s@t.io"), (987_654, "o@t.io")] {
+        api.post(
+            &enroll,
+            &t1,
+            json!({"user_id": uid, "email": email, "role": "ta"}),
+        )
+        .await
+        .problem(404);
+    }
+
     phase!("a TA grades but does not edit the course");
     api.post(
-        &format!("/api/v1/courses/{cid}/enrollments"),
+        &enroll,
         &t1,
-        json!({"user_id": other, "role": "ta"}),
+        json!({"user_id": other, "email": " O@t.io", "role": "ta"}),
     )
     .await
     .expect(201);
