@@ -444,16 +444,34 @@ async fn start_group(
     .map_err(|e| Error::invalid_argument("raft config", e.to_string()))?;
 
     let reloading = meta.is_some();
-    let mut sm = StateMachine::open(
-        engine.clone(),
-        range_id,
-        snapshot_dir_of(&reopen.data_dir, range_id),
-        tuning.dedup_window,
-        reopen.on_split.clone(),
-        !reloading,
-        installs.clone(),
-    )
-    .map_err(|e| Error::Corruption {
+    // Opening blocks: it reads the snapshot directory, waits for an import
+    // of this replica still running from before the group was parked, and
+    // finishes an install a crash interrupted. Off the async threads, so a
+    // node with one worker thread goes on serving its other ranges.
+    let open = {
+        let (engine, dir, window, on_split, installs) = (
+            engine.clone(),
+            snapshot_dir_of(&reopen.data_dir, range_id),
+            tuning.dedup_window,
+            reopen.on_split.clone(),
+            installs.clone(),
+        );
+        move || {
+            StateMachine::open(
+                engine, range_id, dir, window, on_split, !reloading, installs,
+            )
+        }
+    };
+    let opened = if engine.runs_inline() {
+        open()
+    } else {
+        tokio::task::spawn_blocking(open)
+            .await
+            .map_err(|e| Error::Internal {
+                reason: format!("range {range_id}: opening the state machine failed: {e}"),
+            })?
+    };
+    let mut sm = opened.map_err(|e| Error::Corruption {
         reason: format!("range {range_id} state machine: {e}"),
     })?;
     if let Some(shared) = meta {
@@ -2317,6 +2335,69 @@ pub(crate) mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         r
+    }
+
+    /// A parked group loaded again while an import of its replica still
+    /// runs waits for the import before it opens its state machine. The
+    /// wait happens off the async threads: a node with one worker thread
+    /// (a current-thread runtime here) goes on running its other tasks.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_group_waiting_for_a_running_import_does_not_stall_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = small_engine(dir.path());
+        let reopen = Reopen {
+            pool: PeerPool::new(1, None, false, 1),
+            data_dir: dir.path().to_path_buf(),
+            on_split: Arc::new(|_| {}),
+            faulted_peers: Arc::default(),
+        };
+        let installs = Arc::new(Installs::default());
+        let released = Arc::new(AtomicBool::new(false));
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let import = {
+            let (installs, released) = (installs.clone(), released.clone());
+            std::thread::spawn(move || {
+                let running = installs.hold_running();
+                held_tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(800));
+                released.store(true, Ordering::SeqCst);
+                drop(running);
+            })
+        };
+        held_rx.recv().unwrap();
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        let (raft, _) = start_group(
+            7,
+            &engine,
+            &reopen,
+            &tuning(),
+            &Arc::new(AtomicBool::new(false)),
+            &installs,
+            None,
+        )
+        .await
+        .unwrap();
+        let ticked = ticks.load(Ordering::SeqCst);
+        assert!(
+            released.load(Ordering::SeqCst),
+            "the group opened while the import still ran"
+        );
+        import.join().unwrap();
+        ticker.abort();
+        raft.shutdown().await.unwrap();
+        assert!(
+            ticked >= 10,
+            "other tasks ran {ticked} times while the group waited for the import"
+        );
     }
 
     /// Three proposals and three STRONG read barriers on a replica that

@@ -666,7 +666,7 @@ impl Engine {
     ) -> Result<(), StorageError> {
         let aborted = || abort.load(std::sync::atomic::Ordering::SeqCst);
         // Verify the whole file before touching the range.
-        snapshot::SnapshotReader::open(path)?.verify()?;
+        snapshot::SnapshotReader::open(path)?.verify(aborted)?;
         if aborted() {
             return Err(StorageError::Aborted);
         }

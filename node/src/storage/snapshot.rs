@@ -24,6 +24,9 @@ const TRAILER: u8 = 0xff;
 const RECORD_VALUE_BYTES_MAX: usize = VALUE_BYTES_MAX + 64;
 /// Largest record key accepted: a user key or a dedup key.
 const RECORD_KEY_BYTES_MAX: usize = KEY_BYTES_MAX + 128;
+/// How many records [`SnapshotReader::verify`] reads between asking
+/// whether to stop.
+const VERIFY_STOP_EVERY: u64 = 4_096;
 
 /// What a snapshot record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,8 +203,15 @@ impl SnapshotReader {
     }
 
     /// Reads the whole file, verifying every checksum and the trailer.
-    pub(super) fn verify(mut self) -> Result<u64, StorageError> {
-        while self.next_record()?.is_some() {}
+    /// `stop` is asked every [`VERIFY_STOP_EVERY`] records: a large file
+    /// takes seconds to read, and whoever waits for the import (a removal
+    /// of the replica) must not wait that long; `Aborted` when it says so.
+    pub(super) fn verify(mut self, stop: impl Fn() -> bool) -> Result<u64, StorageError> {
+        while self.next_record()?.is_some() {
+            if self.records.is_multiple_of(VERIFY_STOP_EVERY) && stop() {
+                return Err(StorageError::Aborted);
+            }
+        }
         Ok(self.records)
     }
 }
@@ -209,6 +219,33 @@ impl SnapshotReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A verify asked to stop stops within a few thousand records, not at
+    /// the end of the file.
+    #[test]
+    fn a_verify_asked_to_stop_stops_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mut w = SnapshotWriter::create(&path).unwrap();
+        for i in 0..50_000u32 {
+            w.record(RecordKind::Data, &i.to_be_bytes(), b"v").unwrap();
+        }
+        w.finish().unwrap();
+        let asked = std::cell::Cell::new(0u32);
+        let r = SnapshotReader::open(&path).unwrap().verify(|| {
+            asked.set(asked.get() + 1);
+            asked.get() >= 2
+        });
+        assert!(matches!(r, Err(StorageError::Aborted)), "{r:?}");
+        assert_eq!(asked.get(), 2);
+        assert_eq!(
+            SnapshotReader::open(&path)
+                .unwrap()
+                .verify(|| false)
+                .unwrap(),
+            50_000
+        );
+    }
 
     #[test]
     fn truncated_or_flipped_files_are_refused() {
@@ -219,18 +256,27 @@ mod tests {
             w.record(RecordKind::Data, &[b'k', i], &[i; 20]).unwrap();
         }
         w.finish().unwrap();
-        assert_eq!(SnapshotReader::open(&path).unwrap().verify().unwrap(), 10);
+        assert_eq!(
+            SnapshotReader::open(&path)
+                .unwrap()
+                .verify(|| false)
+                .unwrap(),
+            10
+        );
 
         let good = std::fs::read(&path).unwrap();
         std::fs::write(&path, &good[..good.len() - 5]).unwrap();
-        assert!(SnapshotReader::open(&path).unwrap().verify().is_err());
+        assert!(SnapshotReader::open(&path)
+            .unwrap()
+            .verify(|| false)
+            .is_err());
         for pos in [10, 40, good.len() - 3] {
             let mut bad = good.clone();
             bad[pos] ^= 0x01;
             std::fs::write(&path, &bad).unwrap();
             assert!(
                 SnapshotReader::open(&path)
-                    .and_then(|r| r.verify())
+                    .and_then(|r| r.verify(|| false))
                     .is_err(),
                 "flip at {pos} undetected"
             );
