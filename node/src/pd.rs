@@ -638,14 +638,30 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         }
     });
     loop {
+        let slept = Instant::now();
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
+        // Woken far later than asked: this process was stalled (paused,
+        // starved of CPU), and heard no heartbeats meanwhile. Its record
+        // of who is alive is as stale as a new leader's: the nodes get the
+        // same grace to report before any is counted dead.
+        let stalled = slept.elapsed() > every + node.pd.dead_after / 2;
         let term = node.local_meta_leader().and_then(|r| r.leader_term());
         let leading = term.is_some();
         {
             let mut st = node.pd.state.lock().expect("pd lock");
+            if stalled && term.is_some() && term == st.leader_term {
+                tracing::warn!(
+                    stalled_ms = slept.elapsed().as_millis() as u64,
+                    "placement driver woke late: every node gets the grace period to report again"
+                );
+                st.leader_since = Some(Instant::now());
+                st.nodes.clear();
+                st.ranges.clear();
+                st.live_last = None;
+            }
             if term != st.leader_term {
                 if let Some(t) = term {
                     tracing::info!(term = t, "leading the meta range: placement driver active");
@@ -725,8 +741,16 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         }
         if let Some(d) = descs.iter().find(|d| d.contains(&k)) {
             if d.range_id != META_RANGE_ID {
-                split(node, d.range_id, Some(k)).await?;
-                return Ok(());
+                // A range that cannot split now (no quorum) must not hold
+                // up the repair of every other range: the round goes on,
+                // and the next one tries the split again.
+                match split(node, d.range_id, Some(k.clone())).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(range_id = d.range_id, key = %lmskv_proto::keys::escape(&k), error = %e, "pre-split failed; placement goes on");
+                        break;
+                    }
+                }
             }
         }
     }
@@ -911,6 +935,19 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             voters.retain(|v| *v != victim);
             reason = format!("remove the extra replica on node {victim}");
         } else if d.voters.len() != keep.len() {
+            // A live voter on a draining node leaves only once `rf` others
+            // hold the range: with too few nodes left to take its place
+            // (one died since the drain began) it stays, and the drain
+            // waits, rather than the range running on fewer replicas.
+            for v in &d.voters {
+                if voters.len() < rf
+                    && !voters.contains(v)
+                    && live.contains(v)
+                    && !missing.contains(&(d.range_id, *v))
+                {
+                    voters.push(*v);
+                }
+            }
             reason = "remove replicas on dead, draining or lost nodes".to_string();
         } else if let Some(learners) = leftover.get(&d.range_id) {
             // The voters are right; a learner a given-up change left behind
@@ -1348,11 +1385,15 @@ where
             Ok(Ok(r)) => return Ok(r.into_inner()),
             Ok(Err(s)) => {
                 let e = Error::from_status(&s);
+                // Only a hint about this range: a voter that does not lead
+                // it and is not the meta leader answers with the meta
+                // range's leader (this node), which would call itself.
                 if let Error::NotLeader {
-                    leader: Some(h), ..
+                    range_id,
+                    leader: Some(h),
                 } = &e
                 {
-                    if !h.address.is_empty() {
+                    if *range_id == desc.range_id && !h.address.is_empty() {
                         targets.insert(0, h.address.clone());
                     }
                 }
@@ -1506,16 +1547,25 @@ pub async fn decommission(node: &Arc<Node>, node_id: u64) -> Result<NodeRecord, 
         Error::invalid_argument("node_id", format!("node {node_id} is not registered"))
     })?;
     if rec.state == NodeState::Up {
-        let others = meta
-            .nodes()?
-            .values()
-            .filter(|r| r.node_id != node_id && r.state == NodeState::Up)
-            .count();
+        // Nodes that can take its replicas: up and alive (a node that died
+        // is still registered as up).
+        let others = {
+            let records = meta.nodes()?;
+            let st = node.pd.state.lock().expect("pd lock");
+            records
+                .values()
+                .filter(|r| {
+                    r.node_id != node_id
+                        && r.state == NodeState::Up
+                        && node.pd.is_live(&st, r.node_id)
+                })
+                .count()
+        };
         if others < node.cfg.file.replication_factor {
             return Err(Error::invalid_argument(
                 "node_id",
                 format!(
-                    "draining node {node_id} would leave {others} nodes for a replication factor of {}",
+                    "draining node {node_id} would leave {others} live nodes for a replication factor of {}",
                     node.cfg.file.replication_factor
                 ),
             ));
