@@ -306,9 +306,13 @@ impl Client {
         F: FnMut(AdminClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let policy = &self.retry;
-        let mut budget = Budget::new(policy);
-        budget.deadline = budget.deadline.min(deadline);
+        // The caller's deadline, not the policy's: a replica move may take
+        // longer than a request (`MOVE_REPLICA_ATTEMPT_TIMEOUT`).
+        let mut budget = Budget::new(&self.retry);
+        budget.deadline = deadline;
+        budget.deadline_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
         loop {
             budget.attempt()?;
             let target = self.meta_target();
@@ -341,7 +345,7 @@ impl Client {
                 e if e.is_retryable() => {
                     self.forget_meta_leader(&target);
                     budget.failed(err);
-                    budget.backoff(policy).await?;
+                    budget.backoff(&self.retry).await?;
                 }
                 _ => return Err(ClientError::Server(err)),
             }
@@ -480,6 +484,15 @@ impl Client {
                     }
                     self.inner.replicas.clear(&addr);
                     self.observe(resp.header());
+                    if !not_found.is_empty() {
+                        // A replica the cached descriptor names no longer
+                        // holds the range (it moved; a move changes the
+                        // members, not the span, so no request is refused
+                        // with the new descriptor): the next call locates
+                        // the range afresh instead of asking that node
+                        // again, and reaches the replica that took its place.
+                        self.inner.routes.evict(range_id);
+                    }
                     return Ok((resp, range.desc));
                 }
                 Err(e) => e,

@@ -258,11 +258,17 @@ impl Error {
                 retry_after_ms: 100,
             },
             tonic::Code::DataLoss => Error::Corruption { reason },
-            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
-                Error::Unavailable {
-                    reason: format!("{:?}: {reason}", status.code()),
-                }
-            }
+            // An internal error that does not come from a node's handler
+            // (those carry the error in the details, above) is the
+            // transport's: an HTTP/2 stream reset, a connection torn
+            // down mid-answer. The call may have been applied; retryable,
+            // and a write that gives up on it reports its outcome unknown.
+            tonic::Code::Unavailable
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::Internal => Error::Unavailable {
+                reason: format!("{:?}: {reason}", status.code()),
+            },
             _ => Error::Internal {
                 reason: format!("{:?}: {reason}", status.code()),
             },
@@ -334,5 +340,13 @@ mod tests {
         assert!(e.is_retryable());
         let e = Error::from_status(&tonic::Status::invalid_argument("bad"));
         assert!(!e.is_retryable());
+        // A stream reset mid-answer: the call may have been applied.
+        let e = Error::from_status(&tonic::Status::internal(
+            "h2 protocol error: stream error received: unspecific protocol error detected",
+        ));
+        assert!(
+            matches!(e, Error::Unavailable { .. }) && e.is_retryable(),
+            "{e:?}"
+        );
     }
 }

@@ -30,11 +30,16 @@ pub fn validate_user_key(field: &str, key: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks a scan bound: empty (unbounded) or a valid user key. A bound may not
-/// point into the system key space.
+/// Checks a scan bound: empty (unbounded) or a valid user key, or one byte
+/// longer: a bound is a position, and the one just past a longest key (the
+/// key and a zero byte, where a scan that stopped at it goes on) is one byte
+/// over the key limit. A bound may not point into the system key space.
 pub fn validate_scan_bound(field: &str, key: &[u8]) -> Result<(), Error> {
     if key.is_empty() {
         return Ok(());
+    }
+    if key.len() == KEY_BYTES_MAX + 1 {
+        return validate_user_key(field, &key[..KEY_BYTES_MAX]);
     }
     validate_user_key(field, key)
 }
@@ -116,6 +121,18 @@ mod tests {
         assert!(validate_user_key("key", b"\x00meta").is_err());
         assert!(validate_user_key("key", &vec![b'a'; KEY_BYTES_MAX]).is_ok());
         assert!(validate_user_key("key", &vec![b'a'; KEY_BYTES_MAX + 1]).is_err());
+    }
+
+    #[test]
+    fn a_scan_may_go_on_just_past_a_longest_key() {
+        let mut past = vec![b'a'; KEY_BYTES_MAX];
+        past.push(0);
+        assert!(validate_scan_bound("start", &past).is_ok());
+        assert!(validate_scan_bound("start", b"").is_ok());
+        assert!(validate_scan_bound("start", &vec![b'a'; KEY_BYTES_MAX + 2]).is_err());
+        let mut system = vec![0u8; KEY_BYTES_MAX];
+        system.push(0);
+        assert!(validate_scan_bound("start", &system).is_err());
     }
 
     #[test]
