@@ -434,6 +434,33 @@ async fn cas_batches_and_scans_keep_their_promises() {
             want_rev
         );
 
+        phase!("a scan pages on past keys of the longest length allowed");
+        let longest = |c: u8| {
+            let mut k = b"long/".to_vec();
+            k.resize(lmskv_proto::limits::KEY_BYTES_MAX, c);
+            Bytes::from(k)
+        };
+        let long_keys = vec![longest(b'a'), longest(b'b'), Bytes::from_static(b"long/c")];
+        for k in &long_keys {
+            client.put(k.clone(), "v").await.unwrap();
+        }
+        let mut opts = ScanOptions {
+            start: "long/".into(),
+            end: "long0".into(),
+            limit: 1,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = client.scan(&opts).await.unwrap();
+            seen.extend(page.kvs.into_iter().map(|kv| kv.key));
+            match page.next_page_token {
+                Some(t) => opts.page_token = t,
+                None => break,
+            }
+        }
+        assert_eq!(seen, long_keys);
+
         phase!("a page token cannot escape its scan's bounds");
         let mut kv = c.kv(c.wait_leader(Duration::from_secs(5)).await.unwrap());
         let r = kv

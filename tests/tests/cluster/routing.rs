@@ -215,6 +215,102 @@ async fn a_client_heals_its_cache_after_splits_and_leader_moves() {
     .expect("test timed out");
 }
 
+/// A replica move changes a range's members, not its span, so no request
+/// is refused with the new descriptor: a client whose cache predates the
+/// move learns of it from the node that no longer holds the range, and
+/// its replica reads go on to the node that took its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_reads_follow_a_replica_move() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = TestCluster::start(ClusterOptions {
+            // No rebalancing: only the operator's move changes members.
+            config: "balance_tolerance = 10.0\n".into(),
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        let keys: Vec<Bytes> = (0..30).map(|i| Bytes::from(format!("mv/{i:02}"))).collect();
+        for k in &keys {
+            client.put(k.clone(), "v").await.unwrap();
+        }
+        let warm = client
+            .get_detailed("mv/warm", ReadConsistency::Eventual)
+            .await
+            .unwrap();
+        let range_id = warm.served_by.expect("a node answered").range_id;
+        let four = c.add_node().unwrap();
+        let admin = c.client();
+        lmskv_tests::wait_for("node 4 to register", Duration::from_secs(30), || async {
+            let nodes = admin.node_list().await.ok()?;
+            nodes.iter().any(|n| n.node_id == four).then_some(())
+        })
+        .await
+        .unwrap();
+        let info = admin
+            .range_list()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|r| {
+                r.descriptor
+                    .as_ref()
+                    .is_some_and(|d| d.range_id == range_id)
+            })
+            .expect("the range is listed");
+        let from = info
+            .descriptor
+            .as_ref()
+            .unwrap()
+            .replicas
+            .iter()
+            .map(|r| r.node_id)
+            .find(|n| *n != info.leader_id)
+            .expect("a follower");
+        phase!("move range {range_id}'s replica from node {from} to node {four}");
+        admin.move_replica(range_id, from, four).await.unwrap();
+        lmskv_tests::wait_for(
+            &format!("node {from} to drop range {range_id}"),
+            Duration::from_secs(30),
+            || async {
+                let s = c.status(from).await.ok()?;
+                (!s.ranges.iter().any(|r| {
+                    r.descriptor
+                        .as_ref()
+                        .is_some_and(|d| d.range_id == range_id)
+                }))
+                .then_some(())
+            },
+        )
+        .await
+        .unwrap();
+
+        phase!("read every key once at EVENTUAL with the cache from before the move");
+        let mut by_node = std::collections::BTreeMap::<u64, usize>::new();
+        for k in &keys {
+            let got = client
+                .get_detailed(k.clone(), ReadConsistency::Eventual)
+                .await
+                .unwrap();
+            assert_eq!(got.kv.map(|kv| kv.value), Some(Bytes::from_static(b"v")));
+            *by_node
+                .entry(got.served_by.expect("not cached").node_id)
+                .or_default() += 1;
+        }
+        phase!("reads served by node: {by_node:?}");
+        assert!(
+            !by_node.contains_key(&from),
+            "node {from} gave the range up"
+        );
+        assert!(
+            by_node.get(&four).is_some_and(|n| *n >= 3),
+            "node {four} took node {from}'s place and serves its share: {by_node:?}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_whose_reply_was_lost_is_applied_once() {
     tokio::time::timeout(TEST_TIMEOUT, async {

@@ -397,3 +397,61 @@ async fn a_scan_during_splits_returns_each_key_once() {
     .await
     .expect("test timed out");
 }
+
+/// A drain needs enough live nodes left to take the drained node's
+/// replicas; a node that died is still registered as up but cannot take
+/// any, so with it counted the drain would leave ranges on two replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_that_would_leave_too_few_live_nodes_is_refused() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let mut c = TestCluster::start(ClusterOptions {
+            nodes: 4,
+            config: CONFIG.into(),
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        client.put("drain/k", "v").await.unwrap();
+        wait_for(
+            "all 4 nodes registered and up (bound: 30 s)",
+            Duration::from_secs(30),
+            || async {
+                let nodes = client.node_list().await.ok()?;
+                (nodes.iter().filter(|n| n.state == "up").count() == 4).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        phase!("kill node 4 and wait until it is reported down");
+        c.kill(4).unwrap();
+        wait_for(
+            "node 4 reported down (bound: 30 s)",
+            Duration::from_secs(30),
+            || async {
+                let nodes = client.node_list().await.ok()?;
+                nodes
+                    .iter()
+                    .any(|n| n.node_id == 4 && n.state == "down")
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        phase!("draining node 3 would leave 2 live nodes for 3 replicas: refused");
+        let err = client.decommission(3).await.unwrap_err();
+        assert!(err.to_string().contains("2 live nodes"), "{err}");
+        let nodes = client.node_list().await.unwrap();
+        assert!(
+            nodes.iter().any(|n| n.node_id == 3 && n.state == "up"),
+            "node 3 was left as it was: {nodes:?}"
+        );
+        let v = client
+            .get("drain/k", lmskv_client::ReadConsistency::Strong)
+            .await
+            .unwrap();
+        assert_eq!(v.map(|kv| kv.value), Some(bytes::Bytes::from_static(b"v")));
+    })
+    .await
+    .expect("test timed out");
+}
