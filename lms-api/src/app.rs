@@ -191,6 +191,7 @@ async fn layer_errors_as_problems(
 pub fn with_layers(routes: Router<AppState>, state: AppState) -> Router {
     let cfg = &state.cfg;
     let request_id = HeaderName::from_static(REQUEST_ID);
+    let session_token = HeaderName::from_static(crate::routes::SESSION_TOKEN);
     let layers = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
         .layer(
@@ -221,8 +222,17 @@ pub fn with_layers(routes: Router<AppState>, state: AppState) -> Router {
                     header::CONTENT_TYPE,
                     header::IF_MATCH,
                     header::CACHE_CONTROL,
+                    session_token.clone(),
                 ])
-                .expose_headers([header::LINK, header::LOCATION, header::ETAG, header::RETRY_AFTER])
+                // The session token too: a browser reads it from a write's
+                // answer and sends it back for read-your-writes.
+                .expose_headers([
+                    header::LINK,
+                    header::LOCATION,
+                    header::ETAG,
+                    header::RETRY_AFTER,
+                    session_token,
+                ])
                 .max_age(Duration::from_secs(600)),
         )
         .layer(axum::middleware::from_fn_with_state(

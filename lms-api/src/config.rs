@@ -14,8 +14,11 @@ use serde::Deserialize;
 
 use crate::jobs::JobSettings;
 
-/// Largest request body accepted, in bytes, unless configured otherwise.
-pub const BODY_BYTES_MAX_DEFAULT: usize = 64 * 1024;
+/// Largest request body accepted, in bytes, unless configured otherwise:
+/// room for a submission of the most characters a body may hold
+/// ([`crate::validate::BODY_CHARS_MAX`]) at four UTF-8 bytes each, with
+/// JSON escapes on top.
+pub const BODY_BYTES_MAX_DEFAULT: usize = 512 * 1024;
 /// `per_page` when a list request does not name one.
 pub const PER_PAGE_DEFAULT: u32 = 10;
 /// Largest `per_page` a list request may ask for.

@@ -208,24 +208,33 @@ impl Db {
             consistency: c,
             ..ScanOptions::default()
         };
-        let kvs = self.client.scan_all(&opts, PREFIX_READ_MAX + 1).await?;
-        if kvs.len() > PREFIX_READ_MAX {
-            // A gradebook or an export built from part of its records would
-            // be wrong without saying so.
-            tracing::warn!(prefix = %prefix.escape_ascii(), "more than {PREFIX_READ_MAX} records under one prefix");
-            return Err(AppError::TooManyRecords(format!(
-                "more than {PREFIX_READ_MAX} records: too many to read at once"
-            )));
-        }
-        kvs.into_iter()
-            .map(|kv| {
-                Ok(Row {
+        // Decoded page by page: only one page's raw values are held at a
+        // time (a `T` that leaves out large fields, like a submission's
+        // body, keeps the whole read small).
+        let mut rows = Vec::new();
+        let mut o = opts;
+        loop {
+            let page = self.client.scan(&o).await?;
+            if rows.len() + page.kvs.len() > PREFIX_READ_MAX {
+                // A gradebook or an export built from part of its records
+                // would be wrong without saying so.
+                tracing::warn!(prefix = %prefix.escape_ascii(), "more than {PREFIX_READ_MAX} records under one prefix");
+                return Err(AppError::TooManyRecords(format!(
+                    "more than {PREFIX_READ_MAX} records: too many to read at once"
+                )));
+            }
+            for kv in page.kvs {
+                rows.push(Row {
                     value: decode(&kv.key, &kv.value)?,
                     key: kv.key,
                     version: kv.version,
-                })
-            })
-            .collect()
+                });
+            }
+            match page.next_page_token {
+                Some(t) => o.page_token = t,
+                None => return Ok(rows),
+            }
+        }
     }
 
     /// Reads one page of records under `prefix` that pass `keep`, starting

@@ -175,6 +175,21 @@ pub struct Submission {
     pub grade: Option<Grade>,
 }
 
+/// What a gradebook or a grade notice reads of a [`Submission`]: decoded
+/// without its body, which may be the bulk of the record.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubmissionScore {
+    pub assignment_id: u64,
+    pub student_id: u64,
+    pub grade: Option<GradeScore>,
+}
+
+/// The score of a [`Grade`].
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct GradeScore {
+    pub score: f64,
+}
+
 /// A notification for one user, at `notif/<uid>/<nid>`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Notification {
@@ -189,6 +204,33 @@ pub struct Notification {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_submission_reads_as_its_score_without_its_body() {
+        let graded = |grade| Submission {
+            course_id: 1,
+            assignment_id: 2,
+            student_id: 3,
+            body: "an essay ".repeat(1_000),
+            attempt: 1,
+            submitted_at: chrono::Utc::now(),
+            late: false,
+            grade,
+        };
+        let g = Grade {
+            score: 7.5,
+            feedback: "good".into(),
+            graded_by: 9,
+            graded_at: chrono::Utc::now(),
+        };
+        let s: SubmissionScore =
+            serde_json::from_slice(&serde_json::to_vec(&graded(Some(g))).unwrap()).unwrap();
+        assert_eq!((s.assignment_id, s.student_id), (2, 3));
+        assert_eq!(s.grade.map(|g| g.score), Some(7.5));
+        let s: SubmissionScore =
+            serde_json::from_slice(&serde_json::to_vec(&graded(None)).unwrap()).unwrap();
+        assert!(s.grade.is_none());
+    }
 
     #[test]
     fn a_user_record_keeps_fields_it_does_not_know_when_rewritten() {

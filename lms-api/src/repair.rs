@@ -23,8 +23,8 @@ use lmskv_client::{KeyValue, ReadConsistency, ScanOptions};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::db::{decode, Cas, Db};
-use crate::error::AppResult;
+use crate::db::{decode, Cas, Db, CAS_ATTEMPTS_MAX};
+use crate::error::{AppError, AppResult};
 use crate::keys;
 use crate::model::{Course, Member, UserCourse};
 
@@ -173,29 +173,45 @@ pub async fn repair_with_page(db: &Db, page: usize) -> AppResult<RepairReport> {
     Ok(report)
 }
 
+/// Writes course `cid`'s catalogue entry from the course if they differ;
+/// whether it wrote. Every writer of the entry goes through here (course
+/// creation and edits too), so the entry ends as the latest course: the
+/// entry is read before the course, and the write is conditional on the
+/// entry's version, so of two edits racing here an older course can only
+/// land before the newer one's write, never after it (a lost race reads
+/// both again).
+pub async fn sync_catalog(db: &Db, cid: u64) -> AppResult<bool> {
+    for _ in 0..CAS_ATTEMPTS_MAX {
+        let entry = db
+            .get::<Course>(keys::catalog(cid), ReadConsistency::Strong)
+            .await?;
+        let Some(course) = db
+            .get::<Course>(keys::course(cid), ReadConsistency::Strong)
+            .await?
+        else {
+            return Ok(false);
+        };
+        if entry.as_ref().map(|e| &e.value) == Some(&course.value) {
+            return Ok(false);
+        }
+        let version = entry.as_ref().map_or(0, |e| e.version);
+        if let Cas::Done { .. } = db
+            .cas(keys::catalog(cid), version, Some(&course.value))
+            .await?
+        {
+            return Ok(true);
+        }
+    }
+    Err(AppError::Busy(format!(
+        "course {cid}'s catalogue entry is being changed concurrently"
+    )))
+}
+
 /// Brings one course's catalogue entry and its members' index entries in
 /// line with the course.
 async fn repair_course(db: &Db, cid: u64, page: usize, report: &mut RepairReport) -> AppResult<()> {
-    // The catalogue entry is read before the course: an update racing this
-    // pass writes the course first and its entry after, so either the
-    // course read here is the new one, or the entry's version has moved and
-    // the compare-and-swap below does nothing.
-    let entry = db
-        .get::<Course>(keys::catalog(cid), ReadConsistency::Strong)
-        .await?;
-    if let Some(course) = db
-        .get::<Course>(keys::course(cid), ReadConsistency::Strong)
-        .await?
-    {
-        if entry.as_ref().map(|e| &e.value) != Some(&course.value) {
-            let version = entry.as_ref().map_or(0, |e| e.version);
-            if let Cas::Done { .. } = db
-                .cas(keys::catalog(cid), version, Some(&course.value))
-                .await?
-            {
-                report.catalog_updated += 1;
-            }
-        }
+    if sync_catalog(db, cid).await? {
+        report.catalog_updated += 1;
     }
     let mut pages = Pages::new(keys::members(cid), page, false);
     while let Some(kvs) = pages.next(db).await? {

@@ -11,7 +11,7 @@ use crate::db::Db;
 use crate::error::AppError;
 use crate::jobs::{self, Failure, JobKind, Leased, Queue};
 use crate::keys;
-use crate::model::{Assignment, Notification, Submission};
+use crate::model::{Assignment, Notification, SubmissionScore};
 use crate::routes::grades::{build_gradebook, gradebook_csv};
 
 /// Jobs one worker runs at once.
@@ -84,7 +84,7 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
                 })?
                 .value;
             let subs = db
-                .scan_prefix::<Submission>(
+                .scan_prefix::<SubmissionScore>(
                     &keys::submissions_of(course_id, assignment_id),
                     ReadConsistency::Strong,
                 )

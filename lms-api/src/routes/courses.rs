@@ -105,7 +105,7 @@ pub async fn create(st: &AppState, owner: &User, req: CreateCourseRequest) -> Ap
     // Derived copies in other tables, written after the record (idempotent).
     derived(
         "catalogue entry",
-        st.db.put(keys::catalog(cid), &course).await,
+        crate::repair::sync_catalog(&st.db, cid).await,
     );
     derived(
         "course index entry",
@@ -255,7 +255,10 @@ pub async fn update_course(
             )
             .await?;
         if let Cas::Done { .. } = out {
-            derived("catalogue entry", st.db.put(keys::catalog(id), &c).await);
+            derived(
+                "catalogue entry",
+                crate::repair::sync_catalog(&st.db, id).await,
+            );
             return Ok(Json(c));
         }
     }

@@ -22,7 +22,7 @@ use crate::error::{AppError, AppResult, Problem};
 use crate::extract::AppPath;
 use crate::jobs::{self, JobKind, JobView};
 use crate::keys;
-use crate::model::{Assignment, CourseRole, Member, Submission};
+use crate::model::{Assignment, CourseRole, Member, Submission, SubmissionScore};
 
 /// One assignment's result for one student.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -66,7 +66,7 @@ pub async fn build_gradebook(db: &Db, cid: u64) -> AppResult<Gradebook> {
     let (members, assignments, subs) = futures::try_join!(
         db.scan_prefix::<Member>(&mk, strong()),
         db.scan_prefix::<Assignment>(&ak, strong()),
-        db.scan_prefix::<Submission>(&sk, strong()),
+        db.scan_prefix::<SubmissionScore>(&sk, strong()),
     )?;
     let mut by_student: BTreeMap<u64, BTreeMap<u64, Option<f64>>> = BTreeMap::new();
     for s in subs {

@@ -241,7 +241,9 @@ fn if_match(headers: &HeaderMap) -> AppResult<Option<u64>> {
 }
 
 /// Grades a submission (the course's teachers, TAs and admins). With
-/// `If-Match`, grading fails with 412 if the submission changed since.
+/// `If-Match`, grading fails with 412 if the submission changed since;
+/// without it the last grade wins, but a resubmission that lands while
+/// the grade is written is never graded unseen (409).
 #[utoipa::path(put, path = "/api/v1/courses/{id}/assignments/{assignment_id}/submissions/{user_id}/grade",
     tag = "submissions", security(("bearer" = [])),
     params(("id" = u64, Path, description = "course id"), ("assignment_id" = u64, Path, description = "assignment id"),
@@ -249,7 +251,7 @@ fn if_match(headers: &HeaderMap) -> AppResult<Option<u64>> {
            ("If-Match" = Option<String>, Header, description = "ETag of the submission as last seen")),
     request_body = GradeRequest,
     responses((status = 200, body = SubmissionView), (status = 403, body = Problem), (status = 404, body = Problem),
-              (status = 412, body = Problem), (status = 422, body = Problem)))]
+              (status = 409, body = Problem), (status = 412, body = Problem), (status = 422, body = Problem)))]
 pub async fn grade_submission(
     State(st): State<AppState>,
     caller: Caller,
@@ -268,6 +270,10 @@ pub async fn grade_submission(
         ));
     }
     let key = keys::submission(cid, aid, uid);
+    // The attempt this grade is for: a retry after a lost race grades the
+    // same attempt again or nothing (a resubmission meanwhile is one the
+    // grader has not seen).
+    let mut graded_attempt = None;
     for _ in 0..CAS_ATTEMPTS_MAX {
         let cur = st
             .db
@@ -278,6 +284,16 @@ pub async fn grade_submission(
             return Err(AppError::PreconditionFailed(
                 "the submission changed since you read it".into(),
             ));
+        }
+        match graded_attempt {
+            None => graded_attempt = Some(cur.value.attempt),
+            Some(n) if n != cur.value.attempt => {
+                return Err(AppError::Conflict(format!(
+                    "the student resubmitted (attempt {}) while attempt {n} was being graded; read it and grade again",
+                    cur.value.attempt
+                )));
+            }
+            Some(_) => {}
         }
         let mut s = cur.value;
         s.grade = Some(Grade {

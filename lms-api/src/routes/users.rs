@@ -132,6 +132,9 @@ pub async fn update_user(
             let current = req.current_password.clone().ok_or_else(|| {
                 AppError::field("current_password", "is required to change the password")
             })?;
+            // A guess of the current password counts against the account's
+            // login limit: a stolen session must not guess faster here.
+            st.limits.check_login(id)?;
             let ok = st
                 .passwords
                 .verify(current, Some(caller.user.password_hash.clone()))
@@ -151,6 +154,18 @@ pub async fn update_user(
             .await?
             .ok_or(AppError::NotFound("user"))?;
         let mut u = cur.value;
+        // The password was checked against the record as the request
+        // found it; if it changed since (its owner set a new one, which
+        // also ended this session), the change is refused, not applied
+        // over the newer password.
+        if new_hash.is_some()
+            && (u.password_hash != caller.user.password_hash
+                || u.session_generation != caller.user.session_generation)
+        {
+            return Err(AppError::Unauthorized(
+                "the password changed meanwhile; log in again".into(),
+            ));
+        }
         if let Some(n) = &req.name {
             u.name = n.trim().to_string();
         }

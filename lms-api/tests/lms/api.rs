@@ -798,6 +798,44 @@ async fn a_password_change_ends_every_session() {
     .expect(200);
     api.get("/api/v1/auth/me", &at_b).await.expect(200);
 
+    phase!("a browser may send and read the session token");
+    let url = format!("{}{user}", api.base);
+    let pre = api
+        .http
+        .request(Method::OPTIONS, &url)
+        .header("origin", "https://lms.example")
+        .header("access-control-request-method", "PATCH")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,x-session-token",
+        )
+        .send()
+        .await
+        .unwrap();
+    let allowed = pre
+        .headers()
+        .get("access-control-allow-headers")
+        .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+        .unwrap_or_default();
+    assert!(allowed.contains("x-session-token"), "allowed: {allowed:?}");
+    let r = api
+        .http
+        .patch(&url)
+        .header("origin", "https://lms.example")
+        .bearer_auth(&at_a)
+        .json(&json!({"name": "New Name"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-session-token"));
+    let exposed = r
+        .headers()
+        .get("access-control-expose-headers")
+        .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+        .unwrap_or_default();
+    assert!(exposed.contains("x-session-token"), "exposed: {exposed:?}");
+
     phase!("the password changes");
     api.call(
         Method::PATCH,
@@ -853,7 +891,10 @@ async fn invalid_input_is_refused_and_writes_nothing() {
         .as_u64()
         .unwrap();
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
-    api.post(&sub, &s, json!({"body": "answer"}))
+    // The longest body allowed, in three-byte characters with a quote and a
+    // newline to escape: 150 KB of UTF-8, within the request limit.
+    let longest = format!("\"{}\n", "中".repeat(49_998));
+    api.post(&sub, &s, json!({ "body": longest }))
         .await
         .expect(201);
     let long = "x".repeat(10_001);
@@ -1030,6 +1071,12 @@ async fn invalid_input_is_refused_and_writes_nothing() {
             json!({"title": "x", "max_points": 10, "description": long}),
         ),
         (Method::POST, &sub, Some(&s), json!({"body": ""})),
+        (
+            Method::POST,
+            &sub,
+            Some(&s),
+            json!({"body": "中".repeat(50_001)}),
+        ),
         (Method::POST, &sub, Some(&s), json!({"body": 42})),
         (Method::PUT, &grade, Some(&t), json!({"score": -1})),
         (Method::PUT, &grade, Some(&t), json!({"score": 11})),
@@ -1118,10 +1165,10 @@ async fn invalid_input_is_refused_and_writes_nothing() {
     api.get("/api/v1/courses?cursor=%21%21", &t)
         .await
         .problem(422);
-    let huge = json!({"body": "y".repeat(200_000)});
+    let huge = json!({"body": "y".repeat(600_000)});
     let r = api.post(&sub, &s, huge).await.problem(413);
     assert!(
-        r.body["detail"].as_str().unwrap().contains("65536"),
+        r.body["detail"].as_str().unwrap().contains("524288"),
         "{}",
         r.text
     );
@@ -1136,7 +1183,7 @@ async fn rate_limits_answer_429_with_retry_after() {
     cfg.rate_limit_user_per_s = 1;
     cfg.rate_limit_user_burst = 5;
     let api = Api::on(cluster, cfg).await;
-    let (_, tok) = api.user_with_role("u@t.io", "U", Role::Student).await;
+    let (uid, tok) = api.user_with_role("u@t.io", "U", Role::Student).await;
     phase!("per user");
     let mut codes = Vec::new();
     let mut limited: Option<Resp> = None;
@@ -1217,6 +1264,37 @@ async fn rate_limits_answer_429_with_retry_after() {
     .await
     .expect(200);
     login(common::PASSWORD).await.problem(429);
+    server.abort();
+
+    phase!("guesses of the current password in a password change count as logins");
+    let mut cfg = common::config(api.cluster.endpoints());
+    cfg.login_attempts_per_min = 1;
+    cfg.login_attempts_burst = 3;
+    let (_st, base, server) = common::serve(cfg).await;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let r = api
+            .call(
+                Method::PATCH,
+                &format!("{base}/api/v1/users/{uid}"),
+                Some(tok.as_str()),
+                Some(
+                    json!({"password": "a new long password", "current_password": "a wrong guess"}),
+                ),
+            )
+            .await;
+        codes.push(r.status.as_u16());
+    }
+    assert_eq!(codes, [422, 422, 422, 429, 429]);
+    let r = api
+        .call(
+            Method::POST,
+            &format!("{base}/api/v1/auth/login"),
+            None,
+            Some(json!({"email": "u@t.io", "password": common::PASSWORD})),
+        )
+        .await;
+    r.problem(429);
     server.abort();
 }
 
