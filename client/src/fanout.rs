@@ -50,6 +50,8 @@ enum GroupResult<T> {
     Done(T),
     /// The range split: these keys must be grouped again.
     Regroup(Vec<Bytes>),
+    /// Their values pass one answer's limit: they go again in smaller groups.
+    TooLarge(Vec<Bytes>),
 }
 
 impl Client {
@@ -136,14 +138,15 @@ impl Client {
         let consistency = &consistency;
         let mut pending = keys;
         let mut rounds = 0;
+        // Keys per request: halved for a round after a group's values passed
+        // the limit of one answer (`SCAN_BYTES_MAX`), down to one key.
+        let mut per_request = BATCH_GET_KEYS_PER_REQUEST_MAX;
         while !pending.is_empty() {
             rounds += 1;
             if rounds > REGROUP_ROUNDS_MAX {
                 return Err(budget.exceeded());
             }
-            let groups = self
-                .group_by_range(&pending, &budget, BATCH_GET_KEYS_PER_REQUEST_MAX)
-                .await?;
+            let groups = self.group_by_range(&pending, &budget, per_request).await?;
             let results: Vec<Result<GroupResult<Vec<v1::KeyValue>>, ClientError>> =
                 stream::iter(groups)
                     .map(|g| {
@@ -206,6 +209,11 @@ impl Client {
                                     Ok(GroupResult::Done(resp.kvs))
                                 }
                                 Err(RangeCallError::Regroup(_)) => Ok(GroupResult::Regroup(g.keys)),
+                                Err(RangeCallError::Failed(ClientError::Server(
+                                    ServerError::InvalidArgument { field, .. },
+                                ))) if field == "keys" && g.keys.len() > 1 => {
+                                    Ok(GroupResult::TooLarge(g.keys))
+                                }
                                 Err(RangeCallError::Failed(e)) => Err(e),
                             }
                         }
@@ -214,11 +222,19 @@ impl Client {
                     .collect()
                     .await;
             pending = Vec::new();
+            let mut too_large = 0;
             for r in results {
                 match r? {
                     GroupResult::Done(kvs) => found.extend(kvs.into_iter().map(KeyValue::from)),
                     GroupResult::Regroup(keys) => pending.extend(keys),
+                    GroupResult::TooLarge(keys) => {
+                        too_large = too_large.max(keys.len());
+                        pending.extend(keys);
+                    }
                 }
+            }
+            if too_large > 0 {
+                per_request = per_request.min(too_large.div_ceil(2)).max(1);
             }
             pending.sort();
         }
@@ -422,6 +438,9 @@ impl Client {
                         }
                     }
                     Ok(GroupResult::Regroup(keys)) => pending.extend(keys),
+                    Ok(GroupResult::TooLarge(_)) => {
+                        unreachable!("only reads are split for their answer's size")
+                    }
                     Err(e) => {
                         first_err.get_or_insert(e);
                     }

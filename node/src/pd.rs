@@ -673,6 +673,23 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                     st.leader_since = None;
                 }
                 st.leader_term = term;
+                // Changes started in an earlier term stop: the driver that
+                // leads now plans from the meta range and does not know of
+                // them, and must not race them on the same ranges.
+                let running: Vec<u64> = node
+                    .pd
+                    .inflight
+                    .lock()
+                    .expect("inflight lock")
+                    .iter()
+                    .copied()
+                    .collect();
+                if !running.is_empty() {
+                    tracing::info!(ranges = ?running, "meta leadership changed: stopping the replica changes under way");
+                }
+                for range_id in running {
+                    node.pd.give_up(range_id);
+                }
             }
         }
         if !leading {
@@ -1159,9 +1176,12 @@ async fn balance(
             return;
         }
         // The range whose leader is the most loaded among those `lo` can take.
+        // Never the meta range: moving its leader moves the driver itself
+        // (its liveness grace starts over and its changes in flight are
+        // left to run unwatched).
         let pick = descs
             .iter()
-            .filter(|d| d.voters.contains(&lo))
+            .filter(|d| d.range_id != META_RANGE_ID && d.voters.contains(&lo))
             .filter_map(|d| {
                 let l = *leader_of.get(&d.range_id)?;
                 let n = count.get(&l).copied()?;
