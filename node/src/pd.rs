@@ -45,6 +45,9 @@ const OP_TIMEOUT: Duration = Duration::from_secs(45);
 /// snapshot, every 8 s instead of every round.
 const CHANGE_RETRY_WAIT_MIN: Duration = Duration::from_secs(1);
 const CHANGE_RETRY_WAIT_MAX: Duration = Duration::from_secs(8);
+/// The longest wait before an automatic split that keeps failing is tried
+/// again ([`split_retry_wait`]).
+const SPLIT_RETRY_WAIT_MAX: Duration = Duration::from_secs(60);
 /// How often the stage of a running placement round is checked ...
 const STAGE_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// ... and how long one step may take before it is reported.
@@ -122,6 +125,11 @@ struct PdState {
     leftover: HashMap<(u64, u64), Instant>,
     /// The nodes the last round counted live, to log changes.
     live_last: Option<HashSet<u64>>,
+    /// Ranges whose automatic splits failed: how many in a row, and when
+    /// the next may be tried (a range one row too large to cut, or with no
+    /// quorum, is not split, and read through for its middle key, every
+    /// round). At most one entry per range.
+    split_retry: HashMap<u64, (u32, Instant)>,
 }
 
 /// The placement driver's in-memory state.
@@ -1015,18 +1023,43 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
                 **id != META_RANGE_ID
                     && (r.stats.size_bytes > split_size
                         || r.hot_since.is_some_and(|t| t.elapsed() >= hot_for))
+                    && st
+                        .split_retry
+                        .get(id)
+                        .is_none_or(|(_, next)| Instant::now() >= *next)
             })
             .map(|(id, _)| *id)
             .collect()
     };
     for id in to_split {
-        if let Err(e) = split(node, id, None).await {
-            tracing::debug!(range_id = id, error = %e, "automatic split");
+        let failed = split(node, id, None).await.err();
+        let mut st = pd.state.lock().expect("pd lock");
+        match failed {
+            Some(e) => {
+                let e_str = e.to_string();
+                let retry = st.split_retry.entry(id).or_insert((0, Instant::now()));
+                retry.0 = retry.0.saturating_add(1);
+                let wait = split_retry_wait(retry.0);
+                retry.1 = Instant::now() + wait;
+                tracing::debug!(range_id = id, error = %e_str, retry_in_ms = wait.as_millis() as u64, "automatic split failed");
+            }
+            None => {
+                st.split_retry.remove(&id);
+            }
         }
-        if let Some(r) = pd.state.lock().expect("pd lock").ranges.get_mut(&id) {
+        if let Some(r) = st.ranges.get_mut(&id) {
             r.hot_since = None;
             r.stats.size_bytes = 0;
         }
+    }
+    {
+        // Entries of ranges that are gone (merged away or never reported
+        // again) do not outlive them.
+        let mut st = pd.state.lock().expect("pd lock");
+        let PdState {
+            split_retry, descs, ..
+        } = &mut *st;
+        split_retry.retain(|id, _| descs.contains_key(id));
     }
     if started > 0 {
         return Ok(());
@@ -1288,6 +1321,14 @@ fn start_op(node: &Arc<Node>, op: PendingOp) -> bool {
         }
     });
     true
+}
+
+/// How long a range waits after its `failures`-th failed automatic split
+/// in a row before the driver tries it again: 1 s, doubling, at most
+/// [`SPLIT_RETRY_WAIT_MAX`].
+fn split_retry_wait(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (Duration::from_secs(1) * 2u32.pow(doublings)).min(SPLIT_RETRY_WAIT_MAX)
 }
 
 /// How long a range waits after its `failures`-th failed replica change in
@@ -1876,6 +1917,13 @@ mod tests {
         let waits: Vec<u64> = (1..=7).map(|n| change_retry_wait(n).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 8, 8, 8]);
         assert_eq!(change_retry_wait(u32::MAX), CHANGE_RETRY_WAIT_MAX);
+    }
+
+    #[test]
+    fn failed_splits_wait_longer_each_time_up_to_a_bound() {
+        let waits: Vec<u64> = (1..=8).map(|n| split_retry_wait(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(split_retry_wait(u32::MAX), SPLIT_RETRY_WAIT_MAX);
     }
 
     fn course(cid: u64, rest: &[u8]) -> Vec<u8> {
