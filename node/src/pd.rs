@@ -45,6 +45,9 @@ const OP_TIMEOUT: Duration = Duration::from_secs(45);
 /// snapshot, every 8 s instead of every round.
 const CHANGE_RETRY_WAIT_MIN: Duration = Duration::from_secs(1);
 const CHANGE_RETRY_WAIT_MAX: Duration = Duration::from_secs(8);
+/// The least lateness of the driver's round timer taken as a stall of its
+/// process (with half the dead-node timeout, if that is longer).
+const STALL_AFTER_MIN: Duration = Duration::from_secs(5);
 /// The longest wait before an automatic split that keeps failing is tried
 /// again ([`split_retry_wait`]).
 const SPLIT_RETRY_WAIT_MAX: Duration = Duration::from_secs(60);
@@ -655,7 +658,7 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         // starved of CPU), and heard no heartbeats meanwhile. Its record
         // of who is alive is as stale as a new leader's: the nodes get the
         // same grace to report before any is counted dead.
-        let stalled = slept.elapsed() > every + node.pd.dead_after / 2;
+        let stalled = slept.elapsed() > every + (node.pd.dead_after / 2).max(STALL_AFTER_MIN);
         let term = node.local_meta_leader().and_then(|r| r.leader_term());
         let leading = term.is_some();
         {
@@ -665,10 +668,11 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                     stalled_ms = slept.elapsed().as_millis() as u64,
                     "placement driver woke late: every node gets the grace period to report again"
                 );
-                st.leader_since = Some(Instant::now());
-                st.nodes.clear();
-                st.ranges.clear();
-                st.live_last = None;
+                let now = Instant::now();
+                st.leader_since = Some(now);
+                for n in st.nodes.values_mut() {
+                    n.last_heartbeat = now;
+                }
             }
             if term != st.leader_term {
                 if let Some(t) = term {
@@ -1031,6 +1035,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
             .map(|(id, _)| *id)
             .collect()
     };
+    let split_tried = !to_split.is_empty();
     for id in to_split {
         let failed = split(node, id, None).await.err();
         let mut st = pd.state.lock().expect("pd lock");
@@ -1061,7 +1066,10 @@ async fn tick(node: &Arc<Node>) -> Result<(), Error> {
         } = &mut *st;
         split_retry.retain(|id, _| descs.contains_key(id));
     }
-    if started > 0 {
+    // Balancing plans from this round's descriptors: after splits (which
+    // can take seconds, while changes started earlier finish) it waits for
+    // the next round's, rather than moving replicas by a stale picture.
+    if started > 0 || split_tried {
         return Ok(());
     }
     node.pd.stage("balance");
@@ -1603,7 +1611,8 @@ pub async fn transfer_leader(node: &Arc<Node>, range_id: u64, to: u64) -> Result
 
 /// Marks a node as draining: the driver moves its replicas away.
 pub async fn decommission(node: &Arc<Node>, node_id: u64) -> Result<NodeRecord, Error> {
-    let meta = meta_store(node)?;
+    // Only once the driver has loaded its term: it judges liveness below.
+    let meta = serving(node)?;
     let mut rec = meta.nodes()?.remove(&node_id).ok_or_else(|| {
         Error::invalid_argument("node_id", format!("node {node_id} is not registered"))
     })?;

@@ -55,14 +55,12 @@ pub struct SnapshotFile {
 type MembershipOf<C> = Membership<NodeIdOf<C>, NodeOf<C>>;
 type CurrentSnapshot = (SnapshotMetaOf<TypeConfig>, PathBuf);
 
-/// The least log index at which a range created by a split starts. It
-/// starts at the index of the split's entry in the parent's log (or here,
-/// if that is lower): its log is "purged" up to there, so a replica that
-/// lacks the range's initial data gets it by snapshot and never by
-/// replaying entries it does not have; and its keys, whose versions are
-/// indexes of the parent's log up to the split, only ever get higher
-/// versions (a compare-and-swap on a version read before the split cannot
-/// match a later write of the new range).
+/// The log index at which a range created by a split starts: its log is
+/// "purged" up to here, so a replica that lacks the range's initial data gets
+/// it by snapshot and never by replaying entries it does not have. Every
+/// binary of a cluster must agree on it (a replica that started the range
+/// later would take a leader's entries below its own start as present), so
+/// it cannot change without a cluster-wide version gate.
 pub const SPLIT_INIT_LOG_INDEX: u64 = 5;
 
 /// A range's applied state, written with every apply batch.
@@ -433,16 +431,16 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Applies a split at `split_key` (the split's entry is at `index` of
-    /// this range's log): shrinks this range and creates the right-hand
-    /// range's state in the same batch.
+    /// Applies a split at `split_key`: shrinks this range and creates the
+    /// right-hand range's state in the same batch.
     fn split(
         &self,
         batch: &mut ApplyBatch<'_>,
         desc: &mut RangeMeta,
         membership: &StoredMembershipOf<TypeConfig>,
-        (split_key, new_range_id, version): (&Bytes, u64, u64),
-        index: u64,
+        split_key: &Bytes,
+        new_range_id: u64,
+        version: u64,
     ) -> Result<CommandResponse, StorageError> {
         if version != desc.version {
             return Ok(CommandResponse::Split(Err(format!(
@@ -476,7 +474,7 @@ impl StateMachine {
         desc.version += 1;
         let init = LogIdOf::<TypeConfig>::new(
             LeaderIdOf::<TypeConfig>::new(0, 0).to_committed(),
-            index.max(SPLIT_INIT_LOG_INDEX),
+            SPLIT_INIT_LOG_INDEX,
         );
         let right_membership = StoredMembershipOf::<TypeConfig>::new(
             Some(init),
@@ -531,13 +529,7 @@ impl StateMachine {
                 new_range_id,
                 version,
             } => {
-                let r = self.split(
-                    batch,
-                    desc,
-                    membership,
-                    (split_key, *new_range_id, *version),
-                    index,
-                )?;
+                let r = self.split(batch, desc, membership, split_key, *new_range_id, *version)?;
                 if matches!(r, CommandResponse::Split(Ok(_))) {
                     splits.push(*new_range_id);
                 }

@@ -27,6 +27,8 @@ const RECORD_KEY_BYTES_MAX: usize = KEY_BYTES_MAX + 128;
 /// How many records [`SnapshotReader::verify`] reads between asking
 /// whether to stop.
 const VERIFY_STOP_EVERY: u64 = 4_096;
+/// ... or how many bytes of keys and values, whichever comes first.
+const VERIFY_STOP_EVERY_BYTES: usize = 4 << 20;
 
 /// What a snapshot record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,13 +205,19 @@ impl SnapshotReader {
     }
 
     /// Reads the whole file, verifying every checksum and the trailer.
-    /// `stop` is asked every [`VERIFY_STOP_EVERY`] records: a large file
+    /// `stop` is asked every [`VERIFY_STOP_EVERY`] records or
+    /// [`VERIFY_STOP_EVERY_BYTES`] of keys and values: a large file
     /// takes seconds to read, and whoever waits for the import (a removal
     /// of the replica) must not wait that long; `Aborted` when it says so.
     pub(super) fn verify(mut self, stop: impl Fn() -> bool) -> Result<u64, StorageError> {
-        while self.next_record()?.is_some() {
-            if self.records.is_multiple_of(VERIFY_STOP_EVERY) && stop() {
-                return Err(StorageError::Aborted);
+        let mut bytes = 0usize;
+        while let Some((_, k, v)) = self.next_record()? {
+            bytes += k.len() + v.len();
+            if self.records.is_multiple_of(VERIFY_STOP_EVERY) || bytes >= VERIFY_STOP_EVERY_BYTES {
+                bytes = 0;
+                if stop() {
+                    return Err(StorageError::Aborted);
+                }
             }
         }
         Ok(self.records)
@@ -245,6 +253,21 @@ mod tests {
                 .unwrap(),
             50_000
         );
+
+        // Large values: asked by bytes read, long before 4,096 records.
+        let mut w = SnapshotWriter::create(&path).unwrap();
+        for i in 0..12u32 {
+            w.record(RecordKind::Data, &i.to_be_bytes(), &vec![7u8; 1 << 20])
+                .unwrap();
+        }
+        w.finish().unwrap();
+        let asked = std::cell::Cell::new(0u32);
+        let r = SnapshotReader::open(&path).unwrap().verify(|| {
+            asked.set(asked.get() + 1);
+            true
+        });
+        assert!(matches!(r, Err(StorageError::Aborted)), "{r:?}");
+        assert_eq!(asked.get(), 1, "asked once, after 4 MiB");
     }
 
     #[test]

@@ -385,59 +385,6 @@ async fn a_session_token_from_another_client_sees_its_write_across_a_split() {
     .expect("test timed out");
 }
 
-/// A key's version only grows, across a split too: the range split off
-/// starts its log where the parent's split entry stands, so a
-/// compare-and-swap on a version read before the split cannot match a
-/// later write of the new range.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn versions_keep_growing_across_a_split() {
-    tokio::time::timeout(TEST_TIMEOUT, async {
-        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
-        let client = c.client();
-        let mut before = client.put("v/k", "0").await.unwrap();
-        for n in 1..40 {
-            before = client.put("v/k", n.to_string()).await.unwrap();
-        }
-        phase!(
-            "v/k is at version {} in range {}; split at v/",
-            before.version,
-            before.range_id
-        );
-        c.split_at(b"v/").await.unwrap();
-        let after = client.put("v/k", "after").await.unwrap();
-        assert_ne!(
-            after.range_id, before.range_id,
-            "the key moved to the new range"
-        );
-        assert!(
-            after.version > before.version,
-            "the write after the split has version {}, not above {} of the write before it",
-            after.version,
-            before.version
-        );
-        phase!("a compare-and-swap on the version from before the split is refused");
-        let cas = client
-            .compare_and_swap(
-                "v/k",
-                lmskv_client::Compare::Version(before.version),
-                Some(Bytes::from_static(b"stale")),
-                &lmskv_client::WriteOptions::default(),
-            )
-            .await
-            .unwrap();
-        assert!(!cas.succeeded, "{cas:?}");
-        let v = client
-            .get("v/k", lmskv_client::ReadConsistency::Strong)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(v.value, Bytes::from_static(b"after"));
-        assert_eq!(v.version, after.version);
-    })
-    .await
-    .expect("test timed out");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_partitioned_from_the_majority_never_serves_a_stale_strong_read() {
     tokio::time::timeout(TEST_TIMEOUT, async {

@@ -438,6 +438,9 @@ async fn a_drain_that_would_leave_too_few_live_nodes_is_refused() {
         )
         .await
         .unwrap();
+        // Past any grace a meta leader elected meanwhile gives silent nodes
+        // (the dead-node timeout, 4 s).
+        tokio::time::sleep(Duration::from_secs(5)).await;
         phase!("draining node 3 would leave 2 live nodes for 3 replicas: refused");
         let err = client.decommission(3).await.unwrap_err();
         assert!(err.to_string().contains("2 live nodes"), "{err}");
