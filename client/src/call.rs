@@ -491,7 +491,7 @@ impl Client {
                         // with the new descriptor): the next call locates
                         // the range afresh instead of asking that node
                         // again, and reaches the replica that took its place.
-                        self.inner.routes.evict(range_id);
+                        self.inner.routes.evict_after_not_found(range_id);
                     }
                     return Ok((resp, range.desc));
                 }

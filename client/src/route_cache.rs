@@ -54,6 +54,10 @@ pub const LOCATE_WAITING_MAX: usize = 1_024;
 pub const LOCATE_DEADLINE: Duration = Duration::from_secs(15);
 /// Node addresses the cache remembers at most.
 pub const NODE_ADDRESSES_MAX: usize = 4_096;
+/// A range is evicted for a replica's `RangeNotFound` at most this often.
+pub const NOT_FOUND_EVICT_EVERY: Duration = Duration::from_secs(1);
+/// Ranges whose last such eviction is remembered at most.
+pub const NOT_FOUND_EVICTIONS_MAX: usize = 1_024;
 
 /// A cached range: its descriptor and the leader last seen (0: unknown).
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +105,10 @@ pub struct RouteCache {
     permits: Arc<Semaphore>,
     next_id: AtomicU64,
     locates: Arc<AtomicU64>,
+    /// When each range was last evicted for a replica that answered
+    /// `RangeNotFound` (see [`RouteCache::evict_after_not_found`]); at most
+    /// [`NOT_FOUND_EVICTIONS_MAX`] entries.
+    not_found_evicted: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Default for RouteCache {
@@ -118,7 +126,36 @@ impl RouteCache {
             permits: Arc::new(Semaphore::new(LOCATE_IN_FLIGHT_MAX)),
             next_id: AtomicU64::new(0),
             locates: Arc::new(AtomicU64::new(0)),
+            not_found_evicted: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Drops the range after a call succeeded on one replica when another
+    /// the cached descriptor names answered `RangeNotFound` (it may have
+    /// moved away), at most once per [`NOT_FOUND_EVICT_EVERY`] per range: a
+    /// replica that is only not ready yet (a learner importing its
+    /// snapshot, a node opening its ranges) is still in the descriptor the
+    /// next lookup returns, and must not cost a lookup on every call.
+    /// Returns whether it evicted.
+    pub fn evict_after_not_found(&self, range_id: u64) -> bool {
+        let now = Instant::now();
+        {
+            let mut m = self.not_found_evicted.lock().expect("evictions lock");
+            if m.get(&range_id)
+                .is_some_and(|t| now.duration_since(*t) < NOT_FOUND_EVICT_EVERY)
+            {
+                return false;
+            }
+            if m.len() >= NOT_FOUND_EVICTIONS_MAX {
+                m.retain(|_, t| now.duration_since(*t) < NOT_FOUND_EVICT_EVERY);
+                if m.len() >= NOT_FOUND_EVICTIONS_MAX {
+                    return false;
+                }
+            }
+            m.insert(range_id, now);
+        }
+        self.evict(range_id);
+        true
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, RouteMap> {
@@ -685,6 +722,21 @@ mod tests {
 
     fn id_at(c: &RouteCache, key: &str) -> Option<u64> {
         c.get(key.as_bytes(), false).map(|r| r.desc.range_id)
+    }
+
+    #[tokio::test]
+    async fn a_range_is_evicted_for_a_missing_replica_at_most_once_a_second() {
+        let c = RouteCache::default();
+        c.insert(desc(2, "\x01", "m", 1));
+        assert!(c.evict_after_not_found(2));
+        assert!(c.get_by_id(2).is_none());
+        c.insert(desc(2, "\x01", "m", 1));
+        assert!(!c.evict_after_not_found(2), "again within the second");
+        assert!(c.get_by_id(2).is_some());
+        assert!(c.evict_after_not_found(3), "another range is apart");
+        tokio::time::sleep(NOT_FOUND_EVICT_EVERY).await;
+        assert!(c.evict_after_not_found(2));
+        assert!(c.get_by_id(2).is_none());
     }
 
     #[test]

@@ -655,24 +655,35 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         // Woken far later than asked: this process was stalled (paused,
-        // starved of CPU), and heard no heartbeats meanwhile. Its record
-        // of who is alive is as stale as a new leader's: the nodes get the
-        // same grace to report before any is counted dead.
-        let stalled = slept.elapsed() > every + (node.pd.dead_after / 2).max(STALL_AFTER_MIN);
+        // starved of CPU), and heard no heartbeats meanwhile. The stall
+        // does not count as silence: every time the driver keeps (last
+        // heartbeats, the new-leader grace, since when a voter is missing
+        // or a replica stray) moves on by the lateness, so a node already
+        // dead stays dead and a live one is not called dead for it; and
+        // this round does not plan, so the next one plans from the
+        // heartbeats that arrive meanwhile.
+        let lateness = slept.elapsed().saturating_sub(every);
+        let stalled = lateness > (node.pd.dead_after / 2).max(STALL_AFTER_MIN);
         let term = node.local_meta_leader().and_then(|r| r.leader_term());
-        let leading = term.is_some();
         {
             let mut st = node.pd.state.lock().expect("pd lock");
             if stalled && term.is_some() && term == st.leader_term {
                 tracing::warn!(
-                    stalled_ms = slept.elapsed().as_millis() as u64,
-                    "placement driver woke late: every node gets the grace period to report again"
+                    stalled_ms = lateness.as_millis() as u64,
+                    "placement driver woke late: the stall is not counted as the nodes' silence"
                 );
                 let now = Instant::now();
-                st.leader_since = Some(now);
-                for n in st.nodes.values_mut() {
-                    n.last_heartbeat = now;
+                let shift = |t: &mut Instant| *t = (*t + lateness).min(now);
+                if let Some(t) = st.leader_since.as_mut() {
+                    shift(t);
                 }
+                st.nodes
+                    .values_mut()
+                    .for_each(|n| shift(&mut n.last_heartbeat));
+                st.missing.values_mut().for_each(shift);
+                st.stray.values_mut().for_each(shift);
+                st.leftover.values_mut().for_each(shift);
+                continue;
             }
             if term != st.leader_term {
                 if let Some(t) = term {
@@ -704,10 +715,10 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                 }
             }
         }
-        if !leading {
+        let Some(term) = term else {
             continue;
-        }
-        match tokio::time::timeout(TICK_TIMEOUT, tick(&node)).await {
+        };
+        match tokio::time::timeout(TICK_TIMEOUT, tick(&node, term)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "placement round failed"),
             Err(_) => {
@@ -718,11 +729,13 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn tick(node: &Arc<Node>) -> Result<(), Error> {
+/// One placement round in meta-leader term `term` (the one the run loop
+/// saw and settled its state for; a round that finds another ends at once).
+async fn tick(node: &Arc<Node>, term: u64) -> Result<(), Error> {
     let meta = meta_store(node)?;
-    let Some(term) = meta.replica().leader_term() else {
+    if meta.replica().leader_term() != Some(term) {
         return Ok(());
-    };
+    }
     node.pd.stage("barrier on the meta range");
     meta.barrier().await?;
     node.pd.stage("load descriptors");
