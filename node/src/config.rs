@@ -82,6 +82,11 @@ pub struct FileConfig {
     /// this long parks: its Raft group shuts down until a message or a
     /// request needs it.
     pub range_park_after_ms: u64,
+    /// The highest cluster version this node lets the cluster go to (see
+    /// `lmskv_node::version`); unset: the binary's own. Set it to the old
+    /// binary's version on upgraded nodes while an upgrade may still be
+    /// rolled back.
+    pub cluster_version_max: Option<u32>,
 }
 
 impl Default for FileConfig {
@@ -119,6 +124,7 @@ impl Default for FileConfig {
             raft_append_pipeline: RAFT_APPEND_PIPELINE_DEFAULT,
             range_hibernate_after_ms: 10_000,
             range_park_after_ms: 10_000,
+            cluster_version_max: None,
         }
     }
 }
@@ -225,6 +231,15 @@ impl NodeConfig {
                 f.range_hibernate_after_ms, f.range_park_after_ms
             ));
         }
+        if let Some(v) = f.cluster_version_max {
+            let top = crate::version::CLUSTER_VERSION;
+            if !(crate::version::CLUSTER_VERSION_BASE..=top).contains(&v) {
+                return Err(format!(
+                    "cluster_version_max ({v}) must be between {} and {top}, the highest this binary runs",
+                    crate::version::CLUSTER_VERSION_BASE
+                ));
+            }
+        }
         if f.dedup_window_s < 10 {
             return Err("dedup_window_s must be at least 10 so retries stay deduplicated".into());
         }
@@ -301,6 +316,15 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The highest cluster version this node runs and lets the cluster go
+    /// to: the binary's own, or lower when `cluster_version_max` says so.
+    pub fn cluster_version_max(&self) -> u32 {
+        self.file
+            .cluster_version_max
+            .unwrap_or(crate::version::CLUSTER_VERSION)
+            .min(crate::version::CLUSTER_VERSION)
     }
 
     /// Raft settings.
@@ -393,6 +417,22 @@ mod tests {
         c.advertise = Some("proxy.local:9001".into());
         assert!(c.validate().is_ok());
         assert_eq!(c.advertise_addr(), "proxy.local:9001");
+    }
+
+    #[test]
+    fn a_cluster_version_hold_is_checked_and_caps_the_binary_s_own() {
+        let top = crate::version::CLUSTER_VERSION;
+        assert_eq!(cfg().cluster_version_max(), top);
+        for (v, ok) in [(0, false), (1, true), (top, true), (top + 1, false)] {
+            let mut c = cfg();
+            c.file = toml::from_str(&format!("cluster_version_max = {v}")).unwrap();
+            assert_eq!(c.validate().is_ok(), ok, "{v}");
+            if ok {
+                assert_eq!(c.cluster_version_max(), v);
+            } else {
+                assert!(c.validate().unwrap_err().contains("cluster_version_max"));
+            }
+        }
     }
 
     #[test]

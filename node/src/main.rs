@@ -61,6 +61,13 @@ struct Args {
     /// cores: each idle thread a request wakes costs a context switch.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
     worker_threads: u16,
+    /// The highest cluster version this node lets the cluster go to
+    /// (overrides the config file; default: the highest this binary runs).
+    /// During an upgrade that may still be rolled back, give the upgraded
+    /// nodes the old binary's version; the cluster moves to the new one
+    /// once no node holds it back.
+    #[arg(long, env = "LMSKV_CLUSTER_VERSION_MAX")]
+    cluster_version_max: Option<u32>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -175,6 +182,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(r) = args.recover_from_peers {
         file.recover_from_peers = r;
+    }
+    if let Some(v) = args.cluster_version_max {
+        file.cluster_version_max = Some(v);
     }
     let cfg = NodeConfig {
         node_id: args.node_id,

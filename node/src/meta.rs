@@ -8,6 +8,7 @@
 //! | `0x00 node/` · node id BE(8)  | [`NodeRecord`]          |
 //! | `0x00 pd/next_range_id`       | next free range id      |
 //! | `0x00 pd/op/` · range id BE(8)| [`PendingOp`]           |
+//! | `0x00 pd/cluster_version`     | the cluster version in force (absent: 1; see `crate::version`) |
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ const DESC_PREFIX: &[u8] = b"\x00desc/";
 const NODE_PREFIX: &[u8] = b"\x00node/";
 const NEXT_RANGE_ID_KEY: &[u8] = b"\x00pd/next_range_id";
 const OP_PREFIX: &[u8] = b"\x00pd/op/";
+const CLUSTER_VERSION_KEY: &[u8] = b"\x00pd/cluster_version";
 /// Records read per engine scan page of the meta range.
 const META_SCAN_PAGE: usize = 1_000;
 /// Attempts of a conditional meta write that lost a race.
@@ -352,6 +354,36 @@ impl MetaStore {
         )
         .await
         .map(|_| ())
+    }
+
+    /// The cluster version in force, with the version of its record (0:
+    /// none, the cluster never raised it from version 1).
+    pub fn cluster_version(&self) -> Result<(u32, u64), Error> {
+        match self.get(CLUSTER_VERSION_KEY)? {
+            None => Ok((crate::version::CLUSTER_VERSION_BASE, 0)),
+            Some((raw, version)) => std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+                .map(|v| (v, version))
+                .ok_or_else(|| Error::internal("bad cluster version in meta")),
+        }
+    }
+
+    /// Raises the cluster version to `to` if its record is still at
+    /// `record_version` (as [`MetaStore::cluster_version`] read it);
+    /// whether it did.
+    pub async fn raise_cluster_version(&self, to: u32, record_version: u64) -> Result<bool, Error> {
+        self.write(
+            vec![Condition {
+                key: Bytes::from_static(CLUSTER_VERSION_KEY),
+                expect: Expect::Version(record_version),
+            }],
+            vec![WriteOp::Put {
+                key: Bytes::from_static(CLUSTER_VERSION_KEY),
+                value: Bytes::from(to.to_string()),
+            }],
+        )
+        .await
     }
 
     /// Allocates a fresh range id.

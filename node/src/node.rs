@@ -75,6 +75,12 @@ struct Identity {
     /// kept for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     store_lost: Option<StoreLoss>,
+    /// The highest cluster version this node recorded that it must run (the
+    /// one in force, or one the meta leader was raising it to; 0: none
+    /// yet): a binary that runs less refuses this data dir (see
+    /// [`crate::version`]).
+    #[serde(default)]
+    cluster_version: u32,
 }
 
 /// The last time this node's store was found damaged or missing and the
@@ -97,6 +103,8 @@ const IDENTITY_FILE: &str = "identity.json";
 const QUARANTINE_DIR: &str = "quarantine";
 /// Damaged stores kept in [`QUARANTINE_DIR`]; older ones are deleted.
 const QUARANTINE_KEEP: usize = 2;
+/// How often a node logs that the meta leader refuses its heartbeats.
+const HEARTBEAT_REFUSAL_LOG_EVERY: Duration = Duration::from_secs(30);
 /// How often a node with a damaged store checks whether its peers can
 /// rebuild it yet.
 const RECOVERY_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -124,6 +132,8 @@ pub struct Node {
     /// Peer address → (last ping sent, last answer received), for the nodes
     /// that lead dormant ranges.
     peer_liveness: Arc<Mutex<std::collections::HashMap<String, (Instant, Instant)>>>,
+    /// When a refused heartbeat was last logged.
+    refusal_logged: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -166,11 +176,13 @@ impl Node {
             address: cfg.advertise_addr(),
             member: false,
             store_lost: None,
+            cluster_version: 0,
         };
         if let Some(f) = &from_file {
             check_identity(&cfg, f)?;
             me.member = f.member;
             me.store_lost = f.store_lost.clone();
+            me.cluster_version = f.cluster_version;
         }
         let mut lost: Option<(String, Option<PathBuf>)> = None;
         let mut engine = None;
@@ -229,6 +241,7 @@ impl Node {
                 let stored: Identity = serde_json::from_slice(&raw)?;
                 check_identity(&cfg, &stored)?;
                 me.member |= stored.member;
+                me.cluster_version = me.cluster_version.max(stored.cluster_version);
                 tracing::info!(node_id = me.node_id, "restarting with existing data");
             }
             None if lost.is_none() && from_file.is_none() => {
@@ -256,6 +269,23 @@ impl Node {
             me.member = true;
             me.store_lost = Some(loss);
         }
+        if me.cluster_version > cfg.cluster_version_max() {
+            anyhow::bail!(
+                "node {} has run in a cluster at version {}, and this node runs at most version {} \
+                 (this binary runs up to {}{}): a cluster never goes back to an older version; \
+                 start it with a binary that runs version {} (and no lower --cluster-version-max)",
+                me.node_id,
+                me.cluster_version,
+                cfg.cluster_version_max(),
+                crate::version::CLUSTER_VERSION,
+                if cfg.file.cluster_version_max.is_some() {
+                    ", held lower by --cluster-version-max"
+                } else {
+                    ""
+                },
+                me.cluster_version
+            );
+        }
         write_identity_file(&cfg.data_dir, &me)?;
         engine.put_node_identity(&serde_json::to_vec(&me)?)?;
         let (split_tx, split_rx) = mpsc::channel(SPLIT_QUEUE_MAX);
@@ -278,6 +308,7 @@ impl Node {
             served_since: Mutex::new(Instant::now()),
             span_sizes: Mutex::new((0, std::collections::HashMap::new())),
             peer_liveness: Arc::new(Mutex::new(std::collections::HashMap::new())),
+            refusal_logged: Mutex::new(None),
         });
         let ids = engine.local_range_ids()?;
         for id in &ids {
@@ -327,6 +358,31 @@ impl Node {
             id.member = true;
             write_identity_file(&self.cfg.data_dir, &id)?;
             self.engine.put_node_identity(&serde_json::to_vec(&*id)?)?;
+        }
+        Ok(())
+    }
+
+    /// The highest cluster version this node recorded that it must run (0:
+    /// none).
+    pub fn cluster_version_seen(&self) -> u32 {
+        self.identity.lock().expect("identity lock").cluster_version
+    }
+
+    /// Records that this node must run cluster version `version` at least
+    /// (from the meta leader), durably and before it says so in a
+    /// heartbeat, so this data dir refuses a binary that runs less.
+    fn note_cluster_version(&self, version: u32) -> anyhow::Result<()> {
+        let mut id = self.identity.lock().expect("identity lock");
+        if version > id.cluster_version {
+            let mut next = id.clone();
+            next.cluster_version = version;
+            write_identity_file(&self.cfg.data_dir, &next)?;
+            self.engine.put_node_identity(&serde_json::to_vec(&next)?)?;
+            *id = next;
+            tracing::info!(
+                cluster_version = version,
+                "recorded the cluster version this node must run"
+            );
         }
         Ok(())
     }
@@ -957,6 +1013,8 @@ impl Node {
                 range_ids,
                 full,
                 faulted_range_ids,
+                cluster_version_max: self.cfg.cluster_version_max(),
+                cluster_version_seen: self.cluster_version_seen(),
             };
             let resp = if self.local_meta_leader().is_some() {
                 crate::pd::handle_heartbeat(&self, req).await.ok()
@@ -980,6 +1038,11 @@ impl Node {
                 _ => since_full = u32::MAX,
             }
             if let Some(resp) = resp {
+                if resp.cluster_version > 0 {
+                    if let Err(e) = self.note_cluster_version(resp.cluster_version) {
+                        tracing::warn!(error = %e, "cannot record the cluster version");
+                    }
+                }
                 for id in resp.remove_ranges {
                     if let Err(e) = self.destroy_replica(id).await {
                         tracing::warn!(range_id = id, error = %e, "cannot remove range");
@@ -1010,16 +1073,24 @@ impl Node {
                     *self.meta_leader_addr.lock().expect("hint lock") = Some(addr);
                     return Some(resp.into_inner());
                 }
-                Ok(Err(status)) => {
-                    if let Error::NotLeader {
+                Ok(Err(status)) => match Error::from_status(&status) {
+                    Error::NotLeader {
                         leader: Some(h), ..
-                    } = Error::from_status(&status)
-                    {
-                        if !h.address.is_empty() && h.address != self.cfg.advertise_addr() {
-                            targets.insert(0, h.address);
-                        }
+                    } if !h.address.is_empty() && h.address != self.cfg.advertise_addr() => {
+                        targets.insert(0, h.address);
                     }
-                }
+                    // Refused for good (this node runs less than the
+                    // cluster): said loudly, at most every half minute.
+                    Error::InvalidArgument { reason, .. } => {
+                        let mut last = self.refusal_logged.lock().expect("refusal lock");
+                        if last.is_none_or(|t| t.elapsed() >= HEARTBEAT_REFUSAL_LOG_EVERY) {
+                            *last = Some(Instant::now());
+                            tracing::error!(meta_leader = %addr, %reason, "the meta leader refuses this node's heartbeats");
+                        }
+                        break;
+                    }
+                    _ => {}
+                },
                 Err(_) => {}
             }
         }

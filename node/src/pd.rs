@@ -93,6 +93,10 @@ struct NodeLive {
     ranges: HashSet<u64>,
     /// Those of them whose replica there refuses to serve (faulted).
     faulted: HashSet<u64>,
+    /// The highest cluster version the node runs.
+    version_max: u32,
+    /// The cluster version it recorded that it must run at least.
+    version_seen: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +137,12 @@ struct PdState {
     /// quorum, is not split, and read through for its middle key, every
     /// round). At most one entry per range.
     split_retry: HashMap<u64, (u32, Instant)>,
+    /// The cluster version in force, loaded with `loaded_term`.
+    cluster_version: u32,
+    /// The version a raise under way goes to: heartbeats of nodes that run
+    /// less are refused from before the raise is decided, so no such node
+    /// registers between the decision and the write.
+    raising_to: Option<u32>,
 }
 
 /// The placement driver's in-memory state.
@@ -214,6 +224,16 @@ impl Pd {
         }
     }
 
+    /// The cluster version in force as last loaded (0: not loaded).
+    pub fn cluster_version(&self) -> u32 {
+        let st = self.state.lock().expect("pd lock");
+        if st.loaded_term.is_some() {
+            st.cluster_version
+        } else {
+            0
+        }
+    }
+
     /// The registry as operators see it.
     pub fn node_infos(&self) -> Vec<NodeInfo> {
         let st = self.state.lock().expect("pd lock");
@@ -249,6 +269,7 @@ impl Pd {
                     last_heartbeat_ms_ago: live
                         .map(|n| n.last_heartbeat.elapsed().as_millis() as u64)
                         .unwrap_or(0),
+                    cluster_version_max: live.map(|n| n.version_max).unwrap_or(0),
                 }
             })
             .collect()
@@ -486,8 +507,23 @@ pub async fn handle_heartbeat(
 ) -> Result<HeartbeatResponse, Error> {
     let meta = serving(node)?;
     let pd = &node.pd;
-    let (known, want_full) = {
+    let (known, want_full, cluster_version) = {
         let mut st = pd.state.lock().expect("pd lock");
+        // A node that runs less than the cluster version in force (or one
+        // being raised to) would misread entries the cluster now writes:
+        // never registered, never given a replica, and not counted live.
+        let version_max = crate::version::reported(req.cluster_version_max);
+        let floor = st.raising_to.unwrap_or(0).max(st.cluster_version);
+        if version_max < floor {
+            return Err(Error::invalid_argument(
+                "cluster_version_max",
+                format!(
+                    "node {} runs cluster version {version_max} at most, and the cluster runs at version {floor}: \
+                     upgrade its binary (or drop its --cluster-version-max)",
+                    req.node_id
+                ),
+            ));
+        }
         // Every hosted range is in `range_ids`; the stats sent name a subset.
         let hosted: HashSet<u64> = req
             .ranges
@@ -511,6 +547,8 @@ pub async fn handle_heartbeat(
                 up_since,
                 ranges: hosted,
                 faulted: req.faulted_range_ids.iter().copied().collect(),
+                version_max,
+                version_seen: req.cluster_version_seen,
             },
         );
         for r in &req.ranges {
@@ -533,7 +571,7 @@ pub async fn handle_heartbeat(
                 },
             );
         }
-        (st.records.get(&req.node_id).cloned(), want_full)
+        (st.records.get(&req.node_id).cloned(), want_full, floor)
     };
     if known.as_ref().map(|r| &r.address) != Some(&req.address) {
         let stored = meta.nodes()?.remove(&req.node_id);
@@ -617,6 +655,7 @@ pub async fn handle_heartbeat(
     Ok(HeartbeatResponse {
         remove_ranges: remove,
         want_full,
+        cluster_version,
     })
 }
 
@@ -729,6 +768,85 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Raises the cluster version in force (`current`, its meta record at
+/// `record_version`) to the highest that every node runs, in two steps. A
+/// round that finds every registered node that is not decommissioned live
+/// (a node that is down may come back on an old binary), and every node
+/// heard from running more than `current` (those not registered yet count
+/// too: their registration may be under way), stages the raise: from then
+/// on heartbeats of nodes that run less are refused, and every heartbeat
+/// answer tells the node to record that it must run the new version. A
+/// later round that finds every one of them has recorded it writes the new
+/// version to the meta range. So once a version is in force no node can
+/// start on a binary (or `--cluster-version-max`) below it. A raise whose
+/// conditions stop holding before it is written is dropped.
+async fn raise_cluster_version(
+    node: &Arc<Node>,
+    meta: &MetaStore,
+    current: u32,
+    record_version: u64,
+) -> Result<(), Error> {
+    let target = {
+        let mut st = node.pd.state.lock().expect("pd lock");
+        let decommissioned = |id: &u64| {
+            st.records
+                .get(id)
+                .is_some_and(|r| r.state == NodeState::Decommissioned)
+        };
+        let mut all_live = !st.records.is_empty();
+        for rec in st.records.values() {
+            let live = st
+                .nodes
+                .get(&rec.node_id)
+                .is_some_and(|n| n.last_heartbeat.elapsed() < NODE_UP_WITHIN);
+            if rec.state != NodeState::Decommissioned && !live {
+                all_live = false;
+            }
+        }
+        let heard: Vec<&NodeLive> = st
+            .nodes
+            .iter()
+            .filter(|(id, n)| !decommissioned(id) && n.last_heartbeat.elapsed() < NODE_UP_WITHIN)
+            .map(|(_, n)| n)
+            .collect();
+        let target = heard
+            .iter()
+            .map(|n| n.version_max)
+            .fold(node.cfg.cluster_version_max(), u32::min);
+        let recorded = heard.iter().all(|n| n.version_seen >= target);
+        if !all_live || target <= current {
+            if let Some(t) = st.raising_to.take() {
+                tracing::info!(
+                    from = current,
+                    to = t,
+                    "dropped a cluster version raise: a node is down or runs less"
+                );
+            }
+            return Ok(());
+        }
+        if st.raising_to != Some(target) {
+            st.raising_to = Some(target);
+            tracing::info!(
+                from = current,
+                to = target,
+                "raising the cluster version once every node has recorded it"
+            );
+            return Ok(());
+        }
+        if !recorded {
+            return Ok(());
+        }
+        target
+    };
+    if meta.raise_cluster_version(target, record_version).await? {
+        let mut st = node.pd.state.lock().expect("pd lock");
+        st.cluster_version = target;
+        st.raising_to = None;
+        tracing::info!(from = current, to = target, "raised the cluster version");
+    }
+    Ok(())
+}
+
 /// One placement round in meta-leader term `term` (the one the run loop
 /// saw and settled its state for; a round that finds another ends at once).
 async fn tick(node: &Arc<Node>, term: u64) -> Result<(), Error> {
@@ -742,6 +860,7 @@ async fn tick(node: &Arc<Node>, term: u64) -> Result<(), Error> {
     let pd = &node.pd;
     let mut descs = meta.descriptors()?;
     let records = meta.nodes()?;
+    let (cluster_version, cluster_version_record) = meta.cluster_version()?;
     if !descs.iter().any(|d| d.range_id == META_RANGE_ID) {
         // A new cluster: the meta range describes itself first.
         let r = node.replica(META_RANGE_ID)?;
@@ -762,8 +881,11 @@ async fn tick(node: &Arc<Node>, term: u64) -> Result<(), Error> {
                 st.descs.insert(d.range_id, d.clone());
             }
         }
+        st.cluster_version = cluster_version;
         st.loaded_term = Some(term);
     }
+    node.pd.stage("cluster version");
+    raise_cluster_version(node, &meta, cluster_version, cluster_version_record).await?;
     node.pd.stage("meta range and pre-splits");
     // The meta range keeps only the system key space.
     let meta_desc = node.stored_desc(&*node.replica(META_RANGE_ID)?);
@@ -1501,11 +1623,13 @@ pub async fn split(
         None => return Err(Error::RangeNotFound { range_id }),
     };
     let new_range_id = meta.alloc_range_id().await?;
+    let cluster_version = node.pd.state.lock().expect("pd lock").cluster_version;
     let req = SplitRangeRequest {
         range_id,
         key: key.unwrap_or_default(),
         new_range_id,
         version: 0,
+        start_at_split_index: cluster_version >= crate::version::SPLIT_AT_INDEX,
     };
     let resp = if range_id == META_RANGE_ID {
         split_local(node, req).await?
@@ -1590,7 +1714,9 @@ pub async fn split_local(
         req.version
     };
     // Both halves carry the membership applied with the split.
-    let (left, right) = r.split(key, req.new_range_id, version).await?;
+    let (left, right) = r
+        .split(key, req.new_range_id, version, req.start_at_split_index)
+        .await?;
     Ok(lmskv_proto::v1::SplitResponse {
         left: Some(StoredDesc::new(&left, left.voters.clone(), left.learners.clone()).to_proto()),
         right: Some(
@@ -1855,6 +1981,8 @@ mod tests {
                 up_since: Instant::now(),
                 ranges: ranges.iter().copied().collect(),
                 faulted: faulted.iter().copied().collect(),
+                version_max: crate::version::CLUSTER_VERSION,
+                version_seen: 0,
             },
         );
     }

@@ -644,6 +644,31 @@ impl TestCluster {
         .await
     }
 
+    /// The cluster version in force, as the meta leader reports it through
+    /// any running node (`None`: no node knows it now).
+    pub async fn cluster_version(&self) -> Option<u32> {
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            if let Ok(s) = self.status(n.id).await {
+                if let Some(v) = s.cluster.map(|c| c.cluster_version).filter(|v| *v > 0) {
+                    return Some(v);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until the cluster version in force is `version`.
+    pub async fn wait_cluster_version(
+        &self,
+        version: u32,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        crate::wait_for(&format!("cluster version {version}"), timeout, || async {
+            (self.cluster_version().await == Some(version)).then_some(())
+        })
+        .await
+    }
+
     /// The last lines of every node's log, for failure reports.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();

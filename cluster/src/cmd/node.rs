@@ -100,6 +100,7 @@ mod tests {
             replicas: 12,
             leaders: 4,
             last_heartbeat_ms_ago: 30,
+            cluster_version_max: 2,
         };
         assert_eq!(
             output::json(&vec![NodeView::from(&n)]).unwrap(),

@@ -53,6 +53,9 @@ pub struct ClusterView {
     pub under_replicated: u64,
     /// The node leading the meta range; 0 when unknown.
     pub meta_leader: u64,
+    /// The cluster version in force (what every node must run at least);
+    /// 0 when unknown.
+    pub cluster_version: u32,
 }
 
 /// One node of the cluster.
@@ -133,6 +136,7 @@ impl From<&StatusResponse> for StatusView {
             ranges: c.ranges,
             under_replicated: c.under_replicated,
             meta_leader: c.meta_leader,
+            cluster_version: c.cluster_version,
         });
         StatusView {
             nodes,
@@ -199,7 +203,7 @@ impl StatusView {
         let (id, addr) = &self.reporter;
         let summary = match &self.cluster {
             Some(c) => format!(
-                "cluster: {}/{} nodes up, {} ranges, {} under-replicated, meta leader {}\n\n",
+                "cluster: {}/{} nodes up, {} ranges, {} under-replicated, meta leader {}, version {}\n\n",
                 c.nodes_up,
                 c.nodes_total,
                 c.ranges,
@@ -208,6 +212,11 @@ impl StatusView {
                     "unknown".to_string()
                 } else {
                     c.meta_leader.to_string()
+                },
+                if c.cluster_version == 0 {
+                    "unknown".to_string()
+                } else {
+                    c.cluster_version.to_string()
                 }
             ),
             None => String::new(),
@@ -346,17 +355,18 @@ mod tests {
             ranges: 7,
             under_replicated: 1,
             meta_leader: 1,
+            cluster_version: 2,
         });
         let view = StatusView::from(&s);
         let text = output::json(&view).expect("json");
         assert!(
-            text.ends_with(r#""cluster":{"nodes_up":2,"nodes_total":3,"ranges":7,"under_replicated":1,"meta_leader":1}}"#),
+            text.ends_with(r#""cluster":{"nodes_up":2,"nodes_total":3,"ranges":7,"under_replicated":1,"meta_leader":1,"cluster_version":2}}"#),
             "{text}"
         );
         let table = view.render_table();
         assert!(
             table.starts_with(
-                "cluster: 2/3 nodes up, 7 ranges, 1 under-replicated, meta leader 1\n"
+                "cluster: 2/3 nodes up, 7 ranges, 1 under-replicated, meta leader 1, version 2\n"
             ),
             "{table}"
         );

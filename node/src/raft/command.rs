@@ -50,6 +50,16 @@ pub enum Op {
     /// key's version (the entry's index) still names one write. Never holds
     /// a split or another group.
     Group(Vec<Command>),
+    /// A [`Op::Split`] whose new range starts its log at the index of this
+    /// entry instead of at `SPLIT_INIT_LOG_INDEX`, so its keys' versions
+    /// never go down (cluster version 2, `crate::version::SPLIT_AT_INDEX`:
+    /// a binary from before it cannot decode this entry, and must not run a
+    /// replica of a range that may get one).
+    SplitAtIndex {
+        split_key: Bytes,
+        new_range_id: u64,
+        version: u64,
+    },
 }
 
 /// What a range replica knows about its own range: the span and the epoch.
@@ -142,6 +152,11 @@ pub enum CommandResponse {
 }
 
 impl Op {
+    /// Whether the operation splits the range.
+    pub fn is_split(&self) -> bool {
+        matches!(self, Op::Split { .. } | Op::SplitAtIndex { .. })
+    }
+
     /// Every user key the operation reads or writes.
     pub fn keys(&self) -> Box<dyn Iterator<Item = &Bytes> + '_> {
         match self {
@@ -152,7 +167,7 @@ impl Op {
                     WriteOp::Put { key, .. } | WriteOp::Delete { key } => key,
                 }),
             )),
-            Op::Split { .. } => Box::new(std::iter::empty()),
+            Op::Split { .. } | Op::SplitAtIndex { .. } => Box::new(std::iter::empty()),
             Op::Group(cmds) => Box::new(cmds.iter().flat_map(|c| c.op.keys())),
         }
     }
@@ -179,7 +194,7 @@ impl Op {
                         })
                         .sum::<usize>()
             }
-            Op::Split { split_key, .. } => split_key.len(),
+            Op::Split { split_key, .. } | Op::SplitAtIndex { split_key, .. } => split_key.len(),
             Op::Group(cmds) => cmds
                 .iter()
                 .map(|c| c.request_id.len() + c.op.payload_bytes())
@@ -225,6 +240,11 @@ impl std::fmt::Display for Command {
                 )
             }
             Op::Split {
+                split_key,
+                new_range_id,
+                ..
+            }
+            | Op::SplitAtIndex {
                 split_key,
                 new_range_id,
                 ..

@@ -978,17 +978,28 @@ impl RangeReplica {
     }
 
     /// Proposes a split of this range at `split_key` into `new_range_id`,
-    /// planned against epoch version `version`. Returns both halves.
+    /// planned against epoch version `version`. Returns both halves. With
+    /// `at_index` the new range's log starts at the split's own index (only
+    /// once every node runs cluster version 2: see `crate::version`).
     pub async fn split(
         &self,
         split_key: Bytes,
         new_range_id: u64,
         version: u64,
+        at_index: bool,
     ) -> Result<(RangeMeta, RangeMeta), Error> {
-        let op = Op::Split {
-            split_key,
-            new_range_id,
-            version,
+        let op = if at_index {
+            Op::SplitAtIndex {
+                split_key,
+                new_range_id,
+                version,
+            }
+        } else {
+            Op::Split {
+                split_key,
+                new_range_id,
+                version,
+            }
         };
         match self.propose(Bytes::new(), op, false).await? {
             (_, CommandResponse::Split(Ok(halves))) => Ok(halves),
@@ -1329,7 +1340,7 @@ impl RangeReplica {
             op,
         };
         let started = tokio::time::Instant::now();
-        let (index, resp) = if matches!(cmd.op, Op::Split { .. }) {
+        let (index, resp) = if cmd.op.is_split() {
             // Splits never share an entry (nor take a slot).
             self.propose_entry(cmd, started).await?
         } else {

@@ -55,12 +55,14 @@ pub struct SnapshotFile {
 type MembershipOf<C> = Membership<NodeIdOf<C>, NodeOf<C>>;
 type CurrentSnapshot = (SnapshotMetaOf<TypeConfig>, PathBuf);
 
-/// The log index at which a range created by a split starts: its log is
-/// "purged" up to here, so a replica that lacks the range's initial data gets
-/// it by snapshot and never by replaying entries it does not have. Every
-/// binary of a cluster must agree on it (a replica that started the range
-/// later would take a leader's entries below its own start as present), so
-/// it cannot change without a cluster-wide version gate.
+/// The log index at which a range created by an [`Op::Split`] starts: its
+/// log is "purged" up to here, so a replica that lacks the range's initial
+/// data gets it by snapshot and never by replaying entries it does not have.
+/// An [`Op::SplitAtIndex`] starts it at the split entry's own index instead
+/// (or here, if that is lower), so the new range's writes get versions above
+/// every version its keys had. Every replica applies the same entry, so all
+/// agree on the start; a binary that knows only [`Op::Split`] cannot decode
+/// the other (see `crate::version`).
 pub const SPLIT_INIT_LOG_INDEX: u64 = 5;
 
 /// A range's applied state, written with every apply batch.
@@ -432,15 +434,15 @@ impl StateMachine {
     }
 
     /// Applies a split at `split_key`: shrinks this range and creates the
-    /// right-hand range's state in the same batch.
+    /// right-hand range's state in the same batch, its log starting (purged)
+    /// at `start`.
     fn split(
         &self,
         batch: &mut ApplyBatch<'_>,
         desc: &mut RangeMeta,
         membership: &StoredMembershipOf<TypeConfig>,
-        split_key: &Bytes,
-        new_range_id: u64,
-        version: u64,
+        (split_key, new_range_id, version): (&Bytes, u64, u64),
+        start: u64,
     ) -> Result<CommandResponse, StorageError> {
         if version != desc.version {
             return Ok(CommandResponse::Split(Err(format!(
@@ -474,7 +476,7 @@ impl StateMachine {
         desc.version += 1;
         let init = LogIdOf::<TypeConfig>::new(
             LeaderIdOf::<TypeConfig>::new(0, 0).to_committed(),
-            SPLIT_INIT_LOG_INDEX,
+            start.max(SPLIT_INIT_LOG_INDEX),
         );
         let right_membership = StoredMembershipOf::<TypeConfig>::new(
             Some(init),
@@ -528,8 +530,24 @@ impl StateMachine {
                 split_key,
                 new_range_id,
                 version,
+            }
+            | Op::SplitAtIndex {
+                split_key,
+                new_range_id,
+                version,
             } => {
-                let r = self.split(batch, desc, membership, split_key, *new_range_id, *version)?;
+                let start = if matches!(cmd.op, Op::SplitAtIndex { .. }) {
+                    index
+                } else {
+                    SPLIT_INIT_LOG_INDEX
+                };
+                let r = self.split(
+                    batch,
+                    desc,
+                    membership,
+                    (split_key, *new_range_id, *version),
+                    start,
+                )?;
                 if matches!(r, CommandResponse::Split(Ok(_))) {
                     splits.push(*new_range_id);
                 }
@@ -638,7 +656,9 @@ impl StateMachine {
                     version: index,
                 }
             }
-            Op::Split { .. } => CommandResponse::Split(Err("split applied as a write".into())),
+            Op::Split { .. } | Op::SplitAtIndex { .. } => {
+                CommandResponse::Split(Err("split applied as a write".into()))
+            }
             // The proposer never nests groups nor puts a split in one.
             Op::Group(_) => {
                 return Err(StorageError::Corruption(

@@ -169,6 +169,12 @@ impl Admin for AdminService {
                 range_ids: vec![],
                 full: false,
                 faulted_range_ids: vec![],
+                // Not known here: the node's own heartbeats say what it
+                // runs (one that runs less than the cluster is refused from
+                // its first), and until one says what it recorded, no raise
+                // of the cluster version is written.
+                cluster_version_max: crate::version::CLUSTER_VERSION,
+                cluster_version_seen: 0,
             },
         )
         .await?;
@@ -393,6 +399,7 @@ impl AdminService {
                 ranges,
                 under_replicated: under,
                 meta_leader: self.node.node_id(),
+                cluster_version: self.node.pd.cluster_version(),
             });
         }
         let hint = self.node.replicas.get(META_RANGE_ID).ok()?.leader_hint()?;

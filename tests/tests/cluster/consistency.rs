@@ -4,7 +4,8 @@
 //! session's own writes on a follower; a leader partitioned from the majority
 //! (proxies in front of every node) refuses STRONG reads and loses nothing;
 //! a follower left beside such a leader (five replicas) refuses bounded reads
-//! once their bound is past.
+//! once their bound is past; a key's version never goes down across a split
+//! once the cluster runs version 2, which waits for every node.
 
 use std::time::Duration;
 
@@ -380,6 +381,187 @@ async fn a_session_token_from_another_client_sees_its_write_across_a_split() {
         }
         phase!("every reader saw the write ({from_lagging} served by node {lagging})");
         c.heal_network();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Writes `key` `n` times; the last write's result.
+async fn rewrite(client: &lmskv_client::Client, key: &str, n: u32) -> lmskv_client::WriteResult {
+    let mut last = None;
+    for i in 0..n {
+        last = Some(client.put(key.to_string(), i.to_string()).await.unwrap());
+    }
+    last.expect("at least one write")
+}
+
+/// Splits at `prefix` after writing `prefix`k 40 times, writes it once more
+/// and returns the versions of the writes before and after the split.
+async fn versions_around_a_split(
+    c: &TestCluster,
+    client: &lmskv_client::Client,
+    prefix: &str,
+) -> (lmskv_client::WriteResult, lmskv_client::WriteResult) {
+    let key = format!("{prefix}k");
+    let before = rewrite(client, &key, 40).await;
+    phase!(
+        "{key} is at version {} in range {}; split at {prefix}",
+        before.version,
+        before.range_id
+    );
+    c.split_at(prefix.as_bytes()).await.unwrap();
+    let after = client.put(key, "after").await.unwrap();
+    assert_ne!(
+        after.range_id, before.range_id,
+        "the key moved to the new range"
+    );
+    (before, after)
+}
+
+/// A key's version only grows, across a split too: at cluster version 2
+/// the range split off starts its log where the parent's split entry
+/// stands, so a compare-and-swap on a version read before the split cannot
+/// match a later write of the new range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn versions_keep_growing_across_a_split() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+        c.wait_cluster_version(2, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let (before, after) = versions_around_a_split(&c, &client, "v/").await;
+        assert!(
+            after.version > before.version,
+            "the write after the split has version {}, not above {} of the write before it",
+            after.version,
+            before.version
+        );
+        phase!("a compare-and-swap on the version from before the split is refused");
+        let cas = client
+            .compare_and_swap(
+                "v/k",
+                lmskv_client::Compare::Version(before.version),
+                Some(Bytes::from_static(b"stale")),
+                &lmskv_client::WriteOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert!(!cas.succeeded, "{cas:?}");
+        let v = client
+            .get("v/k", lmskv_client::ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.value, Bytes::from_static(b"after"));
+        assert_eq!(v.version, after.version);
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Restarts node `id` with `--cluster-version-max` (by its environment
+/// variable) at `max`, and waits until it serves its ranges again.
+async fn restart_with_version_max(c: &mut TestCluster, id: u64, max: &str) {
+    c.stop(id).unwrap();
+    c.spawn_with_env(id, &[("LMSKV_CLUSTER_VERSION_MAX", max)])
+        .unwrap();
+    lmskv_tests::wait_for(
+        "the node back with its ranges",
+        Duration::from_secs(30),
+        || async {
+            let s = c.status(id).await.ok()?;
+            (s.ranges.len() >= 2 && s.ranges.iter().all(|r| r.leader_id != 0)).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// A rolling upgrade held back, then released: the cluster goes to version
+/// 2 only once no node holds it at 1 (until then splits start the new
+/// range's log as version 1 did, which older binaries can follow), and a
+/// node that ran at version 2 refuses to start held back at 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cluster_version_rises_once_no_node_holds_it_back() {
+    tokio::time::timeout(Duration::from_secs(240), async {
+        let mut c = TestCluster::start(ClusterOptions {
+            config: "cluster_version_max = 1\n".into(),
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = c.client();
+        phase!("every node holds the cluster at version 1");
+        c.wait_cluster_version(1, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let (before, after) = versions_around_a_split(&c, &client, "h/").await;
+        assert!(
+            after.version < before.version,
+            "at version 1 the new range's log starts over ({} after {})",
+            after.version,
+            before.version
+        );
+        phase!("nodes 1 and 2 restart without the hold; node 3 still holds the cluster at 1");
+        for id in [1, 2] {
+            restart_with_version_max(&mut c, id, "2").await;
+        }
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(c.cluster_version().await, Some(1));
+        phase!("node 3 restarts without the hold: the cluster goes to version 2");
+        restart_with_version_max(&mut c, 3, "2").await;
+        c.wait_cluster_version(2, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let (before, after) = versions_around_a_split(&c, &client, "g/").await;
+        assert!(
+            after.version > before.version,
+            "at version 2 the write after the split has version {}, not above {}",
+            after.version,
+            before.version
+        );
+        phase!("a new node held at version 1 is refused: never registered");
+        let held = c
+            .add_node_with_env(&[("LMSKV_CLUSTER_VERSION_MAX", "1")])
+            .unwrap();
+        lmskv_tests::wait_for(
+            "the refusal in its log",
+            Duration::from_secs(30),
+            || async {
+                let log = std::fs::read_to_string(c.dir().join(format!("node-{held}.log"))).ok()?;
+                log.contains("the meta leader refuses this node's heartbeats")
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        let nodes = c.node_list().await.unwrap();
+        assert!(
+            nodes.iter().all(|n| n.node_id != held),
+            "node {held} was registered: {nodes:?}"
+        );
+        c.kill(held).unwrap();
+        phase!("node 3 started held at version 1 again refuses to start");
+        c.stop(3).unwrap();
+        c.spawn_with_env(3, &[("LMSKV_CLUSTER_VERSION_MAX", "1")])
+            .unwrap();
+        let code = lmskv_tests::wait_for("node 3 to exit", Duration::from_secs(30), || {
+            let exited = c.exited(3).unwrap();
+            async move { exited }
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, Some(1), "node 3 exits with an error");
+        let logs = c.log_tails(20);
+        assert!(
+            logs.contains("a cluster never goes back to an older version"),
+            "{logs}"
+        );
+        phase!("node 3 runs again without the hold");
+        c.spawn_with_env(3, &[("LMSKV_CLUSTER_VERSION_MAX", "2")])
+            .unwrap();
+        client.put("g/k", "last").await.unwrap();
     })
     .await
     .expect("test timed out");
