@@ -558,6 +558,11 @@ pub async fn handle_heartbeat(
             let Some(d) = &r.descriptor else { continue };
             let limit = node.cfg.file.split_qps;
             let hot = limit > 0.0 && r.qps > limit;
+            if !hot && r.size_bytes <= node.cfg.file.split_size_bytes {
+                // No longer a split candidate: should it become one again,
+                // its first try is not held back by old failures.
+                st.split_retry.remove(&d.range_id);
+            }
             let prev = st.ranges.get(&d.range_id).and_then(|x| x.hot_since);
             st.ranges.insert(
                 d.range_id,
