@@ -180,6 +180,9 @@ impl Node {
         };
         if let Some(f) = &from_file {
             check_identity(&cfg, f)?;
+            // Before anything is done to the store (a damaged one is moved
+            // aside below): a binary held below the recorded version stops here.
+            check_cluster_version(&cfg, f.node_id, f.cluster_version)?;
             me.member = f.member;
             me.store_lost = f.store_lost.clone();
             me.cluster_version = f.cluster_version;
@@ -269,23 +272,7 @@ impl Node {
             me.member = true;
             me.store_lost = Some(loss);
         }
-        if me.cluster_version > cfg.cluster_version_max() {
-            anyhow::bail!(
-                "node {} has run in a cluster at version {}, and this node runs at most version {} \
-                 (this binary runs up to {}{}): a cluster never goes back to an older version; \
-                 start it with a binary that runs version {} (and no lower --cluster-version-max)",
-                me.node_id,
-                me.cluster_version,
-                cfg.cluster_version_max(),
-                crate::version::CLUSTER_VERSION,
-                if cfg.file.cluster_version_max.is_some() {
-                    ", held lower by --cluster-version-max"
-                } else {
-                    ""
-                },
-                me.cluster_version
-            );
-        }
+        check_cluster_version(&cfg, me.node_id, me.cluster_version)?;
         write_identity_file(&cfg.data_dir, &me)?;
         engine.put_node_identity(&serde_json::to_vec(&me)?)?;
         let (split_tx, split_rx) = mpsc::channel(SPLIT_QUEUE_MAX);
@@ -339,6 +326,7 @@ impl Node {
             })
         }));
         tokio::spawn(Self::open_split_ranges(Arc::downgrade(&node), split_rx));
+        tokio::spawn(Self::rebuild_stale_snapshots(node.replicas.all()));
         Ok(node)
     }
 
@@ -449,6 +437,27 @@ impl Node {
         self.replicas.insert(r.clone());
         tracing::debug!(range_id, "opened range replica");
         Ok(r)
+    }
+
+    /// Rebuilds the snapshot of each of `replicas` that still covers its
+    /// span before a split: the rebuild that follows a split (see
+    /// [`RangeReplica::snapshot_after_split`]) does not survive a restart,
+    /// and until it is done a node that holds the other half refuses the
+    /// snapshot, so the range could not gain a replica there.
+    async fn rebuild_stale_snapshots(replicas: Vec<Arc<RangeReplica>>) {
+        for r in replicas {
+            let check = r.clone();
+            let differs = tokio::task::spawn_blocking(move || check.snapshot_span_differs())
+                .await
+                .unwrap_or(false);
+            if differs {
+                tracing::info!(
+                    range_id = r.range_id(),
+                    "the range's snapshot covers its span before a split; rebuilding it"
+                );
+                tokio::spawn(async move { r.snapshot_after_split().await });
+            }
+        }
     }
 
     async fn open_split_ranges(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, u64)>) {
@@ -1107,6 +1116,25 @@ impl Node {
             tracing::warn!(error = %e, "flush on shutdown failed");
         }
     }
+}
+
+/// Refuses a node that recorded cluster version `recorded` but runs less.
+fn check_cluster_version(cfg: &NodeConfig, node_id: u64, recorded: u32) -> anyhow::Result<()> {
+    if recorded > cfg.cluster_version_max() {
+        anyhow::bail!(
+            "node {node_id} has run in a cluster at version {recorded}, and this node runs at most version {} \
+             (this binary runs up to {}{}): a cluster never goes back to an older version; \
+             start it with a binary that runs version {recorded} (and no lower --cluster-version-max)",
+            cfg.cluster_version_max(),
+            crate::version::CLUSTER_VERSION,
+            if cfg.file.cluster_version_max.is_some() {
+                ", held lower by --cluster-version-max"
+            } else {
+                ""
+            },
+        );
+    }
+    Ok(())
 }
 
 fn check_identity(cfg: &NodeConfig, stored: &Identity) -> anyhow::Result<()> {

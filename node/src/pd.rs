@@ -515,6 +515,9 @@ pub async fn handle_heartbeat(
         let version_max = crate::version::reported(req.cluster_version_max);
         let floor = st.raising_to.unwrap_or(0).max(st.cluster_version);
         if version_max < floor {
+            // Not live from now on: neither a placement target nor counted
+            // in a raise by what it said before.
+            st.nodes.remove(&req.node_id);
             return Err(Error::invalid_argument(
                 "cluster_version_max",
                 format!(
@@ -1673,6 +1676,16 @@ pub async fn split_local(
     }
     if req.new_range_id <= META_RANGE_ID {
         return Err(Error::invalid_argument("new_range_id", "must be above 1"));
+    }
+    if req.start_at_split_index && node.cluster_version_seen() < crate::version::SPLIT_AT_INDEX {
+        return Err(Error::invalid_argument(
+            "start_at_split_index",
+            format!(
+                "needs cluster version {}; this node has recorded {}",
+                crate::version::SPLIT_AT_INDEX,
+                node.cluster_version_seen()
+            ),
+        ));
     }
     let m = r.meta();
     let key = if req.key.is_empty() {

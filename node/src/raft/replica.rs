@@ -1874,6 +1874,13 @@ impl RangeReplica {
         );
     }
 
+    /// Whether the replica's newest snapshot covers another span than the
+    /// range's (see [`super::state_machine::snapshot_span_differs`]). Reads
+    /// the snapshot directory and a file's head: call off the async workers.
+    pub fn snapshot_span_differs(&self) -> bool {
+        super::state_machine::snapshot_span_differs(&self.snapshot_dir, &self.meta())
+    }
+
     /// Whether this replica is the range's leader.
     pub fn is_leader_now(&self) -> bool {
         self.is_leader()
@@ -2428,6 +2435,42 @@ pub(crate) mod tests {
             key: Bytes::from(format!("k{n}")),
             value: Bytes::from_static(b"v"),
         }
+    }
+
+    /// After a split the range's snapshot covers its old span until it is
+    /// rebuilt; a restart can cut that rebuild short, so a node checks at
+    /// start and rebuilds it. Here: the split leaves a snapshot that is told
+    /// apart from the new span, and the rebuild makes one of the new span.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_of_the_span_before_a_split_is_found_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = lone_leader(dir.path(), 9).await;
+        for n in 1..20 {
+            r.propose(Bytes::new(), put(n), false).await.unwrap();
+        }
+        assert!(!r.snapshot_span_differs(), "no snapshot yet");
+        r.serving()
+            .await
+            .unwrap()
+            .trigger()
+            .snapshot()
+            .await
+            .unwrap();
+        let s = status_once(&r, |s| s.snapshot_index > 0).await;
+        assert!(s.snapshot_index > 0, "no snapshot was built");
+        assert!(!r.snapshot_span_differs());
+
+        let version = r.meta().version;
+        r.split(Bytes::from_static(b"k5"), 10, version, true)
+            .await
+            .unwrap();
+        assert_eq!(r.meta().end, Bytes::from_static(b"k5"));
+        assert!(
+            r.snapshot_span_differs(),
+            "the snapshot from before the split still covers the old span"
+        );
+        r.snapshot_after_split().await;
+        assert!(!r.snapshot_span_differs(), "rebuilt for the new span");
     }
 
     /// A learner left outside the voter set (by a change that did not

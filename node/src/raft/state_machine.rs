@@ -242,7 +242,7 @@ impl StateMachine {
                 let _ = std::fs::remove_file(&p);
             }
         }
-        let current = sm.latest_snapshot_on_disk()?;
+        let current = latest_snapshot_in(&sm.snapshot_dir)?;
         // Under the import lock: an import of this replica may still run
         // (its group was shut down and loaded again meanwhile); the marker
         // is read once it ended.
@@ -294,40 +294,57 @@ impl StateMachine {
             None => Ok(None),
         }
     }
+}
 
-    fn latest_snapshot_on_disk(&self) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, PathBuf)>> {
-        let mut best: Option<(SnapshotMetaOf<TypeConfig>, PathBuf)> = None;
-        for entry in std::fs::read_dir(&self.snapshot_dir)? {
-            let p = entry?.path();
-            if p.extension().is_none_or(|e| e != "snap") {
-                continue;
-            }
-            let Ok(raw) = std::fs::read(meta_path(&p)) else {
-                continue;
-            };
-            let meta: SnapshotMetaOf<TypeConfig> = match crate::storage::value::unframe(
-                "snapshot meta",
-                &raw,
-            )
-            .map_err(io::Error::from)
-            .and_then(|b| decode("snapshot meta", b))
-            {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "ignoring unreadable snapshot meta");
-                    continue;
-                }
-            };
-            if best
-                .as_ref()
-                .is_none_or(|(b, _)| meta.last_log_id > b.last_log_id)
-            {
-                best = Some((meta, p));
-            }
+/// Whether the newest snapshot in `snapshot_dir` covers another span than
+/// `span` (a split applied after it was built, and the rebuild that follows
+/// a split was cut short by a restart): a node that holds the other half
+/// refuses it, so a new member there could not be brought up from it.
+/// `false` when there is none, or it cannot be read.
+pub fn snapshot_span_differs(snapshot_dir: &Path, span: &RangeMeta) -> bool {
+    let Ok(Some((_, path))) = latest_snapshot_in(snapshot_dir) else {
+        return false;
+    };
+    snapshot_meta(&path).is_ok_and(|m| m.start != span.start || m.end != span.end)
+}
+
+/// The newest snapshot in `snapshot_dir` whose meta can be read.
+fn latest_snapshot_in(
+    snapshot_dir: &Path,
+) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, PathBuf)>> {
+    let mut best: Option<(SnapshotMetaOf<TypeConfig>, PathBuf)> = None;
+    for entry in std::fs::read_dir(snapshot_dir)? {
+        let p = entry?.path();
+        if p.extension().is_none_or(|e| e != "snap") {
+            continue;
         }
-        Ok(best)
+        let Ok(raw) = std::fs::read(meta_path(&p)) else {
+            continue;
+        };
+        let meta: SnapshotMetaOf<TypeConfig> = match crate::storage::value::unframe(
+            "snapshot meta",
+            &raw,
+        )
+        .map_err(io::Error::from)
+        .and_then(|b| decode("snapshot meta", b))
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "ignoring unreadable snapshot meta");
+                continue;
+            }
+        };
+        if best
+            .as_ref()
+            .is_none_or(|(b, _)| meta.last_log_id > b.last_log_id)
+        {
+            best = Some((meta, p));
+        }
     }
+    Ok(best)
+}
 
+impl StateMachine {
     fn applied(&self) -> io::Result<AppliedState> {
         if let Some(a) = self.applied_cache.lock().expect("applied lock").as_ref() {
             return Ok(a.clone());

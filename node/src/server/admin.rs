@@ -160,6 +160,19 @@ impl Admin for AdminService {
         if req.address.is_empty() {
             return Err(Error::invalid_argument("address", "must not be empty").into());
         }
+        // Past the base cluster version a node must say what it runs, which
+        // only its own heartbeats do: registering it unheard could give a
+        // replica to a binary that cannot read the cluster's log entries.
+        let version = self.node.pd.cluster_version();
+        if version > crate::version::CLUSTER_VERSION_BASE {
+            return Err(Error::invalid_argument(
+                "join",
+                format!(
+                    "the cluster runs at version {version}: a node registers itself; start it with --join naming a node of the cluster"
+                ),
+            )
+            .into());
+        }
         pd::handle_heartbeat(
             &self.node,
             HeartbeatRequest {
@@ -169,11 +182,9 @@ impl Admin for AdminService {
                 range_ids: vec![],
                 full: false,
                 faulted_range_ids: vec![],
-                // Not known here: the node's own heartbeats say what it
-                // runs (one that runs less than the cluster is refused from
-                // its first), and until one says what it recorded, no raise
-                // of the cluster version is written.
-                cluster_version_max: crate::version::CLUSTER_VERSION,
+                // What the node runs is not known here: registered as the
+                // base version, which a cluster past it refuses (see above).
+                cluster_version_max: crate::version::CLUSTER_VERSION_BASE,
                 cluster_version_seen: 0,
             },
         )
