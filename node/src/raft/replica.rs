@@ -638,8 +638,22 @@ impl RangeReplica {
         Ok(held)
     }
 
-    /// Loads a parked group; returns the running one.
+    /// Loads a parked group; returns the running one. The load runs to its
+    /// end even when the caller stops waiting (a request that timed out): a
+    /// load dropped midway would leave its state machine's open (which
+    /// clears the range's temporary snapshot files, and may resume an
+    /// import) running outside the lifecycle lock, beside the next load's
+    /// group.
     async fn load(&self) -> Result<Raft, Error> {
+        let Some(me) = self.me.upgrade() else {
+            return Err(self.shut_down());
+        };
+        tokio::spawn(async move { me.load_to_end().await })
+            .await
+            .map_err(|e| Error::internal(format!("range {} load: {e}", self.range_id)))?
+    }
+
+    async fn load_to_end(&self) -> Result<Raft, Error> {
         let _l = self.lifecycle.lock().await;
         if let Some(r) = self.live() {
             return Ok(r);
@@ -2435,6 +2449,56 @@ pub(crate) mod tests {
             key: Bytes::from(format!("k{n}")),
             value: Bytes::from_static(b"v"),
         }
+    }
+
+    /// A load of a parked group whose caller stops waiting (a request that
+    /// timed out while the load waited for an import) still runs to its
+    /// end: the group is live afterwards without another caller, loaded
+    /// once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_its_caller_gave_up_on_still_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = lone_leader(dir.path(), 7).await;
+        let raft = {
+            let mut g = r.group.write().unwrap();
+            let Group::Live(raft) = &*g else {
+                panic!("the group is live")
+            };
+            let raft = raft.clone();
+            let m = raft.metrics().borrow_watched().clone();
+            *g = Group::Parked(Arc::new(m));
+            raft
+        };
+        raft.shutdown().await.unwrap();
+        assert!(r.is_parked());
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let import = {
+            let installs = r.installs.clone();
+            std::thread::spawn(move || {
+                let running = installs.hold_running();
+                held_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                drop(running);
+            })
+        };
+        held_rx.recv().unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), r.raft()).await;
+        assert!(gave_up.is_err(), "the load waits for the import");
+        assert!(r.is_parked());
+        release_tx.send(()).unwrap();
+        import.join().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while r.is_parked() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the load given up on never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(r.loads.load(Ordering::SeqCst), 1);
+        drop(r.raft().await.unwrap());
+        assert_eq!(r.loads.load(Ordering::SeqCst), 1, "loaded once");
     }
 
     /// After a split the range's snapshot covers its old span until it is
