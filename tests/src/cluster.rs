@@ -644,6 +644,28 @@ impl TestCluster {
         .await
     }
 
+    /// The node that leads the meta range, as a running node that leads it
+    /// says (`None`: none does now).
+    pub async fn meta_leader(&self) -> Option<u64> {
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            if let Ok(s) = self.status(n.id).await {
+                if s.ranges.iter().any(|r| {
+                    r.local_role == "leader"
+                        && r.descriptor.as_ref().map(|d| d.range_id)
+                            == Some(lmskv_proto::range::META_RANGE_ID)
+                }) {
+                    return Some(n.id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until a running node leads the meta range; its id.
+    pub async fn wait_meta_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        crate::wait_for("a meta leader", timeout, || self.meta_leader()).await
+    }
+
     /// The cluster version in force, as the meta leader reports it through
     /// any running node (`None`: no node knows it now).
     pub async fn cluster_version(&self) -> Option<u32> {

@@ -340,15 +340,7 @@ async fn a_session_token_from_another_client_sees_its_write_across_a_split() {
             assert_eq!(v.unwrap().value, Bytes::from_static(b"old"));
         }
         let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
-        let st = c.status(leader).await.unwrap();
-        let meta_leader = st
-            .ranges
-            .iter()
-            .find(|r| {
-                r.descriptor.as_ref().map(|d| d.range_id) == Some(lmskv_proto::range::META_RANGE_ID)
-            })
-            .map(|r| r.leader_id)
-            .unwrap();
+        let meta_leader = c.wait_meta_leader(Duration::from_secs(10)).await.unwrap();
         let lagging = (1..=3)
             .find(|id| *id != leader && *id != meta_leader)
             .unwrap();

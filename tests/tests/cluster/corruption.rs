@@ -594,11 +594,7 @@ async fn a_leader_that_reads_corrupt_data_stops_and_its_replica_is_replaced() {
             leader,
             range_id,
         } = start_loaded(ClusterOptions::default(), 100).await;
-        let meta_leader = c.status(leader).await.unwrap().ranges.iter().find_map(|r| {
-            let d = r.descriptor.as_ref()?;
-            (d.range_id == lmskv_proto::range::META_RANGE_ID && r.leader_id != 0)
-                .then_some(r.leader_id)
-        });
+        let meta_leader = Some(c.wait_meta_leader(Duration::from_secs(10)).await.unwrap());
 
         // The victim restarts with the fail point armed for one read, then
         // leads the range (nothing reads a key with Get before). A node that

@@ -304,18 +304,7 @@ async fn placement_resumes_after_the_meta_leader_dies_mid_rebalance() {
         })
         .await
         .unwrap();
-        let mut meta_leader = 0;
-        for id in c.running() {
-            if let Ok(s) = c.status(id).await {
-                if s.ranges.iter().any(|r| {
-                    r.local_role == "leader"
-                        && r.descriptor.as_ref().is_some_and(|d| d.range_id == 1)
-                }) {
-                    meta_leader = id;
-                }
-            }
-        }
-        assert!(meta_leader > 0, "found the meta leader");
+        let meta_leader = c.wait_meta_leader(Duration::from_secs(10)).await.unwrap();
         phase!("kill -9 meta leader node {meta_leader}");
         c.kill(meta_leader).unwrap();
         let alive: BTreeSet<u64> = (1..=5).filter(|i| *i != meta_leader).collect();
