@@ -27,6 +27,7 @@
 //! | `course/<cid>/m/<uid>`                | [`crate::model::Member`]       |
 //! | `course/<cid>/a/<aid>`                | [`crate::model::Assignment`]   |
 //! | `course/<cid>/s/<aid>/<uid>`          | [`crate::model::Submission`] with its grade |
+//! | `course/<cid>/g/<aid>/<uid>`          | [`crate::model::GradeNotice`] (the grade the student was last notified of) |
 //! | `catalog/<cid>`                       | [`crate::model::Course`] copy for the catalogue |
 //! | `usercourse/<uid>/<cid>`              | [`crate::model::UserCourse`] (index of a user's courses) |
 //! | `notif/<uid>/<nid>`                   | [`crate::model::Notification`] |
@@ -105,6 +106,7 @@ const COURSE_SEATS: &[u8] = b"/n";
 const COURSE_MEMBER: &[u8] = b"/m/";
 const COURSE_ASSIGNMENT: &[u8] = b"/a/";
 const COURSE_SUBMISSION: &[u8] = b"/s/";
+const COURSE_GRADE_NOTICE: &[u8] = b"/g/";
 
 fn key(parts: &[&[u8]]) -> Bytes {
     let mut b = BytesMut::with_capacity(parts.iter().map(|p| p.len()).sum());
@@ -193,6 +195,19 @@ pub fn submissions_of(cid: u64, aid: u64) -> Bytes {
 /// `course/<cid>/s/`.
 pub fn submissions(cid: u64) -> Bytes {
     key(&[COURSE, &be(cid), COURSE_SUBMISSION])
+}
+
+/// `course/<cid>/g/<aid>/<uid>`: next to the submission, in the course's
+/// range, so a notice and the grade it is for never sit in different ranges.
+pub fn grade_notice(cid: u64, aid: u64, uid: u64) -> Bytes {
+    key(&[
+        COURSE,
+        &be(cid),
+        COURSE_GRADE_NOTICE,
+        &be(aid),
+        b"/",
+        &be(uid),
+    ])
 }
 
 /// `catalog/<cid>`.
@@ -326,6 +341,7 @@ mod tests {
             member(7, 1),
             assignment(7, 2),
             submission(7, 2, 1),
+            grade_notice(7, 2, 1),
         ] {
             assert!(k.starts_with(&p));
             assert!(k < prefix_end(&p));
@@ -359,6 +375,8 @@ mod tests {
                 uid: 9
             })
         );
+        // A grade notice is no record the repair task reads.
+        assert_eq!(parse_course_key(&grade_notice(5, 3, 9)), None);
         assert_eq!(parse_course_key(b"course/x"), None);
         assert_eq!(parse_course_key(&user(1)), None);
     }

@@ -19,7 +19,7 @@
 //! | login (e-mail index, user), refresh tokens | STRONG | a new account or password must work at once; a used token never again |
 //! | the caller's account on every request | STRONG | the role decides access; a revoked role must stop working |
 //! | course membership for access checks | STRONG | an enrollment or removal takes effect at once |
-//! | seat counter, submissions, grades, gradebook, jobs | STRONG | they are the conditions of CAS writes, or what grades are decided from |
+//! | seat counter, submissions, grades, grade notices, gradebook, jobs | STRONG | they are the conditions of CAS writes, or what grades are decided from |
 //! | course page `GET /courses/{id}` | EVENTUAL (cached) | most read, rarely written; `Cache-Control: no-cache` → STRONG |
 //! | catalogue `GET /courses` | EVENTUAL | public listing; may lag a moment; `no-cache` → STRONG |
 //! | own profile, own course list, notifications | SESSION with `x-session-token`, else CONSISTENT_PREFIX | read-your-writes where the caller has written |

@@ -190,6 +190,64 @@ pub struct GradeScore {
     pub score: f64,
 }
 
+/// What a grade notice reads of a [`Submission`]: its student and grade,
+/// decoded without the body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubmissionGrade {
+    pub student_id: u64,
+    pub grade: Option<GradeContent>,
+}
+
+/// What a student is told of a [`Grade`]: its score and feedback.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GradeContent {
+    pub score: f64,
+    #[serde(default)]
+    pub feedback: String,
+}
+
+/// The grade a student was last notified of for one assignment, at
+/// `course/<cid>/g/<aid>/<uid>`: written (by compare-and-swap) by the
+/// notification job before it notifies, so a publish notifies each student
+/// once per grade ([`crate::jobs::notices`]). No record: never notified.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GradeNotice {
+    /// The job that notifies this grade; also the notification's id
+    /// (`notif/<uid>/<job_id>`).
+    pub job_id: u64,
+    /// [`grade_sha256`] of the grade: a changed score or feedback is a
+    /// changed grade.
+    pub grade_sha256: String,
+    pub claimed_at: DateTime<Utc>,
+}
+
+impl GradeNotice {
+    /// A notice of `grade` by job `job_id`.
+    pub fn new(job_id: u64, grade: &GradeContent) -> GradeNotice {
+        GradeNotice {
+            job_id,
+            grade_sha256: grade_sha256(grade),
+            claimed_at: Utc::now(),
+        }
+    }
+
+    /// Whether this notice is of `grade` (the same score and feedback).
+    pub fn is_of(&self, grade: &GradeContent) -> bool {
+        self.grade_sha256 == grade_sha256(grade)
+    }
+}
+
+/// SHA-256 (hex) of a grade's score (its bits, as read from the stored
+/// submission) and feedback. A digest rather than the score itself: a
+/// stored string compares exactly, and the feedback may be long.
+pub fn grade_sha256(grade: &GradeContent) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(grade.score.to_bits().to_be_bytes());
+    h.update(grade.feedback.as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A notification for one user, at `notif/<uid>/<nid>`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Notification {
@@ -230,6 +288,41 @@ mod tests {
         let s: SubmissionScore =
             serde_json::from_slice(&serde_json::to_vec(&graded(None)).unwrap()).unwrap();
         assert!(s.grade.is_none());
+    }
+
+    #[test]
+    fn a_grade_notice_is_of_one_score_and_feedback() {
+        let g = |score, feedback: &str| GradeContent {
+            score,
+            feedback: feedback.into(),
+        };
+        let n = GradeNotice::new(4, &g(7.5, "good"));
+        assert!(n.is_of(&g(7.5, "good")));
+        assert!(!n.is_of(&g(8.0, "good")), "a changed score");
+        assert!(!n.is_of(&g(7.5, "good!")), "a changed feedback");
+        // A submission's grade reads as its content, without the body.
+        let stored = Submission {
+            course_id: 1,
+            assignment_id: 2,
+            student_id: 3,
+            body: "an essay".into(),
+            attempt: 1,
+            submitted_at: Utc::now(),
+            late: false,
+            grade: Some(Grade {
+                score: 7.5,
+                feedback: "good".into(),
+                graded_by: 9,
+                graded_at: Utc::now(),
+            }),
+        };
+        let s: SubmissionGrade =
+            serde_json::from_slice(&serde_json::to_vec(&stored).unwrap()).unwrap();
+        assert_eq!(s.student_id, 3);
+        assert!(n.is_of(&s.grade.unwrap()));
+        // Stored and read back, a notice is still of its grade.
+        let back: GradeNotice = serde_json::from_slice(&serde_json::to_vec(&n).unwrap()).unwrap();
+        assert_eq!(back, n);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! records them, and draining a node.
 //!
 //! The JSON shape of `node list` is an interface:
-//! `[{"node_id":1,"address":"…","state":"up|down|decommissioning|decommissioned","replicas":12,"leaders":4}, …]`.
+//! `[{"node_id":1,"address":"…","state":"up|down|decommissioning|decommissioned","replicas":12,"leaders":4,"cluster_version_max":2}, …]`
+//! (`cluster_version_max`: the highest cluster version the node runs, 0 when
+//! not heard from; during an upgrade the nodes that hold the cluster back).
 
 use clap::{Args, Subcommand};
 use lmskv_client::NodeInfo;
@@ -14,7 +16,8 @@ use crate::output::{self, Table};
 /// Node operations.
 #[derive(Debug, Clone, Subcommand)]
 pub enum NodeCommand {
-    /// List every node: address, state, replicas and leaders it hosts.
+    /// List every node: address, state, replicas and leaders it hosts, and
+    /// the highest cluster version it runs.
     List,
     /// Drain a node: move all its replicas to other nodes.
     Decommission(DecommissionArgs),
@@ -39,6 +42,8 @@ pub struct NodeView {
     pub replicas: u64,
     /// Ranges the node leads.
     pub leaders: u64,
+    /// The highest cluster version the node runs (0: not heard from).
+    pub cluster_version_max: u32,
 }
 
 impl From<&NodeInfo> for NodeView {
@@ -49,13 +54,14 @@ impl From<&NodeInfo> for NodeView {
             state: n.state.clone(),
             replicas: n.replicas,
             leaders: n.leaders,
+            cluster_version_max: n.cluster_version_max,
         }
     }
 }
 
 /// Renders nodes as a table.
 pub fn render_nodes(views: &[NodeView]) -> String {
-    let mut t = Table::new(&["NODE", "ADDRESS", "STATE", "REPLICAS", "LEADERS"]);
+    let mut t = Table::new(&["NODE", "ADDRESS", "STATE", "REPLICAS", "LEADERS", "RUNS"]);
     for n in views {
         t.push(vec![
             n.node_id.to_string(),
@@ -63,6 +69,11 @@ pub fn render_nodes(views: &[NodeView]) -> String {
             n.state.clone(),
             n.replicas.to_string(),
             n.leaders.to_string(),
+            if n.cluster_version_max == 0 {
+                "-".to_string()
+            } else {
+                format!("v{}", n.cluster_version_max)
+            },
         ]);
     }
     t.render()
@@ -104,12 +115,12 @@ mod tests {
         };
         assert_eq!(
             output::json(&vec![NodeView::from(&n)]).unwrap(),
-            r#"[{"node_id":1,"address":"127.0.0.1:7001","state":"up","replicas":12,"leaders":4}]"#
+            r#"[{"node_id":1,"address":"127.0.0.1:7001","state":"up","replicas":12,"leaders":4,"cluster_version_max":2}]"#
         );
         let table = render_nodes(&[NodeView::from(&n)]);
         assert_eq!(
             table.lines().nth(1),
-            Some("1     127.0.0.1:7001  up     12        4")
+            Some("1     127.0.0.1:7001  up     12        4        v2")
         );
     }
 }

@@ -16,6 +16,7 @@
 //! backoff or held by live leases at the front of the queue cannot hide due
 //! jobs behind them.
 
+pub mod notices;
 pub mod worker;
 
 use std::sync::Mutex;
@@ -101,7 +102,8 @@ impl Queue {
 pub enum JobKind {
     /// Writes the course's gradebook as CSV to `export/<jid>`.
     GradebookExport { course_id: u64 },
-    /// Notifies every graded student of an assignment that grades are out.
+    /// Notifies every graded student of an assignment that grades are out,
+    /// once per grade ([`notices`]).
     GradeNotifications { course_id: u64, assignment_id: u64 },
 }
 

@@ -4,14 +4,14 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
 use lmskv_client::ReadConsistency;
 
 use crate::db::Db;
 use crate::error::AppError;
+use crate::jobs::notices;
 use crate::jobs::{self, Failure, JobKind, Leased, Queue};
 use crate::keys;
-use crate::model::{Assignment, Notification, SubmissionScore};
+use crate::model::Assignment;
 use crate::routes::grades::{build_gradebook, gradebook_csv};
 
 /// Jobs one worker runs at once.
@@ -83,29 +83,15 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
                     )
                 })?
                 .value;
-            let subs = db
-                .scan_prefix::<SubmissionScore>(
-                    &keys::submissions_of(course_id, assignment_id),
-                    ReadConsistency::Strong,
-                )
+            let report = notices::notify_graded(db, l.job.id, &a)
                 .await
                 .map_err(fail)?;
-            for s in subs.into_iter().filter(|s| s.value.grade.is_some()) {
-                let uid = s.value.student_id;
-                // One notification per (student, job): the key is fixed, so a
-                // rerun overwrites rather than duplicates.
-                let n = Notification {
-                    id: l.job.id,
-                    user_id: uid,
-                    message: format!("Grades for \"{}\" are published.", a.title),
-                    course_id,
-                    assignment_id: Some(assignment_id),
-                    created_at: Utc::now(),
-                };
-                db.put(keys::notification(uid, l.job.id), &n)
-                    .await
-                    .map_err(fail)?;
-            }
+            tracing::info!(
+                job = l.job.id,
+                notified = report.notified,
+                already = report.already,
+                "grade notices"
+            );
             Ok(())
         }
     }

@@ -157,7 +157,9 @@ pub async fn get_assignment(
 }
 
 /// Publishes an assignment's grades to its students and enqueues the job
-/// that notifies each graded student (teachers, TAs and admins).
+/// that notifies each graded student (teachers, TAs and admins). Publishing
+/// again notifies only students whose grade is new or changed since they
+/// were last notified.
 #[utoipa::path(post, path = "/api/v1/courses/{id}/assignments/{assignment_id}/publish-grades",
     tag = "assignments", security(("bearer" = [])),
     params(("id" = u64, Path, description = "course id"), ("assignment_id" = u64, Path, description = "assignment id")),

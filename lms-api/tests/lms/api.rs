@@ -9,7 +9,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{next_link, Api, Resp};
-use lms_api::model::Role;
+use lms_api::accounts;
+use lms_api::db::Cas;
+use lms_api::keys;
+use lms_api::model::{EmailClaim, GradeNotice, Notification, Role};
+use lmskv_client::ReadConsistency;
 use lmskv_tests::{phase, wait_for};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -1491,6 +1495,256 @@ async fn concurrent_grading_with_if_match_lets_one_win() {
     assert_eq!(codes, [200, 412]);
     let winner = if a.status == 200 { 4.0 } else { 9.0 };
     assert_eq!(api.get(&sub, &t).await.body["grade"]["score"], winner);
+}
+
+/// Publishes assignment `aid`'s grades and waits for its notification job,
+/// which must succeed; returns the job id.
+async fn publish(api: &Api, teacher: &str, cid: u64, aid: u64) -> u64 {
+    let r = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments/{aid}/publish-grades"),
+            teacher,
+            json!({}),
+        )
+        .await
+        .expect(202);
+    let id = r.body["job"]["id"].as_u64().unwrap();
+    let job = finished_job(api, teacher, id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    id
+}
+
+/// The ids of `uid`'s notifications, read STRONG from the store.
+async fn notification_ids(api: &Api, uid: u64) -> Vec<u64> {
+    api.st
+        .db
+        .scan_prefix::<Notification>(&keys::notifications(uid), ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.value.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_grades_again_notifies_only_new_and_changed_grades() {
+    let api = Api::start().await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let cid = api.course(&t, "C", 10).await;
+    let aid = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "Essay", "max_points": 100}),
+        )
+        .await
+        .expect(201)
+        .body["id"]
+        .as_u64()
+        .unwrap();
+    let mut students = Vec::new();
+    for i in 0..3 {
+        let (sid, s) = api
+            .user_with_role(&format!("s{i}@t.io"), "S", Role::Student)
+            .await;
+        api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+            .await
+            .expect(201);
+        api.post(
+            &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions"),
+            &s,
+            json!({"body": "my essay"}),
+        )
+        .await
+        .expect(201);
+        students.push(sid);
+    }
+    let (s0, s1, s2) = (students[0], students[1], students[2]);
+    let grade = |sid: u64, score: f64, feedback: &'static str| {
+        let (api, t) = (&api, &t);
+        async move {
+            api.call(
+                Method::PUT,
+                &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}/grade"),
+                Some(t),
+                Some(json!({"score": score, "feedback": feedback})),
+            )
+            .await
+            .expect(200);
+        }
+    };
+    let counts = || async {
+        let mut out = Vec::new();
+        for sid in [s0, s1, s2] {
+            out.push(notification_ids(&api, sid).await.len());
+        }
+        out
+    };
+
+    phase!("a first publish notifies the graded student once");
+    grade(s0, 80.0, "good").await;
+    let first = publish(&api, &t, cid, aid).await;
+    assert_eq!(counts().await, [1, 0, 0]);
+    assert_eq!(notification_ids(&api, s0).await, [first]);
+
+    phase!("publishing again notifies no one of an unchanged grade");
+    publish(&api, &t, cid, aid).await;
+    assert_eq!(counts().await, [1, 0, 0]);
+
+    phase!("a newly graded student is notified, the others are not");
+    grade(s1, 70.0, "ok").await;
+    publish(&api, &t, cid, aid).await;
+    assert_eq!(counts().await, [1, 1, 0]);
+
+    phase!("a regrade to the same score and feedback is no new grade");
+    grade(s0, 80.0, "good").await;
+    publish(&api, &t, cid, aid).await;
+    assert_eq!(counts().await, [1, 1, 0]);
+
+    phase!("a changed score, or a changed feedback, is notified once");
+    grade(s0, 90.0, "good").await;
+    grade(s1, 70.0, "ok after all").await;
+    let changed = publish(&api, &t, cid, aid).await;
+    assert_eq!(counts().await, [2, 2, 0]);
+    assert_eq!(notification_ids(&api, s0).await, [first, changed]);
+    publish(&api, &t, cid, aid).await;
+    assert_eq!(counts().await, [2, 2, 0]);
+
+    phase!("two publishes at once notify a new grade once");
+    grade(s2, 60.0, "").await;
+    let path = format!("/api/v1/courses/{cid}/assignments/{aid}/publish-grades");
+    let (a, b) = tokio::join!(
+        api.post(&path, &t, json!({})),
+        api.post(&path, &t, json!({}))
+    );
+    for r in [a.expect(202), b.expect(202)] {
+        let id = r.body["job"]["id"].as_u64().unwrap();
+        assert_eq!(finished_job(&api, &t, id).await["state"], "succeeded");
+    }
+    assert_eq!(counts().await, [2, 2, 1]);
+
+    phase!("a claim of a job that is gone without its notification is taken over");
+    // As if a job claimed s2's grade and was dead-lettered before writing
+    // the notification (job 999999 has no record; nothing at its key).
+    let key = keys::grade_notice(cid, aid, s2);
+    let cur = api
+        .st
+        .db
+        .get::<GradeNotice>(key.clone(), ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .expect("s2's notice");
+    let mut orphan = cur.value.clone();
+    orphan.job_id = 999_999;
+    api.st
+        .db
+        .cas(key.clone(), cur.version, Some(&orphan))
+        .await
+        .unwrap();
+    let takeover = publish(&api, &t, cid, aid).await;
+    assert_eq!(counts().await, [2, 2, 2]);
+    assert_eq!(notification_ids(&api, s2).await.last(), Some(&takeover));
+    publish(&api, &t, cid, aid).await;
+    assert_eq!(counts().await, [2, 2, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_whose_user_write_failed_can_be_retried_at_once() {
+    let api = Api::start().await;
+    let register = |email: &'static str| {
+        let api = &api;
+        async move {
+            api.call(
+                Method::POST,
+                "/api/v1/auth/register",
+                None,
+                Some(json!({"email": email, "password": common::PASSWORD, "name": "R"})),
+            )
+            .await
+        }
+    };
+
+    phase!("a user write the store refuses releases the e-mail claim");
+    // A name of over 1 MiB makes the user record larger than lmskv takes:
+    // the claim is written, the user write is refused (nothing applied).
+    let err = accounts::create_user(
+        &api.st,
+        "Again@t.io",
+        common::PASSWORD.into(),
+        &"x".repeat(1_100_000),
+        Role::Student,
+    )
+    .await
+    .expect_err("the user record is too large");
+    assert!(!accounts::write_may_have_landed(&err), "{err:?}");
+    let claim = api
+        .st
+        .db
+        .get::<EmailClaim>(keys::email("again@t.io"), ReadConsistency::Strong)
+        .await
+        .unwrap();
+    assert!(claim.is_none(), "the claim was released: {claim:?}");
+
+    phase!("an immediate retry registers, once");
+    let id = register("again@t.io").await.expect(201).body["id"]
+        .as_u64()
+        .unwrap();
+    api.login("again@t.io").await;
+    register("again@t.io").await.problem(409);
+    let me = api
+        .st
+        .db
+        .get::<EmailClaim>(keys::email("again@t.io"), ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .expect("claim");
+    assert_eq!(me.value.user_id, id);
+
+    phase!("a claim is released only by the registration that holds it");
+    let ekey = keys::email("held@t.io");
+    let claim = |user_id| EmailClaim {
+        user_id,
+        claimed_at: chrono::Utc::now(),
+    };
+    let Cas::Done { version: old, .. } = api
+        .st
+        .db
+        .cas(ekey.clone(), 0, Some(&claim(1)))
+        .await
+        .unwrap()
+    else {
+        panic!("claim");
+    };
+    // Taken over by another registration (as after a stale claim).
+    let Cas::Done { version: new, .. } = api
+        .st
+        .db
+        .cas(ekey.clone(), old, Some(&claim(2)))
+        .await
+        .unwrap()
+    else {
+        panic!("takeover");
+    };
+    assert!(!accounts::release_claim(&api.st.db, ekey.clone(), old)
+        .await
+        .unwrap());
+    let held = api
+        .st
+        .db
+        .get::<EmailClaim>(ekey.clone(), ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .expect("the newer claim stays");
+    assert_eq!(held.value.user_id, 2);
+    assert!(accounts::release_claim(&api.st.db, ekey.clone(), new)
+        .await
+        .unwrap());
+
+    phase!("of concurrent registrations of one e-mail exactly one succeeds");
+    let all = futures::future::join_all((0..8).map(|_| register("race@t.io"))).await;
+    let mut codes: Vec<u16> = all.iter().map(|r| r.status.as_u16()).collect();
+    codes.sort();
+    assert_eq!(codes, [201, 409, 409, 409, 409, 409, 409, 409], "{all:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
