@@ -224,6 +224,17 @@ impl Pd {
         }
     }
 
+    /// The cluster version in force, or the one a raise under way goes to
+    /// if that is higher (0: not loaded).
+    pub fn cluster_version_floor(&self) -> u32 {
+        let st = self.state.lock().expect("pd lock");
+        if st.loaded_term.is_some() {
+            st.cluster_version.max(st.raising_to.unwrap_or(0))
+        } else {
+            0
+        }
+    }
+
     /// The cluster version in force as last loaded (0: not loaded).
     pub fn cluster_version(&self) -> u32 {
         let st = self.state.lock().expect("pd lock");
@@ -515,9 +526,13 @@ pub async fn handle_heartbeat(
         let version_max = crate::version::reported(req.cluster_version_max);
         let floor = st.raising_to.unwrap_or(0).max(st.cluster_version);
         if version_max < floor {
-            // Not live from now on: neither a placement target nor counted
-            // in a raise by what it said before.
-            st.nodes.remove(&req.node_id);
+            // Not heard from (its liveness runs out as for a silent node, so
+            // a refusal that lasts only while a raise is staged moves no
+            // replica), and counted in a raise by what it runs now: the
+            // staged raise is dropped.
+            if let Some(n) = st.nodes.get_mut(&req.node_id) {
+                n.version_max = version_max;
+            }
             return Err(Error::invalid_argument(
                 "cluster_version_max",
                 format!(

@@ -690,11 +690,18 @@ impl RangeReplica {
         {
             let mut g = self.group.write().expect("group lock");
             // A fault recorded while the group started (a read of the
-            // parked range's data found it corrupt) keeps it stopped.
+            // parked range's data found it corrupt) keeps it stopped; so
+            // does a shutdown for good that gave up waiting for this load
+            // (the replica may be removed and its data deleted).
             if self.fault.lock().expect("fault lock").is_some() {
                 drop(g);
                 let _ = raft.shutdown().await;
                 return Err(self.check_fault().expect_err("the replica is faulted"));
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                drop(g);
+                let _ = raft.shutdown().await;
+                return Err(self.shut_down());
             }
             *g = Group::Live(raft.clone());
         }

@@ -163,7 +163,7 @@ impl Admin for AdminService {
         // Past the base cluster version a node must say what it runs, which
         // only its own heartbeats do: registering it unheard could give a
         // replica to a binary that cannot read the cluster's log entries.
-        let version = self.node.pd.cluster_version();
+        let version = self.node.pd.cluster_version_floor();
         if version > crate::version::CLUSTER_VERSION_BASE {
             return Err(Error::invalid_argument(
                 "join",

@@ -735,7 +735,9 @@ impl Engine {
 
     /// The applied state recorded in a snapshot file (its first record).
     pub fn snapshot_applied_state(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
-        let mut reader = snapshot::SnapshotReader::open(path)?;
+        // Only the first record: a small buffer, not a megabyte read per file
+        // (a node checks every range's snapshot at start).
+        let mut reader = snapshot::SnapshotReader::open_buffered(path, 16 << 10)?;
         match reader.next_record()? {
             Some((snapshot::RecordKind::Applied, _, v)) => Ok(Some(v.to_vec())),
             _ => Ok(None),

@@ -120,7 +120,13 @@ fn corrupt(msg: impl Into<String>) -> StorageError {
 
 impl SnapshotReader {
     pub(super) fn open(path: &Path) -> Result<Self, StorageError> {
-        let mut input = BufReader::with_capacity(1 << 20, File::open(path)?);
+        Self::open_buffered(path, 1 << 20)
+    }
+
+    /// [`SnapshotReader::open`] with a read buffer of `capacity` bytes (a
+    /// small one to read only the first record).
+    pub(super) fn open_buffered(path: &Path, capacity: usize) -> Result<Self, StorageError> {
+        let mut input = BufReader::with_capacity(capacity, File::open(path)?);
         let mut magic = [0u8; 8];
         input
             .read_exact(&mut magic)
