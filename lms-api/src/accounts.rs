@@ -2,19 +2,23 @@
 //! then the user record — two keys in two tables, written in an order that
 //! leaves nothing wrong behind if the process dies in between.
 //!
-//! A user write the store refused for certain releases the claim at once
-//! (a compare-and-swap on the claim's version: only if it is still this
-//! registration's), so the registration can be retried right away. A user
-//! write whose outcome is unknown may still land: its claim stays, as if
-//! the process had died, and is taken over only once it is stale and its
-//! user record absent; releasing it could give one e-mail two accounts.
+//! A user write known never to have reached the store (the client refused
+//! it before sending: a record over lmskv's value limit; or the record did
+//! not encode) releases the claim at once (a compare-and-swap on the
+//! claim's version: only if it is still this registration's), so the
+//! registration can be retried right away. Any other failure may have been
+//! applied, or may still be — a node can answer an error for a write it
+//! applied, and the client's final error can follow a try that timed out —
+//! so its claim stays, as if the process had died, and is taken over only
+//! once it is stale and its user record absent; releasing it could give one
+//! e-mail two accounts.
 
 use bytes::Bytes;
 use chrono::{Duration as ChronoDuration, Utc};
-use lmskv_client::ReadConsistency;
+use lmskv_client::{ClientError, ReadConsistency};
 
 use crate::app::AppState;
-use crate::db::{Cas, Db};
+use crate::db::{encode, Cas, Db};
 use crate::error::{AppError, AppResult};
 use crate::keys;
 use crate::model::{EmailClaim, Role, User};
@@ -50,7 +54,7 @@ pub async fn create_user(
     // check. If the process dies before the user record is written, the claim
     // dangles and is taken over by the next registration after
     // EMAIL_CLAIM_STALE_S; login treats a dangling claim as no account. A
-    // user write that fails for certain releases the claim at once.
+    // user write known never to have been sent releases the claim at once.
     let claim_version = match st.db.cas(ekey.clone(), 0, Some(&claim)).await? {
         Cas::Done { version, .. } => version,
         Cas::Conflict => {
@@ -90,43 +94,58 @@ pub async fn create_user(
         updated_at: now,
         unknown: Default::default(),
     };
-    match st.db.put(keys::user(uid), &user).await {
+    // Written through the client directly: whether the write may have
+    // landed is told by the client's error, which the conversion to
+    // AppError blurs (a refusal before sending and a node's refusal both
+    // become Internal).
+    let value = match encode(&user) {
+        Ok(v) => v,
+        // Never sent.
+        Err(e) => {
+            return after_failed_user_write(&st.db, ekey, claim_version, user, false, e).await
+        }
+    };
+    match st.db.client().put(keys::user(uid), value).await {
         Ok(_) => Ok(user),
-        Err(e) => after_failed_user_write(&st.db, ekey, claim_version, user, e).await,
+        Err(e) => {
+            let landed = write_may_have_landed(&e);
+            after_failed_user_write(&st.db, ekey, claim_version, user, landed, e.into()).await
+        }
     }
 }
 
-/// Whether a failed write may still have been applied (or may be applied
-/// later): the store did not answer in time, or answered that it is
-/// unavailable. Refusals (an invalid argument, a record that does not
-/// encode) apply nothing.
-pub fn write_may_have_landed(e: &AppError) -> bool {
-    match e {
-        AppError::Unavailable(c) => c.is_outcome_unknown(),
-        AppError::Internal(_) => false,
-        _ => true,
-    }
+/// Whether a one-key write (put, compare-and-swap, delete) that failed
+/// with `e` may have been applied, or may be applied later. Only an
+/// argument the client refuses before sending anything (a key or value
+/// over lmskv's limits) is known to apply nothing. Everything else may
+/// have landed: a timeout or an unavailable node, but also a node's
+/// `Internal` answer for a write it applied, or a final non-retryable
+/// answer that follows a try whose outcome was unknown (the client
+/// returns the last error, not the first).
+pub fn write_may_have_landed(e: &ClientError) -> bool {
+    !matches!(e, ClientError::InvalidArgument { .. })
 }
 
-/// Ends a registration whose user write failed with `e`. A write refused
-/// for certain releases the registration's claim (version
-/// `claim_version`); one whose outcome is unknown keeps it, and succeeds
-/// after all if a STRONG read finds the user record written.
+/// Ends a registration whose user write failed with `e`. A write known
+/// never to have been sent (`may_have_landed` false) releases the
+/// registration's claim (version `claim_version`); any other keeps it,
+/// and succeeds after all if a STRONG read finds the user record written.
 async fn after_failed_user_write(
     db: &Db,
     ekey: Bytes,
     claim_version: u64,
     user: User,
+    may_have_landed: bool,
     e: AppError,
 ) -> AppResult<User> {
-    if write_may_have_landed(&e) {
+    if may_have_landed {
         if let Ok(Some(found)) = db
             .get::<User>(keys::user(user.id), ReadConsistency::Strong)
             .await
         {
             return Ok(found.value);
         }
-        tracing::warn!(error = %e, user = user.id, "a user write of unknown outcome: its e-mail stays claimed until the claim is stale");
+        tracing::warn!(error = %e, user = user.id, "a user write that may have landed: its e-mail stays claimed until the claim is stale");
         return Err(e);
     }
     if let Err(re) = release_claim(db, ekey, claim_version).await {
@@ -174,40 +193,46 @@ pub async fn user_by_email(st: &AppState, email: &str) -> AppResult<Option<User>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lmskv_client::{ClientError, ServerError};
+    use lmskv_client::ServerError;
 
     #[test]
     fn only_refused_writes_are_known_not_to_have_landed() {
-        let unavailable = |e| AppError::Unavailable(e);
+        let server = ClientError::Server;
         let timeout = ServerError::Timeout {
             reason: "no answer".into(),
         };
-        let deadline = ClientError::DeadlineExceeded {
+        // Unknown outcomes.
+        assert!(write_may_have_landed(&ClientError::DeadlineExceeded {
             deadline_ms: 10,
             attempts: 3,
-            last: Box::new(ClientError::Server(timeout.clone())),
-        };
-        assert!(write_may_have_landed(&unavailable(deadline)));
-        assert!(write_may_have_landed(&unavailable(ClientError::Server(
-            timeout
+            last: Box::new(server(timeout.clone())),
+        }));
+        assert!(write_may_have_landed(&server(timeout)));
+        assert!(write_may_have_landed(&server(ServerError::unavailable(
+            "leader lost"
         ))));
-        assert!(write_may_have_landed(&unavailable(ClientError::Server(
-            ServerError::Unavailable {
-                reason: "leader lost".into()
-            }
+        assert!(write_may_have_landed(&ClientError::Unreachable {
+            endpoint: "127.0.0.1:7001".into(),
+            reason: "connection refused".into(),
+        }));
+        // A node's Internal answer can come for a write it applied (the
+        // proposal committed, then answering failed).
+        assert!(write_may_have_landed(&server(ServerError::internal(
+            "applied, but the answer was lost"
         ))));
-        assert!(write_may_have_landed(&AppError::Timeout(
-            std::time::Duration::from_secs(1)
-        )));
-        // Refused: nothing was applied.
-        assert!(!write_may_have_landed(&AppError::Internal(
-            "invalid argument `value`: too large".into()
-        )));
-        assert!(!write_may_have_landed(&unavailable(
-            ClientError::InvalidArgument {
+        // A non-retryable answer may be the last of several tries, an
+        // earlier one of which timed out and may have been applied.
+        assert!(write_may_have_landed(&server(
+            ServerError::InvalidArgument {
                 field: "value".into(),
-                reason: "too large".into()
+                reason: "too large".into(),
             }
         )));
+        // Refused by the client before sending (its key and value checks):
+        // nothing reached the store.
+        assert!(!write_may_have_landed(&ClientError::InvalidArgument {
+            field: "value".into(),
+            reason: "value is 1100000 bytes, the limit is 1048576".into(),
+        }));
     }
 }

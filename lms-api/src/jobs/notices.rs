@@ -5,10 +5,15 @@
 //! Each student's last notified grade is kept next to the submission, at
 //! `course/<cid>/g/<aid>/<uid>` ([`GradeNotice`]): a digest of the score and
 //! feedback, and the job that notifies it. A student whose notice is of the
-//! current grade is skipped; otherwise the job claims the notice with a
-//! compare-and-swap on the version it read, and only then writes the
-//! notification (`notif/<uid>/<jid>`). So of two publish jobs running at
-//! once, only one notifies a student of one grade.
+//! current grade is skipped; otherwise the job claims the notice, and only
+//! then writes the notification (`notif/<uid>/<jid>`). The claim is one
+//! atomic batch (both keys are in the course's row) conditional on the
+//! notice's version *and* the submission's: a job whose read of the grade
+//! is stale (regraded since, and perhaps notified by a later publish) cannot
+//! claim the old grade over a newer notice; it reads both again and decides
+//! on the current grade. So of two publish jobs running at once, only one
+//! notifies a student of one grade, and a notice never goes back to an
+//! older grade.
 //!
 //! Claiming before notifying means a run can claim and die before the
 //! notification is written: the claim names its job, and a rerun of that
@@ -29,7 +34,9 @@ use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
 use lmskv_client::{ReadConsistency, ScanOptions};
 
-use crate::db::{decode, Cas, Db, Versioned, CAS_ATTEMPTS_MAX};
+use lmskv_client::BatchOp;
+
+use crate::db::{decode, encode, Cas, Db, Versioned, CAS_ATTEMPTS_MAX};
 use crate::error::{AppError, AppResult};
 use crate::jobs::{self, JobState};
 use crate::keys;
@@ -47,6 +54,30 @@ pub struct NoticeReport {
     pub notified: u64,
     /// Graded students already notified of their grade.
     pub already: u64,
+    /// Students graded when read whose grade was gone when claimed.
+    pub ungraded: u64,
+}
+
+/// What became of one student.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Notified of their current grade (or notified again by a rerun of
+    /// the same job).
+    Notified,
+    /// Already notified of their current grade (or another job that is
+    /// not gone claimed it).
+    Already,
+    /// Their submission had no grade (or was gone) when read again.
+    Ungraded,
+}
+
+/// A graded submission as a run read it: its student, grade and version
+/// (the version is a condition of the claim).
+#[derive(Debug, Clone)]
+pub struct Graded {
+    pub student_id: u64,
+    pub grade: GradeContent,
+    pub version: u64,
 }
 
 /// Whether the jobs named by claims are gone (dead-lettered, or no record):
@@ -88,8 +119,12 @@ pub async fn notify_graded(db: &Db, jid: u64, a: &Assignment) -> AppResult<Notic
         let mut graded = Vec::new();
         for kv in &page.kvs {
             let s: SubmissionGrade = decode(&kv.key, &kv.value)?;
-            if let Some(g) = s.grade {
-                graded.push((s.student_id, g));
+            if let Some(grade) = s.grade {
+                graded.push(Graded {
+                    student_id: s.student_id,
+                    grade,
+                    version: kv.version,
+                });
             }
         }
         let notices: HashMap<Bytes, Versioned<GradeNotice>> = if graded.is_empty() {
@@ -97,7 +132,7 @@ pub async fn notify_graded(db: &Db, jid: u64, a: &Assignment) -> AppResult<Notic
         } else {
             let keys = graded
                 .iter()
-                .map(|(uid, _)| keys::grade_notice(cid, a.id, *uid));
+                .map(|g| keys::grade_notice(cid, a.id, g.student_id));
             db.client()
                 .batch_get(keys, ReadConsistency::Strong)
                 .await?
@@ -114,19 +149,21 @@ pub async fn notify_graded(db: &Db, jid: u64, a: &Assignment) -> AppResult<Notic
                 })
                 .collect::<AppResult<_>>()?
         };
-        let outcomes: Vec<bool> = futures::stream::iter(graded.into_iter().map(|(uid, g)| {
-            let read = notices.get(&keys::grade_notice(cid, a.id, uid)).cloned();
+        let outcomes: Vec<Outcome> = futures::stream::iter(graded.into_iter().map(|g| {
+            let read = notices
+                .get(&keys::grade_notice(cid, a.id, g.student_id))
+                .cloned();
             let owners = &owners;
-            async move { notify_one(db, owners, jid, a, uid, &g, read).await }
+            async move { notify_one(db, owners, jid, a, g, read).await }
         }))
         .buffer_unordered(NOTICE_WRITES_IN_FLIGHT)
         .try_collect()
         .await?;
-        for notified in outcomes {
-            if notified {
-                report.notified += 1;
-            } else {
-                report.already += 1;
+        for o in outcomes {
+            match o {
+                Outcome::Notified => report.notified += 1,
+                Outcome::Already => report.already += 1,
+                Outcome::Ungraded => report.ungraded += 1,
             }
         }
         match page.next_page_token {
@@ -136,26 +173,46 @@ pub async fn notify_graded(db: &Db, jid: u64, a: &Assignment) -> AppResult<Notic
     }
 }
 
-/// Notifies student `uid` of `grade` unless they were notified of it;
-/// `read` is their notice as last read. Whether it notified.
+/// Notifies one student as a run of job `jid` does, given their graded
+/// submission `read` and their notice `notice` as the run read them (either
+/// may be stale by now). A run asks [`jobs::status`] about each claim's job
+/// once; this asks anew.
+pub async fn notify_student(
+    db: &Db,
+    jid: u64,
+    a: &Assignment,
+    read: Graded,
+    notice: Option<Versioned<GradeNotice>>,
+) -> AppResult<Outcome> {
+    notify_one(db, &Owners::default(), jid, a, read, notice).await
+}
+
+/// Notifies the student of `read` of their current grade unless they were
+/// notified of it; `read` is their submission and `notice` their notice as
+/// last read.
 async fn notify_one(
     db: &Db,
     owners: &Owners,
     jid: u64,
     a: &Assignment,
-    uid: u64,
-    grade: &GradeContent,
-    mut read: Option<Versioned<GradeNotice>>,
-) -> AppResult<bool> {
+    read: Graded,
+    mut notice: Option<Versioned<GradeNotice>>,
+) -> AppResult<Outcome> {
+    let uid = read.student_id;
+    let skey = keys::submission(a.course_id, a.id, uid);
     let key = keys::grade_notice(a.course_id, a.id, uid);
-    let claim = GradeNotice::new(jid, grade);
+    // The grade as last read, and the submission's version then.
+    let (mut grade, mut sversion) = (Some(read.grade), read.version);
     for _ in 0..CAS_ATTEMPTS_MAX {
-        if let Some(n) = read.as_ref().filter(|n| n.value.is_of(grade)) {
+        let Some(current) = grade.as_ref() else {
+            return Ok(Outcome::Ungraded);
+        };
+        if let Some(n) = notice.as_ref().filter(|n| n.value.is_of(current)) {
             if n.value.job_id == jid {
                 // Claimed by an earlier run of this job, which may have died
                 // before notifying: the same notification again.
                 write_notification(db, jid, a, uid).await?;
-                return Ok(true);
+                return Ok(Outcome::Notified);
             }
             // Another job's claim: it notified, or will when it runs again,
             // unless it is gone without having written the notification.
@@ -169,22 +226,63 @@ async fn notify_one(
                     .await?
                     .is_some()
             {
-                return Ok(false);
+                return Ok(Outcome::Already);
             }
         }
-        let version = read.as_ref().map_or(0, |n| n.version);
-        match db.cas(key.clone(), version, Some(&claim)).await? {
+        // The claim holds only if neither the notice nor the submission
+        // changed since they were read: a grade read before a regrade must
+        // not replace the notice of the newer grade (a later publish may
+        // have notified it already).
+        let nversion = notice.as_ref().map_or(0, |n| n.version);
+        let claim = encode(&GradeNotice::new(jid, current))?;
+        match db
+            .batch(
+                vec![(skey.clone(), sversion), (key.clone(), nversion)],
+                vec![BatchOp::Put(key.clone(), claim)],
+            )
+            .await?
+        {
             Cas::Done { .. } => {
                 write_notification(db, jid, a, uid).await?;
-                return Ok(true);
+                return Ok(Outcome::Notified);
             }
-            // Claimed or changed meanwhile: decide again on what is there now.
-            Cas::Conflict => read = db.get(key.clone(), ReadConsistency::Strong).await?,
+            Cas::Conflict => {
+                // Regraded, or claimed or changed meanwhile: read both again
+                // and decide on what is there now.
+                (grade, sversion, notice) = read_again(db, &skey, &key).await?;
+            }
         }
     }
     Err(AppError::Busy(format!(
         "student {uid}'s grade notice is being changed concurrently"
     )))
+}
+
+/// The submission's grade and version (0: absent) and the notice at
+/// `skey` and `key`, read STRONG (their versions are the next claim's
+/// conditions).
+async fn read_again(
+    db: &Db,
+    skey: &Bytes,
+    key: &Bytes,
+) -> AppResult<(Option<GradeContent>, u64, Option<Versioned<GradeNotice>>)> {
+    let (mut grade, mut sversion, mut notice) = (None, 0, None);
+    for kv in db
+        .client()
+        .batch_get([skey.clone(), key.clone()], ReadConsistency::Strong)
+        .await?
+    {
+        if kv.key == *skey {
+            grade = decode::<SubmissionGrade>(&kv.key, &kv.value)?.grade;
+            sversion = kv.version;
+        } else if kv.key == *key {
+            notice = Some(Versioned {
+                value: decode(&kv.key, &kv.value)?,
+                version: kv.version,
+            });
+        }
+    }
+    Ok((grade, sversion, notice))
 }
 
 /// Writes job `jid`'s notification for `uid`; the key is fixed per

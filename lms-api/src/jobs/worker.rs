@@ -90,6 +90,7 @@ pub async fn run_task(db: &Db, l: &Leased) -> Result<(), (String, Failure)> {
                 job = l.job.id,
                 notified = report.notified,
                 already = report.already,
+                ungraded = report.ungraded,
                 "grade notices"
             );
             Ok(())

@@ -11,8 +11,10 @@ use std::time::Duration;
 use common::{next_link, Api, Resp};
 use lms_api::accounts;
 use lms_api::db::Cas;
+use lms_api::error::AppError;
+use lms_api::jobs::notices::{self, Graded};
 use lms_api::keys;
-use lms_api::model::{EmailClaim, GradeNotice, Notification, Role};
+use lms_api::model::{Assignment, EmailClaim, GradeNotice, Notification, Role, SubmissionGrade};
 use lmskv_client::ReadConsistency;
 use lmskv_tests::{phase, wait_for};
 use reqwest::Method;
@@ -1649,6 +1651,122 @@ async fn publishing_grades_again_notifies_only_new_and_changed_grades() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grade_read_before_a_regrade_never_replaces_the_newer_notice() {
+    let api = Api::start().await;
+    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+    let cid = api.course(&t, "C", 10).await;
+    let aid = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments"),
+            &t,
+            json!({"title": "Essay", "max_points": 100}),
+        )
+        .await
+        .expect(201)
+        .body["id"]
+        .as_u64()
+        .unwrap();
+    let mut students = Vec::new();
+    for i in 0..2 {
+        let (sid, s) = api
+            .user_with_role(&format!("s{i}@t.io"), "S", Role::Student)
+            .await;
+        api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+            .await
+            .expect(201);
+        api.post(
+            &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions"),
+            &s,
+            json!({"body": "my essay"}),
+        )
+        .await
+        .expect(201);
+        students.push(sid);
+    }
+    let (s0, s1) = (students[0], students[1]);
+    let grade = |sid: u64, score: f64, feedback: &'static str| {
+        let (api, t) = (&api, &t);
+        async move {
+            api.call(
+                Method::PUT,
+                &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}/grade"),
+                Some(t),
+                Some(json!({"score": score, "feedback": feedback})),
+            )
+            .await
+            .expect(200);
+        }
+    };
+    let db = &api.st.db;
+    let a = db
+        .get::<Assignment>(keys::assignment(cid, aid), ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .expect("assignment")
+        .value;
+    // What a job's scan reads of a student's submission.
+    let scan = |sid: u64| async move {
+        let s = db
+            .get::<SubmissionGrade>(keys::submission(cid, aid, sid), ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .expect("submission");
+        Graded {
+            student_id: sid,
+            grade: s.value.grade.expect("graded"),
+            version: s.version,
+        }
+    };
+    let notice = |sid: u64| async move {
+        db.get::<GradeNotice>(keys::grade_notice(cid, aid, sid), ReadConsistency::Strong)
+            .await
+            .unwrap()
+    };
+    // Jobs that scanned before the regrade and claim only after it (no
+    // record: as if dead-lettered since).
+    let (stale0, stale1) = (999_001, 999_002);
+
+    phase!("a stale grade read does not replace the notice of a newer, notified grade");
+    grade(s0, 80.0, "good").await;
+    let old = scan(s0).await;
+    assert!(notice(s0).await.is_none());
+    grade(s0, 90.0, "better").await;
+    let newer = publish(&api, &t, cid, aid).await;
+    assert_eq!(notification_ids(&api, s0).await, [newer]);
+    // The stale job read no notice, and the grade 80 of the submission's
+    // older version: its claim must fail on the submission, and the current
+    // grade (90) was notified by `newer`.
+    let out = notices::notify_student(db, stale0, &a, old, None)
+        .await
+        .unwrap();
+    assert_eq!(out, notices::Outcome::Already);
+    let n = notice(s0).await.expect("s0's notice");
+    assert_eq!(n.value.job_id, newer);
+    assert!(n.value.is_of(&scan(s0).await.grade), "{n:?}");
+    assert_eq!(notification_ids(&api, s0).await, [newer]);
+    publish(&api, &t, cid, aid).await;
+    assert_eq!(notification_ids(&api, s0).await, [newer]);
+
+    phase!("a stale grade read notifies the current grade, once");
+    grade(s1, 50.0, "").await;
+    let old = scan(s1).await;
+    grade(s1, 60.0, "regraded").await;
+    let out = notices::notify_student(db, stale1, &a, old, None)
+        .await
+        .unwrap();
+    assert_eq!(out, notices::Outcome::Notified);
+    let n = notice(s1).await.expect("s1's notice");
+    assert_eq!(n.value.job_id, stale1);
+    assert!(n.value.is_of(&scan(s1).await.grade), "{n:?}");
+    assert_eq!(notification_ids(&api, s1).await, [stale1]);
+    // Of the current grade: a publish does not notify it again (the claim's
+    // job is gone, but its notification is there).
+    publish(&api, &t, cid, aid).await;
+    assert_eq!(notification_ids(&api, s1).await, [stale1]);
+    assert_eq!(notification_ids(&api, s0).await, [newer]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_whose_user_write_failed_can_be_retried_at_once() {
     let api = Api::start().await;
     let register = |email: &'static str| {
@@ -1664,9 +1782,12 @@ async fn a_registration_whose_user_write_failed_can_be_retried_at_once() {
         }
     };
 
-    phase!("a user write the store refuses releases the e-mail claim");
-    // A name of over 1 MiB makes the user record larger than lmskv takes:
-    // the claim is written, the user write is refused (nothing applied).
+    phase!("a user write the client refuses before sending releases the e-mail claim");
+    // A name of over 1 MiB makes the user record larger than lmskv's value
+    // limit (1 MiB): the claim is written, then the client's own size check
+    // refuses the user write before sending it (ClientError::InvalidArgument),
+    // so nothing reached the store and the claim is released. A refusal by
+    // a node would keep the claim (the write may have landed).
     let err = accounts::create_user(
         &api.st,
         "Again@t.io",
@@ -1676,7 +1797,10 @@ async fn a_registration_whose_user_write_failed_can_be_retried_at_once() {
     )
     .await
     .expect_err("the user record is too large");
-    assert!(!accounts::write_may_have_landed(&err), "{err:?}");
+    assert!(
+        matches!(&err, AppError::Internal(m) if m.starts_with("invalid argument `value`: value is")),
+        "refused by the client's size check: {err:?}"
+    );
     let claim = api
         .st
         .db
