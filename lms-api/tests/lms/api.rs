@@ -1528,53 +1528,81 @@ async fn notification_ids(api: &Api, uid: u64) -> Vec<u64> {
         .collect()
 }
 
+/// The setup of the grade-notice tests: a teacher's course with one
+/// assignment ("Essay", 100 points) that every one of its students, each
+/// enrolled, has submitted.
+struct EssayCourse {
+    /// The teacher's access token.
+    teacher: String,
+    cid: u64,
+    aid: u64,
+    /// The students' ids, of `s0@t.io`, `s1@t.io`, … in that order.
+    students: Vec<u64>,
+}
+
+impl EssayCourse {
+    /// Creates the teacher `t@t.io`, the course, the assignment and
+    /// `students` students, each enrolled and with a submission.
+    async fn new(api: &Api, students: usize) -> EssayCourse {
+        let (_, teacher) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
+        let cid = api.course(&teacher, "C", 10).await;
+        let aid = api
+            .post(
+                &format!("/api/v1/courses/{cid}/assignments"),
+                &teacher,
+                json!({"title": "Essay", "max_points": 100}),
+            )
+            .await
+            .expect(201)
+            .body["id"]
+            .as_u64()
+            .unwrap();
+        let mut ids = Vec::new();
+        for i in 0..students {
+            let (sid, s) = api
+                .user_with_role(&format!("s{i}@t.io"), "S", Role::Student)
+                .await;
+            api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
+                .await
+                .expect(201);
+            api.post(
+                &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions"),
+                &s,
+                json!({"body": "my essay"}),
+            )
+            .await
+            .expect(201);
+            ids.push(sid);
+        }
+        EssayCourse {
+            teacher,
+            cid,
+            aid,
+            students: ids,
+        }
+    }
+
+    /// Grades student `sid`'s submission as the teacher.
+    async fn grade(&self, api: &Api, sid: u64, score: f64, feedback: &str) {
+        let (cid, aid) = (self.cid, self.aid);
+        api.call(
+            Method::PUT,
+            &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}/grade"),
+            Some(&self.teacher),
+            Some(json!({"score": score, "feedback": feedback})),
+        )
+        .await
+        .expect(200);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_grades_again_notifies_only_new_and_changed_grades() {
     let api = Api::start().await;
-    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
-    let cid = api.course(&t, "C", 10).await;
-    let aid = api
-        .post(
-            &format!("/api/v1/courses/{cid}/assignments"),
-            &t,
-            json!({"title": "Essay", "max_points": 100}),
-        )
-        .await
-        .expect(201)
-        .body["id"]
-        .as_u64()
-        .unwrap();
-    let mut students = Vec::new();
-    for i in 0..3 {
-        let (sid, s) = api
-            .user_with_role(&format!("s{i}@t.io"), "S", Role::Student)
-            .await;
-        api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
-            .await
-            .expect(201);
-        api.post(
-            &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions"),
-            &s,
-            json!({"body": "my essay"}),
-        )
-        .await
-        .expect(201);
-        students.push(sid);
-    }
-    let (s0, s1, s2) = (students[0], students[1], students[2]);
-    let grade = |sid: u64, score: f64, feedback: &'static str| {
-        let (api, t) = (&api, &t);
-        async move {
-            api.call(
-                Method::PUT,
-                &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}/grade"),
-                Some(t),
-                Some(json!({"score": score, "feedback": feedback})),
-            )
-            .await
-            .expect(200);
-        }
-    };
+    let c = EssayCourse::new(&api, 3).await;
+    let (t, cid, aid) = (c.teacher.clone(), c.cid, c.aid);
+    let (s0, s1, s2) = (c.students[0], c.students[1], c.students[2]);
+    let grade = |sid: u64, score: f64, feedback: &'static str| c.grade(&api, sid, score, feedback);
     let counts = || async {
         let mut out = Vec::new();
         for sid in [s0, s1, s2] {
@@ -1653,50 +1681,10 @@ async fn publishing_grades_again_notifies_only_new_and_changed_grades() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grade_read_before_a_regrade_never_replaces_the_newer_notice() {
     let api = Api::start().await;
-    let (_, t) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
-    let cid = api.course(&t, "C", 10).await;
-    let aid = api
-        .post(
-            &format!("/api/v1/courses/{cid}/assignments"),
-            &t,
-            json!({"title": "Essay", "max_points": 100}),
-        )
-        .await
-        .expect(201)
-        .body["id"]
-        .as_u64()
-        .unwrap();
-    let mut students = Vec::new();
-    for i in 0..2 {
-        let (sid, s) = api
-            .user_with_role(&format!("s{i}@t.io"), "S", Role::Student)
-            .await;
-        api.post(&format!("/api/v1/courses/{cid}/enrollments"), &s, json!({}))
-            .await
-            .expect(201);
-        api.post(
-            &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions"),
-            &s,
-            json!({"body": "my essay"}),
-        )
-        .await
-        .expect(201);
-        students.push(sid);
-    }
-    let (s0, s1) = (students[0], students[1]);
-    let grade = |sid: u64, score: f64, feedback: &'static str| {
-        let (api, t) = (&api, &t);
-        async move {
-            api.call(
-                Method::PUT,
-                &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}/grade"),
-                Some(t),
-                Some(json!({"score": score, "feedback": feedback})),
-            )
-            .await
-            .expect(200);
-        }
-    };
+    let c = EssayCourse::new(&api, 2).await;
+    let (t, cid, aid) = (c.teacher.clone(), c.cid, c.aid);
+    let (s0, s1) = (c.students[0], c.students[1]);
+    let grade = |sid: u64, score: f64, feedback: &'static str| c.grade(&api, sid, score, feedback);
     let db = &api.st.db;
     let a = db
         .get::<Assignment>(keys::assignment(cid, aid), ReadConsistency::Strong)
