@@ -68,8 +68,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts three `lmskv-node` processes that form a cluster through `--join`.
-    pub async fn start_lmskv(node_bin: &Path) -> anyhow::Result<Cluster> {
+    /// Starts three `lmskv-node` processes that form a cluster through `--join`,
+    /// configured by [`LMSKV_BENCH_CONFIG`] and then `config_extra`.
+    pub async fn start_lmskv(node_bin: &Path, config_extra: &str) -> anyhow::Result<Cluster> {
         if !node_bin.exists() {
             bail!("{} not found: build lmskv-node first", node_bin.display());
         }
@@ -89,7 +90,7 @@ impl Cluster {
         };
         let worker_threads = lmskv_worker_threads();
         let config = c.dir.path().join("node.toml");
-        std::fs::write(&config, LMSKV_BENCH_CONFIG)?;
+        std::fs::write(&config, format!("{LMSKV_BENCH_CONFIG}{config_extra}"))?;
         for (i, addr) in endpoints.iter().enumerate() {
             let id = i + 1;
             let log = c.dir.path().join(format!("node-{id}.log"));

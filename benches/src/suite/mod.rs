@@ -57,6 +57,9 @@ pub struct SuiteConfig {
     pub perf_clients: Option<usize>,
     /// Free text about the machine for the report.
     pub machine_note: Option<String>,
+    /// Extra lines for the lmskv nodes' configuration file, after
+    /// [`cluster::LMSKV_BENCH_CONFIG`] (`BENCH_LMSKV_CONFIG`).
+    pub lmskv_config_extra: String,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -64,6 +67,20 @@ fn env_or(name: &str, default: &str) -> String {
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| default.to_string())
+}
+
+/// The extra lmskv config lines of `BENCH_LMSKV_CONFIG` (`;` between
+/// lines), checked to parse as TOML so that a typo fails before any run.
+fn lmskv_config_extra(v: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for line in v.split(';').map(str::trim).filter(|l| !l.is_empty()) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    let full = format!("{}{out}", cluster::LMSKV_BENCH_CONFIG);
+    full.parse::<toml::Table>()
+        .with_context(|| format!("BENCH_LMSKV_CONFIG is not valid TOML: {full:?}"))?;
+    Ok(out)
 }
 
 fn parse_list<T>(name: &str, v: &str, f: impl Fn(&str) -> Option<T>) -> anyhow::Result<Vec<T>> {
@@ -100,6 +117,7 @@ impl SuiteConfig {
     /// | `BENCH_ETCD` | `etcd` on `PATH` | the etcd server program |
     /// | `BENCH_PERF_CLIENTS` | unset | profile lmskv under put at this many clients |
     /// | `BENCH_MACHINE_NOTE` | unset | text about the machine for the report |
+    /// | `BENCH_LMSKV_CONFIG` | unset | extra TOML lines for the lmskv nodes' config, `;` between lines (e.g. `write_buffer_bytes = 8388608`) |
     pub fn from_env() -> anyhow::Result<SuiteConfig> {
         let targets = parse_list(
             "BENCH_TARGETS",
@@ -194,6 +212,9 @@ impl SuiteConfig {
             machine_note: std::env::var("BENCH_MACHINE_NOTE")
                 .ok()
                 .filter(|s| !s.trim().is_empty()),
+            lmskv_config_extra: lmskv_config_extra(
+                &std::env::var("BENCH_LMSKV_CONFIG").unwrap_or_default(),
+            )?,
         })
     }
 
@@ -444,7 +465,11 @@ pub async fn run(cfg: SuiteConfig) -> anyhow::Result<()> {
         for t in &cfg.targets {
             let c = match t {
                 TargetKind::Lmskv => {
-                    let mut c = Cluster::start_lmskv(&cfg.bin_dir.join("lmskv-node")).await?;
+                    let mut c = Cluster::start_lmskv(
+                        &cfg.bin_dir.join("lmskv-node"),
+                        &cfg.lmskv_config_extra,
+                    )
+                    .await?;
                     let started = std::time::Instant::now();
                     if c.wait_leaders_spread(cfg.settle).await? {
                         eprintln!(

@@ -316,9 +316,13 @@ impl Summary {
              first run once its placement has spread the range leaders over the nodes \
              (waiting up to {:?}), so that no leader moves during a run",
             super::cluster::lmskv_worker_threads(),
-            super::cluster::LMSKV_BENCH_CONFIG
-                .trim()
-                .replace('\n', "; "),
+            format!(
+                "{}{}",
+                super::cluster::LMSKV_BENCH_CONFIG,
+                cfg.lmskv_config_extra
+            )
+            .trim()
+            .replace('\n', "; "),
             cfg.settle
         );
         let _ = writeln!(
