@@ -104,7 +104,7 @@ impl Default for FileConfig {
             read_timeout_ms: 5_000,
             dedup_window_s: 600,
             block_cache_bytes: 128 << 20,
-            write_buffer_bytes: 32 << 20,
+            write_buffer_bytes: 8 << 20,
             log_cache_bytes: 256 << 20,
             inflight_requests_max: 10_000,
             proposals_in_flight_max: crate::raft::proposals::PROPOSALS_IN_FLIGHT_MAX,
