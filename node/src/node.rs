@@ -113,6 +113,10 @@ const RECOVERY_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Peers and leader hints one check follows at most.
 const RECOVERY_TARGETS_MAX: usize = 8;
 
+/// Ranges whose snapshot may cover their span before a split, with the
+/// times they were marked (see [`Node::rebuild_stale_snapshots`]).
+type StaleSnapshots = Arc<Mutex<HashMap<u64, u64>>>;
+
 /// A running storage node.
 pub struct Node {
     pub(crate) cfg: NodeConfig,
@@ -123,6 +127,11 @@ pub struct Node {
     identity: Mutex<Identity>,
     create_lock: tokio::sync::Mutex<()>,
     split_tx: mpsc::Sender<(u64, u64)>,
+    /// Ranges whose newest snapshot may still cover their span before a
+    /// split, each with a count of the splits (or findings) that marked it:
+    /// each reconcile tick asks them to rebuild it until it covers the new
+    /// span (at most one entry per local range).
+    stale_snapshots: StaleSnapshots,
     meta_leader_addr: Mutex<Option<String>>,
     served_since: Mutex<Instant>,
     /// The data column family's SST bytes at the last stats round, and per
@@ -291,6 +300,7 @@ impl Node {
             identity: Mutex::new(me),
             create_lock: tokio::sync::Mutex::new(()),
             split_tx,
+            stale_snapshots: StaleSnapshots::default(),
             meta_leader_addr: Mutex::new(None),
             served_since: Mutex::new(Instant::now()),
             span_sizes: Mutex::new((0, std::collections::HashMap::new())),
@@ -326,7 +336,10 @@ impl Node {
             })
         }));
         tokio::spawn(Self::open_split_ranges(Arc::downgrade(&node), split_rx));
-        tokio::spawn(Self::rebuild_stale_snapshots(node.replicas.all()));
+        tokio::spawn(Self::find_stale_snapshots(
+            node.replicas.all(),
+            node.stale_snapshots.clone(),
+        ));
         Ok(node)
     }
 
@@ -416,7 +429,11 @@ impl Node {
             return Err(Error::RangeNotFound { range_id });
         }
         let tx = self.split_tx.clone();
+        let stale = self.stale_snapshots.clone();
         let hook = Arc::new(move |new_id: u64| {
+            // The range's snapshot covers its span before the split until it
+            // is rebuilt; the reconcile tick sees to it if nothing else does.
+            *stale.lock().unwrap().entry(range_id).or_default() += 1;
             if tx.try_send((range_id, new_id)).is_err() {
                 tracing::warn!(
                     range_id,
@@ -439,12 +456,12 @@ impl Node {
         Ok(r)
     }
 
-    /// Rebuilds the snapshot of each of `replicas` that still covers its
-    /// span before a split: the rebuild that follows a split (see
+    /// Marks for a rebuild the snapshot of each of `replicas` that still
+    /// covers its span before a split: the rebuild that follows a split (see
     /// [`RangeReplica::snapshot_after_split`]) does not survive a restart,
     /// and until it is done a node that holds the other half refuses the
     /// snapshot, so the range could not gain a replica there.
-    async fn rebuild_stale_snapshots(replicas: Vec<Arc<RangeReplica>>) {
+    async fn find_stale_snapshots(replicas: Vec<Arc<RangeReplica>>, stale: StaleSnapshots) {
         for r in replicas {
             let check = r.clone();
             let differs = tokio::task::spawn_blocking(move || check.snapshot_span_differs())
@@ -455,7 +472,51 @@ impl Node {
                     range_id = r.range_id(),
                     "the range's snapshot covers its span before a split; rebuilding it"
                 );
-                tokio::spawn(async move { r.snapshot_after_split().await });
+                *stale.lock().unwrap().entry(r.range_id()).or_default() += 1;
+                Self::rebuild_snapshot(r, stale.clone());
+            }
+        }
+    }
+
+    /// Rebuilds `r`'s snapshot for its span, and drops the range from
+    /// `stale` once that is done, unless a split marked it again meanwhile
+    /// (a call while another runs does nothing).
+    fn rebuild_snapshot(r: Arc<RangeReplica>, stale: StaleSnapshots) {
+        tokio::spawn(async move {
+            let id = r.range_id();
+            let marked = stale.lock().unwrap().get(&id).copied();
+            if r.snapshot_after_split().await {
+                let mut stale = stale.lock().unwrap();
+                if stale.get(&id).copied() == marked {
+                    stale.remove(&id);
+                }
+            }
+        });
+    }
+
+    /// Asks each range of `stale_snapshots` to rebuild its snapshot; drops
+    /// those no longer on this node.
+    fn rebuild_stale_snapshots(&self) {
+        let ids: Vec<u64> = self
+            .stale_snapshots
+            .lock()
+            .unwrap()
+            .keys()
+            .copied()
+            .collect();
+        for id in ids {
+            match self.replicas.get(id) {
+                Ok(r) => Self::rebuild_snapshot(r, self.stale_snapshots.clone()),
+                Err(_) => {
+                    let here = self
+                        .engine
+                        .local_range_ids()
+                        .map(|ids| ids.contains(&id))
+                        .unwrap_or(true);
+                    if !here {
+                        self.stale_snapshots.lock().unwrap().remove(&id);
+                    }
+                }
             }
         }
     }
@@ -478,7 +539,7 @@ impl Node {
                             // The left range's current snapshot still covers
                             // the old span; new members need one of the new.
                             if let Ok(l) = n.replicas.get(left) {
-                                tokio::spawn(async move { l.snapshot_after_split().await });
+                                Self::rebuild_snapshot(l, n.stale_snapshots.clone());
                             }
                         }
                         Err(e) => tracing::warn!(left, right, error = %e, "cannot open split range"),
@@ -486,6 +547,7 @@ impl Node {
                 }
                 _ = tick.tick() => {
                     let Some(n) = node.upgrade() else { return };
+                    n.rebuild_stale_snapshots();
                     if let Ok(ids) = n.engine.local_range_ids() {
                         for id in ids {
                             if n.replicas.get(id).is_err() {

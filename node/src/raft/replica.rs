@@ -330,6 +330,10 @@ pub struct RangeReplica {
     users: AtomicUsize,
     /// Set by `shutdown`: the group is never loaded again.
     closed: AtomicBool,
+    /// Set while [`RangeReplica::snapshot_after_split`] runs, so that its
+    /// callers (the split, the node's start, the reconcile tick) do not
+    /// run two at once.
+    snapshot_rebuilding: AtomicBool,
     reopen: Reopen,
     engine: Arc<Engine>,
     tuning: RaftTuning,
@@ -534,6 +538,7 @@ impl RangeReplica {
             lifecycle: tokio::sync::Mutex::new(()),
             users: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            snapshot_rebuilding: AtomicBool::new(false),
             reopen,
             engine,
             tuning,
@@ -1866,22 +1871,37 @@ impl RangeReplica {
     /// ignores a trigger while a build runs (one that may have started
     /// before the split), so this asks again, once a second, until the
     /// current snapshot covers the new span or [`SPLIT_SNAPSHOT_TRIES`]
-    /// tries pass.
-    pub async fn snapshot_after_split(&self) {
+    /// tries pass. Returns whether the snapshot covers the span (or the
+    /// replica is closed); `false` also when another call is running.
+    pub async fn snapshot_after_split(&self) -> bool {
+        if self.snapshot_rebuilding.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        let done = self.rebuild_snapshot_for_span().await;
+        self.snapshot_rebuilding.store(false, Ordering::SeqCst);
+        done
+    }
+
+    /// The body of [`RangeReplica::snapshot_after_split`]: whether the
+    /// snapshot covers the span (or the replica is closed) when it returns.
+    async fn rebuild_snapshot_for_span(&self) -> bool {
         for _ in 0..SPLIT_SNAPSHOT_TRIES {
+            if self.closed.load(Ordering::SeqCst) {
+                return true;
+            }
             {
                 let Ok(raft) = self.raft().await else {
-                    return;
+                    return false;
                 };
                 let Ok(current) = raft.get_snapshot().await else {
-                    return;
+                    return false;
                 };
                 let m = self.meta();
                 let fits = current
                     .and_then(|s| super::state_machine::snapshot_meta(&s.snapshot.path).ok())
                     .is_some_and(|span| span.start == m.start && span.end == m.end);
                 if fits {
-                    return;
+                    return true;
                 }
                 if let Err(e) = raft.trigger().snapshot().await {
                     tracing::debug!(range_id = self.range_id, error = %e, "snapshot trigger");
@@ -1891,8 +1911,9 @@ impl RangeReplica {
         }
         tracing::warn!(
             range_id = self.range_id,
-            "the range's snapshot still covers its span before the split"
+            "the range's snapshot still covers its span before the split; trying again later"
         );
+        false
     }
 
     /// Whether the replica's newest snapshot covers another span than the
@@ -2540,8 +2561,15 @@ pub(crate) mod tests {
             r.snapshot_span_differs(),
             "the snapshot from before the split still covers the old span"
         );
-        r.snapshot_after_split().await;
+        // A second caller while one rebuild runs leaves it to that one.
+        let (first, second) = tokio::join!(r.snapshot_after_split(), async {
+            tokio::task::yield_now().await;
+            r.snapshot_after_split().await
+        });
+        assert!(first, "the rebuild reports the snapshot covers the span");
+        assert!(!second, "a second rebuild ran beside the first");
         assert!(!r.snapshot_span_differs(), "rebuilt for the new span");
+        assert!(r.snapshot_after_split().await, "nothing left to rebuild");
     }
 
     /// A learner left outside the voter set (by a change that did not

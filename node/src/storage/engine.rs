@@ -22,6 +22,10 @@ use super::StorageError;
 /// Most memtable entries one [`Engine::approximate_span_size`] counts.
 pub const MEMTABLE_MEASURE_MAX: usize = 20_000;
 
+/// Memtables a column family keeps at most, the one written included
+/// (RocksDB's default is 2).
+const MEMTABLES_MAX: i32 = 4;
+
 /// Share of a memtable's size given to its whole-key bloom filter (data and
 /// range-state column families).
 const MEMTABLE_BLOOM_RATIO: f64 = 0.05;
@@ -180,6 +184,10 @@ impl Engine {
             let mut o = Options::default();
             o.set_block_based_table_factory(&block);
             o.set_write_buffer_size(opts.write_buffer_bytes);
+            // Full memtables that wait for a flush before writes stall: a
+            // small memtable fills in well under a second under load, so
+            // a slow flush gets more room than RocksDB's one spare.
+            o.set_max_write_buffer_number(MEMTABLES_MAX);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             o.set_paranoid_checks(true);
             if *name == keys::CF_RANGE_STATE || *name == keys::CF_DATA {
