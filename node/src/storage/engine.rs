@@ -98,7 +98,7 @@ pub struct EngineOptions {
     /// Memtable size per column family, in bytes. Every replica inserts
     /// each written key into a skiplist whose search deepens with its
     /// entries (old versions included); with 8 MiB a 3-node cluster on one
-    /// host took 8-10% more puts/s at 256 clients than with 32 MiB
+    /// host took 3-10% more puts/s at 256 clients than with 32 MiB
     /// (bench/findings.md).
     pub write_buffer_bytes: usize,
     /// Bytes of recent Raft log entries the ranges keep in memory together
