@@ -576,7 +576,7 @@ pub async fn handle_heartbeat(
             let Some(d) = &r.descriptor else { continue };
             let limit = node.cfg.file.split_qps;
             let hot = limit > 0.0 && r.qps > limit;
-            if !hot && r.size_bytes <= node.cfg.file.split_size_bytes {
+            if split_backoff_ends(r.qps, r.size_bytes, limit, node.cfg.file.split_size_bytes) {
                 // No longer a split candidate: should it become one again,
                 // its first try is not held back by old failures.
                 st.split_retry.remove(&d.range_id);
@@ -1489,6 +1489,18 @@ fn start_op(node: &Arc<Node>, op: PendingOp) -> bool {
     true
 }
 
+/// Whether a range's leader report (`qps`, `size_bytes`) ends the backoff
+/// of its failed automatic splits: only once it is well below both split
+/// limits (half the qps limit, nine tenths of the size), so that a report
+/// that dips just below them (bursty load, a size estimate that moves with
+/// flushes) does not make a range that cannot split (one row of
+/// `split_rows`) be tried again at once.
+fn split_backoff_ends(qps: f64, size_bytes: u64, qps_limit: f64, size_limit: u64) -> bool {
+    let calm = qps_limit <= 0.0 || qps <= qps_limit / 2.0;
+    let small = size_bytes <= size_limit / 10 * 9;
+    calm && small
+}
+
 /// How long a range waits after its `failures`-th failed automatic split
 /// in a row before the driver tries it again: 1 s, doubling, at most
 /// [`SPLIT_RETRY_WAIT_MAX`].
@@ -2100,6 +2112,18 @@ mod tests {
         let waits: Vec<u64> = (1..=7).map(|n| change_retry_wait(n).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 8, 8, 8]);
         assert_eq!(change_retry_wait(u32::MAX), CHANGE_RETRY_WAIT_MAX);
+    }
+
+    #[test]
+    fn a_failed_split_backs_off_until_the_range_is_well_below_the_limits() {
+        let mib = 1 << 20;
+        // Just below a limit keeps the backoff; well below both ends it.
+        assert!(!split_backoff_ends(2_400.0, mib, 2_500.0, 64 * mib));
+        assert!(!split_backoff_ends(100.0, 63 * mib, 2_500.0, 64 * mib));
+        assert!(split_backoff_ends(1_000.0, 50 * mib, 2_500.0, 64 * mib));
+        // Load splits off: only the size counts.
+        assert!(split_backoff_ends(1e9, mib, 0.0, 64 * mib));
+        assert!(!split_backoff_ends(0.0, 64 * mib, 0.0, 64 * mib));
     }
 
     #[test]
