@@ -504,16 +504,20 @@ impl Node {
             .keys()
             .copied()
             .collect();
+        // The ranges on disk, listed once per tick and only when needed
+        // (`None` when the listing failed: then every mark is kept).
+        let mut local: Option<Option<Vec<u64>>> = None;
         for id in ids {
             match self.replicas.get(id) {
                 Ok(r) => Self::rebuild_snapshot(r, self.stale_snapshots.clone()),
                 Err(_) => {
-                    let here = self
-                        .engine
-                        .local_range_ids()
-                        .map(|ids| ids.contains(&id))
-                        .unwrap_or(true);
-                    if !here {
+                    let local = local.get_or_insert_with(|| {
+                        self.engine
+                            .local_range_ids()
+                            .inspect_err(|e| tracing::warn!(error = %e, "cannot list local ranges"))
+                            .ok()
+                    });
+                    if local.as_ref().is_some_and(|l| !l.contains(&id)) {
                         self.stale_snapshots.lock().unwrap().remove(&id);
                     }
                 }

@@ -1871,41 +1871,50 @@ impl RangeReplica {
     /// ignores a trigger while a build runs (one that may have started
     /// before the split), so this asks again, once a second, until the
     /// current snapshot covers the new span or [`SPLIT_SNAPSHOT_TRIES`]
-    /// tries pass. Returns whether the snapshot covers the span (or the
-    /// replica is closed); `false` also when another call is running.
+    /// tries pass. Returns whether the snapshot covers the span; `false`
+    /// also when the replica is closed or another call is running.
     pub async fn snapshot_after_split(&self) -> bool {
+        /// Clears the flag however the rebuild ends.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
         if self.snapshot_rebuilding.swap(true, Ordering::SeqCst) {
             return false;
         }
-        let done = self.rebuild_snapshot_for_span().await;
-        self.snapshot_rebuilding.store(false, Ordering::SeqCst);
-        done
+        let _running = Running(&self.snapshot_rebuilding);
+        self.rebuild_snapshot_for_span().await
     }
 
     /// The body of [`RangeReplica::snapshot_after_split`]: whether the
-    /// snapshot covers the span (or the replica is closed) when it returns.
+    /// snapshot covers the span when it returns. The group is held in use
+    /// throughout, so it does not park while its build runs: a later load
+    /// clears the build's temporary file.
     async fn rebuild_snapshot_for_span(&self) -> bool {
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        let Ok(raft) = self.raft().await else {
+            return false;
+        };
         for _ in 0..SPLIT_SNAPSHOT_TRIES {
             if self.closed.load(Ordering::SeqCst) {
+                return false;
+            }
+            let Ok(current) = raft.get_snapshot().await else {
+                return false;
+            };
+            let m = self.meta();
+            let fits = current
+                .and_then(|s| super::state_machine::snapshot_meta(&s.snapshot.path).ok())
+                .is_some_and(|span| span.start == m.start && span.end == m.end);
+            if fits {
                 return true;
             }
-            {
-                let Ok(raft) = self.raft().await else {
-                    return false;
-                };
-                let Ok(current) = raft.get_snapshot().await else {
-                    return false;
-                };
-                let m = self.meta();
-                let fits = current
-                    .and_then(|s| super::state_machine::snapshot_meta(&s.snapshot.path).ok())
-                    .is_some_and(|span| span.start == m.start && span.end == m.end);
-                if fits {
-                    return true;
-                }
-                if let Err(e) = raft.trigger().snapshot().await {
-                    tracing::debug!(range_id = self.range_id, error = %e, "snapshot trigger");
-                }
+            if let Err(e) = raft.trigger().snapshot().await {
+                tracing::debug!(range_id = self.range_id, error = %e, "snapshot trigger");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
