@@ -495,8 +495,9 @@ impl Node {
     }
 
     /// Asks each range of `stale_snapshots` to rebuild its snapshot; drops
-    /// those no longer on this node.
-    fn rebuild_stale_snapshots(&self) {
+    /// those not among `local` (the ranges on disk; `None` when they could
+    /// not be listed: then every mark is kept).
+    fn rebuild_stale_snapshots(&self, local: Option<&[u64]>) {
         let ids: Vec<u64> = self
             .stale_snapshots
             .lock()
@@ -504,20 +505,11 @@ impl Node {
             .keys()
             .copied()
             .collect();
-        // The ranges on disk, listed once per tick and only when needed
-        // (`None` when the listing failed: then every mark is kept).
-        let mut local: Option<Option<Vec<u64>>> = None;
         for id in ids {
             match self.replicas.get(id) {
                 Ok(r) => Self::rebuild_snapshot(r, self.stale_snapshots.clone()),
                 Err(_) => {
-                    let local = local.get_or_insert_with(|| {
-                        self.engine
-                            .local_range_ids()
-                            .inspect_err(|e| tracing::warn!(error = %e, "cannot list local ranges"))
-                            .ok()
-                    });
-                    if local.as_ref().is_some_and(|l| !l.contains(&id)) {
+                    if local.is_some_and(|l| !l.contains(&id)) {
                         self.stale_snapshots.lock().unwrap().remove(&id);
                     }
                 }
@@ -551,8 +543,9 @@ impl Node {
                 }
                 _ = tick.tick() => {
                     let Some(n) = node.upgrade() else { return };
-                    n.rebuild_stale_snapshots();
-                    if let Ok(ids) = n.engine.local_range_ids() {
+                    let local = n.engine.local_range_ids();
+                    n.rebuild_stale_snapshots(local.as_deref().ok());
+                    if let Ok(ids) = local {
                         for id in ids {
                             if n.replicas.get(id).is_err() {
                                 if let Err(e) = n.open_replica(id).await {

@@ -48,6 +48,12 @@ fn free_port() -> anyhow::Result<u16> {
 /// and move leaders in the middle of a run. etcd is one Raft group too.
 pub const LMSKV_BENCH_CONFIG: &str = "split_qps = 0.0\n";
 
+/// The lmskv nodes' whole configuration file: [`LMSKV_BENCH_CONFIG`], then
+/// `extra` (lines ending in a newline).
+pub fn lmskv_config(extra: &str) -> String {
+    format!("{LMSKV_BENCH_CONFIG}{extra}")
+}
+
 /// Worker threads of each lmskv node: the host's cores shared among the
 /// members, at least one each (etcd keeps its default, one per core).
 pub fn lmskv_worker_threads() -> usize {
@@ -69,7 +75,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts three `lmskv-node` processes that form a cluster through `--join`,
-    /// configured by [`LMSKV_BENCH_CONFIG`] and then `config_extra`.
+    /// configured by [`lmskv_config`] of `config_extra`.
     pub async fn start_lmskv(node_bin: &Path, config_extra: &str) -> anyhow::Result<Cluster> {
         if !node_bin.exists() {
             bail!("{} not found: build lmskv-node first", node_bin.display());
@@ -90,7 +96,7 @@ impl Cluster {
         };
         let worker_threads = lmskv_worker_threads();
         let config = c.dir.path().join("node.toml");
-        std::fs::write(&config, format!("{LMSKV_BENCH_CONFIG}{config_extra}"))?;
+        std::fs::write(&config, lmskv_config(config_extra))?;
         for (i, addr) in endpoints.iter().enumerate() {
             let id = i + 1;
             let log = c.dir.path().join(format!("node-{id}.log"));

@@ -77,7 +77,7 @@ fn lmskv_config_extra(v: &str) -> anyhow::Result<String> {
         out.push_str(line);
         out.push('\n');
     }
-    let full = format!("{}{out}", cluster::LMSKV_BENCH_CONFIG);
+    let full = cluster::lmskv_config(&out);
     full.parse::<toml::Table>()
         .with_context(|| format!("BENCH_LMSKV_CONFIG is not valid TOML: {full:?}"))?;
     Ok(out)

@@ -316,13 +316,9 @@ impl Summary {
              first run once its placement has spread the range leaders over the nodes \
              (waiting up to {:?}), so that no leader moves during a run",
             super::cluster::lmskv_worker_threads(),
-            format!(
-                "{}{}",
-                super::cluster::LMSKV_BENCH_CONFIG,
-                cfg.lmskv_config_extra
-            )
-            .trim()
-            .replace('\n', "; "),
+            super::cluster::lmskv_config(&cfg.lmskv_config_extra)
+                .trim()
+                .replace('\n', "; "),
             cfg.settle
         );
         let _ = writeln!(
