@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use lmskv_proto::error::{Error, LeaderHint};
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::async_runtime::WatchReceiver;
@@ -326,6 +327,9 @@ pub struct RangeReplica {
     group: RwLock<Group>,
     /// Serialises parking and loading the group.
     lifecycle: tokio::sync::Mutex<()>,
+    /// The load of the parked group under way, shared by every caller
+    /// that needs the group meanwhile (see [`RangeReplica::load`]).
+    loading: Mutex<Option<SharedLoad>>,
     /// Calls holding the live group now.
     users: AtomicUsize,
     /// Set by `shutdown`: the group is never loaded again.
@@ -373,6 +377,19 @@ pub struct RangeReplica {
     entries_proposed: std::sync::atomic::AtomicU64,
     /// See [`ReplicaStatus::snapshots_not_installed`].
     snapshots_not_installed: std::sync::atomic::AtomicU64,
+}
+
+/// A parked group's load, awaited by every caller that needs the group
+/// while it runs.
+type SharedLoad = futures::future::Shared<futures::future::BoxFuture<'static, Result<Raft, Error>>>;
+
+/// Clears a replica's shared load when its task ends.
+struct LoadDone<'a>(&'a RangeReplica);
+
+impl Drop for LoadDone<'_> {
+    fn drop(&mut self) {
+        *self.0.loading.lock().expect("loading lock") = None;
+    }
 }
 
 /// A proposal slot held while a proposal is in flight; giving it up starts
@@ -536,6 +553,7 @@ impl RangeReplica {
             node_id,
             group: RwLock::new(Group::Live(raft)),
             lifecycle: tokio::sync::Mutex::new(()),
+            loading: Mutex::new(None),
             users: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             snapshot_rebuilding: AtomicBool::new(false),
@@ -648,14 +666,39 @@ impl RangeReplica {
     /// load dropped midway would leave its state machine's open (which
     /// clears the range's temporary snapshot files, and may resume an
     /// import) running outside the lifecycle lock, beside the next load's
-    /// group.
+    /// group. One load runs at a time, shared by every caller that comes
+    /// while it runs: callers that keep giving up on a slow load (one
+    /// waiting for an import) leave nothing queued behind it.
     async fn load(&self) -> Result<Raft, Error> {
-        let Some(me) = self.me.upgrade() else {
-            return Err(self.shut_down());
+        let shared = {
+            let mut slot = self.loading.lock().expect("loading lock");
+            match &*slot {
+                Some(load) => load.clone(),
+                None => {
+                    let Some(me) = self.me.upgrade() else {
+                        return Err(self.shut_down());
+                    };
+                    let range_id = self.range_id;
+                    let task = tokio::spawn(async move {
+                        // Cleared before the result is seen (also if the
+                        // load panics), so a caller that comes later starts
+                        // a load of its own (the group may have parked
+                        // again by then) instead of taking this one's group.
+                        let _done = LoadDone(&me);
+                        me.load_to_end().await
+                    });
+                    let load: SharedLoad = async move {
+                        task.await
+                            .map_err(|e| Error::internal(format!("range {range_id} load: {e}")))?
+                    }
+                    .boxed()
+                    .shared();
+                    *slot = Some(load.clone());
+                    load
+                }
+            }
         };
-        tokio::spawn(async move { me.load_to_end().await })
-            .await
-            .map_err(|e| Error::internal(format!("range {} load: {e}", self.range_id)))?
+        shared.await
     }
 
     async fn load_to_end(&self) -> Result<Raft, Error> {
@@ -2523,6 +2566,18 @@ pub(crate) mod tests {
         let gave_up = tokio::time::timeout(Duration::from_millis(300), r.raft()).await;
         assert!(gave_up.is_err(), "the load waits for the import");
         assert!(r.is_parked());
+        // Callers that come and give up while it waits join that load: no
+        // task (each holding the replica) is left queued per caller.
+        let holders = Arc::strong_count(&r);
+        for _ in 0..5 {
+            let gave_up = tokio::time::timeout(Duration::from_millis(50), r.raft()).await;
+            assert!(gave_up.is_err(), "the load still waits for the import");
+        }
+        assert_eq!(
+            Arc::strong_count(&r),
+            holders,
+            "callers that gave up left loads of their own behind"
+        );
         release_tx.send(()).unwrap();
         import.join().unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
