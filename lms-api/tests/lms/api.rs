@@ -89,18 +89,9 @@ async fn full_flow_register_to_export() {
         .expect(200);
     assert_eq!(mine.body[0]["course"]["id"], cid);
     assert_eq!(mine.body[0]["role"], "student");
-    let aid = api
-        .post(
-            &format!("/api/v1/courses/{cid}/assignments"),
-            &teacher,
-            json!({"title": "Linked list", "max_points": 100, "max_attempts": 2,
-                   "due_at": "2999-01-01T00:00:00Z"}),
-        )
-        .await
-        .expect(201)
-        .body["id"]
-        .as_u64()
-        .unwrap();
+    let linked_list = json!({"title": "Linked list", "max_points": 100, "max_attempts": 2,
+                             "due_at": "2999-01-01T00:00:00Z"});
+    let aid = api.assignment(&teacher, cid, linked_list).await;
 
     phase!("submit, resubmit, grade");
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
@@ -286,16 +277,8 @@ async fn every_role_is_refused_what_it_may_not_do() {
         .await
         .expect(201);
     let aid = api
-        .post(
-            &format!("/api/v1/courses/{cid}/assignments"),
-            &t1,
-            json!({"title": "A1", "max_points": 10}),
-        )
-        .await
-        .expect(201)
-        .body["id"]
-        .as_u64()
-        .unwrap();
+        .assignment(&t1, cid, json!({"title": "A1", "max_points": 10}))
+        .await;
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
     api.post(&sub, &s, json!({"body": "x"})).await.expect(201);
 
@@ -533,16 +516,8 @@ async fn students_cannot_reach_each_others_objects() {
         .expect(201);
     }
     let aid = api
-        .post(
-            &format!("/api/v1/courses/{cid}/assignments"),
-            &t,
-            json!({"title": "A", "max_points": 10}),
-        )
-        .await
-        .expect(201)
-        .body["id"]
-        .as_u64()
-        .unwrap();
+        .assignment(&t, cid, json!({"title": "A", "max_points": 10}))
+        .await;
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
     api.post(&sub, &ta, json!({"body": "A's secret answer"}))
         .await
@@ -886,16 +861,8 @@ async fn invalid_input_is_refused_and_writes_nothing() {
         .await
         .expect(201);
     let aid = api
-        .post(
-            &format!("/api/v1/courses/{cid}/assignments"),
-            &t,
-            json!({"title": "A", "max_points": 10}),
-        )
-        .await
-        .expect(201)
-        .body["id"]
-        .as_u64()
-        .unwrap();
+        .assignment(&t, cid, json!({"title": "A", "max_points": 10}))
+        .await;
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
     // The longest body allowed, in three-byte characters with a quote and a
     // newline to escape: 150 KB of UTF-8, within the request limit.
@@ -1457,16 +1424,8 @@ async fn concurrent_grading_with_if_match_lets_one_win() {
         .await
         .expect(201);
     let aid = api
-        .post(
-            &format!("/api/v1/courses/{cid}/assignments"),
-            &t,
-            json!({"title": "A", "max_points": 10}),
-        )
-        .await
-        .expect(201)
-        .body["id"]
-        .as_u64()
-        .unwrap();
+        .assignment(&t, cid, json!({"title": "A", "max_points": 10}))
+        .await;
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions/{sid}");
     api.post(
         &format!("/api/v1/courses/{cid}/assignments/{aid}/submissions"),
@@ -1547,16 +1506,8 @@ impl EssayCourse {
         let (_, teacher) = api.user_with_role("t@t.io", "T", Role::Teacher).await;
         let cid = api.course(&teacher, "C", 10).await;
         let aid = api
-            .post(
-                &format!("/api/v1/courses/{cid}/assignments"),
-                &teacher,
-                json!({"title": "Essay", "max_points": 100}),
-            )
-            .await
-            .expect(201)
-            .body["id"]
-            .as_u64()
-            .unwrap();
+            .assignment(&teacher, cid, json!({"title": "Essay", "max_points": 100}))
+            .await;
         let mut ids = Vec::new();
         for i in 0..students {
             let (sid, s) = api
@@ -2018,16 +1969,8 @@ async fn killing_an_lmskv_node_mid_flow_does_not_fail_it() {
         .await
         .expect(201);
     let aid = api
-        .post(
-            &format!("/api/v1/courses/{cid}/assignments"),
-            &t,
-            json!({"title": "A", "max_points": 10}),
-        )
-        .await
-        .expect(201)
-        .body["id"]
-        .as_u64()
-        .unwrap();
+        .assignment(&t, cid, json!({"title": "A", "max_points": 10}))
+        .await;
     let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
     api.post(&sub, &s, json!({"body": "b"})).await.expect(201);
     phase!("kill the new leader too after restarting the first");

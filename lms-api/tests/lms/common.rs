@@ -263,6 +263,17 @@ impl Api {
             .expect("course id")
     }
 
+    /// Creates an assignment (`body`: its fields) in course `cid` as
+    /// `teacher` and returns its id.
+    pub async fn assignment(&self, teacher: &str, cid: u64, body: serde_json::Value) -> u64 {
+        self.post(&format!("/api/v1/courses/{cid}/assignments"), teacher, body)
+            .await
+            .expect(201)
+            .body["id"]
+            .as_u64()
+            .expect("assignment id")
+    }
+
     /// Every user key and value in lmskv, to check that a request wrote nothing.
     pub async fn snapshot(&self) -> Vec<(Vec<u8>, Vec<u8>, u64)> {
         let opts = lmskv_client::ScanOptions {
