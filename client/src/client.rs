@@ -19,7 +19,7 @@ use std::time::Instant as StdInstant;
 use bytes::Bytes;
 use lmskv_proto::error::Error as ServerError;
 use lmskv_proto::keys::validate_user_key;
-use lmskv_proto::limits::{GRPC_MESSAGE_BYTES_MAX, VALUE_BYTES_MAX};
+use lmskv_proto::limits::{GRPC_MESSAGE_BYTES_MAX, REQUEST_ID_BYTES_MAX, VALUE_BYTES_MAX};
 use lmskv_proto::range;
 use lmskv_proto::v1::kv_client::KvClient;
 use lmskv_proto::v1::{self, batch_op, compare, RangeDescriptor};
@@ -569,14 +569,40 @@ pub(crate) fn check_value(field: &str, v: &[u8]) -> Result<(), ClientError> {
     Ok(())
 }
 
-pub(crate) fn write_opts(o: &WriteOptions) -> v1::WriteOptions {
-    v1::WriteOptions {
+/// Refuses a request id the node could not deduplicate by: an empty one
+/// (which the node takes for "no id", so a retry could apply the write
+/// twice) or one over [`REQUEST_ID_BYTES_MAX`].
+pub(crate) fn check_write_opts(o: &WriteOptions) -> Result<(), ClientError> {
+    let Some(id) = &o.request_id else {
+        return Ok(());
+    };
+    let reason = if id.is_empty() {
+        "an empty request id turns off deduplication; leave it unset for a generated one"
+            .to_string()
+    } else if id.len() > REQUEST_ID_BYTES_MAX {
+        format!(
+            "request id is {} bytes, the limit is {REQUEST_ID_BYTES_MAX}",
+            id.len()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(ClientError::InvalidArgument {
+        field: "request_id".into(),
+        reason,
+    })
+}
+
+/// The options of a write as sent, once [`check_write_opts`] passed.
+pub(crate) fn write_opts(o: &WriteOptions) -> Result<v1::WriteOptions, ClientError> {
+    check_write_opts(o)?;
+    Ok(v1::WriteOptions {
         request_id: o.request_id.clone().unwrap_or_else(new_request_id),
         durability: match o.durability {
             Durability::Majority => v1::Durability::Majority,
             Durability::All => v1::Durability::All,
         } as i32,
-    }
+    })
 }
 
 /// The state an acknowledged write left its key in, for the read cache.
@@ -943,7 +969,7 @@ impl Client {
             header: None,
             key: key.clone(),
             value: value.clone(),
-            write: Some(write_opts(opts)),
+            write: Some(write_opts(opts)?),
         };
         let (resp, started) = self
             .write_key(&key, |mut c, header| {
@@ -989,7 +1015,7 @@ impl Client {
         let req = v1::DeleteRequest {
             header: None,
             key: key.clone(),
-            write: Some(write_opts(opts)),
+            write: Some(write_opts(opts)?),
         };
         let (resp, started) = self
             .write_key(&key, |mut c, header| {
@@ -1044,7 +1070,7 @@ impl Client {
             compare: Some(compare_proto(key.clone(), compare)),
             delete: new_value.is_none(),
             new_value: new_value.unwrap_or_default(),
-            write: Some(write_opts(opts)),
+            write: Some(write_opts(opts)?),
         };
         let (resp, started) = self
             .write_key(&key, |mut c, header| {
@@ -1113,7 +1139,7 @@ impl Client {
                 .map(|(k, c)| compare_proto(k, c))
                 .collect(),
             ops,
-            write: Some(write_opts(opts)),
+            write: Some(write_opts(opts)?),
         };
         let mut keys: Vec<Bytes> = req
             .conditions
@@ -1321,6 +1347,26 @@ mod tests {
         ];
         for b in bad {
             assert!(matches!(b.build(), Err(ClientError::Config(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_id_the_node_cannot_deduplicate_by_is_refused_before_sending() {
+        // The endpoints are unreachable: a write that went out would fail
+        // with another error, after its deadline.
+        let c = builder().build().unwrap();
+        for id in [
+            Bytes::new(),
+            Bytes::from(vec![b'x'; REQUEST_ID_BYTES_MAX + 1]),
+        ] {
+            let opts = WriteOptions {
+                request_id: Some(id),
+                ..Default::default()
+            };
+            let refused = |e: ClientError| matches!(&e, ClientError::InvalidArgument { field, .. } if field == "request_id");
+            assert!(refused(c.put_with("k", "v", &opts).await.unwrap_err()));
+            assert!(refused(c.delete_with("k", &opts).await.unwrap_err()));
+            assert!(refused(c.batch_put([("k", "v")], &opts).await.unwrap_err()));
         }
     }
 

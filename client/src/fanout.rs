@@ -266,6 +266,7 @@ impl Client {
         K: Into<Bytes>,
         V: Into<Bytes>,
     {
+        crate::client::check_write_opts(opts)?;
         let pairs: Vec<(Bytes, Bytes)> = pairs
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
@@ -359,7 +360,7 @@ impl Client {
                     // One id for every retry of this range's batch.
                     let write = v1::WriteOptions {
                         request_id: new_request_id(),
-                        ..write_opts(opts)
+                        ..write_opts(opts).expect("checked at the start")
                     };
                     async move {
                         let (first, last) = (g.keys[0].clone(), g.keys[g.keys.len() - 1].clone());

@@ -307,18 +307,30 @@ impl RouteCache {
 
     fn heal_with(&self, range_id: u64, current: impl Iterator<Item = RangeDescriptor>) -> bool {
         let mut m = self.write();
-        let before = m.by_id(range_id).map(|r| epoch(&r.desc));
+        let cached = m.by_id(range_id).map(|r| r.desc.clone());
+        let before = cached.as_ref().map(epoch);
         let mut any = false;
+        let mut answer_older = false;
         for d in current {
             any = true;
+            if d.range_id == range_id && cached.as_ref().is_some_and(|c| is_newer(c, &d)) {
+                answer_older = true;
+            }
             m.insert(CachedRange {
                 desc: d,
                 leader_id: 0,
             });
         }
+        // The answering replica has not applied what the cache already
+        // knows (a follower behind a split): the cached view is the newer
+        // one, and dropping it would send every caller to the meta range
+        // until that replica catches up. Not healed: the call backs off.
+        if answer_older {
+            return false;
+        }
         // The error says the cached view of this range is stale: when the
-        // answer did not replace it (the answering node knew less than the
-        // cache), drop it so that the next call asks the meta range.
+        // answer did not replace it, drop it so that the next call asks the
+        // meta range.
         if !any || (before.is_some() && m.by_id(range_id).map(|r| epoch(&r.desc)) == before) {
             m.remove_id(range_id);
         }
@@ -840,6 +852,18 @@ mod tests {
                 current: vec![desc(2, "\x01", "m", 2), desc(5, "m", "", 2)],
             },
             1,
+        ));
+        assert_eq!(id_at(&c, "a"), Some(2));
+        assert_eq!(id_at(&c, "x"), Some(5));
+
+        // A replica behind the split answers with the range before it: the
+        // cache keeps the newer halves.
+        assert!(!c.heal(
+            &ServerError::EpochMismatch {
+                range_id: 2,
+                current: vec![desc(2, "\x01", "", 1)],
+            },
+            3,
         ));
         assert_eq!(id_at(&c, "a"), Some(2));
         assert_eq!(id_at(&c, "x"), Some(5));
