@@ -8,6 +8,7 @@
 //! valid when lmskv splits the key space into ranges.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use bytes::Bytes;
 use lmskv_client::{
@@ -25,6 +26,37 @@ use crate::pagination::{Cursor, PageQuery};
 pub const ID_BLOCK_SIZE: u64 = 32;
 /// Compare-and-swap tries on a contended key before giving up with 503.
 pub const CAS_ATTEMPTS_MAX: u32 = 64;
+/// First pause between compare-and-swap tries; it doubles per try up to
+/// [`CAS_PAUSE_MAX`].
+pub const CAS_PAUSE_FIRST: Duration = Duration::from_millis(2);
+/// Longest pause between compare-and-swap tries: 64 tries then pause at
+/// most about 3 s in all, well inside a request's time limit.
+pub const CAS_PAUSE_MAX: Duration = Duration::from_millis(50);
+
+/// Waits before compare-and-swap try `attempt` (none before the first): a
+/// pause that doubles per try, each drawn between half and all of it, so
+/// requests that lost a race on one key (a rush of enrollments in one
+/// course) spread out instead of trying again all at once and using up
+/// their tries together.
+pub async fn cas_pause(attempt: u32) {
+    let full = cas_pause_longest(attempt);
+    if full.is_zero() {
+        return;
+    }
+    let factor = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0);
+    tokio::time::sleep(full.mul_f64(factor)).await;
+}
+
+/// The longest pause [`cas_pause`] makes before try `attempt`.
+fn cas_pause_longest(attempt: u32) -> Duration {
+    if attempt == 0 {
+        return Duration::ZERO;
+    }
+    CAS_PAUSE_FIRST
+        .saturating_mul(1 << (attempt - 1).min(16))
+        .min(CAS_PAUSE_MAX)
+}
+
 /// Keys fetched per scan call when a list is filtered.
 pub const SCAN_BATCH: u32 = 256;
 /// Keys a filtered list examines at most for one page; the page then ends
@@ -302,7 +334,8 @@ impl Db {
             }
         }
         let key = keys::seq(table);
-        for _ in 0..CAS_ATTEMPTS_MAX {
+        for attempt in 0..CAS_ATTEMPTS_MAX {
+            cas_pause(attempt).await;
             // STRONG: a stale counter would only make the CAS fail and retry,
             // but reading the leader's value makes the first try succeed.
             let cur = self
@@ -318,5 +351,22 @@ impl Db {
         Err(AppError::Busy(format!(
             "the ID counter of {table} is contended"
         )))
+    }
+}
+
+#[cfg(test)]
+mod cas_pause_tests {
+    use super::*;
+
+    #[test]
+    fn cas_pauses_grow_from_none_to_a_bound_that_keeps_every_try_inside_a_request() {
+        assert_eq!(cas_pause_longest(0), Duration::ZERO);
+        assert_eq!(cas_pause_longest(1), CAS_PAUSE_FIRST);
+        let pauses: Vec<Duration> = (0..CAS_ATTEMPTS_MAX).map(cas_pause_longest).collect();
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
+        assert_eq!(*pauses.last().unwrap(), CAS_PAUSE_MAX);
+        let total: Duration = pauses.iter().sum();
+        assert!(total <= Duration::from_secs(3), "{total:?} of pauses");
+        assert_eq!(cas_pause_longest(u32::MAX), CAS_PAUSE_MAX, "no overflow");
     }
 }

@@ -181,7 +181,8 @@ pub async fn repair_with_page(db: &Db, page: usize) -> AppResult<RepairReport> {
 /// land before the newer one's write, never after it (a lost race reads
 /// both again).
 pub async fn sync_catalog(db: &Db, cid: u64) -> AppResult<bool> {
-    for _ in 0..CAS_ATTEMPTS_MAX {
+    for attempt in 0..CAS_ATTEMPTS_MAX {
+        crate::db::cas_pause(attempt).await;
         let entry = db
             .get::<Course>(keys::catalog(cid), ReadConsistency::Strong)
             .await?;

@@ -203,7 +203,8 @@ async fn notify_one(
     let key = keys::grade_notice(a.course_id, a.id, uid);
     // The grade as last read, and the submission's version then.
     let (mut grade, mut sversion) = (Some(read.grade), read.version);
-    for _ in 0..CAS_ATTEMPTS_MAX {
+    for attempt in 0..CAS_ATTEMPTS_MAX {
+        crate::db::cas_pause(attempt).await;
         let Some(current) = grade.as_ref() else {
             return Ok(Outcome::Ungraded);
         };

@@ -171,7 +171,8 @@ pub async fn publish_grades(
 ) -> AppResult<impl IntoResponse> {
     let access = course_access(&st, &caller, cid).await?;
     access.require_staff("publish grades")?;
-    for _ in 0..CAS_ATTEMPTS_MAX {
+    for attempt in 0..CAS_ATTEMPTS_MAX {
+        crate::db::cas_pause(attempt).await;
         let cur = load(&st, cid, aid).await?;
         let mut a = cur.value;
         a.grades_published = true;

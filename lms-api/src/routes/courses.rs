@@ -214,7 +214,8 @@ pub async fn update_course(
     AppPath(id): AppPath<u64>,
     AppJson(req): AppJson<UpdateCourseRequest>,
 ) -> AppResult<Json<Course>> {
-    for _ in 0..CAS_ATTEMPTS_MAX {
+    for attempt in 0..CAS_ATTEMPTS_MAX {
+        crate::db::cas_pause(attempt).await;
         let access = crate::access::course_access(&st, &caller, id).await?;
         access.require_teacher("edit the course")?;
         let seats = st

@@ -54,7 +54,8 @@ pub async fn enroll_user(
     user: &User,
     role: CourseRole,
 ) -> AppResult<(Member, SessionToken)> {
-    for _ in 0..CAS_ATTEMPTS_MAX {
+    for attempt in 0..CAS_ATTEMPTS_MAX {
+        crate::db::cas_pause(attempt).await;
         // STRONG: the versions read here are the batch's conditions.
         let (course, seats, existing) = futures::try_join!(
             st.db
@@ -227,7 +228,8 @@ pub async fn unenroll(
     if uid != caller.id() {
         access.require_teacher("remove other members")?;
     }
-    for _ in 0..CAS_ATTEMPTS_MAX {
+    for attempt in 0..CAS_ATTEMPTS_MAX {
+        crate::db::cas_pause(attempt).await;
         let (seats, member) = futures::try_join!(
             st.db
                 .get::<Seats>(keys::seats(cid), ReadConsistency::Strong),

@@ -146,7 +146,8 @@ pub async fn update_user(
         }
         None => None,
     };
-    for _ in 0..CAS_ATTEMPTS_MAX {
+    for attempt in 0..CAS_ATTEMPTS_MAX {
+        crate::db::cas_pause(attempt).await;
         // STRONG read, then CAS on its version: concurrent edits never lose one another.
         let cur = st
             .db
