@@ -275,9 +275,11 @@ impl RouteCache {
         self.write().remove_id(range_id);
     }
 
-    /// Heals the cache from a routing error about `range_id`: inserts the
-    /// descriptors it carries, or drops the range when it carries none.
-    /// Returns whether the error carried an answer.
+    /// Heals the cache from a routing error about `range_id` answered by
+    /// `node_id`: inserts the descriptors it carries, or drops the range
+    /// when it carries none. Returns whether the error carried an answer
+    /// newer than the cache (false for a replica behind it, which is then
+    /// no longer taken for the range's leader).
     pub fn heal(&self, err: &ServerError, node_id: u64) -> bool {
         match err {
             ServerError::NotLeader {
@@ -292,10 +294,10 @@ impl RouteCache {
                 false
             }
             ServerError::EpochMismatch { range_id, current } => {
-                self.heal_with(*range_id, current.iter().cloned())
+                self.heal_with(*range_id, node_id, current.iter().cloned())
             }
             ServerError::KeyNotInRange { range_id, current } => {
-                self.heal_with(*range_id, current.iter().cloned())
+                self.heal_with(*range_id, node_id, current.iter().cloned())
             }
             ServerError::RangeNotFound { range_id } => {
                 self.evict(*range_id);
@@ -305,7 +307,12 @@ impl RouteCache {
         }
     }
 
-    fn heal_with(&self, range_id: u64, current: impl Iterator<Item = RangeDescriptor>) -> bool {
+    fn heal_with(
+        &self,
+        range_id: u64,
+        node_id: u64,
+        current: impl Iterator<Item = RangeDescriptor>,
+    ) -> bool {
         let mut m = self.write();
         let cached = m.by_id(range_id).map(|r| r.desc.clone());
         let before = cached.as_ref().map(epoch);
@@ -325,7 +332,15 @@ impl RouteCache {
         // knows (a follower behind a split): the cached view is the newer
         // one, and dropping it would send every caller to the meta range
         // until that replica catches up. Not healed: the call backs off.
+        // A leader behind the cache (deposed, or not yet applying what it
+        // committed) is forgotten, so that writes and STRONG reads look for
+        // the leader instead of asking it again until it catches up.
         if answer_older {
+            if let Some(r) = m.by_id_mut(range_id) {
+                if r.leader_id == node_id {
+                    r.leader_id = 0;
+                }
+            }
             return false;
         }
         // The error says the cached view of this range is stale: when the
@@ -857,14 +872,17 @@ mod tests {
         assert_eq!(id_at(&c, "x"), Some(5));
 
         // A replica behind the split answers with the range before it: the
-        // cache keeps the newer halves.
-        assert!(!c.heal(
-            &ServerError::EpochMismatch {
-                range_id: 2,
-                current: vec![desc(2, "\x01", "", 1)],
-            },
-            3,
-        ));
+        // cache keeps the newer halves, and forgets that replica as leader
+        // (only when it was the one asked).
+        c.set_leader(2, 3, None);
+        let behind = ServerError::EpochMismatch {
+            range_id: 2,
+            current: vec![desc(2, "\x01", "", 1)],
+        };
+        assert!(!c.heal(&behind, 1));
+        assert_eq!(c.get(b"a", false).unwrap().leader_id, 3);
+        assert!(!c.heal(&behind, 3));
+        assert_eq!(c.get(b"a", false).unwrap().leader_id, 0);
         assert_eq!(id_at(&c, "a"), Some(2));
         assert_eq!(id_at(&c, "x"), Some(5));
 

@@ -334,8 +334,10 @@ impl Db {
             }
         }
         let key = keys::seq(table);
-        for attempt in 0..CAS_ATTEMPTS_MAX {
-            cas_pause(attempt).await;
+        // No pause between tries: the lock already makes this process's
+        // refills one at a time, and a pause would hold every table's
+        // allocations behind it.
+        for _ in 0..CAS_ATTEMPTS_MAX {
             // STRONG: a stale counter would only make the CAS fail and retry,
             // but reading the leader's value makes the first try succeed.
             let cur = self

@@ -204,7 +204,6 @@ async fn notify_one(
     // The grade as last read, and the submission's version then.
     let (mut grade, mut sversion) = (Some(read.grade), read.version);
     for attempt in 0..CAS_ATTEMPTS_MAX {
-        crate::db::cas_pause(attempt).await;
         let Some(current) = grade.as_ref() else {
             return Ok(Outcome::Ungraded);
         };
@@ -249,7 +248,9 @@ async fn notify_one(
             }
             Cas::Conflict => {
                 // Regraded, or claimed or changed meanwhile: read both again
+                // (after the pause, so the next try writes on fresh reads)
                 // and decide on what is there now.
+                crate::db::cas_pause(attempt + 1).await;
                 (grade, sversion, notice) = read_again(db, &skey, &key).await?;
             }
         }

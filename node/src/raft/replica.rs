@@ -679,14 +679,7 @@ impl RangeReplica {
                         return Err(self.shut_down());
                     };
                     let range_id = self.range_id;
-                    let task = tokio::spawn(async move {
-                        // Cleared before the result is seen (also if the
-                        // load panics), so a caller that comes later starts
-                        // a load of its own (the group may have parked
-                        // again by then) instead of taking this one's group.
-                        let _done = LoadDone(&me);
-                        me.load_to_end().await
-                    });
+                    let task = tokio::spawn(async move { me.load_to_end().await });
                     let load: SharedLoad = async move {
                         task.await
                             .map_err(|e| Error::internal(format!("range {range_id} load: {e}")))?
@@ -703,6 +696,11 @@ impl RangeReplica {
 
     async fn load_to_end(&self) -> Result<Raft, Error> {
         let _l = self.lifecycle.lock().await;
+        // Clears the shared load before the lifecycle lock is let go (also
+        // if the load panics): once the group could park again, a caller
+        // that comes starts a load of its own instead of taking this one's
+        // group.
+        let _done = LoadDone(self);
         if let Some(r) = self.live() {
             return Ok(r);
         }
@@ -2591,6 +2589,24 @@ pub(crate) mod tests {
         assert_eq!(r.loads.load(Ordering::SeqCst), 1);
         drop(r.raft().await.unwrap());
         assert_eq!(r.loads.load(Ordering::SeqCst), 1, "loaded once");
+        // Parked again, the group gets a load of its own, not the last one's.
+        let raft = {
+            let mut g = r.group.write().unwrap();
+            let Group::Live(raft) = &*g else {
+                panic!("the group is live")
+            };
+            let raft = raft.clone();
+            let m = raft.metrics().borrow_watched().clone();
+            *g = Group::Parked(Arc::new(m));
+            raft
+        };
+        raft.shutdown().await.unwrap();
+        let again = r.raft().await.expect("loaded again");
+        assert_eq!(r.loads.load(Ordering::SeqCst), 2, "loaded anew");
+        assert!(
+            again.metrics().borrow_watched().running_state.is_ok(),
+            "the group handed out runs"
+        );
     }
 
     /// After a split the range's snapshot covers its old span until it is
