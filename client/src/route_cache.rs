@@ -336,11 +336,8 @@ impl RouteCache {
         // committed) is forgotten, so that writes and STRONG reads look for
         // the leader instead of asking it again until it catches up.
         if answer_older {
-            if let Some(r) = m.by_id_mut(range_id) {
-                if r.leader_id == node_id {
-                    r.leader_id = 0;
-                }
-            }
+            drop(m);
+            self.clear_leader(range_id, node_id);
             return false;
         }
         // The error says the cached view of this range is stale: when the

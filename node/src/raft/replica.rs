@@ -2533,10 +2533,8 @@ pub(crate) mod tests {
     /// timed out while the load waited for an import) still runs to its
     /// end: the group is live afterwards without another caller, loaded
     /// once.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_load_its_caller_gave_up_on_still_finishes() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = lone_leader(dir.path(), 7).await;
+    /// Parks the replica's live group at once, as `park` would once idle.
+    async fn park_now(r: &RangeReplica) {
         let raft = {
             let mut g = r.group.write().unwrap();
             let Group::Live(raft) = &*g else {
@@ -2548,6 +2546,13 @@ pub(crate) mod tests {
             raft
         };
         raft.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_its_caller_gave_up_on_still_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = lone_leader(dir.path(), 7).await;
+        park_now(&r).await;
         assert!(r.is_parked());
         let (held_tx, held_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
@@ -2590,17 +2595,7 @@ pub(crate) mod tests {
         drop(r.raft().await.unwrap());
         assert_eq!(r.loads.load(Ordering::SeqCst), 1, "loaded once");
         // Parked again, the group gets a load of its own, not the last one's.
-        let raft = {
-            let mut g = r.group.write().unwrap();
-            let Group::Live(raft) = &*g else {
-                panic!("the group is live")
-            };
-            let raft = raft.clone();
-            let m = raft.metrics().borrow_watched().clone();
-            *g = Group::Parked(Arc::new(m));
-            raft
-        };
-        raft.shutdown().await.unwrap();
+        park_now(&r).await;
         let again = r.raft().await.expect("loaded again");
         assert_eq!(r.loads.load(Ordering::SeqCst), 2, "loaded anew");
         assert!(
