@@ -350,6 +350,7 @@ impl NodeConfig {
             block_cache_bytes: self.file.block_cache_bytes,
             write_buffer_bytes: self.file.write_buffer_bytes,
             log_cache_bytes: self.file.log_cache_bytes,
+            ..EngineOptions::default()
         }
     }
 

@@ -814,6 +814,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.set_applied(&encode(&applied)?);
         crate::fail_point!("apply-before-commit");
         batch.commit()?;
+        if !splits.is_empty() {
+            // The new ranges' state must be durable before they run (see
+            // `ApplyBatch::create_range`): the batch skipped the WAL.
+            let engine = self.engine.clone();
+            run_blocking(engine.runs_inline(), move || Ok(engine.flush()?)).await?;
+        }
         crate::fail_point!("apply-after-commit");
         *self.applied_cache.lock().expect("applied lock") = Some(applied);
         self.dedup_clock

@@ -6,8 +6,14 @@
 //! all: appends of many ranges and many client writes share one fsync. The WAL
 //! is a single sequential file, so a sync started after a write was made
 //! durably covers it.
+//!
+//! Writes that go to the WAL are made through [`GroupCommit::write_logged`],
+//! which keeps the synced-sequence mark true while other writes skip the WAL
+//! (a state machine's applied batches, see `Engine`): the mark a sync records
+//! is the sequence number the database had just before the latest logged
+//! write it covers, never a sequence number only an unlogged write holds.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,6 +34,11 @@ pub struct GroupCommit {
     db: Arc<rocksdb::DB>,
     /// Held by whoever syncs: the thread, or a caller syncing in place.
     mark: Arc<Mutex<SyncedMark>>,
+    /// The highest sequence number the database had just before a write
+    /// that went to the WAL: below that write's own, so a sync started
+    /// after the write returned can record it as durable (see
+    /// [`GroupCommit::write_logged`]).
+    logged: Arc<AtomicU64>,
     /// Callbacks queued for the thread and not completed yet.
     queued: Arc<AtomicUsize>,
     /// Client requests the node is serving now (see [`Foreground`]).
@@ -44,16 +55,19 @@ impl GroupCommit {
         let (tx, rx) = mpsc::sync_channel::<SyncCallback>(SYNC_QUEUE_CALLBACKS_MAX);
         let mark = Arc::new(Mutex::new(SyncedMark::new(db.path())));
         let queued = Arc::new(AtomicUsize::new(0));
+        let logged = Arc::new(AtomicU64::new(0));
         let thread = {
-            let (db, mark, queued) = (db.clone(), mark.clone(), queued.clone());
+            let (db, mark, queued, logged) =
+                (db.clone(), mark.clone(), queued.clone(), logged.clone());
             std::thread::Builder::new()
                 .name("lmskv-wal-sync".into())
-                .spawn(move || run(db, mark, queued, rx))
+                .spawn(move || run(db, mark, logged, queued, rx))
                 .expect("spawn WAL sync thread")
         };
         GroupCommit {
             db,
             mark,
+            logged,
             queued,
             foreground: Arc::default(),
             tx: Some(tx),
@@ -66,6 +80,7 @@ impl GroupCommit {
     pub fn inline(db: Arc<rocksdb::DB>) -> Self {
         GroupCommit {
             mark: Arc::new(Mutex::new(SyncedMark::new(db.path()))),
+            logged: Arc::new(AtomicU64::new(0)),
             db,
             queued: Arc::new(AtomicUsize::new(0)),
             foreground: Arc::default(),
@@ -77,7 +92,11 @@ impl GroupCommit {
     /// Queues `done` to be completed after the next WAL sync.
     pub fn sync(&self, done: SyncCallback) {
         let Some(tx) = &self.tx else {
-            let res = sync_wal(&self.db, &mut self.mark.lock().expect("mark lock"));
+            let res = sync_wal(
+                &self.db,
+                &self.logged,
+                &mut self.mark.lock().expect("mark lock"),
+            );
             done(res);
             return;
         };
@@ -112,7 +131,7 @@ impl GroupCommit {
             && self.foreground.load(Ordering::SeqCst) == 0
         {
             if let Ok(mut mark) = self.mark.try_lock() {
-                let res = sync_wal(&self.db, &mut mark);
+                let res = sync_wal(&self.db, &self.logged, &mut mark);
                 // Not held while `done` runs, which may queue more work.
                 drop(mark);
                 done(res);
@@ -120,6 +139,28 @@ impl GroupCommit {
             }
         }
         self.sync(done);
+    }
+
+    /// Writes `batch` through the WAL (`sync`: synced before returning), and
+    /// notes it for the synced-sequence mark: a sync started after this
+    /// returns records the write's last sequence number when no other write
+    /// took one between (the sequence moved by exactly the batch's count),
+    /// else the number just before it; either way a store that kept the
+    /// write opens at or above the mark.
+    pub fn write_logged(&self, batch: rocksdb::WriteBatch, sync: bool) -> Result<(), StorageError> {
+        let count = batch.len() as u64;
+        let before = self.db.latest_sequence_number();
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(batch, &opts)?;
+        let after = self.db.latest_sequence_number();
+        let covered = if after.checked_sub(before) == Some(count) {
+            after
+        } else {
+            before
+        };
+        self.logged.fetch_max(covered, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Marks a client request as being served until the guard is dropped:
@@ -151,10 +192,17 @@ impl Drop for GroupCommit {
 }
 
 /// One WAL fsync, between the fail points around it.
-fn sync_wal(db: &rocksdb::DB, mark: &mut SyncedMark) -> Result<(), StorageError> {
-    // Read before the sync: every write up to it is durable once the sync
-    // returns, and is marked so before any of them is acknowledged.
-    let seq = db.latest_sequence_number();
+fn sync_wal(
+    db: &rocksdb::DB,
+    logged: &AtomicU64,
+    mark: &mut SyncedMark,
+) -> Result<(), StorageError> {
+    // Read before the sync: every logged write up to it is durable once the
+    // sync returns, and is marked so before any of them is acknowledged.
+    // Not the database's latest sequence number: that may belong to a write
+    // made without the WAL, which a crash loses by design, and a mark above
+    // what a replay can reach would fail the next open as lost writes.
+    let seq = logged.load(Ordering::SeqCst);
     crate::fail_point!("log-sync-before");
     db.flush_wal(true)?;
     crate::fail_point!("log-sync-after");
@@ -165,6 +213,7 @@ fn sync_wal(db: &rocksdb::DB, mark: &mut SyncedMark) -> Result<(), StorageError>
 fn run(
     db: Arc<rocksdb::DB>,
     mark: Arc<Mutex<SyncedMark>>,
+    logged: Arc<AtomicU64>,
     queued: Arc<AtomicUsize>,
     rx: Receiver<SyncCallback>,
 ) {
@@ -179,7 +228,7 @@ fn run(
         }
         let res = {
             let mut mark = mark.lock().expect("mark lock");
-            sync_wal(&db, &mut mark).map_err(|e| e.to_string())
+            sync_wal(&db, &logged, &mut mark).map_err(|e| e.to_string())
         };
         let n = group.len();
         for cb in group.drain(..) {
@@ -199,6 +248,57 @@ mod tests {
         Arc::new(rocksdb::DB::open_default(dir).unwrap())
     }
 
+    fn put_logged(gc: &GroupCommit, k: &[u8], v: &[u8]) {
+        let mut b = rocksdb::WriteBatch::default();
+        b.put(k, v);
+        gc.write_logged(b, false).unwrap();
+    }
+
+    fn marked(dir: &std::path::Path) -> Option<u64> {
+        super::super::durability::read_synced(dir).unwrap()
+    }
+
+    /// The mark a sync records covers the logged writes made before it and
+    /// never a write made without the WAL (which a crash loses), so a store
+    /// that lost only such writes does not open below its mark.
+    #[test]
+    fn the_mark_counts_logged_writes_and_never_unlogged_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path());
+        let gc = GroupCommit::start(db.clone());
+        let sync = |gc: &GroupCommit| {
+            let (tx, rx) = channel();
+            gc.sync(Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        };
+
+        put_logged(&gc, b"k1", b"v1");
+        let logged = db.latest_sequence_number();
+        sync(&gc);
+        assert_eq!(
+            marked(dir.path()),
+            Some(logged),
+            "a lone logged write is marked exactly"
+        );
+
+        let mut unlogged = rocksdb::WriteOptions::default();
+        unlogged.disable_wal(true);
+        db.put_opt(b"k2", b"v2", &unlogged).unwrap();
+        assert!(db.latest_sequence_number() > logged);
+        sync(&gc);
+        assert_eq!(
+            marked(dir.path()),
+            Some(logged),
+            "an unlogged write raised the mark"
+        );
+
+        // A logged write after an unlogged one is marked exactly again.
+        put_logged(&gc, b"k3", b"v3");
+        let logged = db.latest_sequence_number();
+        sync(&gc);
+        assert_eq!(marked(dir.path()), Some(logged));
+    }
+
     /// A write synced in place is durable, its callback completed, and the
     /// synced-sequence mark covering it recorded, before the call returns;
     /// while a sync is running the call queues instead, and the callback
@@ -209,25 +309,25 @@ mod tests {
         let db = open(dir.path());
         let gc = GroupCommit::start(db.clone());
 
-        db.put(b"k1", b"v1").unwrap();
+        put_logged(&gc, b"k1", b"v1");
         let seq = db.latest_sequence_number();
         let (tx, rx) = channel();
         gc.sync_here_when_idle(Box::new(move |r| tx.send(r.is_ok()).unwrap()));
         assert_eq!(rx.try_recv(), Ok(true), "completed before returning");
-        let marked = super::super::durability::read_synced(dir.path()).unwrap();
-        assert!(marked >= Some(seq), "mark {marked:?} below {seq}");
+        let mark = marked(dir.path());
+        assert!(mark >= Some(seq), "mark {mark:?} below {seq}");
 
         // A sync is running (the mark is held): the write is queued.
         let held = gc.mark.lock().unwrap();
-        db.put(b"k2", b"v2").unwrap();
+        put_logged(&gc, b"k2", b"v2");
         let seq = db.latest_sequence_number();
         let (tx, rx) = channel();
         gc.sync_here_when_idle(Box::new(move |r| tx.send(r.is_ok()).unwrap()));
         assert!(rx.try_recv().is_err(), "completed while a sync was running");
         drop(held);
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
-        let marked = super::super::durability::read_synced(dir.path()).unwrap();
-        assert!(marked >= Some(seq), "mark {marked:?} below {seq}");
+        let mark = marked(dir.path());
+        assert!(mark >= Some(seq), "mark {mark:?} below {seq}");
 
         // Callbacks still queued: the next write queues behind them.
         let held = gc.mark.lock().unwrap();
@@ -256,7 +356,7 @@ mod tests {
         let serving = gc.foreground();
         let also = gc.foreground();
         drop(also);
-        db.put(b"k1", b"v1").unwrap();
+        put_logged(&gc, b"k1", b"v1");
         let (tx, rx) = channel();
         gc.sync_here_when_idle(Box::new(move |r| {
             tx.send((r.is_ok(), std::thread::current().id())).unwrap()
@@ -272,7 +372,7 @@ mod tests {
             assert!(std::time::Instant::now() < until, "syncer never finished");
             std::thread::sleep(Duration::from_millis(1));
         }
-        db.put(b"k2", b"v2").unwrap();
+        put_logged(&gc, b"k2", b"v2");
         let (tx, rx) = channel();
         gc.sync_here_when_idle(Box::new(move |r| {
             tx.send((r.is_ok(), std::thread::current().id())).unwrap()
