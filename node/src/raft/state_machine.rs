@@ -710,6 +710,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 &tmp,
             )?;
             crate::fail_point!("snapshot-build");
+            // Applied writes skip the WAL: flushed here, they are durable up
+            // to the snapshot's index before openraft purges the log behind
+            // it, so a crash does not make the restart install this snapshot
+            // again (it would, were the applied state older; that is the
+            // fallback when the flush fails).
+            if let Err(e) = this.engine.flush() {
+                tracing::warn!(range_id = this.range_id, error = %e, "cannot flush applied writes after a snapshot build");
+            }
             let applied: AppliedState = match &export.applied {
                 Some(b) => decode("applied state", b)?,
                 None => AppliedState::default(),
