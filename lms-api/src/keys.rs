@@ -394,11 +394,12 @@ mod tests {
         assert_eq!(course_prefix(7).len(), COURSE.len() + COURSE_ID_BYTES);
         let toml = node_config_toml();
         assert!(toml.contains(r#""usercourse/""#) && toml.contains("id_len = 8"));
-        let script = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/run-local.sh"
-        ))
-        .expect("scripts/run-local.sh");
+        // The directory at run time: a test binary reused from a build in
+        // another checkout (one shared target dir) carries that checkout's.
+        let dir = std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+        let script = std::fs::read_to_string(format!("{dir}/../scripts/run-local.sh"))
+            .expect("scripts/run-local.sh");
         for line in toml.lines() {
             assert!(script.contains(line), "run-local.sh lacks {line:?}");
         }
