@@ -11,6 +11,12 @@ use serde::Deserialize;
 use crate::raft::RaftTuning;
 use crate::storage::EngineOptions;
 
+/// Most `applied_flush_after_ms` may be: a third of the grace before a
+/// compaction drops an expired dedup record
+/// ([`crate::storage::DEDUP_PURGE_GRACE_MS`]), leaving the rest for clock
+/// differences between leaders.
+pub const APPLIED_FLUSH_AFTER_MS_MAX: u64 = crate::storage::DEDUP_PURGE_GRACE_MS / 3;
+
 /// Settings read from `--config FILE`. Every field is optional; absent fields
 /// take the defaults below.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +35,10 @@ pub struct FileConfig {
     /// Bytes of recent Raft log entries all ranges keep in memory together
     /// (0: none; reads then go to RocksDB).
     pub log_cache_bytes: usize,
+    /// How long applied writes (which skip the WAL) may stay only in memory
+    /// before the node flushes them: bounds what a restart after a crash
+    /// applies again from the log.
+    pub applied_flush_after_ms: u64,
     pub inflight_requests_max: usize,
     /// Proposals (single writes or groups of writes that queued meanwhile)
     /// a range's leader keeps in flight at once.
@@ -106,6 +116,7 @@ impl Default for FileConfig {
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 8 << 20,
             log_cache_bytes: 256 << 20,
+            applied_flush_after_ms: crate::storage::APPLIED_FLUSH_AFTER.as_millis() as u64,
             inflight_requests_max: 10_000,
             proposals_in_flight_max: crate::raft::proposals::PROPOSALS_IN_FLIGHT_MAX,
             dead_node_timeout_s: 60,
@@ -249,6 +260,11 @@ impl NodeConfig {
         if f.inflight_requests_max == 0 {
             return Err("inflight_requests_max must be positive".into());
         }
+        if !(100..=APPLIED_FLUSH_AFTER_MS_MAX).contains(&f.applied_flush_after_ms) {
+            return Err(format!(
+                "applied_flush_after_ms must be in [100, {APPLIED_FLUSH_AFTER_MS_MAX}]: commands a crash makes a range apply again must find the dedup records they found the first time"
+            ));
+        }
         if f.replication_factor == 0 || f.replication_factor > 7 {
             return Err("replication_factor must be between 1 and 7".into());
         }
@@ -350,7 +366,7 @@ impl NodeConfig {
             block_cache_bytes: self.file.block_cache_bytes,
             write_buffer_bytes: self.file.write_buffer_bytes,
             log_cache_bytes: self.file.log_cache_bytes,
-            ..EngineOptions::default()
+            applied_flush_after: Duration::from_millis(self.file.applied_flush_after_ms),
         }
     }
 
@@ -418,6 +434,20 @@ mod tests {
         c.advertise = Some("proxy.local:9001".into());
         assert!(c.validate().is_ok());
         assert_eq!(c.advertise_addr(), "proxy.local:9001");
+        for (ms, ok) in [(99, false), (100, true), (300_000, true), (300_001, false)] {
+            let mut c = cfg();
+            c.file.applied_flush_after_ms = ms;
+            match c.validate() {
+                Ok(()) => {
+                    assert!(ok, "{ms} accepted");
+                    assert_eq!(
+                        c.engine_options().applied_flush_after.as_millis(),
+                        ms as u128
+                    );
+                }
+                Err(e) => assert!(!ok && e.contains("applied_flush_after_ms"), "{ms}: {e}"),
+            }
+        }
     }
 
     #[test]

@@ -499,7 +499,27 @@ async fn start_group(
         sm.share_meta(shared);
     }
     let meta = sm.meta();
-    let log = LogStore::new(engine.clone(), range_id, Some(reopen.pool.local_id()));
+    let mut log = LogStore::new(engine.clone(), range_id, Some(reopen.pool.local_id()));
+    {
+        // Applied writes skip the WAL: after a crash the applied state can
+        // be behind the commit saved in the log, and openraft applies the
+        // entries between again as it starts. Said here, as it is work a
+        // restart does and the reason a replica's reads went back in time.
+        use openraft::storage::{RaftLogStorage, RaftStateMachine};
+        if let (Ok(Some(committed)), Ok((applied, _))) =
+            (log.read_committed().await, sm.applied_state().await)
+        {
+            let applied_index = applied.as_ref().map_or(0, |l| l.index());
+            if applied_index < committed.index() {
+                tracing::info!(
+                    range_id,
+                    applied = applied_index,
+                    committed = committed.index(),
+                    "applied state is behind the saved commit (writes applied since the last flush were lost by a crash); applying the log again"
+                );
+            }
+        }
+    }
     let net = NetworkFactory {
         pool: reopen.pool.clone(),
         range_id,

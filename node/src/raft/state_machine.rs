@@ -2,8 +2,10 @@
 //! engine and builds and installs its snapshots.
 //!
 //! Each apply call writes the data mutations, the dedup records and the
-//! applied log id in one atomic batch, so after a crash the range resumes
-//! from exactly the last applied entry: every entry is applied once.
+//! applied log id in one atomic batch, without the WAL (see
+//! `ApplyBatch::commit`): after a crash the range resumes from the last
+//! applied entry that a flush made durable, and applies the entries after it
+//! again from its log, coming to the same state.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -140,7 +142,7 @@ pub struct StateMachine {
     on_split: SplitHook,
     /// The latest proposal time applied here: compactions drop this range's
     /// dedup records that expired well before it (see the engine).
-    dedup_clock: Arc<std::sync::atomic::AtomicU64>,
+    dedup_clock: Arc<crate::storage::DedupClock>,
     /// The applied state as last written by this state machine (or read
     /// from the engine), so that an apply does not read it back from
     /// RocksDB. Only this state machine writes its range's applied state
@@ -821,17 +823,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         batch.set_applied(&encode(&applied)?);
         crate::fail_point!("apply-before-commit");
-        batch.commit()?;
         if !splits.is_empty() {
-            // The new ranges' state must be durable before they run (see
-            // `ApplyBatch::create_range`): the batch skipped the WAL.
+            // A batch that creates a range is durable once committed, written
+            // through the WAL over a flushed store (`ApplyBatch::create_range`);
+            // the flush runs off the async threads.
             let engine = self.engine.clone();
             run_blocking(engine.runs_inline(), move || Ok(engine.flush()?)).await?;
+            batch.flushed_before();
         }
+        batch.commit()?;
         crate::fail_point!("apply-after-commit");
         *self.applied_cache.lock().expect("applied lock") = Some(applied);
-        self.dedup_clock
-            .fetch_max(last_time_ms, std::sync::atomic::Ordering::Relaxed);
+        self.dedup_clock.applied(last_time_ms);
         *self.meta.write().expect("meta lock") = desc;
         for id in splits {
             (self.on_split)(id);

@@ -44,11 +44,41 @@ const MEMTABLE_BLOOM_RATIO: f64 = 0.05;
 /// either way).
 pub const DEDUP_PURGE_GRACE_MS: u64 = 15 * 60 * 1000;
 
-/// Per range, the latest proposal time (ms) of a command its state machine
-/// applied on this node since it opened: the clock the compaction filter
-/// drops expired dedup records by. A range not here keeps every record.
+/// One range's clock for the dedup compaction filter (see [`DedupClocks`]).
 #[derive(Debug, Default)]
-pub struct DedupClocks(RwLock<HashMap<u64, Arc<AtomicU64>>>);
+pub struct DedupClock {
+    /// The latest proposal time (ms) of a command the range applied here.
+    applied: AtomicU64,
+    /// The latest proposal time of a command whose applied state is in SST
+    /// files: raised to `applied` by each flush that covers it.
+    durable: AtomicU64,
+}
+
+impl DedupClock {
+    /// Notes that the range applied commands proposed up to `proposed_ms`.
+    pub fn applied(&self, proposed_ms: u64) {
+        self.applied.fetch_max(proposed_ms, Ordering::SeqCst);
+    }
+
+    /// The clock the compaction filter goes by.
+    pub fn durable(&self) -> u64 {
+        self.durable.load(Ordering::SeqCst)
+    }
+}
+
+/// Per range, the latest proposal time (ms) of a command its state machine
+/// applied on this node since it opened, and whose applied state a flush
+/// has made durable: the clock the compaction filter drops expired dedup
+/// records by. A range not here keeps every record.
+///
+/// Only flushed applies count: applied writes skip the WAL, so a crash makes
+/// the range apply again every command after its last flush. Those were
+/// proposed after the commands a flush covered (clock differences between
+/// leaders aside), so no record they look up is older than the grace
+/// allows; a clock raised by unflushed applies would let a compaction drop
+/// a record that a command applied again after a crash still needs.
+#[derive(Debug, Default)]
+pub struct DedupClocks(RwLock<HashMap<u64, Arc<DedupClock>>>);
 
 impl DedupClocks {
     fn get(&self, range_id: u64) -> Option<u64> {
@@ -56,10 +86,10 @@ impl DedupClocks {
             .read()
             .expect("dedup clocks lock")
             .get(&range_id)
-            .map(|c| c.load(Ordering::Relaxed))
+            .map(|c| c.durable())
     }
 
-    fn clock(&self, range_id: u64) -> Arc<AtomicU64> {
+    fn clock(&self, range_id: u64) -> Arc<DedupClock> {
         if let Some(c) = self.0.read().expect("dedup clocks lock").get(&range_id) {
             return c.clone();
         }
@@ -69,6 +99,23 @@ impl DedupClocks {
             .entry(range_id)
             .or_default()
             .clone()
+    }
+
+    /// What every range had applied, taken before a flush starts.
+    fn before_flush(&self) -> Vec<(Arc<DedupClock>, u64)> {
+        self.0
+            .read()
+            .expect("dedup clocks lock")
+            .values()
+            .map(|c| (c.clone(), c.applied.load(Ordering::SeqCst)))
+            .collect()
+    }
+
+    /// After that flush succeeded: those applies are durable.
+    fn flushed(taken: Vec<(Arc<DedupClock>, u64)>) {
+        for (c, t) in taken {
+            c.durable.fetch_max(t, Ordering::SeqCst);
+        }
     }
 
     fn forget(&self, range_id: u64) {
@@ -125,10 +172,9 @@ impl Default for EngineOptions {
     }
 }
 
-/// Default of [`EngineOptions::applied_flush_after`]. Far below
-/// [`DEDUP_PURGE_GRACE_MS`]: the commands a restart applies again were
-/// proposed at most about this long before the crash, so no dedup record
-/// they look up can have been dropped by a compaction meanwhile.
+/// Default of [`EngineOptions::applied_flush_after`]: how much a restart
+/// after a crash may have to apply again. (Dedup records a command applied
+/// again looks up are kept by [`DedupClock`], whatever this is.)
 pub const APPLIED_FLUSH_AFTER: Duration = Duration::from_secs(10);
 
 /// Since when the memtables hold applied writes that are in no SST file.
@@ -212,6 +258,15 @@ fn flush_all(db: &DB) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// [`flush_all`], with the bookkeeping of what it made durable: the age of
+/// unflushed applied writes and the ranges' dedup clocks.
+fn flush_applied(db: &DB, unflushed: &Unflushed, clocks: &DedupClocks) -> Result<(), StorageError> {
+    let taken = clocks.before_flush();
+    unflushed.flush_with(|| flush_all(db))?;
+    DedupClocks::flushed(taken);
+    Ok(())
+}
+
 /// The thread that flushes applied writes once the oldest has waited
 /// [`EngineOptions::applied_flush_after`]; stops when dropped.
 struct AppliedFlusher {
@@ -220,7 +275,12 @@ struct AppliedFlusher {
 }
 
 impl AppliedFlusher {
-    fn start(db: Arc<DB>, unflushed: Arc<Unflushed>, after: Duration) -> Self {
+    fn start(
+        db: Arc<DB>,
+        unflushed: Arc<Unflushed>,
+        clocks: Arc<DedupClocks>,
+        after: Duration,
+    ) -> Self {
         let (stop, rx) = mpsc::channel::<()>();
         let tick = (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let thread = std::thread::Builder::new()
@@ -230,7 +290,7 @@ impl AppliedFlusher {
                     if unflushed.age().is_none_or(|age| age < after) {
                         continue;
                     }
-                    if let Err(e) = unflushed.flush_with(|| flush_all(&db)) {
+                    if let Err(e) = flush_applied(&db, &unflushed, &clocks) {
                         tracing::warn!(error = %e, "cannot flush applied writes; retrying");
                     }
                 }
@@ -263,8 +323,8 @@ pub struct ScanItem {
 pub struct Engine {
     // Field order matters: the flusher and syncer threads must stop before
     // the DB closes.
-    /// `None` for an inline engine (the simulation): no thread, so what the
-    /// memtables hold at a crash does not depend on the wall clock.
+    /// `None` for an inline engine (the simulation): no thread, so when
+    /// flushes happen does not depend on the wall clock.
     _applied_flusher: Option<AppliedFlusher>,
     group_commit: GroupCommit,
     db: Arc<DB>,
@@ -372,7 +432,12 @@ impl Engine {
         let unflushed = Arc::new(Unflushed::new());
         Ok(Engine {
             _applied_flusher: (!inline_sync).then(|| {
-                AppliedFlusher::start(db.clone(), unflushed.clone(), opts.applied_flush_after)
+                AppliedFlusher::start(
+                    db.clone(),
+                    unflushed.clone(),
+                    dedup_clocks.clone(),
+                    opts.applied_flush_after,
+                )
             }),
             group_commit: if inline_sync {
                 GroupCommit::inline(db.clone())
@@ -440,7 +505,7 @@ impl Engine {
     /// WAL nor applies log entries again), and after a batch that created a
     /// range (see [`ApplyBatch::create_range`]).
     pub fn flush(&self) -> Result<(), StorageError> {
-        self.unflushed.flush_with(|| flush_all(&self.db))
+        flush_applied(&self.db, &self.unflushed, &self.dedup_clocks)
     }
 
     /// How long the oldest applied write that is only in memory has waited
@@ -730,7 +795,7 @@ impl Engine {
     /// The clock by which compactions drop `range_id`'s expired dedup
     /// records: its state machine raises it to the latest proposal time it
     /// applied.
-    pub fn dedup_clock(&self, range_id: u64) -> Arc<AtomicU64> {
+    pub fn dedup_clock(&self, range_id: u64) -> Arc<DedupClock> {
         self.dedup_clocks.clock(range_id)
     }
 
@@ -742,6 +807,8 @@ impl Engine {
             batch: WriteBatch::default(),
             data: BTreeMap::new(),
             dedup: BTreeMap::new(),
+            creates_range: false,
+            flushed_before: false,
         }
     }
 
@@ -1117,6 +1184,12 @@ pub struct ApplyBatch<'e> {
     /// Dedup records written by this batch: request id → (record, expiry),
     /// written in key order at commit as well.
     dedup: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
+    /// [`ApplyBatch::create_range`] was called: the batch is written through
+    /// the WAL, synced, over a flushed store.
+    creates_range: bool,
+    /// The caller flushed the engine after the range's last committed batch
+    /// ([`ApplyBatch::flushed_before`]).
+    flushed_before: bool,
 }
 
 impl ApplyBatch<'_> {
@@ -1177,17 +1250,22 @@ impl ApplyBatch<'_> {
     /// and a copy of this range's dedup table, so retries of writes applied
     /// before the split stay deduplicated on either side.
     ///
-    /// The batch is written without the WAL like any other: the caller must
-    /// call [`Engine::flush`] after committing it and before the new range
-    /// runs. A new range whose Raft group voted or appended (in the WAL)
-    /// would otherwise, after a crash, find its applied state and log start
-    /// gone, or overwritten by the split applied again.
+    /// Unlike other batches, this one is durable once committed: the
+    /// engine is flushed first (so every earlier applied write of the range
+    /// is in SST files), then the batch is written through the WAL and
+    /// synced. The new range can be opened as soon as its state is visible
+    /// (a Raft message for it, the node's reconcile pass), and its group
+    /// writes votes and log entries through the WAL: after a crash it must
+    /// never find its applied state and log start gone. Flushing takes a
+    /// while; a caller on an async thread flushes off it first and says so
+    /// with [`ApplyBatch::flushed_before`].
     pub fn create_range(
         &mut self,
         new_range_id: u64,
         applied: &[u8],
         purged: &[u8],
     ) -> Result<(), StorageError> {
+        self.creates_range = true;
         let cf_state = self.engine.cf(keys::CF_RANGE_STATE);
         self.batch.put_cf(
             cf_state,
@@ -1223,6 +1301,13 @@ impl ApplyBatch<'_> {
         Ok(())
     }
 
+    /// Tells a batch that creates a range that the caller flushed the engine
+    /// (with [`Engine::flush`]) after the range's last committed batch, so
+    /// the commit need not flush again.
+    pub fn flushed_before(&mut self) {
+        self.flushed_before = true;
+    }
+
     /// Sets the range's applied state, written in the same batch as the data.
     pub fn set_applied(&mut self, applied: &[u8]) {
         self.batch.put_cf(
@@ -1237,15 +1322,17 @@ impl ApplyBatch<'_> {
     /// newer than the last flush, which the range applies again from its log
     /// at restart (its applied state is in the same batch and so is lost
     /// with them; column families flush atomically). Writing each command a
-    /// second time through the WAL cost some 10% of a put's CPU
-    /// (bench/findings.md).
+    /// second time through the WAL cost a few percent of the puts a node
+    /// does (bench/findings.md).
     ///
-    /// What makes this safe: a log entry is purged only once a snapshot
-    /// file covering it is durable, and a restart whose applied state is
-    /// older than that snapshot installs it first; [`Engine::flush`] runs
-    /// within [`EngineOptions::applied_flush_after`] of an applied write and
-    /// at a clean shutdown; and a batch that created a range must be flushed
-    /// before the new range is used (see [`ApplyBatch::create_range`]).
+    /// What makes this safe (ARCHITECTURE.md, "Apply skips the WAL"): a log
+    /// entry is purged only below a snapshot, whose build flushes, and a
+    /// restart whose applied state is older than the snapshot file installs
+    /// it first; [`Engine::flush`] runs within
+    /// [`EngineOptions::applied_flush_after`] of an applied write and at a
+    /// clean shutdown; dedup records are dropped only by flushed applies
+    /// ([`DedupClock`]); and a batch that creates a range is written through
+    /// the WAL over a flushed store (see [`ApplyBatch::create_range`]).
     pub fn commit(mut self) -> Result<(), StorageError> {
         // The other writes of the batch (applied state, a split's new range)
         // touch other keys, so their order against these does not matter.
@@ -1266,6 +1353,12 @@ impl ApplyBatch<'_> {
                 keys::dedup_key(self.range_id, request_id),
                 dedup_value(*expires, record),
             );
+        }
+        if self.creates_range {
+            if !self.flushed_before {
+                self.engine.flush()?;
+            }
+            return self.engine.group_commit.write_logged(self.batch, true);
         }
         let mut unlogged = WriteOptions::default();
         unlogged.disable_wal(true);
@@ -1379,6 +1472,25 @@ mod tests {
                 }
                 std::mem::forget(e);
             }
+            "split" => {
+                let opts = EngineOptions {
+                    applied_flush_after: Duration::from_secs(3600),
+                    ..EngineOptions::default()
+                };
+                let e = Engine::open(&dir, &opts).unwrap();
+                applied(&e, 1, b"k1", b"v1", b"applied-1");
+                let mut b = e.apply_batch(1);
+                b.put(b"k2", 8, Bytes::from_static(b"v2"));
+                b.set_applied(b"applied-2");
+                b.create_range(2, b"new-applied", b"new-purged").unwrap();
+                b.commit().unwrap();
+                // The new range's group writes through the WAL; then the
+                // parent applies on, unlogged.
+                e.put_raft_state(2, RaftStateField::Vote, b"vote", true)
+                    .unwrap();
+                applied(&e, 1, b"k3", b"v3", b"applied-3");
+                std::mem::forget(e);
+            }
             other => panic!("unknown crash case {other}"),
         }
         println!("crash-child-ready");
@@ -1412,6 +1524,35 @@ mod tests {
             .map(|x| x.0)
             .collect();
         assert_eq!(log, [1, 2, 3], "a logged write was lost");
+    }
+
+    /// A batch that creates a range is durable once committed, with every
+    /// applied write before it: the new range never finds its state gone
+    /// after a crash, and the parent resumes right after the split.
+    #[test]
+    fn a_batch_that_creates_a_range_survives_a_crash_with_what_came_before() {
+        let dir = tempfile::tempdir().unwrap();
+        crash_after("split", dir.path());
+        let e = Engine::open(dir.path(), &EngineOptions::default()).unwrap();
+        let state = |range, field| e.range_state(range, field).unwrap();
+        assert_eq!(
+            state(2, RangeStateField::Applied).as_deref(),
+            Some(&b"new-applied"[..])
+        );
+        assert_eq!(
+            e.raft_state(2, RaftStateField::Purged).unwrap().as_deref(),
+            Some(&b"new-purged"[..])
+        );
+        assert_eq!(
+            e.raft_state(2, RaftStateField::Vote).unwrap().as_deref(),
+            Some(&b"vote"[..])
+        );
+        assert_eq!(
+            state(1, RangeStateField::Applied).as_deref(),
+            Some(&b"applied-2"[..])
+        );
+        assert!(e.get(b"k1").unwrap().is_some() && e.get(b"k2").unwrap().is_some());
+        assert_eq!(e.get(b"k3").unwrap(), None, "an unflushed apply survived");
     }
 
     /// The engine flushes applied writes by itself once the oldest has
@@ -1550,10 +1691,14 @@ mod tests {
         compact();
         assert_eq!(dedup_count(), 2, "no clock: every record kept");
         let clock = e.dedup_clock(1);
-        clock.store(100 + DEDUP_PURGE_GRACE_MS - 1, Ordering::Relaxed);
+        clock.applied(100 + DEDUP_PURGE_GRACE_MS - 1);
         compact();
         assert_eq!(dedup_count(), 2, "within the grace");
-        clock.store(100 + DEDUP_PURGE_GRACE_MS, Ordering::Relaxed);
+        // Applied past the grace, but not flushed: a crash would make the
+        // range apply those commands again, and they may still need it.
+        clock.applied(100 + DEDUP_PURGE_GRACE_MS);
+        e.db.compact_range_cf(e.cf(keys::CF_RANGE_STATE), None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(dedup_count(), 2, "dropped by an apply no flush covered");
         compact();
         assert_eq!(dedup_count(), 1, "r1 dropped");
         assert_eq!(e.dedup_get(1, b"r2", 150).unwrap().unwrap(), b"two");

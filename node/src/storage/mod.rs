@@ -14,7 +14,10 @@ mod snapshot;
 pub mod value;
 
 pub use budget::ByteBudget;
-pub use engine::{ApplyBatch, Engine, EngineOptions, ScanItem};
+pub use engine::{
+    ApplyBatch, DedupClock, Engine, EngineOptions, ScanItem, APPLIED_FLUSH_AFTER,
+    DEDUP_PURGE_GRACE_MS,
+};
 pub use group_commit::{Foreground, SyncCallback};
 pub use snapshot::{SnapshotExport, SNAPSHOT_CHUNK_BYTES};
 pub use value::StoredValue;

@@ -181,7 +181,14 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
 async fn a_full_restart_keeps_all_acknowledged_data() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         phase!("start 3 nodes and write 300 keys");
-        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        // No flush of applied writes by time before the kill: every node
+        // must apply its log again at restart.
+        let mut c = TestCluster::start(ClusterOptions {
+            config: "applied_flush_after_ms = 300000\n".into(),
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
         let client = c.client();
         let mut expected = BTreeMap::new();
         for i in 0..300u32 {
@@ -220,12 +227,19 @@ async fn a_full_restart_keeps_all_acknowledged_data() {
             .unwrap()
             .is_none());
 
-        // Applied writes skip the WAL and the kill came within the engine's
-        // flush wait: each node applied its log again at restart, and must
-        // have come to the same keys and versions.
-        phase!("every node holds every write locally, with its version");
+        // Applied writes skip the WAL, and nothing flushed them before the
+        // kill: each node applied its log again at restart, and must have
+        // come to the same keys and versions.
+        phase!(
+            "every node applied its log again; each holds every write locally, with its version"
+        );
         let last = client.put("after-restart", "x").await.unwrap().index;
         for id in 1..=3 {
+            let log = std::fs::read_to_string(c.dir().join(format!("node-{id}.log"))).unwrap();
+            assert!(
+                log.contains("applying the log again"),
+                "node {id} did not apply its log again after the kill"
+            );
             c.wait_applied(id, last, Duration::from_secs(30))
                 .await
                 .unwrap();
