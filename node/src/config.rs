@@ -11,11 +11,10 @@ use serde::Deserialize;
 use crate::raft::RaftTuning;
 use crate::storage::EngineOptions;
 
-/// Most `applied_flush_after_ms` may be: a third of the grace before a
-/// compaction drops an expired dedup record
-/// ([`crate::storage::DEDUP_PURGE_GRACE_MS`]), leaving the rest for clock
-/// differences between leaders.
-pub const APPLIED_FLUSH_AFTER_MS_MAX: u64 = crate::storage::DEDUP_PURGE_GRACE_MS / 3;
+/// Most `applied_flush_after_ms` may be (5 minutes): it bounds how much a
+/// restart after a crash applies again from the log, and with it how long
+/// that restart takes.
+pub const APPLIED_FLUSH_AFTER_MS_MAX: u64 = 5 * 60 * 1000;
 
 /// Settings read from `--config FILE`. Every field is optional; absent fields
 /// take the defaults below.
@@ -262,7 +261,7 @@ impl NodeConfig {
         }
         if !(100..=APPLIED_FLUSH_AFTER_MS_MAX).contains(&f.applied_flush_after_ms) {
             return Err(format!(
-                "applied_flush_after_ms must be in [100, {APPLIED_FLUSH_AFTER_MS_MAX}]: commands a crash makes a range apply again must find the dedup records they found the first time"
+                "applied_flush_after_ms must be in [100, {APPLIED_FLUSH_AFTER_MS_MAX}]: it bounds what a restart after a crash applies again"
             ));
         }
         if f.replication_factor == 0 || f.replication_factor > 7 {

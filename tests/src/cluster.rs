@@ -245,7 +245,12 @@ impl TestCluster {
         for i in 1..=opts.nodes as u64 {
             c.spawn(i)?;
         }
-        c.wait_leader(Duration::from_secs(30)).await?;
+        if let Err(e) = c.wait_leader(Duration::from_secs(30)).await {
+            // The cluster is dropped before the test panics on the error,
+            // so its drop would not show why: the logs go out here.
+            eprintln!("{}", c.log_tails(40));
+            return Err(e);
+        }
         Ok(c)
     }
 

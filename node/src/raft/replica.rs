@@ -515,7 +515,7 @@ async fn start_group(
                     range_id,
                     applied = applied_index,
                     committed = committed.index(),
-                    "applied state is behind the saved commit (writes applied since the last flush were lost by a crash); applying the log again"
+                    "applied state is behind the saved commit (a crash lost what was applied since the last flush, or apply lagged at the stop); applying the log again"
                 );
             }
         }

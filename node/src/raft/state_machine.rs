@@ -823,7 +823,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         batch.set_applied(&encode(&applied)?);
         crate::fail_point!("apply-before-commit");
-        if !splits.is_empty() {
+        if batch.creates_range() {
             // A batch that creates a range is durable once committed, written
             // through the WAL over a flushed store (`ApplyBatch::create_range`);
             // the flush runs off the async threads.

@@ -502,8 +502,8 @@ impl Engine {
     /// Flushes every memtable to SST files, all column families as of one
     /// write: afterwards every state machine's applied writes so far are
     /// durable. Before a clean shutdown (a restart then neither replays the
-    /// WAL nor applies log entries again), and after a batch that created a
-    /// range (see [`ApplyBatch::create_range`]).
+    /// WAL nor applies log entries again), after a snapshot build, and
+    /// before a batch that creates a range (see [`ApplyBatch::create_range`]).
     pub fn flush(&self) -> Result<(), StorageError> {
         flush_applied(&self.db, &self.unflushed, &self.dedup_clocks)
     }
@@ -793,8 +793,8 @@ impl Engine {
     }
 
     /// The clock by which compactions drop `range_id`'s expired dedup
-    /// records: its state machine raises it to the latest proposal time it
-    /// applied.
+    /// records: its state machine notes the latest proposal time it applied,
+    /// and the compactions go by the latest one a flush made durable.
     pub fn dedup_clock(&self, range_id: u64) -> Arc<DedupClock> {
         self.dedup_clocks.clock(range_id)
     }
@@ -1190,6 +1190,14 @@ pub struct ApplyBatch<'e> {
     /// The caller flushed the engine after the range's last committed batch
     /// ([`ApplyBatch::flushed_before`]).
     flushed_before: bool,
+}
+
+impl ApplyBatch<'_> {
+    /// Whether [`ApplyBatch::create_range`] was called: the commit then
+    /// flushes the engine unless told it was flushed just before.
+    pub fn creates_range(&self) -> bool {
+        self.creates_range
+    }
 }
 
 impl ApplyBatch<'_> {
