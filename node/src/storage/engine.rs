@@ -1439,13 +1439,16 @@ mod tests {
             return;
         };
         let dir = PathBuf::from(dir);
+        let open = |applied_flush_after| {
+            let opts = EngineOptions {
+                applied_flush_after,
+                ..EngineOptions::default()
+            };
+            Engine::open(&dir, &opts).unwrap()
+        };
         match case.as_str() {
             "lose-back-to-flush" => {
-                let opts = EngineOptions {
-                    applied_flush_after: Duration::from_secs(3600),
-                    ..EngineOptions::default()
-                };
-                let e = Engine::open(&dir, &opts).unwrap();
+                let e = open(Duration::from_secs(3600));
                 e.log_append(1, &[(1, b"e1".to_vec()), (2, b"e2".to_vec())])
                     .unwrap();
                 synced(&e);
@@ -1467,11 +1470,7 @@ mod tests {
                 std::mem::forget(e);
             }
             "flushed-in-time" => {
-                let opts = EngineOptions {
-                    applied_flush_after: Duration::from_millis(200),
-                    ..EngineOptions::default()
-                };
-                let e = Engine::open(&dir, &opts).unwrap();
+                let e = open(Duration::from_millis(200));
                 applied(&e, 1, b"k1", b"v1", b"applied-1");
                 let until = Instant::now() + Duration::from_secs(30);
                 while e.applied_unflushed_for().is_some() {
@@ -1481,11 +1480,7 @@ mod tests {
                 std::mem::forget(e);
             }
             "split" => {
-                let opts = EngineOptions {
-                    applied_flush_after: Duration::from_secs(3600),
-                    ..EngineOptions::default()
-                };
-                let e = Engine::open(&dir, &opts).unwrap();
+                let e = open(Duration::from_secs(3600));
                 applied(&e, 1, b"k1", b"v1", b"applied-1");
                 let mut b = e.apply_batch(1);
                 b.put(b"k2", 8, Bytes::from_static(b"v2"));
