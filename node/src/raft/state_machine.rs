@@ -140,8 +140,9 @@ pub struct StateMachine {
     dedup_window: Duration,
     current_snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
     on_split: SplitHook,
-    /// The latest proposal time applied here: compactions drop this range's
-    /// dedup records that expired well before it (see the engine).
+    /// Where this state machine notes the latest proposal time it applied;
+    /// compactions drop the range's dedup records that expired well before
+    /// the latest one a flush made durable (see the engine).
     dedup_clock: Arc<crate::storage::DedupClock>,
     /// The applied state as last written by this state machine (or read
     /// from the engine), so that an apply does not read it back from

@@ -10,8 +10,9 @@
 //! Writes that go to the WAL are made through [`GroupCommit::write_logged`],
 //! which keeps the synced-sequence mark true while other writes skip the WAL
 //! (a state machine's applied batches, see `Engine`): the mark a sync records
-//! is the sequence number the database had just before the latest logged
-//! write it covers, never a sequence number only an unlogged write holds.
+//! is the last sequence number of the latest logged write it covers, or the
+//! number just before that write when another write took sequence numbers
+//! meanwhile; never a sequence number only an unlogged write holds.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -34,10 +35,9 @@ pub struct GroupCommit {
     db: Arc<rocksdb::DB>,
     /// Held by whoever syncs: the thread, or a caller syncing in place.
     mark: Arc<Mutex<SyncedMark>>,
-    /// The highest sequence number the database had just before a write
-    /// that went to the WAL: below that write's own, so a sync started
-    /// after the write returned can record it as durable (see
-    /// [`GroupCommit::write_logged`]).
+    /// The highest sequence number a write that went to the WAL is known
+    /// to reach (see [`GroupCommit::write_logged`]): a sync started after
+    /// the write returned records it as durable.
     logged: Arc<AtomicU64>,
     /// Callbacks queued for the thread and not completed yet.
     queued: Arc<AtomicUsize>,
