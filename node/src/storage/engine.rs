@@ -1198,9 +1198,7 @@ impl ApplyBatch<'_> {
     pub fn creates_range(&self) -> bool {
         self.creates_range
     }
-}
 
-impl ApplyBatch<'_> {
     /// Reads a key, seeing this batch's pending writes.
     pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
         match self.data.get(key) {
