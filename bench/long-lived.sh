@@ -27,31 +27,30 @@ for b in lmskv-node lmskv-bench lmskv; do
   [ -x "$BIN/$b" ] || { echo "long-lived: $BIN/$b not found; run make build-release first" >&2; exit 2; }
 done
 case "$RUNS" in '' | *[!0-9]* | 0) echo "long-lived: RUNS must be a positive number" >&2; exit 2 ;; esac
-for p in $BASE_PORT $((BASE_PORT + 1)) $((BASE_PORT + 2)); do
-  if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then
-    echo "long-lived: port $p is in use; set BASE_PORT" >&2; exit 2
-  fi
-done
 mkdir -p "$OUT"
 data=$(mktemp -d /tmp/lmskv-long-lived-data.XXXX)
 printf 'split_qps = 0.0\n%b' "$EXTRA" > "$data/node.toml"
 eps=127.0.0.1:$BASE_PORT,127.0.0.1:$((BASE_PORT + 1)),127.0.0.1:$((BASE_PORT + 2))
-pids=()
+up=
 cleanup() {
-  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null
-  wait 2>/dev/null
+  # `lmskv local up` stops its nodes on an interrupt.
+  [ -n "$up" ] && kill -INT "$up" 2>/dev/null && wait "$up" 2>/dev/null
   rm -rf "$data"
 }
 trap cleanup EXIT INT TERM
-for i in 1 2 3; do
-  LMSKV_LOG=${LMSKV_LOG:-warn} "$BIN/lmskv-node" --node-id $i --listen 127.0.0.1:$((BASE_PORT + i - 1)) \
-    --data-dir "$data/node-$i" --join "$eps" --worker-threads 1 --config "$data/node.toml" \
-    > "$data/node-$i.log" 2>&1 &
-  pids+=($!)
-done
+LMSKV_LOG=${LMSKV_LOG:-warn} "$BIN/lmskv" local up --nodes 3 --base-port "$BASE_PORT" \
+  --data-dir "$data" --config "$data/node.toml" --worker-threads 1 --endpoints "$eps" \
+  > "$data/local-up.log" 2>&1 &
+up=$!
 # The placement driver moves a leader only to a node up for 10 s.
 echo "long-lived: cluster starting; waiting ${SETTLE:-25}s for its leaders to settle"
 sleep "${SETTLE:-25}"
+mapfile -t pids < <(pgrep -P "$up" -x lmskv-node)
+if [ ${#pids[@]} -ne 3 ]; then
+  echo "long-lived: the cluster did not start; its output:" >&2
+  cat "$data/local-up.log" >&2
+  exit 1
+fi
 server_pids=$(IFS=,; echo "${pids[*]}")
 
 # CPU ticks (1/100 s) by thread name, summed over the three nodes.
