@@ -48,6 +48,7 @@ fn codecs(c: &mut Criterion) {
         write: Some(v1::WriteOptions {
             request_id: Bytes::from(vec![7u8; 16]),
             durability: v1::Durability::Majority as i32,
+            completed_below: 1,
         }),
     };
     bench_message(c, "put_request_256B", &put);

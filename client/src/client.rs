@@ -535,19 +535,87 @@ served!(
 /// Node channels kept at most, beyond the seed endpoints.
 const CHANNELS_MAX: usize = 1_024;
 
-/// A fresh request id: this process's random 8-byte prefix, then a counter.
-/// Unique across processes (the prefix) and increasing within one, so the
+/// This process's client session: a random 8-byte id, the next request
+/// number, and the numbers of the generated request ids still in flight.
+struct Session {
+    id: [u8; 8],
+    next: u64,
+    in_flight: std::collections::BTreeSet<u64>,
+}
+
+impl Session {
+    fn new(id: [u8; 8]) -> Self {
+        Session {
+            id,
+            next: 1,
+            in_flight: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// Numbers a request and registers it in flight, under one lock: a
+    /// mark taken by another request never passes a number handed out but
+    /// not yet registered. Returns the number and the completed mark: the
+    /// lowest number in flight, this one included.
+    fn start(&mut self) -> (u64, u64) {
+        let n = self.next;
+        self.next += 1;
+        self.in_flight.insert(n);
+        (n, *self.in_flight.first().expect("n is in flight"))
+    }
+
+    fn finish(&mut self, n: u64) {
+        self.in_flight.remove(&n);
+    }
+}
+
+fn session() -> &'static std::sync::Mutex<Session> {
+    static SESSION: std::sync::OnceLock<std::sync::Mutex<Session>> = std::sync::OnceLock::new();
+    SESSION.get_or_init(|| std::sync::Mutex::new(Session::new(rand::random())))
+}
+
+/// A generated request id, in flight until dropped: hold it until the
+/// call that sends it returns, so that no request id sent later marks it
+/// completed while it may still be retried.
+#[derive(Debug)]
+pub(crate) struct InFlight(u64);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        session()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish(self.0);
+    }
+}
+
+/// A generated request id and the session's completed mark sent with it.
+#[derive(Debug)]
+pub(crate) struct RequestId {
+    /// The session's id (8 bytes), then this request's number (big-endian).
+    pub id: Bytes,
+    /// The lowest number in flight when the id was made (its own at most):
+    /// every request of the session numbered below it has returned, so the
+    /// ranges may drop their dedup records and refuse late copies of them
+    /// (`WriteOptions.completed_below`).
+    pub completed_below: u64,
+    pub in_flight: InFlight,
+}
+
+/// A fresh request id: this process's session id, then a counter. Unique
+/// across processes (the session id) and increasing within one, so the
 /// dedup records a busy client leaves on a range are inserted in key order,
 /// which RocksDB's memtable does far more cheaply than random keys.
-pub(crate) fn new_request_id() -> Bytes {
-    static PREFIX: std::sync::OnceLock<[u8; 8]> = std::sync::OnceLock::new();
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(rand::random);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+pub(crate) fn new_request_id() -> RequestId {
+    let mut s = session().lock().unwrap_or_else(|e| e.into_inner());
+    let (n, completed_below) = s.start();
     let mut id = [0u8; 16];
-    id[..8].copy_from_slice(prefix);
+    id[..8].copy_from_slice(&s.id);
     id[8..].copy_from_slice(&n.to_be_bytes());
-    Bytes::copy_from_slice(&id)
+    RequestId {
+        id: Bytes::copy_from_slice(&id),
+        completed_below,
+        in_flight: InFlight(n),
+    }
 }
 
 pub(crate) fn check_key(field: &str, key: &[u8]) -> Result<(), ClientError> {
@@ -593,16 +661,43 @@ pub(crate) fn check_write_opts(o: &WriteOptions) -> Result<(), ClientError> {
     })
 }
 
-/// The options of a write as sent, once [`check_write_opts`] passed.
-pub(crate) fn write_opts(o: &WriteOptions) -> Result<v1::WriteOptions, ClientError> {
+/// The options of a write as sent, once [`check_write_opts`] passed, and
+/// the generated request id's hold on its number (none when the caller
+/// chose the id): keep it until the call returns.
+pub(crate) fn write_opts(
+    o: &WriteOptions,
+) -> Result<(v1::WriteOptions, Option<InFlight>), ClientError> {
     check_write_opts(o)?;
-    Ok(v1::WriteOptions {
-        request_id: o.request_id.clone().unwrap_or_else(new_request_id),
-        durability: match o.durability {
-            Durability::Majority => v1::Durability::Majority,
-            Durability::All => v1::Durability::All,
-        } as i32,
+    let durability = durability_proto(o.durability);
+    Ok(match &o.request_id {
+        Some(id) => (
+            v1::WriteOptions {
+                request_id: id.clone(),
+                durability,
+                completed_below: 0,
+            },
+            None,
+        ),
+        None => {
+            let r = new_request_id();
+            (
+                v1::WriteOptions {
+                    request_id: r.id,
+                    durability,
+                    completed_below: r.completed_below,
+                },
+                Some(r.in_flight),
+            )
+        }
     })
+}
+
+pub(crate) fn durability_proto(d: Durability) -> i32 {
+    let d = match d {
+        Durability::Majority => v1::Durability::Majority,
+        Durability::All => v1::Durability::All,
+    };
+    d as i32
 }
 
 /// The state an acknowledged write left its key in, for the read cache.
@@ -965,11 +1060,12 @@ impl Client {
         check_key("key", &key)?;
         check_value("value", &value)?;
         // One request id for every retry of this call: applied at most once.
+        let (write, _in_flight) = write_opts(opts)?;
         let req = v1::PutRequest {
             header: None,
             key: key.clone(),
             value: value.clone(),
-            write: Some(write_opts(opts)?),
+            write: Some(write),
         };
         let (resp, started) = self
             .write_key(&key, |mut c, header| {
@@ -1012,10 +1108,11 @@ impl Client {
     ) -> Result<(bool, WriteResult), ClientError> {
         let key = key.into();
         check_key("key", &key)?;
+        let (write, _in_flight) = write_opts(opts)?;
         let req = v1::DeleteRequest {
             header: None,
             key: key.clone(),
-            write: Some(write_opts(opts)?),
+            write: Some(write),
         };
         let (resp, started) = self
             .write_key(&key, |mut c, header| {
@@ -1065,12 +1162,13 @@ impl Client {
         if let Some(v) = &new_value {
             check_value("new_value", v)?;
         }
+        let (write, _in_flight) = write_opts(opts)?;
         let req = v1::CompareAndSwapRequest {
             header: None,
             compare: Some(compare_proto(key.clone(), compare)),
             delete: new_value.is_none(),
             new_value: new_value.unwrap_or_default(),
-            write: Some(write_opts(opts)?),
+            write: Some(write),
         };
         let (resp, started) = self
             .write_key(&key, |mut c, header| {
@@ -1132,6 +1230,7 @@ impl Client {
                 })
             })
             .collect::<Result<_, ClientError>>()?;
+        let (write, _in_flight) = write_opts(opts)?;
         let req = v1::BatchRequest {
             header: None,
             conditions: conditions
@@ -1139,7 +1238,7 @@ impl Client {
                 .map(|(k, c)| compare_proto(k, c))
                 .collect(),
             ops,
-            write: Some(write_opts(opts)?),
+            write: Some(write),
         };
         let mut keys: Vec<Bytes> = req
             .conditions
@@ -1223,11 +1322,42 @@ mod tests {
 
     #[test]
     fn request_ids_are_distinct_and_increase_within_a_process() {
-        let ids: Vec<Bytes> = (0..1000).map(|_| new_request_id()).collect();
+        let reqs: Vec<RequestId> = (0..1000).map(|_| new_request_id()).collect();
+        let ids: Vec<&Bytes> = reqs.iter().map(|r| &r.id).collect();
         assert!(ids
             .iter()
             .all(|id| id.len() == 16 && id[..8] == ids[0][..8]));
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids not increasing");
+        for r in &reqs {
+            let n = u64::from_be_bytes(r.id[8..].try_into().unwrap());
+            assert!(
+                (1..=n).contains(&r.completed_below),
+                "mark {} of request {n}",
+                r.completed_below
+            );
+        }
+    }
+
+    /// The mark sent with a request never passes a request still in
+    /// flight, and rises as soon as the oldest ones return.
+    #[test]
+    fn the_completed_mark_is_the_oldest_request_in_flight() {
+        let mut s = Session::new([7; 8]);
+        let (a, mark_a) = s.start();
+        assert_eq!(mark_a, a, "alone in flight");
+        let (b, mark_b) = s.start();
+        let (c, _) = s.start();
+        assert_eq!(mark_b, a, "a is still in flight");
+        s.finish(b);
+        assert_eq!(s.start().1, a, "b returned, a not yet");
+        s.finish(a);
+        let (d, mark_d) = s.start();
+        assert_eq!(mark_d, c, "a and b returned: the oldest in flight is c");
+        s.finish(c);
+        s.finish(d);
+        let (e, mark_e) = s.start();
+        assert_eq!(mark_e, e, "nothing else in flight");
+        assert!(a < b && b < c && c < d && d < e);
     }
 
     #[test]

@@ -18,8 +18,8 @@ use lmskv_proto::v1::{self, batch_op, RangeDescriptor};
 
 use crate::call::{Budget, RangeCallError};
 use crate::client::{
-    check_key, check_value, new_request_id, write_opts, Client, KeyValue, ReadConsistency, Route,
-    WriteOptions, WriteResult,
+    check_key, check_value, durability_proto, new_request_id, Client, KeyValue, ReadConsistency,
+    Route, WriteOptions, WriteResult,
 };
 use crate::error::ClientError;
 use crate::read_cache::{fresh_at, CachedRead, Fence};
@@ -357,12 +357,17 @@ impl Client {
                             })),
                         })
                         .collect();
-                    // One id for every retry of this range's batch.
+                    // One id for every retry of this range's batch, held
+                    // in flight until the batch's call returns.
+                    let id = new_request_id();
                     let write = v1::WriteOptions {
-                        request_id: new_request_id(),
-                        ..write_opts(opts).expect("checked at the start")
+                        request_id: id.id,
+                        durability: durability_proto(opts.durability),
+                        completed_below: id.completed_below,
                     };
+                    let in_flight = id.in_flight;
                     async move {
+                        let _in_flight = in_flight;
                         let (first, last) = (g.keys[0].clone(), g.keys[g.keys.len() - 1].clone());
                         let fits = move |d: &RangeDescriptor| {
                             range::contains(d, &first) && range::contains(d, &last)

@@ -29,9 +29,10 @@
 //! |---|---|
 //! | 1 | everything before cluster versions |
 //! | 2 | a split starts the new range's log at the split's own index ([`SPLIT_AT_INDEX`]) |
+//! | 3 | writes carry their client session's completed mark ([`SESSION_MARKS`]) |
 
 /// The highest cluster version this binary runs.
-pub const CLUSTER_VERSION: u32 = 2;
+pub const CLUSTER_VERSION: u32 = 3;
 
 /// The version of a cluster that has never recorded one.
 pub const CLUSTER_VERSION_BASE: u32 = 1;
@@ -42,6 +43,13 @@ pub const CLUSTER_VERSION_BASE: u32 = 1;
 /// and a compare-and-swap on a version read before the split cannot match a
 /// later write of the new range.
 pub const SPLIT_AT_INDEX: u32 = 2;
+
+/// From this version on, a leader proposes a write that carries its client
+/// session's completed mark (`WriteOptions.completed_below`) as
+/// `Op::Session`: applying it refuses requests of the session below the
+/// mark and drops their dedup records, which a binary from before it cannot
+/// decode.
+pub const SESSION_MARKS: u32 = 3;
 
 /// The version a node reports: 0 (a binary from before cluster versions)
 /// counts as [`CLUSTER_VERSION_BASE`].

@@ -60,6 +60,17 @@ pub enum Op {
         new_range_id: u64,
         version: u64,
     },
+    /// A client write (`op`: never a split, a group or another session)
+    /// whose 16-byte request id is a client session (8 bytes) and a sequence
+    /// number (big-endian), sent with the session's completed mark: the
+    /// client has the outcome of, or gave up on, every request of the
+    /// session numbered below `completed_below`. Applying it refuses a
+    /// request of the session numbered below the highest mark the range
+    /// applied ([`CommandResponse::Superseded`], nothing applied) and drops
+    /// the dedup records below it, so a range keeps records only for
+    /// requests still in flight (cluster version 3,
+    /// `crate::version::SESSION_MARKS`).
+    Session { completed_below: u64, op: Box<Op> },
 }
 
 /// What a range replica knows about its own range: the span and the epoch.
@@ -149,6 +160,21 @@ pub enum CommandResponse {
     KeyNotInRange,
     /// The responses of an [`Op::Group`]'s commands, in order.
     Group(Vec<CommandResponse>),
+    /// The write's request id is below its session's completed mark (see
+    /// [`Op::Session`]): the client already had its outcome or gave up on
+    /// it, so this is a late copy; nothing was applied.
+    Superseded,
+}
+
+/// The client session and sequence number of a request id made of both
+/// (see [`Op::Session`]): 16 bytes, the sequence number big-endian.
+pub fn session_of(request_id: &[u8]) -> Option<([u8; 8], u64)> {
+    let id: &[u8; 16] = request_id.try_into().ok()?;
+    let (session, seq) = id.split_at(8);
+    Some((
+        session.try_into().expect("8 bytes"),
+        u64::from_be_bytes(seq.try_into().expect("8 bytes")),
+    ))
 }
 
 impl Op {
@@ -169,6 +195,7 @@ impl Op {
             )),
             Op::Split { .. } | Op::SplitAtIndex { .. } => Box::new(std::iter::empty()),
             Op::Group(cmds) => Box::new(cmds.iter().flat_map(|c| c.op.keys())),
+            Op::Session { op, .. } => op.keys(),
         }
     }
 
@@ -199,6 +226,7 @@ impl Op {
                 .iter()
                 .map(|c| c.request_id.len() + c.op.payload_bytes())
                 .sum(),
+            Op::Session { op, .. } => op.payload_bytes(),
         }
     }
 }
@@ -250,6 +278,17 @@ impl std::fmt::Display for Command {
                 ..
             } => write!(f, "split at {} into range {new_range_id}", key(split_key)),
             Op::Group(cmds) => write!(f, "group of {} writes", cmds.len()),
+            Op::Session {
+                completed_below,
+                op,
+            } => {
+                let inner = Command {
+                    request_id: self.request_id.clone(),
+                    proposed_at_ms: self.proposed_at_ms,
+                    op: (**op).clone(),
+                };
+                write!(f, "{inner} (session mark {completed_below})")
+            }
         }
     }
 }

@@ -24,10 +24,10 @@ use openraft::{EntryPayload, Membership, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
-use super::command::{Command, CommandResponse, KvRecord, Op, RangeMeta, WriteOp};
+use super::command::{session_of, Command, CommandResponse, KvRecord, Op, RangeMeta, WriteOp};
 use super::TypeConfig;
 use crate::storage::keys::RangeStateField;
-use crate::storage::{ApplyBatch, Engine, StorageError};
+use crate::storage::{ApplyBatch, Engine, SessionMark, StorageError};
 
 /// Runs `work`, which blocks on files and RocksDB, on a blocking thread; or,
 /// when `inline` (an engine opened for the simulation, see
@@ -151,6 +151,82 @@ pub struct StateMachine {
     applied_cache: Arc<Mutex<Option<AppliedState>>>,
     /// The range's snapshot installs, shared with the replica.
     installs: Arc<Installs>,
+    /// The dedup records of client sessions this replica wrote and has not
+    /// deleted yet, so that raising a session's mark deletes them.
+    sessions: Arc<Mutex<SessionRecords>>,
+}
+
+/// How far a session's completed mark must rise before a command writes it
+/// again (and deletes the records below it): the mark is a key rewritten in
+/// the range's state, so not on every write; a range keeps at most about
+/// this many records of a session beyond those in flight.
+const SESSION_MARK_STEP: u64 = 32;
+
+/// Request numbers a replica keeps per range for [`SessionRecords`]; the
+/// records of requests beyond that leave by expiry only.
+const SESSION_RECORDS_MAX: usize = 1 << 17;
+
+/// The 16-byte request id of a session's request number.
+fn request_id_of(session: &[u8; 8], seq: u64) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(session);
+    id[8..].copy_from_slice(&seq.to_be_bytes());
+    id
+}
+
+/// Per client session, the numbers of the requests whose dedup records a
+/// replica wrote and has not deleted, with the session's last proposal
+/// time. Not replicated and not kept across restarts or snapshot installs:
+/// what is applied never depends on it (a request below a session's mark is
+/// refused whether its record is there or not), and records it does not
+/// know of leave by expiry, as records without a session do.
+#[derive(Debug, Default)]
+struct SessionRecords {
+    by_session: std::collections::HashMap<[u8; 8], (std::collections::BTreeSet<u64>, u64)>,
+    total: usize,
+    /// Proposal time before which a full table is not pruned again.
+    next_prune_ms: u64,
+}
+
+impl SessionRecords {
+    /// Removes and returns the session's request numbers below `below`.
+    fn take_below(&mut self, session: &[u8; 8], below: u64) -> Vec<u64> {
+        let Some((seqs, _)) = self.by_session.get_mut(session) else {
+            return Vec::new();
+        };
+        let keep = seqs.split_off(&below);
+        let taken = std::mem::replace(seqs, keep);
+        self.total -= taken.len();
+        if seqs.is_empty() {
+            self.by_session.remove(session);
+        }
+        taken.into_iter().collect()
+    }
+
+    /// Notes a record of `session` for request `seq`, proposed at `now_ms`;
+    /// when full, first forgets sessions idle for a whole `window_ms`.
+    fn insert(&mut self, session: [u8; 8], seq: u64, now_ms: u64, window_ms: u64) {
+        if self.total >= SESSION_RECORDS_MAX && now_ms >= self.next_prune_ms {
+            self.next_prune_ms = now_ms + 1_000;
+            let mut dropped = 0;
+            self.by_session.retain(|_, (seqs, last)| {
+                let keep = *last + window_ms > now_ms;
+                if !keep {
+                    dropped += seqs.len();
+                }
+                keep
+            });
+            self.total -= dropped;
+        }
+        if self.total >= SESSION_RECORDS_MAX {
+            return;
+        }
+        let (seqs, last) = self.by_session.entry(session).or_default();
+        *last = (*last).max(now_ms);
+        if seqs.insert(seq) {
+            self.total += 1;
+        }
+    }
 }
 
 /// A range's snapshot installs, shared by its state machine and its replica
@@ -232,6 +308,7 @@ impl StateMachine {
             dedup_clock: engine.dedup_clock(range_id),
             applied_cache: Arc::new(Mutex::new(None)),
             installs,
+            sessions: Arc::default(),
         };
         // Remove partial files of builds or transfers that did not finish
         // (when a parked group is loaded again, a snapshot being received
@@ -536,6 +613,94 @@ impl StateMachine {
         index: u64,
         cmd: &Command,
     ) -> Result<CommandResponse, io::Error> {
+        let inner;
+        let mut session = None;
+        let cmd = match &cmd.op {
+            Op::Session {
+                completed_below,
+                op,
+            } => {
+                // The proposer sends only 16-byte ids with a mark; another
+                // id is deduplicated as if it came without one.
+                if let Some((id, seq)) = session_of(&cmd.request_id) {
+                    let mark = batch.session_mark(&id, cmd.proposed_at_ms)?;
+                    if seq < mark.map_or(0, |m| m.completed_below) {
+                        return Ok(CommandResponse::Superseded);
+                    }
+                    session = Some((id, seq, *completed_below, mark));
+                }
+                inner = Command {
+                    request_id: cmd.request_id.clone(),
+                    proposed_at_ms: cmd.proposed_at_ms,
+                    op: (**op).clone(),
+                };
+                &inner
+            }
+            _ => cmd,
+        };
+        let resp = self.apply_unmarked(batch, desc, membership, splits, index, cmd)?;
+        if let Some((id, seq, completed_below, mark)) = session {
+            self.note_session(batch, cmd, (id, seq), completed_below, mark, &resp);
+        }
+        Ok(resp)
+    }
+
+    /// Raises a client session's completed mark on the range (when the
+    /// command's mark is well above the stored one, or the stored one is
+    /// half-way to expiring) and deletes the dedup records this replica
+    /// knows of below the new mark: no request below it is applied again.
+    fn note_session(
+        &self,
+        batch: &mut ApplyBatch<'_>,
+        cmd: &Command,
+        (id, seq): ([u8; 8], u64),
+        completed_below: u64,
+        mark: Option<SessionMark>,
+        resp: &CommandResponse,
+    ) {
+        let window = self.dedup_window.as_millis() as u64;
+        let stored = mark.map_or(0, |m| m.completed_below);
+        let stale = mark.is_none_or(|m| m.expires_at_ms < cmd.proposed_at_ms + window / 2);
+        // The mark never exceeds the request's own number (the client's
+        // mark is the lowest number it has in flight, this one included).
+        let raised = completed_below.min(seq);
+        let raise =
+            mark.is_none() || raised >= stored + SESSION_MARK_STEP || (stale && raised > stored);
+        let mut tracked = self.sessions.lock().expect("sessions lock");
+        if raise || stale {
+            let to = raised.max(stored);
+            // Never earlier than before: a mark outlives every record it
+            // made go (their expiry is their proposal time plus the window).
+            let expires_at_ms = mark
+                .map_or(0, |m| m.expires_at_ms)
+                .max(cmd.proposed_at_ms + window);
+            batch.set_session_mark(
+                &id,
+                SessionMark {
+                    completed_below: to,
+                    expires_at_ms,
+                },
+            );
+            for below in tracked.take_below(&id, to) {
+                batch.dedup_delete(&request_id_of(&id, below));
+            }
+        }
+        if !matches!(resp, CommandResponse::KeyNotInRange) {
+            tracked.insert(id, seq, cmd.proposed_at_ms, window);
+        }
+    }
+
+    /// [`Self::apply_command`] for a command without a session mark (or
+    /// with it taken off).
+    fn apply_unmarked(
+        &self,
+        batch: &mut ApplyBatch<'_>,
+        desc: &mut RangeMeta,
+        membership: &StoredMembershipOf<TypeConfig>,
+        splits: &mut Vec<u64>,
+        index: u64,
+        cmd: &Command,
+    ) -> Result<CommandResponse, io::Error> {
         let seen = if cmd.request_id.is_empty() {
             None
         } else {
@@ -683,6 +848,11 @@ impl StateMachine {
             Op::Group(_) => {
                 return Err(StorageError::Corruption(
                     "a group of writes inside a group".into(),
+                ))
+            }
+            Op::Session { .. } => {
+                return Err(StorageError::Corruption(
+                    "a session mark inside a session mark".into(),
                 ))
             }
         })
@@ -882,6 +1052,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             imported
         })
         .await?;
+        // The records it knew of were replaced with the snapshot's.
+        *self.sessions.lock().expect("sessions lock") = SessionRecords::default();
         tracing::info!(range_id = self.range_id, last_log_id = ?meta.last_log_id, "installed snapshot");
         Ok(())
     }
@@ -960,6 +1132,152 @@ mod tests {
         let (m, p) = sm.keep_snapshot(&meta(12), &newer, true).expect("keep");
         assert_eq!((index(&m), &p), (Some(12), &newer));
         assert!(!installed.exists());
+    }
+
+    /// Applies one write of client session `session` (request `n`, sent
+    /// with mark `mark`, proposed at `at_ms`) at log index `index`.
+    fn apply_marked(
+        sm: &StateMachine,
+        (session, n, mark): (u8, u64, u64),
+        index: u64,
+        at_ms: u64,
+        (key, value): (&'static str, &'static str),
+    ) -> CommandResponse {
+        let mut batch = sm.engine.apply_batch(sm.range_id);
+        let mut desc = initial_meta(sm.range_id);
+        let cmd = Command {
+            request_id: Bytes::copy_from_slice(&request_id_of(&[session; 8], n)),
+            proposed_at_ms: at_ms,
+            op: Op::Session {
+                completed_below: mark,
+                op: Box::new(Op::Put {
+                    key: Bytes::from_static(key.as_bytes()),
+                    value: Bytes::from_static(value.as_bytes()),
+                }),
+            },
+        };
+        let resp = sm
+            .apply_command(
+                &mut batch,
+                &mut desc,
+                &Default::default(),
+                &mut Vec::new(),
+                index,
+                &cmd,
+            )
+            .expect("apply");
+        batch.commit().expect("commit");
+        resp
+    }
+
+    #[test]
+    fn a_session_mark_refuses_late_copies_and_drops_the_records_below_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(
+            Engine::open(
+                &dir.path().join("db"),
+                &crate::storage::EngineOptions::default(),
+            )
+            .expect("engine"),
+        );
+        let window = Duration::from_secs(60);
+        let sm = StateMachine::open(
+            engine.clone(),
+            5,
+            dir.path().join("snap"),
+            window,
+            Arc::new(|_| {}),
+            true,
+            Arc::default(),
+        )
+        .expect("state machine");
+        let t0 = 1_000_000u64;
+        let record = |session: u8, n: u64, at: u64| {
+            engine
+                .dedup_get(5, &request_id_of(&[session; 8], n), at)
+                .expect("dedup get")
+        };
+        let value = |key: &str| engine.get(key.as_bytes()).expect("get").map(|v| v.value);
+
+        let first = apply_marked(&sm, (1, 10, 10), 100, t0, ("a", "1"));
+        assert_eq!(first, CommandResponse::Put { version: 100 });
+        assert_eq!(
+            apply_marked(&sm, (1, 10, 10), 101, t0, ("a", "1")),
+            first,
+            "a retry in flight is answered from its record"
+        );
+        for n in 11..=40 {
+            apply_marked(&sm, (1, n, 10), 100 + n, t0, ("b", "x"));
+        }
+        assert!(record(1, 10, t0).is_some() && record(1, 40, t0).is_some());
+
+        // A mark less than a step above the stored one is not written yet.
+        apply_marked(&sm, (1, 41, 30), 141, t0, ("b", "x"));
+        assert!(record(1, 10, t0).is_some(), "deleted before the mark rose");
+        assert_eq!(
+            apply_marked(&sm, (1, 20, 20), 142, t0, ("a", "20")),
+            CommandResponse::Put { version: 120 },
+            "request 20 is above the stored mark: answered from its record"
+        );
+
+        // Request 50 says all below it returned: the mark rises to 50.
+        apply_marked(&sm, (1, 50, 50), 150, t0, ("c", "y"));
+        for n in 10..=41 {
+            assert!(record(1, n, t0).is_none(), "record {n} kept below the mark");
+        }
+        assert!(
+            record(1, 50, t0).is_some(),
+            "the raising request's own record"
+        );
+        assert_eq!(
+            apply_marked(&sm, (1, 20, 20), 151, t0, ("a", "late")),
+            CommandResponse::Superseded
+        );
+        assert_eq!(
+            apply_marked(&sm, (1, 10, 10), 152, t0, ("a", "late")),
+            CommandResponse::Superseded
+        );
+        assert_eq!(
+            value("a").as_deref(),
+            Some(&b"1"[..]),
+            "a late copy applied"
+        );
+
+        // Another session is not affected.
+        assert_eq!(
+            apply_marked(&sm, (2, 20, 20), 153, t0, ("d", "z")),
+            CommandResponse::Put { version: 153 }
+        );
+
+        // The mark lives as long as the records it made go: a command
+        // proposed a whole window later no longer finds it.
+        let later = t0 + window.as_millis() as u64;
+        assert_eq!(
+            apply_marked(&sm, (1, 20, 20), 154, later - 1, ("e", "1")),
+            CommandResponse::Superseded
+        );
+        assert_eq!(
+            apply_marked(&sm, (1, 20, 20), 155, later, ("e", "2")),
+            CommandResponse::Put { version: 155 }
+        );
+    }
+
+    #[test]
+    fn session_records_stay_bounded() {
+        let mut r = SessionRecords::default();
+        for n in 0..SESSION_RECORDS_MAX as u64 + 10 {
+            r.insert([1; 8], n, 0, 1_000);
+        }
+        assert_eq!(
+            r.total, SESSION_RECORDS_MAX,
+            "full: later records untracked"
+        );
+        // Session 1 idle for a whole window: forgotten to make room.
+        r.insert([2; 8], 7, 1_000, 1_000);
+        assert_eq!(r.total, 1);
+        assert_eq!(r.take_below(&[2; 8], 8), vec![7]);
+        assert_eq!(r.total, 0);
+        assert!(r.by_session.is_empty());
     }
 
     fn nodes(ids: &[u64]) -> BTreeMap<u64, BasicNode> {

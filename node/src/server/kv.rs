@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
-use crate::raft::command::{CommandResponse, Condition, Expect, KvRecord, Op, WriteOp};
+use crate::raft::command::{session_of, CommandResponse, Condition, Expect, KvRecord, Op, WriteOp};
 use crate::raft::{RangeReplica, ReadLevel, SpanMismatch};
 
 /// Serves key-value requests.
@@ -154,7 +154,16 @@ impl KvService {
     }
 }
 
-fn check_request_id(w: &Option<WriteOptions>) -> Result<(Bytes, bool), Error> {
+/// A write's options, checked.
+struct CheckedWrite {
+    request_id: Bytes,
+    /// Durability::All.
+    all: bool,
+    /// The session's completed mark (`WriteOptions.completed_below`), 0: none.
+    completed_below: u64,
+}
+
+fn check_request_id(w: &Option<WriteOptions>) -> Result<CheckedWrite, Error> {
     let w = w.clone().unwrap_or_default();
     if w.request_id.len() > REQUEST_ID_BYTES_MAX {
         return Err(Error::invalid_argument(
@@ -175,7 +184,31 @@ fn check_request_id(w: &Option<WriteOptions>) -> Result<(Bytes, bool), Error> {
             ))
         }
     };
-    Ok((w.request_id, all))
+    if w.completed_below != 0 {
+        let Some((_, seq)) = session_of(&w.request_id) else {
+            return Err(Error::invalid_argument(
+                "write.completed_below",
+                format!(
+                    "a completed mark needs a 16-byte request id (session, then number), not {} bytes",
+                    w.request_id.len()
+                ),
+            ));
+        };
+        if seq < w.completed_below {
+            return Err(Error::invalid_argument(
+                "write.completed_below",
+                format!(
+                    "the completed mark {} is above the request's own number {seq}",
+                    w.completed_below
+                ),
+            ));
+        }
+    }
+    Ok(CheckedWrite {
+        request_id: w.request_id,
+        all,
+        completed_below: w.completed_below,
+    })
 }
 
 fn check_value(field: &str, v: &[u8]) -> Result<(), Error> {
@@ -252,18 +285,37 @@ fn unexpected(resp: CommandResponse) -> Status {
 impl KvService {
     /// Proposes `op` on `r`; a write that reached the range after a split moved
     /// its keys away is answered with the range's current descriptor.
+    ///
+    /// A write with a session mark goes as [`Op::Session`] once the whole
+    /// cluster runs a version that applies it
+    /// ([`crate::version::SESSION_MARKS`]); before, without its mark.
     async fn propose(
         &self,
         r: &RangeReplica,
-        request_id: Bytes,
+        w: CheckedWrite,
         op: Op,
-        all: bool,
     ) -> Result<(u64, CommandResponse), Status> {
-        match r.propose(request_id, op, all).await? {
+        let op = if w.completed_below != 0
+            && self.node.cluster_version_seen() >= crate::version::SESSION_MARKS
+        {
+            Op::Session {
+                completed_below: w.completed_below,
+                op: Box::new(op),
+            }
+        } else {
+            op
+        };
+        match r.propose(w.request_id, op, w.all).await? {
             (_, CommandResponse::KeyNotInRange) => Err(Error::KeyNotInRange {
                 range_id: r.range_id(),
                 current: Some(self.node.descriptor(r)),
             }
+            .into()),
+            (_, CommandResponse::Superseded) => Err(Error::invalid_argument(
+                "write.request_id",
+                "the request's number is below its session's completed mark: a late copy of a \
+                 request whose outcome the client already has or gave up on; nothing was applied",
+            )
             .into()),
             other => Ok(other),
         }
@@ -382,13 +434,13 @@ impl Kv for KvService {
         let req = req.into_inner();
         validate_user_key("key", &req.key)?;
         check_value("value", &req.value)?;
-        let (request_id, all) = check_request_id(&req.write)?;
+        let w = check_request_id(&req.write)?;
         let r = self.route(&req.header, &[&req.key]).await?;
         let op = Op::Put {
             key: req.key,
             value: req.value,
         };
-        let (index, resp) = self.propose(&r, request_id, op, all).await?;
+        let (index, resp) = self.propose(&r, w, op).await?;
         match resp {
             CommandResponse::Put { version } => Ok(Response::new(PutResponse {
                 header: self.header(&r, index),
@@ -405,11 +457,9 @@ impl Kv for KvService {
         let _permit = self.admit()?;
         let req = req.into_inner();
         validate_user_key("key", &req.key)?;
-        let (request_id, all) = check_request_id(&req.write)?;
+        let w = check_request_id(&req.write)?;
         let r = self.route(&req.header, &[&req.key]).await?;
-        let (index, resp) = self
-            .propose(&r, request_id, Op::Delete { key: req.key }, all)
-            .await?;
+        let (index, resp) = self.propose(&r, w, Op::Delete { key: req.key }).await?;
         match resp {
             CommandResponse::Delete { deleted } => Ok(Response::new(DeleteResponse {
                 header: self.header(&r, index),
@@ -565,13 +615,13 @@ impl Kv for KvService {
         if !req.delete {
             check_value("new_value", &req.new_value)?;
         }
-        let (request_id, all) = check_request_id(&req.write)?;
+        let w = check_request_id(&req.write)?;
         let r = self.route(&req.header, &[&cond.key]).await?;
         let op = Op::CompareAndSwap {
             compare: cond,
             new_value: (!req.delete).then(|| req.new_value.clone()),
         };
-        let (index, resp) = self.propose(&r, request_id, op, all).await?;
+        let (index, resp) = self.propose(&r, w, op).await?;
         match resp {
             CommandResponse::CompareAndSwap { succeeded, current } => {
                 Ok(Response::new(CompareAndSwapResponse {
@@ -650,7 +700,7 @@ impl Kv for KvService {
             .enumerate()
             .map(|(i, c)| condition(c, &format!("conditions[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        let (request_id, all) = check_request_id(&req.write)?;
+        let w = check_request_id(&req.write)?;
         let keys: Vec<&[u8]> = ops
             .iter()
             .map(|o| match o {
@@ -659,9 +709,7 @@ impl Kv for KvService {
             .chain(conditions.iter().map(|c| c.key.as_ref()))
             .collect();
         let r = self.route(&req.header, &keys).await?;
-        let (index, resp) = self
-            .propose(&r, request_id, Op::Batch { conditions, ops }, all)
-            .await?;
+        let (index, resp) = self.propose(&r, w, Op::Batch { conditions, ops }).await?;
         match resp {
             CommandResponse::Batch {
                 succeeded,

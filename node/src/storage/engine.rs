@@ -792,6 +792,33 @@ impl Engine {
         Ok(Some(record.to_vec()))
     }
 
+    /// A client session's completed mark on a range and the mark's expiry,
+    /// if one is stored and has not expired at `now_ms` (the applying
+    /// command's proposal time).
+    pub fn session_mark_get(
+        &self,
+        range_id: u64,
+        session: &[u8; 8],
+        now_ms: u64,
+    ) -> Result<Option<SessionMark>, StorageError> {
+        let Some(raw) = self.db.get_pinned_cf(
+            self.cf(keys::CF_RANGE_STATE),
+            keys::session_mark_key(range_id, session),
+        )?
+        else {
+            return Ok(None);
+        };
+        let payload = value::unframe("session mark", &raw)?;
+        let (Some(expires), Some(mark)) = (payload.get(..8), payload.get(8..16)) else {
+            return Err(StorageError::Corruption("session mark: too short".into()));
+        };
+        let mark = SessionMark {
+            completed_below: u64::from_be_bytes(mark.try_into().expect("8 bytes")),
+            expires_at_ms: u64::from_be_bytes(expires.try_into().expect("8 bytes")),
+        };
+        Ok((mark.expires_at_ms > now_ms).then_some(mark))
+    }
+
     /// The clock by which compactions drop `range_id`'s expired dedup
     /// records: its state machine notes the latest proposal time it applied,
     /// and the compactions go by the latest one a flush made durable.
@@ -807,6 +834,7 @@ impl Engine {
             batch: WriteBatch::default(),
             data: BTreeMap::new(),
             dedup: BTreeMap::new(),
+            sessions: BTreeMap::new(),
             creates_range: false,
             flushed_before: false,
         }
@@ -1160,6 +1188,16 @@ impl Engine {
     }
 }
 
+/// A client session's completed mark on a range (see `Op::Session`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionMark {
+    /// Requests of the session numbered below this are refused.
+    pub completed_below: u64,
+    /// When the mark expires (ms since the epoch, proposal time), as dedup
+    /// records do.
+    pub expires_at_ms: u64,
+}
+
 /// A stored dedup record: its expiry, then the record, framed.
 fn dedup_value(expires_at_ms: u64, record: &[u8]) -> Vec<u8> {
     let mut payload = Vec::with_capacity(8 + record.len());
@@ -1182,8 +1220,10 @@ pub struct ApplyBatch<'e> {
     /// previous insert cheaply, and random keys dearly.
     data: BTreeMap<Vec<u8>, Option<StoredValue>>,
     /// Dedup records written by this batch: request id → (record, expiry),
-    /// written in key order at commit as well.
-    dedup: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
+    /// or `None` for one deleted, written in key order at commit as well.
+    dedup: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
+    /// Session marks written by this batch.
+    sessions: BTreeMap<[u8; 8], SessionMark>,
     /// [`ApplyBatch::create_range`] was called: the batch is written through
     /// the WAL, synced, over a flushed store.
     creates_range: bool,
@@ -1226,7 +1266,8 @@ impl ApplyBatch<'_> {
         now_ms: u64,
     ) -> Result<Option<Vec<u8>>, StorageError> {
         match self.dedup.get(request_id) {
-            Some((v, expires)) => Ok((*expires > now_ms).then(|| v.clone())),
+            Some(Some((v, expires))) => Ok((*expires > now_ms).then(|| v.clone())),
+            Some(None) => Ok(None),
             None => self.engine.dedup_get(self.range_id, request_id, now_ms),
         }
     }
@@ -1234,7 +1275,30 @@ impl ApplyBatch<'_> {
     /// Records the outcome of a request id, kept until `expires_at_ms`.
     pub fn dedup_put(&mut self, request_id: &[u8], expires_at_ms: u64, record: Vec<u8>) {
         self.dedup
-            .insert(request_id.to_vec(), (record, expires_at_ms));
+            .insert(request_id.to_vec(), Some((record, expires_at_ms)));
+    }
+
+    /// Deletes the dedup record of a request id, if there is one.
+    pub fn dedup_delete(&mut self, request_id: &[u8]) {
+        self.dedup.insert(request_id.to_vec(), None);
+    }
+
+    /// A client session's completed mark unexpired at `now_ms`, seeing this
+    /// batch's pending writes.
+    pub fn session_mark(
+        &self,
+        session: &[u8; 8],
+        now_ms: u64,
+    ) -> Result<Option<SessionMark>, StorageError> {
+        match self.sessions.get(session) {
+            Some(m) => Ok((m.expires_at_ms > now_ms).then_some(*m)),
+            None => self.engine.session_mark_get(self.range_id, session, now_ms),
+        }
+    }
+
+    /// Sets a client session's completed mark.
+    pub fn set_session_mark(&mut self, session: &[u8; 8], mark: SessionMark) {
+        self.sessions.insert(*session, mark);
     }
 
     /// Whether this node has state for `range_id` (applied state or tombstone).
@@ -1297,14 +1361,30 @@ impl ApplyBatch<'_> {
             nk.extend_from_slice(&k[8..]);
             self.batch.put_cf(cf_state, nk, v);
         }
-        for (request_id, (record, expires)) in &self.dedup {
+        self.write_dedup(new_range_id);
+        Ok(())
+    }
+
+    /// Puts this batch's dedup records, deletions and session marks into
+    /// the write batch, under `range_id`.
+    fn write_dedup(&mut self, range_id: u64) {
+        let state = self.engine.cf(keys::CF_RANGE_STATE);
+        for (request_id, rec) in &self.dedup {
+            let key = keys::dedup_key(range_id, request_id);
+            match rec {
+                Some((record, expires)) => {
+                    self.batch.put_cf(state, key, dedup_value(*expires, record))
+                }
+                None => self.batch.delete_cf(state, key),
+            }
+        }
+        for (session, m) in &self.sessions {
             self.batch.put_cf(
-                cf_state,
-                keys::dedup_key(new_range_id, request_id),
-                dedup_value(*expires, record),
+                state,
+                keys::session_mark_key(range_id, session),
+                dedup_value(m.expires_at_ms, &m.completed_below.to_be_bytes()),
             );
         }
-        Ok(())
     }
 
     /// Tells a batch that creates a range that the caller flushed the engine
@@ -1352,14 +1432,7 @@ impl ApplyBatch<'_> {
                 None => self.batch.delete_cf(data, key),
             }
         }
-        let state = self.engine.cf(keys::CF_RANGE_STATE);
-        for (request_id, (record, expires)) in &self.dedup {
-            self.batch.put_cf(
-                state,
-                keys::dedup_key(self.range_id, request_id),
-                dedup_value(*expires, record),
-            );
-        }
+        self.write_dedup(self.range_id);
         if self.creates_range {
             if !self.flushed_before {
                 self.engine.flush()?;
@@ -1663,6 +1736,11 @@ mod tests {
         let mut b = e.apply_batch(1);
         b.dedup_put(b"r1", 100, b"one".to_vec());
         b.dedup_put(b"r2", 200 + DEDUP_PURGE_GRACE_MS, b"two".to_vec());
+        let mark = |expires_at_ms| SessionMark {
+            completed_below: 5,
+            expires_at_ms,
+        };
+        b.set_session_mark(b"sessionA", mark(100));
         b.set_applied(b"applied");
         assert_eq!(b.dedup_get(b"r1", 99).unwrap().unwrap(), b"one");
         assert!(
@@ -1690,23 +1768,38 @@ mod tests {
             e.db.compact_range_cf(e.cf(keys::CF_RANGE_STATE), None::<&[u8]>, None::<&[u8]>);
         };
         compact();
-        assert_eq!(dedup_count(), 2, "no clock: every record kept");
+        assert_eq!(dedup_count(), 3, "no clock: every record and mark kept");
         let clock = e.dedup_clock(1);
         clock.applied(100 + DEDUP_PURGE_GRACE_MS - 1);
         compact();
-        assert_eq!(dedup_count(), 2, "within the grace");
+        assert_eq!(dedup_count(), 3, "within the grace");
         // Applied past the grace, but not flushed: a crash would make the
         // range apply those commands again, and they may still need it.
         clock.applied(100 + DEDUP_PURGE_GRACE_MS);
         e.db.compact_range_cf(e.cf(keys::CF_RANGE_STATE), None::<&[u8]>, None::<&[u8]>);
-        assert_eq!(dedup_count(), 2, "dropped by an apply no flush covered");
+        assert_eq!(dedup_count(), 3, "dropped by an apply no flush covered");
         compact();
-        assert_eq!(dedup_count(), 1, "r1 dropped");
+        assert_eq!(dedup_count(), 1, "r1 and the mark dropped");
         assert_eq!(e.dedup_get(1, b"r2", 150).unwrap().unwrap(), b"two");
         assert_eq!(
             e.range_state(1, RangeStateField::Applied).unwrap().unwrap(),
             b"applied",
             "only dedup records are dropped"
+        );
+
+        // A deletion pending in a batch hides the stored record, and the
+        // commit deletes it; a pending mark is seen until it expires.
+        let mut b = e.apply_batch(1);
+        b.dedup_delete(b"r2");
+        b.set_session_mark(b"sessionB", mark(300));
+        assert!(b.dedup_get(b"r2", 150).unwrap().is_none(), "pending delete");
+        assert_eq!(b.session_mark(b"sessionB", 299).unwrap(), Some(mark(300)));
+        assert_eq!(b.session_mark(b"sessionB", 300).unwrap(), None);
+        b.commit().unwrap();
+        assert!(e.dedup_get(1, b"r2", 150).unwrap().is_none(), "deleted");
+        assert_eq!(
+            e.session_mark_get(1, b"sessionB", 299).unwrap(),
+            Some(mark(300))
         );
     }
 
@@ -1783,6 +1876,11 @@ mod tests {
             );
         }
         b.dedup_put(b"req", 1000, b"rec".to_vec());
+        let mark = SessionMark {
+            completed_below: 77,
+            expires_at_ms: 1000,
+        };
+        b.set_session_mark(b"session1", mark);
         b.set_applied(b"state-1");
         b.commit().unwrap();
         let path = dir.path().join("snap");
@@ -1790,8 +1888,8 @@ mod tests {
             .export_snapshot(1, |_| Ok((Vec::new(), Vec::new())), &path)
             .unwrap();
         assert_eq!(exp.applied.as_deref(), Some(&b"state-1"[..]));
-        // The applied state, 100 values and one dedup record.
-        assert_eq!(exp.records, 102);
+        // The applied state, 100 values, one dedup record, one session mark.
+        assert_eq!(exp.records, 103);
         assert_eq!(
             Engine::snapshot_applied_state(&path).unwrap().as_deref(),
             Some(&b"state-1"[..])
@@ -1806,6 +1904,15 @@ mod tests {
         assert!(e2.get(b"stale").unwrap().is_none());
         assert_eq!(e2.get(b"k042").unwrap().unwrap().version, 43);
         assert_eq!(e2.dedup_get(1, b"req", 999).unwrap().unwrap(), b"rec");
+        assert_eq!(
+            e2.session_mark_get(1, b"session1", 999).unwrap(),
+            Some(mark)
+        );
+        assert_eq!(
+            e2.session_mark_get(1, b"session1", 1000).unwrap(),
+            None,
+            "expired"
+        );
         assert_eq!(
             e2.range_state(1, RangeStateField::Applied)
                 .unwrap()

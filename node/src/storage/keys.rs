@@ -9,6 +9,7 @@
 //! | `raft_state`  | `0xff 0xff` · `node`                  | crc32 BE(4) · node identity             |
 //! | `range_state` | range_id BE(8) · field(1)             | crc32 BE(4) · applied state, markers    |
 //! | `range_state` | range_id BE(8) · `0x10` · request id  | crc32 BE(4) · expiry BE(8) · dedup record |
+//! | `range_state` | range_id BE(8) · `0x11` · session(8)  | crc32 BE(4) · expiry BE(8) · completed mark BE(8) |
 //!
 //! Data keys carry no range id: ranges partition the user key space, so a
 //! range's data is the key span `[start_key, end_key)` of the `data` family.
@@ -52,6 +53,7 @@ pub enum RangeStateField {
 }
 
 const DEDUP_RECORD: u8 = 0x10;
+const SESSION_MARK: u8 = 0x11;
 
 /// Key of one Raft log entry.
 pub fn raft_log_key(range_id: u64, index: u64) -> [u8; 16] {
@@ -88,9 +90,10 @@ pub fn range_state_key(range_id: u64, field: RangeStateField) -> [u8; 9] {
     k
 }
 
-/// The range id of a dedup record's key, when `key` is one.
+/// The range id of a dedup record's or session mark's key, when `key` is
+/// one (both expire alike, see `dedup_span`).
 pub fn dedup_key_range(key: &[u8]) -> Option<u64> {
-    if key.len() < 9 || key[8] != DEDUP_RECORD {
+    if key.len() < 9 || !matches!(key[8], DEDUP_RECORD | SESSION_MARK) {
         return None;
     }
     Some(u64::from_be_bytes(key[..8].try_into().ok()?))
@@ -105,12 +108,23 @@ pub fn dedup_key(range_id: u64, request_id: &[u8]) -> Vec<u8> {
     k
 }
 
-/// The span of a range's dedup records in `range_state`.
+/// Key of a client session's completed mark (see `Op::Session`).
+pub fn session_mark_key(range_id: u64, session: &[u8; 8]) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[..8].copy_from_slice(&range_id.to_be_bytes());
+    k[8] = SESSION_MARK;
+    k[9..].copy_from_slice(session);
+    k
+}
+
+/// The span of a range's dedup table in `range_state`: its dedup records,
+/// then its session marks. Snapshots carry it, a split copies it, and the
+/// compaction filter drops its expired entries, all alike.
 pub fn dedup_span(range_id: u64) -> (Vec<u8>, Vec<u8>) {
     let mut start = range_id.to_be_bytes().to_vec();
     start.push(DEDUP_RECORD);
     let mut end = range_id.to_be_bytes().to_vec();
-    end.push(DEDUP_RECORD + 1);
+    end.push(SESSION_MARK + 1);
     (start, end)
 }
 
@@ -138,6 +152,12 @@ mod tests {
         let k = dedup_key(3, b"req");
         assert!(s.as_slice() <= k.as_slice() && k.as_slice() < e.as_slice());
         assert_eq!(dedup_key_range(&k), Some(3));
+        let m = session_mark_key(3, b"sessionA");
+        assert!(s.as_slice() <= m.as_slice() && m.as_slice() < e.as_slice());
+        assert!(k < m.to_vec(), "records sort before marks");
+        assert_eq!(dedup_key_range(&m), Some(3));
+        let (s4, _) = dedup_span(4);
+        assert!(e <= s4, "spans of ranges do not overlap");
         let applied = range_state_key(3, RangeStateField::Applied);
         assert!(!(s.as_slice() <= applied.as_slice() && applied.as_slice() < e.as_slice()));
         assert_eq!(dedup_key_range(&applied), None);

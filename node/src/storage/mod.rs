@@ -14,7 +14,9 @@ mod snapshot;
 pub mod value;
 
 pub use budget::ByteBudget;
-pub use engine::{ApplyBatch, DedupClock, Engine, EngineOptions, ScanItem, APPLIED_FLUSH_AFTER};
+pub use engine::{
+    ApplyBatch, DedupClock, Engine, EngineOptions, ScanItem, SessionMark, APPLIED_FLUSH_AFTER,
+};
 pub use group_commit::{Foreground, SyncCallback};
 pub use snapshot::{SnapshotExport, SNAPSHOT_CHUNK_BYTES};
 pub use value::StoredValue;

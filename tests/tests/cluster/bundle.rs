@@ -29,6 +29,7 @@ fn put(key: &str, value: &str, id: &str) -> In {
         write: Some(WriteOptions {
             request_id: Bytes::copy_from_slice(id.as_bytes()),
             durability: Durability::Majority as i32,
+            completed_below: 0,
         }),
     })
 }
@@ -237,6 +238,7 @@ async fn a_slow_request_does_not_hold_up_the_others() {
             write: Some(WriteOptions {
                 request_id: Bytes::from_static(b"slow-all-1"),
                 durability: Durability::All as i32,
+                completed_below: 0,
             }),
         });
         let mut kv = c.kv(leader);

@@ -410,16 +410,17 @@ async fn versions_around_a_split(
     (before, after)
 }
 
-/// A key's version only grows, across a split too: at cluster version 2
-/// the range split off starts its log where the parent's split entry
-/// stands, so a compare-and-swap on a version read before the split cannot
-/// match a later write of the new range.
+/// A key's version only grows, across a split too: from cluster version 2
+/// on (a fresh cluster goes to the newest, 3) the range split off starts
+/// its log where the parent's split entry stands, so a compare-and-swap on
+/// a version read before the split cannot match a later write of the new
+/// range.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn versions_keep_growing_across_a_split() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let c = TestCluster::start(ClusterOptions::default()).await.unwrap();
         let client = c.client();
-        c.wait_cluster_version(2, Duration::from_secs(30))
+        c.wait_cluster_version(3, Duration::from_secs(30))
             .await
             .unwrap();
         let (before, after) = versions_around_a_split(&c, &client, "v/").await;

@@ -44,6 +44,111 @@ fn expect_invalid(what: &str, r: Result<impl std::fmt::Debug, tonic::Status>) {
 /// Times the follower test picks a leader again after it moved.
 const LEADER_MOVE_RETRIES_MAX: usize = 10;
 
+/// Write options of request `n` of client session `session` (all 8 bytes
+/// of the session id set to it), sent with the completed mark `mark`.
+fn marked(session: u8, n: u64, mark: u64) -> PWriteOptions {
+    let mut id = vec![session; 8];
+    id.extend_from_slice(&n.to_be_bytes());
+    PWriteOptions {
+        request_id: id.into(),
+        durability: 0,
+        completed_below: mark,
+    }
+}
+
+/// Sends `req` to the current leader, again when leadership moved.
+async fn put_on_leader(
+    c: &TestCluster,
+    req: PutRequest,
+) -> Result<lmskv_proto::v1::PutResponse, tonic::Status> {
+    let mut last = None;
+    for _ in 0..LEADER_MOVE_RETRIES_MAX {
+        let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        match c.kv(leader).put(req.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s)
+                if matches!(
+                    Error::from_status(&s),
+                    Error::NotLeader { .. } | Error::Unavailable { .. }
+                ) =>
+            {
+                last = Some(s);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+    Err(last.expect("tried at least once"))
+}
+
+/// A client session's requests carry its completed mark: a retry of a
+/// request still in flight applies once; a late copy of a request below
+/// the mark is refused and applies nothing, on whichever replica leads the
+/// range; another session is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_copy_below_its_sessions_mark_is_refused() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        c.wait_cluster_version(3, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let put_marked = |key: &'static str, value: &'static str, w: PWriteOptions| PutRequest {
+            write: Some(w),
+            ..put(key, value)
+        };
+        phase!("request 10 of session 1, then its retry");
+        let first = put_on_leader(&c, put_marked("m/a", "1", marked(1, 10, 10)))
+            .await
+            .unwrap();
+        let retry = put_on_leader(&c, put_marked("m/a", "1", marked(1, 10, 10)))
+            .await
+            .unwrap();
+        assert_eq!(retry.version, first.version, "the retry applied again");
+        phase!("request 100 says every request below it returned");
+        put_on_leader(&c, put_marked("m/b", "x", marked(1, 100, 100)))
+            .await
+            .unwrap();
+        expect_invalid(
+            "a late copy of request 20",
+            put_on_leader(&c, put_marked("m/a", "late", marked(1, 20, 20))).await,
+        );
+        expect_invalid(
+            "request 10 again, below the mark",
+            put_on_leader(&c, put_marked("m/a", "1", marked(1, 10, 10))).await,
+        );
+        let client = c.client();
+        let a = client
+            .get("m/a", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.value, Bytes::from_static(b"1"), "the late copy applied");
+        assert_eq!(a.version, first.version);
+        phase!("another session's request 20 applies");
+        put_on_leader(&c, put_marked("m/c", "2", marked(2, 20, 20)))
+            .await
+            .unwrap();
+        phase!("the mark holds on the next leader");
+        let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
+        c.kill(leader).unwrap();
+        expect_invalid(
+            "a late copy of request 30 on the next leader",
+            put_on_leader(&c, put_marked("m/a", "late", marked(1, 30, 30))).await,
+        );
+        put_on_leader(&c, put_marked("m/d", "y", marked(1, 101, 101)))
+            .await
+            .unwrap();
+        let a = client
+            .get("m/a", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.value, Bytes::from_static(b"1"));
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_is_refused_and_changes_nothing() {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -72,8 +177,19 @@ async fn bad_input_is_refused_and_changes_nothing() {
         p.write = Some(PWriteOptions {
             request_id: vec![1u8; REQUEST_ID_BYTES_MAX + 1].into(),
             durability: 0,
+            completed_below: 0,
         });
         expect_invalid("oversize request id", kv.put(p).await);
+        let mut p = put("rid", "v");
+        p.write = Some(PWriteOptions {
+            request_id: Bytes::from_static(b"not-16-bytes"),
+            durability: 0,
+            completed_below: 1,
+        });
+        expect_invalid("completed mark without a session id", kv.put(p).await);
+        let mut p = put("rid", "v");
+        p.write = Some(marked(1, 5, 6));
+        expect_invalid("completed mark above the request's number", kv.put(p).await);
         expect_invalid(
             "delete reserved",
             kv.delete(DeleteRequest {

@@ -339,6 +339,7 @@ async fn a_write_whose_reply_was_lost_is_applied_once() {
                 write: Some(lmskv_proto::v1::WriteOptions {
                     request_id: id.clone(),
                     durability: 0,
+                    completed_below: 0,
                 }),
             })
             .await
@@ -512,6 +513,7 @@ async fn raw_put(
             write: Some(lmskv_proto::v1::WriteOptions {
                 request_id: Bytes::from(format!("suspect-{to}-{suspect}")),
                 durability: 0,
+                completed_below: 0,
             }),
         })
         .await
