@@ -154,6 +154,28 @@ pub struct StateMachine {
     /// The dedup records of client sessions this replica wrote and has not
     /// deleted yet, so that raising a session's mark deletes them.
     sessions: Arc<Mutex<SessionRecords>>,
+    /// The range's session marks as committed (`None`: none stored), so
+    /// that a marked write does not look its mark up in RocksDB.
+    marks: Arc<Mutex<MarkCache>>,
+}
+
+/// Session marks a range's state machine keeps in memory.
+const MARKS_CACHED_MAX: usize = 4_096;
+
+/// The committed session marks of a range, as read from or written to the
+/// engine by its state machine, the only writer of its marks while it runs
+/// (a snapshot install clears this). Exact, not a hint: what is applied
+/// depends on it. Emptied when full.
+#[derive(Debug, Default)]
+struct MarkCache(std::collections::HashMap<[u8; 8], Option<SessionMark>>);
+
+impl MarkCache {
+    fn put(&mut self, session: [u8; 8], mark: Option<SessionMark>) {
+        if self.0.len() >= MARKS_CACHED_MAX && !self.0.contains_key(&session) {
+            self.0.clear();
+        }
+        self.0.insert(session, mark);
+    }
 }
 
 /// How far a session's completed mark must rise before a command writes it
@@ -309,6 +331,7 @@ impl StateMachine {
             applied_cache: Arc::new(Mutex::new(None)),
             installs,
             sessions: Arc::default(),
+            marks: Arc::default(),
         };
         // Remove partial files of builds or transfers that did not finish
         // (when a parked group is loaded again, a snapshot being received
@@ -495,6 +518,15 @@ impl StateMachine {
     }
 
     fn import(&self, meta: &SnapshotMetaOf<TypeConfig>, path: &Path) -> io::Result<()> {
+        let r = self.import_file(meta, path);
+        // The records and marks it knew of were replaced with the
+        // snapshot's (or half of them, when the import failed).
+        *self.sessions.lock().expect("sessions lock") = SessionRecords::default();
+        self.marks.lock().expect("marks lock").0.clear();
+        r
+    }
+
+    fn import_file(&self, meta: &SnapshotMetaOf<TypeConfig>, path: &Path) -> io::Result<()> {
         let in_file: AppliedState = match Engine::snapshot_applied_state(path)? {
             Some(b) => decode("snapshot applied state", &b)?,
             None => AppliedState {
@@ -613,36 +645,78 @@ impl StateMachine {
         index: u64,
         cmd: &Command,
     ) -> Result<CommandResponse, io::Error> {
-        let inner;
         let mut session = None;
-        let cmd = match &cmd.op {
+        let op = match &cmd.op {
             Op::Session {
                 completed_below,
                 op,
             } => {
+                // The proposer marks only single client writes.
+                if op.is_split() || matches!(**op, Op::Group(_) | Op::Session { .. }) {
+                    return Err(StorageError::Corruption(format!(
+                        "a session mark on {cmd}, not on a single client write"
+                    ))
+                    .into());
+                }
                 // The proposer sends only 16-byte ids with a mark; another
                 // id is deduplicated as if it came without one.
                 if let Some((id, seq)) = session_of(&cmd.request_id) {
-                    let mark = batch.session_mark(&id, cmd.proposed_at_ms)?;
+                    let mark = self.session_mark(batch, &id, cmd.proposed_at_ms)?;
                     if seq < mark.map_or(0, |m| m.completed_below) {
                         return Ok(CommandResponse::Superseded);
                     }
                     session = Some((id, seq, *completed_below, mark));
                 }
-                inner = Command {
-                    request_id: cmd.request_id.clone(),
-                    proposed_at_ms: cmd.proposed_at_ms,
-                    op: (**op).clone(),
-                };
-                &inner
+                &**op
             }
-            _ => cmd,
+            op => op,
         };
-        let resp = self.apply_unmarked(batch, desc, membership, splits, index, cmd)?;
+        let resp = self.apply_unmarked(batch, desc, membership, splits, index, (cmd, op))?;
         if let Some((id, seq, completed_below, mark)) = session {
-            self.note_session(batch, cmd, (id, seq), completed_below, mark, &resp);
+            self.note_session(
+                batch,
+                cmd.proposed_at_ms,
+                (id, seq),
+                completed_below,
+                mark,
+                &resp,
+            );
         }
         Ok(resp)
+    }
+
+    /// Commits an apply batch, then notes the session marks it wrote.
+    fn commit(&self, batch: ApplyBatch<'_>) -> Result<(), StorageError> {
+        let marks: Vec<_> = batch.session_marks().collect();
+        batch.commit()?;
+        if !marks.is_empty() {
+            let mut cache = self.marks.lock().expect("marks lock");
+            for (session, m) in marks {
+                cache.put(session, Some(m));
+            }
+        }
+        Ok(())
+    }
+
+    /// A client session's mark unexpired at `now_ms`: the batch's pending
+    /// one, else the committed one (from memory when known).
+    fn session_mark(
+        &self,
+        batch: &ApplyBatch<'_>,
+        session: &[u8; 8],
+        now_ms: u64,
+    ) -> Result<Option<SessionMark>, StorageError> {
+        let live = |m: Option<SessionMark>| m.filter(|m| m.expires_at_ms > now_ms);
+        if let Some(m) = batch.pending_session_mark(session) {
+            return Ok(live(Some(m)));
+        }
+        let mut marks = self.marks.lock().expect("marks lock");
+        if let Some(m) = marks.0.get(session) {
+            return Ok(live(*m));
+        }
+        let stored = self.engine.session_mark_get(self.range_id, session, 0)?;
+        marks.put(*session, stored);
+        Ok(live(stored))
     }
 
     /// Raises a client session's completed mark on the range (when the
@@ -652,7 +726,7 @@ impl StateMachine {
     fn note_session(
         &self,
         batch: &mut ApplyBatch<'_>,
-        cmd: &Command,
+        proposed_at_ms: u64,
         (id, seq): ([u8; 8], u64),
         completed_below: u64,
         mark: Option<SessionMark>,
@@ -660,7 +734,7 @@ impl StateMachine {
     ) {
         let window = self.dedup_window.as_millis() as u64;
         let stored = mark.map_or(0, |m| m.completed_below);
-        let stale = mark.is_none_or(|m| m.expires_at_ms < cmd.proposed_at_ms + window / 2);
+        let stale = mark.is_none_or(|m| m.expires_at_ms < proposed_at_ms + window / 2);
         // The mark never exceeds the request's own number (the client's
         // mark is the lowest number it has in flight, this one included).
         let raised = completed_below.min(seq);
@@ -673,7 +747,7 @@ impl StateMachine {
             // made go (their expiry is their proposal time plus the window).
             let expires_at_ms = mark
                 .map_or(0, |m| m.expires_at_ms)
-                .max(cmd.proposed_at_ms + window);
+                .max(proposed_at_ms + window);
             batch.set_session_mark(
                 &id,
                 SessionMark {
@@ -686,12 +760,12 @@ impl StateMachine {
             }
         }
         if !matches!(resp, CommandResponse::KeyNotInRange) {
-            tracked.insert(id, seq, cmd.proposed_at_ms, window);
+            tracked.insert(id, seq, proposed_at_ms, window);
         }
     }
 
-    /// [`Self::apply_command`] for a command without a session mark (or
-    /// with it taken off).
+    /// [`Self::apply_command`] for command `cmd` without its session mark:
+    /// `op` is its operation (the marked one, when it has a mark).
     fn apply_unmarked(
         &self,
         batch: &mut ApplyBatch<'_>,
@@ -699,7 +773,7 @@ impl StateMachine {
         membership: &StoredMembershipOf<TypeConfig>,
         splits: &mut Vec<u64>,
         index: u64,
-        cmd: &Command,
+        (cmd, op): (&Command, &Op),
     ) -> Result<CommandResponse, io::Error> {
         let seen = if cmd.request_id.is_empty() {
             None
@@ -710,7 +784,7 @@ impl StateMachine {
             // A retry of a write already applied: answer as the first time.
             return decode("dedup record", &rec);
         }
-        let resp = match &cmd.op {
+        let resp = match op {
             Op::Split {
                 split_key,
                 new_range_id,
@@ -721,7 +795,7 @@ impl StateMachine {
                 new_range_id,
                 version,
             } => {
-                let start = if matches!(cmd.op, Op::SplitAtIndex { .. }) {
+                let start = if matches!(op, Op::SplitAtIndex { .. }) {
                     index
                 } else {
                     SPLIT_INIT_LOG_INDEX
@@ -738,7 +812,7 @@ impl StateMachine {
                 }
                 r
             }
-            _ => self.execute(batch, desc, index, cmd)?,
+            _ => self.execute(batch, desc, index, op)?,
         };
         if !cmd.request_id.is_empty() && resp != CommandResponse::KeyNotInRange {
             let expires = cmd.proposed_at_ms + self.dedup_window.as_millis() as u64;
@@ -752,12 +826,12 @@ impl StateMachine {
         batch: &mut ApplyBatch<'_>,
         desc: &RangeMeta,
         index: u64,
-        cmd: &Command,
+        op: &Op,
     ) -> Result<CommandResponse, StorageError> {
         // A write proposed before a split but applied after it may touch keys
         // this range no longer holds: refuse it, unapplied, so the client
         // retries it on the range that holds them now.
-        if !cmd.op.keys().all(|k| desc.contains(k)) {
+        if !op.keys().all(|k| desc.contains(k)) {
             return Ok(CommandResponse::KeyNotInRange);
         }
         let record = |key: &Bytes, v: crate::storage::StoredValue| KvRecord {
@@ -765,7 +839,7 @@ impl StateMachine {
             value: v.value,
             version: v.version,
         };
-        Ok(match &cmd.op {
+        Ok(match op {
             Op::Put { key, value } => {
                 batch.put(key, index, value.clone());
                 CommandResponse::Put { version: index }
@@ -1002,7 +1076,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             run_blocking(engine.runs_inline(), move || Ok(engine.flush()?)).await?;
             batch.flushed_before();
         }
-        batch.commit()?;
+        self.commit(batch)?;
         crate::fail_point!("apply-after-commit");
         *self.applied_cache.lock().expect("applied lock") = Some(applied);
         self.dedup_clock.applied(last_time_ms);
@@ -1052,8 +1126,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             imported
         })
         .await?;
-        // The records it knew of were replaced with the snapshot's.
-        *self.sessions.lock().expect("sessions lock") = SessionRecords::default();
         tracing::info!(range_id = self.range_id, last_log_id = ?meta.last_log_id, "installed snapshot");
         Ok(())
     }
@@ -1166,7 +1238,7 @@ mod tests {
                 &cmd,
             )
             .expect("apply");
-        batch.commit().expect("commit");
+        sm.commit(batch).expect("commit");
         resp
     }
 
@@ -1249,16 +1321,32 @@ mod tests {
             CommandResponse::Put { version: 153 }
         );
 
+        // Opened again (a restart), the range finds the mark in the store.
+        let sm = StateMachine::open(
+            engine.clone(),
+            5,
+            dir.path().join("snap"),
+            window,
+            Arc::new(|_| {}),
+            true,
+            Arc::default(),
+        )
+        .expect("state machine");
+        assert_eq!(
+            apply_marked(&sm, (1, 20, 20), 154, t0, ("a", "late")),
+            CommandResponse::Superseded
+        );
+
         // The mark lives as long as the records it made go: a command
         // proposed a whole window later no longer finds it.
         let later = t0 + window.as_millis() as u64;
         assert_eq!(
-            apply_marked(&sm, (1, 20, 20), 154, later - 1, ("e", "1")),
+            apply_marked(&sm, (1, 20, 20), 155, later - 1, ("e", "1")),
             CommandResponse::Superseded
         );
         assert_eq!(
-            apply_marked(&sm, (1, 20, 20), 155, later, ("e", "2")),
-            CommandResponse::Put { version: 155 }
+            apply_marked(&sm, (1, 20, 20), 156, later, ("e", "2")),
+            CommandResponse::Put { version: 156 }
         );
     }
 

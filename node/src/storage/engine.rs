@@ -1296,6 +1296,16 @@ impl ApplyBatch<'_> {
         }
     }
 
+    /// The session mark this batch writes for `session`, if it writes one.
+    pub fn pending_session_mark(&self, session: &[u8; 8]) -> Option<SessionMark> {
+        self.sessions.get(session).copied()
+    }
+
+    /// Every session mark this batch writes.
+    pub fn session_marks(&self) -> impl Iterator<Item = ([u8; 8], SessionMark)> + '_ {
+        self.sessions.iter().map(|(s, m)| (*s, *m))
+    }
+
     /// Sets a client session's completed mark.
     pub fn set_session_mark(&mut self, session: &[u8; 8], mark: SessionMark) {
         self.sessions.insert(*session, mark);

@@ -9,7 +9,7 @@
 //! | `raft_state`  | `0xff 0xff` · `node`                  | crc32 BE(4) · node identity             |
 //! | `range_state` | range_id BE(8) · field(1)             | crc32 BE(4) · applied state, markers    |
 //! | `range_state` | range_id BE(8) · `0x10` · request id  | crc32 BE(4) · expiry BE(8) · dedup record |
-//! | `range_state` | range_id BE(8) · `0x11` · session(8)  | crc32 BE(4) · expiry BE(8) · completed mark BE(8) |
+//! | `range_state` | range_id BE(8) · `0x0f` · session(8)  | crc32 BE(4) · expiry BE(8) · completed mark BE(8) |
 //!
 //! Data keys carry no range id: ranges partition the user key space, so a
 //! range's data is the key span `[start_key, end_key)` of the `data` family.
@@ -52,8 +52,12 @@ pub enum RangeStateField {
     Tombstone = 4,
 }
 
+/// Session marks sort before dedup records: a flushed file of the family
+/// then ends at the range's newest record, and the lookup of a new request
+/// id (which sorts after every record of its session) skips the files
+/// without probing their bloom filters.
+const SESSION_MARK: u8 = 0x0f;
 const DEDUP_RECORD: u8 = 0x10;
-const SESSION_MARK: u8 = 0x11;
 
 /// Key of one Raft log entry.
 pub fn raft_log_key(range_id: u64, index: u64) -> [u8; 16] {
@@ -117,14 +121,14 @@ pub fn session_mark_key(range_id: u64, session: &[u8; 8]) -> [u8; 17] {
     k
 }
 
-/// The span of a range's dedup table in `range_state`: its dedup records,
-/// then its session marks. Snapshots carry it, a split copies it, and the
+/// The span of a range's dedup table in `range_state`: its session marks,
+/// then its dedup records. Snapshots carry it, a split copies it, and the
 /// compaction filter drops its expired entries, all alike.
 pub fn dedup_span(range_id: u64) -> (Vec<u8>, Vec<u8>) {
     let mut start = range_id.to_be_bytes().to_vec();
-    start.push(DEDUP_RECORD);
+    start.push(SESSION_MARK);
     let mut end = range_id.to_be_bytes().to_vec();
-    end.push(SESSION_MARK + 1);
+    end.push(DEDUP_RECORD + 1);
     (start, end)
 }
 
@@ -154,7 +158,7 @@ mod tests {
         assert_eq!(dedup_key_range(&k), Some(3));
         let m = session_mark_key(3, b"sessionA");
         assert!(s.as_slice() <= m.as_slice() && m.as_slice() < e.as_slice());
-        assert!(k < m.to_vec(), "records sort before marks");
+        assert!(m.to_vec() < k, "marks sort before records");
         assert_eq!(dedup_key_range(&m), Some(3));
         let (s4, _) = dedup_span(4);
         assert!(e <= s4, "spans of ranges do not overlap");
