@@ -1349,8 +1349,10 @@ mod tests {
         let (c, _) = s.start();
         assert_eq!(mark_b, a, "a is still in flight");
         s.finish(b);
-        assert_eq!(s.start().1, a, "b returned, a not yet");
+        let (x, mark_x) = s.start();
+        assert_eq!(mark_x, a, "b returned, a not yet");
         s.finish(a);
+        s.finish(x);
         let (d, mark_d) = s.start();
         assert_eq!(mark_d, c, "a and b returned: the oldest in flight is c");
         s.finish(c);
