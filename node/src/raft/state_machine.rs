@@ -27,7 +27,7 @@ use super::codec::{decode, encode};
 use super::command::{session_of, Command, CommandResponse, KvRecord, Op, RangeMeta, WriteOp};
 use super::TypeConfig;
 use crate::storage::keys::RangeStateField;
-use crate::storage::{ApplyBatch, Engine, SessionMark, StorageError};
+use crate::storage::{ApplyBatch, Engine, SessionMark, StorageError, DEDUP_PURGE_GRACE_MS};
 
 /// Runs `work`, which blocks on files and RocksDB, on a blocking thread; or,
 /// when `inline` (an engine opened for the simulation, see
@@ -186,7 +186,18 @@ const SESSION_MARK_STEP: u64 = 32;
 
 /// Request numbers a replica keeps per range for [`SessionRecords`]; the
 /// records of requests beyond that leave by expiry only.
-const SESSION_RECORDS_MAX: usize = 1 << 17;
+const SESSION_RECORDS_MAX: usize = 1 << 16;
+
+/// Request numbers all the ranges of this process keep together.
+const SESSION_RECORDS_PROCESS_MAX: usize = 1 << 20;
+
+/// How often (in proposal time) a range forgets its sessions idle for a
+/// whole dedup window.
+const SESSION_PRUNE_EVERY_MS: u64 = 10_000;
+
+/// Request numbers kept by every [`SessionRecords`] of this process.
+static SESSION_RECORDS_KEPT: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
 
 /// The 16-byte request id of a session's request number.
 fn request_id_of(session: &[u8; 8], seq: u64) -> [u8; 16] {
@@ -206,7 +217,7 @@ fn request_id_of(session: &[u8; 8], seq: u64) -> [u8; 16] {
 struct SessionRecords {
     by_session: std::collections::HashMap<[u8; 8], (std::collections::BTreeSet<u64>, u64)>,
     total: usize,
-    /// Proposal time before which a full table is not pruned again.
+    /// Proposal time from which idle sessions are looked for again.
     next_prune_ms: u64,
 }
 
@@ -218,36 +229,51 @@ impl SessionRecords {
         };
         let keep = seqs.split_off(&below);
         let taken = std::mem::replace(seqs, keep);
-        self.total -= taken.len();
         if seqs.is_empty() {
             self.by_session.remove(session);
         }
+        self.forget(taken.len());
         taken.into_iter().collect()
     }
 
-    /// Notes a record of `session` for request `seq`, proposed at `now_ms`;
-    /// when full, first forgets sessions idle for a whole `window_ms`.
+    fn forget(&mut self, n: usize) {
+        self.total -= n;
+        SESSION_RECORDS_KEPT.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Notes a record of `session` for request `seq`, proposed at `now_ms`,
+    /// unless this range or the process keeps as many as it may; every
+    /// [`SESSION_PRUNE_EVERY_MS`] first forgets the sessions idle for a
+    /// whole `window_ms` (a client gone: its records leave by expiry).
     fn insert(&mut self, session: [u8; 8], seq: u64, now_ms: u64, window_ms: u64) {
-        if self.total >= SESSION_RECORDS_MAX && now_ms >= self.next_prune_ms {
-            self.next_prune_ms = now_ms + 1_000;
+        if now_ms >= self.next_prune_ms {
+            self.next_prune_ms = now_ms.saturating_add(SESSION_PRUNE_EVERY_MS);
             let mut dropped = 0;
             self.by_session.retain(|_, (seqs, last)| {
-                let keep = *last + window_ms > now_ms;
+                let keep = last.saturating_add(window_ms) > now_ms;
                 if !keep {
                     dropped += seqs.len();
                 }
                 keep
             });
-            self.total -= dropped;
+            self.forget(dropped);
         }
-        if self.total >= SESSION_RECORDS_MAX {
+        let kept = SESSION_RECORDS_KEPT.load(std::sync::atomic::Ordering::Relaxed);
+        if self.total >= SESSION_RECORDS_MAX || kept >= SESSION_RECORDS_PROCESS_MAX {
             return;
         }
         let (seqs, last) = self.by_session.entry(session).or_default();
         *last = (*last).max(now_ms);
         if seqs.insert(seq) {
             self.total += 1;
+            SESSION_RECORDS_KEPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+}
+
+impl Drop for SessionRecords {
+    fn drop(&mut self) {
+        SESSION_RECORDS_KEPT.fetch_sub(self.total, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -645,8 +671,7 @@ impl StateMachine {
         index: u64,
         cmd: &Command,
     ) -> Result<CommandResponse, io::Error> {
-        let mut session = None;
-        let op = match &cmd.op {
+        let (op, marked) = match &cmd.op {
             Op::Session {
                 completed_below,
                 op,
@@ -658,19 +683,25 @@ impl StateMachine {
                     ))
                     .into());
                 }
-                // The proposer sends only 16-byte ids with a mark; another
-                // id is deduplicated as if it came without one.
-                if let Some((id, seq)) = session_of(&cmd.request_id) {
-                    let mark = self.session_mark(batch, &id, cmd.proposed_at_ms)?;
-                    if seq < mark.map_or(0, |m| m.completed_below) {
-                        return Ok(CommandResponse::Superseded);
-                    }
-                    session = Some((id, seq, *completed_below, mark));
-                }
-                &**op
+                (&**op, Some(*completed_below))
             }
-            op => op,
+            op => (op, None),
         };
+        // Every 16-byte id is held to its session's mark, whether this
+        // command carries one or not (a leader that did not yet record
+        // version 3 proposes without it; a caller may choose such an id):
+        // which records below a mark a replica still has differs between
+        // replicas, so nothing below it may be answered from them.
+        let mut session = None;
+        if let Some((id, seq)) = session_of(&cmd.request_id) {
+            let mark = self.session_mark(batch, &id, cmd.proposed_at_ms)?;
+            if seq < mark.map_or(0, |m| m.completed_below) {
+                return Ok(CommandResponse::Superseded);
+            }
+            if let Some(completed_below) = marked {
+                session = Some((id, seq, completed_below, mark));
+            }
+        }
         let resp = self.apply_unmarked(batch, desc, membership, splits, index, (cmd, op))?;
         if let Some((id, seq, completed_below, mark)) = session {
             self.note_session(
@@ -719,10 +750,15 @@ impl StateMachine {
         Ok(live(stored))
     }
 
-    /// Raises a client session's completed mark on the range (when the
-    /// command's mark is well above the stored one, or the stored one is
-    /// half-way to expiring) and deletes the dedup records this replica
-    /// knows of below the new mark: no request below it is applied again.
+    /// Raises a client session's completed mark on the range when the
+    /// command's mark is a step or more above the stored one (or none is
+    /// stored), and deletes the dedup records this replica knows of below
+    /// the new mark: no request below it is answered from them again.
+    ///
+    /// The mark expires [`DEDUP_PURGE_GRACE_MS`] after the window, so never
+    /// before a record it made go: those were proposed earlier, by leaders
+    /// whose clocks agree within that grace. Once it has expired, so have
+    /// they, on every replica alike, whether deleted or not.
     fn note_session(
         &self,
         batch: &mut ApplyBatch<'_>,
@@ -734,20 +770,17 @@ impl StateMachine {
     ) {
         let window = self.dedup_window.as_millis() as u64;
         let stored = mark.map_or(0, |m| m.completed_below);
-        let stale = mark.is_none_or(|m| m.expires_at_ms < proposed_at_ms + window / 2);
         // The mark never exceeds the request's own number (the client's
         // mark is the lowest number it has in flight, this one included).
         let raised = completed_below.min(seq);
-        let raise =
-            mark.is_none() || raised >= stored + SESSION_MARK_STEP || (stale && raised > stored);
         let mut tracked = self.sessions.lock().expect("sessions lock");
-        if raise || stale {
+        if mark.is_none() || raised >= stored.saturating_add(SESSION_MARK_STEP) {
             let to = raised.max(stored);
-            // Never earlier than before: a mark outlives every record it
-            // made go (their expiry is their proposal time plus the window).
-            let expires_at_ms = mark
-                .map_or(0, |m| m.expires_at_ms)
-                .max(proposed_at_ms + window);
+            let expires_at_ms = mark.map_or(0, |m| m.expires_at_ms).max(
+                proposed_at_ms
+                    .saturating_add(window)
+                    .saturating_add(DEDUP_PURGE_GRACE_MS),
+            );
             batch.set_session_mark(
                 &id,
                 SessionMark {
@@ -1220,13 +1253,22 @@ mod tests {
         let cmd = Command {
             request_id: Bytes::copy_from_slice(&request_id_of(&[session; 8], n)),
             proposed_at_ms: at_ms,
-            op: Op::Session {
-                completed_below: mark,
-                op: Box::new(Op::Put {
-                    key: Bytes::from_static(key.as_bytes()),
-                    value: Bytes::from_static(value.as_bytes()),
-                }),
+            op: Op::Put {
+                key: Bytes::from_static(key.as_bytes()),
+                value: Bytes::from_static(value.as_bytes()),
             },
+        };
+        // Mark 0: proposed without one (a leader before version 3).
+        let cmd = if mark == 0 {
+            cmd
+        } else {
+            Command {
+                op: Op::Session {
+                    completed_below: mark,
+                    op: Box::new(cmd.op),
+                },
+                ..cmd
+            }
         };
         let resp = sm
             .apply_command(
@@ -1310,6 +1352,11 @@ mod tests {
             CommandResponse::Superseded
         );
         assert_eq!(
+            apply_marked(&sm, (1, 21, 0), 153, t0, ("a", "late")),
+            CommandResponse::Superseded,
+            "a late copy proposed without a mark is held to the stored one"
+        );
+        assert_eq!(
             value("a").as_deref(),
             Some(&b"1"[..]),
             "a late copy applied"
@@ -1319,6 +1366,11 @@ mod tests {
         assert_eq!(
             apply_marked(&sm, (2, 20, 20), 153, t0, ("d", "z")),
             CommandResponse::Put { version: 153 }
+        );
+        assert_eq!(
+            apply_marked(&sm, (3, 5, 0), 153, t0, ("d", "z")),
+            CommandResponse::Put { version: 153 },
+            "an id of a session without a mark applies as before"
         );
 
         // Opened again (a restart), the range finds the mark in the store.
@@ -1337,9 +1389,9 @@ mod tests {
             CommandResponse::Superseded
         );
 
-        // The mark lives as long as the records it made go: a command
-        // proposed a whole window later no longer finds it.
-        let later = t0 + window.as_millis() as u64;
+        // The mark outlives the records it made go by the grace for clock
+        // differences: a command proposed that much later no longer finds it.
+        let later = t0 + window.as_millis() as u64 + crate::storage::DEDUP_PURGE_GRACE_MS;
         assert_eq!(
             apply_marked(&sm, (1, 20, 20), 155, later - 1, ("e", "1")),
             CommandResponse::Superseded
@@ -1360,8 +1412,10 @@ mod tests {
             r.total, SESSION_RECORDS_MAX,
             "full: later records untracked"
         );
-        // Session 1 idle for a whole window: forgotten to make room.
+        // Session 1 idle for a whole window: forgotten at the next prune.
         r.insert([2; 8], 7, 1_000, 1_000);
+        assert_eq!(r.total, SESSION_RECORDS_MAX, "no prune before its time");
+        r.insert([2; 8], 7, SESSION_PRUNE_EVERY_MS, 1_000);
         assert_eq!(r.total, 1);
         assert_eq!(r.take_below(&[2; 8], 8), vec![7]);
         assert_eq!(r.total, 0);

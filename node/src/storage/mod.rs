@@ -16,6 +16,7 @@ pub mod value;
 pub use budget::ByteBudget;
 pub use engine::{
     ApplyBatch, DedupClock, Engine, EngineOptions, ScanItem, SessionMark, APPLIED_FLUSH_AFTER,
+    DEDUP_PURGE_GRACE_MS,
 };
 pub use group_commit::{Foreground, SyncCallback};
 pub use snapshot::{SnapshotExport, SNAPSHOT_CHUNK_BYTES};
