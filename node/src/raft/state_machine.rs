@@ -1196,16 +1196,7 @@ mod tests {
             )
             .expect("engine"),
         );
-        let sm = StateMachine::open(
-            engine,
-            5,
-            dir.path().join("snap"),
-            Duration::from_secs(60),
-            Arc::new(|_| {}),
-            true,
-            Arc::default(),
-        )
-        .expect("state machine");
+        let sm = open_range_5(&engine, dir.path(), Duration::from_secs(60));
         let meta = |index: u64| SnapshotMetaOf::<TypeConfig> {
             last_log_id: Some(LogIdOf::<TypeConfig>::new(
                 LeaderIdOf::<TypeConfig>::new(1, 1).to_committed(),
@@ -1237,6 +1228,21 @@ mod tests {
         let (m, p) = sm.keep_snapshot(&meta(12), &newer, true).expect("keep");
         assert_eq!((index(&m), &p), (Some(12), &newer));
         assert!(!installed.exists());
+    }
+
+    /// Opens the state machine of range 5 over `engine`, its snapshots
+    /// under `dir`.
+    fn open_range_5(engine: &Arc<Engine>, dir: &Path, window: Duration) -> StateMachine {
+        StateMachine::open(
+            engine.clone(),
+            5,
+            dir.join("snap"),
+            window,
+            Arc::new(|_| {}),
+            true,
+            Arc::default(),
+        )
+        .expect("state machine")
     }
 
     /// Applies one write of client session `session` (request `n`, sent
@@ -1295,16 +1301,7 @@ mod tests {
             .expect("engine"),
         );
         let window = Duration::from_secs(60);
-        let sm = StateMachine::open(
-            engine.clone(),
-            5,
-            dir.path().join("snap"),
-            window,
-            Arc::new(|_| {}),
-            true,
-            Arc::default(),
-        )
-        .expect("state machine");
+        let sm = open_range_5(&engine, dir.path(), window);
         let t0 = 1_000_000u64;
         let record = |session: u8, n: u64, at: u64| {
             engine
@@ -1374,16 +1371,7 @@ mod tests {
         );
 
         // Opened again (a restart), the range finds the mark in the store.
-        let sm = StateMachine::open(
-            engine.clone(),
-            5,
-            dir.path().join("snap"),
-            window,
-            Arc::new(|_| {}),
-            true,
-            Arc::default(),
-        )
-        .expect("state machine");
+        let sm = open_range_5(&engine, dir.path(), window);
         assert_eq!(
             apply_marked(&sm, (1, 20, 20), 154, t0, ("a", "late")),
             CommandResponse::Superseded
