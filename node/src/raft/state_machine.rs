@@ -1188,14 +1188,7 @@ mod tests {
     fn a_snapshot_built_while_a_newer_one_was_installed_does_not_replace_it() {
         use openraft::alias::LeaderIdOf;
         use openraft::vote::RaftLeaderId;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let engine = Arc::new(
-            Engine::open(
-                &dir.path().join("db"),
-                &crate::storage::EngineOptions::default(),
-            )
-            .expect("engine"),
-        );
+        let (dir, engine) = test_engine();
         let sm = open_range_5(&engine, dir.path(), Duration::from_secs(60));
         let meta = |index: u64| SnapshotMetaOf::<TypeConfig> {
             last_log_id: Some(LogIdOf::<TypeConfig>::new(
@@ -1228,6 +1221,17 @@ mod tests {
         let (m, p) = sm.keep_snapshot(&meta(12), &newer, true).expect("keep");
         assert_eq!((index(&m), &p), (Some(12), &newer));
         assert!(!installed.exists());
+    }
+
+    /// A fresh engine in a temporary directory (kept while the handle lives).
+    fn test_engine() -> (tempfile::TempDir, Arc<Engine>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(
+            &dir.path().join("db"),
+            &crate::storage::EngineOptions::default(),
+        )
+        .expect("engine");
+        (dir, Arc::new(engine))
     }
 
     /// Opens the state machine of range 5 over `engine`, its snapshots
@@ -1292,14 +1296,7 @@ mod tests {
 
     #[test]
     fn a_session_mark_refuses_late_copies_and_drops_the_records_below_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let engine = Arc::new(
-            Engine::open(
-                &dir.path().join("db"),
-                &crate::storage::EngineOptions::default(),
-            )
-            .expect("engine"),
-        );
+        let (dir, engine) = test_engine();
         let window = Duration::from_secs(60);
         let sm = open_range_5(&engine, dir.path(), window);
         let t0 = 1_000_000u64;

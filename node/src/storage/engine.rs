@@ -1284,7 +1284,9 @@ impl ApplyBatch<'_> {
     }
 
     /// A client session's completed mark unexpired at `now_ms`, seeing this
-    /// batch's pending writes.
+    /// batch's pending writes (the state machine reads through its own
+    /// cache instead, see `pending_session_mark`).
+    #[cfg(test)]
     pub fn session_mark(
         &self,
         session: &[u8; 8],
