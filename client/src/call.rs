@@ -167,6 +167,24 @@ impl Budget {
         self.maybe_applied
     }
 
+    /// The error a write's call ends with when its last try failed with
+    /// `e`: `e` itself, unless an earlier try may have been applied and `e`
+    /// does not settle that ([`ClientError::settles_earlier_tries`]; a late
+    /// copy refused by its session's mark, say, or an error made before
+    /// the try reached the range): then a [`ServerError::Timeout`] that
+    /// says the write's outcome is unknown and names `e`.
+    pub fn settle(&self, e: ClientError) -> ClientError {
+        if !self.maybe_applied || e.is_outcome_unknown() || e.settles_earlier_tries() {
+            return e;
+        }
+        ClientError::Server(ServerError::Timeout {
+            reason: format!(
+                "an earlier try timed out or lost its connection, so the write may or may not \
+                 have been applied; the last try failed with: {e}"
+            ),
+        })
+    }
+
     /// Sleeps a backoff step, or fails when it would pass the deadline.
     pub async fn backoff(&mut self, policy: &RetryPolicy) -> Result<(), ClientError> {
         self.backoffs += 1;
@@ -618,9 +636,25 @@ impl Client {
         F: FnMut(Conn, v1::RequestHeader) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut budget = Budget::new(&self.retry);
+        self.key_call_in(&mut Budget::new(&self.retry), key, route, f)
+            .await
+    }
+
+    /// [`Client::key_call`] within `budget`.
+    pub(crate) async fn key_call_in<T, F, Fut>(
+        &self,
+        budget: &mut Budget,
+        key: &[u8],
+        route: Route,
+        f: F,
+    ) -> Result<T, ClientError>
+    where
+        T: Served,
+        F: FnMut(Conn, v1::RequestHeader) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         match self
-            .range_call(&mut budget, key, false, route, &|_| true, f)
+            .range_call(budget, key, false, route, &|_| true, f)
             .await
         {
             Ok((t, _)) => Ok(t),
@@ -659,6 +693,59 @@ mod tests {
         assert_eq!(skipped, vec![3]);
         unskip(&mut skipped, &ServerError::unavailable("busy"));
         assert_eq!(skipped, vec![3]);
+    }
+
+    #[test]
+    fn a_refusal_that_does_not_settle_an_earlier_lost_try_reports_an_unknown_outcome() {
+        let policy = RetryPolicy::default();
+        let late_copy = || {
+            ClientError::Server(ServerError::invalid_argument(
+                "write.request_id",
+                "below its session's completed mark",
+            ))
+        };
+        // No try may have been applied: the refusal is the outcome.
+        let mut b = Budget::new(&policy);
+        b.failed(not_leader(Some(2)));
+        b.unsent(ServerError::unavailable("no address known"));
+        assert!(!b.maybe_applied());
+        assert!(!b.settle(late_copy()).is_outcome_unknown());
+
+        for lost in [
+            ServerError::Timeout {
+                reason: "no answer in time".into(),
+            },
+            ServerError::unavailable("connection reset"),
+        ] {
+            let mut b = Budget::new(&policy);
+            b.failed(lost);
+            assert!(b.maybe_applied());
+            let e = b.settle(late_copy());
+            assert!(e.is_outcome_unknown(), "{e:?}");
+            assert!(e.to_string().contains("write.request_id"), "{e}");
+            let e = b.settle(ClientError::Config("bad address".into()));
+            assert!(e.is_outcome_unknown(), "{e:?}");
+            // The state machine's answer for the request id, and a refusal of
+            // the content every try carried, settle it.
+            let cas = ClientError::Server(ServerError::CasFailed { current: None });
+            assert!(matches!(
+                b.settle(cas),
+                ClientError::Server(ServerError::CasFailed { .. })
+            ));
+            let content = ClientError::Server(ServerError::invalid_argument("value", "too large"));
+            assert!(matches!(
+                b.settle(content),
+                ClientError::Server(ServerError::InvalidArgument { .. })
+            ));
+            // An error of unknown outcome is kept as it is.
+            let internal = ClientError::Server(ServerError::internal("boom"));
+            assert!(matches!(
+                b.settle(internal),
+                ClientError::Server(ServerError::Internal { .. })
+            ));
+            // A fan-out's fork starts with no try of its own.
+            assert!(!b.fork().maybe_applied());
+        }
     }
 
     #[test]

@@ -936,6 +936,8 @@ impl Client {
 
     /// Sends a write of one key to the leader, keeping the read cache honest:
     /// the key is forgotten before sending and again if the write fails.
+    /// A failure after a try that may have been applied reports an unknown
+    /// outcome unless the last answer settles it ([`Budget::settle`]).
     /// Returns the response and when the write was sent.
     async fn write_key<T, F, Fut>(&self, key: &Bytes, f: F) -> Result<(T, StdInstant), ClientError>
     where
@@ -945,11 +947,12 @@ impl Client {
     {
         self.invalidate(std::slice::from_ref(key));
         let started = StdInstant::now();
-        match self.key_call(key, Route::Leader, f).await {
+        let mut budget = Budget::new(&self.retry);
+        match self.key_call_in(&mut budget, key, Route::Leader, f).await {
             Ok(r) => Ok((r, started)),
             Err(e) => {
                 self.after_write(key.clone(), None);
-                Err(e)
+                Err(budget.settle(e))
             }
         }
     }
@@ -1273,7 +1276,7 @@ impl Client {
             .await
         {
             Ok((r, _)) => Ok(r),
-            Err(RangeCallError::Failed(e)) => Err(e),
+            Err(RangeCallError::Failed(e)) => Err(budget.settle(e)),
             // The range split after a try whose outcome is unknown: that try
             // may have been applied, so this is not the caller's bad input.
             Err(RangeCallError::Regroup(d)) if budget.maybe_applied() => {

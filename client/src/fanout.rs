@@ -249,7 +249,11 @@ impl Client {
     ///
     /// **Not atomic across ranges**: when the call fails, the pairs of some
     /// ranges may have been written and others not; sending the same pairs
-    /// again is safe. Each range's batch carries its own request id, so a
+    /// again is safe. The error says so ([`ClientError::is_outcome_unknown`])
+    /// whenever some range's pairs were written or may have been, even if
+    /// another range's batch was refused outright; only a call none of
+    /// whose batches can have been applied fails with a definite error.
+    /// Each range's batch carries its own request id, so a
     /// batch retried after a lost reply is applied once. A range that splits
     /// under a batch has its pairs regrouped and sent under new ids, unless
     /// an earlier try may have been applied (it timed out or its connection
@@ -427,7 +431,7 @@ impl Client {
                                 }))
                             }
                             Err(RangeCallError::Regroup(_)) => Ok(GroupResult::Regroup(g.keys)),
-                            Err(RangeCallError::Failed(e)) => Err(e),
+                            Err(RangeCallError::Failed(e)) => Err(b.settle(e)),
                         }
                     }
                 })
@@ -435,7 +439,7 @@ impl Client {
                 .collect()
                 .await;
             pending = Vec::new();
-            let mut first_err = None;
+            let mut errors = Vec::new();
             for r in results {
                 match r {
                     Ok(GroupResult::Done((keys, w))) => {
@@ -447,16 +451,89 @@ impl Client {
                     Ok(GroupResult::TooLarge(_)) => {
                         unreachable!("only reads are split for their answer's size")
                     }
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
+                    Err(e) => errors.push(e),
                 }
             }
-            if let Some(e) = first_err {
+            if let Some(e) = batch_put_error(errors, written.len()) {
                 return Err(e);
             }
             pending.sort();
         }
         Ok(written)
+    }
+}
+
+/// The error a `batch_put` ends with when some of its ranges' batches
+/// failed with `errors` (in the order they ended) after `written` pairs of
+/// others were written: one whose outcome is unknown if there is one (a
+/// definite failure of one range must not hide that another's batch may
+/// have been applied), else the first, reported as of unknown outcome when
+/// pairs were written: the call as a whole then did part of its work, and
+/// which part its error does not say. `None` when nothing failed.
+fn batch_put_error(errors: Vec<ClientError>, written: usize) -> Option<ClientError> {
+    let failed = errors.len();
+    let mut errors = errors.into_iter();
+    let first = errors.next()?;
+    if first.is_outcome_unknown() {
+        return Some(first);
+    }
+    if let Some(unknown) = errors.find(ClientError::is_outcome_unknown) {
+        return Some(unknown);
+    }
+    if written == 0 {
+        return Some(first);
+    }
+    Some(ClientError::Server(ServerError::Timeout {
+        reason: format!(
+            "{written} pairs were written, but the batches of {failed} ranges failed, so the \
+             pairs may be written in part; the first failure: {first}"
+        ),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> ClientError {
+        ClientError::Server(ServerError::invalid_argument("ops[0].value", "too large"))
+    }
+
+    fn timed_out() -> ClientError {
+        ClientError::Server(ServerError::Timeout {
+            reason: "no answer".into(),
+        })
+    }
+
+    #[test]
+    fn an_unknown_outcome_in_one_range_is_not_hidden_by_a_refusal_in_another() {
+        assert!(batch_put_error(Vec::new(), 3).is_none());
+        // The refusal ended first; the other range's batch may have been applied.
+        let e = batch_put_error(vec![refused(), timed_out()], 0).unwrap();
+        assert!(e.is_outcome_unknown(), "{e}");
+        let e = batch_put_error(
+            vec![
+                refused(),
+                ClientError::DeadlineExceeded {
+                    deadline_ms: 100,
+                    attempts: 2,
+                    last: Box::new(timed_out()),
+                },
+            ],
+            0,
+        )
+        .unwrap();
+        assert!(matches!(e, ClientError::DeadlineExceeded { .. }), "{e}");
+        // Only refusals, nothing written: the call did nothing.
+        let e = batch_put_error(vec![refused(), refused()], 0).unwrap();
+        assert!(!e.is_outcome_unknown(), "{e}");
+        assert!(matches!(
+            e,
+            ClientError::Server(ServerError::InvalidArgument { .. })
+        ));
+        // Refused after other ranges' pairs were written: written in part.
+        let e = batch_put_error(vec![refused()], 5).unwrap();
+        assert!(e.is_outcome_unknown(), "{e}");
+        assert!(e.to_string().contains("5 pairs were written"), "{e}");
     }
 }

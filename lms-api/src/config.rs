@@ -13,6 +13,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::jobs::JobSettings;
+use crate::retention::RetentionSettings;
 
 /// Largest request body accepted, in bytes, unless configured otherwise:
 /// room for a submission of the most characters a body may hold
@@ -99,6 +100,18 @@ pub struct Args {
     /// Seconds between index repair passes; 0 turns the task off (default 300).
     #[arg(long, env = "LMS_REPAIR_INTERVAL_S")]
     pub repair_interval_s: Option<u64>,
+    /// Seconds between retention sweeps, which delete expired refresh
+    /// tokens and old finished jobs, exports and notifications; 0 turns
+    /// the sweep off in this process (default 3600).
+    #[arg(long, env = "LMS_RETENTION_INTERVAL_S")]
+    pub retention_interval_s: Option<u64>,
+    /// Seconds finished and dead-lettered jobs and their results (exports)
+    /// are kept after they finish (default 7 days).
+    #[arg(long, env = "LMS_JOB_RETENTION_S")]
+    pub job_retention_s: Option<u64>,
+    /// Seconds notifications are kept (default 90 days).
+    #[arg(long, env = "LMS_NOTIFICATION_RETENTION_S")]
+    pub notification_retention_s: Option<u64>,
     /// Log format: json or text (default json).
     #[arg(long, env = "LMS_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -130,6 +143,9 @@ pub struct FileConfig {
     pub job_backoff_max_ms: Option<u64>,
     pub job_attempts_max: Option<u32>,
     pub repair_interval_s: Option<u64>,
+    pub retention_interval_s: Option<u64>,
+    pub job_retention_s: Option<u64>,
+    pub notification_retention_s: Option<u64>,
     pub log_format: Option<String>,
     pub seed_demo: Option<bool>,
 }
@@ -162,6 +178,8 @@ pub struct Config {
     /// The job queue's lease, backoff and attempts.
     pub jobs: JobSettings,
     pub repair_interval: Option<Duration>,
+    /// The retention sweep's interval and periods.
+    pub retention: RetentionSettings,
     pub log_format: LogFormat,
     pub seed_demo: bool,
 }
@@ -187,6 +205,7 @@ impl Config {
             worker: true,
             jobs: JobSettings::default(),
             repair_interval: Some(Duration::from_secs(300)),
+            retention: RetentionSettings::default(),
             log_format: LogFormat::Json,
             seed_demo: false,
         }
@@ -263,6 +282,18 @@ impl Config {
         if let Some(v) = args.repair_interval_s.or(file.repair_interval_s) {
             c.repair_interval = (v > 0).then(|| Duration::from_secs(v));
         }
+        if let Some(v) = args.retention_interval_s.or(file.retention_interval_s) {
+            c.retention.interval = (v > 0).then(|| Duration::from_secs(v));
+        }
+        if let Some(v) = args.job_retention_s.or(file.job_retention_s) {
+            c.retention.jobs = Duration::from_secs(v);
+        }
+        if let Some(v) = args
+            .notification_retention_s
+            .or(file.notification_retention_s)
+        {
+            c.retention.notifications = Duration::from_secs(v);
+        }
         if let Some(v) = args.log_format.or(file.log_format) {
             c.log_format = match v.as_str() {
                 "json" => LogFormat::Json,
@@ -322,6 +353,7 @@ impl Config {
         if !(1..=100).contains(&j.attempts_max) {
             anyhow::bail!("--job-attempts-max must be between 1 and 100");
         }
+        self.retention.validate()?;
         Ok(())
     }
 }
@@ -370,5 +402,37 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("attempts"));
         let missing = Args::default();
         assert!(Config::load(missing).is_err());
+    }
+
+    #[test]
+    fn retention_periods_are_read_and_checked() {
+        let args = |job: Option<u64>, notif: Option<u64>, every: Option<u64>| Args {
+            lmskv_endpoints: Some(vec!["a:1".into()]),
+            jwt_secret: Some("x".repeat(32)),
+            job_retention_s: job,
+            notification_retention_s: notif,
+            retention_interval_s: every,
+            ..Args::default()
+        };
+        let c = Config::load(args(None, None, None)).unwrap();
+        assert_eq!(c.retention.jobs, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.retention.notifications, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.retention.interval, Some(Duration::from_secs(3600)));
+        let c = Config::load(args(Some(86_400), Some(30 * 86_400), Some(0))).unwrap();
+        assert_eq!(c.retention.jobs, Duration::from_secs(86_400));
+        assert_eq!(c.retention.notifications, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.retention.interval, None, "0 turns the sweep off");
+        let e = Config::load(args(Some(0), None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--job-retention-s"), "{e}");
+        let e = Config::load(args(None, Some(u64::MAX), None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--notification-retention-s"), "{e}");
+        let e = Config::load(args(None, None, Some(10 * 86_400)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--retention-interval-s"), "{e}");
     }
 }

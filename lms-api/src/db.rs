@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lmskv_client::{
-    BatchOp, Client, Compare, ReadConsistency, ScanOptions, SessionToken, WriteOptions,
+    BatchOp, Client, ClientError, Compare, KeyValue, ReadConsistency, ScanOptions, ServedBy,
+    SessionToken, WriteOptions,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -56,6 +57,12 @@ fn cas_pause_longest(attempt: u32) -> Duration {
         .saturating_mul(1 << (attempt - 1).min(16))
         .min(CAS_PAUSE_MAX)
 }
+
+/// Longest a SESSION read waits for a replica to reach the caller's token
+/// before it is read STRONG instead. A token names a log position; one
+/// that the cluster has not reached (forged, or from another cluster)
+/// would otherwise hold the read for the whole call deadline.
+pub const SESSION_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// Keys fetched per scan call when a list is filtered.
 pub const SCAN_BATCH: u32 = 256;
@@ -108,6 +115,8 @@ pub enum Cas {
 /// Typed lmskv access for the LMS.
 pub struct Db {
     client: Client,
+    /// `client` with [`SESSION_WAIT_MAX`] as its deadline, for SESSION reads.
+    session_client: Client,
     ids: tokio::sync::Mutex<HashMap<&'static str, (u64, u64)>>,
 }
 
@@ -131,8 +140,12 @@ pub fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> AppResult<T> {
 impl Db {
     /// Wraps a connected client.
     pub fn new(client: Client) -> Db {
+        let session_client = client
+            .with_deadline(SESSION_WAIT_MAX)
+            .expect("SESSION_WAIT_MAX is a valid call deadline");
         Db {
             client,
+            session_client,
             ids: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -148,12 +161,40 @@ impl Db {
         key: Bytes,
         c: ReadConsistency,
     ) -> AppResult<Option<Versioned<T>>> {
-        match self.client.get(key.clone(), c).await? {
+        let kv = match c {
+            ReadConsistency::Session(token) => self.session_get(key.clone(), token).await?,
+            c => self.client.get(key.clone(), c).await?,
+        };
+        match kv {
             None => Ok(None),
             Some(kv) => Ok(Some(Versioned {
                 value: decode(&key, &kv.value)?,
                 version: kv.version,
             })),
+        }
+    }
+
+    /// A SESSION read of `key` that waits at most [`SESSION_WAIT_MAX`] for
+    /// a replica to reach `token`, then reads STRONG (which sees every
+    /// write, so read-your-writes holds either way). A token that names a
+    /// position beyond the leader's is refused ([`check_session_reached`]).
+    async fn session_get(&self, key: Bytes, token: SessionToken) -> AppResult<Option<KeyValue>> {
+        match self
+            .session_client
+            .get(key.clone(), ReadConsistency::Session(token.clone()))
+            .await
+        {
+            Ok(kv) => Ok(kv),
+            Err(e) if !session_waited_out(&e) => Err(e.into()),
+            Err(e) => {
+                tracing::debug!(error = %e, "SESSION read not served in time; reading STRONG");
+                let out = self
+                    .client
+                    .get_detailed(key, ReadConsistency::Strong)
+                    .await?;
+                check_session_reached(&token, out.served_by)?;
+                Ok(out.kv)
+            }
         }
     }
 
@@ -203,6 +244,25 @@ impl Db {
         } else {
             Cas::Conflict
         })
+    }
+
+    /// Deletes `key` if its version is still `version` (the one read);
+    /// whether it deleted. A record rewritten since it was read stays.
+    pub async fn delete_if_version(&self, key: Bytes, version: u64) -> AppResult<bool> {
+        if version == 0 {
+            // Version 0 means "absent": there is nothing to delete.
+            return Ok(false);
+        }
+        let out = self
+            .client
+            .compare_and_swap(
+                key,
+                Compare::Version(version),
+                None,
+                &WriteOptions::default(),
+            )
+            .await?;
+        Ok(out.succeeded)
     }
 
     /// Applies `ops` atomically if every `(key, version)` condition holds.
@@ -279,6 +339,41 @@ impl Db {
         c: ReadConsistency,
         keep: impl Fn(&T) -> bool,
     ) -> AppResult<(Vec<Row<T>>, Option<Cursor>)> {
+        let token = match &c {
+            ReadConsistency::Session(t) => t.clone(),
+            _ => return self.page_with(&self.client, prefix, q, c, keep).await,
+        };
+        // As [`Db::get`] does with a SESSION read: at most
+        // [`SESSION_WAIT_MAX`] for a replica to reach the token, then STRONG
+        // after checking the token against the leader of the page's start.
+        let session = ReadConsistency::Session(token.clone());
+        match self
+            .page_with(&self.session_client, prefix, q, session, &keep)
+            .await
+        {
+            Err(AppError::Unavailable(e)) if session_waited_out(&e) => {
+                tracing::debug!(error = %e, "SESSION scan not served in time; reading STRONG");
+                let probe = self
+                    .client
+                    .get_detailed(q.start_key(prefix)?, ReadConsistency::Strong)
+                    .await?;
+                check_session_reached(&token, probe.served_by)?;
+                self.page_with(&self.client, prefix, q, ReadConsistency::Strong, keep)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// [`Db::page`] through `client`.
+    async fn page_with<T: DeserializeOwned>(
+        &self,
+        client: &Client,
+        prefix: &Bytes,
+        q: &PageQuery,
+        c: ReadConsistency,
+        keep: impl Fn(&T) -> bool,
+    ) -> AppResult<(Vec<Row<T>>, Option<Cursor>)> {
         let per_page = q.per_page()? as usize;
         let mut opts = ScanOptions {
             start: q.start_key(prefix)?,
@@ -291,7 +386,7 @@ impl Db {
         let mut examined = 0usize;
         let mut last_key: Option<Bytes> = None;
         loop {
-            let page = self.client.scan(&opts).await?;
+            let page = client.scan(&opts).await?;
             for kv in page.kvs {
                 examined += 1;
                 last_key = Some(kv.key.clone());
@@ -353,6 +448,57 @@ impl Db {
         Err(AppError::Busy(format!(
             "the ID counter of {table} is contended"
         )))
+    }
+}
+
+/// Whether a SESSION read failed by waiting (for a replica to reach the
+/// token, or for an answer at all) rather than for a reason a STRONG read
+/// would share.
+fn session_waited_out(e: &ClientError) -> bool {
+    e.is_retryable()
+}
+
+/// Refuses a session token that names a log position beyond the one the
+/// range's leader (`served`, the answer to a STRONG read) has reached: no
+/// write of this cluster returned it. A token naming other ranges, or a
+/// range since split (the key's range is then another one), passes.
+pub fn check_session_reached(token: &SessionToken, served: Option<ServedBy>) -> AppResult<()> {
+    let Some(s) = served else { return Ok(()) };
+    let want = token.index_for(s.range_id);
+    if want > s.applied_index {
+        return Err(AppError::BadRequest(format!(
+            "x-session-token names position {want} of range {}, which the database has not \
+             reached (it is at {}): send the token a write of this service returned, or none",
+            s.range_id, s.applied_index
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+
+    fn served(range_id: u64, applied_index: u64) -> Option<ServedBy> {
+        Some(ServedBy {
+            node_id: 1,
+            range_id,
+            applied_index,
+            leader_id: 1,
+        })
+    }
+
+    #[test]
+    fn a_token_beyond_the_leader_is_refused_and_a_reached_one_passes() {
+        let t: SessionToken = "7:120,9:5".parse().unwrap();
+        assert!(check_session_reached(&t, served(7, 120)).is_ok());
+        assert!(check_session_reached(&t, served(7, 500)).is_ok());
+        // Another range (the key's range was split off): nothing to compare.
+        assert!(check_session_reached(&t, served(12, 1)).is_ok());
+        assert!(check_session_reached(&t, None).is_ok());
+        let e = check_session_reached(&t, served(7, 119)).unwrap_err();
+        assert!(matches!(e, AppError::BadRequest(_)), "{e:?}");
+        assert!(e.to_string().contains("range 7"), "{e}");
     }
 }
 

@@ -40,7 +40,17 @@
 //!
 //! A session token is the lmskv log index a write returned (header
 //! `x-session-token`); it is valid for reads of the same resource (same
-//! range), which is how the API uses it.
+//! range), which is how the API uses it. A SESSION read waits at most
+//! [`db::SESSION_WAIT_MAX`] for a replica to reach the token and is then
+//! read STRONG, so read-your-writes holds either way; a token naming a
+//! position the range's leader has not reached (forged, or from another
+//! cluster) is refused with 400, as is a header that is not a token.
+//!
+//! # Retention
+//!
+//! Expired refresh tokens, finished jobs with their exports, and
+//! notifications are deleted by a bounded background sweep
+//! ([`retention`]) once past their retention period.
 
 pub mod access;
 pub mod accounts;
@@ -56,6 +66,7 @@ pub mod model;
 pub mod pagination;
 pub mod ratelimit;
 pub mod repair;
+pub mod retention;
 pub mod routes;
 pub mod seed;
 pub mod validate;
@@ -66,13 +77,16 @@ pub use app::{router, AppState};
 pub use config::Config;
 
 /// Starts the background tasks this configuration asks for (job worker,
-/// index repair).
+/// index repair, retention sweep).
 pub fn spawn_background(st: &AppState) {
     if st.cfg.worker {
         tokio::spawn(jobs::worker::run(st.clone()));
     }
     if let Some(every) = st.cfg.repair_interval {
         tokio::spawn(repair::run(st.clone(), every));
+    }
+    if st.cfg.retention.interval.is_some() {
+        tokio::spawn(retention::run(st.clone(), st.cfg.retention.clone()));
     }
 }
 

@@ -4,25 +4,29 @@
 //! Every read here is STRONG: grades are what students and teachers act on,
 //! and they must see the grade that was just given.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use lmskv_client::ReadConsistency;
+use bytes::Bytes;
+use lmskv_client::{ReadConsistency, ScanOptions};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::access::course_access;
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::db::Db;
+use crate::db::{decode, Db, PREFIX_READ_MAX};
 use crate::error::{AppError, AppResult, Problem};
 use crate::extract::AppPath;
 use crate::jobs::{self, JobKind, JobView};
 use crate::keys;
-use crate::model::{Assignment, CourseRole, Member, Submission, SubmissionScore};
+use crate::model::{Assignment, CourseRole, Member, SubmissionGrade, SubmissionScore};
+
+/// Assignments (and so submissions) a student's grades view reads per page.
+pub const GRADES_PAGE: u32 = 256;
 
 /// One assignment's result for one student.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -160,38 +164,69 @@ pub async fn student_grades(
         // A student never learns anything about another student's grades.
         return Err(AppError::NotFound("grades"));
     }
-    let assignments = st
-        .db
-        .scan_prefix::<Assignment>(&keys::assignments(cid), ReadConsistency::Strong)
-        .await?;
-    let reads = assignments.iter().map(|a| {
-        st.db.get::<Submission>(
-            keys::submission(cid, a.value.id, uid),
-            ReadConsistency::Strong,
-        )
-    });
-    let subs = futures::future::try_join_all(reads).await?;
-    let out = assignments
-        .into_iter()
-        .zip(subs)
-        .map(|(a, s)| {
-            let a = a.value;
+    Ok(Json(grade_entries(&st.db, cid, uid, staff).await?))
+}
+
+/// Student `uid`'s entry for every assignment of course `cid`, in
+/// assignment order; grades of unpublished assignments only for `staff`.
+///
+/// The assignments are read a page at a time ([`GRADES_PAGE`]) and each
+/// page's submissions with one batch read, so a course with many
+/// assignments costs a few calls, not one read per assignment at once.
+/// Fails, like a gradebook, past [`PREFIX_READ_MAX`] assignments.
+pub async fn grade_entries(db: &Db, cid: u64, uid: u64, staff: bool) -> AppResult<Vec<GradeEntry>> {
+    let prefix = keys::assignments(cid);
+    let mut opts = ScanOptions {
+        end: keys::prefix_end(&prefix),
+        start: prefix,
+        limit: GRADES_PAGE,
+        consistency: ReadConsistency::Strong,
+        ..ScanOptions::default()
+    };
+    let mut out = Vec::new();
+    loop {
+        let page = db.client().scan(&opts).await?;
+        if out.len() + page.kvs.len() > PREFIX_READ_MAX {
+            return Err(AppError::TooManyRecords(format!(
+                "more than {PREFIX_READ_MAX} assignments: too many to read at once"
+            )));
+        }
+        let assignments = page
+            .kvs
+            .iter()
+            .map(|kv| decode::<Assignment>(&kv.key, &kv.value))
+            .collect::<AppResult<Vec<_>>>()?;
+        // The grade without the body: only whether there is a submission,
+        // and its grade, are shown.
+        let mut subs: HashMap<Bytes, SubmissionGrade> = HashMap::new();
+        if !assignments.is_empty() {
+            let wanted = assignments.iter().map(|a| keys::submission(cid, a.id, uid));
+            for kv in db
+                .client()
+                .batch_get(wanted, ReadConsistency::Strong)
+                .await?
+            {
+                subs.insert(kv.key.clone(), decode(&kv.key, &kv.value)?);
+            }
+        }
+        for a in assignments {
+            let s = subs.remove(&keys::submission(cid, a.id, uid));
             let visible = staff || a.grades_published;
-            let grade = s
-                .as_ref()
-                .and_then(|s| s.value.grade.clone())
-                .filter(|_| visible);
-            GradeEntry {
+            let grade = s.as_ref().and_then(|s| s.grade.clone()).filter(|_| visible);
+            out.push(GradeEntry {
                 assignment_id: a.id,
                 title: a.title,
                 max_points: a.max_points,
                 submitted: s.is_some(),
                 score: grade.as_ref().map(|g| g.score),
                 feedback: grade.map(|g| g.feedback),
-            }
-        })
-        .collect();
-    Ok(Json(out))
+            });
+        }
+        match page.next_page_token {
+            Some(t) => opts.page_token = t,
+            None => return Ok(out),
+        }
+    }
 }
 
 /// The course gradebook (teachers, TAs and admins).

@@ -30,7 +30,7 @@ pub async fn list_notifications(
         .page::<Notification>(
             &keys::notifications(caller.id()),
             &q,
-            session_or_prefix(&headers),
+            session_or_prefix(&headers)?,
             |_| true,
         )
         .await?;

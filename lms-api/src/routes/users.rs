@@ -100,7 +100,7 @@ pub async fn get_user(
     // `x-session-token`), so an edit is visible at once from any replica.
     let user = st
         .db
-        .get::<User>(keys::user(id), session_or_prefix(&headers))
+        .get::<User>(keys::user(id), session_or_prefix(&headers)?)
         .await?
         .ok_or(AppError::NotFound("user"))?;
     Ok(Json(UserView::from(&user.value)))
@@ -210,7 +210,7 @@ pub async fn user_courses(
     let prefix = keys::user_courses(id);
     let (rows, next) = st
         .db
-        .page::<UserCourse>(&prefix, &q, session_or_prefix(&headers), |_| true)
+        .page::<UserCourse>(&prefix, &q, session_or_prefix(&headers)?, |_| true)
         .await?;
     let checks = rows.iter().map(|r| {
         let st = st.clone();

@@ -72,6 +72,7 @@ impl Resp {
 pub fn config(endpoints: Vec<String>) -> Config {
     let mut c = Config::new(endpoints, SECRET);
     c.repair_interval = None;
+    c.retention.interval = None;
     c.rate_limit_ip_per_s = 100_000;
     c.rate_limit_ip_burst = 100_000;
     c.rate_limit_user_per_s = 100_000;

@@ -5,4 +5,6 @@
 mod api;
 mod common;
 mod jobs;
+mod reads;
+mod retention;
 mod splits;

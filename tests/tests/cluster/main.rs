@@ -14,6 +14,7 @@ mod failpoints;
 mod grouped_writes;
 mod linearizability;
 mod netns;
+mod outcomes;
 mod parking;
 mod replication;
 mod requests;

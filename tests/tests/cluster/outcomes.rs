@@ -1,0 +1,108 @@
+//! What a call reports when one of its tries may have been applied, against
+//! real node processes:
+//! - a write whose reply was lost (a proxy in front of the leader drops it)
+//!   and whose retry is then refused without being looked up by its request
+//!   id (a late copy below its session's completed mark) reports an unknown
+//!   outcome, not a definite refusal: it was applied.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use lmskv_client::{ReadConsistency, WriteOptions};
+use lmskv_proto::v1::{PutRequest, WriteOptions as PWriteOptions};
+use lmskv_tests::{phase, wait_for, ClusterOptions, TestCluster};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Request `n` of a client session whose 8-byte id is `session`.
+fn request_id(session: [u8; 8], n: u64) -> Bytes {
+    let mut id = session.to_vec();
+    id.extend_from_slice(&n.to_be_bytes());
+    id.into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_applied_before_its_retry_was_refused_as_a_late_copy_reports_an_unknown_outcome() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions {
+            proxied: true,
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        // Session marks are applied once the cluster runs version 3.
+        c.wait_cluster_version(3, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let client = c.client();
+        let watcher = c.client();
+        // Caches the range, so the next message to carry the marker is the put.
+        client.put("unknown/warmup", "x").await.unwrap();
+        let leader = c
+            .wait_range_leader(b"unknown/a", Duration::from_secs(20))
+            .await
+            .unwrap();
+        let session = [0x5a; 8];
+
+        phase!("the put's reply is lost and its connection held for 3 s");
+        c.proxy(leader)
+            .lose_reply_to_holding(b"unknown/a", Duration::from_secs(3));
+        let put = {
+            let client = client.clone();
+            let opts = WriteOptions {
+                request_id: Some(request_id(session, 1)),
+                ..WriteOptions::default()
+            };
+            tokio::spawn(async move { client.put_with("unknown/a", "1", &opts).await })
+        };
+        wait_for("the put to be applied", Duration::from_secs(10), || async {
+            watcher
+                .get("unknown/a", ReadConsistency::Strong)
+                .await
+                .ok()
+                .flatten()
+        })
+        .await
+        .unwrap();
+
+        phase!("a later request of the put's session marks every request below 100 returned");
+        c.kv(leader)
+            .put(PutRequest {
+                header: None,
+                key: Bytes::from_static(b"unknown/b"),
+                value: Bytes::from_static(b"2"),
+                write: Some(PWriteOptions {
+                    request_id: request_id(session, 100),
+                    durability: 0,
+                    completed_below: 100,
+                }),
+            })
+            .await
+            .unwrap();
+        assert!(
+            !put.is_finished(),
+            "the put ended before its session's mark rose: the test proves nothing"
+        );
+
+        phase!("the put's retry is refused as a late copy: its outcome is unknown");
+        let out = put.await.unwrap();
+        assert_eq!(
+            c.proxy(leader).lost_replies(),
+            1,
+            "the fault was not injected: the test proves nothing"
+        );
+        let e = out.expect_err("a retry below its session's mark cannot be answered");
+        assert!(
+            e.is_outcome_unknown(),
+            "the put was applied, but its error says it was not: {e:?}"
+        );
+        let got = watcher
+            .get("unknown/a", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.value, "1");
+    })
+    .await
+    .expect("test timed out");
+}
