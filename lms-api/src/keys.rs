@@ -28,6 +28,7 @@
 //! | `course/<cid>/a/<aid>`                | [`crate::model::Assignment`]   |
 //! | `course/<cid>/s/<aid>/<uid>`          | [`crate::model::Submission`] with its grade |
 //! | `course/<cid>/g/<aid>/<uid>`          | [`crate::model::GradeNotice`] (the grade the student was last notified of) |
+//! | `course/<cid>/p/<aid>`                | [`crate::model::PendingNotices`] (a publish whose notice job may not be written yet) |
 //! | `catalog/<cid>`                       | [`crate::model::Course`] copy for the catalogue |
 //! | `usercourse/<uid>/<cid>`              | [`crate::model::UserCourse`] (index of a user's courses) |
 //! | `notif/<uid>/<nid>`                   | [`crate::model::Notification`] |
@@ -107,6 +108,7 @@ const COURSE_MEMBER: &[u8] = b"/m/";
 const COURSE_ASSIGNMENT: &[u8] = b"/a/";
 const COURSE_SUBMISSION: &[u8] = b"/s/";
 const COURSE_GRADE_NOTICE: &[u8] = b"/g/";
+const COURSE_PENDING_NOTICES: &[u8] = b"/p/";
 
 fn key(parts: &[&[u8]]) -> Bytes {
     let mut b = BytesMut::with_capacity(parts.iter().map(|p| p.len()).sum());
@@ -208,6 +210,17 @@ pub fn grade_notice(cid: u64, aid: u64, uid: u64) -> Bytes {
         b"/",
         &be(uid),
     ])
+}
+
+/// `course/<cid>/p/<aid>`: in the course's range, so a publish writes it in
+/// one batch with the assignment's flag.
+pub fn pending_notices(cid: u64, aid: u64) -> Bytes {
+    key(&[COURSE, &be(cid), COURSE_PENDING_NOTICES, &be(aid)])
+}
+
+/// `course/<cid>/p/`.
+pub fn pending_notices_of(cid: u64) -> Bytes {
+    key(&[COURSE, &be(cid), COURSE_PENDING_NOTICES])
 }
 
 /// `catalog/<cid>`.
@@ -342,6 +355,7 @@ mod tests {
             assignment(7, 2),
             submission(7, 2, 1),
             grade_notice(7, 2, 1),
+            pending_notices(7, 2),
         ] {
             assert!(k.starts_with(&p));
             assert!(k < prefix_end(&p));
@@ -377,6 +391,8 @@ mod tests {
         );
         // A grade notice is no record the repair task reads.
         assert_eq!(parse_course_key(&grade_notice(5, 3, 9)), None);
+        assert_eq!(parse_course_key(&pending_notices(5, 3)), None);
+        assert!(pending_notices(5, 3).starts_with(&pending_notices_of(5)));
         assert_eq!(parse_course_key(b"course/x"), None);
         assert_eq!(parse_course_key(&user(1)), None);
     }

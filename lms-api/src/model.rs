@@ -248,6 +248,20 @@ pub fn grade_sha256(grade: &GradeContent) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A publish of an assignment's grades whose notification job may not be
+/// written yet, at `course/<cid>/p/<aid>`. A publish writes it in one batch
+/// with the assignment's `grades_published` and deletes it once the job's
+/// record exists; the repair task writes the job of one left behind (the
+/// process died, or the job's write failed, after the publish committed).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingNotices {
+    /// The id of the notification job, allocated before the publish.
+    pub job_id: u64,
+    /// Who published.
+    pub created_by: u64,
+    pub published_at: DateTime<Utc>,
+}
+
 /// A notification for one user, at `notif/<uid>/<nid>`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Notification {

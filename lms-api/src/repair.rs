@@ -3,11 +3,18 @@
 //! leaves the indexes wrong only until the next pass.
 //!
 //! * `usercourse/<uid>/<cid>` must exist exactly for each `course/<cid>/m/<uid>`;
-//! * `catalog/<cid>` must equal `course/<cid>/i`.
+//! * `catalog/<cid>` must equal `course/<cid>/i`;
+//! * a grades publish left pending at `course/<cid>/p/<aid>` (its job was
+//!   not written: the process died or the write failed after the publish
+//!   committed) gets its notification job, with the id the publish
+//!   allocated, and the pending record is deleted
+//!   ([`crate::jobs::notices::enqueue_pending`]). A publish still under way
+//!   may be writing the same job: it is written once.
 //!
 //! A pass walks the tables a page at a time ([`REPAIR_PAGE`] keys), so its
-//! memory does not grow with the data: course by course (its record and
-//! its members, never its assignments or submissions), then the index and
+//! memory does not grow with the data: course by course (its record, its
+//! members and its pending publishes, never its assignments or
+//! submissions), then the index and
 //! the catalogue, each page checked against its sources with one STRONG
 //! batch read. Every fix is an idempotent put, or a compare-and-swap on the
 //! version read; an entry is only deleted when a STRONG read taken after the
@@ -25,8 +32,9 @@ use utoipa::ToSchema;
 
 use crate::db::{decode, Cas, Db, CAS_ATTEMPTS_MAX};
 use crate::error::{AppError, AppResult};
+use crate::jobs::notices;
 use crate::keys;
-use crate::model::{Course, Member, UserCourse};
+use crate::model::{Course, Member, PendingNotices, UserCourse};
 
 /// Keys a pass reads per page (and per batch read).
 pub const REPAIR_PAGE: usize = 1_000;
@@ -38,6 +46,9 @@ pub struct RepairReport {
     pub index_removed: u64,
     pub catalog_updated: u64,
     pub catalog_removed: u64,
+    /// Grade notification jobs of publishes that had not written them.
+    #[serde(default)]
+    pub notices_enqueued: u64,
 }
 
 /// A STRONG scan of `[start, end)`, read a page at a time.
@@ -238,6 +249,26 @@ async fn repair_course(db: &Db, cid: u64, page: usize, report: &mut RepairReport
             if current.as_ref() != Some(&entry) {
                 db.put(key, &entry).await?;
                 report.index_added += 1;
+            }
+        }
+    }
+    let prefix = keys::pending_notices_of(cid);
+    let mut pages = Pages::new(prefix.clone(), page, false);
+    while let Some(kvs) = pages.next(db).await? {
+        for kv in kvs {
+            let Some(aid) = keys::id_at(&kv.key, prefix.len()) else {
+                continue;
+            };
+            let pending: PendingNotices = decode(&kv.key, &kv.value)?;
+            let (job, wrote) = notices::enqueue_pending(db, cid, aid, &pending).await?;
+            if wrote {
+                tracing::info!(
+                    course = cid,
+                    assignment = aid,
+                    job = job.id,
+                    "repair: enqueued the grade notices of a publish that had not"
+                );
+                report.notices_enqueued += 1;
             }
         }
     }

@@ -184,8 +184,15 @@ pub async fn enqueue(st: &AppState, kind: JobKind, created_by: u64) -> AppResult
 /// Adds a job to the queue in `db`.
 pub async fn enqueue_in(db: &Db, kind: JobKind, created_by: u64) -> AppResult<Job> {
     let id = db.next_id("job").await?;
+    let job = queued(id, kind, created_by);
+    db.put(keys::job(id), &job).await?;
+    Ok(job)
+}
+
+/// A new queued job.
+fn queued(id: u64, kind: JobKind, created_by: u64) -> Job {
     let now = Utc::now();
-    let job = Job {
+    Job {
         id,
         kind,
         state: JobState::Queued,
@@ -196,9 +203,34 @@ pub async fn enqueue_in(db: &Db, kind: JobKind, created_by: u64) -> AppResult<Jo
         lease_until: None,
         last_error: None,
         finished_at: None,
-    };
-    db.put(keys::job(id), &job).await?;
-    Ok(job)
+    }
+}
+
+/// Adds job `id` (an id allocated earlier) to the queue unless a record of
+/// it exists, live, finished or dead: the publish that allocated it and the
+/// repair task may both write it, and it is written once. Returns the
+/// job's record and whether this call wrote it.
+pub async fn enqueue_as(
+    db: &Db,
+    id: u64,
+    kind: JobKind,
+    created_by: u64,
+) -> AppResult<(Job, bool)> {
+    if let Some(j) = status(db, id).await? {
+        return Ok((j, false));
+    }
+    let job = queued(id, kind, created_by);
+    match db.cas(keys::job(id), 0, Some(&job)).await? {
+        Cas::Done { .. } => Ok((job, true)),
+        // Written meanwhile by the other writer; a job leaves `job/` only
+        // after its finished record is written, so it is found.
+        Cas::Conflict => match status(db, id).await? {
+            Some(j) => Ok((j, false)),
+            None => Err(crate::error::AppError::Busy(format!(
+                "job {id} is being written concurrently"
+            ))),
+        },
+    }
 }
 
 /// Reads live jobs for a lease scan, starting at `q`'s cursor and wrapping

@@ -21,6 +21,13 @@
 //! is dead-lettered instead, the next publish finds the claim's job dead and
 //! its notification missing, and takes the claim over.
 //!
+//! A publish commits the assignment's `grades_published` together with a
+//! [`PendingNotices`] record naming the job's id (allocated first), then
+//! writes the job and deletes the record ([`publish`],
+//! [`enqueue_pending`]). If the job's write fails or the process dies in
+//! between, the record is left, and the repair task writes the job
+//! ([`crate::repair`]): a committed publish always gets its notices.
+//!
 //! Submissions are read a page at a time ([`NOTICE_PAGE`]) with their
 //! notices (one batch read per page), and at most
 //! [`NOTICE_WRITES_IN_FLIGHT`] students are notified at once. Every read is
@@ -36,11 +43,13 @@ use lmskv_client::{ReadConsistency, ScanOptions};
 
 use lmskv_client::BatchOp;
 
-use crate::db::{decode, encode, Cas, Db, Versioned, CAS_ATTEMPTS_MAX};
+use crate::db::{decode, derived, encode, Cas, Db, Versioned, CAS_ATTEMPTS_MAX};
 use crate::error::{AppError, AppResult};
-use crate::jobs::{self, JobState};
+use crate::jobs::{self, Job, JobKind, JobState};
 use crate::keys;
-use crate::model::{Assignment, GradeContent, GradeNotice, Notification, SubmissionGrade};
+use crate::model::{
+    Assignment, GradeContent, GradeNotice, Notification, PendingNotices, SubmissionGrade,
+};
 
 /// Submissions read per page.
 pub const NOTICE_PAGE: u32 = 256;
@@ -98,6 +107,83 @@ impl Owners {
             .is_none_or(|j| j.state == JobState::Dead);
         self.0.lock().expect("owners").insert(jid, gone);
         Ok(gone)
+    }
+}
+
+/// Publishes the grades of assignment `aid` of course `cid` for `by`:
+/// allocates the notification job's id, then sets `grades_published` and
+/// writes the [`PendingNotices`] naming that job in one batch. The job
+/// itself is written by [`enqueue_pending`]. Returns the assignment as
+/// published and the pending record.
+pub async fn publish(
+    db: &Db,
+    cid: u64,
+    aid: u64,
+    by: u64,
+) -> AppResult<(Assignment, PendingNotices)> {
+    let key = keys::assignment(cid, aid);
+    // Before anything is committed: a failure here leaves nothing behind.
+    let job_id = db.next_id("job").await?;
+    for attempt in 0..CAS_ATTEMPTS_MAX {
+        crate::db::cas_pause(attempt).await;
+        let cur = db
+            .get::<Assignment>(key.clone(), ReadConsistency::Strong)
+            .await?
+            .ok_or(AppError::NotFound("assignment"))?;
+        let mut a = cur.value;
+        a.grades_published = true;
+        a.updated_at = Utc::now();
+        let pending = PendingNotices {
+            job_id,
+            created_by: by,
+            published_at: a.updated_at,
+        };
+        let ops = vec![
+            BatchOp::Put(key.clone(), encode(&a)?),
+            BatchOp::Put(keys::pending_notices(cid, aid), encode(&pending)?),
+        ];
+        if let Cas::Done { .. } = db.batch(vec![(key.clone(), cur.version)], ops).await? {
+            return Ok((a, pending));
+        }
+    }
+    Err(AppError::Busy(
+        "the assignment is being changed concurrently".into(),
+    ))
+}
+
+/// Writes the notification job `pending` names for assignment `aid` of
+/// course `cid` (unless it exists), then deletes `pending`: the job now
+/// exists. Returns the job and whether this call wrote it. A failure to
+/// delete the record is only logged; the repair task finds the job and
+/// deletes it.
+pub async fn enqueue_pending(
+    db: &Db,
+    cid: u64,
+    aid: u64,
+    pending: &PendingNotices,
+) -> AppResult<(Job, bool)> {
+    let kind = JobKind::GradeNotifications {
+        course_id: cid,
+        assignment_id: aid,
+    };
+    let out = jobs::enqueue_as(db, pending.job_id, kind, pending.created_by).await?;
+    derived(
+        "pending grade notices",
+        clear_pending(db, cid, aid, pending.job_id).await,
+    );
+    Ok(out)
+}
+
+/// Deletes the pending record of assignment `aid` if it still names job
+/// `job_id` (a later publish's record, naming its own job, stays).
+async fn clear_pending(db: &Db, cid: u64, aid: u64, job_id: u64) -> AppResult<bool> {
+    let key = keys::pending_notices(cid, aid);
+    match db
+        .get::<PendingNotices>(key.clone(), ReadConsistency::Strong)
+        .await?
+    {
+        Some(p) if p.value.job_id == job_id => db.delete_if_version(key, p.version).await,
+        _ => Ok(false),
     }
 }
 

@@ -15,10 +15,10 @@ use validator::Validate;
 use crate::access::course_access;
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::db::{Cas, CAS_ATTEMPTS_MAX};
+use crate::db::Cas;
 use crate::error::{AppError, AppResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery};
-use crate::jobs::{self, JobKind, JobView};
+use crate::jobs::{notices, JobView};
 use crate::keys;
 use crate::model::Assignment;
 use crate::pagination::{PageQuery, Paged};
@@ -171,37 +171,17 @@ pub async fn publish_grades(
 ) -> AppResult<impl IntoResponse> {
     let access = course_access(&st, &caller, cid).await?;
     access.require_staff("publish grades")?;
-    for attempt in 0..CAS_ATTEMPTS_MAX {
-        crate::db::cas_pause(attempt).await;
-        let cur = load(&st, cid, aid).await?;
-        let mut a = cur.value;
-        a.grades_published = true;
-        a.updated_at = Utc::now();
-        if let Cas::Done { .. } = st
-            .db
-            .cas(keys::assignment(cid, aid), cur.version, Some(&a))
-            .await?
-        {
-            let job = jobs::enqueue(
-                &st,
-                JobKind::GradeNotifications {
-                    course_id: cid,
-                    assignment_id: aid,
-                },
-                caller.id(),
-            )
-            .await?;
-            return Ok((
-                StatusCode::ACCEPTED,
-                [(header::LOCATION, format!("/api/v1/jobs/{}", job.id))],
-                Json(PublishResponse {
-                    assignment: a,
-                    job: JobView::from(&job),
-                }),
-            ));
-        }
-    }
-    Err(AppError::Busy(
-        "the assignment is being changed concurrently".into(),
+    let (a, pending) = notices::publish(&st.db, cid, aid, caller.id()).await?;
+    // Committed: the job is written next. Should that fail, the pending
+    // record the publish wrote makes the repair task write it.
+    let (job, _) = notices::enqueue_pending(&st.db, cid, aid, &pending).await?;
+    st.jobs_enqueued.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/api/v1/jobs/{}", job.id))],
+        Json(PublishResponse {
+            assignment: a,
+            job: JobView::from(&job),
+        }),
     ))
 }

@@ -191,3 +191,87 @@ async fn due_jobs_are_found_behind_many_jobs_waiting_on_backoff() {
     assert_eq!(got[0].job.id, 5_000);
     assert!(jobs::lease(&st.db, &st.jobs, 4).await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_committed_without_writing_its_job_is_notified_after_repair() {
+    use lms_api::jobs::notices;
+    use lms_api::model::{PendingNotices, Role};
+    use serde_json::json;
+
+    let api = common::Api::start().await;
+    let db = &api.st.db;
+    let (tid, teacher) = api
+        .user_with_role("t@publish.io", "Teacher", Role::Teacher)
+        .await;
+    let (sid, student) = api.register_login("s@publish.io", "Student").await;
+    let cid = api.course(&teacher, "Publishing", 10).await;
+    api.post(
+        &format!("/api/v1/courses/{cid}/enrollments"),
+        &student,
+        json!({}),
+    )
+    .await
+    .expect(201);
+    let aid = api
+        .assignment(&teacher, cid, json!({"title": "Essay", "max_points": 10}))
+        .await;
+    let sub = format!("/api/v1/courses/{cid}/assignments/{aid}/submissions");
+    api.post(&sub, &student, json!({"body": "mine"}))
+        .await
+        .expect(201);
+    api.call(
+        reqwest::Method::PUT,
+        &format!("{sub}/{sid}/grade"),
+        Some(&teacher),
+        Some(json!({"score": 9, "feedback": "fine"})),
+    )
+    .await
+    .expect(200);
+    let pending_key = keys::pending_notices(cid, aid);
+
+    phase!("the publish commits; its process stops before writing the job");
+    let (a, pending) = notices::publish(db, cid, aid, tid).await.unwrap();
+    assert!(a.grades_published);
+    assert!(jobs::status(db, pending.job_id).await.unwrap().is_none());
+
+    phase!("repair writes the job with the publish's id; the worker notifies the student");
+    let r = lms_api::repair::repair_once(db).await.unwrap();
+    assert_eq!(r.notices_enqueued, 1, "{r:?}");
+    let notes = lmskv_tests::wait_for("the notification", Duration::from_secs(15), || async {
+        let r = api.get("/api/v1/notifications", &student).await.expect(200);
+        let items = r.body.as_array().cloned().unwrap_or_default();
+        (!items.is_empty()).then_some(items)
+    })
+    .await
+    .unwrap();
+    assert_eq!(notes.len(), 1);
+    assert_eq!(notes[0]["id"], pending.job_id);
+    assert!(notes[0]["message"].as_str().unwrap().contains("Essay"));
+    let job = state_of(&api.st, pending.job_id).await;
+    assert_eq!(job.created_by, tid);
+    assert!(db
+        .get::<PendingNotices>(pending_key.clone(), ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .is_none());
+    let again = lms_api::repair::repair_once(db).await.unwrap();
+    assert_eq!(again.notices_enqueued, 0, "{again:?}");
+
+    phase!("a publish through the API writes its job and leaves nothing pending");
+    let r = api
+        .post(
+            &format!("/api/v1/courses/{cid}/assignments/{aid}/publish-grades"),
+            &teacher,
+            json!({}),
+        )
+        .await
+        .expect(202);
+    let jid = r.body["job"]["id"].as_u64().unwrap();
+    assert_ne!(jid, pending.job_id);
+    assert!(jobs::status(db, jid).await.unwrap().is_some());
+    assert!(db
+        .get::<PendingNotices>(pending_key, ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .is_none());
+}
