@@ -25,6 +25,15 @@ pub const ADMIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MOVE_REPLICA_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a node's status report may take.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a split whose earlier try may have been applied, and whose
+/// retry was refused, looks for the ranges that try would have made
+/// (see [`Client::split`]): a couple of the nodes' heartbeats, which bring
+/// a split the meta range missed.
+pub const SPLIT_CONFIRM_WAIT: Duration = Duration::from_millis(2_500);
+/// Pause between two such looks.
+const SPLIT_CONFIRM_EVERY: Duration = Duration::from_millis(250);
+/// The least time one such look may take, even past the call's deadline.
+const SPLIT_CONFIRM_LOOK_MIN: Duration = Duration::from_millis(500);
 
 impl Client {
     fn admin_deadline(&self) -> Instant {
@@ -140,23 +149,51 @@ impl Client {
 
     /// Splits the range holding `key` at `key`, which becomes the start of
     /// the new right-hand range. Returns the left and right descriptors.
+    ///
+    /// A key where a range already starts is refused (`InvalidArgument`),
+    /// unless this call's own earlier try may have made it so: a try whose
+    /// answer was lost (it timed out, its connection broke) may have split
+    /// the range, and its retry is then refused. Such a call looks the key
+    /// up in the meta range and, when ranges now end and start at the key,
+    /// returns them as its result; when they do not (within
+    /// [`SPLIT_CONFIRM_WAIT`]), the call fails with an outcome-unknown
+    /// error ([`ClientError::is_outcome_unknown`]) naming the refusal.
     pub async fn split(
         &self,
         key: impl Into<Bytes>,
     ) -> Result<(RangeDescriptor, RangeDescriptor), ClientError> {
         let key = key.into();
         check_key("key", &key)?;
-        let req = SplitRequest { key };
-        let resp = self
-            .meta_call(
-                self.admin_deadline(),
-                Some(ADMIN_ATTEMPT_TIMEOUT),
-                |mut c| {
-                    let req = req.clone();
-                    async move { c.split(req).await }
-                },
-            )
-            .await?;
+        let req = SplitRequest { key: key.clone() };
+        let mut budget = self.meta_budget(self.admin_deadline());
+        let called = self
+            .meta_call_in(&mut budget, Some(ADMIN_ATTEMPT_TIMEOUT), |mut c| {
+                let req = req.clone();
+                async move { c.split(req).await }
+            })
+            .await;
+        let resp = match called {
+            Ok(resp) => resp,
+            Err(e @ ClientError::Server(ServerError::InvalidArgument { .. }))
+                if budget.maybe_applied() =>
+            {
+                return match self.split_done_at(&key, budget.deadline).await {
+                    Some((left, right)) => {
+                        self.inner.routes.insert(left.clone());
+                        self.inner.routes.insert(right.clone());
+                        Ok((left, right))
+                    }
+                    None => Err(ClientError::Server(ServerError::Timeout {
+                        reason: format!(
+                            "an earlier try of the split timed out or lost its connection and \
+                             may or may not have split the range; the meta range shows no range \
+                             starting at the key, and the last try was refused: {e}"
+                        ),
+                    })),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         let (Some(left), Some(right)) = (resp.left, resp.right) else {
             return Err(ClientError::Server(ServerError::internal(
                 "the split answer lacks a descriptor",
@@ -165,6 +202,47 @@ impl Client {
         self.inner.routes.insert(left.clone());
         self.inner.routes.insert(right.clone());
         Ok((left, right))
+    }
+
+    /// The ranges that end and start at `key`, as the meta range records
+    /// them, if there are such: asked until they are there, for at most
+    /// [`SPLIT_CONFIRM_WAIT`] (a split the range applied reaches the meta
+    /// range with its nodes' heartbeats if its own registration was cut
+    /// short), and not past `deadline` unless for one look.
+    async fn split_done_at(
+        &self,
+        key: &Bytes,
+        deadline: Instant,
+    ) -> Option<(RangeDescriptor, RangeDescriptor)> {
+        let started = Instant::now();
+        let until = deadline.min(started + SPLIT_CONFIRM_WAIT);
+        loop {
+            let look = until.max(Instant::now() + SPLIT_CONFIRM_LOOK_MIN);
+            let (right, left) = tokio::join!(
+                self.fetch_ranges(key.clone(), false, look),
+                self.fetch_ranges(key.clone(), true, look)
+            );
+            let descs = right
+                .into_iter()
+                .chain(left)
+                .flatten()
+                .filter_map(|r| r.descriptor);
+            let (mut left, mut right) = (None, None);
+            for d in descs {
+                if d.end_key == *key {
+                    left = Some(d);
+                } else if d.start_key == *key {
+                    right = Some(d);
+                }
+            }
+            if let (Some(l), Some(r)) = (left, right) {
+                return Some((l, r));
+            }
+            if Instant::now() + SPLIT_CONFIRM_EVERY >= until {
+                return None;
+            }
+            tokio::time::sleep(SPLIT_CONFIRM_EVERY).await;
+        }
     }
 
     /// Moves the leadership of `range_id` to node `to_node`.

@@ -265,7 +265,7 @@ impl Client {
         }
     }
 
-    async fn fetch_ranges(
+    pub(crate) async fn fetch_ranges(
         &self,
         key: Bytes,
         reverse: bool,
@@ -318,19 +318,40 @@ impl Client {
         &self,
         deadline: Instant,
         attempt_timeout: Option<Duration>,
+        f: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnMut(AdminClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut budget = self.meta_budget(deadline);
+        self.meta_call_in(&mut budget, attempt_timeout, f).await
+    }
+
+    /// A budget for meta calls that end at `deadline`: the caller's, not
+    /// the policy's, since a replica move may take longer than a request
+    /// (`MOVE_REPLICA_ATTEMPT_TIMEOUT`).
+    pub(crate) fn meta_budget(&self, deadline: Instant) -> Budget {
+        let mut budget = Budget::new(&self.retry);
+        budget.deadline = deadline;
+        budget.deadline_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
+        budget
+    }
+
+    /// [`Client::meta_call`] within `budget`, which tells the caller
+    /// afterwards whether a failed try may have been applied.
+    pub(crate) async fn meta_call_in<T, F, Fut>(
+        &self,
+        budget: &mut Budget,
+        attempt_timeout: Option<Duration>,
         mut f: F,
     ) -> Result<T, ClientError>
     where
         F: FnMut(AdminClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        // The caller's deadline, not the policy's: a replica move may take
-        // longer than a request (`MOVE_REPLICA_ATTEMPT_TIMEOUT`).
-        let mut budget = Budget::new(&self.retry);
-        budget.deadline = deadline;
-        budget.deadline_ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as u64;
         loop {
             budget.attempt()?;
             let target = self.meta_target();

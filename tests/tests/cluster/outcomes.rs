@@ -3,12 +3,16 @@
 //! - a write whose reply was lost (a proxy in front of the leader drops it)
 //!   and whose retry is then refused without being looked up by its request
 //!   id (a late copy below its session's completed mark) reports an unknown
-//!   outcome, not a definite refusal: it was applied.
+//!   outcome, not a definite refusal: it was applied;
+//! - a split whose reply was lost, and whose retry is refused because a
+//!   range now starts at the key, reports the split it made; a split at a
+//!   range's start with no such earlier try is still refused.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use lmskv_client::{ReadConsistency, WriteOptions};
+use lmskv_client::{ClientError, ReadConsistency, WriteOptions};
+use lmskv_proto::error::Error as ServerError;
 use lmskv_proto::v1::{PutRequest, WriteOptions as PWriteOptions};
 use lmskv_tests::{phase, wait_for, ClusterOptions, TestCluster};
 
@@ -102,6 +106,70 @@ async fn a_write_applied_before_its_retry_was_refused_as_a_late_copy_reports_an_
             .unwrap()
             .unwrap();
         assert_eq!(got.value, "1");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_whose_reply_is_lost_reports_the_split_it_made() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let c = TestCluster::start(ClusterOptions {
+            proxied: true,
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        // A split sent while the cluster version is being raised may be
+        // refused; the test needs the first try to split the range.
+        c.wait_cluster_version(3, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let client = c.client();
+        client.put("splitlost/a", "1").await.unwrap();
+        client.put("splitlost/z", "1").await.unwrap();
+        let meta = c.wait_meta_leader(Duration::from_secs(10)).await.unwrap();
+        let key = Bytes::from_static(b"splitlost/m");
+
+        phase!(
+            "the split's reply is lost (meta leader: node {meta}) and its connection held for 3 s"
+        );
+        c.proxy(meta)
+            .lose_reply_to_holding(&key, Duration::from_secs(3));
+        let (left, right) = client
+            .split(key.clone())
+            .await
+            .unwrap_or_else(|e| panic!("the split failed: {e:?}"));
+        assert_eq!(
+            c.proxy(meta).lost_replies(),
+            1,
+            "the fault was not injected: the test proves nothing"
+        );
+        assert_eq!(left.end_key, key);
+        assert_eq!(right.start_key, key);
+
+        phase!("the key space was split there once");
+        let ranges = client.range_list().await.unwrap();
+        let starting: Vec<u64> = ranges
+            .iter()
+            .filter_map(|r| r.descriptor.as_ref())
+            .filter(|d| d.start_key == key)
+            .map(|d| d.range_id)
+            .collect();
+        assert_eq!(starting, vec![right.range_id]);
+        assert!(ranges
+            .iter()
+            .filter_map(|r| r.descriptor.as_ref())
+            .any(|d| d.range_id == left.range_id && d.end_key == key));
+
+        phase!("with no earlier try, a split where a range starts is refused");
+        match client.split(key.clone()).await {
+            Err(ClientError::Server(ServerError::InvalidArgument { .. })) => {}
+            other => panic!("expected the split to be refused, got {other:?}"),
+        }
+        for k in ["splitlost/a", "splitlost/z"] {
+            client.put(k, "2").await.unwrap();
+        }
     })
     .await
     .expect("test timed out");
