@@ -97,6 +97,10 @@ pub(crate) struct Budget {
     /// A try failed in a way that leaves its outcome unknown (it may have
     /// been applied): a write must not be re-sent under a new request id.
     maybe_applied: bool,
+    /// How much longer than the client's leader attempt timeout one try on
+    /// a leader may take (see `leader_try_extra` in `client.rs`): zero for
+    /// ordinary calls.
+    leader_try_extra: Duration,
 }
 
 impl Budget {
@@ -109,6 +113,7 @@ impl Budget {
             backoffs: 0,
             last: None,
             maybe_applied: false,
+            leader_try_extra: Duration::ZERO,
         }
     }
 
@@ -121,6 +126,20 @@ impl Budget {
             maybe_applied: false,
             ..self.clone()
         }
+    }
+
+    /// Lets each try on a leader take `extra` longer than the client's
+    /// leader attempt timeout: a write that needs it (see
+    /// [`crate::client::leader_try_extra`]).
+    pub fn with_leader_try_extra(mut self, extra: Duration) -> Self {
+        self.leader_try_extra = extra;
+        self
+    }
+
+    /// How much longer than the leader attempt timeout a try on a leader
+    /// may take.
+    pub fn leader_try_extra(&self) -> Duration {
+        self.leader_try_extra
     }
 
     /// The error a spent budget ends the call with.
@@ -488,25 +507,32 @@ impl Client {
             }
             let now = Instant::now();
             let asks_elsewhere = !weak && suspect != 0 && suspect != node_id;
+            // A try on the leader, or held for one, gets the extra time its
+            // write needs (none for ordinary calls) on top of the usual.
+            let extra = budget.leader_try_extra();
+            let held = self
+                .inner
+                .leader_attempt_timeout
+                .max(HELD_ATTEMPT_TIMEOUT_MIN);
             let until = if weak {
                 budget
                     .deadline
                     .min(now + self.inner.replica_attempt_timeout)
             } else if asks_elsewhere {
-                let held = self
-                    .inner
-                    .leader_attempt_timeout
-                    .max(HELD_ATTEMPT_TIMEOUT_MIN);
-                budget.deadline.min(now + held)
+                budget.deadline.min(now + held + extra)
             } else {
-                budget.deadline.min(now + self.inner.leader_attempt_timeout)
+                budget
+                    .deadline
+                    .min(now + self.inner.leader_attempt_timeout + extra)
             };
             let header = v1::RequestHeader {
                 range_id,
                 epoch: Some(epoch(&range.desc)),
                 suspect_leader: if asks_elsewhere { suspect } else { 0 },
+                // The hold is the usual part of the try: the extra time is
+                // for serving the write once a leader is known.
                 leader_wait_ms: if asks_elsewhere {
-                    leader_wait_ms(until.saturating_duration_since(now))
+                    leader_wait_ms(until.saturating_duration_since(now).min(held))
                 } else {
                     0
                 },

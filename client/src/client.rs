@@ -50,7 +50,32 @@ pub const REPLICA_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
 /// retry: the replica asked names it again as soon as it hears from it.
 /// Retried writes keep their request id, so a try given up on is never
 /// applied twice.
+///
+/// Writes that need longer by nature get more: a
+/// [`Durability::All`] write's try lasts at least
+/// [`ALL_DURABILITY_ATTEMPT_TIMEOUT_MIN`], and a write of more than
+/// [`ATTEMPT_BYTES_FREE`] bytes of keys and values one second more per
+/// [`ATTEMPT_BYTES_PER_EXTRA_SECOND`]; every try still ends by the call's
+/// deadline. Reads and ordinary writes keep this limit, and so the failover
+/// above.
 pub const LEADER_ATTEMPT_TIMEOUT_DEFAULT: Duration = Duration::from_millis(700);
+/// The least time one try of a [`Durability::All`] write on a range's
+/// leader may take. Such a write is answered once every voter has it on
+/// disk: on a voter whose disk is slow (a second per sync under load) that
+/// is a sync in progress and then its own, well past the leader attempt
+/// timeout. Given up on sooner, every try would fail the same way (a retry
+/// proposes the write again, and waits for every voter again), the leader
+/// would be suspected for nothing, and the call would end at its deadline
+/// although its first try had been applied.
+pub const ALL_DURABILITY_ATTEMPT_TIMEOUT_MIN: Duration = Duration::from_secs(3);
+/// Bytes of keys and values a write may carry before its tries on the
+/// leader get more time than the leader attempt timeout.
+pub const ATTEMPT_BYTES_FREE: usize = 64 * 1024;
+/// Bytes of keys and values (beyond [`ATTEMPT_BYTES_FREE`]) that give a try
+/// on the leader one more second: a rate slow disks and links keep while
+/// the leader logs the write, sends it to every follower and applies it
+/// (an 8 MiB batch gets 2 s more).
+pub const ATTEMPT_BYTES_PER_EXTRA_SECOND: usize = 4 * 1024 * 1024;
 /// Longest overall deadline a call may be given.
 pub const CALL_DEADLINE_MAX: Duration = Duration::from_secs(600);
 
@@ -125,7 +150,9 @@ pub enum Durability {
     /// Committed by a quorum and applied on the leader.
     #[default]
     Majority,
-    /// Durable on every voter.
+    /// Durable on every voter. Each try of such a write on the leader may
+    /// take [`ALL_DURABILITY_ATTEMPT_TIMEOUT_MIN`] at least: one slow voter
+    /// holds up its answer.
     All,
 }
 
@@ -397,6 +424,8 @@ impl ClientBuilder {
 
     /// How long one try on a range's leader waits before the call asks
     /// another replica who leads (see [`LEADER_ATTEMPT_TIMEOUT_DEFAULT`]).
+    /// [`Durability::All`] writes and writes of more than
+    /// [`ATTEMPT_BYTES_FREE`] bytes get longer tries on top of this.
     pub fn leader_attempt_timeout(mut self, d: Duration) -> Self {
         self.leader_attempt_timeout = d;
         self
@@ -487,7 +516,8 @@ pub(crate) struct Inner {
     pub endpoints: Vec<String>,
     /// Longest one try of a read on one replica may take.
     pub replica_attempt_timeout: Duration,
-    /// Longest one try on a range's leader may take.
+    /// Longest one try on a range's leader may take, unless its call's
+    /// budget allows more (a write that needs it: `leader_try_extra`).
     pub leader_attempt_timeout: Duration,
     /// One HTTP/2 channel per node address.
     pub channels: Mutex<HashMap<String, Channel>>,
@@ -690,6 +720,24 @@ pub(crate) fn write_opts(
             )
         }
     })
+}
+
+/// How much longer than `base` (the client's leader attempt timeout) one
+/// try of a write on its range's leader may take: enough for
+/// [`Durability::All`] ([`ALL_DURABILITY_ATTEMPT_TIMEOUT_MIN`] in all) and
+/// for `bytes` of keys and values (see [`ATTEMPT_BYTES_PER_EXTRA_SECOND`]).
+/// Zero for a small write of majority durability.
+pub(crate) fn leader_try_extra(base: Duration, bytes: usize, durability: Durability) -> Duration {
+    let mut t = base;
+    if durability == Durability::All {
+        t = t.max(ALL_DURABILITY_ATTEMPT_TIMEOUT_MIN);
+    }
+    let large = bytes.saturating_sub(ATTEMPT_BYTES_FREE) as u128;
+    let per_second = ATTEMPT_BYTES_PER_EXTRA_SECOND as u128;
+    let ms = large.saturating_mul(1_000).div_ceil(per_second);
+    t = t.saturating_add(Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)));
+    // The deadline bounds every try anyway; this keeps the sum in range.
+    t.min(CALL_DEADLINE_MAX).saturating_sub(base)
 }
 
 pub(crate) fn durability_proto(d: Durability) -> i32 {
@@ -934,12 +982,26 @@ impl Client {
         }
     }
 
+    /// The budget of a write call carrying `bytes` of keys and values at
+    /// `durability`: its tries on the leader get the time such a write
+    /// needs (see [`leader_try_extra`]).
+    pub(crate) fn write_budget(&self, bytes: usize, durability: Durability) -> Budget {
+        let extra = leader_try_extra(self.inner.leader_attempt_timeout, bytes, durability);
+        Budget::new(&self.retry).with_leader_try_extra(extra)
+    }
+
     /// Sends a write of one key to the leader, keeping the read cache honest:
     /// the key is forgotten before sending and again if the write fails.
-    /// A failure after a try that may have been applied reports an unknown
-    /// outcome unless the last answer settles it ([`Budget::settle`]).
-    /// Returns the response and when the write was sent.
-    async fn write_key<T, F, Fut>(&self, key: &Bytes, f: F) -> Result<(T, StdInstant), ClientError>
+    /// `bytes` is what the write carries (for its tries' time). A failure
+    /// after a try that may have been applied reports an unknown outcome
+    /// unless the last answer settles it ([`Budget::settle`]). Returns the
+    /// response and when the write was sent.
+    async fn write_key<T, F, Fut>(
+        &self,
+        key: &Bytes,
+        (bytes, durability): (usize, Durability),
+        f: F,
+    ) -> Result<(T, StdInstant), ClientError>
     where
         T: Served,
         F: FnMut(Conn, v1::RequestHeader) -> Fut,
@@ -947,7 +1009,7 @@ impl Client {
     {
         self.invalidate(std::slice::from_ref(key));
         let started = StdInstant::now();
-        let mut budget = Budget::new(&self.retry);
+        let mut budget = self.write_budget(bytes, durability);
         match self.key_call_in(&mut budget, key, Route::Leader, f).await {
             Ok(r) => Ok((r, started)),
             Err(e) => {
@@ -1071,11 +1133,15 @@ impl Client {
             write: Some(write),
         };
         let (resp, started) = self
-            .write_key(&key, |mut c, header| {
-                let mut req = req.clone();
-                req.header = Some(header);
-                async move { c.put(req).await }
-            })
+            .write_key(
+                &key,
+                (key.len() + value.len(), opts.durability),
+                |mut c, header| {
+                    let mut req = req.clone();
+                    req.header = Some(header);
+                    async move { c.put(req).await }
+                },
+            )
             .await?;
         let (range_id, index) = resp
             .header
@@ -1118,7 +1184,7 @@ impl Client {
             write: Some(write),
         };
         let (resp, started) = self
-            .write_key(&key, |mut c, header| {
+            .write_key(&key, (key.len(), opts.durability), |mut c, header| {
                 let mut req = req.clone();
                 req.header = Some(header);
                 async move { c.delete(req).await }
@@ -1173,8 +1239,13 @@ impl Client {
             new_value: new_value.unwrap_or_default(),
             write: Some(write),
         };
+        let compared = match req.compare.as_ref().and_then(|c| c.target.as_ref()) {
+            Some(compare::Target::Value(v)) => v.len(),
+            _ => 0,
+        };
+        let bytes = key.len() + compared + req.new_value.len();
         let (resp, started) = self
-            .write_key(&key, |mut c, header| {
+            .write_key(&key, (bytes, opts.durability), |mut c, header| {
                 let mut req = req.clone();
                 req.header = Some(header);
                 async move { c.compare_and_swap(req).await }
@@ -1258,7 +1329,23 @@ impl Client {
             });
         };
         self.invalidate(&written);
-        let mut budget = Budget::new(&self.retry);
+        let bytes: usize = req
+            .ops
+            .iter()
+            .map(|o| match &o.op {
+                Some(batch_op::Op::Put(kv)) => kv.key.len() + kv.value.len(),
+                Some(batch_op::Op::Delete(k)) => k.len(),
+                None => 0,
+            })
+            .chain(req.conditions.iter().map(|c| {
+                c.key.len()
+                    + match &c.target {
+                        Some(compare::Target::Value(v)) => v.len(),
+                        _ => 0,
+                    }
+            }))
+            .sum();
+        let mut budget = self.write_budget(bytes, opts.durability);
         let fits = |d: &RangeDescriptor| keys.iter().all(|k| range::contains(d, k));
         let resp = match self
             .range_call(
@@ -1541,6 +1628,51 @@ mod tests {
         assert_eq!(
             w.session_token().read_consistency(),
             ReadConsistency::Session(SessionToken::for_range(3, 42))
+        );
+    }
+
+    #[test]
+    fn only_writes_that_need_it_get_longer_tries_on_the_leader() {
+        use lmskv_proto::limits::BATCH_BYTES_MAX;
+        let base = LEADER_ATTEMPT_TIMEOUT_DEFAULT;
+        let (majority, all) = (Durability::Majority, Durability::All);
+        // Ordinary writes keep the leader attempt timeout, and so the failover.
+        assert_eq!(leader_try_extra(base, 0, majority), Duration::ZERO);
+        assert_eq!(
+            leader_try_extra(base, ATTEMPT_BYTES_FREE, majority),
+            Duration::ZERO
+        );
+        // A write durable on every voter gets the time a slow voter needs.
+        assert_eq!(
+            base + leader_try_extra(base, 100, all),
+            ALL_DURABILITY_ATTEMPT_TIMEOUT_MIN
+        );
+        // A client whose leader tries are longer than that keeps its own.
+        let long = Duration::from_secs(5);
+        assert_eq!(leader_try_extra(long, 100, all), Duration::ZERO);
+        // Large writes get time for their bytes: 2 s for the largest batch.
+        let largest = leader_try_extra(base, BATCH_BYTES_MAX, majority);
+        assert!(
+            largest > Duration::from_millis(1_950) && largest <= Duration::from_secs(2),
+            "{largest:?}"
+        );
+        assert!(leader_try_extra(base, ATTEMPT_BYTES_FREE + 1, majority) > Duration::ZERO);
+        assert_eq!(
+            base + leader_try_extra(base, BATCH_BYTES_MAX, all),
+            ALL_DURABILITY_ATTEMPT_TIMEOUT_MIN + largest
+        );
+        // Never past the longest deadline a call may have.
+        assert!(base + leader_try_extra(base, usize::MAX, all) <= CALL_DEADLINE_MAX);
+
+        let c = builder().build().unwrap();
+        let b = c.write_budget(10, all);
+        assert_eq!(
+            b.leader_try_extra(),
+            ALL_DURABILITY_ATTEMPT_TIMEOUT_MIN - base
+        );
+        assert_eq!(
+            c.write_budget(10, majority).leader_try_extra(),
+            Duration::ZERO
         );
     }
 

@@ -18,8 +18,8 @@ use lmskv_proto::v1::{self, batch_op, RangeDescriptor};
 
 use crate::call::{Budget, RangeCallError};
 use crate::client::{
-    check_key, check_value, durability_proto, new_request_id, Client, KeyValue, ReadConsistency,
-    Route, WriteOptions, WriteResult,
+    check_key, check_value, durability_proto, leader_try_extra, new_request_id, Client, KeyValue,
+    ReadConsistency, Route, WriteOptions, WriteResult,
 };
 use crate::error::ClientError;
 use crate::read_cache::{fresh_at, CachedRead, Fence};
@@ -349,7 +349,10 @@ impl Client {
             let groups = self.group_by_range(&pending, &budget, usize::MAX).await?;
             let results: Vec<Result<GroupResult<Written>, ClientError>> = stream::iter(groups)
                 .map(|g| {
-                    let mut b = budget.fork();
+                    let bytes: usize = g.keys.iter().map(|k| k.len() + values[k].len()).sum();
+                    let extra =
+                        leader_try_extra(self.inner.leader_attempt_timeout, bytes, opts.durability);
+                    let mut b = budget.fork().with_leader_try_extra(extra);
                     let ops: Vec<v1::BatchOp> = g
                         .keys
                         .iter()

@@ -55,6 +55,7 @@ pub use call::{HELD_ATTEMPT_TIMEOUT_MIN, LOCATE_PREFETCH, META_ATTEMPT_TIMEOUT};
 pub use client::{
     BatchOp, BatchOutcome, CasOutcome, Client, ClientBuilder, Compare, Durability, GetOutcome,
     KeyValue, ReadConsistency, ScanOptions, ScanPage, ServedBy, WriteOptions, WriteResult,
+    ALL_DURABILITY_ATTEMPT_TIMEOUT_MIN, ATTEMPT_BYTES_FREE, ATTEMPT_BYTES_PER_EXTRA_SECOND,
     CALL_DEADLINE_MAX, ENDPOINTS_MAX, LEADER_ATTEMPT_TIMEOUT_DEFAULT,
     REPLICA_ATTEMPT_TIMEOUT_DEFAULT,
 };

@@ -6,12 +6,20 @@
 //!   outcome, not a definite refusal: it was applied;
 //! - a split whose reply was lost, and whose retry is refused because a
 //!   range now starts at the key, reports the split it made; a split at a
-//!   range's start with no such earlier try is still refused.
+//!   range's start with no such earlier try is still refused;
+//! - a write durable on every voter (`Durability::All`) waits for a voter
+//!   whose disk is slow (a fail point delays its log syncs) instead of
+//!   giving up on each try at the leader attempt timeout until its deadline.
+//!
+//! The last test needs node binaries built with `--features
+//! lmskv-node/failpoints`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lmskv_client::{ClientError, ReadConsistency, WriteOptions};
+use lmskv_client::{
+    ClientError, Durability, ReadConsistency, WriteOptions, LEADER_ATTEMPT_TIMEOUT_DEFAULT,
+};
 use lmskv_proto::error::Error as ServerError;
 use lmskv_proto::v1::{PutRequest, WriteOptions as PWriteOptions};
 use lmskv_tests::{phase, wait_for, ClusterOptions, TestCluster};
@@ -170,6 +178,71 @@ async fn a_split_whose_reply_is_lost_reports_the_split_it_made() {
         for k in ["splitlost/a", "splitlost/z"] {
             client.put(k, "2").await.unwrap();
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_all_durability_write_waits_for_a_slow_voter_instead_of_failing_at_its_deadline() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut c = TestCluster::start(ClusterOptions::default()).await.unwrap();
+        let client = c.client();
+        client.put("slowvoter/warmup", "x").await.unwrap();
+        let leader = c
+            .wait_range_leader(b"slowvoter/a", Duration::from_secs(20))
+            .await
+            .unwrap();
+        let meta = c.wait_meta_leader(Duration::from_secs(10)).await.unwrap();
+        let victim = (1..=3).find(|id| *id != leader && *id != meta).unwrap();
+
+        phase!("restart node {victim} with every log sync 800 ms late");
+        assert_eq!(c.stop(victim).unwrap(), Some(0));
+        c.spawn_with_env(victim, &[("FAILPOINTS", "log-sync-before=sleep(800)")])
+            .unwrap();
+        let w = client.put("slowvoter/caught-up", "x").await.unwrap();
+        wait_for(
+            "the slow voter to catch up",
+            Duration::from_secs(30),
+            || async {
+                let s = c.status(victim).await.ok()?;
+                s.ranges
+                    .iter()
+                    .any(|r| {
+                        r.applied_index >= w.index
+                            && r.descriptor
+                                .as_ref()
+                                .is_some_and(|d| d.range_id == w.range_id)
+                    })
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tails(30)));
+
+        phase!("a write durable on every voter, with a 10 s deadline");
+        let quick = client.with_deadline(Duration::from_secs(10)).unwrap();
+        let opts = WriteOptions {
+            durability: Durability::All,
+            ..WriteOptions::default()
+        };
+        let started = Instant::now();
+        let out = quick.put_with("slowvoter/a", "all", &opts).await;
+        let took = started.elapsed();
+        let w = out.unwrap_or_else(|e| {
+            panic!("the write failed after {took:?}: {e}\n{}", c.log_tails(20))
+        });
+        phase!("acknowledged after {took:?}");
+        assert!(
+            took > LEADER_ATTEMPT_TIMEOUT_DEFAULT,
+            "the write took {took:?}: the slow voter did not slow it, the test proves nothing"
+        );
+        let got = client
+            .get("slowvoter/a", ReadConsistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.version, w.version);
     })
     .await
     .expect("test timed out");
