@@ -119,9 +119,9 @@ pub async fn create_user(
 /// argument the client refuses before sending anything (a key or value
 /// over lmskv's limits) is known to apply nothing. Everything else may
 /// have landed: a timeout or an unavailable node, but also a node's
-/// `Internal` answer for a write it applied, or a final non-retryable
-/// answer that follows a try whose outcome was unknown (the client
-/// returns the last error, not the first).
+/// `Internal` answer for a write it applied. (The client reports a
+/// write whose earlier try may have landed as a `Timeout` unless its last
+/// answer settles the outcome; this check does not rely on that.)
 pub fn write_may_have_landed(e: &ClientError) -> bool {
     !matches!(e, ClientError::InvalidArgument { .. })
 }
