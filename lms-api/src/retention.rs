@@ -15,18 +15,28 @@
 //!
 //! Each round walks every table a page at a time ([`SweepLimits`]: keys per
 //! page, pages and deletes per table and round); a table it could not
-//! finish is taken up where it stopped by the next round, which then comes
-//! after [`SWEEP_BACKLOG_PAUSE`] instead of the full interval, so a backlog
-//! drains at a bounded pace. Every read is STRONG and every delete is a
+//! finish is taken up where it stopped by the next round. That round comes
+//! after [`SWEEP_BACKLOG_PAUSE`] instead of the full interval only when the
+//! unfinished walk found records due (it stopped at its delete bound, or
+//! the pages it read held due records, so more are likely behind them): a
+//! backlog drains at a bounded pace, while a large table with nothing due
+//! is walked one round's worth of pages per interval
+//! ([`SweepReport::backlog`]). Every read is STRONG and every delete is a
 //! compare-and-delete on the version read: several API processes may sweep
 //! at once (one of them wins each delete, the others find it gone), and a
 //! record rewritten after it was read (a rerun job writing its notification
 //! or result again) stays.
 //!
 //! Records point at each other in two places, and both tolerate a deleted
-//! target. A finished job's export is deleted right after the job's record
-//! (a sweep that dies in between leaves an export no job names; the walk of
-//! `export/` deletes those). A grade notice (`course/<cid>/g/…`) names the
+//! target. A finished job's export is deleted right after the job's record,
+//! on the export's version read then (a sweep that dies in between, or an
+//! export rewritten in between, leaves an export no job names; the walk of
+//! `export/` deletes those). An export is deleted by that walk only when no
+//! record of its job is left, and the walk reads the live record `job/<jid>`
+//! first and the finished ones (`jobdone/`, `jobdead/`) only after that
+//! answer: finishing a job writes its finished record before it deletes the
+//! live one, so a job that finishes while the walk reads is seen in one or
+//! the other ([`orphan_exports`]). A grade notice (`course/<cid>/g/…`) names the
 //! job that notified it and so the notification `notif/<uid>/<jid>`: once
 //! both the job's record and the notification are gone, the next publish
 //! of that grade notifies the student again
@@ -34,10 +44,13 @@
 //! whose notification has expired.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use lmskv_client::{KeyValue, ReadConsistency, ScanOptions};
 use serde::{Deserialize, Serialize};
@@ -154,8 +167,16 @@ pub struct SweepReport {
     /// Records due for deletion that changed or went before this round's
     /// delete (another process swept them, or they were rewritten).
     pub skipped: u64,
-    /// Whether some table was left unfinished at the round's bounds.
+    /// Whether some table was left unfinished (at the round's bounds, or
+    /// because its walk failed): the next round goes on where it stopped.
     pub more: bool,
+    /// Whether a table left unfinished had records due in what this round
+    /// read of it (its delete bound was reached, or its pages held due
+    /// records): the next round comes after [`SWEEP_BACKLOG_PAUSE`]
+    /// instead of the full interval. A large table with nothing due is
+    /// unfinished but no backlog.
+    #[serde(default)]
+    pub backlog: bool,
 }
 
 impl SweepReport {
@@ -253,15 +274,31 @@ fn job_id(table: Table, key: &[u8]) -> Option<u64> {
     (rest.len() == 8).then(|| keys::id_at(rest, 0)).flatten()
 }
 
+/// A hook a round calls with the records it is about to delete, after
+/// reading them and before deleting any ([`Sweeper::set_before_delete`]).
+pub type BeforeDelete = Arc<dyn Fn(Vec<KeyValue>) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// One process's sweep: its settings, bounds and where each table's walk
 /// goes on in the next round.
-#[derive(Debug)]
 pub struct Sweeper {
     pub settings: RetentionSettings,
     pub limits: SweepLimits,
     /// The first key of each table the next round reads (absent: the
     /// table's start).
     resume: HashMap<Table, Bytes>,
+    /// Tests only: runs between a round's reads and its deletes.
+    before_delete: Option<BeforeDelete>,
+}
+
+impl std::fmt::Debug for Sweeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sweeper")
+            .field("settings", &self.settings)
+            .field("limits", &self.limits)
+            .field("resume", &self.resume)
+            .field("before_delete", &self.before_delete.is_some())
+            .finish()
+    }
 }
 
 impl Sweeper {
@@ -283,11 +320,21 @@ impl Sweeper {
             settings,
             limits,
             resume: HashMap::new(),
+            before_delete: None,
         }
     }
 
+    /// For tests: `hook` runs with the records each batch of deletes is
+    /// about to delete, after the round read them and before it deletes
+    /// any, so a test can change a record in between.
+    #[doc(hidden)]
+    pub fn set_before_delete(&mut self, hook: BeforeDelete) {
+        self.before_delete = Some(hook);
+    }
+
     /// One round over every table, deciding by the clock `now`. A table
-    /// whose walk fails is logged and taken up again next round; the others
+    /// whose walk fails is logged and taken up again next round (after the
+    /// full interval: a failing cluster is not swept harder); the others
     /// still run.
     pub async fn round(&mut self, db: &Db, now: DateTime<Utc>) -> SweepReport {
         let mut report = SweepReport::default();
@@ -323,19 +370,25 @@ impl Sweeper {
         };
         let mut deletes_left = self.limits.deletes;
         let mut next_start = start;
+        // Whether the pages read this round held records due.
+        let mut found_due = false;
         for _ in 0..self.limits.pages {
             let page = db.client().scan(&opts).await?;
             if let Some(kv) = page.kvs.last() {
                 next_start = successor(&kv.key);
             }
             let mut candidates: Vec<KeyValue> = if table == Table::Export {
-                self.orphan_exports(db, page.kvs).await?
+                let read = |keys: Vec<Bytes>| async move {
+                    Ok(db.client().batch_get(keys, ReadConsistency::Strong).await?)
+                };
+                orphan_exports(read, page.kvs).await?
             } else {
                 page.kvs
                     .into_iter()
                     .filter(|kv| due(table, kv, &self.settings, now))
                     .collect()
             };
+            found_due |= !candidates.is_empty();
             // Past the round's deletes: stop at the first record not
             // deleted, and start there next round.
             let stop_at = (candidates.len() > deletes_left).then(|| {
@@ -347,6 +400,7 @@ impl Sweeper {
             if let Some(k) = stop_at {
                 self.resume.insert(table, k);
                 report.more = true;
+                report.backlog = true;
                 return Ok(());
             }
             match page.next_page_token {
@@ -358,47 +412,13 @@ impl Sweeper {
                 }
             }
         }
-        // Out of pages for this round.
+        // Out of pages for this round: the next round goes on from here.
+        // Only pages that held due records make it come soon; a table that
+        // is merely large waits the interval like a finished one.
         self.resume.insert(table, next_start);
         report.more = true;
+        report.backlog |= found_due;
         Ok(())
-    }
-
-    /// The exports of `kvs` (a page of `export/` keys) whose job has no
-    /// record left (live, finished or dead), read STRONG after the exports:
-    /// a job's record exists from before its export is written until the
-    /// sweep deletes it.
-    async fn orphan_exports(&self, db: &Db, kvs: Vec<KeyValue>) -> AppResult<Vec<KeyValue>> {
-        let exports: Vec<(u64, KeyValue)> = kvs
-            .into_iter()
-            .filter_map(|kv| Some((job_id(Table::Export, &kv.key)?, kv)))
-            .collect();
-        if exports.is_empty() {
-            return Ok(Vec::new());
-        }
-        let records = exports
-            .iter()
-            .flat_map(|(jid, _)| [keys::job(*jid), keys::job_done(*jid), keys::job_dead(*jid)]);
-        let found: HashSet<u64> = db
-            .client()
-            .batch_get(records, ReadConsistency::Strong)
-            .await?
-            .into_iter()
-            .filter_map(|kv| {
-                [Table::JobDone, Table::JobDead]
-                    .into_iter()
-                    .find_map(|t| job_id(t, &kv.key))
-                    .or_else(|| {
-                        let rest = kv.key.strip_prefix(keys::JOB)?;
-                        (rest.len() == 8).then(|| keys::id_at(rest, 0)).flatten()
-                    })
-            })
-            .collect();
-        Ok(exports
-            .into_iter()
-            .filter(|(jid, _)| !found.contains(jid))
-            .map(|(_, kv)| kv)
-            .collect())
     }
 
     /// Deletes `due` records of `table`, each only if still the version read.
@@ -409,6 +429,12 @@ impl Sweeper {
         due: Vec<KeyValue>,
         report: &mut SweepReport,
     ) -> AppResult<()> {
+        if due.is_empty() {
+            return Ok(());
+        }
+        if let Some(hook) = &self.before_delete {
+            hook(due.clone()).await;
+        }
         let outcomes: Vec<AppResult<(bool, bool)>> = futures::stream::iter(due)
             .map(|kv| async move {
                 if !db.delete_if_version(kv.key.clone(), kv.version).await? {
@@ -417,7 +443,7 @@ impl Sweeper {
                 // A finished job's result goes with it: nothing names it now.
                 let export = match job_id(table, &kv.key) {
                     Some(jid) if matches!(table, Table::JobDone | Table::JobDead) => {
-                        db.client().delete(keys::export(jid)).await?
+                        delete_export(db, jid).await?
                     }
                     _ => false,
                 };
@@ -456,6 +482,108 @@ impl Sweeper {
     }
 }
 
+/// The exports of `kvs` (a page of `export/` keys) whose job has no record
+/// left (live, finished or dead), read STRONG by `read` (a batch read) after
+/// the exports: a job's record exists from before its export is written
+/// until the sweep deletes it.
+///
+/// The order of the reads matters. A batch read sends its keys to their
+/// ranges at once, so they are read at different moments, and finishing a
+/// job ([`crate::jobs::ack`], [`crate::jobs::fail`]) writes
+/// `jobdone/<jid>` (or `jobdead/<jid>`) and then deletes `job/<jid>`: one
+/// batch of all three could read the finished record before it is written
+/// and the live one after it is deleted, and take the export of a job that
+/// just succeeded for an orphan. So the live records are read first, and
+/// the finished records of the jobs found without one only after that
+/// answer: a live record absent then was deleted before, so its finished
+/// record was written before and is found.
+async fn orphan_exports<R, F>(mut read: R, kvs: Vec<KeyValue>) -> AppResult<Vec<KeyValue>>
+where
+    R: FnMut(Vec<Bytes>) -> F,
+    F: Future<Output = AppResult<Vec<KeyValue>>>,
+{
+    let exports: Vec<(u64, KeyValue)> = kvs
+        .into_iter()
+        .filter_map(|kv| Some((job_id(Table::Export, &kv.key)?, kv)))
+        .collect();
+    if exports.is_empty() {
+        return Ok(Vec::new());
+    }
+    // 1. The live records.
+    let live: HashSet<u64> = read(exports.iter().map(|(jid, _)| keys::job(*jid)).collect())
+        .await?
+        .into_iter()
+        .filter_map(|kv| live_job_id(&kv.key))
+        .collect();
+    let not_live: Vec<u64> = exports
+        .iter()
+        .map(|(jid, _)| *jid)
+        .filter(|jid| !live.contains(jid))
+        .collect();
+    if not_live.is_empty() {
+        return Ok(Vec::new());
+    }
+    // 2. Only now, the finished records of the jobs not live.
+    let finished: HashSet<u64> = read(
+        not_live
+            .iter()
+            .flat_map(|jid| [keys::job_done(*jid), keys::job_dead(*jid)])
+            .collect(),
+    )
+    .await?
+    .into_iter()
+    .filter_map(|kv| {
+        [Table::JobDone, Table::JobDead]
+            .into_iter()
+            .find_map(|t| job_id(t, &kv.key))
+    })
+    .collect();
+    Ok(exports
+        .into_iter()
+        .filter(|(jid, _)| !live.contains(jid) && !finished.contains(jid))
+        .map(|(_, kv)| kv)
+        .collect())
+}
+
+/// The job id of a `job/<jid>` key.
+fn live_job_id(key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(keys::JOB)?;
+    (rest.len() == 8).then(|| keys::id_at(rest, 0)).flatten()
+}
+
+/// Deletes job `jid`'s export, if there is one, only if it is still the
+/// version read here (its key is read, not its value of up to 1 MiB);
+/// whether it deleted. One rewritten in between stays, and the walk of
+/// `export/` deletes it once no record of its job is left.
+async fn delete_export(db: &Db, jid: u64) -> AppResult<bool> {
+    let key = keys::export(jid);
+    let page = db
+        .client()
+        .scan(&ScanOptions {
+            end: successor(&key),
+            start: key.clone(),
+            limit: 1,
+            keys_only: true,
+            consistency: ReadConsistency::Strong,
+            ..Default::default()
+        })
+        .await?;
+    match page.kvs.first() {
+        Some(kv) if kv.key == key => db.delete_if_version(key, kv.version).await,
+        _ => Ok(false),
+    }
+}
+
+/// The pause before the round after `r`: the full `interval`, or
+/// [`SWEEP_BACKLOG_PAUSE`] (at most the interval) while a backlog drains.
+fn pause_after(r: &SweepReport, interval: Duration) -> Duration {
+    if r.backlog {
+        SWEEP_BACKLOG_PAUSE.min(interval)
+    } else {
+        interval
+    }
+}
+
 /// The first key after `key`.
 fn successor(key: &[u8]) -> Bytes {
     let mut k = Vec::with_capacity(key.len() + 1);
@@ -486,25 +614,25 @@ pub async fn run(st: crate::app::AppState, settings: RetentionSettings) {
                 notifications = r.notifications,
                 skipped = r.skipped,
                 more = r.more,
+                backlog = r.backlog,
                 "retention sweep deleted expired records"
             );
         } else {
             tracing::debug!(
                 skipped = r.skipped,
                 more = r.more,
+                backlog = r.backlog,
                 "retention sweep: nothing due"
             );
         }
-        pause = if r.more {
-            SWEEP_BACKLOG_PAUSE.min(interval)
-        } else {
-            interval
-        };
+        pause = pause_after(&r, interval);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
+
     use super::*;
 
     fn kv(key: &[u8], value: serde_json::Value) -> KeyValue {
@@ -625,6 +753,107 @@ mod tests {
             ..Default::default()
         };
         assert!(off.validate().is_ok());
+    }
+
+    /// A store the order test reads key by key, in the order a schedule
+    /// picks, finishing job 5 (writing `finished`, then deleting `job/5`)
+    /// just before read number `finish_at`.
+    struct Racing {
+        store: HashSet<Bytes>,
+        finished: Bytes,
+        finish_at: usize,
+        reads: usize,
+        reverse: bool,
+    }
+
+    impl Racing {
+        fn read(&mut self, mut keys: Vec<Bytes>) -> Vec<KeyValue> {
+            // The keys of one batch go out at once: any order may happen.
+            if self.reverse {
+                keys.reverse();
+            }
+            let mut out = Vec::new();
+            for k in keys {
+                if self.reads == self.finish_at {
+                    self.store.insert(self.finished.clone());
+                    self.store.remove(&keys::job(5));
+                }
+                self.reads += 1;
+                if self.store.contains(&k) {
+                    out.push(KeyValue {
+                        key: k,
+                        value: Bytes::new(),
+                        version: 1,
+                    });
+                }
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn an_export_whose_job_finishes_while_it_is_read_is_never_an_orphan() {
+        let export = |jid: u64| KeyValue {
+            key: keys::export(jid),
+            value: Bytes::new(),
+            version: 2,
+        };
+        // Job 5 is running and finishes during the read, at every moment
+        // and in every order of each batch; job 6 has no record (an orphan);
+        // job 7 finished long ago.
+        for finished in [keys::job_done(5), keys::job_dead(5)] {
+            for reverse in [false, true] {
+                for finish_at in 0..=10 {
+                    let store = RefCell::new(Racing {
+                        store: [keys::job(5), keys::job_done(7)].into_iter().collect(),
+                        finished: finished.clone(),
+                        finish_at,
+                        reads: 0,
+                        reverse,
+                    });
+                    let read = |keys: Vec<Bytes>| {
+                        let out = store.borrow_mut().read(keys);
+                        async move { Ok(out) }
+                    };
+                    let orphans = futures::executor::block_on(orphan_exports(
+                        read,
+                        vec![export(5), export(6), export(7)],
+                    ))
+                    .unwrap();
+                    let ids: Vec<u64> = orphans
+                        .iter()
+                        .filter_map(|kv| job_id(Table::Export, &kv.key))
+                        .collect();
+                    assert_eq!(
+                        ids,
+                        vec![6],
+                        "finishing into {} before read {finish_at}, reverse {reverse}",
+                        finished.escape_ascii()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_a_round_that_found_records_due_asks_for_the_short_pause() {
+        let hour = Duration::from_secs(3600);
+        // A large table with nothing due: unfinished, but no backlog.
+        let large = SweepReport {
+            more: true,
+            ..Default::default()
+        };
+        assert_eq!(pause_after(&large, hour), hour);
+        assert_eq!(pause_after(&SweepReport::default(), hour), hour);
+        let backlog = SweepReport {
+            more: true,
+            backlog: true,
+            refresh_tokens: 512,
+            ..Default::default()
+        };
+        assert_eq!(pause_after(&backlog, hour), SWEEP_BACKLOG_PAUSE);
+        let short = Duration::from_secs(2);
+        assert_eq!(pause_after(&backlog, short), short);
     }
 
     #[test]

@@ -7,13 +7,16 @@
 
 use super::common;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use chrono::{Duration as Age, Utc};
+use futures::future::BoxFuture;
 use lms_api::jobs::{Job, JobKind, JobState};
 use lms_api::model::{Notification, RefreshToken};
 use lms_api::retention::{RetentionSettings, SweepLimits, SweepReport, Sweeper};
 use lms_api::{keys, AppState};
-use lmskv_client::ReadConsistency;
+use lmskv_client::{KeyValue, ReadConsistency};
 use lmskv_tests::phase;
 
 fn token(expires_in: Age) -> RefreshToken {
@@ -137,6 +140,7 @@ async fn the_sweep_deletes_what_is_past_its_time_and_nothing_live() {
             notifications: 1,
             skipped: 0,
             more: false,
+            backlog: false,
         }
     );
     for (key, want) in [
@@ -165,25 +169,35 @@ async fn the_sweep_deletes_what_is_past_its_time_and_nothing_live() {
     let again = sweeper.round(db, Utc::now()).await;
     assert_eq!(again.deleted(), 0, "{again:?}");
 
-    phase!("a record rewritten after it was read is not deleted");
+    phase!("a record rewritten between the sweep's read and its delete is not deleted");
     let key = keys::notification(7, 3);
     db.put(key.clone(), &note(7, 3, day * 100)).await.unwrap();
-    let read = db
+    let client = db.client().clone();
+    let rewrite = key.clone();
+    sweeper.set_before_delete(Arc::new(
+        move |due: Vec<KeyValue>| -> BoxFuture<'static, ()> {
+            let (client, rewrite) = (client.clone(), rewrite.clone());
+            Box::pin(async move {
+                if due.iter().any(|kv| kv.key == rewrite) {
+                    let fresh = serde_json::to_vec(&note(7, 3, Age::zero())).unwrap();
+                    client.put(rewrite, fresh).await.unwrap();
+                }
+            })
+        },
+    ));
+    let r = sweeper.round(db, Utc::now()).await;
+    assert_eq!((r.deleted(), r.skipped), (0, 1), "{r:?}");
+    let kept = db
         .get::<Notification>(key.clone(), ReadConsistency::Strong)
         .await
         .unwrap()
-        .unwrap();
-    db.put(key.clone(), &note(7, 3, Age::zero())).await.unwrap();
-    assert!(!db
-        .delete_if_version(key.clone(), read.version)
-        .await
-        .unwrap());
-    assert!(exists(&st, key.clone()).await);
-    assert_eq!(sweeper.round(db, Utc::now()).await.deleted(), 0);
+        .expect("the rewritten notification stays");
     assert!(
-        exists(&st, key).await,
-        "the rewritten notification is recent"
+        kept.value.created_at > Utc::now() - Age::hours(1),
+        "it is the rewrite"
     );
+    assert_eq!(sweeper.round(db, Utc::now()).await.deleted(), 0);
+    assert!(exists(&st, key).await, "the rewrite is recent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,6 +230,12 @@ async fn rounds_are_bounded_and_two_sweepers_delete_each_record_once() {
         assert!(rounds <= 20, "the backlog did not drain");
         let now = Utc::now();
         let (ra, rb) = futures::join!(a.round(db, now), b.round(db, now));
+        if rounds == 1 {
+            assert!(
+                ra.backlog || rb.backlog,
+                "a round stopped at its delete bound asks for the short pause: {ra:?} {rb:?}"
+            );
+        }
         for r in [&ra, &rb] {
             assert!(r.refresh_tokens <= 3, "a round past its bound: {r:?}");
             assert_eq!(r.deleted(), r.refresh_tokens, "{r:?}");
@@ -232,4 +252,26 @@ async fn rounds_are_bounded_and_two_sweepers_delete_each_record_once() {
     assert_eq!(deleted, 9, "each expired token deleted exactly once");
     assert_eq!(count(&st, keys::REFRESH).await, 1, "the live token stays");
     assert!(exists(&st, keys::refresh("live")).await);
+
+    phase!("a table larger than a round's pages with nothing due is no backlog");
+    for n in 0..6 {
+        db.put(keys::refresh(&format!("live-{n}")), &token(Age::days(1)))
+            .await
+            .unwrap();
+    }
+    let mut c = Sweeper::with_limits(RetentionSettings::default(), limits);
+    for _ in 0..3 {
+        let r = c.round(db, Utc::now()).await;
+        assert_eq!(r.deleted(), 0, "{r:?}");
+        assert!(
+            !r.backlog,
+            "nothing due: the next round waits the interval: {r:?}"
+        );
+        if !r.more {
+            break;
+        }
+    }
+    let r = c.round(db, Utc::now()).await;
+    assert!(r.more, "7 tokens take two rounds of 4 keys: {r:?}");
+    assert!(!r.backlog, "{r:?}");
 }
