@@ -8,8 +8,17 @@
 //!   not written: the process died or the write failed after the publish
 //!   committed) gets its notification job, with the id the publish
 //!   allocated, and the pending record is deleted
-//!   ([`crate::jobs::notices::enqueue_pending`]). A publish still under way
-//!   may be writing the same job: it is written once.
+//!   ([`crate::jobs::notices::enqueue_pending`]). Only records published
+//!   [`REPAIR_PENDING_GRACE`] ago or earlier are taken up: a younger one is
+//!   most likely a publish still under way, whose own process writes the
+//!   job. Should both write it after all, [`crate::jobs::enqueue_as`]
+//!   keeps a finished job from being queued again; in the narrowest of
+//!   races the job runs twice (its notices are idempotent).
+//!
+//! A record the pass cannot repair (one that does not decode, a job it
+//! could not write, a course whose repair failed) is logged and counted in
+//! [`RepairReport::failed`], and the pass goes on with the rest; the next
+//! pass tries it again.
 //!
 //! A pass walks the tables a page at a time ([`REPAIR_PAGE`] keys), so its
 //! memory does not grow with the data: course by course (its record, its
@@ -26,6 +35,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use lmskv_client::{KeyValue, ReadConsistency, ScanOptions};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -38,6 +48,11 @@ use crate::model::{Course, Member, PendingNotices, UserCourse};
 
 /// Keys a pass reads per page (and per batch read).
 pub const REPAIR_PAGE: usize = 1_000;
+/// How old a pending publish must be (by its `published_at`) before the
+/// repair task writes its job: far longer than a publish takes to write
+/// its own job after committing (a request's time limit, 15 s by default),
+/// plus room for clocks of API processes that are a little apart.
+pub const REPAIR_PENDING_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What one pass changed.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -49,6 +64,10 @@ pub struct RepairReport {
     /// Grade notification jobs of publishes that had not written them.
     #[serde(default)]
     pub notices_enqueued: u64,
+    /// Records or courses this pass could not repair (logged; the next
+    /// pass tries them again).
+    #[serde(default)]
+    pub failed: u64,
 }
 
 /// A STRONG scan of `[start, end)`, read a page at a time.
@@ -165,7 +184,12 @@ pub async fn repair_with_page(db: &Db, page: usize) -> AppResult<RepairReport> {
             from = Bytes::from(k);
             continue;
         };
-        repair_course(db, cid, page, &mut report).await?;
+        // One course that cannot be repaired does not hold up the others,
+        // nor the index and catalogue cleanup below.
+        if let Err(e) = repair_course(db, cid, page, &mut report).await {
+            tracing::warn!(course = cid, error = %e, "repair of a course failed; the next pass tries again");
+            report.failed += 1;
+        }
         from = keys::prefix_end(&keys::course_prefix(cid));
     }
     // Index entries whose enrollment is gone: the membership is read after
@@ -259,20 +283,54 @@ async fn repair_course(db: &Db, cid: u64, page: usize, report: &mut RepairReport
             let Some(aid) = keys::id_at(&kv.key, prefix.len()) else {
                 continue;
             };
-            let pending: PendingNotices = decode(&kv.key, &kv.value)?;
-            let (job, wrote) = notices::enqueue_pending(db, cid, aid, &pending).await?;
-            if wrote {
-                tracing::info!(
-                    course = cid,
-                    assignment = aid,
-                    job = job.id,
-                    "repair: enqueued the grade notices of a publish that had not"
-                );
-                report.notices_enqueued += 1;
+            // One bad record is logged and counted; the others still go.
+            match repair_pending(db, cid, aid, &kv, Utc::now()).await {
+                Ok(Some(job)) => {
+                    tracing::info!(
+                        course = cid,
+                        assignment = aid,
+                        job = job.id,
+                        "repair: enqueued the grade notices of a publish that had not"
+                    );
+                    report.notices_enqueued += 1;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(course = cid, assignment = aid, error = %e,
+                        "repair of a pending publish failed; the next pass tries again");
+                    report.failed += 1;
+                }
             }
         }
     }
     Ok(())
+}
+
+/// Writes the job of the pending publish `kv` (of assignment `aid` of
+/// course `cid`) if it is at least [`REPAIR_PENDING_GRACE`] old at `now`;
+/// the job if this call wrote it.
+async fn repair_pending(
+    db: &Db,
+    cid: u64,
+    aid: u64,
+    kv: &KeyValue,
+    now: DateTime<Utc>,
+) -> AppResult<Option<crate::jobs::Job>> {
+    let pending: PendingNotices = decode(&kv.key, &kv.value)?;
+    if !pending_due(&pending, now) {
+        return Ok(None);
+    }
+    let (job, wrote) = notices::enqueue_pending(db, cid, aid, &pending).await?;
+    Ok(wrote.then_some(job))
+}
+
+/// Whether `pending` is old enough at `now` for the repair task to write
+/// its job ([`REPAIR_PENDING_GRACE`]).
+fn pending_due(pending: &PendingNotices, now: DateTime<Utc>) -> bool {
+    chrono::Duration::from_std(REPAIR_PENDING_GRACE)
+        .ok()
+        .and_then(|g| pending.published_at.checked_add_signed(g))
+        .is_some_and(|due| due <= now)
 }
 
 /// Runs a pass every `interval` until the process ends.
@@ -286,5 +344,25 @@ pub async fn run(st: crate::app::AppState, interval: std::time::Duration) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "index repair pass failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_publish_is_left_to_its_process_for_the_grace() {
+        let now = Utc::now();
+        let at = |secs_ago: i64| PendingNotices {
+            job_id: 3,
+            created_by: 1,
+            published_at: now - chrono::Duration::seconds(secs_ago),
+        };
+        assert!(!pending_due(&at(0), now));
+        assert!(!pending_due(&at(60), now));
+        assert!(!pending_due(&at(-600), now), "published in the future");
+        assert!(pending_due(&at(300), now));
+        assert!(pending_due(&at(3600), now));
     }
 }

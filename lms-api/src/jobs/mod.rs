@@ -208,8 +208,22 @@ fn queued(id: u64, kind: JobKind, created_by: u64) -> Job {
 
 /// Adds job `id` (an id allocated earlier) to the queue unless a record of
 /// it exists, live, finished or dead: the publish that allocated it and the
-/// repair task may both write it, and it is written once. Returns the
-/// job's record and whether this call wrote it.
+/// repair task may both write it. Returns the job's record and whether this
+/// call wrote it (and left it written).
+///
+/// What holds: [`status`] reads `job/<id>` first and the finished records
+/// only after that answer, and finishing a job writes its finished record
+/// before it deletes `job/<id>`, so a job that finishes while the check
+/// reads is seen and not written again. The check and the write are not
+/// one step, though: another writer's job may be written, run and finished
+/// in between, and the write (on "absent") would queue it again.
+/// [`write_queued`] therefore looks for a finished record after its write
+/// and takes the write back; only if a worker leased the rewritten job
+/// within those few reads does the job run a second time (tasks are
+/// idempotent, and it ends finished again). The repair task leaves young
+/// publishes to their own process
+/// ([`crate::repair::REPAIR_PENDING_GRACE`]), so the two writers rarely
+/// overlap at all.
 pub async fn enqueue_as(
     db: &Db,
     id: u64,
@@ -219,9 +233,44 @@ pub async fn enqueue_as(
     if let Some(j) = status(db, id).await? {
         return Ok((j, false));
     }
-    let job = queued(id, kind, created_by);
-    match db.cas(keys::job(id), 0, Some(&job)).await? {
-        Cas::Done { .. } => Ok((job, true)),
+    write_queued(db, &queued(id, kind, created_by)).await
+}
+
+/// The second half of [`enqueue_as`], after it found no record of `job`:
+/// writes `job` if `job/<id>` is absent, then checks that the job had not
+/// finished. An absent key is also what a job written, run and finished
+/// since the check leaves (it writes `jobdone/` or `jobdead/` and then
+/// deletes `job/`), and a write on that would queue a finished job again.
+/// So once written, the finished records are read (after the write, so a
+/// job that had left `job/` before it is seen); if one exists, the write
+/// is taken back on its version, and the finished record is returned. If a
+/// worker leased the rewritten job first, the take-back fails and the job
+/// runs once more (tasks are idempotent, and its finish rewrites the same
+/// finished record). Returns the job's record and whether this call wrote
+/// it and left it written.
+pub async fn write_queued(db: &Db, job: &Job) -> AppResult<(Job, bool)> {
+    let id = job.id;
+    match db.cas(keys::job(id), 0, Some(job)).await? {
+        Cas::Done { version, .. } => match finished(db, id).await? {
+            None => Ok((job.clone(), true)),
+            Some(done) => {
+                let taken_back = matches!(
+                    db.cas::<Job>(keys::job(id), version, None).await?,
+                    Cas::Done { .. }
+                );
+                tracing::warn!(
+                    job = id,
+                    taken_back,
+                    "a job was written again after it had finished; {}",
+                    if taken_back {
+                        "the write was taken back"
+                    } else {
+                        "a worker leased it first, so it runs once more"
+                    }
+                );
+                Ok((done, false))
+            }
+        },
         // Written meanwhile by the other writer; a job leaves `job/` only
         // after its finished record is written, so it is found.
         Cas::Conflict => match status(db, id).await? {
@@ -380,10 +429,24 @@ pub async fn fail(
     Ok(())
 }
 
-/// The current record of job `id`, wherever it is.
+/// The current record of job `id`, wherever it is. The live record is
+/// read first and the finished ones one after another only after its
+/// answer: finishing writes the finished record before it deletes the live
+/// one, so a job that finishes during this call is still found.
 pub async fn status(db: &Db, id: u64) -> AppResult<Option<Job>> {
     // STRONG: a finished job must not appear to be still running.
-    for key in [keys::job(id), keys::job_done(id), keys::job_dead(id)] {
+    if let Some(j) = db
+        .get::<Job>(keys::job(id), ReadConsistency::Strong)
+        .await?
+    {
+        return Ok(Some(j.value));
+    }
+    finished(db, id).await
+}
+
+/// Job `id`'s finished record (`jobdone/`, then `jobdead/`), read STRONG.
+async fn finished(db: &Db, id: u64) -> AppResult<Option<Job>> {
+    for key in [keys::job_done(id), keys::job_dead(id)] {
         if let Some(j) = db.get::<Job>(key, ReadConsistency::Strong).await? {
             return Ok(Some(j.value));
         }

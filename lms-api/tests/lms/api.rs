@@ -1945,6 +1945,7 @@ async fn repair_pages_through_every_course_and_fixes_only_what_is_wrong() {
             catalog_updated: 2,
             catalog_removed: 1,
             notices_enqueued: 0,
+            failed: 0,
         }
     );
     assert_eq!(pairs(api.snapshot().await), before);

@@ -234,6 +234,24 @@ async fn a_publish_that_committed_without_writing_its_job_is_notified_after_repa
     assert!(a.grades_published);
     assert!(jobs::status(db, pending.job_id).await.unwrap().is_none());
 
+    phase!("a pending publish younger than the grace is left to its own process");
+    let r = lms_api::repair::repair_once(db).await.unwrap();
+    assert_eq!(r.notices_enqueued, 0, "{r:?}");
+    assert!(jobs::status(db, pending.job_id).await.unwrap().is_none());
+    assert!(db
+        .get::<PendingNotices>(pending_key.clone(), ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .is_some());
+    // The publish is now older than the grace.
+    let old = PendingNotices {
+        published_at: pending.published_at
+            - chrono::Duration::from_std(lms_api::repair::REPAIR_PENDING_GRACE).unwrap()
+            - chrono::Duration::seconds(1),
+        ..pending.clone()
+    };
+    db.put(pending_key.clone(), &old).await.unwrap();
+
     phase!("repair writes the job with the publish's id; the worker notifies the student");
     let r = lms_api::repair::repair_once(db).await.unwrap();
     assert_eq!(r.notices_enqueued, 1, "{r:?}");
@@ -274,4 +292,115 @@ async fn a_publish_that_committed_without_writing_its_job_is_notified_after_repa
         .await
         .unwrap()
         .is_none());
+}
+
+/// A queued job with id `id`, as a writer of an allocated id writes it.
+fn queued(id: u64) -> Job {
+    let now = Utc::now();
+    Job {
+        id,
+        kind: kind(id),
+        state: JobState::Queued,
+        attempts: 0,
+        created_by: 7,
+        created_at: now,
+        run_at: now,
+        lease_until: None,
+        last_error: None,
+        finished_at: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_finished_between_a_writers_check_and_its_write_is_not_queued_again() {
+    let cluster = common::cluster().await;
+    let mut cfg = common::config(cluster.endpoints());
+    cfg.worker = false;
+    cfg.jobs = settings();
+    let st = AppState::new(cfg).unwrap();
+    let (db, q) = (&st.db, &st.jobs);
+
+    for (id, succeed) in [(40u64, true), (41, false)] {
+        phase!("writer B checks job {id}: no record yet");
+        assert!(jobs::status(db, id).await.unwrap().is_none());
+
+        phase!("meanwhile writer A writes it, and a worker runs and finishes it");
+        let (_, wrote) = jobs::enqueue_as(db, id, kind(id), 7).await.unwrap();
+        assert!(wrote);
+        let leased = jobs::lease(db, q, 4).await.unwrap();
+        assert_eq!(leased.len(), 1);
+        assert_eq!(leased[0].job.id, id);
+        if succeed {
+            jobs::ack(db, &leased[0]).await.unwrap();
+        } else {
+            let s = settings();
+            jobs::fail(db, &s, &leased[0], "no such assignment", Failure::Permanent)
+                .await
+                .unwrap();
+        }
+        assert!(live_ids(&st).await.is_empty());
+
+        phase!("B's write, on the absent key, finds the job finished and is taken back");
+        let (seen, wrote) = jobs::write_queued(db, &queued(id)).await.unwrap();
+        assert!(!wrote);
+        let want = if succeed {
+            JobState::Succeeded
+        } else {
+            JobState::Dead
+        };
+        assert_eq!(seen.state, want);
+        assert!(live_ids(&st).await.is_empty(), "job {id} is queued again");
+        assert_eq!(state_of(&st, id).await.state, want);
+        assert!(jobs::lease(db, q, 4).await.unwrap().is_empty());
+        // And the whole call finds it finished without writing.
+        let (seen, wrote) = jobs::enqueue_as(db, id, kind(id), 7).await.unwrap();
+        assert!(!wrote);
+        assert_eq!(seen.state, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_publish_that_cannot_be_repaired_does_not_stop_the_pass() {
+    use lms_api::model::{CourseRole, PendingNotices, UserCourse};
+
+    let cluster = common::cluster().await;
+    let mut cfg = common::config(cluster.endpoints());
+    cfg.worker = false;
+    let st = AppState::new(cfg).unwrap();
+    let db = &st.db;
+
+    phase!("course 1: a pending record that does not decode; course 2: an old one; an index entry with no membership");
+    db.put_raw(keys::pending_notices(1, 1), "not a record".into())
+        .await
+        .unwrap();
+    let old = PendingNotices {
+        job_id: 60,
+        created_by: 7,
+        published_at: Utc::now() - chrono::Duration::minutes(10),
+    };
+    db.put(keys::pending_notices(2, 1), &old).await.unwrap();
+    db.put(
+        keys::user_course(5, 3),
+        &UserCourse {
+            course_id: 3,
+            role: CourseRole::Student,
+        },
+    )
+    .await
+    .unwrap();
+
+    phase!("the pass counts the bad record and repairs everything after it");
+    let r = lms_api::repair::repair_once(db).await.unwrap();
+    assert_eq!(r.failed, 1, "{r:?}");
+    assert_eq!(r.notices_enqueued, 1, "{r:?}");
+    assert_eq!(r.index_removed, 1, "{r:?}");
+    assert_eq!(state_of(&st, 60).await.state, JobState::Queued);
+    assert!(db
+        .get::<PendingNotices>(keys::pending_notices(2, 1), ReadConsistency::Strong)
+        .await
+        .unwrap()
+        .is_none());
+    let again = lms_api::repair::repair_once(db).await.unwrap();
+    assert_eq!(again.failed, 1, "the bad record is tried again: {again:?}");
+    assert_eq!(again.notices_enqueued, 0, "{again:?}");
 }
