@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use lmskv_client::{
     BatchOp, Client, ClientError, Compare, KeyValue, ReadConsistency, ScanOptions, ServedBy,
-    SessionToken, WriteOptions,
+    ServerError, SessionToken, WriteOptions,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -451,11 +451,21 @@ impl Db {
     }
 }
 
-/// Whether a SESSION read failed by waiting (for a replica to reach the
-/// token, or for an answer at all) rather than for a reason a STRONG read
-/// would share.
+/// Whether a SESSION read failed by running out of time: the replica did
+/// not reach the token's position in time (a node's timeout), or no answer
+/// came before [`SESSION_WAIT_MAX`] (the call's deadline, its last try
+/// having timed out). Only then is the read tried STRONG. A node that sheds
+/// load (`Overloaded`) or cannot serve (`Unavailable`), on its own or as
+/// the last error before the deadline, is the caller's error (503 with
+/// `Retry-After`): a STRONG read would add load where there is too much.
 fn session_waited_out(e: &ClientError) -> bool {
-    e.is_retryable()
+    match e {
+        ClientError::Server(ServerError::Timeout { .. }) => true,
+        ClientError::DeadlineExceeded { last, .. } => {
+            matches!(**last, ClientError::Server(ServerError::Timeout { .. }))
+        }
+        _ => false,
+    }
 }
 
 /// Refuses a session token that names a log position beyond the one the
@@ -486,6 +496,38 @@ mod session_tests {
             applied_index,
             leader_id: 1,
         })
+    }
+
+    #[test]
+    fn only_running_out_of_time_turns_a_session_read_strong() {
+        let deadline = |last: ServerError| ClientError::DeadlineExceeded {
+            deadline_ms: 1_000,
+            attempts: 3,
+            last: Box::new(ClientError::Server(last)),
+        };
+        let timeout = || ServerError::Timeout {
+            reason: "replica did not reach the session's index 9 in time".into(),
+        };
+        let overloaded = || ServerError::Overloaded { retry_after_ms: 50 };
+        let unavailable = || ServerError::unavailable("no quorum");
+        // The replica had not reached the token in time.
+        assert!(session_waited_out(&ClientError::Server(timeout())));
+        assert!(session_waited_out(&deadline(timeout())));
+        // Load shedding and unavailability are the caller's 503.
+        assert!(!session_waited_out(&ClientError::Server(overloaded())));
+        assert!(!session_waited_out(&deadline(overloaded())));
+        assert!(!session_waited_out(&ClientError::Server(unavailable())));
+        assert!(!session_waited_out(&deadline(unavailable())));
+        assert!(!session_waited_out(&ClientError::Unreachable {
+            endpoint: "n1".into(),
+            reason: "refused".into(),
+        }));
+        let e = AppError::from(ClientError::Server(overloaded()));
+        assert!(matches!(e, AppError::Unavailable(_)), "{e:?}");
+        // Nor are errors a retry cannot mend.
+        assert!(!session_waited_out(&ClientError::Server(
+            ServerError::invalid_argument("key", "too long")
+        )));
     }
 
     #[test]
