@@ -150,14 +150,17 @@ impl Client {
     /// Splits the range holding `key` at `key`, which becomes the start of
     /// the new right-hand range. Returns the left and right descriptors.
     ///
-    /// A key where a range already starts is refused (`InvalidArgument`),
-    /// unless this call's own earlier try may have made it so: a try whose
-    /// answer was lost (it timed out, its connection broke) may have split
-    /// the range, and its retry is then refused. Such a call looks the key
-    /// up in the meta range and, when ranges now end and start at the key,
-    /// returns them as its result; when they do not (within
-    /// [`SPLIT_CONFIRM_WAIT`]), the call fails with an outcome-unknown
-    /// error ([`ClientError::is_outcome_unknown`]) naming the refusal.
+    /// A key where a range already starts is refused (`InvalidArgument`).
+    /// The call first looks the key up in the meta range, and refuses at
+    /// once when a range starts there. Otherwise a refusal that comes
+    /// after a try whose answer was lost (it timed out, its connection
+    /// broke, or the node could not tell) means that the range was split
+    /// there during this call, by that try (or by another caller at the
+    /// same key at the same moment): the call looks the key up again and,
+    /// when ranges now end and start at the key, returns them as its
+    /// result. When they do not (within [`SPLIT_CONFIRM_WAIT`]), or when
+    /// the first look failed, the call fails with an outcome-unknown error
+    /// ([`ClientError::is_outcome_unknown`]) naming the refusal.
     pub async fn split(
         &self,
         key: impl Into<Bytes>,
@@ -166,6 +169,17 @@ impl Client {
         check_key("key", &key)?;
         let req = SplitRequest { key: key.clone() };
         let mut budget = self.meta_budget(self.admin_deadline());
+        // Whether a range starts at the key before any try is sent: only
+        // then can a later refusal saying so be told from a split this call
+        // made. One look, bounded like one try.
+        let look_until = budget.deadline.min(Instant::now() + ADMIN_ATTEMPT_TIMEOUT);
+        let starts_before = self.range_starting_at(&key, look_until).await;
+        if let Ok(Some(range_id)) = starts_before {
+            return Err(ClientError::Server(ServerError::invalid_argument(
+                "key",
+                format!("a range (range {range_id}) already starts at this key"),
+            )));
+        }
         let called = self
             .meta_call_in(&mut budget, Some(ADMIN_ATTEMPT_TIMEOUT), |mut c| {
                 let req = req.clone();
@@ -177,6 +191,16 @@ impl Client {
             Err(e @ ClientError::Server(ServerError::InvalidArgument { .. }))
                 if budget.maybe_applied() =>
             {
+                if let Err(look) = starts_before {
+                    return Err(ClientError::Server(ServerError::Timeout {
+                        reason: format!(
+                            "an earlier try of the split timed out or lost its connection and \
+                             may or may not have split the range; whether a range started at \
+                             the key before could not be read ({look}), and the last try was \
+                             refused: {e}"
+                        ),
+                    }));
+                }
                 return match self.split_done_at(&key, budget.deadline).await {
                     Some((left, right)) => {
                         self.inner.routes.insert(left.clone());
@@ -202,6 +226,22 @@ impl Client {
         self.inner.routes.insert(left.clone());
         self.inner.routes.insert(right.clone());
         Ok((left, right))
+    }
+
+    /// The id of the range that starts at `key`, if one does, as the meta
+    /// range records it (one lookup, until `until`).
+    async fn range_starting_at(
+        &self,
+        key: &Bytes,
+        until: Instant,
+    ) -> Result<Option<u64>, ClientError> {
+        let ranges = self.fetch_ranges(key.clone(), false, until).await?;
+        Ok(ranges
+            .into_iter()
+            .filter_map(|r| r.descriptor)
+            .find(|d| d.start_key <= *key && (d.end_key.is_empty() || *key < d.end_key))
+            .filter(|d| d.start_key == *key)
+            .map(|d| d.range_id))
     }
 
     /// The ranges that end and start at `key`, as the meta range records

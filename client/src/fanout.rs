@@ -346,7 +346,16 @@ impl Client {
             if rounds > REGROUP_ROUNDS_MAX {
                 return Err(budget.exceeded());
             }
-            let groups = self.group_by_range(&pending, &budget, usize::MAX).await?;
+            // A lookup failing after earlier rounds wrote some pairs leaves
+            // the call written in part: not a definite failure.
+            let groups = match self.group_by_range(&pending, &budget, usize::MAX).await {
+                Ok(groups) => groups,
+                Err(e) => {
+                    return Err(
+                        batch_put_error(vec![e], written.len()).expect("one error was given")
+                    )
+                }
+            };
             let results: Vec<Result<GroupResult<Written>, ClientError>> = stream::iter(groups)
                 .map(|g| {
                     let bytes: usize = g.keys.iter().map(|k| k.len() + values[k].len()).sum();

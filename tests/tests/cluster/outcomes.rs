@@ -25,6 +25,9 @@ use lmskv_proto::v1::{PutRequest, WriteOptions as PWriteOptions};
 use lmskv_tests::{phase, wait_for, ClusterOptions, TestCluster};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// The value of the put whose reply is lost: a marker no other request of
+/// the test carries.
+const LOST_PUT_VALUE: &[u8] = b"the value of the put whose reply is lost";
 
 /// Request `n` of a client session whose 8-byte id is `session`.
 fn request_id(session: [u8; 8], n: u64) -> Bytes {
@@ -56,16 +59,25 @@ async fn a_write_applied_before_its_retry_was_refused_as_a_late_copy_reports_an_
             .unwrap();
         let session = [0x5a; 8];
 
-        phase!("the put's reply is lost and its connection held for 3 s");
+        // The marker is the put's value, which the watcher's reads of the
+        // key do not carry: whichever is sent first, only the put loses its
+        // reply. Held long enough for the watcher's read and the marked
+        // request below to be done before the put's retries can reach the
+        // leader again, and well inside the client's 20 s deadline.
+        phase!("the put's reply is lost and its connection held for 8 s");
         c.proxy(leader)
-            .lose_reply_to_holding(b"unknown/a", Duration::from_secs(3));
+            .lose_reply_to_holding(LOST_PUT_VALUE, Duration::from_secs(8));
         let put = {
             let client = client.clone();
             let opts = WriteOptions {
                 request_id: Some(request_id(session, 1)),
                 ..WriteOptions::default()
             };
-            tokio::spawn(async move { client.put_with("unknown/a", "1", &opts).await })
+            tokio::spawn(async move {
+                client
+                    .put_with("unknown/a", Bytes::from_static(LOST_PUT_VALUE), &opts)
+                    .await
+            })
         };
         wait_for("the put to be applied", Duration::from_secs(10), || async {
             watcher
@@ -108,12 +120,16 @@ async fn a_write_applied_before_its_retry_was_refused_as_a_late_copy_reports_an_
             e.is_outcome_unknown(),
             "the put was applied, but its error says it was not: {e:?}"
         );
+        assert!(
+            e.to_string().contains("write.request_id"),
+            "the unknown outcome should name the late-copy refusal: {e}"
+        );
         let got = watcher
             .get("unknown/a", ReadConsistency::Strong)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got.value, "1");
+        assert_eq!(got.value, Bytes::from_static(LOST_PUT_VALUE));
     })
     .await
     .expect("test timed out");
@@ -142,8 +158,15 @@ async fn a_split_whose_reply_is_lost_reports_the_split_it_made() {
         phase!(
             "the split's reply is lost (meta leader: node {meta}) and its connection held for 3 s"
         );
+        // The marker is the split request as gRPC frames it (no compression
+        // flag, the message's length, then field 1: the key), so the lookup
+        // the call makes first, which carries the key too, is answered.
+        let mut split_frame = vec![0u8];
+        split_frame.extend_from_slice(&(key.len() as u32 + 2).to_be_bytes());
+        split_frame.extend_from_slice(&[0x0a, key.len() as u8]);
+        split_frame.extend_from_slice(&key);
         c.proxy(meta)
-            .lose_reply_to_holding(&key, Duration::from_secs(3));
+            .lose_reply_to_holding(&split_frame, Duration::from_secs(3));
         let (left, right) = client
             .split(key.clone())
             .await
@@ -172,7 +195,8 @@ async fn a_split_whose_reply_is_lost_reports_the_split_it_made() {
 
         phase!("with no earlier try, a split where a range starts is refused");
         match client.split(key.clone()).await {
-            Err(ClientError::Server(ServerError::InvalidArgument { .. })) => {}
+            Err(ClientError::Server(ServerError::InvalidArgument { reason, .. }))
+                if reason.contains("already starts at this key") => {}
             other => panic!("expected the split to be refused, got {other:?}"),
         }
         for k in ["splitlost/a", "splitlost/z"] {
