@@ -246,6 +246,10 @@ pub async fn sync_catalog(db: &Db, cid: u64) -> AppResult<bool> {
 /// Brings one course's catalogue entry and its members' index entries in
 /// line with the course.
 async fn repair_course(db: &Db, cid: u64, page: usize, report: &mut RepairReport) -> AppResult<()> {
+    // The course's pending publishes first: a member record this version
+    // cannot read (or a failed index write) below must not keep a publish
+    // that committed from ever getting its notice job.
+    repair_pending_of_course(db, cid, page, report).await?;
     if sync_catalog(db, cid).await? {
         report.catalog_updated += 1;
     }
@@ -276,6 +280,17 @@ async fn repair_course(db: &Db, cid: u64, page: usize, report: &mut RepairReport
             }
         }
     }
+    Ok(())
+}
+
+/// Writes the notice jobs of course `cid`'s pending publishes that are old
+/// enough; one that cannot be repaired is logged and counted.
+async fn repair_pending_of_course(
+    db: &Db,
+    cid: u64,
+    page: usize,
+    report: &mut RepairReport,
+) -> AppResult<()> {
     let prefix = keys::pending_notices_of(cid);
     let mut pages = Pages::new(prefix.clone(), page, false);
     while let Some(kvs) = pages.next(db).await? {
@@ -330,7 +345,7 @@ fn pending_due(pending: &PendingNotices, now: DateTime<Utc>) -> bool {
     chrono::Duration::from_std(REPAIR_PENDING_GRACE)
         .ok()
         .and_then(|g| pending.published_at.checked_add_signed(g))
-        .is_some_and(|due| due <= now)
+        .is_none_or(|due| due <= now)
 }
 
 /// Runs a pass every `interval` until the process ends.

@@ -13,15 +13,17 @@
 //! used; an expired one is useless (refresh refuses it), and the grace only
 //! keeps the sweep clear of clocks that differ a little between processes.
 //!
-//! Each round walks every table a page at a time ([`SweepLimits`]: keys per
-//! page, pages and deletes per table and round); a table it could not
-//! finish is taken up where it stopped by the next round. That round comes
-//! after [`SWEEP_BACKLOG_PAUSE`] instead of the full interval only when the
-//! unfinished walk found records due (it stopped at its delete bound, or
-//! the pages it read held due records, so more are likely behind them): a
-//! backlog drains at a bounded pace, while a large table with nothing due
-//! is walked one round's worth of pages per interval
-//! ([`SweepReport::backlog`]). Every read is STRONG and every delete is a
+//! The sweep walks every table once per interval, a page at a time
+//! ([`SweepLimits`]: keys per page, pages and deletes per table and
+//! round). A table whose walk does not finish in one round is taken up
+//! where it stopped by the next round, which comes after
+//! [`SWEEP_BACKLOG_PAUSE`] ([`SweepReport::backlog`]); a table whose walk
+//! finished is not walked again until every table's walk has finished and
+//! the full interval has passed. So a record is deleted at most one
+//! interval plus one walk of its table after it is due, and a round reads
+//! at most [`SweepLimits`] of each table. A round in which a table's walk
+//! failed waits the full interval (a failing cluster is not swept harder).
+//! Every read is STRONG and every delete is a
 //! compare-and-delete on the version read: several API processes may sweep
 //! at once (one of them wins each delete, the others find it gone), and a
 //! record rewritten after it was read (a rerun job writing its notification
@@ -36,7 +38,7 @@
 //! first and the finished ones (`jobdone/`, `jobdead/`) only after that
 //! answer: finishing a job writes its finished record before it deletes the
 //! live one, so a job that finishes while the walk reads is seen in one or
-//! the other ([`orphan_exports`]). A grade notice (`course/<cid>/g/…`) names the
+//! the other (`orphan_exports`). A grade notice (`course/<cid>/g/…`) names the
 //! job that notified it and so the notification `notif/<uid>/<jid>`: once
 //! both the job's record and the notification are gone, the next publish
 //! of that grade notifies the student again
@@ -167,14 +169,12 @@ pub struct SweepReport {
     /// Records due for deletion that changed or went before this round's
     /// delete (another process swept them, or they were rewritten).
     pub skipped: u64,
-    /// Whether some table was left unfinished (at the round's bounds, or
+    /// Whether some table's walk is unfinished (at the round's bounds, or
     /// because its walk failed): the next round goes on where it stopped.
     pub more: bool,
-    /// Whether a table left unfinished had records due in what this round
-    /// read of it (its delete bound was reached, or its pages held due
-    /// records): the next round comes after [`SWEEP_BACKLOG_PAUSE`]
-    /// instead of the full interval. A large table with nothing due is
-    /// unfinished but no backlog.
+    /// Whether the next round comes after [`SWEEP_BACKLOG_PAUSE`] instead
+    /// of the full interval: some table's walk is unfinished and no walk
+    /// failed in this round.
     #[serde(default)]
     pub backlog: bool,
 }
@@ -249,7 +249,7 @@ fn past(since: DateTime<Utc>, keep: Duration, now: DateTime<Utc>) -> bool {
 
 /// Whether the record `kv` of `table` is due for deletion at `now`. A
 /// record that does not decode is kept (a newer version may have written
-/// it); an export is decided by its job ([`Sweeper::orphan_exports`]).
+/// it); an export is decided by its job (`orphan_exports`).
 fn due(table: Table, kv: &KeyValue, s: &RetentionSettings, now: DateTime<Utc>) -> bool {
     let decoded = match table {
         Table::Refresh => serde_json::from_slice::<RefreshTimes>(&kv.value)
@@ -286,6 +286,9 @@ pub struct Sweeper {
     /// The first key of each table the next round reads (absent: the
     /// table's start).
     resume: HashMap<Table, Bytes>,
+    /// The tables whose walk finished since the last time every table's
+    /// did: the rounds until then walk only the others.
+    walked: HashSet<Table>,
     /// Tests only: runs between a round's reads and its deletes.
     before_delete: Option<BeforeDelete>,
 }
@@ -320,6 +323,7 @@ impl Sweeper {
             settings,
             limits,
             resume: HashMap::new(),
+            walked: HashSet::new(),
             before_delete: None,
         }
     }
@@ -332,30 +336,50 @@ impl Sweeper {
         self.before_delete = Some(hook);
     }
 
-    /// One round over every table, deciding by the clock `now`. A table
+    /// One round over every table whose walk has not finished since the
+    /// last time every table's did, deciding by the clock `now`. A table
     /// whose walk fails is logged and taken up again next round (after the
     /// full interval: a failing cluster is not swept harder); the others
     /// still run.
     pub async fn round(&mut self, db: &Db, now: DateTime<Utc>) -> SweepReport {
         let mut report = SweepReport::default();
+        let mut failed = false;
         for table in Table::ALL {
-            if let Err(e) = self.sweep_table(db, table, now, &mut report).await {
-                tracing::warn!(table = %String::from_utf8_lossy(table.prefix()), error = %e,
-                    "retention sweep of a table failed; it goes on next round");
-                report.more = true;
+            if self.walked.contains(&table) {
+                continue;
             }
+            match self.sweep_table(db, table, now, &mut report).await {
+                Ok(true) => {
+                    self.walked.insert(table);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(table = %String::from_utf8_lossy(table.prefix()), error = %e,
+                        "retention sweep of a table failed; it goes on next round");
+                    failed = true;
+                }
+            }
+        }
+        if self.walked.len() == Table::ALL.len() {
+            // Every table walked to its end: the next round starts over,
+            // after the full interval.
+            self.walked.clear();
+        } else {
+            report.more = true;
+            report.backlog = !failed;
         }
         report
     }
 
-    /// Walks `table` from where the last round stopped, within the bounds.
+    /// Walks `table` from where the last round stopped, within the bounds;
+    /// whether the walk reached the table's end.
     async fn sweep_table(
         &mut self,
         db: &Db,
         table: Table,
         now: DateTime<Utc>,
         report: &mut SweepReport,
-    ) -> AppResult<()> {
+    ) -> AppResult<bool> {
         let prefix = Bytes::from_static(table.prefix());
         let start = self.resume.get(&table).cloned().unwrap_or(prefix.clone());
         let mut opts = ScanOptions {
@@ -370,8 +394,6 @@ impl Sweeper {
         };
         let mut deletes_left = self.limits.deletes;
         let mut next_start = start;
-        // Whether the pages read this round held records due.
-        let mut found_due = false;
         for _ in 0..self.limits.pages {
             let page = db.client().scan(&opts).await?;
             if let Some(kv) = page.kvs.last() {
@@ -388,7 +410,6 @@ impl Sweeper {
                     .filter(|kv| due(table, kv, &self.settings, now))
                     .collect()
             };
-            found_due |= !candidates.is_empty();
             // Past the round's deletes: stop at the first record not
             // deleted, and start there next round.
             let stop_at = (candidates.len() > deletes_left).then(|| {
@@ -399,26 +420,20 @@ impl Sweeper {
             self.delete(db, table, candidates, report).await?;
             if let Some(k) = stop_at {
                 self.resume.insert(table, k);
-                report.more = true;
-                report.backlog = true;
-                return Ok(());
+                return Ok(false);
             }
             match page.next_page_token {
                 Some(t) => opts.page_token = t,
                 None => {
-                    // The whole table: the next round starts over.
+                    // The whole table: its next walk starts over.
                     self.resume.remove(&table);
-                    return Ok(());
+                    return Ok(true);
                 }
             }
         }
         // Out of pages for this round: the next round goes on from here.
-        // Only pages that held due records make it come soon; a table that
-        // is merely large waits the interval like a finished one.
         self.resume.insert(table, next_start);
-        report.more = true;
-        report.backlog |= found_due;
-        Ok(())
+        Ok(false)
     }
 
     /// Deletes `due` records of `table`, each only if still the version read.
@@ -575,7 +590,7 @@ async fn delete_export(db: &Db, jid: u64) -> AppResult<bool> {
 }
 
 /// The pause before the round after `r`: the full `interval`, or
-/// [`SWEEP_BACKLOG_PAUSE`] (at most the interval) while a backlog drains.
+/// [`SWEEP_BACKLOG_PAUSE`] (at most the interval) while a walk is under way.
 fn pause_after(r: &SweepReport, interval: Duration) -> Duration {
     if r.backlog {
         SWEEP_BACKLOG_PAUSE.min(interval)
@@ -592,7 +607,7 @@ fn successor(key: &[u8]) -> Bytes {
     Bytes::from(k)
 }
 
-/// Runs a round every `interval` (sooner while a backlog drains) until the
+/// Runs a round every `interval` (sooner while a walk is under way) until the
 /// process ends; logs what each round deleted.
 pub async fn run(st: crate::app::AppState, settings: RetentionSettings) {
     let Some(interval) = settings.interval else {
@@ -836,14 +851,14 @@ mod tests {
     }
 
     #[test]
-    fn only_a_round_that_found_records_due_asks_for_the_short_pause() {
+    fn only_a_walk_under_way_asks_for_the_short_pause() {
         let hour = Duration::from_secs(3600);
-        // A large table with nothing due: unfinished, but no backlog.
-        let large = SweepReport {
+        // A walk that failed: unfinished, but no short pause.
+        let failed = SweepReport {
             more: true,
             ..Default::default()
         };
-        assert_eq!(pause_after(&large, hour), hour);
+        assert_eq!(pause_after(&failed, hour), hour);
         assert_eq!(pause_after(&SweepReport::default(), hour), hour);
         let backlog = SweepReport {
             more: true,

@@ -246,8 +246,9 @@ pub async fn enqueue_as(
 /// is taken back on its version, and the finished record is returned. If a
 /// worker leased the rewritten job first, the take-back fails and the job
 /// runs once more (tasks are idempotent, and its finish rewrites the same
-/// finished record). Returns the job's record and whether this call wrote
-/// it and left it written.
+/// finished record); so it does when reading the finished records or the
+/// take-back fails, and the error is returned. Returns the job's record
+/// and whether this call wrote it and left it written.
 pub async fn write_queued(db: &Db, job: &Job) -> AppResult<(Job, bool)> {
     let id = job.id;
     match db.cas(keys::job(id), 0, Some(job)).await? {

@@ -379,6 +379,16 @@ async fn a_pending_publish_that_cannot_be_repaired_does_not_stop_the_pass() {
         published_at: Utc::now() - chrono::Duration::minutes(10),
     };
     db.put(keys::pending_notices(2, 1), &old).await.unwrap();
+    // Course 4: a member record this version cannot read, and an old
+    // pending publish, which the bad member must not keep from its job.
+    db.put_raw(keys::member(4, 9), "not a member".into())
+        .await
+        .unwrap();
+    let old_4 = PendingNotices {
+        job_id: 61,
+        ..old.clone()
+    };
+    db.put(keys::pending_notices(4, 1), &old_4).await.unwrap();
     db.put(
         keys::user_course(5, 3),
         &UserCourse {
@@ -389,18 +399,22 @@ async fn a_pending_publish_that_cannot_be_repaired_does_not_stop_the_pass() {
     .await
     .unwrap();
 
-    phase!("the pass counts the bad record and repairs everything after it");
+    phase!("the pass counts the bad records and repairs everything else");
     let r = lms_api::repair::repair_once(db).await.unwrap();
-    assert_eq!(r.failed, 1, "{r:?}");
-    assert_eq!(r.notices_enqueued, 1, "{r:?}");
+    assert_eq!(r.failed, 2, "{r:?}");
+    assert_eq!(r.notices_enqueued, 2, "{r:?}");
     assert_eq!(r.index_removed, 1, "{r:?}");
     assert_eq!(state_of(&st, 60).await.state, JobState::Queued);
+    assert_eq!(state_of(&st, 61).await.state, JobState::Queued);
     assert!(db
         .get::<PendingNotices>(keys::pending_notices(2, 1), ReadConsistency::Strong)
         .await
         .unwrap()
         .is_none());
     let again = lms_api::repair::repair_once(db).await.unwrap();
-    assert_eq!(again.failed, 1, "the bad record is tried again: {again:?}");
+    assert_eq!(
+        again.failed, 2,
+        "the bad records are tried again: {again:?}"
+    );
     assert_eq!(again.notices_enqueued, 0, "{again:?}");
 }
