@@ -459,6 +459,14 @@ async fn start_group(
         // Replicate entries as soon as they are written, in parallel with the
         // leader's own fsync, rather than after it.
         broadcast_submitted_on_append: Some(true),
+        // A leader restarted before its followers elect another must not
+        // take up its old term again: it would come back without a new
+        // entry, with the commit index its last saved hint holds (saved at
+        // most every 200 ms, not synced) and with applied state that skips
+        // the WAL, and answer STRONG reads at that older index. It stands
+        // for election instead, and the winner's first entry must commit
+        // before it serves reads.
+        enable_leader_restore: Some(false),
         ..Default::default()
     }
     .validate()
